@@ -1,0 +1,3 @@
+from recdist.cli import main
+
+main()

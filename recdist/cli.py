@@ -1,0 +1,333 @@
+"""The `recdist` command: each subcommand turns its flags into config overrides and calls one function.
+
+Flags are shorthands for `--set section.key=value`; both go through the same typed config tree as the YAML
+files, so the CLI, jobs/ and the Kubernetes ConfigMap cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recdist.config import Config, load_config, parse_override, to_yaml
+from recdist.errors import RecdistError
+
+app = typer.Typer(
+    name="recdist",
+    help="Train collaborative-filtering recommenders (MF, neural CF, reliability-based RNCF) on MovieLens "
+    "with Ray Train and PyTorch; prepare data and write results as Parquet.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="YAML config file (local or s3://).", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override any config key: --set stages.mf.train.epochs=5 (repeatable)."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing committed output.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _config(path: str | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
+    """The config file, then --set overrides, then explicit flags (flags win)."""
+    overrides: dict[str, Any] = dict(parse_override(s) for s in sets or [])
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(path, overrides)
+
+
+def _print_json(obj: Any) -> None:
+    out.print_json(json.dumps(obj, default=str))
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
+    users: Annotated[int | None, typer.Option(help="Number of users \\[default: 138,493].")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of movies \\[default: 26,744].")] = None,
+    ratings: Annotated[int | None, typer.Option(help="Number of ratings \\[default: 20,000,263].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed \\[default: 0].")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write synthetic MovieLens-20M-shaped ratings (ratings.csv, movies.csv) from a planted low-rank model."""
+    from recdist.data.synth import write_synthetic
+
+    cfg = _config(
+        config,
+        set_,
+        {"synth.n_users": users, "synth.n_items": items, "synth.n_ratings": ratings, "synth.seed": seed},
+    )
+    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite, progress=not quiet))
+
+
+@app.command()
+def datasets() -> None:
+    """List the GroupLens MovieLens releases recdist knows, with their format and checksum."""
+    from recdist.data.registry import releases
+
+    table = Table("name", "format", "ratings file", "rating scale", "checksum", "url")
+    for r in releases():
+        table.add_row(
+            r.name, r.format, r.ratings_member, f"{r.rating_scale[0]}-{r.rating_scale[1]}",
+            "md5 " + r.md5 if r.md5 else "from server", r.url,
+        )
+    out.print(table)
+
+
+@app.command()
+def download(
+    dataset: Annotated[str, typer.Argument(help="Release name, e.g. ml-20m (see `recdist datasets`).")],
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Cache directory \\[default: $RECDIST_CACHE or ~/.cache/recdist].")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a GroupLens release into the cache and verify its checksum (resumes partial downloads)."""
+    from recdist.data.download import fetch
+    from recdist.data.registry import get_release
+
+    path = fetch(get_release(dataset), cache_dir=cache_dir, progress=not quiet)
+    out.print(str(path))
+
+
+@app.command()
+def prepare(
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="GroupLens release (ml-20m, ...) or `synthetic`.", show_default=False)
+    ] = None,
+    path: Annotated[
+        str | None, typer.Option(help="Your ratings file: CSV/TSV/.dat/Parquet/zip, local or s3://.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="random | user | time | user_time | given.")] = None,
+    shards: Annotated[int | None, typer.Option(help="Number of Parquet shards \\[default: 8].")] = None,
+    user_col: Annotated[str | None, typer.Option(help="User id column of --path.")] = None,
+    item_col: Annotated[str | None, typer.Option(help="Item id column of --path.")] = None,
+    rating_col: Annotated[str | None, typer.Option(help="Rating column of --path.")] = None,
+    timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column of --path.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Validate, de-duplicate, filter, index, split and shard ratings into a prepared Parquet dataset."""
+    from recdist.data.prepare import prepare as run_prepare
+
+    cfg = _config(
+        config,
+        set_,
+        {
+            "source.dataset": dataset, "source.path": path, "prepare.split": split, "prepare.shards": shards,
+            "source.user_col": user_col, "source.item_col": item_col, "source.rating_col": rating_col,
+            "source.timestamp_col": timestamp_col,
+        },
+    )
+    _print_json(run_prepare(cfg, out_dir, overwrite=overwrite, progress=not quiet))
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory for the model and metrics.")],
+    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    stage: Annotated[
+        str, typer.Option(help="Which stages.<name> section of the config to train: mf, reliability, rating, single.")
+    ] = "single",
+    upstream: Annotated[
+        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers \\[default: 1].")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker.", show_default=False)] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address \\[default: $RAY_ADDRESS or local].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
+    from recdist.train.run import train_stage
+
+    if stage not in ("mf", "reliability", "rating", "single"):
+        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
+    key = f"stages.{stage}"
+    flags: dict[str, Any] = {
+        "cluster.workers": workers, "cluster.gpu": gpu, "cluster.address": address,
+        f"{key}.train.epochs": epochs, f"{key}.train.solver": solver,
+    }
+    if model is not None:
+        flags[f"{key}.model"] = model
+        flags[f"{key}.params"] = _params_for(config, set_, key, model)
+    cfg = _config(config, set_, flags)
+    metrics = train_stage(
+        data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
+        upstream=upstream, overwrite=overwrite, progress=not quiet,
+    )
+    _print_json(metrics)
+
+
+def _params_for(config: str | None, sets: list[str] | None, key: str, model: str) -> dict[str, Any]:
+    """Keep a config's params only when they belong to the model chosen by --model."""
+    base = _config(config, sets, {}).model_dump()
+    section = base["stages"][key.split(".")[1]]
+    return section["params"] if section["model"] == model else {}
+
+
+@app.command()
+def pipeline(
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local or s3://).")],
+    config: ConfigOpt = None,
+    data: Annotated[str | None, typer.Option(help="An already prepared dataset to use.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="GroupLens release or `synthetic`.")] = None,
+    path: Annotated[str | None, typer.Option(help="Your ratings file.")] = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker.", show_default=False)] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
+
+    Resumable: re-running skips stages whose config matches; `--from STAGE` redoes from there.
+    """
+    from recdist.pipeline import run_pipeline
+
+    cfg = _config(
+        config,
+        set_,
+        {
+            "source.dataset": dataset, "source.path": path, "cluster.workers": workers, "cluster.gpu": gpu,
+            "cluster.address": address,
+        },
+    )
+    result = run_pipeline(
+        cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite, progress=not quiet
+    )
+    _print_json(result)
+
+
+@app.command()
+def infer(
+    model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 262_144,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added."""
+    from recdist.infer.batch import score
+
+    _print_json(score(model_dir, data, out_dir, batch_size=batch_size, overwrite=overwrite))
+
+
+@app.command()
+def recommend(
+    run: Annotated[str, typer.Argument(help="A finished pipeline run directory.")],
+    user: Annotated[int | None, typer.Option(help="Original user id.")] = None,
+    ratings: Annotated[
+        str | None, typer.Option(help="CSV/Parquet of a new user's ratings (movieId, rating) to fold in.")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="How many movies.")] = 10,
+) -> None:
+    """Top-N unseen movies for a known user, or for a new user from a handful of ratings."""
+    from recdist.infer.recommend import recommend as run_recommend
+
+    if (user is None) == (ratings is None):
+        raise RecdistError("give exactly one of --user ID or --ratings FILE")
+    _print_frame(run_recommend(run, user_id=user, ratings=ratings, n=n))
+
+
+@app.command()
+def similar(
+    run: Annotated[str, typer.Argument(help="A finished pipeline run directory.")],
+    movie: Annotated[int, typer.Option(help="Original movie id.")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 10,
+) -> None:
+    """The k movies nearest to a movie by cosine similarity of the learned factors."""
+    from recdist.infer.recommend import similar as run_similar
+
+    _print_frame(run_similar(run, movie, k=k))
+
+
+@app.command()
+def models() -> None:
+    """List the registered models with their parameters and defaults."""
+    from recdist.models import registry
+
+    table = Table("model", "what", "params (defaults)")
+    for name in registry.names():
+        entry = registry.get(name)
+        params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
+        table.add_row(name, entry.summary, params)
+    out.print(table)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    explain: Annotated[bool, typer.Option(help="List every key with its description.")] = False,
+) -> None:
+    """Print the resolved config (file + overrides) as YAML, or every key explained."""
+    cfg = _config(config, set_, {})
+    if not explain:
+        out.print(to_yaml(cfg), end="", markup=False, highlight=False)
+        return
+    table = Table("key", "value", "description")
+    for key, value, doc in _walk(cfg):
+        table.add_row(key, json.dumps(value, default=str), doc)
+    out.print(table)
+
+
+def _walk(section: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    from pydantic import BaseModel
+
+    rows = []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            rows += _walk(value, key + ".")
+        else:
+            rows.append((key, value, " ".join((field.description or "").split())))
+    return rows
+
+
+def _print_frame(frame: Any) -> None:
+    table = Table(*frame.columns)
+    for row in frame.iter_rows():
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user-facing errors print what/where/fix and exit 2, with no traceback."""
+    try:
+        app(args=argv, prog_name="recdist")
+    except RecdistError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,313 @@
+"""One typed config tree for the CLI, jobs/ and the Kubernetes ConfigMap: YAML file, then overrides.
+
+Every knob is a field with a docstring (shown by `recdist config --explain`). Unknown keys are errors that
+name the key's full path and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recdist.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys rejected, field docstrings kept as descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where the raw ratings come from: a GroupLens release, a file of yours, or synthetic data."""
+
+    dataset: str | None = None
+    """GroupLens release to download or take from the cache (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m,
+    ml-latest-small, ml-latest), or `synthetic` to generate ratings from the `synth` section."""
+    path: str | None = None
+    """A ratings file or GroupLens zip of your own (CSV/TSV/.dat/Parquet/.zip), local path or s3:// URI."""
+    items_path: str | None = None
+    """Optional movies file (id, title, genres) for a ratings file given by `path`."""
+    format: Literal["auto", "csv", "tsv", "dat", "parquet"] = "auto"
+    """File format of `path`; `auto` decides by extension."""
+    separator: str | None = None
+    """Field separator for text files; default from the format (`,` csv, tab tsv, `::` dat)."""
+    has_header: bool | None = None
+    """Whether a text file has a header line; default: csv yes, tsv and dat no."""
+    user_col: str = "userId"
+    """Name of the user id column (or its 0-based position as text, for header-less files)."""
+    item_col: str = "movieId"
+    """Name of the item id column."""
+    rating_col: str = "rating"
+    """Name of the rating column."""
+    timestamp_col: str | None = "timestamp"
+    """Name of the timestamp column (seconds since epoch); empty for sources without one."""
+    train_path: str | None = None
+    """With split `given`: the training ratings file (same format and columns as `path`)."""
+    val_path: str | None = None
+    """With split `given`: an optional validation ratings file."""
+    test_path: str | None = None
+    """With split `given`: the test ratings file."""
+    rating_scale: tuple[float, float] | None = None
+    """(min, max) valid ratings; default from the release, else (0.5, 5.0)."""
+    cache_dir: str | None = None
+    """Download cache; default $RECDIST_CACHE, else ~/.cache/recdist."""
+
+
+class SynthConfig(Section):
+    """Synthetic MovieLens-20M-shaped ratings from a planted low-rank model with noise."""
+
+    n_users: int = Field(138_493, ge=1)
+    """Number of users (ml-20m: 138,493)."""
+    n_items: int = Field(26_744, ge=1)
+    """Number of movies (ml-20m: 26,744)."""
+    n_ratings: int = Field(20_000_263, ge=1)
+    """Target number of ratings (ml-20m: 20,000,263); exact after de-duplication."""
+    min_user_ratings: int = Field(20, ge=1)
+    """Every user rates at least this many movies (ml-20m: 20)."""
+    rank: int = Field(8, ge=1)
+    """Rank of the planted user x item model."""
+    noise: float = Field(0.7, ge=0)
+    """Standard deviation of the Gaussian noise added before rounding to half stars."""
+    seed: int = 0
+    """Seed: the same config writes the same bytes."""
+
+
+class PrepareConfig(Section):
+    """Validation, de-duplication, filtering, id encoding, splitting and sharding."""
+
+    duplicates: Literal["last", "first", "mean", "error"] = "last"
+    """Policy for repeated (user, item) pairs: keep the latest (by timestamp, then file order), the
+    first, their mean, or fail."""
+    min_user_ratings: int = Field(0, ge=0)
+    """Drop users with fewer ratings (applied after the item filters)."""
+    min_item_ratings: int = Field(0, ge=0)
+    """Drop items with fewer ratings."""
+    top_items: int | None = Field(None, ge=1)
+    """Keep only the N most-rated items (one seed kept 500)."""
+    split: Literal["random", "user", "time", "user_time", "given"] = "random"
+    """random: seeded over all ratings; user: per-user stratified random; time: one global timestamp cut;
+    user_time: each user's last ratings; given: separate files from source.train_path/test_path."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of ratings (or of each user's ratings) for validation."""
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of ratings (or of each user's ratings) for test."""
+    holdout_k: int = Field(1, ge=1)
+    """With split user_time: each user's last k ratings go to test, the k before them to validation."""
+    shards: int = Field(8, ge=1)
+    """Number of balanced Parquet shards (training ranks read shards r, r+W, ...)."""
+    seed: int = 42
+    """Seed for the random splits and the shard assignment."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PrepareConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class ClusterConfig(Section):
+    """Where and how wide training runs."""
+
+    address: str | None = None
+    """Ray cluster address; default $RAY_ADDRESS, else a local cluster is started."""
+    workers: int = Field(1, ge=1)
+    """Number of Ray Train workers (data-parallel ranks)."""
+    gpu: bool = False
+    """One GPU per worker (CUDA + NCCL); fails early where the cluster has none."""
+    cpus_per_worker: int | None = Field(None, ge=1)
+    """CPUs reserved per worker; default: the machine's CPUs divided among the workers."""
+    storage_path: str | None = None
+    """Ray Train storage for checkpoints (local or s3://); default RUN/_ray."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts from the latest checkpoint before a run is declared failed."""
+
+
+class TrainConfig(Section):
+    """How one model is trained."""
+
+    epochs: int = Field(20, ge=1)
+    """Maximum passes over the training ratings."""
+    batch_size: int = Field(8192, ge=1)
+    """Ratings per step per worker (autograd solver)."""
+    lr: float = Field(0.005, gt=0)
+    """Learning rate (peak, before the schedule)."""
+    optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    """Optimiser for the autograd solver."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (AdamW); models carry their own L2 on embeddings."""
+    solver: Literal["auto", "autograd", "sgd", "als"] = "auto"
+    """MF solvers: compiled per-rating SGD, ALS, or autograd; `auto` picks sgd for MF models, autograd else."""
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
+    """Learning-rate schedule over epochs."""
+    patience: int = Field(3, ge=0)
+    """Stop after this many epochs without validation RMSE improvement (0 = never)."""
+    grad_clip: float | None = Field(5.0, gt=0)
+    """Clip the global gradient norm (autograd solver); empty to disable."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    seed: int = 0
+    """Base seed; rank r uses seed + r."""
+
+
+class StageConfig(Section):
+    """One trained model: its registered name, its own config (params), and how to train it."""
+
+    model: str
+    """Registered model name (see `recdist models`)."""
+    params: dict[str, Any] = {}
+    """Fields of the model's config dataclass (validated against it)."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Training settings for this stage."""
+
+    @model_validator(mode="after")
+    def _known_model(self) -> StageConfig:
+        from recdist.models import registry  # lazy: config sits above models in the flow
+
+        registry.validate(self.model, self.params)
+        return self
+
+
+class StagesConfig(Section):
+    """The models of each pipeline stage."""
+
+    mf: StageConfig = Field(default_factory=lambda: StageConfig(model="biased_mf"))
+    """Stage 1 of RNCF: matrix factorisation."""
+    reliability: StageConfig = Field(default_factory=lambda: StageConfig(model="reliability_mlp"))
+    """Stage 2 of RNCF: predicts stage 1's squared error from its factors."""
+    rating: StageConfig = Field(default_factory=lambda: StageConfig(model="rating_mlp"))
+    """Stage 3 of RNCF: predicts the rating from the factors and the predicted error."""
+    single: StageConfig = Field(default_factory=lambda: StageConfig(model="mf_residual_mlp"))
+    """The model of a one-stage pipeline (pipeline.kind = single)."""
+
+
+class PipelineConfig(Section):
+    """The main job's shape and its analyst outputs."""
+
+    kind: Literal["rncf", "single"] = "rncf"
+    """rncf: the three-stage reliability pipeline; single: one model (stages.single) with the same outputs."""
+    crossfit_folds: int = Field(0, ge=0)
+    """0: stage-1 errors on training rows are in-sample (as the paper); K >= 2: K-fold cross-fitted."""
+    top_n: int = Field(10, ge=1)
+    """Recommendations per user."""
+    similar_k: int = Field(10, ge=1)
+    """Similar movies per movie."""
+    map_items: int = Field(200, ge=2)
+    """Most-rated movies drawn on the 2-D factor map."""
+    infer_batch_size: int = Field(262_144, ge=1)
+    """Rows per batch in batch inference."""
+    infer_actors: int | None = Field(None, ge=1)
+    """Ray Data scoring actors; default one per GPU, else one per 4 CPUs of the cluster (at least 1)."""
+    candidates: int = Field(100, ge=1)
+    """Movies per user that stage 1's MF proposes and the final stage re-ranks (recommendations, ranking
+    metrics): an MLP cannot score every (user, movie) pair of ML-20M."""
+    ranking_k: int = Field(10, ge=1)
+    """Cut-off of the test ranking metrics (Precision, Recall, NDCG at k)."""
+    relevance_threshold: float = 4.0
+    """A test rating at or above this counts as relevant for the ranking metrics."""
+    ranking_users: int = Field(0, ge=0)
+    """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
+    similar_min_ratings: int = Field(20, ge=1)
+    """Movies with fewer training ratings are left out of similar_items and the factor PCA (their factors
+    are mostly initial noise)."""
+
+
+class Config(Section):
+    """The whole recdist config tree."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    def section_hash(self, *paths: str) -> str:
+        """A short stable hash of the named sections (e.g. 'source', 'prepare'): what decides reuse."""
+        data = self.model_dump(mode="json")
+        picked = {p: _get(data, p) for p in paths}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data[key]
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b.c=value' -> ('a.b.c', parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE", fix="write e.g. --set stages.mf.train.epochs=5")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = data.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+        data = node
+    data[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (local or s3://), apply dotted overrides, validate into the typed tree."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path:
+        from recdist import storage
+
+        where = path
+        try:
+            data = yaml.safe_load(storage.read_bytes(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file is not valid YAML: {e}", where=path) from e
+        if not isinstance(data, dict):
+            raise ConfigError("config file must hold a mapping of sections", where=path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+    return validate(data, where=where)
+
+
+def validate(data: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid config:\n" + _explain(e), where=where) from None
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(loc)
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: str) -> str:
+    parts = loc.split(".")
+    model: type[BaseModel] | None = Config
+    for part in parts[:-1]:
+        field = model.model_fields.get(part) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(parts[-1], list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(model.model_fields)})"
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Sources (GroupLens registry, downloads, parsers), synthetic ratings, and preparation into Parquet shards."""

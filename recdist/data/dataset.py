@@ -1,0 +1,128 @@
+"""Read a prepared dataset (or a scored table of the same layout): its manifest, sizes, and one rank's rows.
+
+A directory counts only once committed (manifest.json present); training rank r of W reads shards
+r, r+W, ...; with more ranks than shards, the rows of all shards are cut into W equal ranges instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recdist import storage
+from recdist.data.splits import from_codes
+from recdist.errors import StorageError
+from recdist.models import Dims
+from recdist.schema import SPLITS
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of the committed dataset at `uri`; StorageError when it is missing or incomplete."""
+    _require_committed(uri)
+    return storage.read_json(storage.join(uri, storage.MANIFEST))
+
+
+def dims(manifest: dict[str, Any]) -> Dims:
+    """Table sizes and rating scale a model is built from."""
+    lo, hi = (float(x) for x in manifest["rating_scale"])
+    mean = manifest.get("global_mean")
+    return Dims(
+        n_users=int(manifest["n_users"]),
+        n_items=int(manifest["n_items"]),
+        global_mean=float(mean) if mean is not None else (lo + hi) / 2,
+        rating_min=lo,
+        rating_max=hi,
+    )
+
+
+def shard_files(uri: str) -> list[str]:
+    """The URIs of ratings/part-*.parquet, sorted."""
+    _require_committed(uri)
+    folder = storage.join(uri, "ratings")
+    names = [n for n in storage.listdir(folder) if n.startswith("part-") and n.endswith(".parquet")]
+    if not names:
+        raise StorageError(f"no ratings shards in {folder}", fix="prepare the dataset again (--overwrite)")
+    return [storage.join(folder, n) for n in names]
+
+
+def read_rank(uri: str, rank: int = 0, world: int = 1, columns: list[str] | None = None) -> pl.DataFrame:
+    """The ratings rank `rank` of `world` trains on: shards rank, rank+world, ...; with fewer shards than
+    ranks, the rank's equal share of all rows by position (so every rank gets data)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    files = shard_files(uri)
+    if world <= len(files):
+        tables = [storage.read_parquet(f, columns=columns) for f in files[rank::world]]
+    else:
+        tables = _row_range(files, rank, world, columns)
+    return _frame(pa.concat_tables(tables))
+
+
+def read_users(uri: str) -> pl.DataFrame:
+    """users.parquet: user_idx, user_id, n_train."""
+    _require_committed(uri)
+    return pl.from_arrow(storage.read_parquet(storage.join(uri, "users.parquet")))
+
+
+def read_items(uri: str) -> pl.DataFrame:
+    """items.parquet: item_idx, item_id, title, genres, n_train."""
+    _require_committed(uri)
+    return pl.from_arrow(storage.read_parquet(storage.join(uri, "items.parquet")))
+
+
+def _row_range(files: list[str], rank: int, world: int, columns: list[str] | None) -> list[pa.Table]:
+    """Rows [rank*N/world, (rank+1)*N/world) of the files taken end to end, reading only the row groups
+    that overlap them."""
+    handles = []
+    for f in files:
+        afs, path = storage.arrow_filesystem(f)
+        handles.append(pq.ParquetFile(afs.open_input_file(path)))
+    total = sum(h.metadata.num_rows for h in handles)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    tables, start = [], 0
+    for h in handles:
+        for g in range(h.metadata.num_row_groups):
+            n = h.metadata.row_group(g).num_rows
+            if start < hi and start + n > lo:
+                part = h.read_row_group(g, columns=columns)
+                a, b = max(lo - start, 0), min(hi - start, n)
+                tables.append(part.slice(a, b - a))
+            start += n
+    if not tables:  # more ranks than rows: an empty table with the right columns
+        tables.append(handles[0].schema_arrow.empty_table().select(columns or handles[0].schema_arrow.names))
+    return tables
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    """The table as Polars, `split` as the SPLIT Enum (mapped from the dictionary codes, not via strings)."""
+    names, split = table.column_names, None
+    if "split" in names and pa.types.is_dictionary(table.schema.field("split").type):
+        chunks = []
+        for chunk in table.column("split").chunks:
+            remap = np.array([SPLITS.index(v) for v in chunk.dictionary.to_pylist()], dtype=np.int8)
+            chunks.append(remap[chunk.indices.to_numpy(zero_copy_only=False)])
+        split = from_codes(np.concatenate(chunks) if chunks else np.zeros(0, np.int8))
+        table = table.drop_columns("split")
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    if split is not None:
+        frame = frame.with_columns(split).select(names)
+    return frame
+
+
+def _require_committed(uri: str) -> None:
+    if storage.is_committed(uri):
+        return
+    if storage.exists(uri) and storage.listdir(uri):
+        raise StorageError(
+            f"{uri} is not a committed dataset: it has no {storage.MANIFEST} (an interrupted prepare?)",
+            fix=f"prepare it again: recdist prepare ... --out {uri} --overwrite",
+        )
+    raise StorageError(
+        f"no dataset at {uri}",
+        fix=f"prepare one first (recdist prepare ... --out {uri}) or check the path",
+    )

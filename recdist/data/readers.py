@@ -1,0 +1,552 @@
+"""Parse ratings and movies files into RAW_RATINGS / RAW_ITEMS frames, fast, naming the line of any bad input.
+
+Inputs: CSV (header), TSV (ml-100k u.data), GroupLens `::` .dat, Parquet; a single file, a directory or zip
+holding a GroupLens layout; local paths or s3:// URIs. Text is parsed by Polars with an explicit schema in one
+pass; only when that fails (or leaves nulls) does a slower diagnostic pass look for the first bad line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from recdist import storage
+from recdist.errors import DataError
+
+#: Column names of header-less GroupLens files, in order: ratings (u.data, ratings.dat) and movies.dat.
+RATINGS_ORDER = ("userId", "movieId", "rating", "timestamp")
+MOVIES_ORDER = ("movieId", "title", "genres")
+#: ml-100k u.item: id | title | release date | video release date | IMDb URL | 19 genre flags.
+ML100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+#: File names a GroupLens directory or zip holds, in the order they are looked for.
+RATINGS_NAMES = ("ratings.csv", "ratings.dat", "u.data", "ratings.parquet")
+MOVIES_NAMES = ("movies.csv", "movies.dat", "u.item", "movies.parquet")
+
+_SEP = "\x1f"  # stands in for multi-character separators (`::`): Polars splits on one byte
+_ROLES = {
+    "user": ("user id", "--user-col", pl.Int64),
+    "item": ("item id", "--item-col", pl.Int64),
+    "rating": ("rating", "--rating-col", pl.Float32),
+    "timestamp": ("timestamp", "--timestamp-col", pl.Int64),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a file is written: its format, field separator, header line and text encoding."""
+
+    format: str
+    separator: str = ","
+    has_header: bool = True
+    encoding: str | None = None
+    """Encoding of a movies file that is not valid UTF-8 (None: latin-1, as the old GroupLens releases)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what: names, or 0-based positions written as text."""
+
+    user: str = "userId"
+    item: str = "movieId"
+    rating: str = "rating"
+    timestamp: str | None = "timestamp"
+    timestamp_required: bool = False
+    """False: a missing timestamp column gives null timestamps; True (the user named one): it is an error."""
+
+
+@dataclass
+class Parsed:
+    """One parsed file: its frame in file order, the label messages use, and a content hash."""
+
+    frame: pl.DataFrame
+    where: str
+    first_line: int | None
+    """The file line (1-based) of row 0; None for Parquet, whose rows are named by position."""
+    checksum: str
+
+    def locate(self, row: int) -> str:
+        """'FILE, line N' (or 'FILE, row N' for Parquet) for a 0-based row of `frame`."""
+        if self.first_line is None:
+            return f"{self.where}, row {row + 1}"
+        return f"{self.where}, line {row + self.first_line}"
+
+
+def layout_for(name: str, format: str = "auto", separator: str | None = None, has_header: bool | None = None) -> Layout:
+    """The layout of a file from its name (u.data, .csv, .dat, ...) unless `format` etc. say otherwise."""
+    base = posixpath.basename(name.rstrip("/")).lower()
+    if format == "auto":
+        ext = base.rsplit(".", 1)[-1] if "." in base else ""
+        format = {
+            "csv": "csv",
+            "tsv": "tsv",
+            "tab": "tsv",
+            "data": "tsv",
+            "dat": "dat",
+            "parquet": "parquet",
+            "pq": "parquet",
+            "item": "item",
+        }.get(ext, "")
+        if not format:
+            raise DataError(
+                f"cannot tell the format of {name} from its name",
+                fix="set it: --set source.format=csv (or tsv, dat, parquet)",
+            )
+    if format == "item":  # ml-100k u.item: `|`-separated, latin-1, genre flags
+        return Layout("item", separator or "|", bool(has_header), "latin-1")
+    default_sep = {"csv": ",", "tsv": "\t", "dat": "::", "parquet": ""}[format]
+    header = format == "csv" if has_header is None else has_header
+    return Layout(format, separator or default_sep, header)
+
+
+# --- whole inputs: a file, a directory, a zip -------------------------------------------------------------
+
+
+def read_ratings(
+    uri: str, layout: Layout | None = None, columns: Columns = Columns(), *, checksum: str | None = None
+) -> tuple[Parsed, Parsed | None]:
+    """Ratings from a file, a GroupLens directory or a GroupLens zip; plus the movies beside them, if any.
+
+    `layout` applies to a single file (None: from its name). `checksum` replaces the computed content hash
+    (a registry zip passes its verified md5 instead of hashing it again).
+    """
+    uri = str(uri)
+    if uri.lower().endswith(".zip"):
+        return read_zip(uri, columns=columns, checksum=checksum)
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        return _read_directory(uri, columns)
+    if not fs.exists(path):
+        raise DataError(f"ratings file not found: {uri}", fix="check --path (a file, directory, .zip or s3:// URI)")
+    layout = layout or layout_for(uri)
+    data = storage.read_bytes(uri)
+    checksum = checksum or _sha256(data)
+    if layout.format == "parquet":
+        return parse_parquet_ratings(_parquet_frame(data, uri), uri, columns, checksum=checksum), None
+    return parse_ratings(data, layout, columns, uri, checksum=checksum), None
+
+
+def read_items(uri: str, layout: Layout | None = None, item_col: str = "movieId") -> Parsed:
+    """A movies file (id, title, genres; or ml-100k's u.item) as RAW_ITEMS."""
+    uri = str(uri)
+    layout = layout or layout_for(uri)
+    data = storage.read_bytes(uri)
+    if layout.format == "parquet":
+        return Parsed(_items_from_frame(_parquet_frame(data, uri), item_col), uri, None, _sha256(data))
+    return parse_items(data, layout, uri, item_col)
+
+
+def read_zip(
+    uri: str,
+    ratings_member: str | None = None,
+    movies_member: str | None = None,
+    *,
+    columns: Columns = Columns(),
+    ratings_layout: Layout | None = None,
+    movies_layout: Layout | None = None,
+    checksum: str | None = None,
+) -> tuple[Parsed, Parsed | None]:
+    """Ratings (and movies) from a GroupLens zip: the members named, else the first known names found."""
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise DataError(f"zip file not found: {uri}", fix="check --path")
+    checksum = checksum or _file_sha256(uri)
+    with fs.open(path, "rb") as f, _open_zip(f, uri) as archive:
+        names = archive.namelist()
+        ratings_member = ratings_member or _find(names, RATINGS_NAMES)
+        if ratings_member is None or ratings_member not in names:
+            raise DataError(
+                f"no ratings file in {uri}",
+                where=f"members: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
+                fix=f"a GroupLens zip holds one of {', '.join(RATINGS_NAMES)}; or pass the ratings file itself",
+            )
+        movies_member = movies_member or _find(names, MOVIES_NAMES)
+        ratings = _parse_member(archive, ratings_member, uri, ratings_layout, columns, checksum)
+        items = None
+        if movies_member and movies_member in names:
+            where = f"{movies_member} in {uri}"
+            items = parse_items(archive.read(movies_member), movies_layout or layout_for(movies_member), where)
+    return ratings, items
+
+
+def _parse_member(
+    archive: zipfile.ZipFile, member: str, uri: str, layout: Layout | None, columns: Columns, checksum: str
+) -> Parsed:
+    where = f"{member} in {uri}"
+    layout = layout or layout_for(member)
+    data = archive.read(member)
+    if layout.format == "parquet":
+        return parse_parquet_ratings(_parquet_frame(data, where), where, columns, checksum=checksum)
+    return parse_ratings(data, layout, columns, where, checksum=checksum)
+
+
+def _read_directory(uri: str, columns: Columns) -> tuple[Parsed, Parsed | None]:
+    present = storage.listdir(uri)
+    found = _find(present, RATINGS_NAMES)
+    if found is None:
+        raise DataError(
+            f"no ratings file in directory {uri}",
+            where=f"found: {', '.join(present[:12]) or 'nothing'}",
+            fix=f"a GroupLens directory holds one of {', '.join(RATINGS_NAMES)}; or pass the file itself with --path",
+        )
+    ratings, _ = read_ratings(storage.join(uri, found), None, columns)
+    movies = _find(present, MOVIES_NAMES)
+    items = read_items(storage.join(uri, movies)) if movies else None
+    return ratings, items
+
+
+def _find(names: list[str], wanted: tuple[str, ...]) -> str | None:
+    by_base = {posixpath.basename(n): n for n in names if not n.endswith("/")}
+    return next((by_base[w] for w in wanted if w in by_base), None)
+
+
+def _open_zip(f: io.IOBase, uri: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"not a zip file: {uri} ({e})", fix="check the file, or download it again") from None
+
+
+def _parquet_frame(data: bytes, where: str) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(io.BytesIO(data))
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise DataError(f"not a readable Parquet file: {where} ({e})", fix="check the file and source.format") from None
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(uri: str) -> str:
+    fs, path = storage.filesystem(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+# --- ratings ------------------------------------------------------------------------------------------------
+
+
+def parse_ratings(data: bytes, layout: Layout, columns: Columns, where: str, *, checksum: str | None = None) -> Parsed:
+    """Text ratings -> RAW_RATINGS columns in file order; DataError naming the line of the first bad one."""
+    text = _Text(data, layout, where, RATINGS_ORDER)
+    picked = text.pick(columns)
+    dtypes = {picked[role]: _ROLES[role][2] for role in picked}
+    frame = text.read(dtypes, picked)
+    if frame.height == 0:
+        raise DataError(f"no ratings in {where}", where=where, fix="the file has a header but no data lines")
+    frame = frame.select(
+        pl.col(picked["user"]).alias("user_id"),
+        pl.col(picked["item"]).alias("item_id"),
+        pl.col(picked["rating"]).cast(pl.Float32).alias("rating"),
+        (pl.col(picked["timestamp"]) if "timestamp" in picked else pl.lit(None, pl.Int64)).alias("timestamp"),
+    )
+    return Parsed(frame, where, text.first_line, checksum or _sha256(data))
+
+
+def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, checksum: str) -> Parsed:
+    """A Parquet table of ratings -> RAW_RATINGS columns; DataError naming the row of the first bad value."""
+    if frame.height == 0:
+        raise DataError(f"no ratings in {where}", where=where, fix="the Parquet file has no rows")
+    names = frame.columns
+    picked = {
+        role: _resolve(names, wanted, role, where, True, required=role != "timestamp" or columns.timestamp_required)
+        for role, wanted in _wanted(columns)
+    }
+    picked = {role: name for role, name in picked.items() if name is not None}
+    problems = [
+        (*found, role, name)
+        for role, name in picked.items()
+        if (found := _first_problem(frame.get_column(name).cast(pl.String), role))
+    ]
+    _raise_first(problems, lambda row: f"{where}, row {row + 1}")
+    out = frame.select(
+        pl.col(picked["user"]).cast(pl.Int64).alias("user_id"),
+        pl.col(picked["item"]).cast(pl.Int64).alias("item_id"),
+        pl.col(picked["rating"]).cast(pl.Float32).alias("rating"),
+        (pl.col(picked["timestamp"]).cast(pl.Int64) if "timestamp" in picked else pl.lit(None, pl.Int64)).alias(
+            "timestamp"
+        ),
+    )
+    return Parsed(out, where, None, checksum)
+
+
+def _wanted(columns: Columns) -> list[tuple[str, str | None]]:
+    return [
+        ("user", columns.user),
+        ("item", columns.item),
+        ("rating", columns.rating),
+        ("timestamp", columns.timestamp or None),
+    ]
+
+
+def _first_problem(values: pl.Series, role: str) -> tuple[int, str] | None:
+    """(position, what) of the first missing or non-numeric value of one column given as strings."""
+    label, _, dtype = _ROLES[role]
+    stripped = values.str.strip_chars()
+    missing = stripped.is_null() | (stripped == "")
+    bad = ~missing & stripped.cast(dtype, strict=False).is_null()
+    problem = bad if role == "timestamp" else missing | bad  # timestamps may be empty
+    if not problem.any():
+        return None
+    row = int(problem.arg_true()[0])
+    kind = "an integer" if dtype == pl.Int64 else "a number"
+    return row, f"{label} {stripped[row]!r} is not {kind}" if bad[row] else f"{label} is missing"
+
+
+def _raise_first(problems: list[tuple[int, str, str, str]], locate: Callable[[int], str]) -> None:
+    """Raise DataError for the earliest of (position, what, (role, column)) problems, if any."""
+    if not problems:
+        return
+    row, what, role, column = min(problems)
+    label, flag = _ROLES[role][:2]
+    raise DataError(
+        f"bad input: {what} (column {column})",
+        where=locate(row),
+        fix=f"fix or delete that line; if {column!r} is not the {label}, map the right column with {flag}",
+    )
+
+
+# --- movies -------------------------------------------------------------------------------------------------
+
+
+def parse_items(data: bytes, layout: Layout, where: str, item_col: str = "movieId") -> Parsed:
+    """A movies file -> RAW_ITEMS (item_id, title, genres); ml-100k's genre flags become 'A|B|C'."""
+    checksum = _sha256(data)
+    data = _as_utf8(data, layout.encoding)
+    text = _Text(data, layout, where, MOVIES_ORDER)
+    if layout.format == "item":
+        names = text.names
+        if len(names) < 5 + len(ML100K_GENRES):
+            raise DataError(
+                f"{where} has {len(names)} fields per line; ml-100k's u.item has {5 + len(ML100K_GENRES)}",
+                where=where,
+                fix="pass the u.item of the ml-100k release, or a movies.csv (movieId,title,genres)",
+            )
+        frame = text.read({names[0]: pl.Int64}, {"item": names[0]}, strings=True)
+        flags = names[5 : 5 + len(ML100K_GENRES)]
+        genres = pl.concat_str(
+            [pl.when(pl.col(f) == "1").then(pl.lit(g)) for f, g in zip(flags, ML100K_GENRES, strict=True)],
+            separator="|",
+            ignore_nulls=True,
+        )
+        out = frame.select(pl.col(names[0]).alias("item_id"), pl.col(names[1]).alias("title"), genres.alias("genres"))
+        return Parsed(out, where, text.first_line, checksum)
+    item = _pick_item(text.names, item_col)
+    frame = text.read({item: pl.Int64}, {"item": item}, strings=True)
+    return Parsed(_items_from_frame(frame, item), where, text.first_line, checksum)
+
+
+def _pick_item(names: list[str], item_col: str) -> str:
+    if item_col in names:
+        return item_col
+    if item_col.isdigit() and int(item_col) < len(names):
+        return names[int(item_col)]
+    return names[0]  # a movies file's id comes first (movieId, MovieID::, u.item)
+
+
+def _items_from_frame(frame: pl.DataFrame, item: str) -> pl.DataFrame:
+    names = frame.columns
+    item = _pick_item(names, item)
+    rest = [n for n in names if n != item]
+    title = "title" if "title" in names else (rest[0] if rest else None)
+    genres = "genres" if "genres" in names else (rest[1] if len(rest) > 1 else None)
+    return frame.select(
+        pl.col(item).cast(pl.Int64).alias("item_id"),
+        (pl.col(title).cast(pl.String) if title else pl.lit(None, pl.String)).alias("title"),
+        (pl.col(genres).cast(pl.String) if genres else pl.lit(None, pl.String)).alias("genres"),
+    )
+
+
+def _as_utf8(data: bytes, encoding: str | None) -> bytes:
+    """UTF-8 as it is; anything else (old GroupLens titles are latin-1) transcoded: movies files are small."""
+    try:
+        data.decode("utf-8")
+        return data
+    except UnicodeDecodeError:
+        return data.decode(encoding or "latin-1", "replace").encode("utf-8")
+
+
+# --- the text reader ----------------------------------------------------------------------------------------
+
+
+class _Text:
+    """One delimited text file: its column names, a fast Polars read, and a diagnostic pass for errors."""
+
+    def __init__(self, data: bytes, layout: Layout, where: str, order: tuple[str, ...]):
+        if not data.strip():
+            raise DataError(f"empty file: {where}", where=where, fix="check the path; the file has no lines")
+        self.data, self.layout, self.where = data, layout, where
+        self.separator = layout.separator
+        first = data[: data.find(b"\n")] if b"\n" in data else data
+        fields = first.decode("utf-8", "replace").rstrip("\r").split(self.separator)
+        if layout.has_header:
+            self.names = [f.strip().strip('"') for f in fields]
+        else:
+            self.names = [*order[: len(fields)], *(f"column_{i}" for i in range(len(order), len(fields)))]
+        self.first_line = 2 if layout.has_header else 1
+
+    def pick(self, columns: Columns) -> dict[str, str]:
+        """Role -> column name, for the roles this file has (timestamp may be absent)."""
+        picked = {}
+        for role, wanted in _wanted(columns):
+            name = _resolve(
+                self.names,
+                wanted,
+                role,
+                self.where,
+                self.layout.has_header,
+                required=role != "timestamp" or columns.timestamp_required,
+            )
+            if name is not None:
+                picked[role] = name
+        return picked
+
+    def read(self, dtypes: dict[str, pl.DataType], picked: dict[str, str], strings: bool = False) -> pl.DataFrame:
+        """Parse with an explicit schema; on failure or unexpected nulls, find and report the first bad line."""
+        last = self.names[-1]
+        wanted = self.names if strings else list(dict.fromkeys([*picked.values(), last]))
+        try:
+            frame = self._polars(dtypes, wanted)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            self.diagnose(dtypes, picked)
+            raise DataError(f"cannot parse {self.where}: {e}", where=self.where) from None
+        frame = _drop_trailing_blank(frame)
+        key = [picked[r] for r in ("user", "item", "rating") if r in picked]
+        if any(frame.get_column(n).null_count() for n in [*key, last]):
+            self.diagnose(dtypes, picked)  # a short line, a missing value; empty timestamps pass
+        return frame
+
+    def _polars(self, dtypes: dict[str, pl.DataType], wanted: list[str], lenient: bool = False) -> pl.DataFrame:
+        data, sep = self.data, self.separator
+        if len(sep) > 1:
+            data, sep = data.replace(sep.encode(), _SEP.encode()), _SEP
+        return pl.read_csv(
+            data,
+            has_header=self.layout.has_header,
+            separator=sep,
+            schema={n: dtypes.get(n, pl.String) for n in self.names},
+            columns=[self.names.index(n) for n in wanted],
+            quote_char='"' if self.layout.format == "csv" else None,
+            raise_if_empty=False,
+            ignore_errors=lenient,
+            truncate_ragged_lines=lenient,
+        )
+
+    def diagnose(self, dtypes: dict[str, pl.DataType], picked: dict[str, str]) -> None:
+        """The slow pass after a failure: raise for the first line with a wrong field count or a bad value."""
+        lines = _lines(self.data)
+        nonblank = lines.filter(pl.col("text").str.strip_chars() != "")
+        if nonblank.height:  # blank lines at the end are harmless; blank lines between data lines are errors
+            lines = lines.filter(pl.col("line") <= nonblank["line"].max())
+        if self.layout.has_header:
+            lines = lines.filter(pl.col("line") > 1)
+        counts = lines["text"].str.count_matches(self.separator, literal=True) + 1
+        expected = len(self.names) if self.layout.has_header else int(counts.mode().sort()[-1])
+        blank = lines["text"].str.strip_chars() == ""
+        wrong = blank | (counts != expected)
+        if wrong.any():
+            i = int(wrong.arg_true()[0])
+            what = "the line is empty" if blank[i] else f"{counts[i]} fields, expected {expected}"
+            raise DataError(
+                f"malformed line in {self.where}: {what}: {lines['text'][i][:200]!r}",
+                where=f"{self.where}, line {lines['line'][i]}",
+                fix="fix or delete that line; if the whole file uses another separator or has no header, say so "
+                "with --set source.separator=... / --set source.has_header=false",
+            )
+        # Every line has its fields: re-read leniently (bad values turn null), then split only those lines.
+        typed = self._polars(dtypes, list(picked.values()), lenient=True).head(lines.height)
+        rows = typed.with_row_index("row").filter(pl.any_horizontal(pl.col(picked.values()).is_null()))["row"]
+        suspects = lines[rows]
+        fields = suspects["text"].str.split(self.separator)
+        problems = []
+        for role, name in picked.items():
+            values = fields.list.get(self.names.index(name), null_on_oob=True).str.strip_chars().str.strip_chars('"')
+            if found := _first_problem(values, role):
+                problems.append((*found, role, name))
+        _raise_first(problems, lambda i: f"{self.where}, line {suspects['line'][i]}")
+        key = [picked[r] for r in ("user", "item", "rating") if r in picked]
+        missing = typed.select(pl.any_horizontal(pl.col(key).is_null()))[:, 0]
+        if missing.any():  # what splitting on the separator cannot see (quoted fields): the row names the line
+            row = int(missing.arg_true()[0])
+            raise DataError(
+                f"bad input: a value of {', '.join(key)} is missing or not a number",
+                where=f"{self.where}, line {row + self.first_line}",
+                fix="fix or delete that line",
+            )
+
+
+def _lines(data: bytes) -> pl.DataFrame:
+    """Every line of a file as text (blank lines as ""), numbered from 1, read by Polars as one column."""
+    try:
+        text = pl.read_csv(
+            data,
+            has_header=False,
+            separator="\0",
+            quote_char=None,
+            schema={"text": pl.String},
+            encoding="utf8-lossy",
+        )["text"]
+    except pl.exceptions.PolarsError:  # NUL bytes in the file: split in Python (error path only)
+        text = pl.Series("text", data.decode("utf-8", "replace").split("\n")).str.strip_suffix("\r")
+    return pl.DataFrame({"text": text.fill_null("")}).with_row_index("line", offset=1)
+
+
+def _resolve(
+    names: list[str], wanted: str | None, role: str, where: str, has_header: bool, required: bool = True
+) -> str | None:
+    """The column of `names` that `wanted` (a name, or a 0-based position as text) means."""
+    if wanted is None or wanted == "":
+        return None
+    if wanted in names:
+        return wanted
+    if wanted.isdigit() and int(wanted) < len(names):
+        return names[int(wanted)]
+    if not required:
+        return None
+    label, flag, _ = _ROLES[role]
+    hint = ""
+    if has_header and all(n.replace(".", "", 1).isdigit() for n in names):
+        hint = "; the first line looks like data: if the file has no header pass --set source.has_header=false"
+    raise DataError(
+        f"no {label} column {wanted!r} in {where}",
+        where=f"columns found: {', '.join(names)}",
+        fix=f"map it with {flag} NAME (or a 0-based position){hint}",
+    )
+
+
+def _drop_trailing_blank(frame: pl.DataFrame) -> pl.DataFrame:
+    """Blank lines at the end of a file read as all-null rows: drop them (earlier ones stay, to be reported)."""
+    if frame.height == 0 or any(v is not None for v in frame.row(-1)):
+        return frame
+    filled = frame.select(pl.any_horizontal(pl.all().is_not_null()).alias("x"))["x"]
+    keep = int(filled.arg_true()[-1]) + 1 if filled.any() else 0
+    return frame.head(keep)

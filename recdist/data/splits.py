@@ -1,0 +1,200 @@
+"""Train/val/test splits: pure functions that take a ratings frame and return it with a `split` column.
+
+`split` is a Polars Enum over recdist.schema.SPLITS. Every split is deterministic: the random ones hash
+(seed, user id, item id), so a row's split does not depend on the other rows or on file order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recdist.config import PrepareConfig
+from recdist.errors import DataError
+from recdist.schema import SPLITS
+
+SPLIT = pl.Enum(list(SPLITS))
+"""The dtype of the `split` column."""
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def row_hash(users: pl.Series, items: pl.Series, seed: int) -> np.ndarray:
+    """A uint64 hash of each (seed, user, item): splitmix64's finaliser over user * golden + item + seed.
+
+    Pure integer arithmetic, so it is the same on every machine and library version (Polars' own hash
+    is not promised stable across versions).
+    """
+    x = users.cast(pl.UInt64).to_numpy().copy()
+    x *= _GOLDEN
+    x += items.cast(pl.UInt64).to_numpy()
+    x += _mix64(np.array([seed], dtype=np.uint64))[0]
+    return _mix64(x)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function, in place: a bijection on uint64 that spreads every input bit."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _label(test: pl.Expr, val: pl.Expr) -> pl.Expr:
+    """The split Enum from two boolean conditions (test wins over val)."""
+    return (
+        pl.when(test)
+        .then(pl.lit("test", dtype=SPLIT))
+        .when(val)
+        .then(pl.lit("val", dtype=SPLIT))
+        .otherwise(pl.lit("train", dtype=SPLIT))
+        .alias("split")
+    )
+
+
+def from_codes(codes: np.ndarray, name: str = "split") -> pl.Series:
+    """The split Enum from codes 0 = train, 1 = val, 2 = test (Polars cannot cast integers to an Enum)."""
+    c = pl.Series(name, codes)
+    return pl.select(_label(pl.lit(c) == 2, pl.lit(c) == 1).alias(name)).to_series()
+
+
+def _count(n: pl.Expr, fraction: float) -> pl.Expr:
+    """round(n * fraction), halves up, as an integer expression."""
+    return (n * fraction + 0.5).floor().cast(pl.Int64)
+
+
+def random_split(
+    df: pl.DataFrame,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    user: str = "user_id",
+    item: str = "item_id",
+) -> pl.DataFrame:
+    """Each rating independently: test with probability test_fraction, val with val_fraction.
+
+    A row's split depends only on (seed, user, item) through `row_hash`, so adding rows moves no others.
+    """
+    h = pl.Series("_h", row_hash(df[user], df[item], seed))
+    t_test = _threshold(test_fraction)
+    t_val = _threshold(test_fraction + val_fraction)
+    return df.with_columns(_label(pl.lit(h) < t_test, pl.lit(h) < t_val))
+
+
+def _threshold(fraction: float) -> pl.Expr:
+    return pl.lit(min(int(fraction * 2.0**64), 2**64 - 1), dtype=pl.UInt64)
+
+
+def user_split(
+    df: pl.DataFrame,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    user: str = "user_id",
+    item: str = "item_id",
+) -> pl.DataFrame:
+    """Per user: round(n * test_fraction) of each user's n ratings to test and round(n * val_fraction) to
+    val, chosen by `row_hash` order. Users for whom a non-zero fraction rounds to no rating, or who would
+    keep no training rating, keep all their ratings in train.
+    """
+    h = pl.Series("_h", row_hash(df[user], df[item], seed))
+    tmp = (
+        pl.DataFrame([df[user], h])
+        .select(
+            _n=pl.len().over(user),
+            _r=pl.col("_h").rank("ordinal").over(user),  # 1..n in hash order within each user
+        )
+        .with_columns(
+            _test=_count(pl.col("_n"), test_fraction),
+            _val=_count(pl.col("_n"), val_fraction),
+        )
+    )
+    n, r, n_test, n_val = (pl.col(c) for c in ("_n", "_r", "_test", "_val"))
+    eligible = (n - n_test - n_val >= 1) & ((n_test >= 1) | (test_fraction == 0)) & ((n_val >= 1) | (val_fraction == 0))
+    split = tmp.select(_label(eligible & (r <= n_test), eligible & (r <= n_test + n_val)))
+    return df.with_columns(split.to_series())
+
+
+def time_split(
+    df: pl.DataFrame, *, val_fraction: float, test_fraction: float, timestamp: str = "timestamp"
+) -> pl.DataFrame:
+    """One global cut in time: the latest round(N * test_fraction) ratings are test, the
+    round(N * val_fraction) before them val. Equal timestamps are ordered by frame position."""
+    _need_timestamps(df, timestamp, "time")
+    n = df.height
+    ordered = df[timestamp].sort()  # sorting the values alone is far cheaper than a rank over the frame
+    n_test = int(n * test_fraction + 0.5)
+    n_val = int(n * val_fraction + 0.5)
+    return df.with_columns(_label(_latest(ordered, n_test, timestamp), _latest(ordered, n_test + n_val, timestamp)))
+
+
+def _latest(ordered: pl.Series, m: int, timestamp: str) -> pl.Expr:
+    """True on the latest m rows by (timestamp, frame position), given the sorted timestamps."""
+    if m == 0:
+        return pl.lit(False)
+    cut = ordered[len(ordered) - m]
+    above = len(ordered) - int(ordered.search_sorted(cut, "right"))
+    n_cut = len(ordered) - above - int(ordered.search_sorted(cut, "left"))
+    at_cut = pl.col(timestamp) == cut
+    # of the rows at the cut timestamp, the last (m - above) in frame order are among the latest m
+    return (pl.col(timestamp) > cut) | (at_cut & (at_cut.cum_sum() > n_cut - (m - above)))
+
+
+def user_time_split(
+    df: pl.DataFrame, *, holdout_k: int, val: bool = True, user: str = "user_id", timestamp: str = "timestamp"
+) -> pl.DataFrame:
+    """Leave-last-k-out: each user's latest holdout_k ratings are test and the holdout_k before them val
+    (no val band when `val` is False). Users with too few ratings to keep one in train keep all in train.
+    Equal timestamps are ordered by frame position (the later row counts as later)."""
+    _need_timestamps(df, timestamp, "user_time")
+    k = holdout_k
+    n = pl.len().over(user)
+    # 1 = a user's latest; "ordinal" ranks equal timestamps by position, so the later row is later
+    r = n + 1 - pl.col(timestamp).rank("ordinal").over(user)
+    band = 2 * k if val else k
+    eligible = n > band
+    return df.with_columns(_label(eligible & (r <= k), (eligible & (r <= band)) if val else pl.lit(False)))
+
+
+def given_split(df: pl.DataFrame) -> pl.DataFrame:
+    """Keep the source's own `split` column (train/val/test files), checked and cast to the split Enum."""
+    if "split" not in df.columns:
+        raise DataError(
+            "prepare.split is `given` but the source has no train/val/test files",
+            fix="set source.train_path and source.test_path (and optionally source.val_path), "
+            "or choose another prepare.split",
+        )
+    col = df["split"].cast(pl.String)
+    bad = col.filter(col.is_null() | ~col.is_in(list(SPLITS)))
+    if len(bad):
+        raise DataError(f"split column holds {bad[0]!r}; only train, val and test are allowed")
+    return df.with_columns(col.cast(SPLIT).alias("split"))
+
+
+def assign_split(df: pl.DataFrame, cfg: PrepareConfig, *, user: str = "user_id", item: str = "item_id") -> pl.DataFrame:
+    """Dispatch on cfg.split; `user`/`item` name the id columns the hashes and per-user windows use."""
+    if cfg.split == "random":
+        return random_split(
+            df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed, user=user, item=item
+        )
+    if cfg.split == "user":
+        return user_split(
+            df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed, user=user, item=item
+        )
+    if cfg.split == "time":
+        return time_split(df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    if cfg.split == "user_time":
+        return user_time_split(df, holdout_k=cfg.holdout_k, val=cfg.val_fraction > 0, user=user)
+    return given_split(df)
+
+
+def _need_timestamps(df: pl.DataFrame, timestamp: str, method: str) -> None:
+    if timestamp not in df.columns or df[timestamp].null_count():
+        raise DataError(
+            f"prepare.split `{method}` needs a timestamp on every rating, and some are missing",
+            fix="set source.timestamp_col to the timestamp column, or use prepare.split=random or user",
+        )

@@ -1,0 +1,1 @@
+"""Batch inference with Ray Data, recommendations and similar items."""

@@ -1,0 +1,79 @@
+"""K-fold cross-fitting of stage 1: which fold a training rating falls in, and the per-fold training sets.
+
+A rating's fold is a hash of (user, item), so the fold models' training sets and the scorer that routes each
+training row to the model that never saw it agree without storing a fold column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def fold_of(user: np.ndarray, item: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..folds-1) of each (user, item) pair: splitmix64 of the pair, modulo folds."""
+    with np.errstate(over="ignore"):
+        x = user.astype(np.uint64) * _M1 + item.astype(np.uint64) + np.uint64(seed) * _M2
+        x ^= x >> np.uint64(30)
+        x *= _M2
+        x ^= x >> np.uint64(27)
+        x *= _M3
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(folds)).astype(np.int8)
+
+
+def drop_fold(ratings: pl.DataFrame, fold: int, folds: int, seed: int = 0) -> pl.DataFrame:
+    """The ratings without the training rows of `fold`: fold model `fold` trains on the other K-1 folds.
+
+    Validation and test rows stay (early stopping and test metrics as for the full model).
+    """
+    k = fold_of(ratings["user_idx"].to_numpy(), ratings["item_idx"].to_numpy(), folds, seed)
+    held_out = pl.Series(k == fold) & (ratings["split"].cast(pl.String) == "train")
+    return ratings.filter(~held_out)
+
+
+def known_mask(index: np.ndarray, size: int) -> np.ndarray:
+    """bool (size,): which indices occur at least once (users or items a model was trained on)."""
+    return np.bincount(index.astype(np.int64), minlength=size)[:size] > 0
+
+
+def write_fold_dataset(data: str, out: str, fold: int, folds: int, seed: int = 0) -> dict:
+    """Commit at `out` a copy of the dataset without the training rows of `fold` (fold model's training set).
+
+    Same layout, users and items (indices unchanged); the manifest's counts and training mean are recomputed.
+    """
+    from datetime import datetime, timezone
+
+    from recdist import storage
+    from recdist.data.dataset import read_manifest, read_rank
+    from recdist.schema import RATINGS
+
+    manifest = read_manifest(data)
+    kept = drop_fold(read_rank(data), fold, folds, seed)
+    table = kept.select(RATINGS.names).to_arrow().cast(RATINGS)
+    shards = max(1, int(manifest.get("shards", 1)))
+    splits = {s: 0 for s in ("train", "val", "test")}
+    splits.update(dict(kept.group_by(pl.col("split").cast(pl.String)).len().iter_rows()))
+    train_mean = kept.filter(pl.col("split").cast(pl.String) == "train")["rating"].mean()
+    with storage.staged_output(out, overwrite=True) as tmp:
+        for s in range(shards):
+            lo, hi = s * table.num_rows // shards, (s + 1) * table.num_rows // shards
+            storage.write_parquet(table.slice(lo, hi - lo), storage.join(tmp, "ratings", f"part-{s:05d}.parquet"))
+        for name in ("users.parquet", "items.parquet"):
+            storage.write_bytes(storage.join(tmp, name), storage.read_bytes(storage.join(data, name)))
+        fold_manifest = {
+            **manifest,
+            "n_ratings": table.num_rows,
+            "splits": splits,
+            "global_mean": float(train_mean) if train_mean is not None else manifest["global_mean"],
+            "shards": shards,
+            "crossfit": {"source": data, "held_out_fold": fold, "folds": folds, "seed": seed},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        fold_manifest.pop("shard_rows", None)
+        storage.write_json(storage.join(tmp, storage.MANIFEST), fold_manifest)
+    return fold_manifest

@@ -1,0 +1,109 @@
+"""Evaluation on scored tables: RMSE/MAE per split, ranking metrics@k, and test error by reliability decile.
+
+Pure Polars / PyTorch functions (frame or tensors in, numbers out), so they test in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import torch
+
+
+def error_sums(frame: pl.DataFrame, pred: str, target: str = "rating") -> pl.DataFrame:
+    """Per split: n, sum of squared and of absolute errors (partial sums: add them over shards)."""
+    diff = pl.col(target).cast(pl.Float64) - pl.col(pred).cast(pl.Float64)
+    return (
+        frame.filter(pl.col(pred).is_not_null())
+        .group_by(pl.col("split").cast(pl.String))
+        .agg(n=pl.len(), sse=(diff**2).sum(), sae=diff.abs().sum())
+    )
+
+
+def split_metrics(sums: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """{split: {rmse, mae, n}} from error_sums() frames concatenated over shards."""
+    total = sums.group_by("split").agg(pl.col("n", "sse", "sae").sum()).sort("split")
+    return {
+        row["split"]: {
+            "rmse": math.sqrt(row["sse"] / row["n"]),
+            "mae": row["sae"] / row["n"],
+            "n": int(row["n"]),
+        }
+        for row in total.iter_rows(named=True)
+        if row["n"]
+    }
+
+
+def reliability_deciles(
+    frame: pl.DataFrame, *, pred: str = "pred_rating", reliability: str = "pred_error", bins: int = 10
+) -> pl.DataFrame:
+    """Rows grouped into equal-count bins by predicted error (1 = lowest = most reliable) with their errors.
+
+    Bins are by rank, so ties never make them unequal by more than one row.
+    """
+    frame = frame.filter(pl.col(reliability).is_not_null())
+    n = frame.height
+    if n == 0:
+        return pl.DataFrame(
+            schema={
+                "decile": pl.Int8,
+                "n": pl.Int64,
+                "mean_pred_error": pl.Float64,
+                "mse": pl.Float64,
+                "rmse": pl.Float64,
+                "mae": pl.Float64,
+            }
+        )
+    diff = pl.col("rating").cast(pl.Float64) - pl.col(pred).cast(pl.Float64)
+    rank = pl.col(reliability).rank("ordinal").cast(pl.Int64) - 1
+    return (
+        frame.with_columns(decile=(rank * bins // n + 1).cast(pl.Int8))
+        .group_by("decile")
+        .agg(
+            n=pl.len().cast(pl.Int64),
+            mean_pred_error=pl.col(reliability).cast(pl.Float64).mean(),
+            mse=(diff**2).mean(),
+            mae=diff.abs().mean(),
+        )
+        .with_columns(rmse=pl.col("mse").sqrt())
+        .select("decile", "n", "mean_pred_error", "mse", "rmse", "mae")
+        .sort("decile")
+    )
+
+
+def spearman(a: pl.Series, b: pl.Series) -> float:
+    """Rank correlation (how well predicted error orders the observed error)."""
+    frame = pl.DataFrame({"a": a, "b": b}).drop_nulls()
+    if frame.height < 2:
+        return float("nan")
+    return float(frame.select(pl.corr("a", "b", method="spearman")).item())
+
+
+def ranking_metrics(
+    top_items: torch.Tensor, relevant_users: torch.Tensor, relevant_items: torch.Tensor, k: int = 10
+) -> dict[str, float]:
+    """Precision@k, Recall@k and NDCG@k (binary relevance) averaged over users.
+
+    top_items: (U, >=k) ranked item indices of the users 0..U-1 (in the order of the rows); relevant_users /
+    relevant_items: the relevant (row, item) pairs. Users without a relevant item are not counted.
+    """
+    top = top_items[:, :k].long()
+    n_users, n_items = top.shape[0], int(max(int(top.max()) if top.numel() else 0, int(relevant_items.max())) + 1)
+    n_rel = torch.bincount(relevant_users.long(), minlength=n_users).float()
+    rel_keys = relevant_users.long() * n_items + relevant_items.long()
+    keys = torch.arange(n_users).unsqueeze(1) * n_items + top
+    hits = torch.isin(keys, rel_keys).float()
+    counted = n_rel > 0
+    if not bool(counted.any()):
+        return {f"precision@{k}": float("nan"), f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "users": 0}
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float32))
+    dcg = (hits * discount[: hits.shape[1]]).sum(1)
+    ideal = torch.cumsum(discount, 0)[(n_rel.clamp(max=k) - 1).clamp(min=0).long()]
+    hits_per_user = hits.sum(1)
+    return {
+        f"precision@{k}": float((hits_per_user / k)[counted].mean()),
+        f"recall@{k}": float((hits_per_user / n_rel.clamp(min=1))[counted].mean()),
+        f"ndcg@{k}": float((dcg / ideal)[counted].mean()),
+        "users": int(counted.sum()),
+    }

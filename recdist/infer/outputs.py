@@ -1,0 +1,266 @@
+"""The analyst tables of a run (RUN/outputs/): predictions, recommendations, item factors, similar movies,
+reliability deciles and metrics.json, all with original ids and titles.
+
+Reads the final scored table shard by shard (memory: one shard plus the index columns), so it scales to
+ML-20M; the evaluation uses the test split only for measuring, never for choosing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from recdist import storage
+from recdist.config import PipelineConfig
+from recdist.infer import metrics as m
+from recdist.infer.batch import plan_for
+from recdist.infer.ranker import Ranker
+from recdist.infer.tables import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
+from recdist.infer.topn import Csr, cosine_neighbours
+
+
+@dataclass(frozen=True)
+class RunModels:
+    """What the outputs are built from: the prepared data, the final scored table and the models."""
+
+    data: str
+    """The prepared dataset (users.parquet / items.parquet hold the original ids and titles)."""
+    scored: str
+    """The final scored table: every rating with all prediction columns."""
+    final: str
+    """The model whose pred_rating is final: stage 3, or the single model."""
+    mf: str | None = None
+    """The stage-1 MF (RNCF), or the single model when it has factors (candidates, item factors, fold-in)."""
+    reliability: str | None = None
+    """Stage 2 (RNCF only)."""
+    histories: dict[str, str] = field(default_factory=dict)
+    """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
+
+
+def ranker_for(models: RunModels) -> Ranker:
+    """The run's ranker: MF candidates re-ranked by stage 2 + stage 3 (or the single model)."""
+    from recdist.data.dataset import read_items
+    from recdist.models.io import load_model
+
+    plans = []
+    if models.reliability:
+        plans.append(plan_for(models.reliability, models.data, role="reliability", fallback_model=models.mf))
+    plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
+    mf = load_model(models.mf) if models.mf else None
+    n_train = read_items(models.data)["n_train"].to_numpy()
+    return Ranker.build(mf, plans, n_train)
+
+
+def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
+    """Write every analyst table under `out` (a staging directory); return metrics.json's content."""
+    from recdist.data.dataset import read_items, read_manifest, read_users, shard_files
+
+    manifest = read_manifest(models.scored)
+    users = read_users(models.data).select("user_idx", "user_id")
+    items = read_items(models.data).select("item_idx", "item_id", "title", "genres", "n_train")
+    has_reliability = models.reliability is not None
+
+    sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
+    tests, seen = [], []
+    for n, uri in enumerate(shard_files(models.scored)):
+        frame = pl.from_arrow(storage.read_parquet(uri))
+        assert isinstance(frame, pl.DataFrame)
+        predictions = _predictions(frame, users, items)
+        storage.write_parquet(predictions, storage.join(out, "predictions", f"part-{n:05d}.parquet"))
+        if "mf_pred" in frame.columns:
+            sums["mf"].append(m.error_sums(frame, "mf_pred"))
+        if "pred_error" in frame.columns and "error" in frame.columns:
+            sums["reliability"].append(m.error_sums(frame, "pred_error", target="error"))
+        sums["rating"].append(m.error_sums(frame, "pred_rating"))
+        keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
+        tests.append(frame.filter(pl.col("split").cast(pl.String) == "test").select(keep))
+        seen.append(frame.select("user_idx", "item_idx", is_test=pl.col("split").cast(pl.String) == "test"))
+    test = pl.concat(tests)
+    pairs = pl.concat(seen)
+    final_name = "rating" if has_reliability else "single"
+    result: dict[str, Any] = {final_name: m.split_metrics(pl.concat(sums["rating"]))}
+    if has_reliability:
+        result = {
+            "mf": m.split_metrics(pl.concat(sums["mf"])),
+            "reliability": m.split_metrics(pl.concat(sums["reliability"])),
+            **result,
+        }
+
+    n_users = int(manifest["n_users"])
+    ranker = ranker_for(models)
+    result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
+    if has_reliability:
+        deciles = _deciles(test)
+        deciles_uri = storage.join(out, "reliability_deciles.parquet")
+        storage.write_parquet(_to_schema(deciles, RELIABILITY_DECILES), deciles_uri)
+        result["reliability_deciles"] = deciles.to_dicts()
+        result["reliability_summary"] = _reliability_summary(deciles, test)
+
+    recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
+    storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
+
+    if ranker.factors is not None:
+        factors_table = _item_factors(ranker.factors, items, cfg)
+        storage.write_parquet(factors_table, storage.join(out, "item_factors.parquet"))
+        storage.write_parquet(_similar(ranker.factors, items, cfg), storage.join(out, "similar_items.parquet"))
+    result["rows"] = {"predictions": int(pairs.height), "test": int(test.height), "recommendations": recs.height}
+    storage.write_json(storage.join(out, "metrics.json"), result)
+    return result
+
+
+def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
+    """One scored shard as the analyst table: original ids, title, split, rating and the predictions."""
+    for name in ("pred_error", "mf_pred"):
+        if name not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, pl.Float32).alias(name))
+    if "cold" not in frame.columns:
+        frame = frame.with_columns(cold=pl.lit(False))
+    joined = (
+        frame.join(users, on="user_idx", how="left")
+        .join(items.select("item_idx", "item_id", "title"), on="item_idx", how="left")
+        .rename({"item_id": "movie_id"})
+        .select(PREDICTIONS.names)
+    )
+    return _to_schema(joined, PREDICTIONS)
+
+
+def _ranking(
+    ranker: Ranker, pairs: pl.DataFrame, test: pl.DataFrame, cfg: PipelineConfig, n_users: int, name: str, *, seed: int
+) -> dict[str, Any]:
+    """Precision/Recall/NDCG@k on test for MF's own ranking and for the final stage's re-ranking.
+
+    Candidates: movies the user has no train or validation rating for; relevant: test ratings at or above
+    the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users (seeded).
+    """
+    k = cfg.ranking_k
+    relevant = test.filter(pl.col("rating") >= cfg.relevance_threshold).select("user_idx", "item_idx")
+    users = np.unique(relevant["user_idx"].to_numpy())
+    if cfg.ranking_users and len(users) > cfg.ranking_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, cfg.ranking_users, replace=False))
+    if len(users) == 0:
+        return {"users": 0}
+    exclude = _csr(pairs.filter(~pl.col("is_test")), n_users)
+    row_of = np.full(n_users, -1, dtype=np.int64)
+    row_of[users] = np.arange(len(users))
+    rel = relevant.filter(pl.Series(row_of[relevant["user_idx"].to_numpy()] >= 0))
+    rel_rows = torch.from_numpy(row_of[rel["user_idx"].to_numpy()])
+    rel_items = torch.from_numpy(rel["item_idx"].to_numpy().astype(np.int64))
+    user_t = torch.from_numpy(users.astype(np.int64))
+    out: dict[str, Any] = {"k": k, "relevance_threshold": cfg.relevance_threshold, "candidates": cfg.candidates}
+    if ranker.factors is not None:
+        mf_score, mf_items = ranker.candidates(user_t, k, exclude)
+        out["mf"] = m.ranking_metrics(torch.where(mf_score > -torch.inf, mf_items, -1), rel_rows, rel_items, k)
+    ranked = ranker.rank(user_t, k, candidates=cfg.candidates, exclude=exclude)
+    out[name] = m.ranking_metrics(_top_matrix(ranked, row_of, len(users), k), rel_rows, rel_items, k)
+    return out
+
+
+def _top_matrix(ranked: pl.DataFrame, row_of: np.ndarray, n_rows: int, k: int) -> torch.Tensor:
+    """(n_rows, k) item matrix from a rank() frame; -1 where a user got fewer than k movies."""
+    top = torch.full((n_rows, k), -1, dtype=torch.long)
+    rows = torch.from_numpy(row_of[ranked["user_idx"].to_numpy()])
+    cols = torch.from_numpy(ranked["rank"].to_numpy().astype(np.int64) - 1)
+    top[rows, cols] = torch.from_numpy(ranked["item_idx"].to_numpy().astype(np.int64))
+    return top
+
+
+def _deciles(test: pl.DataFrame) -> pl.DataFrame:
+    """Test error of the final and of the MF prediction by decile of stage 2's predicted error."""
+    final = m.reliability_deciles(test, pred="pred_rating")
+    if "mf_pred" in test.columns:
+        mf = m.reliability_deciles(test, pred="mf_pred").select("decile", mf_rmse="rmse")
+        return final.join(mf, on="decile")
+    return final.with_columns(mf_rmse=pl.lit(None, pl.Float64))
+
+
+def _reliability_summary(deciles: pl.DataFrame, test: pl.DataFrame) -> dict[str, float]:
+    """The headline: most vs least reliable decile, and rank correlation of predicted and observed error."""
+    if deciles.height == 0:
+        return {}
+    first, last = deciles.row(0, named=True), deciles.row(deciles.height - 1, named=True)
+    observed = (test["rating"].cast(pl.Float64) - test["pred_rating"].cast(pl.Float64)) ** 2
+    return {
+        "most_reliable_rmse": first["rmse"],
+        "least_reliable_rmse": last["rmse"],
+        "ratio": last["rmse"] / first["rmse"] if first["rmse"] else float("nan"),
+        "spearman_pred_vs_observed_sq_error": m.spearman(test["pred_error"], observed),
+    }
+
+
+def _recommendations(recs: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
+    joined = (
+        recs.join(users, on="user_idx", how="left")
+        .join(items.select("item_idx", "item_id", "title"), on="item_idx", how="left")
+        .rename({"item_id": "movie_id"})
+        .sort("user_id", "rank")
+        .select(RECOMMENDATIONS.names)
+    )
+    return _to_schema(joined, RECOMMENDATIONS)
+
+
+def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:
+    """Movies with training ratings: bias, factors and the first two principal components of the factors.
+
+    The components are fitted on movies with at least `similar_min_ratings` training ratings (rarely rated
+    movies keep factors near their initial noise) and signed so that the most-rated movie scores >= 0.
+    """
+    q = factors["item_factors"].double()
+    n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
+    fit = n_train >= max(1, cfg.similar_min_ratings)
+    if int(fit.sum()) < 3:
+        fit = n_train > 0
+    centre = q[fit].mean(0)
+    _, _, v = torch.linalg.svd(q[fit] - centre, full_matrices=False)
+    pcs = (q - centre) @ v[:2].T if v.shape[0] >= 2 else torch.zeros(len(q), 2, dtype=torch.float64)
+    top = int(torch.argmax(n_train))
+    pcs *= torch.where(pcs[top] < 0, -1.0, 1.0)
+    known = (n_train > 0).numpy()
+    frame = (
+        items.filter(pl.Series(known))
+        .select(movie_id=pl.col("item_id"), title=pl.col("title"), genres=pl.col("genres"), n_train=pl.col("n_train"))
+        .with_columns(
+            bias=pl.Series(factors["item_bias"].numpy()[known]),
+            pc1=pl.Series(pcs[:, 0].float().numpy()[known]),
+            pc2=pl.Series(pcs[:, 1].float().numpy()[known]),
+            factors=pl.Series(list(factors["item_factors"].numpy()[known]), dtype=pl.List(pl.Float32)),
+        )
+    )
+    return _to_schema(frame, ITEM_FACTORS)
+
+
+def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:
+    """The k nearest movies by cosine of factors, among movies with enough training ratings."""
+    n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
+    allowed = n_train >= max(1, cfg.similar_min_ratings)
+    queries = torch.nonzero(allowed).squeeze(1)
+    if int(allowed.sum()) < 2:
+        return SIMILAR_ITEMS.empty_table()
+    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.similar_k, allowed=allowed)
+    width = idx.shape[1]
+    ids = items["item_id"].to_numpy()
+    titles = items["title"]
+    frame = pl.DataFrame(
+        {
+            "movie_id": np.repeat(ids[queries.numpy()], width),
+            "rank": np.tile(np.arange(1, width + 1, dtype=np.int16), len(queries)),
+            "similar_movie_id": ids[idx.reshape(-1).numpy()],
+            "similar_title": titles.gather(pl.Series(idx.reshape(-1).numpy())),
+            "cosine": cos.reshape(-1).numpy(),
+        }
+    ).filter(pl.col("cosine").is_finite())
+    return _to_schema(frame, SIMILAR_ITEMS)
+
+
+def _csr(pairs: pl.DataFrame, n_users: int) -> Csr:
+    """user -> rated items, from a frame of (user_idx, item_idx)."""
+    user, item = (torch.from_numpy(pairs[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
+    return Csr.build(user, item, n_users)
+
+
+def _to_schema(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    return frame.select(schema.names).to_arrow().cast(schema)

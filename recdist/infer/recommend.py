@@ -1,0 +1,223 @@
+"""Answers from a finished run: top-N movies for a known user, for a new user given a few ratings (folded into
+the MF), and the movies most similar to a movie.
+
+Known users and movies are answered from the run's tables (outputs/recommendations.parquet,
+outputs/similar_items.parquet); asking for more rows than were stored recomputes with the run's models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.compute as pc
+import torch
+
+from recdist import storage
+from recdist.errors import DataError, RecdistError, StorageError
+from recdist.infer.outputs import RunModels, ranker_for
+from recdist.infer.topn import Csr, cosine_neighbours, fold_in, top_n
+
+COLUMNS = ["rank", "movie_id", "title", "score", "reliability"]
+
+
+def recommend(run: str, *, user_id: int | None = None, ratings: str | None = None, n: int = 10) -> pl.DataFrame:
+    """Top-n unseen movies for the user `user_id` of the run, or for a new user from a ratings file.
+
+    Columns: rank, movie_id, title, score (predicted rating), reliability (predicted squared error; lower
+    is more reliable; empty for a folded-in user, whom stage 2 has never seen).
+    """
+    if (user_id is None) == (ratings is None):
+        raise RecdistError("give exactly one of a user id or a ratings file")
+    if n < 1:
+        raise RecdistError(f"n must be at least 1, got {n}")
+    outputs, manifest = _outputs(run)
+    if user_id is not None:
+        return _known_user(run, outputs, manifest, int(user_id), n)
+    return _new_user(run, manifest, ratings or "", n)
+
+
+def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
+    """The k movies nearest to `movie_id` by cosine of the stage-1 item factors: rank, movie_id, title, cosine."""
+    outputs, manifest = _outputs(run)
+    stored_uri = storage.join(outputs, "similar_items.parquet")
+    if not storage.exists(stored_uri):
+        raise DataError(
+            "this run has no item factors (its model has no factors())",
+            where=run,
+            fix="similar movies need an MF-family model (rncf, or single with biased_mf / mf_residual_mlp)",
+        )
+    stored = storage.read_parquet(stored_uri, filters=pc.field("movie_id") == movie_id)
+    if stored.num_rows >= k:
+        frame = pl.from_arrow(stored).sort("rank").head(k)
+        return frame.select("rank", movie_id="similar_movie_id", title="similar_title", cosine="cosine")
+    factors = pl.from_arrow(storage.read_parquet(storage.join(outputs, "item_factors.parquet")))
+    hit = factors.with_row_index("row").filter(pl.col("movie_id") == movie_id)
+    if hit.height == 0:
+        raise DataError(
+            f"movie {movie_id} has no training ratings in this run (or does not exist)",
+            where=run,
+            fix="pick a movie id from outputs/item_factors.parquet",
+        )
+    q = torch.from_numpy(np.stack(factors["factors"].to_numpy()).astype(np.float32))
+    min_ratings = int(manifest.get("similar_min_ratings", 1))
+    allowed = torch.from_numpy(factors["n_train"].to_numpy() >= min_ratings)
+    cos, idx = cosine_neighbours(q, torch.tensor([int(hit["row"][0])]), k, allowed=allowed)
+    keep = torch.isfinite(cos[0])
+    rows = factors[idx[0][keep].numpy()]
+    return pl.DataFrame(
+        {
+            "rank": np.arange(1, len(rows) + 1, dtype=np.int16),
+            "movie_id": rows["movie_id"],
+            "title": rows["title"],
+            "cosine": cos[0][keep].numpy(),
+        }
+    )
+
+
+def _outputs(run: str) -> tuple[str, dict[str, Any]]:
+    outputs = storage.join(run, "outputs")
+    if not storage.is_committed(outputs):
+        raise StorageError(
+            f"{run} has no finished outputs (outputs/manifest.json missing)",
+            fix="run `recdist pipeline` to the end first (re-running resumes where it stopped)",
+        )
+    return outputs, storage.read_json(storage.join(outputs, storage.MANIFEST))
+
+
+def run_models(run: str, manifest: dict[str, Any]) -> RunModels:
+    """The RunModels recorded in the outputs manifest; relative paths are relative to the run directory."""
+    paths = dict(manifest["models"])
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None or "://" in p or p.startswith("/") else storage.join(run, p)
+
+    for key in ("data", "scored", "final", "mf", "reliability"):
+        paths[key] = resolve(paths.get(key)) or paths.get(key)
+    paths["histories"] = {k: resolve(v) or v for k, v in paths.get("histories", {}).items()}
+    return RunModels(**paths)
+
+
+def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, n: int) -> pl.DataFrame:
+    from recdist.data.dataset import read_users
+
+    models = run_models(run, manifest)
+    stored = storage.read_parquet(
+        storage.join(outputs, "recommendations.parquet"), filters=pc.field("user_id") == user_id
+    )
+    if stored.num_rows and n <= int(manifest.get("top_n", 0)):
+        return pl.from_arrow(stored).sort("rank").head(n).select(COLUMNS)
+    users = read_users(models.data).filter(pl.col("user_id") == user_id)
+    if users.height == 0:
+        raise DataError(
+            f"user {user_id} is not in this run's data",
+            where=run,
+            fix="recommend for a new user with --ratings FILE (movieId,rating)",
+        )
+    user_idx = int(users["user_idx"][0])
+    seen = _user_items(models.scored, user_idx)
+    exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
+    ranker = ranker_for(models)
+    frame = ranker.rank(
+        torch.tensor([user_idx]),
+        n,
+        candidates=max(n, int(manifest.get("candidates", 100))),
+        exclude=_shift(exclude, user_idx),
+    )
+    return _titled(frame, models.data)
+
+
+def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.DataFrame:
+    from recdist.data.dataset import read_items
+    from recdist.models.io import load_model
+
+    models = run_models(run, manifest)
+    if models.mf is None:
+        raise DataError(
+            "this run's model has no factors to fold a new user into",
+            where=run,
+            fix="use an rncf run or a single MF-family model",
+        )
+    mf = load_model(models.mf)
+    if getattr(mf, "link", "identity") != "identity":
+        raise DataError(f"folding a user into a {type(mf).__name__} (non-linear link) is not supported", where=run)
+    items = read_items(models.data)
+    given = _read_ratings(ratings).join(items.select("item_id", "item_idx"), left_on="movie_id", right_on="item_id")
+    if given.height == 0:
+        raise DataError(
+            "none of the rated movies is known to this run",
+            where=ratings,
+            fix="use MovieLens movieIds that appear in the run's data (outputs/item_factors.parquet)",
+        )
+    f = {k: v.detach().float() for k, v in mf.factors().items()}
+    mean = float(mf.global_mean)
+    item_idx = torch.from_numpy(given["item_idx"].to_numpy().astype(np.int64))
+    p, b_u = fold_in(
+        f["item_factors"],
+        f["item_bias"],
+        mean,
+        item_idx,
+        torch.from_numpy(given["rating"].to_numpy().astype(np.float32)),
+        float(mf.config.reg),
+    )
+    user = {
+        "user_factors": p.unsqueeze(0),
+        "user_bias": torch.tensor([b_u]),
+        "item_factors": f["item_factors"],
+        "item_bias": f["item_bias"],
+    }
+    exclude = Csr.build(torch.zeros(len(item_idx), dtype=torch.long), item_idx, 1)
+    allowed = torch.from_numpy(items["n_train"].to_numpy() > 0)
+    scores, top = top_n(user, mean, torch.tensor([0]), n, exclude=exclude, allowed=allowed)
+    lo, hi = mf.dims.rating_min, mf.dims.rating_max
+    keep = torch.isfinite(scores[0])
+    frame = pl.DataFrame(
+        {
+            "rank": np.arange(1, int(keep.sum()) + 1, dtype=np.int16),
+            "item_idx": top[0][keep].numpy().astype(np.int32),
+            "score": scores[0][keep].clamp(lo, hi).numpy(),
+            "reliability": pl.Series([None] * int(keep.sum()), dtype=pl.Float32),
+        }
+    )
+    return _titled(frame, models.data)
+
+
+def _read_ratings(uri: str) -> pl.DataFrame:
+    """A new user's ratings: CSV or Parquet with a movie id column (movieId / movie_id / item_id) and rating."""
+    raw = storage.read_bytes(uri)
+    import io
+
+    frame = pl.read_parquet(io.BytesIO(raw)) if uri.endswith(".parquet") else pl.read_csv(io.BytesIO(raw))
+    movie = next((c for c in ("movieId", "movie_id", "item_id", "itemId") if c in frame.columns), None)
+    if movie is None or "rating" not in frame.columns:
+        raise DataError(
+            f"the ratings file needs a movieId and a rating column (found: {', '.join(frame.columns)})",
+            where=uri,
+            fix="write it as CSV with a header: movieId,rating",
+        )
+    return frame.select(movie_id=pl.col(movie).cast(pl.Int64), rating=pl.col("rating").cast(pl.Float32))
+
+
+def _user_items(scored: str, user_idx: int) -> np.ndarray:
+    """Every movie the user rated in any split (excluded from recommendations)."""
+    from recdist.data.dataset import shard_files
+
+    parts = [
+        storage.read_parquet(f, columns=["item_idx"], filters=pc.field("user_idx") == user_idx)
+        for f in shard_files(scored)
+    ]
+    return np.concatenate([p["item_idx"].to_numpy() for p in parts]).astype(np.int64)
+
+
+def _shift(csr: Csr, user_idx: int) -> Csr:
+    """A one-row Csr moved to row `user_idx` (rows before it empty)."""
+    indptr = torch.cat([torch.zeros(user_idx, dtype=torch.long), csr.indptr])
+    return Csr(indptr, csr.indices)
+
+
+def _titled(frame: pl.DataFrame, data: str) -> pl.DataFrame:
+    from recdist.data.dataset import read_items
+
+    items = read_items(data).select("item_idx", movie_id="item_id", title="title")
+    return frame.join(items, on="item_idx", how="left").sort("rank").select(COLUMNS)

@@ -1,0 +1,186 @@
+"""The scoring core: a whole Arrow batch of ratings through a model, prediction columns appended.
+
+Shared by the Ray Data actors (batch.py) and the plain Polars + PyTorch scorer, so both do the same work.
+Cold-start rows (a user or movie without training ratings, or an index the model does not know) get the
+fallback global mean + the known biases (and, for the reliability role, a fixed high expected error) and
+are flagged in the `cold` column instead of being pushed through untrained embeddings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from recdist.infer.folds import fold_of
+from recdist.infer.tables import ROLE_COLUMNS
+from recdist.models.batch import Batch
+
+ROLES = tuple(ROLE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What an inference actor needs, all picklable: models, role, and the cold-start fallback."""
+
+    models: tuple[str, ...]
+    """Model URIs: [0] scores every row; with cross-fitting, [1 + k] scores the train rows of fold k."""
+    role: str
+    """mf (writes mf_pred, error), reliability (pred_error) or rating (pred_rating)."""
+    global_mean: float
+    rating_scale: tuple[float, float]
+    known_users: tuple[np.ndarray, ...]
+    """Per model: bool (n_users,) of the users it saw in training; others are cold for it."""
+    known_items: tuple[np.ndarray, ...]
+    fallback_model: str | None = None
+    """MF model whose biases build the cold-start fallback (default: models[0] when it has factors())."""
+    cold_error: float = 1.0
+    """pred_error written for cold rows (reliability role): the error of the fallback, i.e. unreliable."""
+    fold_seed: int = 0
+    device: str = "cpu"
+    forward_rows: int = 131_072
+    """Rows per model forward call: bounds activation memory for big MLPs."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown scoring role {self.role!r}; expected one of {ROLES}")
+        if not (len(self.models) == len(self.known_users) == len(self.known_items)):
+            raise ValueError("one known_users / known_items mask per model")
+
+
+def role_of(model: torch.nn.Module) -> str:
+    """The scoring role a model plays by the model contract: error target -> reliability, upstream -> rating."""
+    if getattr(model, "target", "rating") == "error":
+        return "reliability"
+    return "rating" if getattr(model, "upstream", False) else "mf"
+
+
+@torch.inference_mode()
+def forward(
+    model: torch.nn.Module, user: torch.Tensor, item: torch.Tensor, features: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """model(Batch) over index tensors in slices of `rows`, on the model's device; result on CPU."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    out = torch.empty(len(user), dtype=torch.float32)
+    for lo in range(0, len(user), rows):
+        sl = slice(lo, lo + rows)
+        batch = Batch(user[sl], item[sl], features=None if features is None else features[sl]).to(device)
+        out[sl] = model(batch).float().cpu()
+    return out
+
+
+class Predictor:
+    """Loads the plan's models once, then maps Arrow tables to Arrow tables with the role's columns added."""
+
+    def __init__(self, plan: ScoringPlan, models: list[torch.nn.Module] | None = None):
+        from recdist.models.io import load_model
+
+        self.plan = plan
+        self.models = models if models is not None else [load_model(u, device=plan.device) for u in plan.models]
+        for m in self.models:
+            m.eval()
+        shared = load_model(plan.fallback_model) if plan.fallback_model else None
+        self.biases = [_biases(shared if shared is not None else m) for m in self.models]
+        self.known_users = [torch.from_numpy(np.asarray(k, dtype=bool)) for k in plan.known_users]
+        self.known_items = [torch.from_numpy(np.asarray(k, dtype=bool)) for k in plan.known_items]
+        self.inputs = tuple(getattr(self.models[0], "inputs", ()))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        plan = self.plan
+        user = _tensor(table["user_idx"]).long()
+        item = _tensor(table["item_idx"]).long()
+        features = torch.stack([_tensor(table[c]).float() for c in self.inputs], 1) if self.inputs else None
+        which = self._route(table, user, item)
+        pred = torch.empty(len(user), dtype=torch.float32)
+        fallback = torch.empty(len(user), dtype=torch.float32)
+        cold = torch.zeros(len(user), dtype=torch.bool)
+        for m, model in enumerate(self.models):
+            rows = None if which is None else torch.nonzero(which == m).squeeze(1)
+            u, i = (user, item) if rows is None else (user[rows], item[rows])
+            known_u, known_i = _lookup(self.known_users[m], u), _lookup(self.known_items[m], i)
+            known = known_u & known_i
+            f = features if rows is None or features is None else features[rows]
+            p = forward(model, torch.where(known, u, 0), torch.where(known, i, 0), f, plan.forward_rows)
+            fb = self._fallback(m, u, i, known_u, known_i)
+            if rows is None:
+                pred, fallback, cold = p, fb, ~known
+            else:
+                pred[rows], fallback[rows], cold[rows] = p, fb, ~known
+        lo, hi = plan.rating_scale
+        columns: dict[str, torch.Tensor] = {}
+        if plan.role == "reliability":
+            columns["pred_error"] = torch.where(cold, plan.cold_error, pred.clamp(min=0.0))
+        else:
+            final = torch.where(cold, fallback, pred).clamp(lo, hi)
+            if plan.role == "mf":
+                rating = _tensor(table["rating"]).float()
+                columns["mf_pred"] = final
+                columns["error"] = (rating - final) ** 2
+            else:
+                columns["pred_rating"] = final
+        if "cold" in table.column_names:
+            cold |= _tensor(table["cold"]).bool()
+        return _with_columns(table, {**columns, "cold": cold})
+
+    def _route(self, table: pa.Table, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor | None:
+        """Which model scores each row: 0 (full model), or 1 + fold for training rows when cross-fitting."""
+        folds = len(self.models) - 1
+        if folds == 0:
+            return None
+        is_train = pc.equal(table["split"].cast(pa.string()), "train").to_numpy(zero_copy_only=False)
+        fold = fold_of(user.numpy(), item.numpy(), folds, self.plan.fold_seed).astype(np.int64)
+        return torch.from_numpy(np.where(is_train, fold + 1, 0))
+
+    def _fallback(
+        self, m: int, user: torch.Tensor, item: torch.Tensor, known_u: torch.Tensor, known_i: torch.Tensor
+    ) -> torch.Tensor:
+        """Global mean + the biases (of model m's source) of whichever side that model knows."""
+        out = torch.full((len(user),), float(self.plan.global_mean))
+        for index, bias, known in ((user, self.biases[m][0], known_u), (item, self.biases[m][1], known_i)):
+            if len(bias):
+                ok = known & (index < len(bias))
+                out += torch.where(ok, bias[index.clamp(0, len(bias) - 1)], 0.0)
+        return out
+
+
+def _biases(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user_bias, item_bias) of an MF-family model; empty tensors for models without factors()."""
+    if not hasattr(model, "factors"):
+        return torch.zeros(0), torch.zeros(0)
+    f = model.factors()
+    return (
+        f.get("user_bias", torch.zeros(0)).detach().float().cpu(),
+        f.get("item_bias", torch.zeros(0)).detach().float().cpu(),
+    )
+
+
+def _lookup(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """mask[index], False for indices outside the mask (negative or too large)."""
+    inside = (index >= 0) & (index < len(mask))
+    return inside & mask[index.clamp(0, max(len(mask) - 1, 0))] if len(mask) else torch.zeros_like(inside)
+
+
+def _tensor(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    """A numeric Arrow column as a CPU tensor (zero-copy for one chunk without nulls)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        column = pc.fill_null(column, 0)
+    with warnings.catch_warnings():  # read-only Arrow memory: fine, the tensors are never written to
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(column.to_numpy(zero_copy_only=False))
+
+
+def _with_columns(table: pa.Table, columns: dict[str, torch.Tensor]) -> pa.Table:
+    """The table with these columns replaced or appended (float32; bool stays bool)."""
+    for name, values in columns.items():
+        array = pa.array(values.numpy())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    return table

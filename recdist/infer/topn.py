@@ -1,0 +1,120 @@
+"""Whole-tensor ranking on factor tables: top-N unseen items, cosine neighbours, and folding a new user in.
+
+Pure PyTorch on (users x items) score blocks, chunked over users so memory stays bounded; no Ray, no files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Csr:
+    """Rows -> column lists (e.g. user -> rated items), for masking seen items in a score block."""
+
+    indptr: torch.Tensor  # int64 (n_rows + 1,)
+    indices: torch.Tensor  # int64 (nnz,)
+
+    @staticmethod
+    def build(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> Csr:
+        rows, cols = rows.long(), cols.long()
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=n_rows)
+        indptr = torch.zeros(n_rows + 1, dtype=torch.long)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return Csr(indptr, cols[order])
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position of the row in `rows`, column) for every stored entry of the given rows."""
+        rows = rows.long()
+        starts, counts = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        which = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        offsets = torch.arange(int(counts.sum())) - first
+        return which, self.indices[starts[which] + offsets]
+
+
+def mf_scores(factors: dict[str, torch.Tensor], mean: float, users: torch.Tensor) -> torch.Tensor:
+    """mu + b_u + b_i + p_u . q_i for every item: a (len(users), n_items) block."""
+    p = factors["user_factors"][users]
+    scores = p @ factors["item_factors"].T
+    scores += factors["item_bias"].unsqueeze(0)
+    scores += (factors["user_bias"][users] + mean).unsqueeze(1)
+    return scores
+
+
+def top_n(
+    factors: dict[str, torch.Tensor],
+    mean: float,
+    users: torch.Tensor,
+    n: int,
+    *,
+    exclude: Csr | None = None,
+    allowed: torch.Tensor | None = None,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best-scoring items per user by the MF score, skipping `exclude`d (seen) and not `allowed` items.
+
+    Returns (scores, items), both (len(users), n), best first; -inf scores mark slots with no candidate left.
+    """
+    n_items = factors["item_factors"].shape[0]
+    n = min(n, n_items)
+    out_s = torch.empty(len(users), n)
+    out_i = torch.empty(len(users), n, dtype=torch.long)
+    for lo in range(0, len(users), chunk):
+        block_users = users[lo : lo + chunk].long()
+        scores = mf_scores(factors, mean, block_users)
+        if allowed is not None:
+            scores[:, ~allowed] = -torch.inf
+        if exclude is not None:
+            which, cols = exclude.gather(block_users)
+            scores[which, cols] = -torch.inf
+        s, i = torch.topk(scores, n, dim=1)
+        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = s, i
+    return out_s, out_i
+
+
+def cosine_neighbours(
+    item_factors: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    allowed: torch.Tensor | None = None,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k items nearest to each query item by cosine of factors (the item itself excluded)."""
+    unit = torch.nn.functional.normalize(item_factors.float(), dim=1)
+    k = min(k, unit.shape[0] - 1)
+    out_c = torch.empty(len(queries), k)
+    out_i = torch.empty(len(queries), k, dtype=torch.long)
+    for lo in range(0, len(queries), chunk):
+        q = queries[lo : lo + chunk].long()
+        cos = unit[q] @ unit.T
+        if allowed is not None:
+            cos[:, ~allowed] = -torch.inf
+        cos[torch.arange(len(q)), q] = -torch.inf
+        c, i = torch.topk(cos, k, dim=1)
+        out_c[lo : lo + chunk], out_i[lo : lo + chunk] = c, i
+    return out_c, out_i
+
+
+def fold_in(
+    item_factors: torch.Tensor,
+    item_bias: torch.Tensor,
+    mean: float,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    reg: float,
+) -> tuple[torch.Tensor, float]:
+    """Factors and bias of a new user from a few ratings, items fixed: one ridge solve (one ALS half-step).
+
+    Minimises sum_j (r_j - mu - b_i(j) - b_u - p . q_j)^2 + reg * n * (|p|^2 + b_u^2), the per-rating L2 of MF.
+    """
+    q = item_factors[items.long()].double()
+    x = torch.cat([q, torch.ones(len(items), 1, dtype=torch.float64)], dim=1)
+    y = ratings.double() - mean - item_bias[items.long()].double()
+    gram = x.T @ x + reg * len(items) * torch.eye(x.shape[1], dtype=torch.float64)
+    sol = torch.linalg.solve(gram, x.T @ y)
+    return sol[:-1].to(item_factors.dtype), float(sol[-1])

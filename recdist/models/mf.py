@@ -1,0 +1,111 @@
+"""Matrix factorisation, stage 1 of RNCF: plain, biased, and sigmoid-squashed.
+
+All three keep their tensors as nn.Embedding weights named user_factors, item_factors, user_bias and
+item_bias, so a fast solver can update them in place (factors() returns views of those weights), and all
+three compute mu + b_u + b_i + p_u . q_i. Plain `mf` keeps zero, frozen bias tables (`use_bias = False`):
+its prediction is the global-mean offset plus the dot product. mu is the training mean from Dims, a frozen
+buffer: centring the ratings lets the factors start at zero without a long climb to the mean.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from recdist.config import Section
+from recdist.models.base import Model, embedding, logit_of, row_l2, scaled_sigmoid
+from recdist.models.batch import Batch, Dims
+from recdist.models.registry import register
+
+
+class MFConfig(Section):
+    """Plain matrix factorisation: r = mu + p_u . q_i."""
+
+    rank: int = Field(64, ge=1)
+    """Length of each user and item factor vector."""
+    reg: float = Field(0.05, ge=0)
+    """L2 weight on the factor rows of each rating, added per rating as in classic SGD MF
+    (loss = mean over the batch of (r - r_hat)^2 + reg * (|p_u|^2 + |q_i|^2))."""
+    init_std: float = Field(0.01, gt=0)
+    """Standard deviation of the normal initial factors."""
+
+
+class BiasedMFConfig(MFConfig):
+    """Biased matrix factorisation: r = mu + b_u + b_i + p_u . q_i."""
+
+    reg_bias: float = Field(0.01, ge=0)
+    """L2 weight on b_u and b_i, per rating like `reg` (biases need less shrinkage than factors)."""
+
+
+class SigmoidMFConfig(BiasedMFConfig):
+    """Biased MF squashed by a sigmoid onto [rating_min, rating_max]; biases and factors in logit units."""
+
+
+class MFBase(Model):
+    """Shared body of the MF family: four embedding tables and the biased dot product."""
+
+    pure_mf: ClassVar[bool] = True
+    """The prediction is exactly mu + b_u + b_i + p.q on these four tables: fast MF solvers may train it."""
+    use_bias: ClassVar[bool] = True
+    """False: the bias tables are zeros and frozen (solvers must leave them alone)."""
+    link: ClassVar[str] = "identity"
+    """How the score becomes a rating: "identity" or "sigmoid" (scaled onto the rating range)."""
+
+    def __init__(self, config: MFConfig, dims: Dims, generator: torch.Generator):
+        super().__init__(config, dims)
+        k, std = config.rank, config.init_std
+        self.user_factors = embedding(dims.n_users, k, std, generator)
+        self.item_factors = embedding(dims.n_items, k, std, generator)
+        frozen = not self.use_bias
+        self.user_bias = embedding(dims.n_users, 1, 0.0, generator, frozen=frozen)
+        self.item_bias = embedding(dims.n_items, 1, 0.0, generator, frozen=frozen)
+        mu = logit_of(dims.global_mean, dims) if self.link == "sigmoid" else dims.global_mean
+        self.register_buffer("global_mean", torch.tensor(mu, dtype=torch.float32))
+
+    def score(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """mu + b_u + b_i + p_u . q_i, before the link."""
+        dot = (self.user_factors(user) * self.item_factors(item)).sum(-1)
+        return self.global_mean + self.user_bias(user).squeeze(-1) + self.item_bias(item).squeeze(-1) + dot
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        z = self.score(batch.user, batch.item)
+        return scaled_sigmoid(z, self.dims) if self.link == "sigmoid" else z
+
+    def penalty(self, batch: Batch) -> torch.Tensor:
+        """reg * mean(|p_u|^2 + |q_i|^2) [+ reg_bias * mean(b_u^2 + b_i^2)] over the batch's rows."""
+        cfg = self.config
+        loss = cfg.reg * row_l2(self.user_factors(batch.user), self.item_factors(batch.item))
+        if self.use_bias:
+            loss = loss + cfg.reg_bias * row_l2(self.user_bias(batch.user), self.item_bias(batch.item))
+        return loss
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """Views of the weights (no copy): in-place updates to them update the model. Biases are (n,)."""
+        return {
+            "user_factors": self.user_factors.weight.detach(),
+            "item_factors": self.item_factors.weight.detach(),
+            "user_bias": self.user_bias.weight.detach().squeeze(-1),
+            "item_bias": self.item_bias.weight.detach().squeeze(-1),
+        }
+
+
+@register("mf", MFConfig)
+class MF(MFBase):
+    """Plain matrix factorisation: r = mu + p_u . q_i (global-mean offset, no biases)."""
+
+    use_bias = False
+
+
+@register("biased_mf", BiasedMFConfig)
+class BiasedMF(MFBase):
+    """Biased matrix factorisation: r = mu + b_u + b_i + p_u . q_i (RNCF stage 1)."""
+
+
+@register("sigmoid_mf", SigmoidMFConfig)
+class SigmoidMF(MFBase):
+    """Biased MF through a sigmoid scaled onto the rating range: predictions never leave it."""
+
+    pure_mf = False
+    link = "sigmoid"

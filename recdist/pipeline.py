@@ -1,0 +1,448 @@
+"""The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> analyst outputs and report.
+
+Each stage writes into RUN/<stage>/ and commits by writing RUN/<stage>/manifest.json last, with its config
+hash; hashes chain (a stage's hash includes its upstream's), so a changed upstream config invalidates every
+stage after it. Re-running the same command skips committed stages whose hash matches and resumes an
+incomplete one (its committed parts, e.g. a trained model, are kept when RUN/<stage>/intent.json shows the
+same hash; an uncommitted Ray Train run resumes from its checkpoints). A committed stage of another config
+is never replaced without `overwrite=True` or `from_stage` at or before it. `kind: single` runs one model
+(stages.single) with the same outputs.
+
+RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, data/ (when
+prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/ with mf_pred and error),
+reliability/ (model/, scored/ + pred_error), rating/ (model/, scored/ + pred_rating), outputs/ (analyst
+tables, metrics.json, report.md and its figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from recdist import storage
+from recdist.config import Config, to_yaml
+from recdist.errors import ConfigError, StorageError
+from recdist.schema import SCHEMA_VERSION
+
+#: Test and chaos hook: the pipeline stops with an error right after committing this stage.
+STOP_AFTER_ENV = "RECDIST_STOP_AFTER_STAGE"
+INTENT = "intent.json"
+RNCF_STAGES = ("mf", "reliability", "rating")
+
+
+def stage_names(config: Config, *, prepared: bool) -> list[str]:
+    """The stages of this config, in order ("prepare" only when the run prepares its own data)."""
+    models = list(RNCF_STAGES) if config.pipeline.kind == "rncf" else ["single"]
+    return (["prepare"] if prepared else []) + models + ["outputs"]
+
+
+def prepare_hash(config: Config) -> str:
+    """The hash recdist.data.prepare writes into the dataset manifest (config_hash) for this config."""
+    synthetic = config.source.dataset == "synthetic"
+    return config.section_hash(*(("source", "synth", "prepare") if synthetic else ("source", "prepare")))
+
+
+def data_identity(manifest: dict[str, Any]) -> str:
+    """What identifies a prepared dataset given with --data: its config hash, source checksum and counts."""
+    keys = ("config_hash", "source_checksum", "n_ratings", "n_users", "n_items", "splits")
+    return _digest({k: manifest.get(k) for k in keys})
+
+
+def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
+    """Each stage's hash: its own config sections plus its upstream stage's hash (a chain).
+
+    Where the job runs (cluster) and how fast inference goes (batch size, actors) are left out: they do not
+    change what a stage computes.
+    """
+    p = config.pipeline
+    stages = config.stages.model_dump(mode="json")
+    hashes: dict[str, str] = {"prepare": data_id}
+    if p.kind == "rncf":
+        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds])
+        hashes["reliability"] = _digest([hashes["mf"], stages["reliability"]])
+        hashes["rating"] = _digest([hashes["reliability"], stages["rating"]])
+        final = hashes["rating"]
+    else:
+        hashes["single"] = _digest([data_id, stages["single"]])
+        final = hashes["single"]
+    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", "crossfit_folds"})
+    hashes["outputs"] = _digest([final, shown])
+    return hashes
+
+
+@dataclass
+class _Run:
+    """One pipeline invocation: where things are and how to run a stage."""
+
+    config: Config
+    out: str
+    data: str
+    hashes: dict[str, str]
+    progress: bool
+    overwrite: bool
+
+    def dir(self, stage: str) -> str:
+        return self.data if stage == "prepare" else storage.join(self.out, stage)
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            print(f"pipeline: {message}", file=sys.stderr, flush=True)
+
+
+def run_pipeline(
+    config: Config,
+    out: str,
+    *,
+    data: str | None = None,
+    from_stage: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the pipeline into the run directory `out`; return the run summary.
+
+    data: an already prepared dataset URI (else config.source is prepared into RUN/data). from_stage: redo
+    from this stage on. overwrite: replace committed stages made by another config.
+    """
+    from recdist.data.dataset import read_manifest
+    from recdist.train.cluster import connect
+
+    storage.check_writable(out)
+    previous = _check_run_dir(out, overwrite)
+    if data is not None:
+        data_id = data_identity(read_manifest(data))
+        data_uri = data
+    else:
+        data_id, data_uri = prepare_hash(config), storage.join(out, "data")
+    names = stage_names(config, prepared=data is None)
+    if from_stage is not None and from_stage not in names:
+        raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
+    _check_single_model(config)
+    run = _Run(config, out, data_uri, stage_hashes(config, data_id), progress, overwrite)
+    states = {name: _state(run, name) for name in names}
+    first = _first_to_run(names, states, run.hashes, from_stage)
+    _refuse_stale(run, names[first:], states, from_stage, names)
+
+    storage.write_bytes(storage.join(out, "config.yaml"), to_yaml(config).encode())
+    summary: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "run",
+        "pipeline": config.pipeline.kind,
+        "config_hash": _digest(config.model_dump(mode="json")),
+        "data": data_uri,
+        "stages": {n: previous.get("stages", {}).get(n) for n in names[:first]},
+        "status": "running",
+        "created_at": previous.get("created_at") or _now(),
+    }
+    for name in names[:first]:
+        run.log(f"{name}: committed with the same config, skipped")
+    storage.write_json(storage.join(out, storage.MANIFEST), summary)
+    if any(name not in ("prepare", "outputs") for name in names[first:]):
+        connect(config.cluster)
+    started = time.perf_counter()
+    for name in names[first:]:
+        t0 = time.perf_counter()
+        run.log(f"{name}: running")
+        _clear_for_rerun(run, name, states[name])
+        result = _STAGES[name](run)
+        seconds = time.perf_counter() - t0
+        summary["stages"][name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
+        storage.write_json(storage.join(out, storage.MANIFEST), summary)
+        run.log(f"{name}: committed in {seconds:.1f} s")
+        if os.environ.get(STOP_AFTER_ENV) == name:
+            raise RuntimeError(f"stopped after stage {name} ({STOP_AFTER_ENV})")
+    summary["status"] = "complete"
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["report"] = storage.join(out, "outputs", "report.md")
+    storage.write_json(storage.join(out, storage.MANIFEST), summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- run directory
+
+
+def _check_run_dir(out: str, overwrite: bool) -> dict[str, Any]:
+    """The previous run manifest of `out` ({} for a new run); refuses a directory that is not a run."""
+    if not storage.exists(out) or not storage.listdir(out):
+        return {}
+    uri = storage.join(out, storage.MANIFEST)
+    previous = storage.read_json(uri) if storage.exists(uri) else None
+    if previous is not None and previous.get("kind") == "run":
+        return previous
+    if overwrite:
+        return {}
+    raise StorageError(
+        f"{out} exists and is not a recdist run directory"
+        + (f" (its manifest is a {previous.get('kind')!r})" if previous else ""),
+        fix="choose another --out, or pass --overwrite to run the pipeline there anyway",
+    )
+
+
+def _state(run: _Run, name: str) -> str | None:
+    """The hash a stage's committed output was made with, or None when it is not committed."""
+    where = run.dir(name)
+    if not storage.is_committed(where):
+        return None
+    manifest = storage.read_json(storage.join(where, storage.MANIFEST))
+    if name == "prepare":
+        return manifest.get("config_hash")
+    return manifest.get("stage_hash")
+
+
+def _first_to_run(names: list[str], states: dict[str, str | None], hashes: dict[str, str], start: str | None) -> int:
+    """The first stage to run: the --from stage, or the first not committed with this config's hash."""
+    for i, name in enumerate(names):
+        if name == start or states[name] != hashes[name]:
+            return i
+    return len(names)
+
+
+def _refuse_stale(
+    run: _Run, to_run: list[str], states: dict[str, str | None], from_stage: str | None, names: list[str]
+) -> None:
+    """A committed stage of another config is replaced only when asked (overwrite, or --from before it)."""
+    if run.overwrite:
+        return
+    forced = set(names[names.index(from_stage) :]) if from_stage else set()
+    stale = [n for n in to_run if states[n] is not None and states[n] != run.hashes[n] and n not in forced]
+    if stale:
+        raise StorageError(
+            f"{run.out} holds stage(s) {', '.join(stale)} made with another config",
+            fix="pass --overwrite to redo them with this config, --from "
+            f"{stale[0]} to restart there, or choose another --out",
+        )
+
+
+def _clear_for_rerun(run: _Run, name: str, state: str | None) -> None:
+    """Remove a committed stage before redoing it, and an incomplete one left by another config."""
+    where = run.dir(name)
+    if name == "prepare":
+        if state is not None:
+            storage.remove(where)
+        return
+    intent_uri = storage.join(where, INTENT)
+    intent = storage.read_json(intent_uri).get("stage_hash") if storage.exists(intent_uri) else None
+    if state is not None or (storage.exists(where) and intent != run.hashes[name]):
+        storage.remove(where)
+    if name != "outputs":
+        storage.write_json(intent_uri, {"stage_hash": run.hashes[name], "started_at": _now()})
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def _prepare(run: _Run) -> dict[str, Any]:
+    from recdist.data.prepare import prepare
+
+    manifest = prepare(run.config, run.data, overwrite=False, progress=run.progress)
+    return {"n_ratings": manifest["n_ratings"], "splits": manifest["splits"]}
+
+
+def _mf(run: _Run) -> dict[str, Any]:
+    """Stage 1: the full MF model, K fold models when cross-fitting, then mf_pred and error for every row."""
+    from recdist.infer.folds import write_fold_dataset
+
+    cfg, where = run.config, run.dir("mf")
+    model = _train(run, "mf", run.data, storage.join(where, "model"))
+    folds = cfg.pipeline.crossfit_folds
+    seed = cfg.stages.mf.train.seed
+    fold_models = []
+    for k in range(folds):
+        fold_data = storage.join(where, "folds", str(k), "data")
+        if not storage.is_committed(fold_data):
+            write_fold_dataset(run.data, fold_data, k, folds, seed)
+        fold_out = storage.join(where, "folds", str(k), "model")
+        fold_models.append(_train(run, "mf", fold_data, fold_out, label=f"fold {k}"))
+    scoring = _score(
+        run, model, run.data, storage.join(where, "scored"), "mf", fold_models=tuple(fold_models), fold_seed=seed
+    )
+    return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
+
+
+def _reliability(run: _Run) -> dict[str, Any]:
+    """Stage 2: learn stage 1's squared error from its frozen factors; pred_error for every row."""
+    mf_model = storage.join(run.dir("mf"), "model")
+    upstream = storage.join(run.dir("mf"), "scored")
+    model = _train(run, "reliability", upstream, storage.join(run.dir("reliability"), "model"), upstream=mf_model)
+    scoring = _score(
+        run, model, upstream, storage.join(run.dir("reliability"), "scored"), "reliability", fallback_model=mf_model
+    )
+    return _commit_stage(run, "reliability", model, scoring)
+
+
+def _rating(run: _Run) -> dict[str, Any]:
+    """Stage 3: the rating from the frozen factors and the predicted error; pred_rating for every row."""
+    mf_model = storage.join(run.dir("mf"), "model")
+    upstream = storage.join(run.dir("reliability"), "scored")
+    model = _train(run, "rating", upstream, storage.join(run.dir("rating"), "model"), upstream=mf_model)
+    scoring = _score(run, model, upstream, storage.join(run.dir("rating"), "scored"), "rating", fallback_model=mf_model)
+    return _commit_stage(run, "rating", model, scoring)
+
+
+def _single(run: _Run) -> dict[str, Any]:
+    """One model on the ratings (kind: single); its predictions are final (pred_rating)."""
+    model = _train(run, "single", run.data, storage.join(run.dir("single"), "model"))
+    scoring = _score(run, model, run.data, storage.join(run.dir("single"), "scored"), "rating")
+    return _commit_stage(run, "single", model, scoring)
+
+
+def _outputs(run: _Run) -> dict[str, Any]:
+    """Analyst tables, metrics.json and the report, committed together."""
+    from recdist.infer.outputs import RunModels, write_outputs
+    from recdist.models.io import load_model
+    from recdist.report import write_report
+
+    cfg = run.config
+    if cfg.pipeline.kind == "rncf":
+        models = RunModels(
+            data=run.data,
+            scored=storage.join(run.dir("rating"), "scored"),
+            final=storage.join(run.dir("rating"), "model"),
+            mf=storage.join(run.dir("mf"), "model"),
+            reliability=storage.join(run.dir("reliability"), "model"),
+            histories={n: storage.join(run.dir(n), "model") for n in RNCF_STAGES},
+        )
+    else:
+        final = storage.join(run.dir("single"), "model")
+        models = RunModels(
+            data=run.data,
+            scored=storage.join(run.dir("single"), "scored"),
+            final=final,
+            mf=final if hasattr(load_model(final), "factors") else None,
+            histories={"single": final},
+        )
+    with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
+        metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed)
+        report = write_report(tmp, metrics, models, cfg)
+        storage.write_json(
+            storage.join(tmp, storage.MANIFEST),
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "stage",
+                "stage": "outputs",
+                "stage_hash": run.hashes["outputs"],
+                "models": _relative_models(models, run.out),
+                "top_n": cfg.pipeline.top_n,
+                "candidates": cfg.pipeline.candidates,
+                "similar_k": cfg.pipeline.similar_k,
+                "similar_min_ratings": cfg.pipeline.similar_min_ratings,
+                "report": report,
+                "created_at": _now(),
+            },
+        )
+    return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
+
+
+_STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {
+    "prepare": _prepare,
+    "mf": _mf,
+    "reliability": _reliability,
+    "rating": _rating,
+    "single": _single,
+    "outputs": _outputs,
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None = None, label: str = "") -> str:
+    """train_stage into `out` unless it is already committed (a resumed stage); returns `out`."""
+    from recdist.train.run import train_stage
+
+    if storage.is_committed(out):
+        run.log(f"{stage}{' ' + label if label else ''}: model already trained, kept")
+        return out
+    run.log(f"{stage}{' ' + label if label else ''}: training {getattr(run.config.stages, stage).model}")
+    train_stage(
+        data, getattr(run.config.stages, stage), run.config.cluster, out, upstream=upstream, progress=run.progress
+    )
+    return out
+
+
+def _score(run: _Run, model: str, data: str, out: str, role: str, **kw: Any) -> dict[str, Any]:
+    """One Ray Data inference pass into `out` unless already committed (a resumed stage)."""
+    from recdist.infer.batch import score
+
+    if storage.is_committed(out):
+        return storage.read_json(storage.join(out, storage.MANIFEST)).get("scoring", {})
+    p = run.config.pipeline
+    return score(
+        model,
+        data,
+        out,
+        batch_size=p.infer_batch_size,
+        role=role,
+        actors=p.infer_actors,
+        gpu=run.config.cluster.gpu,
+        cluster=run.config.cluster,
+        progress=run.progress,
+        **kw,
+    )
+
+
+def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Write RUN/<stage>/manifest.json last: the stage now counts as done."""
+    train_metrics = storage.read_json(storage.join(model, "metrics.json"))
+    figures = {k: train_metrics.get(k) for k in ("train", "val", "test", "epochs", "best_epoch", "seconds")}
+    result = {"train": figures, "scoring": scoring, **extra}
+    storage.write_json(
+        storage.join(run.dir(name), storage.MANIFEST),
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "stage",
+            "stage": name,
+            "stage_hash": run.hashes[name],
+            "config": getattr(run.config.stages, name).model_dump(mode="json"),
+            "model": "model",
+            "scored": "scored",
+            **result,
+            "created_at": _now(),
+        },
+    )
+    return result
+
+
+def _relative_models(models: Any, out: str) -> dict[str, Any]:
+    """RunModels as JSON, paths inside the run directory relative to it (the run can be moved or copied)."""
+    root = str(out).rstrip("/") + ("/" if "://" in str(out) else os.sep)
+    root = root if "://" in root else os.path.abspath(root) + os.sep
+
+    def rel(uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        full = uri if "://" in uri else os.path.abspath(uri)
+        return full[len(root) :] if full.startswith(root) else uri
+
+    fields = dataclasses.asdict(models)
+    fields["histories"] = {k: rel(v) for k, v in fields["histories"].items()}
+    return {k: (rel(v) if isinstance(v, str) or v is None else v) for k, v in fields.items()}
+
+
+def _check_single_model(config: Config) -> None:
+    if config.pipeline.kind != "single":
+        return
+    from recdist.models import registry
+
+    cls = registry.get(config.stages.single.model).module
+    if getattr(cls, "upstream", False) or getattr(cls, "target", "rating") != "rating":
+        raise ConfigError(
+            f"model {config.stages.single.model!r} cannot run alone: it needs a stage-1 model or fits errors",
+            fix="use pipeline.kind: rncf for reliability_mlp / rating_mlp, or choose a rating model for "
+            "stages.single (e.g. mf_residual_mlp, biased_mf, ncf_mlp)",
+        )
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

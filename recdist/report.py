@@ -1,0 +1,276 @@
+"""The run report (outputs/report.md) a person reads first: accuracy per stage, reliability by decile, ranking
+metrics, the movie map, learning curves, and where the tables are.
+
+Built from metrics.json and the analyst tables already written in the outputs directory; figures are PNGs
+next to it (matplotlib's object API with the Agg canvas: no global pyplot state).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import polars as pl
+
+from recdist import storage
+from recdist.config import Config
+
+REPORT = "report.md"
+FIGURES = {
+    "reliability": "reliability_deciles.png",
+    "map": "movie_map.png",
+    "curves": "learning_curves.png",
+}
+
+
+def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config) -> str:
+    """Write the figures and report.md into `out`; return the report's file name."""
+    figures = {}
+    if metrics.get("reliability_deciles"):
+        storage.write_bytes(storage.join(out, FIGURES["reliability"]), reliability_png(metrics["reliability_deciles"]))
+        figures["reliability"] = FIGURES["reliability"]
+    factors_uri = storage.join(out, "item_factors.parquet")
+    factors = pl.from_arrow(storage.read_parquet(factors_uri)) if storage.exists(factors_uri) else None
+    if factors is not None and factors.height >= 2:
+        storage.write_bytes(storage.join(out, FIGURES["map"]), movie_map_png(factors, config.pipeline.map_items))
+        figures["map"] = FIGURES["map"]
+    histories = _histories(models.histories)
+    if histories:
+        storage.write_bytes(storage.join(out, FIGURES["curves"]), learning_curves_png(histories))
+        figures["curves"] = FIGURES["curves"]
+    text = render(metrics, figures, factors, config)
+    storage.write_bytes(storage.join(out, REPORT), text.encode())
+    return REPORT
+
+
+def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFrame | None, config: Config) -> str:
+    """The Markdown text of the report."""
+    p = config.pipeline
+    if p.kind == "rncf":
+        errors = f"{p.crossfit_folds}-fold cross-fitted" if p.crossfit_folds >= 2 else "in-sample (as the paper)"
+        header = f"Pipeline: three-stage RNCF (MF -> reliability -> rating); stage-1 errors of training rows {errors}."
+    else:
+        header = f"Pipeline: the single model `{config.stages.single.model}`."
+    lines = [
+        "# recdist run report",
+        "",
+        header,
+        "",
+        "## Accuracy (RMSE / MAE per split)",
+        "",
+        "| stage | train RMSE | val RMSE | test RMSE | test MAE | test rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in ("mf", "reliability", "rating", "single"):
+        if stage not in metrics:
+            continue
+        row = metrics[stage]
+        unit = " (predicting squared error)" if stage == "reliability" else ""
+        lines.append(
+            f"| {stage}{unit} | {_f(row, 'train', 'rmse')} | {_f(row, 'val', 'rmse')} | {_f(row, 'test', 'rmse')} "
+            f"| {_f(row, 'test', 'mae')} | {row.get('test', {}).get('n', '')} |"
+        )
+    if "mf" in metrics and "rating" in metrics:
+        a, b = metrics["mf"]["test"]["rmse"], metrics["rating"]["test"]["rmse"]
+        lines += ["", f"Stage 3 changes test RMSE from {a:.4f} (stage 1) to {b:.4f} ({(b - a) / a:+.2%})."]
+    lines += _reliability_section(metrics, figures)
+    lines += _ranking_section(metrics.get("ranking", {}))
+    lines += _movies_section(factors, figures, p.similar_min_ratings)
+    if "curves" in figures:
+        lines += [
+            "",
+            "## Learning curves",
+            "",
+            f"![learning curves]({figures['curves']})",
+            "",
+            "Per stage: training loss and validation RMSE by epoch (stage 2 in squared-error units).",
+        ]
+    lines += [
+        "",
+        "## Tables in this directory",
+        "",
+        "| file | one row per |",
+        "|---|---|",
+        "| predictions/part-*.parquet | rating (every split): user_id, movie_id, title, split, rating, "
+        "pred_rating, pred_error, mf_pred, cold |",
+        f"| recommendations.parquet | user x rank (top {p.top_n} unseen movies): score, reliability |",
+        "| item_factors.parquet | movie: bias, pc1, pc2, factors |",
+        f"| similar_items.parquet | movie x rank ({p.similar_k} nearest by cosine of factors) |",
+        "| reliability_deciles.parquet | decile of predicted error on test |",
+        "| metrics.json | everything above in numbers |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _reliability_section(metrics: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    deciles = metrics.get("reliability_deciles")
+    if not deciles:
+        return []
+    s = metrics.get("reliability_summary", {})
+    lines = [
+        "",
+        "## Reliability: test error by decile of predicted error",
+        "",
+        "Stage 2 predicts, for every (user, movie), the squared error stage 1 will make. Sorting the test "
+        "ratings by that prediction (decile 1 = lowest predicted error = most reliable) and measuring the "
+        "real error in each decile shows whether the reliability means something: the first deciles should "
+        "have clearly lower error than the last. The test ratings were never used to train any stage.",
+        "",
+    ]
+    if "reliability" in figures:
+        lines += [f"![test RMSE by reliability decile]({figures['reliability']})", ""]
+    lines += [
+        "| decile | rows | mean predicted error | observed MSE | RMSE | MAE | stage-1 RMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in deciles:
+        mf = d.get("mf_rmse")
+        lines.append(
+            f"| {d['decile']} | {d['n']} | {d['mean_pred_error']:.3f} | {d['mse']:.3f} | {d['rmse']:.3f} "
+            f"| {d['mae']:.3f} | {'' if mf is None else f'{mf:.3f}'} |"
+        )
+    if s:
+        lines += [
+            "",
+            f"Most reliable decile RMSE {s['most_reliable_rmse']:.3f} vs least reliable {s['least_reliable_rmse']:.3f} "
+            f"({s['ratio']:.2f}x); Spearman correlation of predicted and observed squared error "
+            f"{s['spearman_pred_vs_observed_sq_error']:.3f}.",
+        ]
+    return lines
+
+
+def _ranking_section(ranking: dict[str, Any]) -> list[str]:
+    rows = {k: v for k, v in ranking.items() if isinstance(v, dict) and "users" in v}
+    if not rows:
+        return []
+    k = ranking.get("k", 10)
+    lines = [
+        "",
+        f"## Ranking on test (top {k})",
+        "",
+        f"Relevant: test ratings >= {ranking.get('relevance_threshold')}; candidates: movies without a train or "
+        f"validation rating by the user. The final stage re-ranks stage 1's top {ranking.get('candidates')}.",
+        "",
+        f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | users |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r[f'precision@{k}']:.4f} | {r[f'recall@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} |"
+        )
+    return lines
+
+
+def _movies_section(factors: pl.DataFrame | None, figures: dict[str, str], min_ratings: int) -> list[str]:
+    if factors is None or factors.height == 0:
+        return []
+    rated = factors.filter(pl.col("n_train") >= min_ratings)
+    if rated.height == 0:
+        rated = factors
+    lines = ["", "## Movies", ""]
+    if "map" in figures:
+        lines += [
+            f"![movie map]({figures['map']})",
+            "",
+            "The most-rated movies on the first two principal components of the stage-1 item factors: movies "
+            "close together are liked by the same users. Colour: the movie's bias.",
+            "",
+        ]
+    for title, frame in (
+        ("Highest bias (rated above what users and the mean predict)", rated.sort("bias", descending=True)),
+        ("Lowest bias", rated.sort("bias")),
+    ):
+        lines += [
+            f"{title}, movies with >= {min_ratings} training ratings:",
+            "",
+            "| movie | bias | ratings |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {r['title']} | {r['bias']:+.3f} | {r['n_train']} |" for r in frame.head(10).iter_rows(named=True)]
+        lines.append("")
+    return lines
+
+
+def _f(row: dict[str, Any], split: str, key: str) -> str:
+    value = row.get(split, {}).get(key)
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _histories(paths: dict[str, str]) -> dict[str, pl.DataFrame]:
+    out = {}
+    for stage, model_dir in paths.items():
+        uri = storage.join(model_dir, "history.parquet")
+        if storage.exists(uri):
+            out[stage] = pl.from_arrow(storage.read_parquet(uri))
+    return out
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def reliability_png(deciles: list[dict[str, Any]]) -> bytes:
+    """Bars: observed test RMSE per decile of predicted error; line: the RMSE stage 2 predicted."""
+    from matplotlib.figure import Figure
+
+    x = [d["decile"] for d in deciles]
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    ax.bar(x, [d["rmse"] for d in deciles], color="tab:blue", label="observed test RMSE (final prediction)")
+    if all(d.get("mf_rmse") is not None for d in deciles):
+        ax.plot(x, [d["mf_rmse"] for d in deciles], "s--", color="tab:gray", label="stage-1 RMSE")
+    ax.plot(
+        x,
+        [math.sqrt(max(d["mean_pred_error"], 0)) for d in deciles],
+        "o-",
+        color="tab:orange",
+        label="sqrt(mean predicted error)",
+    )
+    ax.set_xticks(x)
+    ax.set_xlabel("decile of predicted error (1 = most reliable)")
+    ax.set_ylabel("RMSE")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Test error by reliability decile")
+    return _png(fig)
+
+
+def movie_map_png(factors: pl.DataFrame, n: int, labels: int = 25) -> bytes:
+    """The n most-rated movies on (pc1, pc2), coloured by bias; the `labels` most-rated are named."""
+    from matplotlib.figure import Figure
+
+    top = factors.sort("n_train", descending=True).head(n)
+    fig = Figure(figsize=(9, 7), dpi=100)
+    ax = fig.add_subplot()
+    points = ax.scatter(top["pc1"], top["pc2"], c=top["bias"], cmap="coolwarm", s=14, alpha=0.8)
+    fig.colorbar(points, ax=ax, label="movie bias")
+    for row in top.head(labels).iter_rows(named=True):
+        name = (row["title"] or str(row["movie_id"]))[:28]
+        ax.annotate(name, (row["pc1"], row["pc2"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("principal component 1 of item factors")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(f"The {top.height} most-rated movies by their learned factors")
+    return _png(fig)
+
+
+def learning_curves_png(histories: dict[str, pl.DataFrame]) -> bytes:
+    """One panel per stage: training loss and validation RMSE by epoch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(histories), 3.6), dpi=100)
+    for i, (stage, h) in enumerate(histories.items()):
+        ax = fig.add_subplot(1, len(histories), i + 1)
+        epochs = (h["epoch"] + 1).to_list()
+        ax.plot(epochs, h["train_loss"].to_list(), "o-", label="train loss")
+        if "val_rmse" in h.columns and h["val_rmse"].null_count() < h.height:
+            ax.plot(epochs, h["val_rmse"].to_list(), "s-", label="validation RMSE")
+        ax.set_title(stage)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    return _png(fig)

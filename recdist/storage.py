@@ -1,0 +1,247 @@
+"""Every path is a URI (local path, file://, s3://): one place resolves filesystems and commits outputs.
+
+S3 endpoint and credentials come from the standard AWS environment variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), the same way for AWS, MinIO or a test server.
+Outputs are committed by a marker file written last: a directory without it does not exist for readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from recdist.errors import StorageError
+
+MANIFEST = "manifest.json"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def _s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    return {
+        "client_kwargs": client_kwargs,
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path inside it."""
+    uri = str(uri)
+    if is_s3(uri):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**_s3_options())
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(
+            f"unsupported URI scheme in {uri!r}",
+            fix="use a local path, file:///abs/path or s3://bucket/prefix",
+        )
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for a URI (what Ray Data and Ray Train's storage_filesystem take)."""
+    fs, path = filesystem(uri)
+    if is_s3(str(uri)):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if "://" in uri:
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def is_committed(uri: str, marker: str = MANIFEST) -> bool:
+    """True when the output directory at `uri` was committed (its marker file is present)."""
+    return exists(join(uri, marker))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never half of one."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        fs.pipe_file(path, data)  # one PUT: atomic on S3
+        return
+    with _local_replacement(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def _local_replacement(path: str) -> Iterator[str]:
+    """A temporary sibling of `path` to write; it replaces `path` on success and is removed on failure."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise StorageError(f"file not found: {uri}", fix="check the path") from e
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
+    """Write one Parquet file (zstd) atomically."""
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        with _local_replacement(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd", **kwargs)
+        return
+    # Whole file in memory, then one PUT: a streamed upload would commit a truncated object on a crash.
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", **kwargs)
+    fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+    afs, path = arrow_filesystem(uri)
+    try:
+        return pq.read_table(path, columns=columns, filters=filters, filesystem=afs)
+    except FileNotFoundError as e:
+        raise StorageError(f"Parquet file not found: {uri}", fix="check the path") from e
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the entries directly under `uri`, sorted."""
+    fs, path = filesystem(uri)
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, before any work, when an s3:// output cannot be written (bucket, credentials, endpoint)."""
+    if not is_s3(uri):
+        return
+    from botocore.exceptions import BotoCoreError  # connection failures are BotoCoreErrors, not OSErrors
+
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    probe = f"{path}/.recdist-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except FileNotFoundError as e:
+        raise StorageError(
+            f"S3 bucket {bucket!r} does not exist",
+            where=uri,
+            fix="create the bucket or point the output at an existing one",
+        ) from e
+    except PermissionError as e:
+        raise StorageError(
+            f"S3 refused access to bucket {bucket!r} (wrong or missing credentials?)",
+            where=uri,
+            fix="set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the pod's Secret) to keys that may write there",
+        ) from e
+    except (OSError, BotoCoreError) as e:
+        raise StorageError(
+            f"S3 endpoint unreachable or failing for bucket {bucket!r}: {type(e).__name__}",
+            where=os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint"),
+            fix="check AWS_ENDPOINT_URL and the network path to it",
+        ) from e
+
+
+@contextmanager
+def staged_output(uri: str, *, overwrite: bool = False, marker: str = MANIFEST) -> Iterator[str]:
+    """Build an output directory under a staging name and move it into place only when it is whole.
+
+    Yields the staging URI to write into; the block must write `marker` last. On any error the staging
+    directory is removed and an existing output is untouched. An existing complete output is replaced only
+    with `overwrite=True`; an incomplete leftover (no marker) is replaced silently.
+    """
+    fs, path = filesystem(uri)
+    if fs.exists(path) and listdir(uri):
+        if fs.exists(posixpath.join(path, marker)) and not overwrite:
+            raise StorageError(
+                f"output already exists: {uri}",
+                fix="pass --overwrite to replace it, or choose another output path",
+            )
+    check_writable(uri)
+    staging_path = f"{path}.staging-{uuid.uuid4().hex[:8]}"
+    staging = f"s3://{staging_path}" if is_s3(uri) else staging_path
+    try:
+        yield staging
+        if not fs.exists(posixpath.join(staging_path, marker)):
+            raise RuntimeError(f"staged output {staging} has no {marker}; refusing to commit it")
+        _commit(fs, staging_path, path, marker, remote=is_s3(uri))
+    except BaseException:
+        if fs.exists(staging_path):
+            fs.rm(staging_path, recursive=True)
+        raise
+
+
+def _commit(fs: fsspec.AbstractFileSystem, staging: str, dest: str, marker: str, *, remote: bool) -> None:
+    if not remote:
+        old = None
+        if os.path.exists(dest):
+            old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+        os.rename(staging, dest)  # atomic on one filesystem
+        if old:
+            fs.rm(old, recursive=True)
+        return
+    # S3 has no rename: drop the old marker first, copy everything but the marker, then the marker last.
+    if fs.exists(posixpath.join(dest, marker)):
+        fs.rm_file(posixpath.join(dest, marker))
+    if fs.exists(dest):
+        fs.rm(dest, recursive=True)
+    files = [f for f in fs.find(staging) if posixpath.basename(f) != marker]
+    for src in files:
+        fs.copy(src, dest + src[len(staging) :])
+    fs.copy(posixpath.join(staging, marker), posixpath.join(dest, marker))
+    fs.rm(staging, recursive=True)

@@ -1,0 +1,1 @@
+"""Training: per-worker loop, solvers, Ray Train builder, checkpoints and history."""

@@ -1,0 +1,71 @@
+"""Connect to (or start) the Ray cluster a stage trains on, and check it can host the workers asked for.
+
+Checks run before any work, so a run asking for GPUs on a CPU-only cluster fails in seconds with the fix,
+not after data loading.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from recdist.config import ClusterConfig
+from recdist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What each Ray Train worker gets: the resolved cluster section."""
+
+    workers: int
+    cpus_per_worker: int
+    gpu: bool
+
+    def resources_per_worker(self) -> dict[str, float]:
+        resources = {"CPU": float(self.cpus_per_worker)}
+        if self.gpu:
+            resources["GPU"] = 1.0
+        return resources
+
+
+def connect(cluster: ClusterConfig) -> WorkerPlan:
+    """Join the configured cluster ($RAY_ADDRESS or cluster.address), else start a local one; check the fit.
+
+    An already initialised Ray (a test session, a `ray job` driver) is used as it is.
+    """
+    if cluster.workers < 1:
+        raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
+    import ray
+
+    if not ray.is_initialized():
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    return plan(cluster, ray.cluster_resources())
+
+
+def plan(cluster: ClusterConfig, resources: dict[str, float]) -> WorkerPlan:
+    """The workers' resources on a cluster with these totals, or a ConfigError saying how to fix the request."""
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if cluster.workers < 1:
+        raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
+    if cluster.gpu and gpus == 0:
+        raise ConfigError(
+            "cluster.gpu is set but the Ray cluster has no GPUs",
+            fix="set cluster.gpu: false to train on CPUs, or point cluster.address at a cluster with GPU nodes",
+        )
+    if cluster.gpu and cluster.workers > gpus:
+        raise ConfigError(
+            f"{cluster.workers} GPU workers asked for but the Ray cluster has {gpus} GPU(s)",
+            fix=f"set cluster.workers to {gpus} or fewer",
+        )
+    per_worker = cluster.cpus_per_worker or max(1, cpus // cluster.workers)
+    if cluster.workers * per_worker > cpus:
+        raise ConfigError(
+            f"{cluster.workers} workers x {per_worker} CPUs asked for but the Ray cluster has {cpus} CPUs",
+            fix="lower cluster.workers or cluster.cpus_per_worker (or leave cpus_per_worker empty to share "
+            "the CPUs out)",
+        )
+    return WorkerPlan(workers=cluster.workers, cpus_per_worker=per_worker, gpu=cluster.gpu)

@@ -1,0 +1,169 @@
+"""The per-worker training loop: epochs of a solver, global evaluation, early stopping, resumable state.
+
+Knows nothing of Ray or files: run.py feeds it a model and a rank's RankData and saves its state_dict() into
+Ray Train checkpoints. Every figure it reports is global (all-reduced over ranks), so every rank takes the
+same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from recdist.config import TrainConfig
+from recdist.models.batch import Batch
+from recdist.train import dist
+from recdist.train.data import RankData
+from recdist.train.solvers import Solver, make_solver, take
+
+#: Rows per forward pass when evaluating (predictions only, no graph).
+EVAL_CHUNK = 1 << 18
+#: Smallest validation RMSE drop that counts as an improvement for early stopping.
+MIN_DELTA = 1e-4
+
+
+def prepare_model(model: nn.Module, data: RankData) -> None:
+    """What a model needs from the data before its first step: the autoencoder's ratings, a starting bias."""
+    set_context = getattr(model, "set_context", None)
+    if set_context is not None:
+        set_context(data.context if data.context is not None else data.train)
+    init_bias = getattr(model, "init_output_bias", None)
+    if init_bias is not None:
+        init_bias(global_mean(data.train))
+
+
+def global_mean(batch: Batch) -> float:
+    """The target's mean over every rank's rows."""
+    target = batch.target.double()
+    sums = dist.all_reduce_sum_(torch.stack([target.sum(), target.new_tensor(float(len(batch)))]))
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+class Trainer:
+    """Trains one model on one rank's data; train_epoch() returns the epoch's global metrics.
+
+    After fit() (or when `done`), finish() puts the best epoch's weights back (early stopping keeps the best
+    validation RMSE, not the last).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        data: RankData,
+        device: torch.device | str = "cpu",
+        solver: Solver | None = None,
+    ):
+        self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
+        prepare_model(model, data)
+        self.solver = solver if solver is not None else make_solver(model, cfg, data, self.device)
+        self.rating_target = getattr(model, "target", "rating") == "rating"
+        self.epoch = 0  # the next epoch to train
+        self.best_rmse = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.stopped = False
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.epoch >= self.cfg.epochs
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of the solver, then validation, early-stopping bookkeeping and the history row."""
+        start = time.perf_counter()
+        stats = self.solver.train_epoch(self.epoch)
+        val = self.evaluate("val")
+        observe = getattr(self.solver, "observe", None)
+        if observe is not None and not math.isnan(val["rmse"]):
+            observe(val["rmse"])
+        self._track(val["rmse"])
+        row = {
+            "epoch": self.epoch,
+            "train_loss": float(stats["train_loss"]),
+            "val_rmse": val["rmse"],
+            "val_mae": val["mae"],
+            "rows_per_s": float(stats["rows"]) / max(float(stats["seconds"]), 1e-9),
+            "lr": float(stats.get("lr", self.cfg.lr)),
+            "seconds": time.perf_counter() - start,
+        }
+        self.history.append(row)
+        self.epoch += 1
+        return row
+
+    def _track(self, val_rmse: float) -> None:
+        if math.isnan(val_rmse):  # no validation split: the last epoch is the best
+            self.best_epoch, self.best_state = self.epoch, None
+            return
+        if val_rmse < self.best_rmse - MIN_DELTA:
+            self.best_rmse, self.best_epoch, self.bad_epochs = val_rmse, self.epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+            self.stopped = bool(self.cfg.patience) and self.bad_epochs >= self.cfg.patience
+
+    def fit(self) -> list[dict[str, float]]:
+        while not self.done:
+            self.train_epoch()
+        self.finish()
+        return self.history
+
+    def finish(self) -> None:
+        """Restore the best epoch's weights (a no-op when the last epoch was the best)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """RMSE and MAE over a split on every rank together; NaN when the split is empty everywhere.
+
+        Rating predictions are clipped to the rating scale, error predictions (a squared error) at zero.
+        """
+        batch = self.data.split(split)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if batch is not None and len(batch):
+            self.model.eval()
+            lo, hi = (self.data.dims.rating_min, self.data.dims.rating_max) if self.rating_target else (0.0, None)
+            for start in range(0, len(batch), EVAL_CHUNK):
+                part = take(batch, torch.arange(start, min(start + EVAL_CHUNK, len(batch)), device=self.device))
+                err = self.model(part).float().clamp(lo, hi) - part.target
+                sums += torch.stack([err.square().sum(), err.abs().sum(), err.new_tensor(float(len(part)))]).to(sums)
+        dist.all_reduce_sum_(sums)
+        n = float(sums[2])
+        if n == 0:
+            return {"rmse": math.nan, "mae": math.nan}
+        return {"rmse": math.sqrt(float(sums[0]) / n), "mae": float(sums[1]) / n}
+
+    def final_metrics(self) -> dict[str, dict[str, float]]:
+        """train/val/test RMSE and MAE of the current weights; the test split is only ever read here."""
+        return {split: self.evaluate(split) for split in ("train", "val", "test")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this trainer is (tensors and plain values)."""
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "best_model": self.best_state,
+            "solver": self.solver.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "best_rmse": self.best_rmse,
+                "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs,
+                "stopped": self.stopped,
+                "history": [dict(row) for row in self.history],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.best_state = state.get("best_model")
+        self.solver.load_state_dict(state["solver"])
+        p = state["progress"]
+        self.epoch, self.best_rmse, self.best_epoch = int(p["epoch"]), float(p["best_rmse"]), int(p["best_epoch"])
+        self.bad_epochs, self.stopped = int(p["bad_epochs"]), bool(p["stopped"])
+        self.history = [dict(row) for row in p["history"]]

@@ -1,0 +1,399 @@
+"""Train one stage on Ray Train: the TorchTrainer builder, the per-worker function, and the committed output.
+
+Driver: validate everything cheap first (model, output, data columns, upstream, cluster fit), run a
+TorchTrainer whose checkpoints live in Ray Train storage (default RUN/_ray next to OUT), then write OUT from
+the final checkpoint in one commit (manifest.json last). A failed worker group restarts from the latest
+checkpoint (FailureConfig.max_failures); re-running train_stage on an uncommitted OUT with the same
+settings resumes the same Ray Train run (same name and storage) instead of starting again.
+
+Worker: seed = train.seed + rank; read this rank's shards onto its device; build the model with a
+generator seeded by train.seed (identical on every rank); one Ray Train report per epoch, rank 0 adding the
+checkpoint; a last report carries the best weights and the final train/val/test metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import random
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from recdist import storage
+from recdist.config import ClusterConfig, StageConfig
+from recdist.errors import ConfigError, DataError, RecdistError, StorageError
+from recdist.models import registry
+from recdist.models.base import Model
+from recdist.models.batch import Dims
+from recdist.schema import SCHEMA_VERSION
+from recdist.train import checkpoint, history
+from recdist.train.cluster import WorkerPlan, connect
+from recdist.train.data import check_columns, load_rank_data, table_columns
+from recdist.train.loop import Trainer
+
+#: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never on resume).
+FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
+#: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
+CHECKPOINTS_KEPT = 2
+
+
+def needs_context(model_cls: type) -> bool:
+    """Models that set themselves up from the training rows see all of them on every rank (identical state)."""
+    return getattr(model_cls, "set_context", None) is not getattr(Model, "set_context", None)
+
+
+def build_model(stage: StageConfig, dims: Dims) -> nn.Module:
+    """The stage's model, its weights drawn from a generator seeded by train.seed (the same on every rank)."""
+    entry = registry.get(stage.model)
+    config = registry.validate(stage.model, stage.params)
+    return entry.module(config, dims, torch.Generator().manual_seed(stage.train.seed))
+
+
+def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a trained model from its state_dict alone (frozen upstream tables and contexts included)."""
+    model = build_model(stage, dims)
+    if hasattr(model, "resize_for"):  # models whose buffers are sized by attach()/set_context()
+        model.resize_for(tensors)
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------- worker
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: one rank's whole training run."""
+    import ray.train
+    import ray.train.torch
+
+    from recdist.models.io import load_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stage = StageConfig.model_validate(config["stage"])
+    seed = stage.train.seed + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(max(1, min(config["cpus_per_worker"], os.cpu_count() or 1)))
+    device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
+
+    model_cls = registry.get(stage.model).module
+    data = load_rank_data(
+        config["data"],
+        target=model_cls.target,
+        inputs=tuple(model_cls.inputs),
+        rank=rank,
+        world=world,
+        device=device,
+        context=needs_context(model_cls),
+    )
+    model = build_model(stage, data.dims).to(device)
+    if model_cls.upstream:
+        model.attach(load_model(config["upstream"], device=device))
+    trainer = Trainer(model, stage.train, data, device)
+
+    attempt = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = checkpoint.load_state(directory, device)
+        trainer.load_state_dict(state)
+        attempt = int(state["progress"].get("attempt", 0)) + 1
+
+    progress = config.get("progress_queue")
+    fail_at = config.get("fail_at_epoch")
+    while not trainer.done:
+        row = trainer.train_epoch()
+        row["attempt"] = attempt
+        if fail_at is not None and row["epoch"] == fail_at and resumed is None:
+            raise RuntimeError(f"injected failure after epoch {fail_at} ({FAIL_AT_EPOCH_ENV})")
+        _report(trainer, rank, row, attempt=attempt)
+        if progress is not None and rank == 0:
+            progress.put(row)
+
+    trainer.finish()
+    final = trainer.final_metrics()
+    flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in figures.items()}
+    _report(trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world)
+
+
+def _report(trainer: Trainer, rank: int, metrics: dict[str, Any], **extra: Any) -> None:
+    """Every rank reports (a barrier); rank 0 alone writes the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="recdist-ckpt-") as directory:
+        checkpoint.save_state(trainer.state_dict(), directory, **extra)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def train_stage(
+    data: str,
+    stage: StageConfig,
+    cluster: ClusterConfig,
+    out: str,
+    *,
+    upstream: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`.
+
+    Returns metrics.json's content. Raises ConfigError/DataError/StorageError before starting any worker for
+    problems it can see from the driver, and the RecdistError a worker raised when one fails that way.
+    """
+    model_cls = registry.get(stage.model).module
+    registry.validate(stage.model, stage.params)
+    committed = storage.is_committed(out)
+    if committed and not overwrite:
+        raise StorageError(
+            f"output already exists: {out}", fix="pass --overwrite to retrain it, or choose another output path"
+        )
+    manifest = check_inputs(data, model_cls, upstream)
+    plan = connect(cluster)
+    storage_uri = cluster.storage_path or storage.join(_parent(out), "_ray")
+    name = run_name(data, stage, out, upstream, plan)
+    run_dir = storage.join(storage_uri, name)
+    if committed:  # retraining a committed output: start afresh, not from its old run's checkpoints
+        storage.remove(run_dir)
+
+    loop_config: dict[str, Any] = {
+        "data": data,
+        "stage": stage.model_dump(mode="json"),
+        "upstream": upstream,
+        "cpus_per_worker": plan.cpus_per_worker,
+        "gpu": plan.gpu,
+        "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
+    }
+    started = time.perf_counter()
+    with EpochProgress(progress, stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
+        loop_config["progress_queue"] = bar.queue
+        result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
+    if result.checkpoint is None:
+        raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
+    with result.checkpoint.as_directory() as directory:
+        state = checkpoint.load_state(directory)
+    metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
+    write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
+    try:
+        storage.remove(run_dir)  # committed: the run's checkpoints are no longer needed
+    except OSError:
+        pass
+    return metrics
+
+
+def check_inputs(data: str, model_cls: type, upstream: str | None) -> dict[str, Any]:
+    """The data's manifest, after checking the columns the model reads and its upstream model exist."""
+    from recdist.data import dataset
+
+    manifest = dataset.read_manifest(data)
+    shards = dataset.shard_files(data)
+    if not shards:
+        raise DataError("the dataset has no ratings shards", where=data, fix="run `recdist prepare` again")
+    columns = ["user_idx", "item_idx", model_cls.target, *model_cls.inputs, "split"]
+    check_columns(data, columns, table_columns(shards[0]))
+    if model_cls.upstream:
+        if not upstream:
+            raise ConfigError(
+                f"model {model_cls.registry_name!r} trains on a stage-1 model's factors but none was given",
+                fix="pass the trained MF stage's output directory as upstream",
+            )
+        if not storage.exists(storage.join(upstream, "model.safetensors")):
+            raise StorageError(
+                "upstream model not found (no model.safetensors)", where=upstream, fix="train stage 1 first"
+            )
+    return manifest
+
+
+def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan: WorkerPlan) -> str:
+    """A Ray Train run name fixed by everything that shapes the run: re-running resumes the same run."""
+    key = json.dumps(
+        [
+            _absolute(data),
+            stage.model_dump(mode="json"),
+            _absolute(out),
+            upstream and _absolute(upstream),
+            plan.workers,
+            plan.gpu,
+        ],
+        sort_keys=True,
+    )
+    base = posixpath.basename(str(out).rstrip("/")) or "stage"
+    return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int):
+    """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.arrow_filesystem(storage_uri)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpu, resources_per_worker=plan.resources_per_worker()
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs if storage.is_s3(storage_uri) else None,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
+    )
+
+
+def _fit(trainer):
+    """trainer.fit(), with a worker's RecdistError raised as itself instead of wrapped in Ray's error."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        for failure in getattr(e, "worker_failures", {}).values():
+            if isinstance(failure, RecdistError):
+                raise failure from None
+        raise
+
+
+def summarise(progress: dict[str, Any], stage: StageConfig, model_cls: type, plan: WorkerPlan, seconds: float):
+    """metrics.json from the final checkpoint's progress (NaN, e.g. no validation split, becomes null)."""
+    rows = progress["history"]
+    speeds = [r["rows_per_s"] for r in rows]
+    metrics = {
+        **{split: progress["final"][split] for split in ("train", "val", "test")},
+        "best_epoch": progress["best_epoch"],
+        "epochs": len(rows),
+        "stopped_early": progress["stopped"],
+        "rows_per_s": float(np.mean(speeds)) if speeds else None,
+        "seconds": seconds,
+        "attempts": max([int(r.get("attempt", 0)) for r in rows] + [int(progress.get("attempt", 0))]) + 1,
+        "workers": plan.workers,
+        "device": progress.get("device", "cuda" if plan.gpu else "cpu"),
+        "model": stage.model,
+        "params": stage.params,
+        "train_config": stage.train.model_dump(mode="json"),
+    }
+    return _finite(metrics)
+
+
+def write_output(
+    out: str,
+    state: dict[str, Any],
+    stage: StageConfig,
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    *,
+    data: str,
+    upstream: str | None,
+    overwrite: bool,
+) -> None:
+    """OUT: model.safetensors + model.json, history.parquet, learning_curve.png, metrics.json, manifest last."""
+    from recdist.data import dataset
+    from recdist.models.io import save_model
+
+    model = model_from_state(stage, dataset.dims(manifest), state["model"])
+    metrics["n_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = state["progress"]["history"]
+    with storage.staged_output(out, overwrite=overwrite) as staging:
+        save_model(model, staging)
+        history.write_history(rows, storage.join(staging, "history.parquet"))
+        history.write_learning_curve(rows, storage.join(staging, "learning_curve.png"), title=stage.model)
+        storage.write_json(storage.join(staging, "metrics.json"), metrics)
+        storage.write_json(
+            storage.join(staging, storage.MANIFEST),
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "model",
+                "model": stage.model,
+                "stage": stage.model_dump(mode="json"),
+                "data": data,
+                "data_config_hash": manifest.get("config_hash"),
+                "upstream": upstream,
+                "metrics": {k: metrics[k] for k in ("train", "val", "test", "best_epoch", "epochs")},
+                "created_at": datetime.now(timezone.utc).isoformat(),
+            },
+        )
+
+
+class EpochProgress:
+    """Per-epoch lines and a bar on the driver (rich), fed by rank 0 through a Ray queue; inert when disabled."""
+
+    def __init__(self, enabled: bool, epochs: int, label: str):
+        self.enabled, self.epochs, self.label = enabled, epochs, label
+        self.queue = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> EpochProgress:
+        if self.enabled:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            self._thread = threading.Thread(target=self._pump, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self.queue.shutdown()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        ) as bar:
+            task = bar.add_task(self.label, total=self.epochs)
+            while True:
+                try:
+                    row = self.queue.get(timeout=0.5)
+                except Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                bar.update(task, completed=int(row["epoch"]) + 1)
+                bar.console.print(
+                    f"{self.label}: epoch {int(row['epoch']) + 1}/{self.epochs}  "
+                    f"train loss {row['train_loss']:.4f}  val RMSE {row['val_rmse']:.4f}  "
+                    f"val MAE {row['val_mae']:.4f}  {row['rows_per_s']:,.0f} rows/s  lr {row['lr']:.2g}"
+                )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _parent(uri: str) -> str:
+    uri = str(uri).rstrip("/")
+    return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
+
+
+def _absolute(uri: str) -> str:
+    return str(uri) if "://" in str(uri) else os.path.abspath(str(uri))

@@ -1,0 +1,189 @@
+"""Solvers: what one epoch of training means for a model. The autograd solver here; fast MF ones in sgd/als.py.
+
+Every solver takes (model, train_cfg, data: RankData, device), updates the model in place, and returns the
+epoch's metrics. With several ranks the autograd solver wraps the model in DistributedDataParallel (gloo on
+CPU, NCCL on CUDA; the same code path), so gradients are averaged across ranks each step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from recdist.config import TrainConfig
+from recdist.errors import ConfigError
+from recdist.models.batch import Batch
+from recdist.models.losses import data_loss
+from recdist.train import dist
+from recdist.train.data import RankData
+
+#: Cosine schedule's final learning rate as a share of the peak.
+COSINE_FLOOR = 0.05
+#: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
+PLATEAU_FACTOR = 0.5
+
+
+class Solver(Protocol):
+    """One epoch at a time; resumable from its state. Optional: observe(val_rmse) after each epoch."""
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one pass over this rank's rows; at least train_loss, rows (all ranks), seconds, lr."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def epoch_generator(seed: int, rank: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The shuffling generator of (seed, rank, epoch): independent streams, no collisions between them."""
+    state = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def rank_counts(n_local: int, device: torch.device) -> list[int]:
+    """Every rank's row count (one all-reduce of a one-hot vector)."""
+    counts = torch.zeros(dist.world_size(), dtype=torch.int64, device=device)
+    counts[dist.rank()] = n_local
+    return [int(c) for c in dist.all_reduce_sum_(counts).tolist()]
+
+
+def take(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The rows `idx` of a batch (one gather per tensor)."""
+    return Batch(
+        user=batch.user[idx],
+        item=batch.item[idx],
+        target=batch.target[idx] if batch.target is not None else None,
+        features=batch.features[idx] if batch.features is not None else None,
+    )
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+class AutogradSolver:
+    """Minibatch autograd on device-resident rows: seeded on-device shuffles, losses.objective (data + penalty).
+
+    Ranks may hold different row counts; every rank takes the same number of steps per epoch (set by the
+    largest rank and `batch_size`) with its rows split evenly over them, so DDP's collectives always pair up.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str):
+        self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
+        self.net: nn.Module = model
+        if dist.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.steps = max(1, math.ceil(max(rank_counts(len(data.train), self.device)) / cfg.batch_size))
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.plateau = {"best": math.inf, "halvings": 0}
+
+    def lr_at(self, epoch: float) -> float:
+        """The learning rate at a (fractional) epoch under the configured schedule."""
+        if self.cfg.lr_schedule == "cosine":
+            t = min(epoch / self.cfg.epochs, 1.0)
+            return self.cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+        if self.cfg.lr_schedule == "plateau":
+            return self.cfg.lr * PLATEAU_FACTOR ** self.plateau["halvings"]
+        return self.cfg.lr
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        start = time.perf_counter()
+        train = self.data.train
+        n = len(train)
+        gen = epoch_generator(self.cfg.seed, dist.rank(), epoch, self.device)
+        order = torch.randperm(n, generator=gen, device=self.device)
+        bounds = [n * s // self.steps for s in range(self.steps + 1)]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        lr = self.cfg.lr
+        for step in range(self.steps):
+            lr = self.lr_at(epoch + step / self.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = take(train, order[bounds[step] : bounds[step + 1]])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                pred = self.net(batch)
+                if len(batch):  # losses.objective() in its two terms: the data term is the reported train_loss
+                    loss = data_loss(self.model, pred.float(), batch)
+                else:  # a rank with fewer rows than steps: still join DDP's all-reduce, with zero gradients
+                    loss = pred.float().sum() * 0.0
+                total = loss + self.model.penalty(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.optimizer.step()
+            loss_sum += loss.detach().double() * len(batch)
+        totals = dist.all_reduce_sum_(torch.stack([loss_sum, torch.tensor(float(n), device=self.device).double()]))
+        rows = float(totals[1])
+        return {
+            "train_loss": float(totals[0]) / max(rows, 1.0),
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+            "lr": lr,
+        }
+
+    def observe(self, val_rmse: float) -> None:
+        """Plateau schedule: halve the learning rate when validation RMSE stops improving."""
+        if val_rmse < self.plateau["best"] - 1e-4:
+            self.plateau["best"] = val_rmse
+        elif self.cfg.lr_schedule == "plateau":
+            self.plateau["halvings"] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "plateau": dict(self.plateau)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.plateau = dict(state["plateau"])
+
+
+def _fast_solvers() -> dict[str, Any]:
+    """The fast MF solvers' modules, by solver name (absent until the fast-MF helper's files exist)."""
+    found = {}
+    for name in ("sgd", "als"):
+        try:
+            found[name] = __import__(f"recdist.train.{name}", fromlist=["SUPPORTED"])
+        except ImportError:
+            continue
+    return found
+
+
+def make_solver(model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
+    """The solver cfg.solver names; `auto`: compiled SGD for MF-family models on CPU, autograd otherwise."""
+    device = torch.device(device)
+    name = getattr(type(model), "registry_name", type(model).__name__)
+    fast = _fast_solvers()
+    choice = cfg.solver
+    if choice == "auto":
+        sgd = fast.get("sgd")
+        choice = "sgd" if sgd and device.type == "cpu" and name in sgd.SUPPORTED else "autograd"
+    if choice == "autograd":
+        return AutogradSolver(model, cfg, data, device)
+    module = fast.get(choice)
+    if module is None or name not in module.SUPPORTED:
+        supported = sorted(module.SUPPORTED) if module else []
+        raise ConfigError(
+            f"solver {choice!r} cannot train model {name!r}",
+            fix=f"use solver autograd or auto; {choice} trains: {', '.join(supported) or 'nothing here'}",
+        )
+    cls = module.SGDSolver if choice == "sgd" else module.ALSSolver
+    return cls(model, cfg, data, device)

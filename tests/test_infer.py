@@ -1,0 +1,231 @@
+"""Batch inference core, ranking, metrics and cross-fitting folds: plain PyTorch/Polars on tiny tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import torch
+
+from recdist.infer import metrics, topn
+from recdist.infer.folds import drop_fold, fold_of, known_mask
+from recdist.infer.scoring import Predictor, ScoringPlan, role_of
+from recdist.models.batch import Batch
+from recdist.schema import SPLIT_TYPE
+
+
+class TinyMF(torch.nn.Module):
+    """A hand-built biased MF satisfying the model contract (target, inputs, upstream, forward, factors)."""
+
+    target = "rating"
+    inputs: tuple[str, ...] = ()
+    upstream = False
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor, mean: float):
+        super().__init__()
+        self.p, self.q, self.bu, self.bi = (torch.nn.Parameter(t.float()) for t in (p, q, bu, bi))
+        self.mean = mean
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        u, i = batch.user, batch.item
+        return self.mean + self.bu[u] + self.bi[i] + (self.p[u] * self.q[i]).sum(1)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {
+            "user_factors": self.p.detach(),
+            "item_factors": self.q.detach(),
+            "user_bias": self.bu.detach(),
+            "item_bias": self.bi.detach(),
+        }
+
+
+class Constant(torch.nn.Module):
+    """Predicts one number for every row: shows which model scored which row."""
+
+    def __init__(self, value: float, target: str = "rating", inputs: tuple[str, ...] = ()):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.value, self.target, self.inputs, self.upstream = value, target, inputs, False
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        base = torch.full((len(batch),), self.value) + self.w
+        return base if batch.features is None else base + batch.features.sum(1)
+
+
+def ratings(users, items, values, splits) -> pa.Table:
+    return pa.table(
+        {
+            "user_idx": pa.array(users, pa.int32()),
+            "item_idx": pa.array(items, pa.int32()),
+            "rating": pa.array(values, pa.float32()),
+            "timestamp": pa.array([0] * len(users), pa.int64()),
+            "split": pa.array(splits, pa.string()).dictionary_encode().cast(SPLIT_TYPE),
+        }
+    )
+
+
+def plan(role: str, known_users, known_items, n_models: int = 1, **kw) -> ScoringPlan:
+    return ScoringPlan(
+        models=tuple(f"m{k}" for k in range(n_models)),
+        role=role,
+        global_mean=3.0,
+        rating_scale=(0.5, 5.0),
+        known_users=tuple(np.array(known_users, bool) for _ in range(n_models)),
+        known_items=tuple(np.array(known_items, bool) for _ in range(n_models)),
+        **kw,
+    )
+
+
+@pytest.fixture
+def mf() -> TinyMF:
+    g = torch.Generator().manual_seed(0)
+    return TinyMF(
+        torch.randn(3, 2, generator=g),
+        torch.randn(4, 2, generator=g),
+        torch.tensor([0.5, -0.5, 0.2]),
+        torch.tensor([0.1, 0.3, -0.4, 1.0]),
+        3.0,
+    )
+
+
+def test_mf_role_adds_prediction_and_squared_error_against_the_uncentred_rating(mf):
+    table = ratings([0, 1, 2, 0], [0, 1, 2, 3], [4.0, 3.0, 1.0, 5.0], ["train", "train", "val", "test"])
+    out = Predictor(plan("mf", [1, 1, 1], [1, 1, 1, 1]), models=[mf])(table)
+    with torch.no_grad():
+        expect = mf(Batch(torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3]))).clamp(0.5, 5.0)
+    assert out.column_names == [*table.column_names, "mf_pred", "error", "cold"]
+    assert np.allclose(out["mf_pred"].to_numpy(), expect.numpy(), atol=1e-6)
+    assert np.allclose(out["error"].to_numpy(), (np.array([4, 3, 1, 5]) - expect.numpy()) ** 2, atol=1e-5)
+    assert out["mf_pred"].type == pa.float32() and out["split"].type == SPLIT_TYPE
+    assert not any(out["cold"].to_pylist())
+
+
+def test_cold_users_and_items_get_mean_plus_known_bias_and_are_flagged(mf):
+    # user 2 and item 3 had no training ratings; user 7 / item 9 lie beyond the model's tables
+    table = ratings([2, 0, 7, 1, 2], [0, 3, 1, 9, 3], [3.0] * 5, ["test"] * 5)
+    out = Predictor(plan("mf", [1, 1, 0], [1, 1, 1, 0]), models=[mf])(table)
+    pred = out["mf_pred"].to_numpy()
+    assert out["cold"].to_pylist() == [True, True, True, True, True]
+    assert pred[0] == pytest.approx(3.0 + 0.1)  # unknown user: mean + b_item
+    assert pred[1] == pytest.approx(3.0 + 0.5)  # unknown item: mean + b_user
+    assert pred[2] == pytest.approx(3.0 + 0.3)  # user beyond the table: mean + b_item, no crash
+    assert pred[3] == pytest.approx(3.0 - 0.5)
+    assert pred[4] == pytest.approx(3.0)
+
+
+def test_reliability_role_clamps_at_zero_and_marks_cold_rows_unreliable():
+    table = ratings([0, 1, 1], [0, 0, 1], [3.0] * 3, ["train", "val", "test"])
+    table = table.append_column("cold", pa.array([False, True, False]))
+    model = Constant(-0.2, target="error")
+    assert role_of(model) == "reliability"
+    out = Predictor(plan("reliability", [1, 1], [1, 0], cold_error=1.7), models=[model])(table)
+    assert out["pred_error"].to_pylist() == pytest.approx([0.0, 0.0, 1.7])
+    assert out["cold"].to_pylist() == [False, True, True]  # upstream flag kept, own cold rows added
+
+
+def test_rating_role_reads_the_models_input_columns_in_order():
+    table = ratings([0, 1], [0, 1], [3.0, 4.0], ["train", "test"]).append_column(
+        "pred_error", pa.array([0.25, 1.0], pa.float32())
+    )
+    model = Constant(3.0, inputs=("pred_error",))
+    out = Predictor(plan("rating", [1, 1], [1, 1]), models=[model])(table)
+    assert out["pred_rating"].to_pylist() == pytest.approx([3.25, 4.0])
+
+
+def test_crossfitting_routes_each_training_row_to_the_fold_model_that_did_not_see_it():
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 50, 400), rng.integers(0, 40, 400)
+    splits = np.where(np.arange(400) % 5 == 0, "test", "train")
+    table = ratings(users, items, [3.0] * 400, splits)
+    models = [Constant(1.0), Constant(2.0), Constant(3.0), Constant(4.0)]  # full + 3 fold models
+    out = Predictor(plan("mf", [1] * 50, [1] * 40, n_models=4, fold_seed=7), models=models)(table)
+    fold = fold_of(users, items, 3, 7)
+    expect = np.where(splits == "train", fold + 2.0, 1.0)
+    assert np.array_equal(out["mf_pred"].to_numpy(), expect.astype(np.float32))
+
+
+def test_folds_are_deterministic_balanced_and_drop_only_training_rows():
+    rng = np.random.default_rng(1)
+    u, i = rng.integers(0, 10_000, 60_000), rng.integers(0, 3_000, 60_000)
+    k = fold_of(u, i, 5, seed=3)
+    assert np.array_equal(k, fold_of(u.copy(), i.copy(), 5, seed=3))
+    assert not np.array_equal(k, fold_of(u, i, 5, seed=4))
+    assert np.all(np.abs(np.bincount(k) / len(k) - 0.2) < 0.01)
+    frame = pl.from_arrow(ratings(u[:1000], i[:1000], [3.0] * 1000, ["train", "val", "test", "train"] * 250))
+    kept = drop_fold(frame, 2, 5, seed=3)
+    dropped = frame.join(kept, on=["user_idx", "item_idx"], how="anti")
+    assert set(dropped["split"].cast(pl.String)) == {"train"}
+    assert set(fold_of(dropped["user_idx"].to_numpy(), dropped["item_idx"].to_numpy(), 5, 3)) == {2}
+    assert known_mask(np.array([0, 2, 2]), 4).tolist() == [True, False, True, False]
+
+
+def test_split_metrics_sum_over_shards():
+    a = pl.DataFrame({"split": ["train", "test"], "rating": [4.0, 2.0], "p": [3.0, 2.5]})
+    b = pl.DataFrame({"split": ["test"], "rating": [5.0], "p": [3.5]})
+    sums = pl.concat([metrics.error_sums(a, "p"), metrics.error_sums(b, "p")])
+    m = metrics.split_metrics(sums)
+    assert m["train"] == {"rmse": 1.0, "mae": 1.0, "n": 1}
+    assert m["test"]["rmse"] == pytest.approx(math.sqrt((0.25 + 2.25) / 2))
+    assert m["test"]["mae"] == pytest.approx(1.0)
+
+
+def test_reliability_deciles_are_equal_sized_and_ordered_on_a_planted_signal():
+    rng = np.random.default_rng(0)
+    noise_sd = rng.uniform(0.1, 2.0, 5_000)
+    frame = pl.DataFrame(
+        {
+            "rating": 3.0 + rng.normal(0, noise_sd),
+            "pred_rating": np.full(5_000, 3.0),
+            "pred_error": noise_sd**2 + rng.normal(0, 0.05, 5_000),
+        }
+    )
+    deciles = metrics.reliability_deciles(frame)
+    assert deciles["decile"].to_list() == list(range(1, 11))
+    assert set(deciles["n"].to_list()) == {500}
+    assert deciles["rmse"][0] < 0.5 * deciles["rmse"][9]
+    assert metrics.spearman(frame["pred_error"], (frame["rating"] - 3.0) ** 2) > 0.3
+
+
+def test_ranking_metrics_on_a_hand_counted_case():
+    top = torch.tensor([[5, 1, 2], [0, 3, 4], [7, 8, 9]])
+    rel_users, rel_items = torch.tensor([0, 0, 1]), torch.tensor([1, 6, 4])  # user 2 has none: not counted
+    m = metrics.ranking_metrics(top, rel_users, rel_items, k=3)
+    assert m["users"] == 2
+    assert m["precision@3"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert m["recall@3"] == pytest.approx((1 / 2 + 1 / 1) / 2)
+    ndcg0 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    ndcg1 = (1 / math.log2(4)) / 1
+    assert m["ndcg@3"] == pytest.approx((ndcg0 + ndcg1) / 2)
+
+
+def test_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
+    f = mf.factors()
+    seen = topn.Csr.build(torch.tensor([0, 0, 2]), torch.tensor([3, 1, 0]), 3)
+    allowed = torch.tensor([True, True, False, True])
+    scores, items = topn.top_n(f, 3.0, torch.arange(3), 2, exclude=seen, allowed=allowed, chunk=2)
+    full = 3.0 + f["user_bias"][:, None] + f["item_bias"][None, :] + f["user_factors"] @ f["item_factors"].T
+    for u, banned in enumerate([{3, 1, 2}, {2}, {0, 2}]):
+        ok = [i for i in range(4) if i not in banned]
+        best = sorted(ok, key=lambda i: -full[u, i])[:2]
+        got = [int(i) for i, s in zip(items[u], scores[u], strict=True) if s > -math.inf]
+        assert got == best[: len(got)] and len(got) == min(2, len(ok))
+
+
+def test_cosine_neighbours_find_the_planted_twin():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.1], [0.1, -3.0]])
+    cos, idx = topn.cosine_neighbours(q, torch.tensor([0, 1]), 1)
+    assert idx[:, 0].tolist() == [2, 0] or idx[:, 0].tolist() == [2, 2]
+    assert cos[0, 0] == pytest.approx(float(torch.nn.functional.cosine_similarity(q[0], q[2], dim=0)))
+
+
+def test_fold_in_recovers_a_users_planted_factors():
+    g = torch.Generator().manual_seed(0)
+    q, bi = torch.randn(200, 4, generator=g), torch.randn(200, generator=g) * 0.3
+    p_true, bu_true = torch.tensor([0.5, -1.0, 0.3, 0.8]), 0.4
+    items = torch.arange(0, 200, 5)
+    r = 3.5 + bu_true + bi[items] + q[items] @ p_true
+    p, bu = topn.fold_in(q, bi, 3.5, items, r, reg=1e-6)
+    assert torch.allclose(p, p_true, atol=1e-3) and bu == pytest.approx(bu_true, abs=1e-3)
