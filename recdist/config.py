@@ -134,7 +134,8 @@ class TrainConfig(Section):
     epochs: int = Field(20, ge=1)
     """Maximum passes over the training ratings."""
     batch_size: int = Field(8192, ge=1)
-    """Ratings per step per worker (autograd solver)."""
+    """Ratings per optimiser step over all workers together (each rank takes its share), so 1 and N workers
+    take the same steps per epoch on the same effective batch (autograd and torch-SGD solvers)."""
     lr: float = Field(0.005, gt=0)
     """Learning rate (peak, before the schedule)."""
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
@@ -173,16 +174,33 @@ class StageConfig(Section):
         return self
 
 
+DEFAULT_MODELS = {"mf": "biased_mf", "reliability": "reliability_mlp", "rating": "rating_mlp", "single": "mf_residual_mlp"}
+"""The model each stage slot trains when its section does not name one."""
+
+
 class StagesConfig(Section):
     """The models of each pipeline stage."""
 
-    mf: StageConfig = Field(default_factory=lambda: StageConfig(model="biased_mf"))
+    @model_validator(mode="before")
+    @classmethod
+    def _default_models(cls, data: Any) -> Any:
+        """A stage section without `model` (e.g. only `train.epochs` overridden) keeps its slot's default model."""
+        if isinstance(data, dict):
+            data = {
+                slot: {"model": DEFAULT_MODELS[slot], **value}
+                if slot in DEFAULT_MODELS and isinstance(value, dict) and "model" not in value
+                else value
+                for slot, value in data.items()
+            }
+        return data
+
+    mf: StageConfig = Field(default_factory=lambda: StageConfig(model=DEFAULT_MODELS["mf"]))
     """Stage 1 of RNCF: matrix factorisation."""
-    reliability: StageConfig = Field(default_factory=lambda: StageConfig(model="reliability_mlp"))
+    reliability: StageConfig = Field(default_factory=lambda: StageConfig(model=DEFAULT_MODELS["reliability"]))
     """Stage 2 of RNCF: predicts stage 1's squared error from its factors."""
-    rating: StageConfig = Field(default_factory=lambda: StageConfig(model="rating_mlp"))
+    rating: StageConfig = Field(default_factory=lambda: StageConfig(model=DEFAULT_MODELS["rating"]))
     """Stage 3 of RNCF: predicts the rating from the factors and the predicted error."""
-    single: StageConfig = Field(default_factory=lambda: StageConfig(model="mf_residual_mlp"))
+    single: StageConfig = Field(default_factory=lambda: StageConfig(model=DEFAULT_MODELS["single"]))
     """The model of a one-stage pipeline (pipeline.kind = single)."""
 
 

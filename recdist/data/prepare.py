@@ -84,8 +84,7 @@ def prepare_frame(
     train = code == 0
     users = _id_table(user_ids, "user", ratings["user_idx"].to_numpy(), train)
     items = _id_table(item_ids, "item", ratings["item_idx"].to_numpy(), train)
-    if raw.items is not None:
-        items = _with_titles(items, raw.items)
+    items = _with_titles(items, raw.items)
     counts = np.bincount(code, minlength=len(SPLITS))
     mean = ratings.filter(pl.lit(pl.Series(train))).select(pl.col("rating").cast(pl.Float64).mean()).item()
     stats = {
@@ -294,7 +293,13 @@ def _id_table(ids: pl.Series, kind: str, idx: np.ndarray, train: np.ndarray) -> 
     )
 
 
-def _with_titles(items: pl.DataFrame, raw_items: pl.LazyFrame) -> pl.DataFrame:
+def _with_titles(items: pl.DataFrame, raw_items: pl.LazyFrame | None) -> pl.DataFrame:
+    """ITEMS' columns: titles and genres from the source's movies file, null where it has none."""
+    if raw_items is None:
+        return items.select(
+            "item_idx", "item_id", pl.lit(None, pl.String).alias("title"), pl.lit(None, pl.String).alias("genres"),
+            "n_train",
+        )
     titles = (
         raw_items.select(
             pl.col("item_id").cast(pl.Int64), pl.col("title").cast(pl.String), pl.col("genres").cast(pl.String)

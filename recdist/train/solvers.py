@@ -76,8 +76,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 class AutogradSolver:
     """Minibatch autograd on device-resident rows: seeded on-device shuffles, losses.objective (data + penalty).
 
-    Ranks may hold different row counts; every rank takes the same number of steps per epoch (set by the
-    largest rank and `batch_size`) with its rows split evenly over them, so DDP's collectives always pair up.
+    `batch_size` is global: an epoch has ceil(all ranks' rows / batch_size) steps on every rank, each rank
+    splitting its own rows evenly over them, so DDP's collectives always pair up and the averaged gradient of a
+    step covers about batch_size rows whatever the number of workers (1 and N workers train alike).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str):
@@ -91,7 +92,7 @@ class AutogradSolver:
             # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         self.optimizer = make_optimizer(self.params, cfg)
-        self.steps = max(1, math.ceil(max(rank_counts(len(data.train), self.device)) / cfg.batch_size))
+        self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
         self.plateau = {"best": math.inf, "halvings": 0}
 
