@@ -1,18 +1,13 @@
-"""The main job: raw ratings -> three RNCF stages (or one model) -> Parquet outputs and report.
+"""The main job for `ray job submit`: raw ratings -> three RNCF stages (or one model) -> Parquet outputs, report.
 
-For `ray job submit`:
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/pipeline.py --config configs/quickstart.yaml --out runs/quickstart
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quickstart.yaml --out runs/quickstart
-
-It takes exactly the flags of `recdist pipeline` (see `recdist pipeline --help`) and the same config files.
+Exactly the flags and config files of `recdist pipeline`; without --out it writes to $RECDIST_OUT, and
+`{date}` in an argument is the run date (see jobs/_entry.py).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
-
-from recdist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    main(["pipeline", *sys.argv[1:]])
+    run("pipeline")

@@ -1,18 +1,12 @@
-"""Prepare raw ratings into a sharded Parquet dataset.
+"""Prepare raw ratings into a sharded Parquet dataset, as a Ray job (the driver does the work, with Polars).
 
-For `ray job submit`:
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/prepare.py --config configs/quickstart.yaml --out data/quickstart
 
-    ray job submit --working-dir . -- python jobs/prepare.py --config configs/quickstart.yaml --out data/quickstart
-
-It takes exactly the flags of `recdist prepare` (see `recdist prepare --help`) and the same config files.
+Exactly the flags and config files of `recdist prepare` (see jobs/_entry.py for $RECDIST_OUT and `{date}`).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
-
-from recdist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    main(["prepare", *sys.argv[1:]])
+    run("prepare")

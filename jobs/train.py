@@ -1,18 +1,12 @@
-"""Train one model data-parallel on Ray Train.
+"""Train one model data-parallel on Ray Train, as a Ray job.
 
-For `ray job submit`:
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/train.py --config configs/quickstart.yaml --data data/quickstart --stage mf --out runs/mf
 
-    ray job submit --working-dir . -- python jobs/train.py --data data/quickstart --model biased_mf --out runs/mf
-
-It takes exactly the flags of `recdist train` (see `recdist train --help`) and the same config files.
+Exactly the flags and config files of `recdist train` (see jobs/_entry.py for $RECDIST_OUT and `{date}`).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
-
-from recdist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    run("train")

@@ -51,25 +51,59 @@ def _print_json(obj: Any) -> None:
     out.print_json(json.dumps(obj, default=str))
 
 
+_SIZE, _MODEL = "Size (defaults: ml-20m's)", "Planted model"
+
+
 @app.command()
 def synth(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
-    users: Annotated[int | None, typer.Option(help="Number of users \\[default: 138,493].")] = None,
-    items: Annotated[int | None, typer.Option(help="Number of movies \\[default: 26,744].")] = None,
-    ratings: Annotated[int | None, typer.Option(help="Number of ratings \\[default: 20,000,263].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed \\[default: 0].")] = None,
+    users: Annotated[
+        int | None, typer.Option(help="Number of users \\[default: 138,493].", rich_help_panel=_SIZE)
+    ] = None,
+    items: Annotated[
+        int | None, typer.Option(help="Number of movies \\[default: 26,744].", rich_help_panel=_SIZE)
+    ] = None,
+    ratings: Annotated[
+        int | None, typer.Option(help="Number of ratings \\[default: 20,000,263].", rich_help_panel=_SIZE)
+    ] = None,
+    min_user_ratings: Annotated[
+        int | None, typer.Option(help="Ratings every user has at least \\[default: 20].", rich_help_panel=_SIZE)
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Rank of the planted user x movie model \\[default: 8].", rich_help_panel=_MODEL)
+    ] = None,
+    noise: Annotated[
+        float | None,
+        typer.Option(help="Std of the noise added before rounding to half stars \\[default: 0.7].", rich_help_panel=_MODEL),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed and sizes, same bytes \\[default: 0].")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write synthetic MovieLens-20M-shaped ratings (ratings.csv, movies.csv) from a planted low-rank model."""
+    """Write synthetic MovieLens-20M-shaped ratings from a planted low-rank model.
+
+    OUT gets ml-20m's own CSV format: ratings.csv (userId,movieId,rating,
+    timestamp; half stars 0.5-5), movies.csv (movieId,title,genres), and
+    synth.json with the figures of what was drawn. Users have heavy-tailed
+    activity (at least 20 ratings each), movies long-tailed popularity, and no
+    (user, movie) pair comes twice.
+
+    Full size takes about 35 s and 2 GiB of memory; for a quick try:
+      recdist synth --out data/synth --users 1000 --items 2000 --ratings 100000
+    Then prepare it like any ratings file:
+      recdist prepare --path data/synth --out data/synth-ds
+    """
     from recdist.data.synth import write_synthetic
 
     cfg = _config(
         config,
         set_,
-        {"synth.n_users": users, "synth.n_items": items, "synth.n_ratings": ratings, "synth.seed": seed},
+        {
+            "synth.n_users": users, "synth.n_items": items, "synth.n_ratings": ratings,
+            "synth.min_user_ratings": min_user_ratings, "synth.rank": rank, "synth.noise": noise, "synth.seed": seed,
+        },
     )
     _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite, progress=not quiet))
 
@@ -104,36 +138,123 @@ def download(
     out.print(str(path))
 
 
+_SOURCE, _COLUMNS, _PREP = "Source (exactly one of)", "Columns of your files", "Preparation"
+
+
 @app.command()
 def prepare(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
     dataset: Annotated[
-        str | None, typer.Option(help="GroupLens release (ml-20m, ...) or `synthetic`.", show_default=False)
+        str | None,
+        typer.Option(help="GroupLens release (see `recdist datasets`) or `synthetic`.", rich_help_panel=_SOURCE),
     ] = None,
     path: Annotated[
-        str | None, typer.Option(help="Your ratings file: CSV/TSV/.dat/Parquet/zip, local or s3://.")
+        str | None,
+        typer.Option(
+            help="Your ratings: a CSV/TSV/.dat/Parquet file, a GroupLens zip or directory; local or s3://.",
+            rich_help_panel=_SOURCE,
+        ),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="random | user | time | user_time | given.")] = None,
-    shards: Annotated[int | None, typer.Option(help="Number of Parquet shards \\[default: 8].")] = None,
-    user_col: Annotated[str | None, typer.Option(help="User id column of --path.")] = None,
-    item_col: Annotated[str | None, typer.Option(help="Item id column of --path.")] = None,
-    rating_col: Annotated[str | None, typer.Option(help="Rating column of --path.")] = None,
-    timestamp_col: Annotated[str | None, typer.Option(help="Timestamp column of --path.")] = None,
+    train_path: Annotated[
+        str | None,
+        typer.Option(help="Your own split: the training file (implies --split given).", rich_help_panel=_SOURCE),
+    ] = None,
+    val_path: Annotated[
+        str | None, typer.Option(help="Your own split: an optional validation file.", rich_help_panel=_SOURCE)
+    ] = None,
+    test_path: Annotated[
+        str | None, typer.Option(help="Your own split: the test file.", rich_help_panel=_SOURCE)
+    ] = None,
+    items_path: Annotated[
+        str | None,
+        typer.Option(help="Movies file (id, title, genres) for --path / --train-path.", rich_help_panel=_SOURCE),
+    ] = None,
+    user_col: Annotated[
+        str | None, typer.Option(help="User id column \\[default: userId].", rich_help_panel=_COLUMNS)
+    ] = None,
+    item_col: Annotated[
+        str | None, typer.Option(help="Item id column \\[default: movieId].", rich_help_panel=_COLUMNS)
+    ] = None,
+    rating_col: Annotated[
+        str | None, typer.Option(help="Rating column \\[default: rating].", rich_help_panel=_COLUMNS)
+    ] = None,
+    timestamp_col: Annotated[
+        str | None,
+        typer.Option(help="Timestamp column, '' for none \\[default: timestamp].", rich_help_panel=_COLUMNS),
+    ] = None,
+    separator: Annotated[
+        str | None, typer.Option(help="Field separator of a text file \\[default: by extension].", rich_help_panel=_COLUMNS)
+    ] = None,
+    header: Annotated[
+        bool | None,
+        typer.Option(
+            "--header/--no-header", help="Whether a text file has a header line \\[default: csv yes, tsv/dat no].",
+            show_default=False, rich_help_panel=_COLUMNS,
+        ),
+    ] = None,
+    duplicates: Annotated[
+        str | None,
+        typer.Option(help="Repeated (user, item) pairs: last | first | mean | error \\[default: last].", rich_help_panel=_PREP),
+    ] = None,
+    min_user_ratings: Annotated[
+        int | None, typer.Option(help="Drop users with fewer ratings \\[default: 0].", rich_help_panel=_PREP)
+    ] = None,
+    min_item_ratings: Annotated[
+        int | None, typer.Option(help="Drop items with fewer ratings \\[default: 0].", rich_help_panel=_PREP)
+    ] = None,
+    top_items: Annotated[
+        int | None, typer.Option(help="Keep only the N most-rated items \\[default: all].", rich_help_panel=_PREP)
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="random | user | time | user_time | given \\[default: random].", rich_help_panel=_PREP),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Validation share \\[default: 0.1].", rich_help_panel=_PREP)
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Test share \\[default: 0.1].", rich_help_panel=_PREP)
+    ] = None,
+    holdout_k: Annotated[
+        int | None,
+        typer.Option(help="user_time: each user's last k to test, k before to val \\[default: 1].", rich_help_panel=_PREP),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits and shards \\[default: 42].", rich_help_panel=_PREP)] = None,
+    shards: Annotated[int | None, typer.Option(help="Number of balanced Parquet shards \\[default: 8].")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Validate, de-duplicate, filter, index, split and shard ratings into a prepared Parquet dataset."""
+    """Validate, de-duplicate, filter, index, split and shard ratings into a prepared dataset.
+
+    OUT gets ratings/part-NNNNN.parquet, users.parquet, items.parquet and
+    manifest.json, written last: a directory without it is not a dataset.
+    Bad input stops with the file, line and value, and leaves nothing behind.
+
+    Examples:
+      recdist prepare --dataset ml-20m --out data/ml-20m
+      recdist prepare --path ml-20m.zip --out data/ml-20m --split user_time
+      recdist prepare --path s3://bucket/ratings.parquet --out data/mine \\
+          --user-col uid --item-col iid --rating-col stars --timestamp-col ''
+      recdist prepare --train-path train.csv --test-path test.csv --out data/given
+    """
     from recdist.data.prepare import prepare as run_prepare
 
+    if (train_path or test_path or val_path) and split is None:
+        split = "given"
     cfg = _config(
         config,
         set_,
         {
-            "source.dataset": dataset, "source.path": path, "prepare.split": split, "prepare.shards": shards,
+            "source.dataset": dataset, "source.path": path, "source.train_path": train_path,
+            "source.val_path": val_path, "source.test_path": test_path, "source.items_path": items_path,
             "source.user_col": user_col, "source.item_col": item_col, "source.rating_col": rating_col,
-            "source.timestamp_col": timestamp_col,
+            "source.timestamp_col": timestamp_col, "source.separator": separator, "source.has_header": header,
+            "prepare.duplicates": duplicates, "prepare.min_user_ratings": min_user_ratings,
+            "prepare.min_item_ratings": min_item_ratings, "prepare.top_items": top_items, "prepare.split": split,
+            "prepare.val_fraction": val_fraction, "prepare.test_fraction": test_fraction,
+            "prepare.holdout_k": holdout_k, "prepare.seed": seed, "prepare.shards": shards,
         },
     )
     _print_json(run_prepare(cfg, out_dir, overwrite=overwrite, progress=not quiet))

@@ -6,7 +6,7 @@ r, r+W, ...; with more ranks than shards, the rows of all shards are cut into W 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 from recdist import storage
 from recdist.data.splits import from_codes
 from recdist.errors import StorageError
-from recdist.models import Dims
 from recdist.schema import SPLITS
+
+if TYPE_CHECKING:
+    from recdist.models import Dims
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
@@ -28,6 +30,8 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def dims(manifest: dict[str, Any]) -> Dims:
     """Table sizes and rating scale a model is built from."""
+    from recdist.models import Dims  # lazy: reading a dataset must not import torch
+
     lo, hi = (float(x) for x in manifest["rating_scale"])
     mean = manifest.get("global_mean")
     return Dims(

@@ -25,7 +25,7 @@ from recdist import storage
 from recdist.config import Config, PrepareConfig
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split
-from recdist.errors import DataError
+from recdist.errors import ConfigError, DataError, StorageError
 from recdist.schema import ITEMS, RATINGS, SCHEMA_VERSION, SPLITS, USERS
 
 _ROW = "_row"  # 0-based position in the raw source (for error messages and file-order tie breaks)
@@ -365,7 +365,11 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
 
     log = _stderr_log if progress else None
     steps = _Steps(log)
+    started = time.perf_counter()
     cfg = config.prepare
+    _check_split_source(config)
+    if not overwrite:
+        _refuse_foreign(out)
     with storage.staged_output(out, overwrite=overwrite) as stage:
         with steps("load source"):
             raw = load_source(config.source, config.synth, progress=progress)
@@ -399,9 +403,42 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
     if log:
         log(
             f"committed {out}: {manifest['n_ratings']:,} ratings, {manifest['n_users']:,} users, "
-            f"{manifest['n_items']:,} items in {steps.total:.1f} s"
+            f"{manifest['n_items']:,} items in {time.perf_counter() - started:.1f} s"
         )
     return manifest
+
+
+DATASET_ENTRIES = frozenset({"ratings", "users.parquet", "items.parquet", storage.MANIFEST})
+"""What a dataset directory holds: a directory with anything else is not ours to replace."""
+
+
+def _refuse_foreign(out: str) -> None:
+    """StorageError when `out` is a non-empty directory that is not a prepared dataset (nor the leftover of an
+    interrupted S3 commit): replacing it would delete the user's files. A committed dataset is left to
+    staged_output, which refuses it without overwrite."""
+    if storage.is_committed(out) or not storage.exists(out):
+        return
+    foreign = [name for name in storage.listdir(out) if name not in DATASET_ENTRIES]
+    if foreign:
+        raise StorageError(
+            f"{out} exists and is not a prepared dataset (it holds {', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''})",
+            fix="choose another --out (a new directory), or pass --overwrite to replace it and everything in it",
+        )
+
+
+def _check_split_source(config: Config) -> None:
+    """Separate train/test files and prepare.split go together: one without the other is a config mistake."""
+    given_files = bool(config.source.train_path)
+    if given_files != (config.prepare.split == "given"):
+        raise ConfigError(
+            "source.train_path/test_path (your own split files) go with prepare.split=given"
+            if given_files
+            else "prepare.split is `given` but no split files are set",
+            where="source / prepare sections",
+            fix="with your own train/test files pass --train-path, --test-path (and --val-path) with --split given; "
+            "otherwise give one ratings source (--path / --dataset) and a split method (random, user, time, user_time)",
+        )
 
 
 def _stderr_log(message: str) -> None:
@@ -412,13 +449,11 @@ class _Steps:
     """Times named steps and reports each to `log` (when given)."""
 
     def __init__(self, log: Callable[[str], None] | None):
-        self.log, self.total = log, 0.0
+        self.log = log
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        dt = time.perf_counter() - t0
-        self.total += dt
         if self.log:
-            self.log(f"{name} {dt:.2f} s")
+            self.log(f"{name} {time.perf_counter() - t0:.2f} s")

@@ -328,10 +328,11 @@ def _raise_first(problems: list[tuple[int, str, str, str]], locate: Callable[[in
         return
     row, what, role, column = min(problems)
     label, flag = _ROLES[role][:2]
+    ids = "; ids must be integers: map text ids to integers first" if role in ("user", "item") else ""
     raise DataError(
         f"bad input: {what} (column {column})",
         where=locate(row),
-        fix=f"fix or delete that line; if {column!r} is not the {label}, map the right column with {flag}",
+        fix=f"fix or delete that line; if {column!r} is not the {label}, map the right column with {flag}{ids}",
     )
 
 

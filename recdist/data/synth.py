@@ -447,7 +447,7 @@ def _summary(cfg: SynthConfig, counts, item, rating, timestamp, rmse: float) -> 
             "median": float(q[0]),
             "mean": round(float(counts.mean()), 2),
             "p90": float(q[1]),
-            "p99": float(q[2]),
+            "p99": round(float(q[2]), 1),
             "max": int(counts.max()),
         },
         "item_ratings": {

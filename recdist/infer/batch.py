@@ -124,6 +124,7 @@ def score(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.print_on_execution_start = progress
+        ctx.execution_options.preserve_order = True  # same rows in the same files: next stage trains reproducibly
         ds = ray.data.read_parquet([storage.arrow_filesystem(f)[1] for f in files], filesystem=afs)
         ds = ds.map_batches(
             Predictor,

@@ -36,21 +36,14 @@ def data_loss(model: nn.Module, pred: torch.Tensor, batch: Batch) -> torch.Tenso
 
 
 def masked_mse(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    hidden: torch.Tensor,
-    known: torch.Tensor | None = None,
-    *,
-    hidden_weight: float = 1.0,
-    visible_weight: float = 1.0,
+    pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, *, hidden_weight: float, visible_weight: float
 ) -> torch.Tensor:
-    """Weighted mean squared error over known entries: hidden ones weigh `hidden_weight`, visible ones
-    `visible_weight`; unknown entries (known == False) are ignored entirely, whatever their value (even NaN)."""
+    """Weighted mean squared error: hidden rows weigh `hidden_weight`, visible ones `visible_weight`.
+
+    A row of weight 0 is ignored entirely, whatever its target (even NaN): its error never enters the sum.
+    """
     weight = torch.where(hidden, hidden_weight, visible_weight).to(pred.dtype)
-    err = (pred - target) ** 2
-    if known is not None:
-        weight = weight * known
-        err = torch.where(known, err, torch.zeros_like(err))
+    err = torch.where(weight > 0, (pred - target) ** 2, torch.zeros_like(pred))
     return (weight * err).sum() / weight.sum().clamp_min(1e-12)
 
 

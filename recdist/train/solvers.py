@@ -40,10 +40,14 @@ class Solver(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of (seed, rank, epoch): independent streams, no collisions between them."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def epoch_generator(seed: int, rank: int, epoch: int, device: torch.device) -> torch.Generator:
-    """The shuffling generator of (seed, rank, epoch): independent streams, no collisions between them."""
-    state = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
+    """The shuffling generator of (seed, rank, epoch)."""
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, rank, epoch))
 
 
 def rank_counts(n_local: int, device: torch.device) -> list[int]:
@@ -111,6 +115,9 @@ class AutogradSolver:
         n = len(train)
         gen = epoch_generator(self.cfg.seed, dist.rank(), epoch, self.device)
         order = torch.randperm(n, generator=gen, device=self.device)
+        # dropout and the autoencoder's hiding draw from the global RNG: seed it per (seed, rank, epoch) too, so
+        # a run is reproducible in one process and a resumed epoch draws what the interrupted one would have
+        torch.manual_seed(epoch_seed(self.cfg.seed + 1, dist.rank(), epoch))
         bounds = [n * s // self.steps for s in range(self.steps + 1)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()

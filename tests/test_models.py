@@ -1,0 +1,363 @@
+"""The model contract (lkpy style): one mixin of tests that every registered model passes on tiny planted data.
+
+Each model is built from table sizes and a seeded generator, trained a few epochs with the real Trainer on a
+dataset written in the real prepared layout (read back through load_rank_data), and must: lower its training
+loss, beat the predictor of the mean target by a margin on validation and test rows, predict finite values
+for new rows, come back from recdist.models.io with identical predictions, and give the same numbers for the
+same seed. The RNCF stages 2 and 3 attach to a biased MF trained here first; stage 2 learns an error level
+planted on the items. The autoencoder's masked loss gets its own checks at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import polars as pl
+import pytest
+import torch
+from test_train import N_ITEMS, N_USERS, planted_frame, write_dataset
+
+from recdist.config import StageConfig, TrainConfig
+from recdist.models import registry
+from recdist.models.batch import Batch
+from recdist.models.io import load_model, save_model
+from recdist.models.losses import data_loss
+from recdist.train.data import RankData, load_rank_data
+from recdist.train.loop import Trainer
+from recdist.train.run import build_model, needs_context
+
+TIMING = ("seconds", "rows_per_s")
+#: Every row's noise is +-sigma (not Gaussian) so a squared error mostly carries sigma^2: a learnable level.
+QUIET, NOISY = 0.15, 0.9
+
+
+def strip(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def mean_rmse(data: RankData, split: str) -> float:
+    """RMSE of predicting every row of `split` by the training mean of the target (the bar to beat)."""
+    target = data.split(split).target
+    return float((target - data.train.target.mean()).square().mean().sqrt())
+
+
+# ------------------------------------------------------------------------------------------- planted data
+
+
+@pytest.fixture(scope="module")
+def rating_data(tmp_path_factory) -> str:
+    """Planted rank-3 ratings with biases, in the prepared-dataset layout (4 shards)."""
+    return write_dataset(tmp_path_factory.mktemp("ratings") / "data", planted_frame(), shards=4)
+
+
+def noisy_items_frame() -> pl.DataFrame:
+    """planted_frame with +-QUIET noise on even items and +-NOISY on odd ones: an error level per item."""
+    frame = planted_frame(noise=0.0)
+    g = torch.Generator().manual_seed(11)
+    sign = torch.randint(0, 2, (frame.height,), generator=g).float() * 2 - 1
+    item = torch.from_numpy(frame["item_idx"].to_numpy()).long()
+    sigma = torch.where(item % 2 == 1, NOISY, QUIET)
+    rating = torch.from_numpy(frame["rating"].to_numpy()) + sign * sigma
+    return frame.with_columns(pl.Series("rating", rating.clamp(0.5, 5.0).numpy()))
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> dict[str, Any]:
+    """A biased MF trained on the noisy-items ratings, and the scored table stages 2 and 3 train on.
+
+    Like the pipeline's stage-1 inference: error = (rating - mf_pred)^2 on every row, and pred_error a noisy
+    stand-in for stage 2's output (the error's item-level truth, which rating_mlp may use).
+    """
+    root = tmp_path_factory.mktemp("stage1")
+    frame = noisy_items_frame()
+    data = load_rank_data(write_dataset(root / "ratings", frame, shards=2), target="rating")
+    stage = StageConfig(model="biased_mf", params={"rank": 3, "reg": 0.02}, train=train_config(epochs=25, lr=0.02))
+    mf = build_model(stage, data.dims)
+    Trainer(mf, stage.train, data).fit()
+    mf.eval()
+    user = torch.from_numpy(frame["user_idx"].to_numpy()).long()
+    item = torch.from_numpy(frame["item_idx"].to_numpy()).long()
+    with torch.no_grad():
+        error = (torch.from_numpy(frame["rating"].to_numpy()) - mf(Batch(user, item))).square()
+    level = torch.where(item % 2 == 1, NOISY**2, QUIET**2)
+    g = torch.Generator().manual_seed(5)
+    pred_error = level * torch.exp(0.2 * torch.randn(len(level), generator=g))
+    extra = {"error": error.tolist(), "pred_error": pred_error.tolist()}
+    return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
+
+
+# ------------------------------------------------------------------------------------------- the contract
+
+
+def train_config(**overrides: Any) -> TrainConfig:
+    """Tiny-data training: small global batches, constant rate, no early stop (the loss must fall anyway)."""
+    settings = {"batch_size": 128, "epochs": 8, "lr": 0.01, "lr_schedule": "constant", "patience": 0}
+    return TrainConfig(**{**settings, **overrides})
+
+
+class ModelContract:
+    """What every registered model must do. Subclasses name the model, its params and training settings."""
+
+    model: ClassVar[str]
+    params: ClassVar[dict[str, Any]] = {}
+    train: ClassVar[dict[str, Any]] = {}
+    margin: ClassVar[float] = 0.85
+    """Validation and test RMSE must be below margin x the mean predictor's."""
+
+    # -- hooks: how this model gets its data and its upstream
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def source(cls, rating_data: str) -> str:
+        return rating_data
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def upstream(cls) -> torch.nn.Module | None:
+        return None
+
+    # -- fixtures shared by the class's tests
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def data(cls, source: str) -> RankData:
+        module = registry.get(cls.model).module
+        return load_rank_data(source, target=module.target, inputs=tuple(module.inputs), context=needs_context(module))
+
+    @classmethod
+    def trained(cls, data: RankData, upstream: torch.nn.Module | None, seed: int = 0, **train: Any) -> Trainer:
+        settings = train_config(seed=seed, **{**cls.train, **train})
+        stage = StageConfig(model=cls.model, params=cls.params, train=settings)
+        model = build_model(stage, data.dims)
+        if upstream is not None:
+            model.attach(upstream)
+        trainer = Trainer(model, stage.train, data)
+        trainer.fit()
+        return trainer
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def fitted(cls, data: RankData, upstream) -> Trainer:
+        return cls.trained(data, upstream)
+
+    # -- the tests
+
+    def test_builds_from_sizes_and_a_seeded_generator(self, data: RankData) -> None:
+        entry = registry.get(self.model)
+        config = registry.validate(self.model, self.params)
+        a, b = (entry.module(config, data.dims, torch.Generator().manual_seed(s)) for s in (1, 1))
+        c = entry.module(config, data.dims, torch.Generator().manual_seed(2))
+        assert entry.module.registry_name == self.model and entry.summary
+        for name, tensor in a.state_dict().items():
+            torch.testing.assert_close(tensor, b.state_dict()[name], rtol=0, atol=0)
+        drawn = [n for n, t in a.state_dict().items() if t.numel() and not torch.equal(t, c.state_dict()[n])]
+        assert drawn or self.model in ("reliability_mlp", "rating_mlp"), "the seed draws no weight"
+
+    def test_loss_falls_and_beats_the_mean(self, fitted: Trainer, data: RankData) -> None:
+        rows = fitted.history
+        assert rows[-1]["train_loss"] < 0.9 * rows[0]["train_loss"]
+        final = fitted.final_metrics()
+        for split in ("val", "test"):
+            assert final[split]["rmse"] < self.margin * mean_rmse(data, split), (split, final[split])
+
+    def test_predicts_finite_values_for_new_rows(self, fitted: Trainer, data: RankData) -> None:
+        model = fitted.model.eval()
+        every = torch.arange(N_USERS * N_ITEMS)
+        features = torch.ones(len(every), len(model.inputs)) if model.inputs else None
+        with torch.no_grad():
+            pred = model(Batch(every // N_ITEMS, every % N_ITEMS, features=features))
+        assert pred.shape == (N_USERS * N_ITEMS,) and torch.isfinite(pred).all()
+        assert pred.std() > 0.05  # not collapsed to a constant (the seed's stage 2 did)
+
+    def test_save_load_round_trip_predicts_identically(self, fitted: Trainer, data: RankData, tmp_path) -> None:
+        save_model(fitted.model, str(tmp_path / "model"))
+        loaded = load_model(str(tmp_path / "model"))
+        assert type(loaded) is type(fitted.model) and loaded.config == fitted.model.config
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(data.test), fitted.model.eval()(data.test), rtol=0, atol=0)
+
+    def test_same_seed_same_numbers(self, data: RankData, upstream) -> None:
+        a, b, c = (self.trained(data, upstream, seed=s, epochs=2) for s in (3, 3, 4))
+        assert strip(a.history) == strip(b.history)
+        assert strip(a.history) != strip(c.history)
+        with torch.no_grad():
+            assert torch.equal(a.model.eval()(data.val), b.model.eval()(data.val))
+
+
+# ------------------------------------------------------------------------------------------- every model
+
+
+class TestMF(ModelContract):
+    model = "mf"
+    params = {"rank": 8}
+    train = {"solver": "autograd", "lr": 0.05}
+
+
+class TestBiasedMF(ModelContract):
+    model = "biased_mf"
+    params = {"rank": 8}
+    train = {"solver": "autograd", "lr": 0.05}
+
+
+class TestBiasedMFCompiledSGD(ModelContract):
+    """The same model through the CPU default solver (the compiled per-rating SGD kernel)."""
+
+    model = "biased_mf"
+    params = {"rank": 8}
+    train = {"solver": "sgd", "lr": 0.02, "epochs": 20}
+
+
+class TestBiasedMFALS(ModelContract):
+    model = "biased_mf"
+    params = {"rank": 8, "reg": 0.05}
+    train = {"solver": "als", "epochs": 4}
+
+
+class TestSigmoidMF(ModelContract):
+    model = "sigmoid_mf"
+    params = {"rank": 8}
+    train = {"lr": 0.05}
+
+
+class TestMFResidualMLP(ModelContract):
+    model = "mf_residual_mlp"
+    params = {"rank": 8}
+    train = {"lr": 0.03}
+
+
+class TestNCF(ModelContract):
+    model = "ncf_mlp"
+    params = {"dim": 8}
+    train = {"lr": 0.02, "epochs": 12}
+
+
+class TestAutoencoder(ModelContract):
+    model = "autoencoder"
+    params = {"hidden": 32}
+    train = {"lr": 0.01, "epochs": 12}
+
+
+class TestReliabilityMLP(ModelContract):
+    """Stage 2 fits the squared error of stage 1: it must find the items' planted error levels."""
+
+    model = "reliability_mlp"
+    train = {"lr": 0.01, "epochs": 15}
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def source(cls, stage1) -> str:
+        return stage1["scored"]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def upstream(cls, stage1) -> torch.nn.Module:
+        return stage1["mf"]
+
+    def test_predicted_error_is_higher_on_noisy_items(self, fitted: Trainer, data: RankData) -> None:
+        with torch.no_grad():
+            pred = fitted.model.eval()(data.test)
+        noisy = data.test.item % 2 == 1
+        assert pred[noisy].mean() > 4 * pred[~noisy].mean()
+        assert (pred >= 0).all()  # a squared error
+
+
+class TestRatingMLP(ModelContract):
+    model = "rating_mlp"
+    train = {"lr": 0.005, "epochs": 6}
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def source(cls, stage1) -> str:
+        return stage1["scored"]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def upstream(cls, stage1) -> torch.nn.Module:
+        return stage1["mf"]
+
+
+CONTRACTS = [c for c in list(globals().values()) if isinstance(c, type) and issubclass(c, ModelContract)]
+
+
+def test_every_registered_model_has_a_contract() -> None:
+    assert set(registry.names()) <= {c.model for c in CONTRACTS if c is not ModelContract}
+
+
+# ------------------------------------------------------------------------------------------- autoencoder mask
+
+
+@pytest.fixture
+def autoencoder(rating_data: str):
+    data = load_rank_data(rating_data, target="rating", context=True)
+    model = build_model(StageConfig(model="autoencoder", params={"hidden": 16, "dropout": 0.0}), data.dims)
+    model.set_context(data.context)
+    return model, data
+
+
+def _with_values(model, value: torch.Tensor):
+    """A copy of the autoencoder's context values (in place on the model), for perturbing known entries."""
+    model.ctx_value = value
+    return model
+
+
+def test_autoencoder_hidden_entries_are_unknown_to_the_input(autoencoder) -> None:
+    """A hidden row's own rating is absent from its item's input: perturbing it changes neither prediction
+    nor loss of those rows; the same perturbation of visible rows does change them (the mask is real)."""
+    model, data = autoencoder
+    batch = Batch(data.train.user[:64], data.train.item[:64], data.train.target[:64])
+    key = batch.item * N_USERS + batch.user
+    own = torch.searchsorted(model.ctx_key, key)
+    assert torch.equal(model.ctx_key[own], key)  # these rows are known entries of the context
+    original = model.ctx_value.clone()
+    perturbed = original.clone()
+    perturbed[own] += 3.0
+
+    model.train()
+    model.config.hide_prob = 1.0
+    model.config.input_dropout = 0.0
+    results = []
+    for value in (original, perturbed):
+        torch.manual_seed(0)
+        pred = _with_values(model, value)(batch)
+        results.append((pred, data_loss(model, pred, batch)))
+    assert model.last_hidden.all()
+    # other rows of the same item may differ only through ratings that are not hidden: none here, all are
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+    model.config.hide_prob = 0.0  # visible: the rows' own ratings are in the input
+    preds = []
+    for value in (original, perturbed):
+        preds.append(_with_values(model, value)(batch))
+    assert not model.last_hidden.any()
+    assert (preds[0] - preds[1]).abs().max() > 1e-3
+
+
+def test_autoencoder_loss_weighs_hidden_and_visible_rows(autoencoder) -> None:
+    """With visible_weight 0 the loss ignores visible rows' targets entirely (even NaN); hidden ones count."""
+    model, data = autoencoder
+    batch = Batch(data.train.user[:256], data.train.item[:256], data.train.target[:256])
+    model.train()
+    model.config.visible_weight = 0.0
+    torch.manual_seed(1)
+    pred = model(batch)
+    hidden = model.last_hidden.clone()
+    assert hidden.any() and not hidden.all()
+    base = data_loss(model, pred, batch)
+    spoilt = Batch(batch.user, batch.item, torch.where(hidden, batch.target, torch.nan))
+    torch.testing.assert_close(data_loss(model, pred, spoilt), base, rtol=0, atol=0)
+    moved = Batch(batch.user, batch.item, torch.where(hidden, batch.target + 1.0, batch.target))
+    assert data_loss(model, pred, moved) > base + 0.5
+
+
+def test_autoencoder_never_reads_rows_outside_its_context(autoencoder) -> None:
+    """Validation rows are unknown to the input: their values cannot change any prediction."""
+    model, data = autoencoder
+    model.eval()
+    with torch.no_grad():
+        before = model(data.val)
+        spoilt = Batch(data.val.user, data.val.item, torch.full_like(data.val.target, 99.0))
+        after = model(spoilt)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    key = data.val.item * N_USERS + data.val.user
+    assert not torch.isin(key, model.ctx_key).any()

@@ -1,0 +1,388 @@
+"""The main job end to end on a local Ray cluster: outputs and their schemas, no test leakage, resume after a
+stop, stale stages, --from, run directories, cold start, the report, recommend/similar, a one-model pipeline.
+
+Planted data (given train/val/test files, ~5k ratings): half the users rate with little noise and half with
+much, so the reliability stage has a known answer; one user and one movie appear only in the test file (cold).
+Ray Train runs cost seconds each on two cores, so the runs are few (two RNCF runs, one single-model run) and
+each test asserts much about them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recdist import storage
+from recdist.config import Config, load_config
+from recdist.errors import ConfigError, StorageError
+from recdist.infer import tables
+from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+N_USERS, N_ITEMS, PER_USER = 150, 90, 32
+COLD_USER, COLD_MOVIE = 777_777, 999_999  # only in the test file
+QUIET_SD, NOISY_SD = 0.15, 1.1  # rating noise of even / odd users: the planted reliability signal
+
+
+def user_id(u: int) -> int:
+    return 10 + 3 * u  # original ids are not the indices
+
+
+def movie_id(i: int) -> int:
+    return 1000 + 7 * i
+
+
+def write_planted(root: Path, *, flip_test: bool = False) -> dict[str, str]:
+    """train/val/test CSVs and movies.csv of a planted rank-3 model; `flip_test` mirrors every test rating."""
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(0, 0.6, (N_USERS, 3)), rng.normal(0, 0.6, (N_ITEMS, 3))
+    bu, bi = rng.normal(0, 0.3, N_USERS), rng.normal(0, 0.4, N_ITEMS)
+    user = np.repeat(np.arange(N_USERS), PER_USER)
+    item = np.concatenate([rng.choice(N_ITEMS, PER_USER, replace=False) for _ in range(N_USERS)])
+    sd = np.where(user % 2 == 0, QUIET_SD, NOISY_SD)
+    rating = 3.5 + bu[user] + bi[item] + (p[user] * q[item]).sum(1) + rng.normal(0, 1, len(user)) * sd
+    frame = pl.DataFrame(
+        {
+            "userId": [user_id(u) for u in user],
+            "movieId": [movie_id(i) for i in item],
+            "rating": np.clip(np.round(rating * 2) / 2, 0.5, 5.0),
+            "timestamp": np.arange(len(user)) + 1_000_000,
+            "split": rng.choice(["train", "val", "test"], len(user), p=[0.8, 0.1, 0.1]),
+        }
+    )
+    cold = pl.DataFrame(
+        {
+            "userId": [COLD_USER] * 4 + [user_id(u) for u in range(0, 10, 2)],
+            "movieId": [movie_id(i) for i in range(4)] + [COLD_MOVIE] * 5,
+            "rating": [4.0, 3.0, 2.5, 5.0, 3.5, 4.0, 3.0, 2.0, 4.5],
+            "timestamp": [2_000_000] * 9,
+            "split": ["test"] * 9,
+        }
+    )
+    frame = pl.concat([frame, cold])
+    if flip_test:
+        frame = frame.with_columns(
+            rating=pl.when(pl.col("split") == "test").then(5.5 - pl.col("rating")).otherwise(pl.col("rating"))
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("train", "val", "test"):
+        paths[split] = str(root / f"{split}.csv")
+        frame.filter(pl.col("split") == split).drop("split").write_csv(paths[split])
+    movies = pl.DataFrame(
+        {
+            "movieId": [movie_id(i) for i in range(N_ITEMS)] + [COLD_MOVIE],
+            "title": [f"Planted {i} (2001)" for i in range(N_ITEMS)] + ["Only In Test (1999)"],
+            "genres": ["Drama"] * (N_ITEMS + 1),
+        }
+    )
+    paths["items"] = str(root / "movies.csv")
+    movies.write_csv(paths["items"])
+    return paths
+
+
+def config(paths: dict[str, str], **overrides) -> Config:
+    base = {
+        "source.train_path": paths["train"],
+        "source.val_path": paths["val"],
+        "source.test_path": paths["test"],
+        "source.items_path": paths["items"],
+        "prepare.split": "given",
+        "prepare.shards": 2,
+        "cluster.workers": 1,
+        "pipeline.top_n": 5,
+        "pipeline.candidates": 30,
+        "pipeline.similar_k": 4,
+        "pipeline.similar_min_ratings": 5,
+        "pipeline.map_items": 40,
+        "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 15, "solver": "sgd"}},
+        "stages.reliability.train": {"epochs": 8, "batch_size": 512, "lr": 0.003, "patience": 0},
+        "stages.rating.train": {"epochs": 6, "batch_size": 512, "lr": 0.003, "patience": 0},
+        "stages.single": {"model": "mf_residual_mlp", "params": {"rank": 8}, "train": {"epochs": 8, "batch_size": 512}},
+    }
+    return load_config(None, {**base, **overrides})
+
+
+def read(path: Path) -> pl.DataFrame:
+    frame = pl.from_arrow(pq.read_table(path))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def tensors(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(run / stage / "model" / "model.safetensors")
+
+
+def manifest(run: Path, stage: str | None = None) -> dict:
+    return json.loads(((run / stage) if stage else run).joinpath("manifest.json").read_text())
+
+
+def recdist(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recdist", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict[str, dict[str, str]]:
+    root = tmp_path_factory.mktemp("planted")
+    return {"same": write_planted(root / "same"), "flipped": write_planted(root / "flipped", flip_test=True)}
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict]:
+    """A whole RNCF pipeline, prepare included."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    summary = run_pipeline(config(planted["same"]), str(out), progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def stopped_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict, dict]:
+    """The same pipeline on data whose test ratings differ, stopped after stage 2, then resumed.
+
+    Returns the run, the file times and manifests seen at the stop, and the resumed run's summary.
+    """
+    out = tmp_path_factory.mktemp("runs") / "stopped"
+    cfg = config(planted["flipped"])
+    os.environ[STOP_AFTER_ENV] = "reliability"
+    try:
+        with pytest.raises(RuntimeError, match="stopped after stage reliability"):
+            run_pipeline(cfg, str(out), progress=False)
+    finally:
+        del os.environ[STOP_AFTER_ENV]
+    at_stop = {
+        "files": {
+            f: (out / f).stat().st_mtime_ns
+            for f in ("data/manifest.json", "mf/manifest.json", "mf/model/model.safetensors",
+                      "reliability/manifest.json", "reliability/model/model.safetensors")
+        },
+        "run": manifest(out),
+        "rating_exists": (out / "rating").exists(),
+        "outputs_exists": (out / "outputs").exists(),
+    }
+    summary = run_pipeline(cfg, str(out), progress=False)
+    return out, at_stop, summary
+
+
+def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run):
+    out, summary = full_run
+    assert summary["status"] == "complete"
+    assert list(summary["stages"]) == ["prepare", "mf", "reliability", "rating", "outputs"]
+    n = manifest(out, "data")["n_ratings"]
+    assert n == N_USERS * PER_USER + 9
+    for stage in ("mf", "reliability", "rating"):
+        assert manifest(out, stage)["stage_hash"] == summary["stages"][stage]["hash"]
+        assert manifest(out, stage)["scoring"]["rows"] == n
+    # the scored tables grow stage by stage, in the documented types
+    scored = pq.read_schema(next((out / "rating" / "scored" / "ratings").glob("*.parquet")))
+    for field in tables.SCORED_EXTRA:
+        assert scored.field(field.name).type == field.type
+
+    o = out / "outputs"
+    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("part-*.parquet"))])
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert predictions.height == n and predictions["pred_error"].null_count() == 0
+    assert predictions.filter(pl.col("user_id") == user_id(0)).height > 0  # original ids, not indices
+    assert predictions["title"].null_count() == 0
+    assert predictions["pred_rating"].min() >= 0.5 and predictions["pred_rating"].max() <= 5.0
+
+    recs = read(o / "recommendations.parquet")
+    assert pq.read_schema(o / "recommendations.parquet") == tables.RECOMMENDATIONS
+    assert recs.group_by("user_id").len()["len"].max() == 5
+    assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
+    seen = predictions.select("user_id", "movie_id")
+    assert recs.join(seen, on=["user_id", "movie_id"], how="semi").height == 0  # unseen movies only
+    assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
+
+    factors = read(o / "item_factors.parquet")
+    assert pq.read_schema(o / "item_factors.parquet") == tables.ITEM_FACTORS
+    assert factors.height == N_ITEMS and COLD_MOVIE not in factors["movie_id"].to_list()
+    assert factors["factors"].list.len().unique().to_list() == [8]
+    similar = read(o / "similar_items.parquet")
+    assert pq.read_schema(o / "similar_items.parquet") == tables.SIMILAR_ITEMS
+    assert similar.group_by("movie_id").len()["len"].unique().to_list() == [4]
+    assert similar.filter(pl.col("movie_id") == pl.col("similar_movie_id")).height == 0
+    deciles = read(o / "reliability_deciles.parquet")
+    assert pq.read_schema(o / "reliability_deciles.parquet") == tables.RELIABILITY_DECILES
+    assert deciles["decile"].to_list() == list(range(1, 11))
+    assert deciles["n"].sum() == predictions.filter(pl.col("split") == "test").height
+
+    metrics = json.loads((o / "metrics.json").read_text())
+    for stage in ("mf", "reliability", "rating"):
+        assert set(metrics[stage]) == {"train", "val", "test"}
+        assert {"rmse", "mae"} <= set(metrics[stage]["test"])
+    assert metrics["rating"]["test"]["rmse"] < 1.0  # learnt: the noise alone is sqrt((0.15^2 + 1.1^2) / 2) ~ 0.79
+    for ranking in ("mf", "rating"):
+        assert {"precision@10", "recall@10", "ndcg@10", "users"} <= set(metrics["ranking"][ranking])
+
+
+def test_reliability_finds_the_planted_noisy_users(full_run):
+    out, _ = full_run
+    predictions = pl.concat([read(f) for f in (out / "outputs" / "predictions").glob("*.parquet")])
+    deciles = read(out / "outputs" / "reliability_deciles.parquet")
+    assert deciles["rmse"][0] < 0.7 * deciles["rmse"][9]  # most reliable decile clearly beats the least
+    known = predictions.filter(~pl.col("cold"))
+    noisy = ((pl.col("user_id") - 10) // 3) % 2 == 1
+    by_group = known.group_by(noisy.alias("noisy")).agg(pl.col("pred_error").mean()).sort("noisy")
+    assert by_group["pred_error"][1] > 2 * by_group["pred_error"][0]
+
+
+def test_cold_rows_get_the_mean_plus_known_bias_and_the_flag(full_run):
+    out, _ = full_run
+    predictions = pl.concat([read(f) for f in (out / "outputs" / "predictions").glob("*.parquet")])
+    cold = predictions.filter(pl.col("cold"))
+    assert set(cold["user_id"].to_list()) >= {COLD_USER} and cold.height == 9
+    assert set(cold.filter(pl.col("user_id") != COLD_USER)["movie_id"].to_list()) == {COLD_MOVIE}
+    assert (cold["split"].cast(pl.String) == "test").all()
+    mf = tensors(out, "mf")
+    mean = float(manifest(out, "data")["global_mean"])
+    users = read(out / "data" / "users.parquet")
+    items = read(out / "data" / "items.parquet")
+    idx_of_item = dict(zip(items["item_id"].to_list(), items["item_idx"].to_list(), strict=True))
+    idx_of_user = dict(zip(users["user_id"].to_list(), users["user_idx"].to_list(), strict=True))
+    for row in cold.iter_rows(named=True):
+        if row["user_id"] == COLD_USER:  # unknown user, known movie: mean + b_i
+            expect = mean + float(mf["item_bias.weight"][idx_of_item[row["movie_id"]], 0])
+        else:  # known user, unknown movie: mean + b_u
+            expect = mean + float(mf["user_bias.weight"][idx_of_user[row["user_id"]], 0])
+        assert row["mf_pred"] == pytest.approx(expect, abs=1e-5)
+        assert row["pred_rating"] == pytest.approx(expect, abs=1e-5)  # stages 2-3 fall back to the same
+    spread = manifest(out, "reliability")  # cold rows are the least reliable of all
+    assert spread["stage"] == "reliability"
+    assert cold["pred_error"].min() >= predictions.filter(~pl.col("cold"))["pred_error"].median()
+
+
+def test_the_test_split_feeds_no_training_and_a_stopped_run_resumes_at_stage_3(full_run, stopped_run):
+    full, _ = full_run
+    out, at_stop, summary = stopped_run
+    # killed after stage 2: stages 1-2 committed, stage 3 not started, the run marked running
+    assert not at_stop["rating_exists"] and not at_stop["outputs_exists"]
+    assert at_stop["run"]["status"] == "running" and "rating" not in at_stop["run"]["stages"]
+    # resumed: 1 and 2 were not redone (same files, same commit times), 3 and the outputs ran
+    for f, mtime in at_stop["files"].items():
+        assert (out / f).stat().st_mtime_ns == mtime, f
+    for stage in ("prepare", "mf", "reliability"):
+        assert summary["stages"][stage] == at_stop["run"]["stages"][stage]
+    assert summary["status"] == "complete" and manifest(out, "rating")["stage"] == "rating"
+    # every test rating was mirrored (r -> 5.5 - r), yet every trained model is bit for bit the same
+    test_full = read(full / "outputs" / "reliability_deciles.parquet")
+    test_flip = read(out / "outputs" / "reliability_deciles.parquet")
+    assert not test_full["rmse"].equals(test_flip["rmse"])  # the test ratings did change
+    for stage in ("mf", "reliability", "rating"):
+        a, b = tensors(full, stage), tensors(out, stage)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{stage}: {name} depends on the test ratings"
+
+
+def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(full_run, planted):
+    out, summary = full_run
+    before = {s: manifest(out, s)["created_at"] for s in ("mf", "reliability", "rating")}
+    outputs_time = (out / "outputs" / "manifest.json").stat().st_mtime_ns
+    # a changed stage-3 model: stage 3 and the outputs are stale; nothing is run or removed
+    changed = config(planted["same"], **{"stages.rating.params": {"hidden": [16]}})
+    with pytest.raises(StorageError, match="rating, outputs made with another config"):
+        run_pipeline(changed, str(out), progress=False)
+    # a changed stage-1 model makes every later stage stale
+    with pytest.raises(StorageError, match="mf, reliability, rating, outputs"):
+        run_pipeline(config(planted["same"], **{"stages.mf.params": {"rank": 4}}), str(out), progress=False)
+    assert (out / "outputs" / "manifest.json").stat().st_mtime_ns == outputs_time
+    # the same config again: everything is skipped
+    again = run_pipeline(config(planted["same"]), str(out), progress=False)
+    assert again["stages"] == summary["stages"]
+    # a changed output setting with --from outputs: only the outputs are redone, with the new setting
+    more = config(planted["same"], **{"pipeline.top_n": 7})
+    redone = run_pipeline(more, str(out), from_stage="outputs", progress=False)
+    assert {s: manifest(out, s)["created_at"] for s in before} == before
+    assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
+    assert read(out / "outputs" / "recommendations.parquet").group_by("user_id").len()["len"].max() == 7
+    with pytest.raises(ConfigError, match="unknown stage"):
+        run_pipeline(more, str(out), from_stage="stage3", progress=False)
+    run_pipeline(config(planted["same"]), str(out), from_stage="outputs", progress=False)  # as it was
+
+
+def test_a_directory_that_is_not_a_run_is_never_overwritten(planted, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(StorageError, match="not a recdist run directory"):
+        run_pipeline(config(planted["same"]), str(out), progress=False)
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_the_report_names_its_figures_and_they_exist(full_run):
+    out, _ = full_run
+    report = (out / "outputs" / "report.md").read_text()
+    for png in ("reliability_deciles.png", "movie_map.png", "learning_curves.png"):
+        assert f"]({png})" in report
+        assert (out / "outputs" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Stage 3 changes test RMSE" in report and "| 10 |" in report  # accuracy and the decile table
+
+
+def test_recommend_and_similar_from_the_command_line(full_run, tmp_path):
+    out, _ = full_run
+    stored = read(out / "outputs" / "recommendations.parquet").filter(pl.col("user_id") == user_id(1))
+    result = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "3")
+    assert result.returncode == 0, result.stderr
+    for movie in stored.sort("rank")["movie_id"].head(3).to_list():
+        assert str(movie) in result.stdout
+
+    liked = [movie_id(i) for i in range(6)]
+    ratings = tmp_path / "me.csv"
+    ratings.write_text("movieId,rating\n" + "".join(f"{m},{5.0 if k < 3 else 1.0}\n" for k, m in enumerate(liked)))
+    result = recdist("recommend", str(out), "--ratings", str(ratings), "-n", "4")
+    assert result.returncode == 0, result.stderr
+    assert "Planted" in result.stdout
+    assert not any(f" {m} " in result.stdout for m in liked)  # rated movies are not recommended back
+
+    similar = read(out / "outputs" / "similar_items.parquet").filter(pl.col("movie_id") == movie_id(5))
+    result = recdist("similar", str(out), "--movie", str(movie_id(5)), "-k", "3")
+    assert result.returncode == 0, result.stderr
+    assert str(similar.sort("rank")["similar_movie_id"][0]) in result.stdout
+
+    bad = recdist("similar", str(out), "--movie", "123456789")
+    assert bad.returncode == 2 and "123456789" in bad.stderr
+
+
+def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
+    full, _ = full_run
+    out = tmp_path / "single"
+    cfg = load_config(  # on the full run's prepared data (--data)
+        None,
+        {
+            "pipeline.kind": "single",
+            "pipeline.top_n": 5,
+            "pipeline.similar_k": 4,
+            "pipeline.similar_min_ratings": 5,
+            "stages.single": {"model": "mf_residual_mlp", "params": {"rank": 8},
+                              "train": {"epochs": 8, "batch_size": 512}},
+        },
+    )
+    summary = run_pipeline(cfg, str(out), data=str(full / "data"), progress=False)
+    assert list(summary["stages"]) == ["single", "outputs"]
+    o = out / "outputs"
+    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert predictions.height == manifest(full, "data")["n_ratings"]
+    assert predictions["pred_error"].null_count() == predictions.height  # no reliability stage
+    for name, schema in (("recommendations", tables.RECOMMENDATIONS), ("item_factors", tables.ITEM_FACTORS),
+                         ("similar_items", tables.SIMILAR_ITEMS)):
+        assert pq.read_schema(o / f"{name}.parquet") == schema
+    metrics = json.loads((o / "metrics.json").read_text())
+    assert metrics["single"]["test"]["rmse"] < 1.0 and "mf" not in metrics
+    assert not (o / "reliability_deciles.parquet").exists()
+    assert "mf_residual_mlp" in (o / "report.md").read_text()
+    assert storage.is_committed(str(o))
+    stage_2_alone = load_config(None, {"pipeline.kind": "single", "stages.single.model": "reliability_mlp"})
+    with pytest.raises(ConfigError, match="cannot run alone"):
+        run_pipeline(stage_2_alone, str(tmp_path / "x"), data=str(full / "data"), progress=False)
