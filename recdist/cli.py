@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from recdist.config import Config, load_config, parse_override, to_yaml
@@ -74,7 +75,7 @@ def synth(
     ] = None,
     noise: Annotated[
         float | None,
-        typer.Option(help="Std of the noise added before rounding to half stars \\[default: 0.7].", rich_help_panel=_MODEL),
+        typer.Option(help="Noise std before rounding to half stars \\[default: 0.7].", rich_help_panel=_MODEL),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed and sizes, same bytes \\[default: 0].")] = None,
     config: ConfigOpt = None,
@@ -110,16 +111,30 @@ def synth(
 
 @app.command()
 def datasets() -> None:
-    """List the GroupLens MovieLens releases recdist knows, with their format and checksum."""
+    """List the GroupLens MovieLens releases recdist knows: files, format, rating scale, size and checksum."""
+    from rich import box
+
+    from recdist.data.download import cache_root, release_url
     from recdist.data.registry import releases
 
-    table = Table("name", "format", "ratings file", "rating scale", "checksum", "url")
+    layout = {"csv": "CSV, header", "tsv": "tab-separated", "dat": "`::`-separated"}
+    table = Table("name", "ratings", "scale", "zip", "ratings file", "md5", box=box.SIMPLE_HEAD)
     for r in releases():
         table.add_row(
-            r.name, r.format, r.ratings_member, f"{r.rating_scale[0]}-{r.rating_scale[1]}",
-            "md5 " + r.md5 if r.md5 else "from server", r.url,
+            r.name,
+            f"{r.n_ratings:,}" if r.n_ratings else "grows",
+            f"{r.rating_scale[0]:g}-{r.rating_scale[1]:g}" + (" (halves)" if r.rating_step == 0.5 else ""),
+            f"{r.size_mb:,} MB",
+            f"{r.ratings_member} ({layout[r.format]})",
+            r.md5 or "fetched from <zip>.md5",
         )
-    out.print(table)
+    Console(width=max(out.width, 150)).print(table)  # one line per release, even in a pipe (80 columns)
+    example = releases()[3]
+    out.print(
+        f"Downloaded from {release_url(example).rsplit('/', 1)[0]}/<name>.zip ($RECDIST_GROUPLENS_URL) into "
+        f"{cache_root()} ($RECDIST_CACHE). Offline, put the zip there, or pass --path FILE.",
+        markup=False, highlight=False, soft_wrap=True,
+    )
 
 
 @app.command()
@@ -183,7 +198,7 @@ def prepare(
         typer.Option(help="Timestamp column, '' for none \\[default: timestamp].", rich_help_panel=_COLUMNS),
     ] = None,
     separator: Annotated[
-        str | None, typer.Option(help="Field separator of a text file \\[default: by extension].", rich_help_panel=_COLUMNS)
+        str | None, typer.Option(help="Field separator \\[default: by the file extension].", rich_help_panel=_COLUMNS)
     ] = None,
     header: Annotated[
         bool | None,
@@ -194,7 +209,7 @@ def prepare(
     ] = None,
     duplicates: Annotated[
         str | None,
-        typer.Option(help="Repeated (user, item) pairs: last | first | mean | error \\[default: last].", rich_help_panel=_PREP),
+        typer.Option(help="Repeated pairs: last | first | mean | error \\[default: last].", rich_help_panel=_PREP),
     ] = None,
     min_user_ratings: Annotated[
         int | None, typer.Option(help="Drop users with fewer ratings \\[default: 0].", rich_help_panel=_PREP)
@@ -217,9 +232,11 @@ def prepare(
     ] = None,
     holdout_k: Annotated[
         int | None,
-        typer.Option(help="user_time: each user's last k to test, k before to val \\[default: 1].", rich_help_panel=_PREP),
+        typer.Option(help="user_time: last k per user to test, k before to val \\[default: 1].", rich_help_panel=_PREP),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of splits and shards \\[default: 42].", rich_help_panel=_PREP)] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of splits and shards \\[default: 42].", rich_help_panel=_PREP)
+    ] = None,
     shards: Annotated[int | None, typer.Option(help="Number of balanced Parquet shards \\[default: 8].")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -445,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="recdist")
     except RecdistError as e:
-        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        # soft_wrap: paths and commands in the message stay whole lines, to copy or grep
+        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -7,6 +7,7 @@ Outputs are committed by a marker file written last: a directory without it does
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -45,13 +46,27 @@ def _s3_options() -> dict[str, Any]:
     }
 
 
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+)  # fmt: skip
+"""The environment an S3 filesystem is built from: a change in any of them builds a new one."""
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(env: tuple[str | None, ...], pid: int) -> fsspec.AbstractFileSystem:
+    """One S3 filesystem per environment and process: building one (a botocore client) costs ~0.1-0.3 s,
+    which every call paid before."""
+    import s3fs
+
+    return s3fs.S3FileSystem(**_s3_options())
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a URI and the path inside it."""
     uri = str(uri)
     if is_s3(uri):
-        import s3fs
-
-        fs = s3fs.S3FileSystem(**_s3_options())
+        fs = _s3_filesystem(tuple(os.environ.get(k) for k in _S3_ENV), os.getpid())
         return fs, uri.split("://", 1)[1].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(
@@ -129,15 +144,16 @@ def read_json(uri: str) -> Any:
 
 
 def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
-    """Write one Parquet file (zstd) atomically."""
+    """Write one Parquet file (zstd unless `compression` is given) atomically."""
+    kwargs.setdefault("compression", "zstd")
     fs, path = filesystem(uri)
     if not is_s3(uri):
         with _local_replacement(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd", **kwargs)
+            pq.write_table(table, tmp, **kwargs)
         return
     # Whole file in memory, then one PUT: a streamed upload would commit a truncated object on a crash.
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", **kwargs)
+    pq.write_table(table, sink, **kwargs)
     fs.pipe_file(path, sink.getvalue().to_pybytes())
 
 

@@ -73,21 +73,99 @@ def test_prepare_from_the_command_line(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`recdist ARGS` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from recdist.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_.value.code or 0, captured.out, captured.err
+
+
+HEADER = "userId,movieId,rating,timestamp\n"
+
+
 @pytest.mark.parametrize(
-    "body, needle",
+    "body, flags, needles",
     [
-        ("userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3,abc,11\n", "line 3"),
-        ("userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3,9.0,11\n", "line 3"),
-        ("userId,movieId,timestamp\n1,2,10\n", "rating"),
-        ("", "empty"),
+        (HEADER + "1,2,3.5,10\n1,3,4,11,12\n", [], ["line 3", "5 fields, expected 4", "1,3,4,11,12"]),
+        (HEADER + "1,2,3.5,10\n1,3,abc,11\n", [], ["line 3", "rating 'abc' is not a number"]),
+        (HEADER + "1,2,3.5,10\n1,3,9.0,11\n", [], ["line 3", "rating 9 is outside the rating scale [0.5, 5]"]),
+        ("", [], ["empty file"]),
+        (HEADER, [], ["no ratings"]),
+        ("userId,movieId,timestamp\n1,2,10\n", [], ["no rating column 'rating'", "--rating-col"]),
+        (HEADER + "1,2,3.5,10\n1,3,4,11\n1,2,4,12\n", ["--duplicates", "error"],
+         ["user 1 rated item 2 more than once", "line 2 and", "line 4"]),
     ],
-    ids=["non-numeric", "out-of-scale", "missing-column", "empty"],
+    ids=["malformed-line", "non-numeric", "out-of-scale", "empty", "header-only", "missing-column", "duplicates"],
 )
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, body, needle):
+def test_bad_input_exits_2_naming_file_line_value_and_writes_nothing(capsys, tmp_path, body, flags, needles):
     csv = tmp_path / "ratings.csv"
     csv.write_text(body)
-    result = recdist("prepare", "--path", str(csv), "--out", str(tmp_path / "ds"), "-q")
-    assert result.returncode == 2
-    assert needle in result.stderr and "ratings.csv" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "ds" / "manifest.json").exists()
+    code, stdout, stderr = cli(capsys, "prepare", "--path", str(csv), "--out", str(tmp_path / "ds"), "-q", *flags)
+    assert code == 2 and stdout == ""
+    assert str(csv) in stderr and all(needle in stderr for needle in needles), stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["ratings.csv"]  # no dataset, no staging directory
+
+
+@pytest.mark.timeout(60)
+def test_offline_release_fails_in_seconds_saying_where_to_put_the_zip(capsys, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a mirror nobody answers on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("RECDIST_GROUPLENS_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("RECDIST_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = cli(capsys, "prepare", "--dataset", "ml-20m", "--out", str(tmp_path / "ds"), "-q")
+    assert code == 2
+    assert f"put it at {tmp_path / 'cache' / 'ml-20m.zip'}" in stderr and "--path FILE" in stderr
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_users_own_file_with_its_columns_mapped_by_flags(capsys, tmp_path):
+    mine = tmp_path / "mine.txt"
+    lines = [f"{1 + (u + i) % 5};{i};{u}" for u in range(1, 21) for i in range(30)]
+    mine.write_text("stars;iid;uid\n" + "\n".join(lines) + "\n")
+    code, stdout, stderr = cli(
+        capsys, "prepare", "--path", str(mine), "--out", str(tmp_path / "ds"), "-q", "--set", "source.format=csv",
+        "--separator", ";", "--user-col", "uid", "--item-col", "iid", "--rating-col", "stars", "--timestamp-col", "",
+        "--split", "user", "--test-fraction", "0.2", "--val-fraction", "0", "--shards", "3",
+    )
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    assert (manifest["n_users"], manifest["n_items"], manifest["n_ratings"]) == (20, 30, 600)
+    assert manifest["splits"] == {"train": 480, "val": 0, "test": 120} and manifest["shards"] == 3
+    assert manifest == json.loads((tmp_path / "ds" / "manifest.json").read_text())
+
+
+def test_synth_then_prepare_with_own_split_files(capsys, tmp_path):
+    code, stdout, _ = cli(capsys, "synth", "--out", str(tmp_path / "s"), "--users", "60", "--items", "80",
+                          "--ratings", "3000", "--seed", "3", "-q")
+    assert code == 0 and json.loads(stdout)["n_ratings"] == 3000
+    code, stdout, _ = cli(capsys, "prepare", "--path", str(tmp_path / "s"), "--out", str(tmp_path / "ds"), "-q",
+                          "--min-user-ratings", "25", "--duplicates", "error")
+    manifest = json.loads(stdout)
+    assert code == 0 and manifest["filtered"]["min_user_ratings"] > 0 and manifest["duplicates_resolved"] == 0
+
+    lines = (tmp_path / "s" / "ratings.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(lines[:2001]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join([lines[0], *lines[2001:]]) + "\n")
+    code, stdout, stderr = cli(capsys, "prepare", "--train-path", str(tmp_path / "train.csv"), "--test-path",
+                               str(tmp_path / "test.csv"), "--out", str(tmp_path / "given"), "-q")
+    assert code == 0, stderr  # --train-path implies --split given
+    assert json.loads(stdout)["splits"] == {"train": 2000, "val": 0, "test": 1000}
+
+
+def test_datasets_lists_every_release_on_one_line_with_its_checksum(capsys, monkeypatch, tmp_path):
+    from recdist.data.registry import releases
+
+    monkeypatch.setenv("RECDIST_CACHE", str(tmp_path))
+    code, stdout, _ = cli(capsys, "datasets")
+    assert code == 0
+    lines = stdout.splitlines()
+    for release in releases():
+        line = next(line for line in lines if line.split() and line.split()[0] == release.name)
+        assert release.ratings_member in line and (release.md5 or "fetched from") in line
+    assert f"into {tmp_path} ($RECDIST_CACHE)" in stdout

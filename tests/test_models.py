@@ -41,6 +41,15 @@ def mean_rmse(data: RankData, split: str) -> float:
     return float((target - data.train.target.mean()).square().mean().sqrt())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to other processes on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------- planted data
 
 
@@ -51,22 +60,25 @@ def rating_data(tmp_path_factory) -> str:
 
 
 def noisy_items_frame() -> pl.DataFrame:
-    """planted_frame with +-QUIET noise on even items and +-NOISY on odd ones: an error level per item."""
-    frame = planted_frame(noise=0.0)
+    """Planted ratings with +-NOISY noise on odd items (also rated 1 star lower) and +-QUIET on even ones: an
+    error level per item that stage 1's item biases carry, so stage 2 can learn it from them. The noise's
+    sign is kept in a `noise_sign` column (not written to the dataset)."""
+    frame = planted_frame(n_rows=3600, rank=2, noise=0.0)
     g = torch.Generator().manual_seed(11)
     sign = torch.randint(0, 2, (frame.height,), generator=g).float() * 2 - 1
-    item = torch.from_numpy(frame["item_idx"].to_numpy()).long()
-    sigma = torch.where(item % 2 == 1, NOISY, QUIET)
-    rating = torch.from_numpy(frame["rating"].to_numpy()) + sign * sigma
-    return frame.with_columns(pl.Series("rating", rating.clamp(0.5, 5.0).numpy()))
+    odd = torch.from_numpy(frame["item_idx"].to_numpy().copy()) % 2 == 1
+    shift = torch.where(odd, -1.0, 0.0) + sign * torch.where(odd, NOISY, QUIET)
+    rating = torch.from_numpy(frame["rating"].to_numpy().copy()) + shift
+    return frame.with_columns(pl.Series("rating", rating.clamp(0.5, 5.0).numpy()), pl.Series("noise_sign", sign.numpy()))
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> dict[str, Any]:
     """A biased MF trained on the noisy-items ratings, and the scored table stages 2 and 3 train on.
 
-    Like the pipeline's stage-1 inference: error = (rating - mf_pred)^2 on every row, and pred_error a noisy
-    stand-in for stage 2's output (the error's item-level truth, which rating_mlp may use).
+    As the pipeline's stage-1 inference writes it: error = (rating - mf_pred)^2 on every row. pred_error stands
+    in for stage 2's output and is planted to carry the noise's sign (higher when the noise pushed the rating
+    up): stage 3 can only beat stage 1 by reading it.
     """
     root = tmp_path_factory.mktemp("stage1")
     frame = noisy_items_frame()
@@ -75,13 +87,13 @@ def stage1(tmp_path_factory) -> dict[str, Any]:
     mf = build_model(stage, data.dims)
     Trainer(mf, stage.train, data).fit()
     mf.eval()
-    user = torch.from_numpy(frame["user_idx"].to_numpy()).long()
-    item = torch.from_numpy(frame["item_idx"].to_numpy()).long()
+    user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
     with torch.no_grad():
-        error = (torch.from_numpy(frame["rating"].to_numpy()) - mf(Batch(user, item))).square()
-    level = torch.where(item % 2 == 1, NOISY**2, QUIET**2)
+        error = (torch.from_numpy(frame["rating"].to_numpy().copy()) - mf(Batch(user, item))).square()
+    level = torch.where(item % 2 == 1, NOISY**2, QUIET**2)  # the planted truth of the error
+    sign = torch.from_numpy(frame["noise_sign"].to_numpy().copy())
     g = torch.Generator().manual_seed(5)
-    pred_error = level * torch.exp(0.2 * torch.randn(len(level), generator=g))
+    pred_error = level * torch.exp(0.5 * sign + 0.1 * torch.randn(len(level), generator=g))
     extra = {"error": error.tolist(), "pred_error": pred_error.tolist()}
     return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
 
@@ -177,9 +189,10 @@ class ModelContract:
             torch.testing.assert_close(loaded(data.test), fitted.model.eval()(data.test), rtol=0, atol=0)
 
     def test_same_seed_same_numbers(self, data: RankData, upstream) -> None:
-        a, b, c = (self.trained(data, upstream, seed=s, epochs=2) for s in (3, 3, 4))
+        """Two runs of the same seed agree to the bit (dropout and shuffles included); seeds matter as the
+        build test shows."""
+        a, b = (self.trained(data, upstream, seed=3, epochs=2) for _ in range(2))
         assert strip(a.history) == strip(b.history)
-        assert strip(a.history) != strip(c.history)
         with torch.no_grad():
             assert torch.equal(a.model.eval()(data.val), b.model.eval()(data.val))
 
@@ -241,7 +254,7 @@ class TestReliabilityMLP(ModelContract):
     """Stage 2 fits the squared error of stage 1: it must find the items' planted error levels."""
 
     model = "reliability_mlp"
-    train = {"lr": 0.01, "epochs": 15}
+    train = {"lr": 0.01, "epochs": 8}
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -262,8 +275,10 @@ class TestReliabilityMLP(ModelContract):
 
 
 class TestRatingMLP(ModelContract):
+    """Stage 3: stage 1's prediction plus an MLP correction from the factors and the predicted error."""
+
     model = "rating_mlp"
-    train = {"lr": 0.005, "epochs": 6}
+    train = {"lr": 0.005, "epochs": 8}
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -274,6 +289,12 @@ class TestRatingMLP(ModelContract):
     @classmethod
     def upstream(cls, stage1) -> torch.nn.Module:
         return stage1["mf"]
+
+    def test_reads_the_predicted_error(self, fitted: Trainer, data: RankData, stage1) -> None:
+        """pred_error carries the planted noise's sign here: stage 3 must beat stage 1 clearly with it."""
+        with torch.no_grad():
+            mf_rmse = (stage1["mf"](data.test).clamp(0.5, 5.0) - data.test.target).square().mean().sqrt()
+        assert fitted.final_metrics()["test"]["rmse"] < 0.8 * float(mf_rmse)
 
 
 CONTRACTS = [c for c in list(globals().values()) if isinstance(c, type) and issubclass(c, ModelContract)]

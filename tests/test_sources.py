@@ -207,10 +207,15 @@ def test_a_named_timestamp_column_must_exist(tmp_path):
         read_ratings(str(path), columns=Columns(timestamp="time", timestamp_required=True))
 
 
-def test_header_less_csv_gets_a_hint(tmp_path):
+def test_header_less_csv_is_not_taken_for_a_header(tmp_path):
     path = _write(tmp_path / "r.csv", "1,10,4,100\n1,20,3,200\n")
     with pytest.raises(DataError, match="has_header=false"):
         read_ratings(str(path))
+    by_position = Columns(user="0", item="1", rating="2", timestamp="3")  # would silently drop line 1 as a header
+    with pytest.raises(DataError, match="looks like data, not a header: .1,10,4,100."):
+        read_ratings(str(path), columns=by_position)
+    parsed, _ = read_ratings(str(path), layout_for(str(path), has_header=False), by_position)
+    assert parsed.frame["rating"].to_list() == [4.0, 3.0]
 
 
 def test_bad_parquet_value_is_named_by_row(tmp_path):

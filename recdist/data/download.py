@@ -96,7 +96,7 @@ def _download(url: str, part: Path, target: Path, progress: bool) -> dict[str, A
                 mode, done = "ab", have
             else:
                 mode, done = "wb", 0  # the server ignored Range (200): start over cleanly
-            with open(part, mode) as out, _progress_bar(progress, part.name, total, done) as advance:
+            with open(part, mode) as out, _progress_bar(progress, target.name, total, done) as advance:
                 while chunk := _read(response, url, target):
                     out.write(chunk)
                     md5.update(chunk)

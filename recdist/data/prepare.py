@@ -359,7 +359,8 @@ def write_dataset(frames: PreparedFrames, uri: str, shards: int, seed: int) -> l
 def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Load config.source, prepare it and commit the dataset directory `out`; return its manifest.
 
-    An existing committed dataset is refused unless overwrite=True (checked before any work).
+    An existing dataset, or any non-empty directory that is not one, is refused unless overwrite=True
+    (checked before any work).
     """
     from recdist.data.sources import load_source
 

@@ -278,7 +278,7 @@ def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, 
         raise DataError(f"no ratings in {where}", where=where, fix="the Parquet file has no rows")
     names = frame.columns
     picked = {
-        role: _resolve(names, wanted, role, where, True, required=role != "timestamp" or columns.timestamp_required)
+        role: _resolve(names, wanted, role, where, required=role != "timestamp" or columns.timestamp_required)
         for role, wanted in _wanted(columns)
     }
     picked = {role: name for role, name in picked.items() if name is not None}
@@ -417,6 +417,13 @@ class _Text:
 
     def pick(self, columns: Columns) -> dict[str, str]:
         """Role -> column name, for the roles this file has (timestamp may be absent)."""
+        if self.layout.has_header and all(n.lstrip("-").replace(".", "", 1).isdigit() for n in self.names):
+            raise DataError(  # taking it for a header would drop a rating without a word
+                f"the first line of {self.where} looks like data, not a header: {self.separator.join(self.names)!r}",
+                where=f"{self.where}, line 1",
+                fix="if the file has no header line, pass --no-header (--set source.has_header=false) and name "
+                "columns by 0-based position (--user-col 0 ...)",
+            )
         picked = {}
         for role, wanted in _wanted(columns):
             name = _resolve(
@@ -424,7 +431,6 @@ class _Text:
                 wanted,
                 role,
                 self.where,
-                self.layout.has_header,
                 required=role != "timestamp" or columns.timestamp_required,
             )
             if name is not None:
@@ -522,7 +528,7 @@ def _lines(data: bytes) -> pl.DataFrame:
 
 
 def _resolve(
-    names: list[str], wanted: str | None, role: str, where: str, has_header: bool, required: bool = True
+    names: list[str], wanted: str | None, role: str, where: str, required: bool = True
 ) -> str | None:
     """The column of `names` that `wanted` (a name, or a 0-based position as text) means."""
     if wanted is None or wanted == "":
@@ -534,13 +540,10 @@ def _resolve(
     if not required:
         return None
     label, flag, _ = _ROLES[role]
-    hint = ""
-    if has_header and all(n.replace(".", "", 1).isdigit() for n in names):
-        hint = "; the first line looks like data: if the file has no header pass --set source.has_header=false"
     raise DataError(
         f"no {label} column {wanted!r} in {where}",
         where=f"columns found: {', '.join(names)}",
-        fix=f"map it with {flag} NAME (or a 0-based position){hint}",
+        fix=f"map it with {flag} NAME (or a 0-based position)",
     )
 
 

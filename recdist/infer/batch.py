@@ -14,14 +14,16 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recdist import storage
 from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, role_of
-from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA
+from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 
 def plan_for(
@@ -48,17 +50,23 @@ def plan_for(
         role = role_of(load_model(model_uri))
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-    frame = read_rank(data, columns=["user_idx", "item_idx", "rating", "split"])
-    train = frame.filter(pl.col("split").cast(pl.String) == "train")
-    user, item = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
-    known_users, known_items = [known_mask(user, n_users)], [known_mask(item, n_items)]
+    mean = float(manifest["global_mean"])
+    needs_rows = bool(fold_models) or not _has_counts(data)
+    if needs_rows:
+        train = read_rank(data, columns=["user_idx", "item_idx", "rating", "split"]).filter(
+            pl.col("split").cast(pl.String) == "train"
+        )
+        user, item = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
+        known_users, known_items = [known_mask(user, n_users)], [known_mask(item, n_items)]
+        spread = float(((train["rating"].cast(pl.Float64) - mean) ** 2).mean() or 1.0)
+    else:  # users/items.parquet count each one's training ratings: no need to read the ratings for the masks
+        known_users, known_items = [_trained(data, "users", n_users)], [_trained(data, "items", n_items)]
+        spread = _train_spread(data, mean)
     if fold_models:
         fold = fold_of(user, item, len(fold_models), fold_seed)
         for k in range(len(fold_models)):
             known_users.append(known_mask(user[fold != k], n_users))
             known_items.append(known_mask(item[fold != k], n_items))
-    mean = float(manifest["global_mean"])
-    spread = float(((train["rating"].cast(pl.Float64) - mean) ** 2).mean() or 1.0)
     return ScoringPlan(
         models=(model_uri, *fold_models),
         role=role,
@@ -119,34 +127,72 @@ def score(
     manifest = read_manifest(data)
     files = shard_files(data)
     afs, _ = storage.arrow_filesystem(data)
+    schema = _scored_schema(_file_schema(files[0]), plan.role)
     t0 = time.perf_counter()
     with storage.staged_output(out, overwrite=overwrite) as tmp:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.print_on_execution_start = progress
         ctx.execution_options.preserve_order = True  # same rows in the same files: next stage trains reproducibly
-        ds = ray.data.read_parquet([storage.arrow_filesystem(f)[1] for f in files], filesystem=afs)
-        ds = ds.map_batches(
-            Predictor,
-            fn_constructor_args=(plan,),
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            concurrency=n_actors,
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=1,
-        )
+        ds = ray.data.read_parquet([storage.arrow_filesystem(f)[1] for f in files], filesystem=afs,
+                                   ray_remote_args={"num_cpus": _EXP.get("read_cpus", 1)})
         ratings = storage.join(tmp, "ratings")
-        ds.write_parquet(
-            storage.arrow_filesystem(ratings)[1],
-            filesystem=afs,
-            filename_provider=_part_names(),
-            mode=ray.data.SaveMode.OVERWRITE,
-            min_rows_per_file=batch_size,
-            compression="zstd",
-        )
+        if _EXP.get("in_actor", False):
+            ds = ds.map_batches(
+                ScoreWriter,
+                fn_constructor_args=(plan, ratings, schema),
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+                concurrency=n_actors,
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=_EXP.get("actor_cpus", 1),
+            )
+            ds.materialize()
+        else:
+            ds = ds.map_batches(
+                Predictor,
+                fn_constructor_args=(plan,),
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+                concurrency=n_actors,
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=_EXP.get("actor_cpus", 1),
+            )
+            ds.write_parquet(
+                storage.arrow_filesystem(ratings)[1],
+                filesystem=afs,
+                filename_provider=_part_names(),
+                mode=ray.data.SaveMode.OVERWRITE,
+                min_rows_per_file=batch_size,
+                ray_remote_args={"num_cpus": _EXP.get("write_cpus", 1)},
+                **SCORED_PARQUET,
+            )
         result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="ray-data")
     return {**result, "out": out}
+
+
+_EXP: dict = {}
+
+
+class ScoreWriter:
+    """Ray Data actor: scores each batch (Predictor) and writes it as one Parquet file; returns {file, rows}.
+
+    Writing in the actor keeps the scored rows out of the object store and needs no write tasks. Files are
+    named by the batch's first (user_idx, item_idx), unique and the same in every run.
+    """
+
+    def __init__(self, plan: ScoringPlan, ratings: str, schema: pa.Schema):
+        self.predictor, self.ratings, self.schema = Predictor(plan), ratings, schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = self.predictor(batch).select(self.schema.names).cast(self.schema)
+        if scored.num_rows == 0:
+            return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+        name = f"part-{scored['user_idx'][0].as_py():010d}-{scored['item_idx'][0].as_py():010d}.parquet"
+        storage.write_parquet(scored, storage.join(self.ratings, name), **SCORED_PARQUET)
+        return pa.table({"file": [name], "rows": [scored.num_rows]})
 
 
 def score_local(
@@ -160,38 +206,44 @@ def score_local(
     fold_models: tuple[str, ...] = (),
     fold_seed: int = 0,
     fallback_model: str | None = None,
-    threads: int | None = None,
+    workers: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The same pass as `score` without Ray: Polars reads each shard, PyTorch scores it, Polars writes it.
+    """The same pass as `score` without Ray: Polars reads a shard, PyTorch scores it, pyarrow writes it.
 
-    One process, shard by shard (memory: one shard). The bench's baseline for Ray Data's overhead.
+    `workers` shards at a time in threads of this process (Arrow, Polars, PyTorch and the MF kernel release
+    the GIL), each scoring with one PyTorch thread; memory: `workers` shards. The bench's baseline for Ray Data.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from recdist.data.dataset import read_manifest, shard_files
 
-    if threads:
-        torch.set_num_threads(threads)
     plan = plan_for(
         model_uri, data, role=role, fold_models=fold_models, fold_seed=fold_seed, fallback_model=fallback_model
     )
     predictor = Predictor(plan)
     manifest = read_manifest(data)
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
-    with storage.staged_output(out, overwrite=overwrite) as tmp:
-        for n, uri in enumerate(shard_files(data)):
-            table = pl.read_parquet(uri, storage_options=_polars_storage(uri)).to_arrow()
-            schema = _scored_schema(_file_schema(uri), plan.role)
-            parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)]
-            scored = pa.concat_tables(parts).select(schema.names).cast(schema)
-            dest = storage.join(tmp, "ratings", f"part-{n:05d}.parquet")
-            if storage.is_s3(dest):
-                storage.write_parquet(scored, dest)
-            else:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                pl.from_arrow(scored).write_parquet(dest, compression="zstd")
-        result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="local")
+    try:
+        with storage.staged_output(out, overwrite=overwrite) as tmp:
+
+            def one(n: int, uri: str) -> None:
+                table = pl.read_parquet(uri, storage_options=_polars_storage(uri)).to_arrow()
+                schema = _scored_schema(_file_schema(uri), plan.role)
+                parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)]
+                scored = pa.concat_tables(parts).select(schema.names).cast(schema)
+                storage.write_parquet(scored, storage.join(tmp, "ratings", f"part-{n:05d}.parquet"), **SCORED_PARQUET)
+
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
+            result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="local")
+    finally:
+        torch.set_num_threads(threads)
     return {**result, "out": out}
 
 
@@ -239,6 +291,32 @@ def _finish(
         },
     )
     return result
+
+
+def _has_counts(data: str) -> bool:
+    return all(storage.exists(storage.join(data, f"{side}.parquet")) for side in ("users", "items"))
+
+
+def _trained(data: str, side: str, size: int) -> np.ndarray:
+    """bool (size,): the users (or items) with at least one training rating, from {side}.parquet's n_train."""
+    table = storage.read_parquet(storage.join(data, f"{side}.parquet"), columns=[f"{side[:-1]}_idx", "n_train"])
+    mask = np.zeros(size, dtype=bool)
+    idx = table[f"{side[:-1]}_idx"].to_numpy()
+    mask[idx] = table["n_train"].to_numpy() > 0
+    return mask
+
+
+def _train_spread(data: str, mean: float) -> float:
+    """Mean squared deviation of the training ratings from the global mean: the error of the mean predictor."""
+    from recdist.data.dataset import shard_files
+
+    total, n = 0.0, 0
+    for uri in shard_files(data):
+        t = storage.read_parquet(uri, columns=["rating", "split"])
+        is_train = pc.equal(t["split"].cast(pa.string()), "train")
+        rating = pc.filter(t["rating"], is_train).to_numpy().astype(np.float64)
+        total, n = total + float(((rating - mean) ** 2).sum()), n + len(rating)
+    return total / n if n else 1.0
 
 
 def _scored_schema(schema: pa.Schema, role: str) -> pa.Schema:

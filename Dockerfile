@@ -1,0 +1,42 @@
+# recdist on Ray 2.60 with CUDA: the image for `ray job submit` clusters and the KubeRay manifests in k8s/.
+#
+#   docker build -t REGISTRY/recdist:0.1.0 .            (README, section deploy)
+#
+# Base: rayproject/ray, tag {Ray version}-{Python}-{platform}; `-gpu` is the CUDA variant for Python 3.11, the
+# Python of this project. For a reproducible build pin the digest too: --build-arg BASE_IMAGE=rayproject/ray:
+# 2.60.0-py311-gpu@sha256:... (no registry is reachable from where this file was written, so no digest here).
+ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${BASE_IMAGE}
+
+# The base image's non-root user `ray` (uid 1000, group users = 100), numeric so that Kubernetes'
+# runAsNonRoot can verify it; its conda Python lives in its home, so pip needs no root.
+USER 1000:100
+WORKDIR /home/ray
+
+# Dependencies first, in their own layer: rebuilt only when the lock changes. torch==2.13.0 from PyPI is the
+# CUDA build on Linux x86_64 (see requirements/lock.txt); no pip cache is kept in the layer.
+COPY --chown=1000:100 requirements/lock.txt recdist/requirements/lock.txt
+RUN pip install --no-cache-dir --disable-pip-version-check -r recdist/requirements/lock.txt
+
+# The package itself, without touching the locked dependencies (COPY --chown makes recdist/ the user's, so pip
+# can build in it).
+COPY --chown=1000:100 pyproject.toml README.md recdist/
+COPY --chown=1000:100 recdist/ recdist/recdist/
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps ./recdist \
+    && rm -rf recdist/build recdist/recdist.egg-info
+
+# Entrypoints for `ray job submit` / RayJob / the CronJob launcher, and the ready configs.
+COPY --chown=1000:100 jobs/ recdist/jobs/
+COPY --chown=1000:100 configs/ recdist/configs/
+WORKDIR /home/ray/recdist
+
+# No data and no credentials in the image: ml-20m's licence forbids redistribution, so jobs download it
+# (checksum-verified) into RECDIST_CACHE or read it from the user's bucket; S3 keys come from the pod's Secret.
+ENV RECDIST_CACHE=/home/ray/.cache/recdist \
+    RAY_TRAIN_V2_ENABLED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# No HEALTHCHECK: one image serves as Ray head, Ray worker, job submitter and CronJob launcher, so no single
+# probe fits; Kubernetes ignores Docker HEALTHCHECKs anyway, and KubeRay gives head and workers their own
+# liveness/readiness probes. NONE also drops any check inherited from the base image.
+HEALTHCHECK NONE

