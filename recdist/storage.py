@@ -207,7 +207,7 @@ def check_writable(uri: str) -> None:
     except (OSError, BotoCoreError) as e:
         raise StorageError(
             f"S3 endpoint unreachable or failing for bucket {bucket!r}: {type(e).__name__}",
-            where=os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint"),
+            where=_s3_options()["client_kwargs"].get("endpoint_url", "the default AWS endpoint"),
             fix="check AWS_ENDPOINT_URL and the network path to it",
         ) from e
 

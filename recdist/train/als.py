@@ -23,11 +23,8 @@ from torch import nn
 from recdist.config import TrainConfig
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.sgd import SUPPORTED, mf_tables
+from recdist.train.sgd import mf_tables
 from recdist.train.solvers import rank_counts
-
-__all__ = ["SUPPORTED", "ALSSolver"]
-
 
 @dataclass
 class _Side:

@@ -1,23 +1,26 @@
-"""Fast SGD for matrix factorisation: a compiled per-rating kernel on CPU, a whole-batch tensor step elsewhere.
+"""Fast SGD for matrix factorisation: stratified SGD (DSGD, Gemulla et al. 2011) over threads and ranks.
 
-CPU (`kernel="numba"`): stratified SGD (DSGD, Gemulla et al. 2011). Users and items are dealt at random into S
-groups, so the ratings fall into S x S blocks; a sub-epoch runs the S blocks of one diagonal in parallel -- they
-share no user and no item, so threads never race -- and an epoch runs all S diagonals in a fresh random order.
-Each block is walked in a fresh random order every epoch (a Fisher-Yates shuffle fused into the pass). The
-outcome depends on the seed and S only, not on the thread count: bitwise reproducible, unlike Hogwild, at the
-same speed (each thread's working set is 1/S of the tables, which also helps the caches).
+Users and items are dealt at random into S groups (the same on every rank), so the ratings fall into S x S
+blocks. A sub-epoch runs the S blocks of one diagonal -- they share no user and no item, so they run in
+parallel without races -- and an epoch runs all S diagonals in a fresh random order.
 
-Elsewhere (`kernel="torch"`, the default on CUDA): the same update on whole batches, with gradients summed per
-row and divided by the row's count in the batch (a damped per-row step: summed gradients of repeated rows
-diverge).
+Across ranks: rank r of W owns the user groups g with g % W == r and holds every training rating of their
+users (moved there once, at start, by one all-to-all). In a sub-epoch each rank runs its own blocks of the
+diagonal; then the item rows each rank changed (each has exactly one owner in a sub-epoch) are shared by a
+masked all-reduce, and the user rows once an epoch. The blocks' contents (sorted by user and item), their
+seeds and their order depend on the seed and S only, not on the ranks or threads: with the numba kernel 1 and
+N workers compute the same tables, bit for bit, and a resumed run continues exactly (every epoch starts from
+the same block order).
 
-Across ranks each rank trains on its own shard, then the tables are averaged (`sync="mean"`) or the ranks'
-changes added up (`sync="sum"`) `syncs_per_epoch` times an epoch.
+Kernels: on CPU (`numba`) a compiled per-rating pass over each block in a fresh random order (a Fisher-Yates
+shuffle fused into the pass), the blocks of a diagonal in parallel threads. Elsewhere (`torch`, the CUDA
+default) the rank's ratings of a diagonal in shuffled whole-batch steps of batch_size / W rows, each row moving
+by its gradients summed over the batch divided by its count there (a damped per-row step: summed gradients of
+repeated rows diverge).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +33,10 @@ from torch import nn
 
 from recdist.config import TrainConfig
 from recdist.errors import ConfigError
+from recdist.models.batch import Batch
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.solvers import COSINE_FLOOR, PLATEAU_FACTOR, epoch_generator, rank_counts
+from recdist.train.solvers import Schedule, epoch_generator, rank_counts
 
 SUPPORTED = {"mf", "biased_mf"}
 """Registered model names these solvers train (make_solver's "auto" picks them for these)."""
@@ -51,10 +55,13 @@ class MFTables:
     reg: float  # L2 on the factor rows of each rating (the model's penalty, classic SGD MF)
     reg_bias: float  # L2 on the biases of each rating
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The tables training changes."""
-        both = [self.user_factors, self.item_factors]
-        return both + [self.user_bias, self.item_bias] if self.biased else both
+    def user_tensors(self) -> list[torch.Tensor]:
+        """The user-side tables training changes."""
+        return [self.user_factors, self.user_bias] if self.biased else [self.user_factors]
+
+    def item_tensors(self) -> list[torch.Tensor]:
+        """The item-side tables training changes."""
+        return [self.item_factors, self.item_bias] if self.biased else [self.item_factors]
 
 
 def mf_tables(model: nn.Module) -> MFTables:
@@ -77,35 +84,6 @@ def mf_tables(model: nn.Module) -> MFTables:
         reg=float(config.reg),
         reg_bias=float(getattr(config, "reg_bias", 0.0)),
     )
-
-
-class Schedule:
-    """Per-epoch learning rate with the autograd solver's rules: constant, cosine, or halved on plateaus."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.best, self.halvings = math.inf, 0
-
-    def lr(self, epoch: int) -> float:
-        cfg = self.cfg
-        if cfg.lr_schedule == "cosine":
-            t = min(epoch / cfg.epochs, 1.0)
-            return cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
-        if cfg.lr_schedule == "plateau":
-            return cfg.lr * PLATEAU_FACTOR**self.halvings
-        return cfg.lr
-
-    def observe(self, val_rmse: float) -> None:
-        if val_rmse < self.best - 1e-4:
-            self.best = val_rmse
-        elif self.cfg.lr_schedule == "plateau":
-            self.halvings += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "halvings": self.halvings}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.halvings = float(state["best"]), int(state["halvings"])
 
 
 # ---------------------------------------------------------------------------------------------- numba kernel
@@ -151,39 +129,45 @@ def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, reg, 
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _sweep(users, items, ratings, offsets, diagonals, seeds, P, Q, bu, bi, mu, lr, reg, reg_b, biased):
-    """Run the given diagonals of the S x S block grid; the blocks of one diagonal in parallel."""
-    S = seeds.shape[0]
-    sse = 0.0
-    for d in diagonals:
-        part = np.zeros(S)
-        for b in prange(S):
-            blk = b * S + (b + d) % S
-            lo, hi = offsets[blk], offsets[blk + 1]
-            part[b] = _block_pass(users, items, ratings, lo, hi, seeds[b, d], P, Q, bu, bi, mu, lr, reg, reg_b, biased)
-        sse += part.sum()
-    return sse
+def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, reg, reg_b, biased, sse):
+    """Run `blocks` (disjoint in users and items) in parallel; each block's squared errors go to sse[block]."""
+    for b in prange(blocks.shape[0]):
+        blk = blocks[b]
+        sse[blk] = _block_pass(
+            users, items, ratings, offsets[blk], offsets[blk + 1], seeds[blk], P, Q, bu, bi, mu, lr, reg, reg_b, biased
+        )
 
 
-@njit(cache=True, nogil=True)
-def _bucket(users, items, ratings, ublock, iblock, S):
-    """Counting sort of the ratings into the S x S blocks (user group major); returns arrays and block offsets."""
+@njit(parallel=True, cache=True, nogil=True)
+def _bucket(users, items, ratings, ugroup, igroup, S, n_items):
+    """The ratings grouped into the S x S blocks (user group major), each block sorted by (user, item).
+
+    Returns users, items, ratings in that order and the S*S + 1 block offsets.
+    """
     n = users.shape[0]
     counts = np.zeros(S * S + 1, np.int64)
     for j in range(n):
-        counts[ublock[users[j]] * S + iblock[items[j]] + 1] += 1
+        counts[ugroup[users[j]] * S + igroup[items[j]] + 1] += 1
     offsets = np.cumsum(counts)
     pos = offsets[:-1].copy()
+    key = np.empty(n, np.int64)
+    grouped = np.empty(n, np.float32)
+    for j in range(n):
+        b = ugroup[users[j]] * S + igroup[items[j]]
+        p = pos[b]
+        key[p] = np.int64(users[j]) * n_items + items[j]
+        grouped[p] = ratings[j]
+        pos[b] = p + 1
     u2 = np.empty(n, np.int32)
     i2 = np.empty(n, np.int32)
     r2 = np.empty(n, np.float32)
-    for j in range(n):
-        b = ublock[users[j]] * S + iblock[items[j]]
-        p = pos[b]
-        u2[p] = users[j]
-        i2[p] = items[j]
-        r2[p] = ratings[j]
-        pos[b] = p + 1
+    for blk in prange(S * S):
+        lo, hi = offsets[blk], offsets[blk + 1]
+        order = np.argsort(key[lo:hi]) + lo  # (user, item) pairs are unique: one possible order
+        for j in range(hi - lo):
+            u2[lo + j] = key[order[j]] // n_items
+            i2[lo + j] = key[order[j]] % n_items
+            r2[lo + j] = grouped[order[j]]
     return u2, i2, r2, offsets
 
 
@@ -193,10 +177,9 @@ def _bucket(users, items, ratings, ublock, iblock, S):
 class SGDSolver:
     """Per-rating SGD for `mf` / `biased_mf`, updating the model's own tables in place (the Solver protocol).
 
-    `kernel`: "numba" (CPU default) or "torch" (CUDA default; works on CPU too). `strata`: S of the S x S
-    block grid (the numba kernel's result depends on it, not on the thread count; it is raised to the thread
-    count if smaller). `sync` / `syncs_per_epoch`: how and how often ranks combine their tables.
-    `threads`: numba threads (default: torch's, which the trainer sets to the worker's CPU share).
+    `kernel`: "numba" (CPU default) or "torch" (CUDA default; works on CPU too). `strata`: S of the S x S block
+    grid (the result depends on it, not on threads or ranks; raised to ranks x threads when smaller, so every
+    thread has a block). `threads`: numba threads (default: torch's, which the worker sets to its CPU share).
     """
 
     def __init__(
@@ -208,8 +191,6 @@ class SGDSolver:
         *,
         kernel: str | None = None,
         strata: int = 8,
-        sync: str = "mean",
-        syncs_per_epoch: int = 1,
         threads: int | None = None,
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
@@ -218,68 +199,61 @@ class SGDSolver:
             raise ConfigError(f"unknown SGD kernel {self.kernel!r}", fix="use 'numba' (CPU) or 'torch'")
         if self.kernel == "numba" and self.device.type != "cpu":
             raise ConfigError("the numba SGD kernel runs on CPU only", fix="use kernel='torch' on CUDA")
-        if sync not in ("mean", "sum"):
-            raise ConfigError(f"unknown sync {sync!r}", fix="use 'mean' or 'sum'")
         self.t = mf_tables(model)
         self.schedule = Schedule(cfg)
-        self.sync, self.syncs = sync, max(1, syncs_per_epoch)
         self.rank, self.world = dist.rank(), dist.world_size()
-        train = data.train
-        self.n = len(train)
-        self.n_global = float(sum(rank_counts(self.n, self.device)))
         self.threads = threads or torch.get_num_threads()
-        if self.kernel == "numba":
-            self.strata = max(strata, self.threads)
-            self.syncs = min(self.syncs, self.strata)
-            rng = np.random.default_rng(cfg.seed)  # the same groups on every rank
-            groups = [
-                (rng.permutation(n) % self.strata).astype(np.int32) for n in (data.dims.n_users, data.dims.n_items)
-            ]
-            self.users, self.items, self.ratings, self.offsets = _bucket(
-                train.user.numpy().astype(np.int32),
-                train.item.numpy().astype(np.int32),
-                train.target.numpy().astype(np.float32, copy=False),
-                *groups,
-                self.strata,
-            )
+        self.strata = S = max(strata, self.world * self.threads)
+        rng = np.random.default_rng(cfg.seed)  # the same groups on every rank
+        ugroup, igroup = ((rng.permutation(n) % S).astype(np.int32) for n in (data.dims.n_users, data.dims.n_items))
+        self.owned = np.arange(self.rank, S, self.world)  # this rank's user groups
+        user, item, rating = self._exchange(data.train, torch.from_numpy(ugroup))
+        self.n_global = float(sum(rank_counts(len(user), self.device)))
+        arrays = _bucket(user, item, rating, ugroup, igroup, S, data.dims.n_items)
+        self.users, self.items, self.ratings, self.offsets = arrays
+        if self.kernel == "numba":  # every epoch starts from this order: reproducible and resumable
+            self.start = (self.users.copy(), self.items.copy(), self.ratings.copy())
         else:
-            self.users, self.items = train.user.to(self.device), train.item.to(self.device)
-            self.ratings = train.target.to(self.device, torch.float32)
+            self.users, self.items = (torch.from_numpy(x).to(self.device).long() for x in (self.users, self.items))
+            self.ratings = torch.from_numpy(self.ratings).to(self.device)
+        self.user_owned = torch.from_numpy(ugroup % self.world == self.rank).to(self.device)
+        self.item_group = torch.from_numpy(igroup).to(self.device)
 
     # -------------------------------------------------------------------------------------------- protocol
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         lr = self.schedule.lr(epoch)
         start = time.perf_counter()
-        sse = 0.0
+        S = self.strata
+        rng = np.random.default_rng([self.cfg.seed, epoch])  # the same on every rank
+        diagonals = rng.permutation(S)
+        seeds = rng.integers(1, 2**63 - 1, size=S * S, dtype=np.int64)
+        sse = np.zeros(S * S)  # per block, so the sum is the same whichever rank ran a block
+        gen = epoch_generator(self.cfg.seed, self.rank, epoch, self.device) if self.kernel == "torch" else None
         if self.kernel == "numba":
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
-            rng = np.random.default_rng([self.cfg.seed, self.rank, epoch])
-            diagonals = rng.permutation(self.strata).astype(np.int64)
-            seeds = rng.integers(1, 2**63 - 1, size=(self.strata, self.strata), dtype=np.int64)
-            for part in np.array_split(diagonals, self.syncs):
-                before = self._snapshot()
-                sse += self._numba_sweep(part, seeds, lr)
-                self._combine(before)
-        else:
-            order = torch.randperm(
-                self.n, generator=epoch_generator(self.cfg.seed, self.rank, epoch, self.device), device=self.device
-            )
-            for part in torch.tensor_split(order, self.syncs):
-                before = self._snapshot()
-                for idx in torch.split(part, self.cfg.batch_size):
-                    sse += self._torch_step(idx, lr)
-                self._combine(before)
+            for x, x0 in zip((self.users, self.items, self.ratings), self.start, strict=True):
+                np.copyto(x, x0)
+        for d in diagonals:
+            blocks = self.owned * S + (self.owned + d) % S
+            if self.kernel == "numba":
+                self._numba_sweep(blocks, seeds, lr, sse)
+            else:
+                sse[blocks[0]] = self._torch_sweep(blocks, gen, lr)  # booked on one block of the diagonal
+            if self.world > 1:  # item group h was changed by the owner of user group (h - d) mod S
+                self._share(self.t.item_tensors(), (self.item_group - int(d)) % S % self.world == self.rank)
+        if self.world > 1:
+            self._share(self.t.user_tensors(), self.user_owned)
         seconds = time.perf_counter() - start
-        sse = float(dist.all_reduce_sum_(torch.tensor([sse], dtype=torch.float64, device=self.device)).item())
-        return {"train_loss": sse / max(self.n_global, 1.0), "rows": self.n_global, "seconds": seconds, "lr": lr}
+        total = float(dist.all_reduce_sum_(torch.from_numpy(sse).to(self.device)).sum())
+        return {"train_loss": total / max(self.n_global, 1.0), "rows": self.n_global, "seconds": seconds, "lr": lr}
 
     def observe(self, val_rmse: float) -> None:
         """Plateau schedule: halve the learning rate when validation RMSE stops improving."""
         self.schedule.observe(val_rmse)
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule only: the model holds the tables and every shuffle derives from (seed, rank, epoch)."""
+        """The schedule only: the model holds the tables and every epoch derives from (seed, epoch)."""
         return {"schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,19 +261,26 @@ class SGDSolver:
 
     # -------------------------------------------------------------------------------------------- kernels
 
-    def _numba_sweep(self, diagonals: np.ndarray, seeds: np.ndarray, lr: float) -> float:
+    def _numba_sweep(self, blocks: np.ndarray, seeds: np.ndarray, lr: float, sse: np.ndarray) -> None:
         t = self.t
-        return float(
-            _sweep(
-                self.users, self.items, self.ratings, self.offsets, diagonals, seeds,
-                t.user_factors.numpy(), t.item_factors.numpy(), t.user_bias.numpy(), t.item_bias.numpy(),
-                np.float32(t.mu), np.float32(lr), np.float32(t.reg), np.float32(t.reg_bias), t.biased,
-            )
+        _sweep(
+            self.users, self.items, self.ratings, self.offsets, blocks, seeds,
+            t.user_factors.numpy(), t.item_factors.numpy(), t.user_bias.numpy(), t.item_bias.numpy(),
+            np.float32(t.mu), np.float32(lr), np.float32(t.reg), np.float32(t.reg_bias), t.biased, sse,
         )  # fmt: skip
 
     @torch.no_grad()
-    def _torch_step(self, idx: torch.Tensor, lr: float) -> float:
-        """One damped whole-batch step: each row moves by lr times its mean gradient over the batch."""
+    def _torch_sweep(self, blocks: np.ndarray, gen: torch.Generator, lr: float) -> float:
+        """The rank's ratings of these blocks, shuffled, in damped whole-batch steps; their squared errors."""
+        rows = torch.cat([torch.arange(self.offsets[b], self.offsets[b + 1], device=self.device) for b in blocks])
+        rows = rows[torch.randperm(len(rows), generator=gen, device=self.device)]
+        sse = torch.zeros((), dtype=torch.float64, device=self.device)
+        for idx in torch.split(rows, max(1, self.cfg.batch_size // self.world)):
+            sse += self._torch_step(idx, lr)
+        return float(sse)
+
+    def _torch_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor:
+        """One damped step: each row moves by lr times its summed gradient over the batch / its count there."""
         t = self.t
         u, i, r = self.users[idx], self.items[idx], self.ratings[idx]
         pu, qi = t.user_factors[u], t.item_factors[i]
@@ -311,18 +292,24 @@ class SGDSolver:
         if t.biased:
             t.user_bias.index_add_(0, u, (e - t.reg_bias * t.user_bias[u]) * step_u)
             t.item_bias.index_add_(0, i, (e - t.reg_bias * t.item_bias[i]) * step_i)
-        return float((e * e).sum())
+        return (e * e).sum().double()
 
     # -------------------------------------------------------------------------------------------- ranks
 
-    def _snapshot(self) -> list[torch.Tensor] | None:
-        return [x.clone() for x in self.t.tensors()] if self.world > 1 else None
+    def _exchange(self, train: Batch, ugroup: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's training rows after one all-to-all: every rating of the users in its groups."""
+        user, item, rating = train.user, train.item, train.target.float()
+        if self.world > 1:
+            owner = ugroup.to(user.device)[user].long() % self.world
+            order = torch.argsort(owner, stable=True)
+            send = torch.bincount(owner, minlength=self.world)
+            recv = dist.all_to_all_(torch.empty_like(send), send, [1] * self.world, [1] * self.world)
+            sizes = (recv.tolist(), send.tolist())
+            user, item, rating = (dist.all_to_all_(x.new_empty(sum(sizes[0])), x[order], *sizes) for x in (user, item, rating))
+        return user.cpu().numpy().astype(np.int32), item.cpu().numpy().astype(np.int32), rating.cpu().numpy()
 
-    def _combine(self, before: list[torch.Tensor] | None) -> None:
-        """Combine the ranks' changes since `before`: their mean (`mean`) or their sum (`sum`)."""
-        if before is None:
-            return
-        scale = 1.0 / self.world if self.sync == "mean" else 1.0
-        for x, x0 in zip(self.t.tensors(), before, strict=True):
-            delta = dist.all_reduce_sum_(x.sub_(x0))
-            x.copy_(x0.add_(delta, alpha=scale))
+    def _share(self, tensors: list[torch.Tensor], mine: torch.Tensor) -> None:
+        """Every rank gets the rows each owner has: zero the rows this rank does not own, then sum over ranks."""
+        for x in tensors:
+            x[~mine] = 0
+            dist.all_reduce_sum_(x)

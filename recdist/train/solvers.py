@@ -77,6 +77,36 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
+class Schedule:
+    """The learning rate at a (fractional) epoch: constant, cosine down to COSINE_FLOOR x lr, or halved on plateaus."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.best, self.halvings = math.inf, 0
+
+    def lr(self, epoch: float) -> float:
+        cfg = self.cfg
+        if cfg.lr_schedule == "cosine":
+            t = min(epoch / cfg.epochs, 1.0)
+            return cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+        if cfg.lr_schedule == "plateau":
+            return cfg.lr * PLATEAU_FACTOR**self.halvings
+        return cfg.lr
+
+    def observe(self, val_rmse: float) -> None:
+        """After each epoch: a validation RMSE that did not improve halves the rate (plateau schedule)."""
+        if val_rmse < self.best - 1e-4:
+            self.best = val_rmse
+        elif self.cfg.lr_schedule == "plateau":
+            self.halvings += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "halvings": self.halvings}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.halvings = float(state["best"]), int(state["halvings"])
+
+
 class AutogradSolver:
     """Minibatch autograd on device-resident rows: seeded on-device shuffles, losses.objective (data + penalty).
 
@@ -98,16 +128,7 @@ class AutogradSolver:
         self.optimizer = make_optimizer(self.params, cfg)
         self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
-        self.plateau = {"best": math.inf, "halvings": 0}
-
-    def lr_at(self, epoch: float) -> float:
-        """The learning rate at a (fractional) epoch under the configured schedule."""
-        if self.cfg.lr_schedule == "cosine":
-            t = min(epoch / self.cfg.epochs, 1.0)
-            return self.cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
-        if self.cfg.lr_schedule == "plateau":
-            return self.cfg.lr * PLATEAU_FACTOR ** self.plateau["halvings"]
-        return self.cfg.lr
+        self.schedule = Schedule(cfg)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -123,7 +144,7 @@ class AutogradSolver:
         self.model.train()
         lr = self.cfg.lr
         for step in range(self.steps):
-            lr = self.lr_at(epoch + step / self.steps)
+            lr = self.schedule.lr(epoch + step / self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = take(train, order[bounds[step] : bounds[step + 1]])
@@ -151,47 +172,34 @@ class AutogradSolver:
 
     def observe(self, val_rmse: float) -> None:
         """Plateau schedule: halve the learning rate when validation RMSE stops improving."""
-        if val_rmse < self.plateau["best"] - 1e-4:
-            self.plateau["best"] = val_rmse
-        elif self.cfg.lr_schedule == "plateau":
-            self.plateau["halvings"] += 1
+        self.schedule.observe(val_rmse)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "plateau": dict(self.plateau)}
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.plateau = dict(state["plateau"])
-
-
-def _fast_solvers() -> dict[str, Any]:
-    """The fast MF solvers' modules, by solver name (absent until the fast-MF helper's files exist)."""
-    found = {}
-    for name in ("sgd", "als"):
-        try:
-            found[name] = __import__(f"recdist.train.{name}", fromlist=["SUPPORTED"])
-        except ImportError:
-            continue
-    return found
+        self.schedule.load_state_dict(state["schedule"])
 
 
 def make_solver(model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
-    """The solver cfg.solver names; `auto`: compiled SGD for MF-family models on CPU, autograd otherwise."""
+    """The solver cfg.solver names; `auto`: per-rating SGD for the pure MF models, autograd for the others.
+
+    (SGD runs the compiled kernel on CPU and whole-batch tensor steps on CUDA.)
+    """
+    from recdist.train import als, sgd  # they import this module
+
     device = torch.device(device)
     name = getattr(type(model), "registry_name", type(model).__name__)
-    fast = _fast_solvers()
     choice = cfg.solver
     if choice == "auto":
-        sgd = fast.get("sgd")
-        choice = "sgd" if sgd and device.type == "cpu" and name in sgd.SUPPORTED else "autograd"
+        choice = "sgd" if name in sgd.SUPPORTED else "autograd"
     if choice == "autograd":
         return AutogradSolver(model, cfg, data, device)
-    module = fast.get(choice)
-    if module is None or name not in module.SUPPORTED:
-        supported = sorted(module.SUPPORTED) if module else []
+    if name not in sgd.SUPPORTED:
         raise ConfigError(
             f"solver {choice!r} cannot train model {name!r}",
-            fix=f"use solver autograd or auto; {choice} trains: {', '.join(supported) or 'nothing here'}",
+            fix=f"use solver autograd or auto; {choice} trains: {', '.join(sorted(sgd.SUPPORTED))}",
         )
-    cls = module.SGDSolver if choice == "sgd" else module.ALSSolver
+    cls = sgd.SGDSolver if choice == "sgd" else als.ALSSolver
     return cls(model, cfg, data, device)
