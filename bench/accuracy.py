@@ -188,7 +188,7 @@ def run_surprise(data_uri: str) -> list[dict]:
     frame = dataset.read_rank(data_uri, columns=["user_idx", "item_idx", "rating", "split"])
     split = frame["split"].cast(pl.String)
     test = frame.filter(split == "test")
-    test_rows = list(zip(test["user_idx"].to_list(), test["item_idx"].to_list(), test["rating"].to_list()))
+    test_rows = list(zip(test["user_idx"].to_list(), test["item_idx"].to_list(), test["rating"].to_list(), strict=True))
     rows = []
     for fitted_on, parts in (("train", ["train"]), ("train+val", ["train", "val"])):
         train = frame.filter(split.is_in(parts)).select("user_idx", "item_idx", "rating").to_pandas()

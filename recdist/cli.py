@@ -91,7 +91,7 @@ def synth(
     activity (at least 20 ratings each), movies long-tailed popularity, and no
     (user, movie) pair comes twice.
 
-    Full size takes about 35 s and 2 GiB of memory; for a quick try:
+    Full size takes 15-35 s and 2 GiB of memory; for a quick try:
       recdist synth --out data/synth --users 1000 --items 2000 --ratings 100000
     Then prepare it like any ratings file:
       recdist prepare --path data/synth --out data/synth-ds
@@ -320,10 +320,15 @@ def train(
 
 
 def _params_for(config: str | None, sets: list[str] | None, key: str, model: str) -> dict[str, Any]:
-    """Keep a config's params only when they belong to the model chosen by --model."""
-    base = _config(config, sets, {}).model_dump()
-    section = base["stages"][key.split(".")[1]]
-    return section["params"] if section["model"] == model else {}
+    """The params of --model: the config file's for this stage when it names the same model, then every
+    `--set <key>.params.NAME=VALUE` (a file's params for another model would not fit this one)."""
+    section = load_config(config).model_dump()["stages"][key.split(".")[1]] if config else None
+    params = dict(section["params"]) if section and section["model"] == model else {}
+    prefix = f"{key}.params."
+    for name, value in (parse_override(s) for s in sets or []):
+        if name.startswith(prefix):
+            params[name.removeprefix(prefix)] = value
+    return params
 
 
 @app.command()

@@ -136,8 +136,9 @@ class TrainConfig(Section):
     batch_size: int = Field(8192, ge=1)
     """Ratings per optimiser step over all workers together (each rank takes its share), so 1 and N workers
     take the same steps per epoch on the same effective batch (autograd and torch-SGD solvers)."""
-    lr: float = Field(0.005, gt=0)
-    """Learning rate (peak, before the schedule)."""
+    lr: float | None = Field(None, gt=0)
+    """Learning rate (peak, before the schedule); empty: the solver's default, 0.005 for the autograd optimisers
+    and 0.02 for per-rating SGD (ALS has none)."""
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     """Optimiser for the autograd solver."""
     weight_decay: float = Field(0.0, ge=0)

@@ -69,7 +69,9 @@ def noisy_items_frame() -> pl.DataFrame:
     odd = torch.from_numpy(frame["item_idx"].to_numpy().copy()) % 2 == 1
     shift = torch.where(odd, -1.0, 0.0) + sign * torch.where(odd, NOISY, QUIET)
     rating = torch.from_numpy(frame["rating"].to_numpy().copy()) + shift
-    return frame.with_columns(pl.Series("rating", rating.clamp(0.5, 5.0).numpy()), pl.Series("noise_sign", sign.numpy()))
+    return frame.with_columns(
+        pl.Series("rating", rating.clamp(0.5, 5.0).numpy()), pl.Series("noise_sign", sign.numpy())
+    )
 
 
 @pytest.fixture(scope="module")

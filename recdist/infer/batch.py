@@ -1,9 +1,15 @@
 """Batch inference: a prepared or scored Parquet table in, the same rows out with prediction columns added.
 
-`score` runs Ray Data (read_parquet -> map_batches with an actor class that loads the models once ->
-write_parquet); `score_local` does the same work with Polars and PyTorch in this process, as a baseline for
-the bench and for small tables. The output is a "scored" dataset (manifest.json + ratings/part-*.parquet +
-users/items), so the next stage trains on it directly.
+`score` runs Ray Data: a dataset of the input's shards, map_batches with an actor class (ShardScorer) that
+loads the models once and streams each shard through them in whole Arrow batches, writing output shard n for
+input shard n. `score_local` does the same work (score_shard) in this process, the bench's baseline. The
+output is a "scored" dataset (manifest.json + ratings/part-*.parquet + users/items), so the next stage trains
+on it directly.
+
+Why shards and not read_parquet -> map_batches -> write_parquet: on two cores that plan spent ~2 s listing
+files, moved every scored row through the object store to separate write tasks (which starve once the actors
+hold every CPU), and wrote unevenly sized files in a run-dependent order; 1:1 shards keep the layout the
+trainers read by rank and make runs reproducible.
 """
 
 from __future__ import annotations
@@ -102,8 +108,8 @@ def score(
     role: which columns to add (mf: mf_pred + error, reliability: pred_error, rating: pred_rating); default
     from the model (target "error" -> reliability, upstream -> rating, else mf). fold_models: cross-fitted
     stage-1 models, fold k scoring the train rows of fold k. fallback_model: the MF model whose biases
-    build the cold-start prediction of a non-MF model. actors: scoring actors (default 1 per GPU, else one
-    per 4 CPUs, at least 1). cluster: where to run (default $RAY_ADDRESS or a local cluster).
+    build the cold-start prediction of a non-MF model. actors: scoring actors (default one per GPU, else one
+    per CPU). cluster: where to run (default $RAY_ADDRESS or a local cluster).
     Returns {rows, seconds, rows_per_s, files, out, role, columns, engine}.
     """
     import ray
@@ -123,76 +129,66 @@ def score(
         fallback_model=fallback_model,
         device="cuda" if use_gpu else "cpu",
     )
-    n_actors = actors or (int(resources.get("GPU", 1)) if use_gpu else max(1, int(resources.get("CPU", 1)) // 4))
     manifest = read_manifest(data)
     files = shard_files(data)
-    afs, _ = storage.arrow_filesystem(data)
-    schema = _scored_schema(_file_schema(files[0]), plan.role)
+    slots = int(resources.get("GPU", 1)) if use_gpu else int(resources.get("CPU", 1))
+    n_actors = max(1, min(actors or slots, len(files)))
     t0 = time.perf_counter()
     with storage.staged_output(out, overwrite=overwrite) as tmp:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.print_on_execution_start = progress
-        ctx.execution_options.preserve_order = True  # same rows in the same files: next stage trains reproducibly
-        ds = ray.data.read_parquet([storage.arrow_filesystem(f)[1] for f in files], filesystem=afs,
-                                   ray_remote_args={"num_cpus": _EXP.get("read_cpus", 1)})
-        ratings = storage.join(tmp, "ratings")
-        if _EXP.get("in_actor", False):
-            ds = ds.map_batches(
-                ScoreWriter,
-                fn_constructor_args=(plan, ratings, schema),
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                zero_copy_batch=True,
-                concurrency=n_actors,
-                num_gpus=1 if use_gpu else 0,
-                num_cpus=_EXP.get("actor_cpus", 1),
-            )
-            ds.materialize()
-        else:
-            ds = ds.map_batches(
-                Predictor,
-                fn_constructor_args=(plan,),
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                zero_copy_batch=True,
-                concurrency=n_actors,
-                num_gpus=1 if use_gpu else 0,
-                num_cpus=_EXP.get("actor_cpus", 1),
-            )
-            ds.write_parquet(
-                storage.arrow_filesystem(ratings)[1],
-                filesystem=afs,
-                filename_provider=_part_names(),
-                mode=ray.data.SaveMode.OVERWRITE,
-                min_rows_per_file=batch_size,
-                ray_remote_args={"num_cpus": _EXP.get("write_cpus", 1)},
-                **SCORED_PARQUET,
-            )
+        shards = ray.data.from_items(
+            [{"shard": n, "source": f} for n, f in enumerate(files)], override_num_blocks=len(files)
+        )
+        written = shards.map_batches(
+            ShardScorer,
+            fn_constructor_args=(plan, storage.join(tmp, "ratings"), batch_size),
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+        ).take_all()
+        if sum(int(w["rows"]) for w in written) != int(manifest["n_ratings"]):
+            raise RuntimeError(f"the scoring actors wrote {len(written)} of {len(files)} shards")
         result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="ray-data")
     return {**result, "out": out}
 
 
-_EXP: dict = {}
+def score_shard(predictor: Predictor, source: str, dest: str, batch_size: int) -> int:
+    """One shard through the model: read it whole (Polars), score it in batches of Arrow rows, write it with
+    the input columns plus the role's (pyarrow); returns the rows written. The work of one actor call."""
+    table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
+    schema = _scored_schema(_file_schema(source), predictor.plan.role)
+    parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
+        predictor(table)
+    ]
+    scored = pa.concat_tables(parts).select(schema.names).cast(schema)
+    storage.write_parquet(scored, dest, **SCORED_PARQUET)
+    return scored.num_rows
 
 
-class ScoreWriter:
-    """Ray Data actor: scores each batch (Predictor) and writes it as one Parquet file; returns {file, rows}.
+class ShardScorer:
+    """Ray Data actor: loads the plan's models once, then scores whole shards (score_shard), one per call.
 
-    Writing in the actor keeps the scored rows out of the object store and needs no write tasks. Files are
-    named by the batch's first (user_idx, item_idx), unique and the same in every run.
+    Input rows are (shard, source); output shard n is ratings/part-n.parquet, so a scored table has the
+    shards, row order and balance of its input: the next stage's ranks read it exactly as they read the
+    prepared data, and a run is reproducible.
     """
 
-    def __init__(self, plan: ScoringPlan, ratings: str, schema: pa.Schema):
-        self.predictor, self.ratings, self.schema = Predictor(plan), ratings, schema
+    def __init__(self, plan: ScoringPlan, ratings: str, batch_size: int):
+        import torch
+
+        torch.set_num_threads(1)  # one CPU per actor: the actors, not PyTorch's threads, use the cores
+        self.predictor, self.ratings, self.batch_size = Predictor(plan), ratings, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scored = self.predictor(batch).select(self.schema.names).cast(self.schema)
-        if scored.num_rows == 0:
-            return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
-        name = f"part-{scored['user_idx'][0].as_py():010d}-{scored['item_idx'][0].as_py():010d}.parquet"
-        storage.write_parquet(scored, storage.join(self.ratings, name), **SCORED_PARQUET)
-        return pa.table({"file": [name], "rows": [scored.num_rows]})
+        rows = []
+        for shard, source in zip(batch["shard"].to_pylist(), batch["source"].to_pylist(), strict=True):
+            dest = storage.join(self.ratings, f"part-{int(shard):05d}.parquet")
+            rows.append(score_shard(self.predictor, source, dest, self.batch_size))
+        return pa.table({"shard": batch["shard"], "rows": pa.array(rows, pa.int64())})
 
 
 def score_local(
@@ -207,12 +203,11 @@ def score_local(
     fold_seed: int = 0,
     fallback_model: str | None = None,
     workers: int = 1,
-    progress: bool = False,
 ) -> dict[str, Any]:
-    """The same pass as `score` without Ray: Polars reads a shard, PyTorch scores it, pyarrow writes it.
+    """The same pass as `score` without Ray: score_shard over the shards in this process.
 
-    `workers` shards at a time in threads of this process (Arrow, Polars, PyTorch and the MF kernel release
-    the GIL), each scoring with one PyTorch thread; memory: `workers` shards. The bench's baseline for Ray Data.
+    `workers` shards at a time in threads (Polars, Arrow, PyTorch and the MF kernel release the GIL), each
+    with one PyTorch thread; memory: `workers` shards. The bench's baseline for Ray Data's overhead.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -226,18 +221,14 @@ def score_local(
     predictor = Predictor(plan)
     manifest = read_manifest(data)
     threads = torch.get_num_threads()
-    if workers > 1:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
         with storage.staged_output(out, overwrite=overwrite) as tmp:
 
-            def one(n: int, uri: str) -> None:
-                table = pl.read_parquet(uri, storage_options=_polars_storage(uri)).to_arrow()
-                schema = _scored_schema(_file_schema(uri), plan.role)
-                parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)]
-                scored = pa.concat_tables(parts).select(schema.names).cast(schema)
-                storage.write_parquet(scored, storage.join(tmp, "ratings", f"part-{n:05d}.parquet"), **SCORED_PARQUET)
+            def one(n: int, source: str) -> int:
+                dest = storage.join(tmp, "ratings", f"part-{n:05d}.parquet")
+                return score_shard(predictor, source, dest, batch_size)
 
             with ThreadPoolExecutor(max(1, workers)) as pool:
                 list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
@@ -347,14 +338,3 @@ def _file_schema(uri: str) -> pa.Schema:
 
     afs, path = storage.arrow_filesystem(uri)
     return pq.read_schema(path, filesystem=afs)
-
-
-def _part_names() -> Any:
-    """Ray Data output names part-<task>-<i>.parquet: sorted like the prepared shards (ratings/part-*)."""
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}-{{i}}.parquet"
-
-    return PartNames(file_format="parquet")

@@ -18,9 +18,13 @@ ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 #: pyarrow.parquet writer options of scored tables (intermediates between stages): snappy, dictionary pages only
-#: for `split` and no statistics on the floats. Writing is the slowest part of a scoring pass: dictionary-encoding
-#: the index, rating and timestamp columns and zstd made it 2-3x slower for files only ~25% smaller.
-SCORED_PARQUET: dict = {"compression": "snappy", "use_dictionary": ["split"], "write_statistics": ["user_idx", "item_idx"]}
+#: for `split` and `rating`, statistics only on the indices (readers filter on them). Writing is the slowest part of a scoring
+#: pass; dictionary-encoding every column with zstd (the defaults) made it 2-3x slower.
+SCORED_PARQUET: dict = {
+    "compression": "snappy",
+    "use_dictionary": ["split", "rating"],
+    "write_statistics": ["user_idx", "item_idx"],
+}
 
 #: Extra columns of a scored table, in the order they appear when all three stages have run.
 SCORED_EXTRA = pa.schema(

@@ -28,8 +28,8 @@ class MFConfig(Section):
     reg: float = Field(0.05, ge=0)
     """L2 weight on the factor rows of each rating, added per rating as in classic SGD MF
     (loss = mean over the batch of (r - r_hat)^2 + reg * (|p_u|^2 + |q_i|^2))."""
-    init_std: float = Field(0.01, gt=0)
-    """Standard deviation of the normal initial factors."""
+    init_std: float = Field(0.1, gt=0)
+    """Standard deviation of the normal initial factors (not tiny: p = q = 0 is a saddle SGD leaves slowly)."""
 
 
 class BiasedMFConfig(MFConfig):

@@ -26,6 +26,7 @@ from recdist.train.data import RankData
 from recdist.train.sgd import mf_tables
 from recdist.train.solvers import rank_counts
 
+
 @dataclass
 class _Side:
     """The ratings as a CSR matrix with one side's rows (users or items) and the other side's columns."""

@@ -31,19 +31,31 @@ class WorkerPlan:
 def connect(cluster: ClusterConfig) -> WorkerPlan:
     """Join the configured cluster ($RAY_ADDRESS or cluster.address), else start a local one; check the fit.
 
-    An already initialised Ray (a test session, a `ray job` driver) is used as it is.
+    An already initialised Ray (a test session, a `ray job` driver) is used as it is. A local cluster is
+    checked against this machine's CPUs and CUDA devices before it is started, so a bad request costs nothing.
     """
-    if cluster.workers < 1:
-        raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
     import ray
 
-    if not ray.is_initialized():
-        address = cluster.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
-    return plan(cluster, ray.cluster_resources())
+    if ray.is_initialized():
+        return plan(cluster, ray.cluster_resources())
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return plan(cluster, ray.cluster_resources())
+    here = local_resources()
+    fit = plan(cluster, here)
+    ray.init(num_cpus=int(here["CPU"]), num_gpus=int(here["GPU"]), include_dashboard=False, log_to_driver=True)
+    return fit
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray cluster started here would have: every CPU and every visible CUDA device."""
+    import torch
+
+    return {
+        "CPU": float(os.cpu_count() or 1),
+        "GPU": float(torch.cuda.device_count() if torch.cuda.is_available() else 0),
+    }
 
 
 def plan(cluster: ClusterConfig, resources: dict[str, float]) -> WorkerPlan:

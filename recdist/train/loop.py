@@ -89,7 +89,7 @@ class Trainer:
             "val_rmse": val["rmse"],
             "val_mae": val["mae"],
             "rows_per_s": float(stats["rows"]) / max(float(stats["seconds"]), 1e-9),
-            "lr": float(stats.get("lr", self.cfg.lr)),
+            "lr": float(stats["lr"]),
             "seconds": time.perf_counter() - start,
         }
         self.history.append(row)

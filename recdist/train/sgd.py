@@ -40,6 +40,8 @@ from recdist.train.solvers import Schedule, epoch_generator, rank_counts
 
 SUPPORTED = {"mf", "biased_mf"}
 """Registered model names these solvers train (make_solver's "auto" picks them for these)."""
+DEFAULT_LR = 0.02
+"""Per-rating SGD's learning rate when train.lr is empty."""
 
 
 @dataclass
@@ -200,7 +202,7 @@ class SGDSolver:
         if self.kernel == "numba" and self.device.type != "cpu":
             raise ConfigError("the numba SGD kernel runs on CPU only", fix="use kernel='torch' on CUDA")
         self.t = mf_tables(model)
-        self.schedule = Schedule(cfg)
+        self.schedule = Schedule(cfg, DEFAULT_LR)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.threads = threads or torch.get_num_threads()
         self.strata = S = max(strata, self.world * self.threads)
@@ -305,7 +307,9 @@ class SGDSolver:
             send = torch.bincount(owner, minlength=self.world)
             recv = dist.all_to_all_(torch.empty_like(send), send, [1] * self.world, [1] * self.world)
             sizes = (recv.tolist(), send.tolist())
-            user, item, rating = (dist.all_to_all_(x.new_empty(sum(sizes[0])), x[order], *sizes) for x in (user, item, rating))
+            user, item, rating = (
+                dist.all_to_all_(x.new_empty(sum(sizes[0])), x[order], *sizes) for x in (user, item, rating)
+            )
         return user.cpu().numpy().astype(np.int32), item.cpu().numpy().astype(np.int32), rating.cpu().numpy()
 
     def _share(self, tensors: list[torch.Tensor], mine: torch.Tensor) -> None:

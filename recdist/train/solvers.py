@@ -22,6 +22,8 @@ from recdist.models.losses import data_loss
 from recdist.train import dist
 from recdist.train.data import RankData
 
+#: The autograd optimisers' learning rate when train.lr is empty.
+DEFAULT_LR = 0.005
 #: Cosine schedule's final learning rate as a share of the peak.
 COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
@@ -67,31 +69,33 @@ def take(batch: Batch, idx: torch.Tensor) -> Batch:
     )
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 class Schedule:
-    """The learning rate at a (fractional) epoch: constant, cosine down to COSINE_FLOOR x lr, or halved on plateaus."""
+    """The learning rate at a (fractional) epoch: constant, cosine down to COSINE_FLOOR x the peak, or halved on
+    plateaus. The peak is train.lr, else the solver's `default` rate."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, default: float) -> None:
         self.cfg = cfg
+        self.peak = cfg.lr if cfg.lr is not None else default
         self.best, self.halvings = math.inf, 0
 
     def lr(self, epoch: float) -> float:
         cfg = self.cfg
         if cfg.lr_schedule == "cosine":
             t = min(epoch / cfg.epochs, 1.0)
-            return cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+            return self.peak * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
         if cfg.lr_schedule == "plateau":
-            return cfg.lr * PLATEAU_FACTOR**self.halvings
-        return cfg.lr
+            return self.peak * PLATEAU_FACTOR**self.halvings
+        return self.peak
 
     def observe(self, val_rmse: float) -> None:
         """After each epoch: a validation RMSE that did not improve halves the rate (plateau schedule)."""
@@ -125,10 +129,10 @@ class AutogradSolver:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.schedule = Schedule(cfg, DEFAULT_LR)
+        self.optimizer = make_optimizer(self.params, cfg, self.schedule.peak)
         self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
-        self.schedule = Schedule(cfg)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -142,7 +146,7 @@ class AutogradSolver:
         bounds = [n * s // self.steps for s in range(self.steps + 1)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
-        lr = self.cfg.lr
+        lr = self.schedule.peak
         for step in range(self.steps):
             lr = self.schedule.lr(epoch + step / self.steps)
             for group in self.optimizer.param_groups:
