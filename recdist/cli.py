@@ -415,12 +415,14 @@ def similar(
 def models() -> None:
     """List the registered models with their parameters and defaults."""
     from recdist.models import registry
+    from recdist.train import sgd, solvers
 
-    table = Table("model", "what", "params (defaults)")
+    table = Table("model", "what", "params (defaults)", "target", "train.lr (when empty)")
     for name in registry.names():
         entry = registry.get(name)
         params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
-        table.add_row(name, entry.summary, params)
+        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if name in sgd.SUPPORTED else solvers.DEFAULT_LR)
+        table.add_row(name, entry.summary, params, entry.module.target, str(lr))
     out.print(table)
 
 

@@ -137,8 +137,8 @@ class TrainConfig(Section):
     """Ratings per optimiser step over all workers together (each rank takes its share), so 1 and N workers
     take the same steps per epoch on the same effective batch (autograd and torch-SGD solvers)."""
     lr: float | None = Field(None, gt=0)
-    """Learning rate (peak, before the schedule); empty: the solver's default, 0.005 for the autograd optimisers
-    and 0.02 for per-rating SGD (ALS has none)."""
+    """Learning rate (peak, before the schedule); empty: the model's own default where it has one (see `recdist
+    models`), else 0.005 for the autograd optimisers and 0.02 for per-rating SGD (ALS has none)."""
     optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     """Optimiser for the autograd solver."""
     weight_decay: float = Field(0.0, ge=0)
@@ -175,7 +175,12 @@ class StageConfig(Section):
         return self
 
 
-DEFAULT_MODELS = {"mf": "biased_mf", "reliability": "reliability_mlp", "rating": "rating_mlp", "single": "mf_residual_mlp"}
+DEFAULT_MODELS = {
+    "mf": "biased_mf",
+    "reliability": "reliability_mlp",
+    "rating": "rating_mlp",
+    "single": "mf_residual_mlp",
+}
 """The model each stage slot trains when its section does not name one."""
 
 

@@ -91,12 +91,13 @@ def stage1(tmp_path_factory) -> dict[str, Any]:
     mf.eval()
     user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
     with torch.no_grad():
-        error = (torch.from_numpy(frame["rating"].to_numpy().copy()) - mf(Batch(user, item))).square()
+        mf_pred = mf(Batch(user, item))
+        error = (torch.from_numpy(frame["rating"].to_numpy().copy()) - mf_pred).square()
     level = torch.where(item % 2 == 1, NOISY**2, QUIET**2)  # the planted truth of the error
     sign = torch.from_numpy(frame["noise_sign"].to_numpy().copy())
     g = torch.Generator().manual_seed(5)
     pred_error = level * torch.exp(0.5 * sign + 0.1 * torch.randn(len(level), generator=g))
-    extra = {"error": error.tolist(), "pred_error": pred_error.tolist()}
+    extra = {"error": error.tolist(), "pred_error": pred_error.tolist(), "mf_pred": mf_pred.tolist()}
     return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
 
 

@@ -43,12 +43,13 @@ class RunModels:
 
 
 def ranker_for(models: RunModels) -> Ranker:
-    """The run's ranker: MF candidates re-ranked by stage 2 + stage 3 (or the single model)."""
+    """The run's ranker: MF candidates re-ranked by stages 1-3 in turn (or the single model)."""
     from recdist.data.dataset import read_items
     from recdist.models.io import load_model
 
     plans = []
-    if models.reliability:
+    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
+        plans.append(plan_for(models.mf, models.data, role="mf"))
         plans.append(plan_for(models.reliability, models.data, role="reliability", fallback_model=models.mf))
     plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
     mf = load_model(models.mf) if models.mf else None

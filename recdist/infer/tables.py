@@ -18,8 +18,8 @@ ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 #: pyarrow.parquet writer options of scored tables (intermediates between stages): snappy, dictionary pages only
-#: for `split` and `rating`, statistics only on the indices (readers filter on them). Writing is the slowest part of a scoring
-#: pass; dictionary-encoding every column with zstd (the defaults) made it 2-3x slower.
+#: for `split` and `rating`, statistics only on the indices (readers filter on them). Writing is the slowest
+#: part of a scoring pass; dictionary-encoding every column with zstd (the defaults) made it 2x slower.
 SCORED_PARQUET: dict = {
     "compression": "snappy",
     "use_dictionary": ["split", "rating"],

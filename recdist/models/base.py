@@ -28,6 +28,8 @@ class Model(nn.Module):
     """Extra float columns read into batch.features, in order."""
     upstream: ClassVar[bool] = False
     """True when attach(mf_model) must be called before training."""
+    default_lr: ClassVar[float | None] = None
+    """The autograd learning rate this model trains well with when train.lr is empty (None: the solver's)."""
 
     def __init__(self, config: Section, dims: Dims):
         super().__init__()

@@ -1,9 +1,15 @@
 """RNCF stages 2 and 3: MLPs on a trained MF's frozen factors.
 
-Stage 2 (`reliability_mlp`) predicts stage 1's squared error (rating - mf_pred)^2 from (p_u, q_i, b_u, b_i);
-stage 3 (`rating_mlp`) predicts the rating from the same inputs plus that predicted error. attach(mf) copies
-the MF tables in as frozen buffers and only then builds the MLP (its input width depends on the MF rank), from
-the generator state saved at construction, so the same seed still gives the same weights.
+Stage 2 (`reliability_mlp`) predicts stage 1's squared error (rating - mf_pred)^2 from (p_u, q_i, b_u, b_i)
+and stage 1's prediction; stage 3 (`rating_mlp`) predicts the rating from the same inputs plus that predicted
+error. attach(mf) copies the MF tables in as frozen buffers and only then builds the MLP (its input width
+depends on the MF rank), from the generator state saved at construction, so the same seed still gives the
+same weights.
+
+Stage 1's prediction is read from the scored table's `mf_pred` column, not recomputed from the frozen
+factors: with K-fold cross-fitting a training row's mf_pred comes from the fold model that never saw it, so
+stages 2 and 3 learn from predictions as honest as the ones they meet on new rows (p_u . q_i of the full
+model on its own training rows is in-sample, and an MLP trained on it learns to trust it too much).
 
 Two traps of the seed are handled here: inputs are standardised per column (factors, biases, factor norms and
 the MF prediction, with statistics frozen at attach), and stage 2's output is softplus(z) with z's bias set
@@ -23,7 +29,7 @@ from torch import nn
 
 from recdist.config import Section
 from recdist.errors import ConfigError, DataError
-from recdist.models.base import Model, head, mlp, scaled_sigmoid
+from recdist.models.base import Model, head, mlp
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
 
@@ -31,52 +37,52 @@ TABLES = ("user_factors", "item_factors", "user_bias", "item_bias")
 
 
 class FrozenMF(nn.Module):
-    """A trained MF's tables as frozen buffers, its prediction, and standardised per-row inputs."""
+    """A trained MF's tables as frozen buffers, and each user's and item's standardised input row.
+
+    The input rows ([factors, (bias), (|factors|)] per user and per item, standardised per column) are derived
+    from the tables once at load and not saved; a batch's inputs are then two gathers.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         for name in (*TABLES, "user_stats", "item_stats"):
             self.register_buffer(name, torch.zeros(0))
-        self.register_buffer("global_mean", torch.zeros(()))
-        self.register_buffer("sigmoid", torch.zeros(()))  # 1.0: the MF's score goes through a scaled sigmoid
+        for name in ("user_inputs", "item_inputs"):
+            self.register_buffer(name, torch.zeros(0), persistent=False)
 
     @property
     def rank(self) -> int:
         return int(self.user_factors.shape[1]) if self.user_factors.dim() == 2 else 0
 
-    def load(self, tables: dict[str, torch.Tensor]) -> None:
-        """Copy the four tables (plus global_mean and sigmoid when given) and freeze their statistics."""
+    def load(self, tables: dict[str, torch.Tensor], cfg: OnMFConfig) -> None:
+        """Copy the four tables, freeze their statistics and derive the per-user and per-item input rows."""
         for name in TABLES:
             setattr(self, name, tables[name].detach().float().clone())
-        for name in ("global_mean", "sigmoid"):
-            if name in tables:
-                setattr(self, name, tables[name].detach().float().clone().reshape(()))
-        self.user_stats = _column_stats(self._side(self.user_factors, self.user_bias))
-        self.item_stats = _column_stats(self._side(self.item_factors, self.item_bias))
+        k = self.rank
+        columns = list(range(k)) * cfg.use_factors + [k] * cfg.use_bias + [k + 1] * cfg.use_norms
+        for side in ("user", "item"):
+            full = self._side(getattr(self, f"{side}_factors"), getattr(self, f"{side}_bias"))
+            stats = _column_stats(full)
+            setattr(self, f"{side}_stats", stats)
+            setattr(self, f"{side}_inputs", ((full - stats[0]) / stats[1])[:, columns].contiguous())
+
+    @property
+    def width(self) -> int:
+        """Input columns per row before stage 1's prediction: the user's and the item's."""
+        return int(self.user_inputs.shape[1] + self.item_inputs.shape[1])
 
     @staticmethod
     def _side(factors: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """[factors, bias, |factors|] per row."""
         return torch.cat([factors, bias.unsqueeze(-1), factors.norm(dim=-1, keepdim=True)], dim=-1)
 
-    def predict(self, user: torch.Tensor, item: torch.Tensor, dims: Dims) -> torch.Tensor:
-        """The MF's own prediction mu + b_u + b_i + p_u . q_i (through its link) in rating units."""
-        z = (self.user_factors[user] * self.item_factors[item]).sum(-1)
-        z = z + self.global_mean + self.user_bias[user] + self.item_bias[item]
-        return torch.where(self.sigmoid > 0.5, scaled_sigmoid(z, dims), z)
-
-    def inputs(self, user: torch.Tensor, item: torch.Tensor, cfg: OnMFConfig, dims: Dims) -> torch.Tensor:
-        """Standardised [p_u, q_i, (b_u, b_i), (|p_u|, |q_i|), (mf prediction)] for each row."""
-        k = self.rank
-        u = (self._side(self.user_factors[user], self.user_bias[user]) - self.user_stats[0]) / self.user_stats[1]
-        i = (self._side(self.item_factors[item], self.item_bias[item]) - self.item_stats[0]) / self.item_stats[1]
-        cols = [u[:, :k], i[:, :k]]
-        if cfg.use_bias:
-            cols += [u[:, k : k + 1], i[:, k : k + 1]]
-        if cfg.use_norms:
-            cols += [u[:, k + 1 :], i[:, k + 1 :]]
+    def inputs(
+        self, user: torch.Tensor, item: torch.Tensor, mf_pred: torch.Tensor, cfg: OnMFConfig, dims: Dims
+    ) -> torch.Tensor:
+        """Standardised [user row, item row, (stage 1's prediction - global mean)] for each (user, item)."""
+        cols = [self.user_inputs[user], self.item_inputs[item]]
         if cfg.use_mf_pred:
-            cols.append((self.predict(user, item, dims) - dims.global_mean).unsqueeze(-1))
+            cols.append((mf_pred - dims.global_mean).unsqueeze(-1))
         return torch.cat(cols, dim=-1)
 
 
@@ -92,12 +98,16 @@ class OnMFConfig(Section):
     """Widths of the MLP's hidden layers."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout after each hidden layer (training only)."""
+    use_factors: bool = True
+    """Feed the factor vectors p_u and q_i themselves; without them the net sees only biases, norms and
+    predictions (a small calibration net that cannot memorise users: better on small data)."""
     use_bias: bool = True
-    """Feed the MF's user and item biases as well as the factors."""
+    """Feed the MF's user and item biases."""
     use_norms: bool = True
     """Feed the norms |p_u| and |q_i| (how much the MF knows about the user and the item)."""
     use_mf_pred: bool = True
-    """Feed the MF's own prediction (an MLP finds a dot product hard to compute from the factors)."""
+    """Feed stage 1's prediction, the scored table's mf_pred (an MLP finds a dot product hard to compute from
+    the factors)."""
 
 
 class ReliabilityConfig(OnMFConfig):
@@ -112,13 +122,17 @@ class RatingConfig(OnMFConfig):
     dropout: float = Field(0.2, ge=0, lt=1)
     """Dropout after each hidden layer (training only)."""
     skip: bool = True
-    """Predict MF's rating plus an MLP correction (starting at zero) instead of the global mean plus the MLP."""
+    """Predict stage 1's rating (mf_pred) plus an MLP correction starting at zero, instead of the global mean
+    plus the MLP."""
 
 
 class OnMF(Model):
-    """Base of the stages that read a frozen MF: attach() copies it in and builds the MLP."""
+    """Base of the stages that read a frozen MF: attach() copies it in and builds the MLP.
+
+    Their feature columns end with `mf_pred` (stage 1's prediction of the row)."""
 
     upstream: ClassVar[bool] = True
+    inputs: ClassVar[tuple[str, ...]] = ("mf_pred",)
     extra_inputs: ClassVar[int] = 0
     head_std: ClassVar[float] = 0.0
 
@@ -135,10 +149,7 @@ class OnMF(Model):
                 f"{self.registry_name} needs an MF-family upstream model, got {type(mf).__name__}",
                 fix="train stage 1 with mf, biased_mf, sigmoid_mf or mf_residual_mlp",
             )
-        tables = dict(mf.factors())
-        tables["global_mean"] = mf.global_mean
-        tables["sigmoid"] = torch.tensor(float(getattr(mf, "link", "identity") == "sigmoid"))
-        self._attach_tables(tables)
+        self._attach_tables(dict(mf.factors()))
 
     def resize_for(self, state: dict[str, torch.Tensor]) -> None:
         """Shape the frozen tables and the MLP like a saved state, before load_state_dict."""
@@ -146,9 +157,8 @@ class OnMF(Model):
 
     def _attach_tables(self, tables: dict[str, torch.Tensor]) -> None:
         device = tables["user_factors"].device
-        self.frozen.load(tables)
-        width = 2 * self.frozen.rank + self.extra_inputs
-        width += 2 * self.config.use_bias + 2 * self.config.use_norms + self.config.use_mf_pred
+        self.frozen.load(tables, self.config)
+        width = self.frozen.width + self.extra_inputs + self.config.use_mf_pred
         generator = torch.Generator().set_state(self._init_state)
         net = mlp(width, self.config.hidden, 1, self.config.dropout, generator, last_std=self.head_std)
         self.net = net.to(device)
@@ -159,6 +169,18 @@ class OnMF(Model):
             raise RuntimeError(f"{self.registry_name}: call attach(mf_model) before using the model")
         return self.net(x).squeeze(-1)
 
+    def _mf_pred(self, batch: Batch) -> torch.Tensor:
+        """Stage 1's prediction of each row: the last feature column."""
+        if batch.features is None or batch.features.shape[-1] != len(self.inputs):
+            raise DataError(
+                f"{self.registry_name} needs the feature columns {', '.join(self.inputs)}",
+                fix="train and score stages 2 and 3 on the previous stage's scored output (it has these columns)",
+            )
+        return batch.features[:, -1].float()
+
+    def _features(self, batch: Batch) -> torch.Tensor:
+        return self.frozen.inputs(batch.user, batch.item, self._mf_pred(batch), self.config, self.dims)
+
 
 @register("reliability_mlp", ReliabilityConfig)
 class ReliabilityMLP(OnMF):
@@ -168,8 +190,7 @@ class ReliabilityMLP(OnMF):
     head_std = 0.01
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        x = self.frozen.inputs(batch.user, batch.item, self.config, self.dims)
-        return F.softplus(self._mlp(x))
+        return F.softplus(self._mlp(self._features(batch)))
 
     def set_context(self, train: Batch) -> None:
         """Start the output at the mean training error: the head's bias = softplus^-1(mean target).
@@ -199,7 +220,7 @@ def _softplus_inverse(y: float) -> float:
 class RatingMLP(OnMF):
     """RNCF stage 3: MF's prediction plus an MLP correction on frozen factors and the predicted error."""
 
-    inputs = ("pred_error",)
+    inputs = ("pred_error", "mf_pred")
     extra_inputs = 1
 
     def __init__(self, config: RatingConfig, dims: Dims, generator: torch.Generator):
@@ -207,18 +228,14 @@ class RatingMLP(OnMF):
         self.register_buffer("error_stats", torch.tensor([0.0, 1.0]))  # mean, std of log1p(pred_error)
 
     def _error_feature(self, batch: Batch) -> torch.Tensor:
-        if batch.features is None or batch.features.shape[-1] != 1:
-            raise DataError(
-                "rating_mlp needs one feature column, pred_error",
-                fix="train stage 3 on stage 2's scored output (it has the pred_error column)",
-            )
-        return torch.log1p(batch.features.float().clamp_min(0))
+        self._mf_pred(batch)  # checks the feature columns
+        return torch.log1p(batch.features[:, :1].float().clamp_min(0))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         err = (self._error_feature(batch) - self.error_stats[0]) / self.error_stats[1]
-        x = torch.cat([self.frozen.inputs(batch.user, batch.item, self.config, self.dims), err], dim=-1)
+        x = torch.cat([self._features(batch), err], dim=-1)
         if self.config.skip:
-            base = self.frozen.predict(batch.user, batch.item, self.dims)
+            base = self._mf_pred(batch)
         else:
             base = torch.full_like(batch.user, 0, dtype=torch.float32) + self.dims.global_mean
         return base + self._mlp(x)

@@ -129,7 +129,7 @@ class AutogradSolver:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        self.schedule = Schedule(cfg, DEFAULT_LR)
+        self.schedule = Schedule(cfg, getattr(model, "default_lr", None) or DEFAULT_LR)
         self.optimizer = make_optimizer(self.params, cfg, self.schedule.peak)
         self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
