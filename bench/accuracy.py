@@ -152,7 +152,8 @@ def run_rncf(data_uri: str, params: dict[str, Any], train: dict[str, Any]) -> li
     dims = mf.data.dims
     with torch.no_grad():
         mf_pred = mf.model.eval()(Batch(user, item)).clamp(dims.rating_min, dims.rating_max)
-    frame = frame.with_columns(pl.Series("error", ((rating - mf_pred) ** 2).numpy()))
+    error = ((rating - mf_pred) ** 2).numpy()
+    frame = frame.with_columns(pl.Series("mf_pred", mf_pred.numpy()), pl.Series("error", error))
 
     reliability, s2 = fit(data_uri, "reliability_mlp", params, train, upstream=mf.model, frame=frame)
     error_rows = row_of("reliability_mlp", reliability, s2, "RMSE of the predicted squared error")
@@ -160,7 +161,7 @@ def run_rncf(data_uri: str, params: dict[str, Any], train: dict[str, Any]) -> li
     test_error = frame.filter(pl.col("split") == "test")["error"]
     error_rows["note"] += f" (mean predictor: {float(((test_error - train_error) ** 2).mean() ** 0.5):.4f})"
     with torch.no_grad():
-        pred_error = reliability.model.eval()(Batch(user, item)).clamp_min(0)
+        pred_error = reliability.model.eval()(Batch(user, item, features=mf_pred[:, None])).clamp_min(0)
     frame = frame.with_columns(pl.Series("pred_error", pred_error.numpy()))
 
     rating_mlp, s3 = fit(data_uri, "rating_mlp", params, train, upstream=mf.model, frame=frame)

@@ -32,9 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare import _ensure_synthetic  # noqa: E402  (bench/prepare.py: writes the synthetic release once)
-
 RANK = 16
 #: recdist's biased MF settings for this data (params, train); the bench's one tuned knob is the epoch count.
 MF_PARAMS = {"rank": RANK, "reg": 0.02, "reg_bias": 0.01, "init_std": 0.1}
@@ -62,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     source = os.path.join(args.cache, f"synth-{args.rows}")
     data = os.path.join(args.cache, f"prepared-90-10-{args.rows}")
-    _ensure_synthetic(args.rows, source)
+    ensure_synthetic(args.rows, source)
     ensure_prepared(source, data)
     print(f"data: {data} ({cores} cores, shared with other jobs while measured: figures are pessimistic)\n")
 
@@ -81,6 +78,23 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- data
+
+
+def ensure_synthetic(rows: int, out: str) -> None:
+    """`recdist synth` defaults (scaled down for fewer rows, as bench/prepare.py does), written once."""
+    from recdist import storage
+    from recdist.config import SynthConfig
+    from recdist.data.synth import MARKER, write_synthetic
+
+    if storage.exists(os.path.join(out, MARKER)):
+        return
+    share = rows / 20_000_263
+    cfg = SynthConfig(
+        n_ratings=rows, n_users=max(50, round(138_493 * share)), n_items=max(50, round(26_744 * share**0.5))
+    )
+    start = time.perf_counter()
+    write_synthetic(cfg, out, overwrite=True, progress=False)
+    print(f"wrote the synthetic release {out} in {time.perf_counter() - start:.1f} s")
 
 
 def ensure_prepared(source: str, out: str) -> None:

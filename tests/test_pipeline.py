@@ -107,7 +107,7 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "pipeline.similar_min_ratings": 5,
         "pipeline.map_items": 40,
         "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 15, "solver": "sgd"}},
-        "stages.reliability.train": {"epochs": 8, "batch_size": 512, "lr": 0.003, "patience": 0},
+        "stages.reliability.train": {"epochs": 30, "batch_size": 256, "lr": 0.003, "patience": 0},
         "stages.rating.train": {"epochs": 6, "batch_size": 512, "lr": 0.003, "patience": 0},
         "stages.single": {"model": "mf_residual_mlp", "params": {"rank": 8}, "train": {"epochs": 8, "batch_size": 512}},
     }

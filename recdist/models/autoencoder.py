@@ -40,7 +40,7 @@ class AutoencoderConfig(Section):
     """Non-linearity of the code."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the code (training only)."""
-    hide_prob: float = Field(0.5, ge=0, le=1)
+    hide_prob: float = Field(0.8, ge=0, le=1)
     """Chance that a training row's own rating is hidden from its item's input (then reconstructed)."""
     hidden_weight: float = Field(1.0, ge=0)
     """Loss weight of hidden rows (held-out reconstruction: what prediction needs)."""
@@ -48,17 +48,20 @@ class AutoencoderConfig(Section):
     """Loss weight of visible rows (reconstruction of a rating the input contained)."""
     input_dropout: float = Field(0.0, ge=0, lt=1)
     """Chance that each other known rating is dropped from an item's input in training (denoising)."""
-    reg: float = Field(0.01, ge=0)
+    reg: float = Field(0.03, ge=0)
     """L2 weight on the encoder column and decoder row of each batch row's user, per rating."""
     init_std: float = Field(0.05, gt=0)
     """Standard deviation of the normal initial encoder and decoder weights."""
-    mean_damping: float = Field(10.0, ge=0)
-    """Damping of the item and user mean offsets: sum / (count + damping), so rare ones shrink to 0."""
+    mean_damping: float = Field(1000.0, ge=0)
+    """Damping of the item and user mean offsets: sum / (count + damping), so rare ones shrink to 0. Large values
+    leave the offsets to the network (its user biases and item codes), which predicts better (bench/accuracy.py)."""
 
 
 @register("autoencoder", AutoencoderConfig)
 class Autoencoder(Model):
     """Item-based autoencoder (AutoRec-like) on normalised ratings, masked hidden/visible loss."""
+
+    default_lr = 0.002
 
     def __init__(self, config: AutoencoderConfig, dims: Dims, generator: torch.Generator):
         super().__init__(config, dims)

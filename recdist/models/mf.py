@@ -25,7 +25,7 @@ class MFConfig(Section):
 
     rank: int = Field(64, ge=1)
     """Length of each user and item factor vector."""
-    reg: float = Field(0.05, ge=0)
+    reg: float = Field(0.08, ge=0)
     """L2 weight on the factor rows of each rating, added per rating as in classic SGD MF
     (loss = mean over the batch of (r - r_hat)^2 + reg * (|p_u|^2 + |q_i|^2))."""
     init_std: float = Field(0.1, gt=0)
@@ -41,6 +41,9 @@ class BiasedMFConfig(MFConfig):
 
 class SigmoidMFConfig(BiasedMFConfig):
     """Biased MF squashed by a sigmoid onto [rating_min, rating_max]; biases and factors in logit units."""
+
+    init_std: float = Field(0.01, gt=0)
+    """Standard deviation of the normal initial factors (logit units; trained by autograd, which needs no push)."""
 
 
 class MFBase(Model):

@@ -20,6 +20,8 @@ class MFResidualMLPConfig(BiasedMFConfig):
 
     rank: int = Field(32, ge=1)
     """Length of each user and item factor vector."""
+    init_std: float = Field(0.01, gt=0)
+    """Standard deviation of the normal initial factors (trained by autograd, which needs no push off zero)."""
     hidden: tuple[int, ...] = (64, 32)
     """Widths of the residual MLP's hidden layers."""
     dropout: float = Field(0.2, ge=0, lt=1)
