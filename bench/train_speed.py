@@ -215,14 +215,16 @@ def mlp_speeds(data: str, sample: int, mf: torch.nn.Module) -> list[dict[str, An
     idx = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(0))[:sample]
     train = take(full.train, idx)
     with torch.no_grad():
-        error = (mf.eval()(train).clamp(0.5, 5.0) - train.target).square()
+        mf_pred = mf.eval()(train).clamp(0.5, 5.0)
+    columns = {"mf_pred": mf_pred, "error": (mf_pred - train.target).square()}
+    columns["pred_error"] = columns["error"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []
     for device in devices:
         for name in MLP_MODELS:
             cls = registry.get(name).module
-            target = error if cls.target == "error" else train.target
-            features = error[:, None] if cls.inputs else None
+            target = columns["error"] if cls.target == "error" else train.target
+            features = torch.stack([columns[c] for c in cls.inputs], 1) if cls.inputs else None
             rows = Batch(train.user, train.item, target, features).to(device)
             ranked = RankData(rows, None, None, full.dims, context=rows)
             stage = StageConfig(model=name, train=TrainConfig(epochs=1, solver="autograd"))

@@ -84,7 +84,9 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
             "",
             f"![learning curves]({figures['curves']})",
             "",
-            "Per stage: training loss and validation RMSE by epoch (stage 2 in squared-error units).",
+            "Per stage: training MSE (left axis, running over each epoch's steps) and validation RMSE (right "
+            "axis) by epoch; stage 2's are in squared-rating units, as it predicts squared errors. The model "
+            "kept is the epoch with the lowest validation RMSE.",
         ]
     lines += [
         "",
@@ -260,17 +262,25 @@ def movie_map_png(factors: pl.DataFrame, n: int, labels: int = 25) -> bytes:
 
 
 def learning_curves_png(histories: dict[str, pl.DataFrame]) -> bytes:
-    """One panel per stage: training loss and validation RMSE by epoch."""
+    """One panel per stage: training loss (left axis) and validation RMSE (right axis) by epoch.
+
+    Two axes because they are different units: the loss is a mean squared error (running, over the epoch's
+    steps), the validation figure a root mean squared error; stage 2's are in squared-rating units.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(histories), 3.6), dpi=100)
+    fig = Figure(figsize=(4.4 * len(histories), 3.6), dpi=100, layout="constrained")
     for i, (stage, h) in enumerate(histories.items()):
         ax = fig.add_subplot(1, len(histories), i + 1)
         epochs = (h["epoch"] + 1).to_list()
-        ax.plot(epochs, h["train_loss"].to_list(), "o-", label="train loss")
-        if "val_rmse" in h.columns and h["val_rmse"].null_count() < h.height:
-            ax.plot(epochs, h["val_rmse"].to_list(), "s-", label="validation RMSE")
-        ax.set_title(stage)
+        ax.plot(epochs, h["train_loss"].to_list(), "o-", color="tab:blue", label="training MSE")
+        ax.set_ylabel("training MSE", color="tab:blue")
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        ax.set_title(stage)
+        if "val_rmse" in h.columns and h["val_rmse"].null_count() < h.height:
+            right = ax.twinx()
+            right.plot(epochs, h["val_rmse"].to_list(), "s-", color="tab:orange", label="validation RMSE")
+            right.set_ylabel("validation RMSE", color="tab:orange")
+        if len(epochs) == 1:
+            ax.set_xticks(epochs)
     return _png(fig)

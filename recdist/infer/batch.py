@@ -152,7 +152,9 @@ def score(
         ).take_all()
         if sum(int(w["rows"]) for w in written) != int(manifest["n_ratings"]):
             raise RuntimeError(f"the scoring actors wrote {len(written)} of {len(files)} shards")
-        result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="ray-data")
+        busy = max(w["end"] for w in written) - min(w["start"] for w in written)
+        extra = {"actors": n_actors, "actor_seconds": round(busy, 3)}  # from the first shard's start to the last's end
+        result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="ray-data", **extra)
     return {**result, "out": out}
 
 
@@ -184,11 +186,14 @@ class ShardScorer:
         self.predictor, self.ratings, self.batch_size = Predictor(plan), ratings, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
+        rows, start = [], time.time()
         for shard, source in zip(batch["shard"].to_pylist(), batch["source"].to_pylist(), strict=True):
             dest = storage.join(self.ratings, f"part-{int(shard):05d}.parquet")
             rows.append(score_shard(self.predictor, source, dest, self.batch_size))
-        return pa.table({"shard": batch["shard"], "rows": pa.array(rows, pa.int64())})
+        n, end = len(rows), time.time()
+        return pa.table(
+            {"shard": batch["shard"], "rows": pa.array(rows, pa.int64()), "start": [start] * n, "end": [end] * n}
+        )
 
 
 def score_local(
@@ -239,7 +244,15 @@ def score_local(
 
 
 def _finish(
-    tmp: str, data: str, manifest: dict[str, Any], plan: ScoringPlan, model_uri: str, seconds: float, *, engine: str
+    tmp: str,
+    data: str,
+    manifest: dict[str, Any],
+    plan: ScoringPlan,
+    model_uri: str,
+    seconds: float,
+    *,
+    engine: str,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Copy users/items, count what was written, and write the scored manifest last."""
     import pyarrow.parquet as pq
@@ -266,6 +279,7 @@ def _finish(
         "role": plan.role,
         "columns": list(ROLE_COLUMNS[plan.role]) + ["cold"],
         "engine": engine,
+        **extra,
     }
     storage.write_json(
         storage.join(tmp, storage.MANIFEST),

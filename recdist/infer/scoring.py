@@ -89,8 +89,8 @@ class Predictor:
         self.kernels = [MFKernel(m) if on_cpu and MFKernel.fits(m) else None for m in self.models]
         shared = load_model(plan.fallback_model) if plan.fallback_model else None
         self.biases = [_biases(shared if shared is not None else m) for m in self.models]
-        self.known_users = [torch.from_numpy(np.asarray(k, dtype=bool)) for k in plan.known_users]
-        self.known_items = [torch.from_numpy(np.asarray(k, dtype=bool)) for k in plan.known_items]
+        self.known_users = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_users]  # own, writable
+        self.known_items = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_items]
         self.inputs = tuple(getattr(self.models[0], "inputs", ()))
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -140,37 +140,40 @@ def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, 
         )
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _bucket(users, items, ratings, ugroup, igroup, S, n_items):
+@njit(cache=True, nogil=True)
+def _counting_sort(keys, n_keys, order):
+    """`order` stably re-sorted by keys[order] (keys in [0, n_keys)): one counting sort, O(n + n_keys)."""
+    start = np.zeros(n_keys + 1, np.int64)
+    for j in range(order.shape[0]):
+        start[keys[order[j]] + 1] += 1
+    start = np.cumsum(start)
+    out = np.empty_like(order)
+    for j in range(order.shape[0]):
+        k = keys[order[j]]
+        out[start[k]] = order[j]
+        start[k] += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _bucket(users, items, ratings, ugroup, igroup, S, n_users, n_items):
     """The ratings grouped into the S x S blocks (user group major), each block sorted by (user, item).
 
-    Returns users, items, ratings in that order and the S*S + 1 block offsets.
+    Three stable counting sorts (by item, by user, by block): O(n), and the result does not depend on the
+    input's order. Returns users, items, ratings in that order and the S*S + 1 block offsets.
     """
     n = users.shape[0]
-    counts = np.zeros(S * S + 1, np.int64)
+    order = np.arange(n)
+    order = _counting_sort(items, n_items, order)
+    order = _counting_sort(users, n_users, order)
+    block = np.empty(n, np.int32)
     for j in range(n):
-        counts[ugroup[users[j]] * S + igroup[items[j]] + 1] += 1
-    offsets = np.cumsum(counts)
-    pos = offsets[:-1].copy()
-    key = np.empty(n, np.int64)
-    grouped = np.empty(n, np.float32)
+        block[j] = ugroup[users[j]] * S + igroup[items[j]]
+    order = _counting_sort(block, S * S, order)
+    offsets = np.zeros(S * S + 1, np.int64)
     for j in range(n):
-        b = ugroup[users[j]] * S + igroup[items[j]]
-        p = pos[b]
-        key[p] = np.int64(users[j]) * n_items + items[j]
-        grouped[p] = ratings[j]
-        pos[b] = p + 1
-    u2 = np.empty(n, np.int32)
-    i2 = np.empty(n, np.int32)
-    r2 = np.empty(n, np.float32)
-    for blk in prange(S * S):
-        lo, hi = offsets[blk], offsets[blk + 1]
-        order = np.argsort(key[lo:hi]) + lo  # (user, item) pairs are unique: one possible order
-        for j in range(hi - lo):
-            u2[lo + j] = key[order[j]] // n_items
-            i2[lo + j] = key[order[j]] % n_items
-            r2[lo + j] = grouped[order[j]]
-    return u2, i2, r2, offsets
+        offsets[block[j] + 1] += 1
+    return users[order], items[order], ratings[order], np.cumsum(offsets)
 
 
 # ---------------------------------------------------------------------------------------------- the solver
@@ -211,10 +214,12 @@ class SGDSolver:
         self.owned = np.arange(self.rank, S, self.world)  # this rank's user groups
         user, item, rating = self._exchange(data.train, torch.from_numpy(ugroup))
         self.n_global = float(sum(rank_counts(len(user), self.device)))
-        arrays = _bucket(user, item, rating, ugroup, igroup, S, data.dims.n_items)
+        arrays = _bucket(user, item, rating, ugroup, igroup, S, data.dims.n_users, data.dims.n_items)
         self.users, self.items, self.ratings, self.offsets = arrays
         if self.kernel == "numba":  # every epoch starts from this order: reproducible and resumable
             self.start = (self.users.copy(), self.items.copy(), self.ratings.copy())
+            no_block = np.zeros(0, np.int64)  # load the compiled kernel now, in set-up, not in epoch 1
+            self._numba_sweep(no_block, np.zeros(S * S, np.int64), 0.0, np.zeros(S * S))
         else:
             self.users, self.items = (torch.from_numpy(x).to(self.device).long() for x in (self.users, self.items))
             self.ratings = torch.from_numpy(self.ratings).to(self.device)

@@ -1,0 +1,179 @@
+"""The full synthetic MovieLens-20M pipeline on this machine, with configs/ml20m-cpu.yaml's models and settings:
+wall time per stage and in total (Ray start-up included), peak memory of every process of the job, and stage-1
+batch inference Parquet -> Parquet through Ray Data beside the same work in plain Polars + PyTorch, no Ray.
+
+    .venv/bin/python bench/pipeline.py                    # 20,000,263 synthetic ratings (the ML-20M shape)
+    .venv/bin/python bench/pipeline.py --ratings 2000000  # a quicker look at a tenth of the size
+
+The synthetic data is generated and prepared by the pipeline's own prepare stage (counted in the total; the
+table also gives the total without it). Peak memory is the largest sum over the bench process and all its
+descendants (the local Ray cluster's raylet, object store and workers) of each process's proportional set size
+(PSS: shared pages counted once), sampled every 0.25 s. Goals (issue 8): under 5 minutes end to end, under
+12 GiB, Ray Data >= 10M ratings/s and at most 2x the plain baseline. On a shared machine every figure is
+pessimistic: the load average is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+GOALS = {"total_s": 300, "peak_gib": 12, "ray_rows_per_s": 10e6, "ray_vs_local": 2.0}
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and its descendants in a thread; .peak in bytes."""
+
+    def __init__(self, every: float = 0.25):
+        import psutil
+
+        self.psutil, self.every, self.peak = psutil, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = self.psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    info = p.memory_full_info()
+                    total += getattr(info, "pss", info.rss)
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "ml20m-cpu.yaml"))
+    ap.add_argument("--out", default="/tmp/recdist-bench/pipeline", help="run directory (replaced)")
+    ap.add_argument("--ratings", type=int, help="synthetic ratings (default: the synth section, 20,000,263)")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    args = ap.parse_args()
+
+    import ray
+
+    from recdist.config import load_config
+    from recdist.infer.batch import score, score_local
+    from recdist.pipeline import run_pipeline
+    from recdist.train.cluster import connect
+
+    overrides: dict = {"source.dataset": "synthetic"}
+    if args.ratings:
+        scale = args.ratings / 20_000_263
+        overrides.update(
+            {
+                "synth.n_ratings": args.ratings,
+                "synth.n_users": max(100, int(138_493 * scale)),
+                "synth.n_items": max(100, int(26_744 * scale)),
+            }
+        )
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    cpus = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
+
+    with PeakMemory() as memory:
+        t0 = time.perf_counter()
+        connect(cfg.cluster)
+        ray_start = time.perf_counter() - t0
+        summary = run_pipeline(cfg, str(out), progress=False)
+        total = time.perf_counter() - t0
+        pipeline_peak = memory.peak
+
+        data, model = str(out / "data"), str(out / "mf" / "model")
+        ray_pass = score(model, data, str(out / "bench-ray"), role="mf", progress=False, cluster=cfg.cluster)
+        local_pass = score_local(model, data, str(out / "bench-local"), role="mf", workers=cpus)
+    ray.shutdown()
+
+    stages = summary["stages"]
+    rows = [("ray start", ray_start)] + [(name, float(stages[name]["seconds"])) for name in stages]
+    n = int(json.loads((out / "data" / "manifest.json").read_text())["n_ratings"])
+    in_pipeline = stages["mf"]["scoring"]
+    ratio = ray_pass["seconds"] / local_pass["seconds"]
+    figures = {
+        "ratings": n,
+        "cpus": cpus,
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "stage_seconds": {name: round(s, 1) for name, s in rows},
+        "total_s": round(total, 1),
+        "total_without_prepare_s": round(total - float(stages.get("prepare", {}).get("seconds", 0)), 1),
+        "peak_gib_pipeline": round(pipeline_peak / 2**30, 2),
+        "peak_gib": round(memory.peak / 2**30, 2),
+        "stage1_inference": {
+            "pipeline_ray_data": in_pipeline,
+            "ray_data": ray_pass,
+            "local_polars_pytorch": local_pass,
+            "ray_vs_local": round(ratio, 2),
+        },
+        "metrics": json.loads((out / "outputs" / "metrics.json").read_text()),
+    }
+
+    print(f"\nSynthetic ML-20M-shaped pipeline: {n:,} ratings, {cpus} CPUs, config {args.config}")
+    after = os.getloadavg()[0]
+    print(f"load average {load_before:.1f} before, {after:.1f} after (other work on the machine slows this)")
+    print("\n| stage | seconds | of which training (Ray Train) | of which inference (Ray Data) |\n|---|---|---|---|")
+    for name, seconds in rows:
+        part = stages.get(name, {})
+        fit, inf = ((part.get(k) or {}).get("seconds") for k in ("train", "scoring"))
+        cells = ["" if v is None else f"{v:.1f}" for v in (fit, inf)]
+        print(f"| {name} | {seconds:.1f} | {cells[0]} | {cells[1]} |")
+    print(f"| **total** (goal < {GOALS['total_s']}) | **{total:.1f}** | | |")
+    print(f"| total without prepare | {figures['total_without_prepare_s']:.1f} | | |")
+    print(
+        f"\npeak memory (PSS, all processes): {figures['peak_gib_pipeline']:.2f} GiB in the pipeline, "
+        f"{figures['peak_gib']:.2f} GiB with the inference passes (goal < {GOALS['peak_gib']} GiB)"
+    )
+    print("\nStage-1 batch inference, Parquet in -> Parquet out (mf_pred, error, cold added), same data and model:\n")
+    print("| engine | seconds | M ratings/s | notes |\n|---|---|---|---|")
+    for label, r in (
+        ("Ray Data, in the pipeline", in_pipeline),
+        ("Ray Data, again", ray_pass),
+        (f"Polars + PyTorch, {cpus} threads, no Ray", local_pass),
+    ):
+        note = (
+            f"{r['actors']} actors, {r['actor_seconds']:.1f} s from first shard start to last shard end "
+            f"({r['rows'] / r['actor_seconds'] / 1e6:.1f} M/s); the rest is actor start-up"
+            if "actor_seconds" in r
+            else ""
+        )
+        print(f"| {label} | {r['seconds']:.2f} | {r['rows_per_s'] / 1e6:.2f} | {note} |")
+    print(
+        f"\nRay Data / plain: {ratio:.2f}x the time (goal <= {GOALS['ray_vs_local']}x); "
+        f"Ray Data {ray_pass['rows_per_s'] / 1e6:.2f} M ratings/s (goal >= {GOALS['ray_rows_per_s'] / 1e6:.0f} M)"
+    )
+    m = figures["metrics"]
+    print(
+        f"\ntest RMSE: stage 1 {m['mf']['test']['rmse']:.4f}, stage 3 {m['rating']['test']['rmse']:.4f}; "
+        f"reliability deciles 1 vs 10 RMSE {m['reliability_summary']['most_reliable_rmse']:.3f} vs "
+        f"{m['reliability_summary']['least_reliable_rmse']:.3f}"
+    )
+    (out.parent / "pipeline-bench.json").write_text(json.dumps(figures, indent=2, default=str))
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
