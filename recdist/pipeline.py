@@ -66,14 +66,14 @@ def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
     stages = config.stages.model_dump(mode="json")
     hashes: dict[str, str] = {"prepare": data_id}
     if p.kind == "rncf":
-        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds])
+        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds, p.mlp_train_share])
         hashes["reliability"] = _digest([hashes["mf"], stages["reliability"]])
         hashes["rating"] = _digest([hashes["reliability"], stages["rating"]])
         final = hashes["rating"]
     else:
         hashes["single"] = _digest([data_id, stages["single"]])
         final = hashes["single"]
-    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", "crossfit_folds"})
+    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", "crossfit_folds", "mlp_train_share"})
     hashes["outputs"] = _digest([final, shown])
     return hashes
 
@@ -261,7 +261,14 @@ def _mf(run: _Run) -> dict[str, Any]:
         fold_out = storage.join(where, "folds", str(k), "model")
         fold_models.append(_train(run, "mf", fold_data, fold_out, label=f"fold {k}"))
     scoring = _score(
-        run, model, run.data, storage.join(where, "scored"), "mf", fold_models=tuple(fold_models), fold_seed=seed
+        run,
+        model,
+        run.data,
+        storage.join(where, "scored"),
+        "mf",
+        fold_models=tuple(fold_models),
+        fold_seed=seed,
+        share=_share(run),
     )
     return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
 
@@ -270,9 +277,16 @@ def _reliability(run: _Run) -> dict[str, Any]:
     """Stage 2: learn stage 1's squared error from its frozen factors; pred_error for every row."""
     mf_model = storage.join(run.dir("mf"), "model")
     upstream = storage.join(run.dir("mf"), "scored")
-    model = _train(run, "reliability", upstream, storage.join(run.dir("reliability"), "model"), upstream=mf_model)
+    out = storage.join(run.dir("reliability"), "model")
+    model = _train(run, "reliability", _training_rows(run, upstream), out, upstream=mf_model)
     scoring = _score(
-        run, model, upstream, storage.join(run.dir("reliability"), "scored"), "reliability", fallback_model=mf_model
+        run,
+        model,
+        upstream,
+        storage.join(run.dir("reliability"), "scored"),
+        "reliability",
+        fallback_model=mf_model,
+        share=_share(run),
     )
     return _commit_stage(run, "reliability", model, scoring)
 
@@ -281,9 +295,25 @@ def _rating(run: _Run) -> dict[str, Any]:
     """Stage 3: the rating from the frozen factors and the predicted error; pred_rating for every row."""
     mf_model = storage.join(run.dir("mf"), "model")
     upstream = storage.join(run.dir("reliability"), "scored")
-    model = _train(run, "rating", upstream, storage.join(run.dir("rating"), "model"), upstream=mf_model)
+    out = storage.join(run.dir("rating"), "model")
+    model = _train(run, "rating", _training_rows(run, upstream), out, upstream=mf_model)
     scoring = _score(run, model, upstream, storage.join(run.dir("rating"), "scored"), "rating", fallback_model=mf_model)
     return _commit_stage(run, "rating", model, scoring)
+
+
+def _share(run: _Run) -> Any:
+    """The TrainShare a stage-1/2 scoring pass writes beside its output for the next stage, or None (all rows)."""
+    from recdist.infer.batch import TrainShare
+
+    share = run.config.pipeline.mlp_train_share
+    return TrainShare(share, run.config.prepare.seed) if share < 1 else None
+
+
+def _training_rows(run: _Run, scored: str) -> str:
+    """What stages 2 and 3 train on: the scored table, or its sample/ of a share of the training rows."""
+    from recdist.infer.batch import SAMPLE
+
+    return storage.join(scored, SAMPLE) if _share(run) is not None else scored
 
 
 def _single(run: _Run) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,9 +28,12 @@ import pyarrow.compute as pc
 
 from recdist import storage
 from recdist.config import ClusterConfig
-from recdist.infer.folds import fold_of, known_mask
+from recdist.infer.folds import fold_of, in_share, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, role_of
 from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
+
+SAMPLE = "sample"
+"""Sub-directory of a scored table holding the TrainShare dataset, when one was asked for."""
 
 
 def plan_for(
@@ -101,6 +105,7 @@ def score(
     actors: int | None = None,
     gpu: bool | None = None,
     cluster: ClusterConfig | None = None,
+    share: TrainShare | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One Ray Data inference pass over `data` with the model at `model_uri`, committed to `out`.
@@ -109,7 +114,8 @@ def score(
     from the model (target "error" -> reliability, upstream -> rating, else mf). fold_models: cross-fitted
     stage-1 models, fold k scoring the train rows of fold k. fallback_model: the MF model whose biases
     build the cold-start prediction of a non-MF model. actors: scoring actors (default one per GPU, else one
-    per CPU). cluster: where to run (default $RAY_ADDRESS or a local cluster).
+    per CPU). cluster: where to run (default $RAY_ADDRESS or a local cluster). share: also write the sample/
+    dataset of a share of the training rows (TrainShare).
     Returns {rows, seconds, rows_per_s, files, out, role, columns, engine}.
     """
     import ray
@@ -143,7 +149,7 @@ def score(
         )
         written = shards.map_batches(
             ShardScorer,
-            fn_constructor_args=(plan, storage.join(tmp, "ratings"), batch_size),
+            fn_constructor_args=(plan, tmp, batch_size, share),
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=n_actors),
@@ -154,20 +160,42 @@ def score(
             raise RuntimeError(f"the scoring actors wrote {len(written)} of {len(files)} shards")
         busy = max(w["end"] for w in written) - min(w["start"] for w in written)
         extra = {"actors": n_actors, "actor_seconds": round(busy, 3)}  # from the first shard's start to the last's end
-        result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="ray-data", **extra)
+        seconds = time.perf_counter() - t0
+        result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="ray-data", share=share, **extra)
     return {**result, "out": out}
 
 
-def score_shard(predictor: Predictor, source: str, dest: str, batch_size: int) -> int:
-    """One shard through the model: read it whole (Polars), score it in batches of Arrow rows, write it with
-    the input columns plus the role's (pyarrow); returns the rows written. The work of one actor call."""
+@dataclass(frozen=True)
+class TrainShare:
+    """Also write, beside a scored table, the dataset `sample/` of its training rows in a seeded `share` (and every
+    validation and test row): what stages 2 and 3 train on when they need not see every training rating."""
+
+    share: float
+    seed: int = 0
+
+    def keep(self, table: pa.Table) -> pa.Array:
+        user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
+        not_train = pc.not_equal(table["split"].cast(pa.string()), "train").to_numpy(zero_copy_only=False)
+        return pa.array(not_train | in_share(user, item, self.share, self.seed))
+
+
+def score_shard(
+    predictor: Predictor, source: str, out: str, shard: int, batch_size: int, share: TrainShare | None = None
+) -> int:
+    """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
+    OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
+    `share`); returns the rows written. The work of one actor call."""
     table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
     schema = _scored_schema(_file_schema(source), predictor.plan.role)
     parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
         predictor(table)
     ]
     scored = pa.concat_tables(parts).select(schema.names).cast(schema)
-    storage.write_parquet(scored, dest, **SCORED_PARQUET)
+    name = f"part-{shard:05d}.parquet"
+    storage.write_parquet(scored, storage.join(out, "ratings", name), **SCORED_PARQUET)
+    if share is not None:
+        sampled = scored.filter(share.keep(scored))
+        storage.write_parquet(sampled, storage.join(out, SAMPLE, "ratings", name), **SCORED_PARQUET)
     return scored.num_rows
 
 
@@ -179,17 +207,16 @@ class ShardScorer:
     prepared data, and a run is reproducible.
     """
 
-    def __init__(self, plan: ScoringPlan, ratings: str, batch_size: int):
+    def __init__(self, plan: ScoringPlan, out: str, batch_size: int, share: TrainShare | None = None):
         import torch
 
         torch.set_num_threads(1)  # one CPU per actor: the actors, not PyTorch's threads, use the cores
-        self.predictor, self.ratings, self.batch_size = Predictor(plan), ratings, batch_size
+        self.predictor, self.out, self.batch_size, self.share = Predictor(plan), out, batch_size, share
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, start = [], time.time()
         for shard, source in zip(batch["shard"].to_pylist(), batch["source"].to_pylist(), strict=True):
-            dest = storage.join(self.ratings, f"part-{int(shard):05d}.parquet")
-            rows.append(score_shard(self.predictor, source, dest, self.batch_size))
+            rows.append(score_shard(self.predictor, source, self.out, int(shard), self.batch_size, self.share))
         n, end = len(rows), time.time()
         return pa.table(
             {"shard": batch["shard"], "rows": pa.array(rows, pa.int64()), "start": [start] * n, "end": [end] * n}
@@ -208,6 +235,7 @@ def score_local(
     fold_seed: int = 0,
     fallback_model: str | None = None,
     workers: int = 1,
+    share: TrainShare | None = None,
 ) -> dict[str, Any]:
     """The same pass as `score` without Ray: score_shard over the shards in this process.
 
@@ -232,12 +260,12 @@ def score_local(
         with storage.staged_output(out, overwrite=overwrite) as tmp:
 
             def one(n: int, source: str) -> int:
-                dest = storage.join(tmp, "ratings", f"part-{n:05d}.parquet")
-                return score_shard(predictor, source, dest, batch_size)
+                return score_shard(predictor, source, tmp, n, batch_size, share)
 
             with ThreadPoolExecutor(max(1, workers)) as pool:
                 list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
-            result = _finish(tmp, data, manifest, plan, model_uri, time.perf_counter() - t0, engine="local")
+            seconds = time.perf_counter() - t0
+            result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="local", share=share)
     finally:
         torch.set_num_threads(threads)
     return {**result, "out": out}
@@ -252,15 +280,18 @@ def _finish(
     seconds: float,
     *,
     engine: str,
+    share: TrainShare | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Copy users/items, count what was written, and write the scored manifest last."""
+    """Copy users/items, count what was written, and write the scored manifest last (the sample's before it)."""
     import pyarrow.parquet as pq
 
     for name in ("users.parquet", "items.parquet"):
         src = storage.join(data, name)
         if storage.exists(src):
             storage.write_bytes(storage.join(tmp, name), storage.read_bytes(src))
+            if share is not None:
+                storage.write_bytes(storage.join(tmp, SAMPLE, name), storage.read_bytes(src))
     parts = [p for p in storage.listdir(storage.join(tmp, "ratings")) if p.endswith(".parquet")]
     rows = 0
     for p in parts:
@@ -281,21 +312,43 @@ def _finish(
         "engine": engine,
         **extra,
     }
+    scored_manifest = {
+        **manifest,
+        "kind": "scored",
+        "shards": len(parts),
+        "scored_columns": columns,
+        "scored_from": data,
+        "model": model_uri,
+        "fold_models": list(plan.models[1:]),
+    }
+    if share is not None:
+        counts = _split_counts(storage.join(tmp, SAMPLE))
+        sample = {"share": share.share, "seed": share.seed, "n_ratings": sum(counts.values()), "splits": counts}
+        scored_manifest["sample"] = sample
+        storage.write_json(
+            storage.join(tmp, SAMPLE, storage.MANIFEST),
+            {**{k: v for k, v in scored_manifest.items() if k != "shard_rows"}, **sample, "kind": "scored-sample"},
+        )
     storage.write_json(
         storage.join(tmp, storage.MANIFEST),
         {
-            **manifest,
-            "kind": "scored",
-            "shards": len(parts),
-            "scored_columns": columns,
-            "scored_from": data,
-            "model": model_uri,
-            "fold_models": list(plan.models[1:]),
+            **scored_manifest,
             "scoring": result,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
     return result
+
+
+def _split_counts(folder: str) -> dict[str, int]:
+    """Rows per split of the ratings/part-*.parquet under `folder` (reads the split column only)."""
+    counts = {"train": 0, "val": 0, "test": 0}
+    folder_ratings = storage.join(folder, "ratings")
+    for name in storage.listdir(folder_ratings):
+        split = storage.read_parquet(storage.join(folder_ratings, name), columns=["split"])["split"]
+        for row in pc.value_counts(split.cast(pa.string())).to_pylist():
+            counts[row["values"]] = counts.get(row["values"], 0) + int(row["counts"])
+    return counts
 
 
 def _has_counts(data: str) -> bool:

@@ -1,7 +1,8 @@
-"""K-fold cross-fitting of stage 1: which fold a training rating falls in, and the per-fold training sets.
+"""K-fold cross-fitting of stage 1 (which fold a training rating falls in, the per-fold training sets) and the
+seeded share of training rows stages 2 and 3 may train on.
 
-A rating's fold is a hash of (user, item), so the fold models' training sets and the scorer that routes each
-training row to the model that never saw it agree without storing a fold column.
+Both are hashes of (user, item), so the fold models' training sets and the scorer that routes each training
+row to the model that never saw it agree without storing a fold column, and stages 2 and 3 sample the same rows.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
 
 
-def fold_of(user: np.ndarray, item: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """The fold (0..folds-1) of each (user, item) pair: splitmix64 of the pair, modulo folds."""
+def pair_hash(user: np.ndarray, item: np.ndarray, seed: int = 0) -> np.ndarray:
+    """uint64 splitmix64 of each (user, item, seed): the same pairs get the same number in every run."""
     with np.errstate(over="ignore"):
         x = user.astype(np.uint64) * _M1 + item.astype(np.uint64) + np.uint64(seed) * _M2
         x ^= x >> np.uint64(30)
@@ -23,7 +24,18 @@ def fold_of(user: np.ndarray, item: np.ndarray, folds: int, seed: int = 0) -> np
         x ^= x >> np.uint64(27)
         x *= _M3
         x ^= x >> np.uint64(31)
-    return (x % np.uint64(folds)).astype(np.int8)
+    return x
+
+
+def fold_of(user: np.ndarray, item: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..folds-1) of each (user, item) pair: its pair_hash modulo folds."""
+    return (pair_hash(user, item, seed) % np.uint64(folds)).astype(np.int8)
+
+
+def in_share(user: np.ndarray, item: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """bool: the pairs in a seeded `share` (0-1] of all pairs, by pair_hash (independent of the folds' seed)."""
+    h = pair_hash(user, item, seed + 0x5EED) >> np.uint64(11)  # 53 bits: exact in float64
+    return h.astype(np.float64) < share * float(1 << 53)
 
 
 def drop_fold(ratings: pl.DataFrame, fold: int, folds: int, seed: int = 0) -> pl.DataFrame:

@@ -123,7 +123,12 @@ class Autoencoder(Model):
         weight = self.ctx_value[pos] * kept.clamp_min(1).float().rsqrt()[bag]
         offsets = torch.cumsum(kept, 0) - kept
         code = F.embedding_bag(
-            self.ctx_key[pos] % n_users, self.encoder.weight, offsets, mode="sum", per_sample_weights=weight
+            self.ctx_key[pos] % n_users,
+            self.encoder.weight,
+            offsets,
+            mode="sum",
+            per_sample_weights=weight,
+            sparse=self.encoder.sparse,  # the trainer may switch the tables to sparse gradients
         )
         code = ACTIVATIONS[self.config.activation](code + self.encoder_bias)
         code = F.dropout(code, self.config.dropout, self.training)

@@ -124,13 +124,18 @@ class AutogradSolver:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
+        self.schedule = Schedule(cfg, getattr(model, "default_lr", None) or DEFAULT_LR)
+        tables = sparse_tables(model, cfg, self.device)  # before DDP, which buckets sparse gradients apart
+        sparse = [t.weight for t in tables]
+        dense = [p for p in self.params if all(p is not q for q in sparse)]
+        self.optimizers = [make_optimizer(dense, cfg, self.schedule.peak)] if dense else []
+        if sparse:
+            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=self.schedule.peak))
         self.net: nn.Module = model
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        self.schedule = Schedule(cfg, getattr(model, "default_lr", None) or DEFAULT_LR)
-        self.optimizer = make_optimizer(self.params, cfg, self.schedule.peak)
         self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
 
@@ -149,8 +154,9 @@ class AutogradSolver:
         lr = self.schedule.peak
         for step in range(self.steps):
             lr = self.schedule.lr(epoch + step / self.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             batch = take(train, order[bounds[step] : bounds[step + 1]])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = self.net(batch)
@@ -159,11 +165,13 @@ class AutogradSolver:
                 else:  # a rank with fewer rows than steps: still join DDP's all-reduce, with zero gradients
                     loss = pred.float().sum() * 0.0
                 total = loss + self.model.penalty(batch)
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             total.backward()
             if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            self.optimizer.step()
+                clip_grad_norm(self.params, self.cfg.grad_clip)
+            for optimizer in self.optimizers:
+                optimizer.step()
             loss_sum += loss.detach().double() * len(batch)
         totals = dist.all_reduce_sum_(torch.stack([loss_sum, torch.tensor(float(n), device=self.device).double()]))
         rows = float(totals[1])
@@ -179,11 +187,44 @@ class AutogradSolver:
         self.schedule.observe(val_rmse)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         self.schedule.load_state_dict(state["schedule"])
+
+
+def sparse_tables(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[nn.Embedding]:
+    """The trainable embedding tables, switched to sparse gradients, when training on CPU with Adam.
+
+    A dense Adam step reads and writes every row of every table (all 138k users of ml-20m for a batch that
+    touches a few thousand), which dominates CPU training; with sparse gradients SparseAdam moves only the
+    batch's rows (lazy moments). On CUDA the dense step is cheap and NCCL needs dense gradients: tables stay
+    dense there. Models must look their tables up through the module (or pass its `sparse` flag on).
+    """
+    if device.type != "cpu" or cfg.optimizer != "adam" or cfg.weight_decay:
+        return []
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    for table in tables:
+        table.sparse = True
+    return tables
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """Scale all gradients so their global L2 norm is at most max_norm; sparse ones (coalesced first) too."""
+    grads = []
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        if p.grad is not None:
+            grads.append(p.grad)
+    if not grads:
+        return
+    total = torch.stack([(g._values() if g.is_sparse else g).detach().float().norm() for g in grads]).norm()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # a tensor: no device sync
+    for g in grads:
+        g.mul_(scale)
 
 
 def make_solver(model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
