@@ -219,9 +219,9 @@ class PipelineConfig(Section):
     """0: stage-1 errors on training rows are in-sample (as the paper); K >= 2: K-fold cross-fitted (each
     training row's mf_pred and error come from the one of K fold models that did not train on it)."""
     mlp_train_share: float = Field(1.0, gt=0, le=1)
-    """Share of the training ratings stages 2 and 3 train on (a seeded hash sample of (user, movie) pairs;
-    validation and test rows all kept; every row is still scored). 1 = all, as the paper; on CPUs a share
-    trades a little accuracy for much time on ML-20M."""
+    """Share of the training ratings stages 2 and 3 train on (a seeded hash sample of (user, movie) pairs, with
+    every validation row for early stopping; every row is still scored and evaluated). 1 = all, as the paper;
+    on CPUs a share trades a little accuracy for much time on ML-20M."""
     top_n: int = Field(10, ge=1)
     """Recommendations per user."""
     similar_k: int = Field(10, ge=1)

@@ -167,16 +167,19 @@ def score(
 
 @dataclass(frozen=True)
 class TrainShare:
-    """Also write, beside a scored table, the dataset `sample/` of its training rows in a seeded `share` (and every
-    validation and test row): what stages 2 and 3 train on when they need not see every training rating."""
+    """Also write, beside a scored table, the dataset `sample/` of its training rows in a seeded `share` plus every
+    validation row (no test row: the pipeline measures test itself): what stages 2 and 3 train on when they need
+    not see every training rating."""
 
     share: float
     seed: int = 0
 
     def keep(self, table: pa.Table) -> pa.Array:
         user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
-        not_train = pc.not_equal(table["split"].cast(pa.string()), "train").to_numpy(zero_copy_only=False)
-        return pa.array(not_train | in_share(user, item, self.share, self.seed))
+        split = table["split"].cast(pa.string())
+        is_val = pc.equal(split, "val").to_numpy(zero_copy_only=False)
+        is_train = pc.equal(split, "train").to_numpy(zero_copy_only=False)
+        return pa.array(is_val | (is_train & in_share(user, item, self.share, self.seed)))
 
 
 def score_shard(
