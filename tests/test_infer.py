@@ -229,3 +229,83 @@ def test_fold_in_recovers_a_users_planted_factors():
     r = 3.5 + bu_true + bi[items] + q[items] @ p_true
     p, bu = topn.fold_in(q, bi, 3.5, items, r, reg=1e-6)
     assert torch.allclose(p, p_true, atol=1e-3) and bu == pytest.approx(bu_true, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mf", "biased_mf", "sigmoid_mf"])
+def test_mf_kernel_scores_exactly_what_the_model_predicts(name):
+    from recdist.infer.kernels import MFKernel
+    from recdist.models import registry
+    from recdist.models.batch import Dims
+
+    dims = Dims(n_users=50, n_items=40, global_mean=3.4)
+    model = registry.get(name).module(registry.validate(name, {"rank": 6}), dims, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for table in model.factors().values():  # biases and factors away from their initial zeros
+            table.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    assert MFKernel.fits(model)
+    rng = np.random.default_rng(0)
+    user, item = rng.integers(0, 50, 1000).astype(np.int32), rng.integers(0, 40, 1000).astype(np.int32)
+    with torch.no_grad():
+        expect = model(Batch(torch.from_numpy(user).long(), torch.from_numpy(item).long()))
+    assert torch.allclose(MFKernel(model)(user, item), expect, atol=1e-5)
+
+
+def test_models_that_are_more_than_mf_are_not_given_the_kernel():
+    from recdist.infer.kernels import MFKernel
+    from recdist.models import registry
+    from recdist.models.batch import Dims
+
+    model = registry.get("mf_residual_mlp").module(
+        registry.validate("mf_residual_mlp", {"rank": 4}), Dims(5, 5), torch.Generator().manual_seed(0)
+    )
+    assert not MFKernel.fits(model) and not MFKernel.fits(Constant(1.0))
+
+
+@pytest.mark.parametrize("name", ["reliability_mlp", "rating_mlp"])
+def test_stage_2_and_3_inference_path_equals_the_training_path(name):
+    """Without autograd the first layer is split into precomputed user and item parts: same numbers."""
+    from recdist.models import registry
+    from recdist.models.batch import Dims
+
+    dims = Dims(n_users=30, n_items=20, global_mean=3.5)
+    g = torch.Generator().manual_seed(3)
+    mf = registry.get("biased_mf").module(registry.validate("biased_mf", {"rank": 5}), dims, g)
+    with torch.no_grad():
+        for table in mf.factors().values():
+            table.normal_(0, 0.4, generator=g)
+    model = registry.get(name).module(registry.validate(name, {"hidden": [16, 8], "dropout": 0.0}), dims, g)
+    model.attach(mf)
+    with torch.no_grad():
+        model.net[-1].weight.normal_(0, 0.3, generator=g)  # a head that is not (almost) zero
+    model.eval()
+    user, item = torch.randint(0, 30, (500,), generator=g), torch.randint(0, 20, (500,), generator=g)
+    features = torch.rand(500, len(model.inputs), generator=g) * 3 + 0.5
+    batch = Batch(user, item, features=features)
+    with torch.enable_grad():
+        slow = model(batch).detach()
+    with torch.no_grad():
+        fast = model(batch)
+        model.net[0].weight.add_(0.1)  # a weight change is seen: the per-user parts are recomputed
+        changed = model(batch)
+    with torch.enable_grad():
+        changed_slow = model(batch).detach()
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(changed, changed_slow, atol=1e-5)
+    assert not torch.allclose(fast, changed)
+
+
+def test_train_share_is_a_seeded_hash_sample_of_training_rows_plus_every_validation_row():
+    from recdist.infer.batch import TrainShare
+    from recdist.infer.folds import in_share
+
+    rng = np.random.default_rng(2)
+    u, i = rng.integers(0, 5000, 100_000), rng.integers(0, 2000, 100_000)
+    picked = in_share(u, i, 0.25, seed=7)
+    assert abs(picked.mean() - 0.25) < 0.01
+    assert np.array_equal(picked, in_share(u.copy(), i.copy(), 0.25, seed=7))  # the same rows in every stage
+    assert not np.array_equal(picked, in_share(u, i, 0.25, seed=8))
+    assert np.all(in_share(u, i, 0.5, seed=7)[picked])  # nested: a bigger share keeps the smaller one's rows
+    splits = np.array(["train", "val", "test", "train", "train"] * 20_000)
+    table = ratings(u, i, [3.0] * len(u), splits)
+    keep = TrainShare(0.25, seed=7).keep(table).to_numpy(zero_copy_only=False)
+    assert np.all(keep[splits == "val"]) and not np.any(keep[splits == "test"])
+    assert np.array_equal(keep[splits == "train"], picked[splits == "train"])

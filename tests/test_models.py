@@ -253,11 +253,8 @@ class TestAutoencoder(ModelContract):
     train = {"lr": 0.01, "epochs": 12}
 
 
-class TestReliabilityMLP(ModelContract):
-    """Stage 2 fits the squared error of stage 1: it must find the items' planted error levels."""
-
-    model = "reliability_mlp"
-    train = {"lr": 0.01, "epochs": 8}
+class OnStage1(ModelContract):
+    """The RNCF stages 2 and 3: they train on stage 1's scored table, attached to its MF."""
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -268,6 +265,13 @@ class TestReliabilityMLP(ModelContract):
     @classmethod
     def upstream(cls, stage1) -> torch.nn.Module:
         return stage1["mf"]
+
+
+class TestReliabilityMLP(OnStage1):
+    """Stage 2 fits the squared error of stage 1: it must find the items' planted error levels."""
+
+    model = "reliability_mlp"
+    train = {"lr": 0.01, "epochs": 8}
 
     def test_predicted_error_is_higher_on_noisy_items(self, fitted: Trainer, data: RankData) -> None:
         with torch.no_grad():
@@ -277,21 +281,11 @@ class TestReliabilityMLP(ModelContract):
         assert (pred >= 0).all()  # a squared error
 
 
-class TestRatingMLP(ModelContract):
+class TestRatingMLP(OnStage1):
     """Stage 3: stage 1's prediction plus an MLP correction from the factors and the predicted error."""
 
     model = "rating_mlp"
     train = {"lr": 0.005, "epochs": 8}
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def source(cls, stage1) -> str:
-        return stage1["scored"]
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def upstream(cls, stage1) -> torch.nn.Module:
-        return stage1["mf"]
 
     def test_reads_the_predicted_error(self, fitted: Trainer, data: RankData, stage1) -> None:
         """pred_error carries the planted noise's sign here: stage 3 must beat stage 1 clearly with it."""
@@ -304,7 +298,7 @@ CONTRACTS = [c for c in list(globals().values()) if isinstance(c, type) and issu
 
 
 def test_every_registered_model_has_a_contract() -> None:
-    assert set(registry.names()) <= {c.model for c in CONTRACTS if c is not ModelContract}
+    assert set(registry.names()) <= {c.model for c in CONTRACTS if hasattr(c, "model")}
 
 
 # ------------------------------------------------------------------------------------------- autoencoder mask

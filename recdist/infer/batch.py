@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from recdist import storage
 from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, in_share, known_mask
-from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, role_of
+from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, one_thread, role_of
 from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 SAMPLE = "sample"
@@ -247,8 +247,6 @@ def score_local(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
     from recdist.data.dataset import read_manifest, shard_files
 
     plan = plan_for(
@@ -256,10 +254,8 @@ def score_local(
     )
     predictor = Predictor(plan)
     manifest = read_manifest(data)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
-    try:
+    with one_thread():
         with storage.staged_output(out, overwrite=overwrite) as tmp:
 
             def one(n: int, source: str) -> int:
@@ -269,8 +265,6 @@ def score_local(
                 list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
             seconds = time.perf_counter() - t0
             result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="local", share=share)
-    finally:
-        torch.set_num_threads(threads)
     return {**result, "out": out}
 
 

@@ -20,6 +20,7 @@ from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.batch import plan_for
 from recdist.infer.ranker import Ranker
+from recdist.infer.scoring import one_thread
 from recdist.infer.tables import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
 from recdist.infer.topn import Csr, cosine_neighbours
 
@@ -59,6 +60,11 @@ def ranker_for(models: RunModels) -> Ranker:
 
 def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
     """Write every analyst table under `out` (a staging directory); return metrics.json's content."""
+    with one_thread():
+        return _write_outputs(models, out, cfg, seed)
+
+
+def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users, shard_files
 
     manifest = read_manifest(models.scored)

@@ -76,15 +76,6 @@ class FrozenMF(nn.Module):
         """[factors, bias, |factors|] per row."""
         return torch.cat([factors, bias.unsqueeze(-1), factors.norm(dim=-1, keepdim=True)], dim=-1)
 
-    def inputs(
-        self, user: torch.Tensor, item: torch.Tensor, mf_pred: torch.Tensor, cfg: OnMFConfig, dims: Dims
-    ) -> torch.Tensor:
-        """Standardised [user row, item row, (stage 1's prediction - global mean)] for each (user, item)."""
-        cols = [self.user_inputs[user], self.item_inputs[item]]
-        if cfg.use_mf_pred:
-            cols.append((mf_pred - dims.global_mean).unsqueeze(-1))
-        return torch.cat(cols, dim=-1)
-
 
 def _column_stats(table: torch.Tensor) -> torch.Tensor:
     """(2, C): per-column mean and standard deviation (floored so constant columns stay finite)."""
@@ -141,6 +132,8 @@ class OnMF(Model):
         self.frozen = FrozenMF()
         self.net: nn.Sequential | None = None
         self._init_state = generator.get_state()  # the MLP is drawn at attach, when the MF rank is known
+        self._proj_key: tuple | None = None
+        self._proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self, mf: nn.Module) -> None:
         """Copy a trained MF-family model's factors and biases in as frozen buffers; build the MLP."""
@@ -164,10 +157,38 @@ class OnMF(Model):
         self.net = net.to(device)
         self.frozen.to(device)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, batch: Batch, row: torch.Tensor) -> torch.Tensor:
+        """The MLP on [user's inputs, item's inputs, row features `row` (B, E)]: one output per row.
+
+        Without autograd (inference) the first layer is applied in parts: the user and item parts are
+        precomputed once per user and item (_projections), so a row costs two gathers of hidden-width vectors
+        instead of a product with the whole input; same function, 2-3x faster on CPU.
+        """
         if self.net is None:
             raise RuntimeError(f"{self.registry_name}: call attach(mf_model) before using the model")
-        return self.net(x).squeeze(-1)
+        user, item = batch.user, batch.item
+        if torch.is_grad_enabled():
+            x = torch.cat([self.frozen.user_inputs[user], self.frozen.item_inputs[item], row], dim=-1)
+            return self.net(x).squeeze(-1)
+        first = self.net[0]
+        per_user, per_item = self._projections()
+        h = torch.addmm(per_user[user] + per_item[item], row, first.weight[:, self.frozen.width :].T)
+        return self.net[1:](h).squeeze(-1)
+
+    def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user_inputs @ W_u^T + bias, item_inputs @ W_i^T): the first layer's part of every user and item,
+        cached until the weights or tables change."""
+        first = self.net[0]
+        key = (first.weight._version, first.weight.data_ptr(), first.bias._version, self.frozen.user_inputs.data_ptr())
+        if self._proj_key != key:
+            du = self.frozen.user_inputs.shape[1]
+            w = first.weight.detach()
+            self._proj = (
+                torch.addmm(first.bias.detach(), self.frozen.user_inputs, w[:, :du].T),
+                self.frozen.item_inputs @ w[:, du : self.frozen.width].T,
+            )
+            self._proj_key = key
+        return self._proj
 
     def _mf_pred(self, batch: Batch) -> torch.Tensor:
         """Stage 1's prediction of each row: the last feature column."""
@@ -178,8 +199,10 @@ class OnMF(Model):
             )
         return batch.features[:, -1].float()
 
-    def _features(self, batch: Batch) -> torch.Tensor:
-        return self.frozen.inputs(batch.user, batch.item, self._mf_pred(batch), self.config, self.dims)
+    def _row(self, batch: Batch) -> torch.Tensor:
+        """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean)."""
+        cols = [(self._mf_pred(batch) - self.dims.global_mean).unsqueeze(-1)] if self.config.use_mf_pred else []
+        return torch.cat(cols, dim=-1) if cols else batch.user.new_zeros((len(batch), 0), dtype=torch.float32)
 
 
 @register("reliability_mlp", ReliabilityConfig)
@@ -190,7 +213,7 @@ class ReliabilityMLP(OnMF):
     head_std = 0.01
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return F.softplus(self._mlp(self._features(batch)))
+        return F.softplus(self._mlp(batch, self._row(batch)))
 
     def set_context(self, train: Batch) -> None:
         """Start the output at the mean training error: the head's bias = softplus^-1(mean target).
@@ -233,12 +256,10 @@ class RatingMLP(OnMF):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         err = (self._error_feature(batch) - self.error_stats[0]) / self.error_stats[1]
-        x = torch.cat([self._features(batch), err], dim=-1)
+        correction = self._mlp(batch, torch.cat([self._row(batch), err], dim=-1))
         if self.config.skip:
-            base = self._mf_pred(batch)
-        else:
-            base = torch.full_like(batch.user, 0, dtype=torch.float32) + self.dims.global_mean
-        return base + self._mlp(x)
+            return self._mf_pred(batch) + correction
+        return correction + self.dims.global_mean
 
     def set_context(self, train: Batch) -> None:
         """Standardise the predicted-error input with its training mean and spread."""
