@@ -67,11 +67,11 @@ def main() -> None:
     target = spark["rmse"] if spark else None
     sgd = run_in_process(data, MF_PARAMS, {**SGD_TRAIN, "epochs": args.epochs}, target, "SGD")
     als = run_in_process(data, ALS_PARAMS, {**ALS_TRAIN, "epochs": args.als_epochs}, target, "ALS")
+    mlp = mlp_speeds(data, args.mlp_rows, sgd.pop("model"))  # before the commands: their Ray lingers a while
+    als.pop("model")
     commands = []
     if not args.skip_command:  # the same run as the in-process one: its schedule spans --epochs
         commands = [run_command(data, workers, args.epochs) for workers in (1, 2)]
-    mlp = mlp_speeds(data, args.mlp_rows, sgd.pop("model"))
-    als.pop("model")
     report(spark, sgd, als, commands, mlp)
 
 

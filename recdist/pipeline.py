@@ -11,7 +11,9 @@ is never replaced without `overwrite=True` or `from_stage` at or before it. `kin
 RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, data/ (when
 prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/ with mf_pred and error),
 reliability/ (model/, scored/ + pred_error), rating/ (model/, scored/ + pred_rating), outputs/ (analyst
-tables, metrics.json, report.md and its figures).
+tables, metrics.json, report.md and its figures). With pipeline.mlp_train_share < 1, mf/scored/sample/ and
+reliability/scored/sample/ hold the seeded share of training rows (and the validation rows) that stages 2
+and 3 train on.
 """
 
 from __future__ import annotations

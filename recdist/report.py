@@ -52,28 +52,40 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         header = f"Pipeline: three-stage RNCF (MF -> reliability -> rating); stage-1 errors of training rows {errors}."
     else:
         header = f"Pipeline: the single model `{config.stages.single.model}`."
-    lines = [
-        "# recdist run report",
-        "",
-        header,
-        "",
+    lines = ["# recdist run report", "", header, ""]
+    cold = metrics.get("cold", {})
+    if cold:
+        counts = ", ".join(f"{v['rows']:,} {k}" for k, v in cold.items())
+        test = cold.get("test", {"rows": 0, "cold": 0})
+        lines += [
+            f"Ratings: {counts}. {test['cold']:,} test ratings are cold (their user or movie has no training "
+            "rating): they get the fallback, global mean plus the known side's bias, and count in every figure.",
+            "",
+        ]
+    lines += [
         "## Accuracy (RMSE / MAE per split)",
         "",
         "| stage | train RMSE | val RMSE | test RMSE | test MAE | test rows |",
         "|---|---|---|---|---|---|",
     ]
+    names = {"mf": "1 mf", "reliability": "2 reliability (target: squared error)", "rating": "3 rating"}
     for stage in ("mf", "reliability", "rating", "single"):
         if stage not in metrics:
             continue
         row = metrics[stage]
-        unit = " (predicting squared error)" if stage == "reliability" else ""
         lines.append(
-            f"| {stage}{unit} | {_f(row, 'train', 'rmse')} | {_f(row, 'val', 'rmse')} | {_f(row, 'test', 'rmse')} "
-            f"| {_f(row, 'test', 'mae')} | {row.get('test', {}).get('n', '')} |"
+            f"| {names.get(stage, stage)} | {_f(row, 'train', 'rmse')} | {_f(row, 'val', 'rmse')} "
+            f"| {_f(row, 'test', 'rmse')} | {_f(row, 'test', 'mae')} | {row.get('test', {}).get('n', '')} |"
         )
     if "mf" in metrics and "rating" in metrics:
         a, b = metrics["mf"]["test"]["rmse"], metrics["rating"]["test"]["rmse"]
         lines += ["", f"Stage 3 changes test RMSE from {a:.4f} (stage 1) to {b:.4f} ({(b - a) / a:+.2%})."]
+    if "reliability" in metrics:
+        lines += [
+            "",
+            "Stage 2's row is in squared-rating units: how far its predicted squared errors are from the observed "
+            "ones. Train figures are on ratings the stages were fitted to (in-sample); compare models on test.",
+        ]
     lines += _reliability_section(metrics, figures)
     lines += _ranking_section(metrics.get("ranking", {}))
     lines += _movies_section(factors, figures, p.similar_min_ratings)

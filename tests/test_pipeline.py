@@ -108,10 +108,12 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "pipeline.similar_k": 4,
         "pipeline.similar_min_ratings": 5,
         "pipeline.map_items": 40,
-        "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 15, "solver": "sgd"}},
-        "stages.reliability.train": {"epochs": 30, "batch_size": 256, "lr": 0.003, "patience": 0},
-        "stages.rating.train": {"epochs": 6, "batch_size": 512, "lr": 0.003, "patience": 0},
-        "stages.single": {"model": "mf_residual_mlp", "params": {"rank": 8}, "train": {"epochs": 8, "batch_size": 512}},
+        "pipeline.mlp_train_share": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
+        "pipeline.infer_actors": 1,
+        # few epochs of many small steps: each epoch is a Ray Train report and checkpoint (seconds here)
+        "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 10, "solver": "sgd"}},
+        "stages.reliability.train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 0},
+        "stages.rating.train": {"epochs": 4, "batch_size": 256, "lr": 0.003, "patience": 0},
     }
     return load_config(None, {**base, **overrides})
 
@@ -120,6 +122,10 @@ def read(path: Path) -> pl.DataFrame:
     frame = pl.from_arrow(pq.read_table(path))
     assert isinstance(frame, pl.DataFrame)
     return frame
+
+
+def read_dir(dataset: Path) -> pl.DataFrame:
+    return pl.concat([read(f) for f in sorted((dataset / "ratings").glob("*.parquet"))])
 
 
 def tensors(run: Path, stage: str) -> dict[str, torch.Tensor]:
@@ -165,8 +171,13 @@ def stopped_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict, dic
     at_stop = {
         "files": {
             f: (out / f).stat().st_mtime_ns
-            for f in ("data/manifest.json", "mf/manifest.json", "mf/model/model.safetensors",
-                      "reliability/manifest.json", "reliability/model/model.safetensors")
+            for f in (
+                "data/manifest.json",
+                "mf/manifest.json",
+                "mf/model/model.safetensors",
+                "reliability/manifest.json",
+                "reliability/model/model.safetensors",
+            )
         },
         "run": manifest(out),
         "rating_exists": (out / "rating").exists(),
@@ -191,7 +202,7 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert scored.field(field.name).type == field.type
 
     o = out / "outputs"
-    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("part-*.parquet"))])
+    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
     assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
     assert predictions.height == n and predictions["pred_error"].null_count() == 0
     assert predictions.filter(pl.col("user_id") == user_id(0)).height > 0  # original ids, not indices
@@ -226,6 +237,37 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert metrics["rating"]["test"]["rmse"] < 1.0  # learnt: the noise alone is sqrt((0.15^2 + 1.1^2) / 2) ~ 0.79
     for ranking in ("mf", "rating"):
         assert {"precision@10", "recall@10", "ndcg@10", "users"} <= set(metrics["ranking"][ranking])
+
+
+def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
+    out, _ = full_run
+    sample = manifest(out / "mf" / "scored", "sample")
+    splits = manifest(out, "data")["splits"]
+    assert sample["splits"]["val"] == splits["val"] and sample["splits"]["test"] == 0
+    assert 0.4 * splits["train"] < sample["splits"]["train"] < 0.6 * splits["train"]
+    for stage, upstream in (("reliability", "mf"), ("rating", "reliability")):
+        trained_on = json.loads((out / stage / "model" / "manifest.json").read_text())["data"]
+        assert Path(trained_on) == out / upstream / "scored" / "sample"
+    # the same rows in both samples (one hash), and every row scored by every stage
+    a, b = (read_dir(out / s / "scored" / "sample") for s in ("mf", "reliability"))
+    assert a.select("user_idx", "item_idx").equals(b.select("user_idx", "item_idx"))
+    assert manifest(out, "rating")["scoring"]["rows"] == manifest(out, "data")["n_ratings"]
+
+
+def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path):
+    from recdist.infer.batch import score, score_local
+
+    out, _ = full_run
+    data, model = str(out / "data"), str(out / "mf" / "model")
+    ray_result = score(model, data, str(tmp_path / "ray"), role="mf", progress=False)
+    local_result = score_local(model, data, str(tmp_path / "local"), role="mf", workers=2)
+    assert ray_result["engine"] == "ray-data" and local_result["engine"] == "local"
+    names = sorted(p.name for p in (tmp_path / "ray" / "ratings").iterdir())
+    assert names == sorted(p.name for p in (out / "data" / "ratings").iterdir())  # shard n -> shard n
+    for name in names:
+        assert pq.read_table(tmp_path / "ray" / "ratings" / name).equals(
+            pq.read_table(tmp_path / "local" / "ratings" / name)
+        )
 
 
 def test_reliability_finds_the_planted_noisy_users(full_run):
@@ -366,8 +408,12 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
             "pipeline.top_n": 5,
             "pipeline.similar_k": 4,
             "pipeline.similar_min_ratings": 5,
-            "stages.single": {"model": "mf_residual_mlp", "params": {"rank": 8},
-                              "train": {"epochs": 8, "batch_size": 512}},
+            "pipeline.infer_actors": 1,
+            "stages.single": {
+                "model": "mf_residual_mlp",
+                "params": {"rank": 8},
+                "train": {"epochs": 5, "batch_size": 256},
+            },
         },
     )
     summary = run_pipeline(cfg, str(out), data=str(full / "data"), progress=False)
@@ -377,8 +423,11 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
     assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
     assert predictions.height == manifest(full, "data")["n_ratings"]
     assert predictions["pred_error"].null_count() == predictions.height  # no reliability stage
-    for name, schema in (("recommendations", tables.RECOMMENDATIONS), ("item_factors", tables.ITEM_FACTORS),
-                         ("similar_items", tables.SIMILAR_ITEMS)):
+    for name, schema in (
+        ("recommendations", tables.RECOMMENDATIONS),
+        ("item_factors", tables.ITEM_FACTORS),
+        ("similar_items", tables.SIMILAR_ITEMS),
+    ):
         assert pq.read_schema(o / f"{name}.parquet") == schema
     metrics = json.loads((o / "metrics.json").read_text())
     assert metrics["single"]["test"]["rmse"] < 1.0 and "mf" not in metrics

@@ -73,12 +73,13 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
     has_reliability = models.reliability is not None
 
     sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
-    tests, seen = [], []
+    tests, seen, colds = [], [], []
     for n, uri in enumerate(shard_files(models.scored)):
         frame = pl.from_arrow(storage.read_parquet(uri))
         assert isinstance(frame, pl.DataFrame)
         predictions = _predictions(frame, users, items)
         storage.write_parquet(predictions, storage.join(out, "predictions", f"part-{n:05d}.parquet"))
+        colds.append(frame.group_by(split=pl.col("split").cast(pl.String)).agg(n=pl.len(), cold=pl.col("cold").sum()))
         if "mf_pred" in frame.columns:
             sums["mf"].append(m.error_sums(frame, "mf_pred"))
         if "pred_error" in frame.columns and "error" in frame.columns:
@@ -116,6 +117,8 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         storage.write_parquet(factors_table, storage.join(out, "item_factors.parquet"))
         storage.write_parquet(_similar(ranker.factors, items, cfg), storage.join(out, "similar_items.parquet"))
     result["rows"] = {"predictions": int(pairs.height), "test": int(test.height), "recommendations": recs.height}
+    cold = pl.concat(colds).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
+    result["cold"] = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
     storage.write_json(storage.join(out, "metrics.json"), result)
     return result
 
