@@ -107,7 +107,8 @@ def test_bad_configs_fail_before_any_work(ray_cluster, dataset, tmp_path) -> Non
 def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
     frame = planted_frame(n_rows=600)
     # negative "squared errors": the reliability model refuses them inside the worker (set_context)
-    scored = write_dataset(tmp_path / "scored", frame, shards=2, extra={"error": [-1.0] * frame.height, "mf_pred": [3.0] * frame.height})
+    extra = {"error": [-1.0] * frame.height, "mf_pred": [3.0] * frame.height}
+    scored = write_dataset(tmp_path / "scored", frame, shards=2, extra=extra)
     mf = build_model(StageConfig(model="biased_mf", params={"rank": 4}), _dims(scored))
     save_model(mf, str(tmp_path / "mf"))
     stage = StageConfig(model="reliability_mlp", train=TrainConfig(epochs=2))

@@ -139,7 +139,7 @@ def score(
     files = shard_files(data)
     slots = int(resources.get("GPU", 1)) if use_gpu else int(resources.get("CPU", 1))
     n_actors = max(1, min(actors or slots, len(files)))
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     with storage.staged_output(out, overwrite=overwrite) as tmp:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -158,8 +158,12 @@ def score(
         ).take_all()
         if sum(int(w["rows"]) for w in written) != int(manifest["n_ratings"]):
             raise RuntimeError(f"the scoring actors wrote {len(written)} of {len(files)} shards")
-        busy = max(w["end"] for w in written) - min(w["start"] for w in written)
-        extra = {"actors": n_actors, "actor_seconds": round(busy, 3)}  # from the first shard's start to the last's end
+        first, last = min(w["start"] for w in written), max(w["end"] for w in written)
+        extra = {  # actor_seconds: from the first shard's start to the last one's end; before it, start-up
+            "actors": n_actors,
+            "actor_seconds": round(last - first, 3),
+            "startup_seconds": round(first - wall0, 3),
+        }
         seconds = time.perf_counter() - t0
         result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="ray-data", share=share, **extra)
     return {**result, "out": out}

@@ -43,7 +43,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
         ray.init(address=address, log_to_driver=True)
         return plan(cluster, ray.cluster_resources())
     here = local_resources()
-    fit = plan(cluster, here)
+    fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
     ray.init(num_cpus=int(here["CPU"]), num_gpus=int(here["GPU"]), include_dashboard=False, log_to_driver=True)
     return fit
 
@@ -58,25 +58,25 @@ def local_resources() -> dict[str, float]:
     }
 
 
-def plan(cluster: ClusterConfig, resources: dict[str, float]) -> WorkerPlan:
+def plan(cluster: ClusterConfig, resources: dict[str, float], where: str = "the Ray cluster") -> WorkerPlan:
     """The workers' resources on a cluster with these totals, or a ConfigError saying how to fix the request."""
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cluster.workers < 1:
         raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
     if cluster.gpu and gpus == 0:
         raise ConfigError(
-            "cluster.gpu is set but the Ray cluster has no GPUs",
+            f"cluster.gpu is set but {where} has no GPUs",
             fix="set cluster.gpu: false to train on CPUs, or point cluster.address at a cluster with GPU nodes",
         )
     if cluster.gpu and cluster.workers > gpus:
         raise ConfigError(
-            f"{cluster.workers} GPU workers asked for but the Ray cluster has {gpus} GPU(s)",
+            f"{cluster.workers} GPU workers asked for but {where} has {gpus} GPU(s)",
             fix=f"set cluster.workers to {gpus} or fewer",
         )
     per_worker = cluster.cpus_per_worker or max(1, cpus // cluster.workers)
     if cluster.workers * per_worker > cpus:
         raise ConfigError(
-            f"{cluster.workers} workers x {per_worker} CPUs asked for but the Ray cluster has {cpus} CPUs",
+            f"{cluster.workers} workers x {per_worker} CPUs asked for but {where} has {cpus} CPUs",
             fix="lower cluster.workers or cluster.cpus_per_worker (or leave cpus_per_worker empty to share "
             "the CPUs out)",
         )
