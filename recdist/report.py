@@ -55,7 +55,7 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
     lines = ["# recdist run report", "", header, ""]
     cold = metrics.get("cold", {})
     if cold:
-        counts = ", ".join(f"{v['rows']:,} {k}" for k, v in cold.items())
+        counts = ", ".join(f"{cold[k]['rows']:,} {k}" for k in ("train", "val", "test") if k in cold)
         test = cold.get("test", {"rows": 0, "cold": 0})
         lines += [
             f"Ratings: {counts}. {test['cold']:,} test ratings are cold (their user or movie has no training "
