@@ -12,7 +12,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from recdist.errors import ConfigError
 
@@ -218,6 +218,12 @@ class PipelineConfig(Section):
     crossfit_folds: int = Field(0, ge=0)
     """0: stage-1 errors on training rows are in-sample (as the paper); K >= 2: K-fold cross-fitted (each
     training row's mf_pred and error come from the one of K fold models that did not train on it)."""
+    session_windows: tuple[NonNegativeInt, NonNegativeInt] = (60, 600)
+    """(short, long) windows in seconds of the session context stage 1's inference writes for stages 2 and 3:
+    the residuals of the user's training ratings rated within them (recdist/infer/session.py)."""
+    session_future: bool = False
+    """False: a row's session holds ratings made at or before it only (causal, as a live system sees them);
+    True: also those made up to a window after it (better on a random split; uses later ratings)."""
     mlp_train_share: float = Field(1.0, gt=0, le=1)
     """Share of the training ratings stages 2 and 3 train on (a seeded hash sample of (user, movie) pairs, with
     every validation row for early stopping; every row is still scored and evaluated). 1 = all, as the paper;

@@ -9,11 +9,11 @@ is never replaced without `overwrite=True` or `from_stage` at or before it. `kin
 (stages.single) with the same outputs.
 
 RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, data/ (when
-prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/ with mf_pred and error),
-reliability/ (model/, scored/ + pred_error), rating/ (model/, scored/ + pred_rating), outputs/ (analyst
-tables, metrics.json, report.md and its figures). With pipeline.mlp_train_share < 1, mf/scored/sample/ and
-reliability/scored/sample/ hold the seeded share of training rows (and the validation rows) that stages 2
-and 3 train on.
+prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/ with mf_pred, error and the session
+context), reliability/ (model/, scored/ + pred_error), rating/ (model/, scored/ + pred_rating), outputs/
+(analyst tables, metrics.json, report.md and its figures). With pipeline.mlp_train_share < 1,
+mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of training rows (and the validation
+rows) that stages 2 and 3 train on.
 """
 
 from __future__ import annotations
@@ -68,14 +68,16 @@ def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
     stages = config.stages.model_dump(mode="json")
     hashes: dict[str, str] = {"prepare": data_id}
     if p.kind == "rncf":
-        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds, p.mlp_train_share])
+        session = [list(p.session_windows), p.session_future]
+        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds, p.mlp_train_share, session])
         hashes["reliability"] = _digest([hashes["mf"], stages["reliability"]])
         hashes["rating"] = _digest([hashes["reliability"], stages["rating"]])
         final = hashes["rating"]
     else:
         hashes["single"] = _digest([data_id, stages["single"]])
         final = hashes["single"]
-    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", "crossfit_folds", "mlp_train_share"})
+    stage_1 = {"crossfit_folds", "mlp_train_share", "session_windows", "session_future"}  # in the mf hash
+    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", *stage_1})
     hashes["outputs"] = _digest([final, shown])
     return hashes
 
@@ -248,8 +250,10 @@ def _prepare(run: _Run) -> dict[str, Any]:
 
 
 def _mf(run: _Run) -> dict[str, Any]:
-    """Stage 1: the full MF model, K fold models when cross-fitting, then mf_pred and error for every row."""
+    """Stage 1: the full MF model, K fold models when cross-fitting, then mf_pred, error and the session
+    context (stages 2 and 3 read it) for every row."""
     from recdist.infer.folds import write_fold_dataset
+    from recdist.infer.session import SessionSpec
 
     cfg, where = run.config, run.dir("mf")
     model = _train(run, "mf", run.data, storage.join(where, "model"))
@@ -271,6 +275,7 @@ def _mf(run: _Run) -> dict[str, Any]:
         fold_models=tuple(fold_models),
         fold_seed=seed,
         share=_share(run),
+        session=SessionSpec(cfg.pipeline.session_windows, cfg.pipeline.session_future),
     )
     return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
 

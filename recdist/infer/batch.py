@@ -30,6 +30,7 @@ from recdist import storage
 from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, in_share, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, one_thread, role_of
+from recdist.infer.session import SESSION_COLUMNS, SessionSpec, session_columns
 from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 SAMPLE = "sample"
@@ -106,6 +107,7 @@ def score(
     gpu: bool | None = None,
     cluster: ClusterConfig | None = None,
     share: TrainShare | None = None,
+    session: SessionSpec | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One Ray Data inference pass over `data` with the model at `model_uri`, committed to `out`.
@@ -115,7 +117,8 @@ def score(
     stage-1 models, fold k scoring the train rows of fold k. fallback_model: the MF model whose biases
     build the cold-start prediction of a non-MF model. actors: scoring actors (default one per GPU, else one
     per CPU). cluster: where to run (default $RAY_ADDRESS or a local cluster). share: also write the sample/
-    dataset of a share of the training rows (TrainShare).
+    dataset of a share of the training rows (TrainShare). session: then add the session columns (stage 1's
+    role only; a pass over the whole written table before the commit, timed apart as session_seconds).
     Returns {rows, seconds, rows_per_s, files, out, role, columns, engine}.
     """
     import ray
@@ -165,7 +168,9 @@ def score(
             "startup_seconds": round(first - wall0, 3),
         }
         seconds = time.perf_counter() - t0
-        result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="ray-data", share=share, **extra)
+        result = _finish(
+            tmp, data, manifest, plan, model_uri, seconds, engine="ray-data", share=share, session=session, **extra
+        )
     return {**result, "out": out}
 
 
@@ -243,6 +248,7 @@ def score_local(
     fallback_model: str | None = None,
     workers: int = 1,
     share: TrainShare | None = None,
+    session: SessionSpec | None = None,
 ) -> dict[str, Any]:
     """The same pass as `score` without Ray: score_shard over the shards in this process.
 
@@ -268,7 +274,9 @@ def score_local(
             with ThreadPoolExecutor(max(1, workers)) as pool:
                 list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
             seconds = time.perf_counter() - t0
-            result = _finish(tmp, data, manifest, plan, model_uri, seconds, engine="local", share=share)
+            result = _finish(
+                tmp, data, manifest, plan, model_uri, seconds, engine="local", share=share, session=session
+            )
     return {**result, "out": out}
 
 
@@ -282,10 +290,19 @@ def _finish(
     *,
     engine: str,
     share: TrainShare | None = None,
+    session: SessionSpec | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Copy users/items, count what was written, and write the scored manifest last (the sample's before it)."""
+    """Add the session columns when asked, copy users/items, count what was written, and write the scored
+    manifest last (the sample's before it)."""
     import pyarrow.parquet as pq
+
+    if session is not None:
+        if plan.role != "mf":
+            raise ValueError("session columns are computed from stage 1's residuals: role 'mf' only")
+        t0 = time.perf_counter()
+        _write_session(tmp, session, share)
+        extra["session_seconds"] = round(time.perf_counter() - t0, 3)
 
     for name in ("users.parquet", "items.parquet"):
         src = storage.join(data, name)
@@ -302,14 +319,15 @@ def _finish(
     expected = int(manifest["n_ratings"])
     if rows != expected:
         raise RuntimeError(f"scoring wrote {rows} rows for {expected} input rows; not committing {tmp}")
-    columns = sorted({*manifest.get("scored_columns", []), *ROLE_COLUMNS[plan.role], "cold"})
+    added = [*ROLE_COLUMNS[plan.role], "cold", *(SESSION_COLUMNS if session is not None else ())]
+    columns = sorted({*manifest.get("scored_columns", []), *added})
     result = {
         "rows": rows,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds) if seconds > 0 else math.inf,
         "files": len(parts),
         "role": plan.role,
-        "columns": list(ROLE_COLUMNS[plan.role]) + ["cold"],
+        "columns": added,
         "engine": engine,
         **extra,
     }
@@ -339,6 +357,31 @@ def _finish(
         },
     )
     return result
+
+
+def _write_session(folder: str, spec: SessionSpec, share: TrainShare | None) -> None:
+    """Add SESSION_COLUMNS to every shard of a written scored table (and to its sample/): one read of the
+    columns they need over all shards (a user's ratings sit in every shard), then each shard rewritten."""
+    ratings = storage.join(folder, "ratings")
+    names = [p for p in storage.listdir(ratings) if p.endswith(".parquet")]
+    needed = ["user_idx", "timestamp", "split", "rating", "mf_pred"]
+    frames = [pl.from_arrow(storage.read_parquet(storage.join(ratings, n), columns=needed)) for n in names]
+    context = session_columns(pl.concat(frames), spec)
+    start = 0
+    for name, rows in zip(names, (f.height for f in frames), strict=True):
+        table = storage.read_parquet(storage.join(ratings, name))
+        part = context.slice(start, rows)
+        start += rows
+        for column in SESSION_COLUMNS:
+            values = pa.array(part[column].to_numpy(), pa.float32())
+            if column in table.column_names:
+                table = table.set_column(table.column_names.index(column), column, values)
+            else:
+                table = table.append_column(column, values)
+        storage.write_parquet(table, storage.join(ratings, name), **SCORED_PARQUET)
+        if share is not None:
+            sample = storage.join(folder, SAMPLE, "ratings", name)
+            storage.write_parquet(table.filter(share.keep(table)), sample, **SCORED_PARQUET)
 
 
 def _split_counts(folder: str) -> dict[str, int]:

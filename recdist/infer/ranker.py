@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from recdist.infer.scoring import Predictor, ScoringPlan
+from recdist.infer.session import empty_session
 from recdist.infer.topn import Csr, top_n
 from recdist.schema import SPLIT_TYPE
 
@@ -107,7 +108,8 @@ class Ranker:
 
 
 def _pairs(user: torch.Tensor, item: torch.Tensor) -> pa.Table:
-    """Candidate (user, item) rows shaped like a prepared ratings table (rating unknown: 0, split test)."""
+    """Candidate (user, item) rows shaped like a stage-1 input (rating unknown: 0, split test; no rating time,
+    so no session context: zeros)."""
     n = len(user)
     return pa.table(
         {
@@ -118,6 +120,7 @@ def _pairs(user: torch.Tensor, item: torch.Tensor) -> pa.Table:
             "split": pa.DictionaryArray.from_arrays(
                 pa.array(np.full(n, 2, dtype=np.int8)), ["train", "val", "test"]
             ).cast(SPLIT_TYPE),
+            **empty_session(n),
         }
     )
 

@@ -1,20 +1,27 @@
-"""RNCF stages 2 and 3: MLPs on a trained MF's frozen factors.
+"""RNCF stages 2 and 3: MLPs on a trained MF's frozen factors and on row features of stage 1's scored table.
 
-Stage 2 (`reliability_mlp`) predicts stage 1's squared error (rating - mf_pred)^2 from (p_u, q_i, b_u, b_i)
-and stage 1's prediction; stage 3 (`rating_mlp`) predicts the rating from the same inputs plus that predicted
-error. attach(mf) copies the MF tables in as frozen buffers and only then builds the MLP (its input width
-depends on the MF rank), from the generator state saved at construction, so the same seed still gives the
-same weights.
+Stage 2 (`reliability_mlp`) predicts stage 1's squared error (rating - mf_pred)^2; stage 3 (`rating_mlp`)
+predicts the rating from the same inputs plus that predicted error. Their inputs: the MF's tables (factors,
+biases, factor norms per user and item; optional), stage 1's prediction `mf_pred`, and the row's session
+context (SESSION_COLUMNS: stage 1's residuals on the user's training ratings rated around it; see
+recdist.infer.session). attach(mf) copies the MF tables in as frozen buffers and only then builds the MLP
+(its input width depends on the MF rank), from the generator state saved at construction, so the same seed
+still gives the same weights.
 
 Stage 1's prediction is read from the scored table's `mf_pred` column, not recomputed from the frozen
 factors: with K-fold cross-fitting a training row's mf_pred comes from the fold model that never saw it, so
-stages 2 and 3 learn from predictions as honest as the ones they meet on new rows (p_u . q_i of the full
-model on its own training rows is in-sample, and an MLP trained on it learns to trust it too much).
+stages 2 and 3 learn from predictions as honest as the ones they meet on new rows. The MF's tables are not:
+they are the full model's, fitted to every training row, so an MLP reading them can tell on a training row
+what the rating was (the full model's p_u . q_i + biases is close to it) but not on a new row. On
+ml-latest-small that costs stage 3 more than the tables give (bench/rncf_accuracy.py), hence use_factors,
+use_bias and use_norms off there; they stay on by default (the paper's stage, and on the synthetic data,
+where 14M ratings leave little to memorise, they help).
 
-Two traps of the seed are handled here: inputs are standardised per column (factors, biases, factor norms and
-the MF prediction, with statistics frozen at attach), and stage 2's output is softplus(z) with z's bias set
-from the mean target by set_context(train), so the net starts at the right level instead of collapsing to a
-constant far from it; set_context also rejects targets that cannot be squared errors of an un-centred rating.
+Two traps of the seed are handled here: inputs are standardised per column (factors, biases, factor norms,
+session features; statistics frozen at attach and set_context), and stage 2's output is softplus(z) with z's
+bias set from the mean target by set_context(train), so the net starts at the right level instead of
+collapsing to a constant far from it; set_context also rejects targets that cannot be squared errors of an
+un-centred rating.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
 
 TABLES = ("user_factors", "item_factors", "user_bias", "item_bias")
+#: The session context stage 1's inference writes per row (recdist.infer.session): per window (short, long),
+#: the sum of the residuals of the user's training ratings around it, the sum of their squares, their count.
+SESSION_COLUMNS = (
+    "sess_short_sum",
+    "sess_short_sq",
+    "sess_short_n",
+    "sess_long_sum",
+    "sess_long_sq",
+    "sess_long_n",
+)
 
 
 class FrozenMF(nn.Module):
@@ -90,15 +107,22 @@ class OnMFConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout after each hidden layer (training only)."""
     use_factors: bool = True
-    """Feed the factor vectors p_u and q_i themselves; without them the net sees only biases, norms and
-    predictions (a small calibration net that cannot memorise users: better on small data)."""
+    """Feed the factor vectors p_u and q_i themselves. They are the full MF's, fitted to every training row:
+    off, with cross-fitting, the net sees only inputs as honest on training rows as on new ones (better on
+    small data such as ml-latest-small)."""
     use_bias: bool = True
-    """Feed the MF's user and item biases."""
+    """Feed the MF's user and item biases (the full MF's, like the factors)."""
     use_norms: bool = True
-    """Feed the norms |p_u| and |q_i| (how much the MF knows about the user and the item)."""
+    """Feed the norms |p_u| and |q_i| (how much the MF knows about the user and the item; the full MF's)."""
     use_mf_pred: bool = True
     """Feed stage 1's prediction, the scored table's mf_pred (an MLP finds a dot product hard to compute from
     the factors)."""
+    use_session: bool = True
+    """Feed the row's session context: per window, the shrunk mean of stage 1's residuals on the user's
+    training ratings rated around it, their shrunk mean square, and log(1 + how many). MovieLens users rate
+    in bursts whose ratings share a deviation from the MF: on ml-latest-small the largest gain stage 3 has."""
+    session_prior: float = Field(3.0, gt=0)
+    """Pseudo-count of the session means: with k neighbours a window's mean is sum / (k + prior)."""
 
 
 class ReliabilityConfig(OnMFConfig):
@@ -123,14 +147,17 @@ class OnMF(Model):
     Their feature columns end with `mf_pred` (stage 1's prediction of the row)."""
 
     upstream: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = ("mf_pred",)
+    inputs: ClassVar[tuple[str, ...]] = (*SESSION_COLUMNS, "mf_pred")
     extra_inputs: ClassVar[int] = 0
+    """Row inputs a subclass adds after the session features."""
     head_std: ClassVar[float] = 0.0
 
     def __init__(self, config: OnMFConfig, dims: Dims, generator: torch.Generator):
         super().__init__(config, dims)
         self.frozen = FrozenMF()
         self.net: nn.Sequential | None = None
+        stats = torch.stack([torch.zeros(len(SESSION_COLUMNS)), torch.ones(len(SESSION_COLUMNS))])
+        self.register_buffer("session_stats", stats)  # mean, std of each session feature on training rows
         self._init_state = generator.get_state()  # the MLP is drawn at attach, when the MF rank is known
         self._proj_key: tuple | None = None
         self._proj: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -151,7 +178,8 @@ class OnMF(Model):
     def _attach_tables(self, tables: dict[str, torch.Tensor]) -> None:
         device = tables["user_factors"].device
         self.frozen.load(tables, self.config)
-        width = self.frozen.width + self.extra_inputs + self.config.use_mf_pred
+        cfg = self.config
+        width = self.frozen.width + cfg.use_mf_pred + len(SESSION_COLUMNS) * cfg.use_session + self.extra_inputs
         generator = torch.Generator().set_state(self._init_state)
         net = mlp(width, self.config.hidden, 1, self.config.dropout, generator, last_std=self.head_std)
         self.net = net.to(device)
@@ -200,9 +228,29 @@ class OnMF(Model):
         return batch.features[:, -1].float()
 
     def _row(self, batch: Batch) -> torch.Tensor:
-        """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean)."""
+        """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean), then
+        the standardised session features."""
         cols = [(self._mf_pred(batch) - self.dims.global_mean).unsqueeze(-1)] if self.config.use_mf_pred else []
+        if self.config.use_session:
+            cols.append((self._session(batch) - self.session_stats[0]) / self.session_stats[1])
         return torch.cat(cols, dim=-1) if cols else batch.user.new_zeros((len(batch), 0), dtype=torch.float32)
+
+    def _session(self, batch: Batch) -> torch.Tensor:
+        """(B, 6): per window, sum / (n + prior), sum of squares / (n + prior), log1p(n) (before standardising)."""
+        self._mf_pred(batch)  # checks the feature columns
+        at = self.inputs.index(SESSION_COLUMNS[0])
+        f = batch.features[:, at : at + len(SESSION_COLUMNS)].float()
+        out = []
+        for w in range(0, len(SESSION_COLUMNS), 3):
+            total, squares, n = f[:, w], f[:, w + 1], f[:, w + 2].clamp_min(0)
+            out += [total / (n + self.config.session_prior), squares / (n + self.config.session_prior), n.log1p()]
+        return torch.stack(out, dim=-1)
+
+    def set_context(self, train: Batch) -> None:
+        """Freeze the session features' training mean and spread (standardisation)."""
+        if self.config.use_session:
+            x = self._session(train)
+            self.session_stats = torch.stack([x.mean(0), x.std(0, correction=0).clamp_min(1e-6)]).to(self.session_stats)
 
 
 @register("reliability_mlp", ReliabilityConfig)
@@ -218,10 +266,12 @@ class ReliabilityMLP(OnMF):
     def set_context(self, train: Batch) -> None:
         """Start the output at the mean training error: the head's bias = softplus^-1(mean target).
 
-        Raises DataError for targets that cannot be the squared errors of an MF on the rating scale.
+        Also freezes the session features' statistics. Raises DataError for targets that cannot be the squared
+        errors of an MF on the rating scale.
         """
         if train.target is None or self.net is None:
             raise RuntimeError("reliability_mlp.set_context needs attach() first and a batch with targets")
+        super().set_context(train)
         target = train.target.float()
         mean = float(target.mean())
         worst = ((self.dims.rating_max - self.dims.rating_min) / 2) ** 2
@@ -243,7 +293,7 @@ def _softplus_inverse(y: float) -> float:
 class RatingMLP(OnMF):
     """RNCF stage 3: MF's prediction plus an MLP correction on frozen factors and the predicted error."""
 
-    inputs = ("pred_error", "mf_pred")
+    inputs = ("pred_error", *SESSION_COLUMNS, "mf_pred")
     extra_inputs = 1
 
     def __init__(self, config: RatingConfig, dims: Dims, generator: torch.Generator):
@@ -262,6 +312,7 @@ class RatingMLP(OnMF):
         return correction + self.dims.global_mean
 
     def set_context(self, train: Batch) -> None:
-        """Standardise the predicted-error input with its training mean and spread."""
+        """Standardise the predicted-error and session inputs with their training means and spreads."""
+        super().set_context(train)
         e = self._error_feature(train)
         self.error_stats = torch.stack([e.mean(), e.std(correction=0).clamp_min(1e-6)]).to(self.error_stats)
