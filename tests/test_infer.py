@@ -309,3 +309,55 @@ def test_train_share_is_a_seeded_hash_sample_of_training_rows_plus_every_validat
     keep = TrainShare(0.25, seed=7).keep(table).to_numpy(zero_copy_only=False)
     assert np.all(keep[splits == "val"]) and not np.any(keep[splits == "test"])
     assert np.array_equal(keep[splits == "train"], picked[splits == "train"])
+
+
+# ------------------------------------------------------------------------------------------- session context
+
+
+def session_frame() -> pl.DataFrame:
+    """User 0 rates around t = 1000-1600 (residual r - mf_pred in the comments); user 1 once; one row untimed."""
+    return pl.DataFrame(
+        {
+            "user_idx": [0, 0, 0, 0, 0, 1, 0],
+            "timestamp": [1000, 1030, 1050, 1100, 1600, 1040, None],
+            "split": ["train", "val", "train", "test", "train", "train", "train"],
+            "rating": [4.0, 5.0, 3.5, 1.0, 2.0, 5.0, 4.0],  # residuals +1, (val), +0.5, (test), -1, +2, +1
+            "mf_pred": [3.0] * 7,
+        },
+        schema_overrides={"user_idx": pl.Int32, "timestamp": pl.Int64},
+    )
+
+
+def test_a_rows_session_holds_the_users_earlier_training_residuals_only():
+    from recdist.infer.session import SESSION_COLUMNS, SessionSpec, session_columns
+
+    got = session_columns(session_frame(), SessionSpec((60, 600)))
+    assert got.columns == list(SESSION_COLUMNS) and all(got[c].dtype == pl.Float32 for c in got.columns)
+    # per row: (short sum, sq, n) over [t - 60, t], (long sum, sq, n) over [t - 600, t]; never the row itself,
+    # a validation or test rating, another user's rating or an untimed one
+    expect = [
+        [0, 0, 0, 0, 0, 0],  # the first rating: nothing before it
+        [1, 1, 1, 1, 1, 1],  # val row: the train rating 30 s before
+        [1, 1, 1, 1, 1, 1],  # not the val rating between them
+        [0.5, 0.25, 1, 1.5, 1.25, 2],  # test row: one rating within a minute, two within ten
+        [0, 0, 0, 1.5, 1.25, 2],  # 600 s back reaches t = 1000 (inclusive), not the test row
+        [0, 0, 0, 0, 0, 0],  # user 1: user 0's ratings are not its session
+        [0, 0, 0, 0, 0, 0],  # no timestamp: no session
+    ]
+    np.testing.assert_allclose(got.to_numpy(), np.array(expect, dtype=np.float32), atol=1e-6)
+    later = session_columns(session_frame(), SessionSpec((60, 600), future=True))
+    assert later.row(0) == pytest.approx((0.5, 0.25, 1, -0.5, 1.25, 2))  # ratings after it count too
+
+
+def test_the_session_context_is_blind_to_validation_and_test_ratings_and_keeps_row_order():
+    from recdist.infer.session import SessionSpec, session_columns
+
+    frame = session_frame()
+    spec = SessionSpec((60, 600), future=True)
+    flipped = frame.with_columns(
+        rating=pl.when(pl.col("split") == "train").then(pl.col("rating")).otherwise(5.5 - pl.col("rating"))
+    )
+    assert session_columns(frame, spec).equals(session_columns(flipped, spec))
+    order = [3, 6, 0, 5, 2, 4, 1]
+    shuffled = session_columns(frame[order], spec)
+    assert shuffled.equals(session_columns(frame, spec)[order])

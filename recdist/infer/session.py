@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from numba import njit
 
 from recdist.models.reliability import SESSION_COLUMNS  # what stages 2 and 3 read
 
@@ -44,8 +45,8 @@ def empty_session(n: int) -> dict[str, np.ndarray]:
 def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     """SESSION_COLUMNS for every row of `frame` (user_idx, timestamp, split, rating, mf_pred), in its order.
 
-    Sorted (user, time) keys of the training rows and cumulative sums of their residuals: two binary searches
-    per row and window, no per-row Python.
+    All rows sorted once by (user, time), then one compiled pass per window with running sums over the
+    training rows inside it (two pointers): O(n) after the sort, no per-row Python.
     """
     timed = frame["timestamp"].is_not_null().to_numpy()
     out = empty_session(frame.height)
@@ -58,18 +59,42 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
         raise ValueError("timestamps span more than 2^34 seconds: not seconds since the epoch?")
     key = (frame["user_idx"].to_numpy().astype(np.int64) << _TIME_BITS) + time
     resid = (frame["rating"].cast(pl.Float64) - frame["mf_pred"].cast(pl.Float64)).to_numpy()
-
-    order = np.argsort(key[train], kind="stable")
-    keys = key[train][order]
-    sums = [np.concatenate([[0.0], np.cumsum(v[train][order])]) for v in (resid, resid * resid)]
-    own = np.where(train, 1.0, 0.0)  # a training row is inside its own window: take it out again
+    order = np.argsort(key, kind="stable")
+    key, resid, train, timed = key[order], resid[order], train[order], timed[order]
     for name, w in zip(("short", "long"), spec.windows, strict=True):
-        lo = np.searchsorted(keys, key - w, side="left")
-        hi = np.searchsorted(keys, key + (w if spec.future else 0), side="right")
-        n = (hi - lo) - own
-        s = sums[0][hi] - sums[0][lo] - own * resid
-        sq = sums[1][hi] - sums[1][lo] - own * resid * resid
-        out[f"sess_{name}_sum"] = np.where(timed & (n > 0), s, 0.0).astype(np.float32)
-        out[f"sess_{name}_sq"] = np.where(timed & (n > 0), sq, 0.0).astype(np.float32)
-        out[f"sess_{name}_n"] = np.where(timed, n, 0.0).astype(np.float32)
+        columns = [out[f"sess_{name}_{c}"] for c in ("sum", "sq", "n")]
+        _window_sums(key, resid, train, timed, w, w if spec.future else 0, order, *columns)
     return pl.DataFrame(out)
+
+
+@njit(cache=True, nogil=True)
+def _window_sums(key, resid, train, timed, before, after, order, total_out, squares_out, n_out):  # pragma: no cover
+    """Over rows sorted by key: for each timed row r, the training rows j != r with key[r] - before <= key[j]
+    <= key[r] + after: their sum of resid, sum of squares and count, written at the row's place order[r]
+    (left zero when there are none)."""
+    n = key.shape[0]
+    lo = 0
+    hi = 0
+    total = 0.0
+    squares = 0.0
+    count = 0
+    for r in range(n):
+        while hi < n and key[hi] <= key[r] + after:
+            if train[hi]:
+                total += resid[hi]
+                squares += resid[hi] * resid[hi]
+                count += 1
+            hi += 1
+        while key[lo] < key[r] - before:
+            if train[lo]:
+                total -= resid[lo]
+                squares -= resid[lo] * resid[lo]
+                count -= 1
+            lo += 1
+        own = 1 if train[r] else 0
+        k = count - own
+        if timed[r] and k > 0:
+            at = order[r]
+            total_out[at] = total - own * resid[r]
+            squares_out[at] = max(squares - own * resid[r] * resid[r], 0.0)
+            n_out[at] = k
