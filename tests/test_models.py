@@ -78,9 +78,9 @@ def noisy_items_frame() -> pl.DataFrame:
 def stage1(tmp_path_factory) -> dict[str, Any]:
     """A biased MF trained on the noisy-items ratings, and the scored table stages 2 and 3 train on.
 
-    As the pipeline's stage-1 inference writes them: mf_pred and error = (rating - mf_pred)^2 on every row.
-    pred_error stands in for stage 2's output and is planted to carry the noise's sign (higher when the noise
-    pushed the rating up): stage 3 can only beat stage 1 by reading it.
+    As the pipeline's stage-1 inference writes them: mf_pred, error = (rating - mf_pred)^2 and the session
+    context on every row. pred_error stands in for stage 2's output and is planted to carry the noise's sign
+    (higher when the noise pushed the rating up): stage 3 can only beat stage 1 by reading it.
     """
     root = tmp_path_factory.mktemp("stage1")
     frame = noisy_items_frame()
@@ -98,7 +98,15 @@ def stage1(tmp_path_factory) -> dict[str, Any]:
     g = torch.Generator().manual_seed(5)
     pred_error = level * torch.exp(0.5 * sign + 0.1 * torch.randn(len(level), generator=g))
     extra = {"error": error.tolist(), "pred_error": pred_error.tolist(), "mf_pred": mf_pred.tolist()}
+    extra |= session_of(frame.with_columns(mf_pred=pl.Series(mf_pred.numpy())))
     return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
+
+
+def session_of(frame: pl.DataFrame) -> dict[str, list[float]]:
+    """The session columns the pipeline's stage-1 inference adds, as write_dataset's `extra`."""
+    from recdist.infer.session import DEFAULT_SESSION, session_columns
+
+    return session_columns(frame, DEFAULT_SESSION).to_dict(as_series=False)
 
 
 # ------------------------------------------------------------------------------------------- the contract
@@ -292,6 +300,57 @@ class TestRatingMLP(OnStage1):
         with torch.no_grad():
             mf_rmse = (data.test.features[:, -1] - data.test.target).square().mean().sqrt()  # mf_pred
         assert fitted.final_metrics()["test"]["rmse"] < 0.8 * float(mf_rmse)
+
+
+#: Shift of every rating of a session (sign drawn per session): a mood no MF can know.
+SESSION_SHIFT = 1.0
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory) -> dict[str, Any]:
+    """Planted ratings rated in sessions of ten (ten seconds apart, sessions a day apart), every session's
+    ratings shifted by +-SESSION_SHIFT; a biased MF on them, and its scored table (pred_error uninformative)."""
+    root = tmp_path_factory.mktemp("sessions")
+    frame = planted_frame(n_rows=2400, noise=0.2).sort("user_idx", maintain_order=True)
+    position = pl.int_range(pl.len()).over("user_idx")
+    frame = frame.with_columns(session=position // 10, timestamp=1_000_000 * pl.col("user_idx") + position % 10 * 10)
+    frame = frame.with_columns(timestamp=pl.col("timestamp") + pl.col("session") * 86_400)
+    g = torch.Generator().manual_seed(3)
+    sign = torch.randint(0, 2, (N_USERS, 8), generator=g).float() * 2 - 1
+    shift = SESSION_SHIFT * sign[frame["user_idx"].to_numpy().copy(), frame["session"].to_numpy().copy()]
+    frame = frame.with_columns(rating=(pl.col("rating") + pl.Series(shift.numpy())).clip(0.5, 5.0)).drop("session")
+    data = load_rank_data(write_dataset(root / "ratings", frame, shards=2), target="rating")
+    stage = StageConfig(model="biased_mf", params={"rank": 3, "reg": 0.05}, train=train_config(epochs=20, lr=0.02))
+    mf = build_model(stage, data.dims)
+    Trainer(mf, stage.train, data).fit()
+    mf.eval()
+    user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
+    with torch.no_grad():
+        mf_pred = mf(Batch(user, item)).clamp(0.5, 5.0)
+    extra = {"pred_error": [0.5] * frame.height, "mf_pred": mf_pred.tolist()}
+    extra |= session_of(frame.with_columns(mf_pred=pl.Series(mf_pred.numpy())))
+    return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
+
+
+def test_stage_3_removes_a_planted_session_mood_only_through_the_session_context(sessions) -> None:
+    """Each session's ratings share a +-1 shift: stage 3 on mf_pred and the session context (no MF tables) must
+    beat stage 1 clearly (only a session's first rating has no earlier one to learn it from); the same net
+    without the session context cannot."""
+    data = load_rank_data(sessions["scored"], target="rating", inputs=registry.get("rating_mlp").module.inputs)
+    mf_rmse = float((data.test.features[:, -1] - data.test.target).square().mean().sqrt())
+    no_tables = {"use_factors": False, "use_bias": False, "use_norms": False}
+    rmse = {}
+    for use_session in (True, False):
+        stage = StageConfig(
+            model="rating_mlp", params={**no_tables, "use_session": use_session}, train=train_config(epochs=20)
+        )
+        model = build_model(stage, data.dims)
+        model.attach(sessions["mf"])
+        trainer = Trainer(model, stage.train, data)
+        trainer.fit()
+        rmse[use_session] = trainer.final_metrics()["test"]["rmse"]
+    assert rmse[True] < 0.75 * mf_rmse, (rmse, mf_rmse)
+    assert rmse[False] > 0.95 * mf_rmse, (rmse, mf_rmse)
 
 
 CONTRACTS = [c for c in list(globals().values()) if isinstance(c, type) and issubclass(c, ModelContract)]

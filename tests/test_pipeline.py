@@ -254,6 +254,21 @@ def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
     assert manifest(out, "rating")["scoring"]["rows"] == manifest(out, "data")["n_ratings"]
 
 
+def test_stage_1_writes_every_ratings_session_context_and_later_stages_keep_it(full_run):
+    from recdist.infer.session import DEFAULT_SESSION, SESSION_COLUMNS, session_columns
+
+    out, _ = full_run
+    scored = read_dir(out / "mf" / "scored")
+    assert set(SESSION_COLUMNS) <= set(manifest(out / "mf", "scored")["scored_columns"])
+    expect = session_columns(scored, DEFAULT_SESSION)
+    assert scored.select(SESSION_COLUMNS).equals(expect)  # computed over every shard together
+    assert scored["sess_short_n"].mean() > 5  # the planted users rate a movie a second
+    sample = read_dir(out / "mf" / "scored" / "sample")
+    same = ["user_idx", "item_idx", *SESSION_COLUMNS]
+    assert sample.height > 0 and sample.join(scored.select(same), on=same, how="anti").height == 0
+    assert read_dir(out / "rating" / "scored").select(SESSION_COLUMNS).equals(scored.select(SESSION_COLUMNS))
+
+
 def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path):
     from recdist.infer.batch import score, score_local
 

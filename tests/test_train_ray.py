@@ -16,6 +16,7 @@ from recdist import storage
 from recdist.config import ClusterConfig, StageConfig, TrainConfig
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.models.io import load_model, save_model
+from recdist.models.reliability import SESSION_COLUMNS
 from recdist.train.run import FAIL_AT_EPOCH_ENV, build_model, train_stage
 
 EPOCHS = 5
@@ -108,6 +109,7 @@ def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
     frame = planted_frame(n_rows=600)
     # negative "squared errors": the reliability model refuses them inside the worker (set_context)
     extra = {"error": [-1.0] * frame.height, "mf_pred": [3.0] * frame.height}
+    extra |= {name: [0.0] * frame.height for name in SESSION_COLUMNS}  # the session context stage 2 reads
     scored = write_dataset(tmp_path / "scored", frame, shards=2, extra=extra)
     mf = build_model(StageConfig(model="biased_mf", params={"rank": 4}), _dims(scored))
     save_model(mf, str(tmp_path / "mf"))

@@ -30,7 +30,7 @@ from recdist import storage
 from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, in_share, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, one_thread, role_of
-from recdist.infer.session import SESSION_COLUMNS, SessionSpec, session_columns
+from recdist.infer.session import DEFAULT_SESSION, SESSION_COLUMNS, SessionSpec, session_columns
 from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 SAMPLE = "sample"
@@ -107,7 +107,7 @@ def score(
     gpu: bool | None = None,
     cluster: ClusterConfig | None = None,
     share: TrainShare | None = None,
-    session: SessionSpec | None = None,
+    session: SessionSpec | None = DEFAULT_SESSION,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One Ray Data inference pass over `data` with the model at `model_uri`, committed to `out`.
@@ -117,8 +117,9 @@ def score(
     stage-1 models, fold k scoring the train rows of fold k. fallback_model: the MF model whose biases
     build the cold-start prediction of a non-MF model. actors: scoring actors (default one per GPU, else one
     per CPU). cluster: where to run (default $RAY_ADDRESS or a local cluster). share: also write the sample/
-    dataset of a share of the training rows (TrainShare). session: then add the session columns (stage 1's
-    role only; a pass over the whole written table before the commit, timed apart as session_seconds).
+    dataset of a share of the training rows (TrainShare). session: the session context a stage-1 pass (role
+    mf; ignored for the others) adds for stages 2 and 3, None for none: a pass over the whole written table
+    before the commit, timed apart (session_seconds; `seconds` and `rows_per_s` are the scoring pass's).
     Returns {rows, seconds, rows_per_s, files, out, role, columns, engine}.
     """
     import ray
@@ -248,7 +249,7 @@ def score_local(
     fallback_model: str | None = None,
     workers: int = 1,
     share: TrainShare | None = None,
-    session: SessionSpec | None = None,
+    session: SessionSpec | None = DEFAULT_SESSION,
 ) -> dict[str, Any]:
     """The same pass as `score` without Ray: score_shard over the shards in this process.
 
@@ -297,9 +298,9 @@ def _finish(
     manifest last (the sample's before it)."""
     import pyarrow.parquet as pq
 
+    if plan.role != "mf":
+        session = None  # computed from stage 1's residuals
     if session is not None:
-        if plan.role != "mf":
-            raise ValueError("session columns are computed from stage 1's residuals: role 'mf' only")
         t0 = time.perf_counter()
         _write_session(tmp, session, share)
         extra["session_seconds"] = round(time.perf_counter() - t0, 3)

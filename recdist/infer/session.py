@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 from numba import njit
 
+from recdist.config import PipelineConfig
 from recdist.models.reliability import SESSION_COLUMNS  # what stages 2 and 3 read
 
 #: Bits of a (user, time) key below the user: time spans up to 2^34 s (544 years) per dataset.
@@ -30,11 +31,15 @@ _TIME_BITS = 34
 class SessionSpec:
     """How stage 1's inference describes each rating's session (pipeline.session_windows / session_future)."""
 
-    windows: tuple[int, int] = (60, 600)
+    windows: tuple[int, int]
     """(short, long) window in seconds."""
     future: bool = False
     """False: only ratings made at or before the row's time (causal: a live system has them too); True: also
     the ones up to w seconds after it."""
+
+
+DEFAULT_SESSION = SessionSpec(tuple(PipelineConfig().session_windows), PipelineConfig().session_future)
+"""The pipeline's default (pipeline.session_windows / session_future), for stage-1 passes outside it."""
 
 
 def empty_session(n: int) -> dict[str, np.ndarray]:

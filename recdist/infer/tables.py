@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from recdist.models.reliability import SESSION_COLUMNS
 from recdist.schema import SPLIT_TYPE
 
 #: Columns each scoring role adds to a scored table (besides the `cold` flag).
@@ -32,6 +33,9 @@ SCORED_EXTRA = pa.schema(
         pa.field("mf_pred", pa.float32()),  # stage 1 prediction, clipped to the rating scale
         pa.field("error", pa.float32()),  # (rating - mf_pred)^2: stage 2's target
         pa.field("cold", pa.bool_()),  # the user or the movie had no training rating: fallback used
+        # stage 1's session context (recdist/infer/session.py): over the user's training ratings within the
+        # short / long window before the row, the sum of their stage-1 residuals, of the squares, and the count
+        *(pa.field(name, pa.float32()) for name in SESSION_COLUMNS),
         pa.field("pred_error", pa.float32()),  # stage 2: expected squared error (low = reliable)
         pa.field("pred_rating", pa.float32()),  # stage 3 (or the single model): final prediction
     ]
