@@ -122,7 +122,9 @@ def test_user_time_split_holds_out_each_users_latest(ratings):
 
 
 def test_time_splits_need_timestamps():
-    df = pl.DataFrame({"user_id": [1, 1], "item_id": [1, 2], "timestamp": [None, 3]}, schema_overrides={"timestamp": pl.Int64})
+    df = pl.DataFrame(
+        {"user_id": [1, 1], "item_id": [1, 2], "timestamp": [None, 3]}, schema_overrides={"timestamp": pl.Int64}
+    )
     for split in ("time", "user_time"):
         with pytest.raises(DataError, match="timestamp"):
             splits.assign_split(df, PrepareConfig(split=split))
