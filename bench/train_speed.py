@@ -204,6 +204,7 @@ def mlp_speeds(data: str, sample: int, mf: torch.nn.Module) -> list[dict[str, An
     from recdist.config import StageConfig, TrainConfig
     from recdist.models import registry
     from recdist.models.batch import Batch
+    from recdist.models.reliability import SESSION_COLUMNS
     from recdist.train.data import RankData, load_rank_data
     from recdist.train.loop import Trainer
     from recdist.train.run import build_model
@@ -216,6 +217,8 @@ def mlp_speeds(data: str, sample: int, mf: torch.nn.Module) -> list[dict[str, An
         mf_pred = mf.eval()(train).clamp(0.5, 5.0)
     columns = {"mf_pred": mf_pred, "error": (mf_pred - train.target).square()}
     columns["pred_error"] = columns["error"]
+    # the session context of stages 2 and 3 (rows/s only: its values do not change the work)
+    columns |= {name: torch.rand(len(mf_pred), generator=torch.Generator().manual_seed(1)) for name in SESSION_COLUMNS}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []
     for device in devices:
