@@ -141,12 +141,14 @@ def run_recdist(data_uri: str, names: list[str], params: dict[str, Any], train: 
 
 
 def run_rncf(data_uri: str, params: dict[str, Any], train: dict[str, Any]) -> list[dict]:
-    """The three RNCF stages in a chain, on default settings (stage 1: biased_mf)."""
+    """The three RNCF stages in a chain, on default settings (stage 1: biased_mf; in-sample errors and the default
+    session context, as the pipeline's stage-1 inference writes them)."""
     from recdist.data import dataset
+    from recdist.infer.session import DEFAULT_SESSION, session_columns
     from recdist.models.batch import Batch
 
     mf, s1 = fit(data_uri, "biased_mf", params, train)
-    frame = dataset.read_rank(data_uri, columns=["user_idx", "item_idx", "rating", "split"])
+    frame = dataset.read_rank(data_uri, columns=["user_idx", "item_idx", "rating", "timestamp", "split"])
     user, item = (torch.from_numpy(frame[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     rating = torch.from_numpy(frame["rating"].to_numpy().astype(np.float32))
     dims = mf.data.dims
@@ -154,14 +156,16 @@ def run_rncf(data_uri: str, params: dict[str, Any], train: dict[str, Any]) -> li
         mf_pred = mf.model.eval()(Batch(user, item)).clamp(dims.rating_min, dims.rating_max)
     error = ((rating - mf_pred) ** 2).numpy()
     frame = frame.with_columns(pl.Series("mf_pred", mf_pred.numpy()), pl.Series("error", error))
+    frame = pl.concat([frame, session_columns(frame, DEFAULT_SESSION)], how="horizontal")  # as stage 1's inference
 
     reliability, s2 = fit(data_uri, "reliability_mlp", params, train, upstream=mf.model, frame=frame)
     error_rows = row_of("reliability_mlp", reliability, s2, "RMSE of the predicted squared error")
     train_error = frame.filter(pl.col("split") == "train")["error"].mean()
     test_error = frame.filter(pl.col("split") == "test")["error"]
     error_rows["note"] += f" (mean predictor: {float(((test_error - train_error) ** 2).mean() ** 0.5):.4f})"
+    features = torch.from_numpy(frame.select(reliability.model.inputs).to_numpy().astype(np.float32))
     with torch.no_grad():
-        pred_error = reliability.model.eval()(Batch(user, item, features=mf_pred[:, None])).clamp_min(0)
+        pred_error = reliability.model.eval()(Batch(user, item, features=features)).clamp_min(0)
     frame = frame.with_columns(pl.Series("pred_error", pred_error.numpy()))
 
     rating_mlp, s3 = fit(data_uri, "rating_mlp", params, train, upstream=mf.model, frame=frame)
