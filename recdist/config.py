@@ -247,6 +247,10 @@ class PipelineConfig(Section):
     """A test rating at or above this counts as relevant for the ranking metrics."""
     ranking_users: int = Field(0, ge=0)
     """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
+    recommend_min_ratings: int = Field(1, ge=1)
+    """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
+    ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor
+    the rarest movies crowd the top of every list."""
     similar_min_ratings: int = Field(20, ge=1)
     """Movies with fewer training ratings are left out of similar_items and the factor PCA (their factors
     are mostly initial noise)."""

@@ -368,6 +368,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
                 "models": _relative_models(models, run.out),
                 "top_n": cfg.pipeline.top_n,
                 "candidates": cfg.pipeline.candidates,
+                "recommend_min_ratings": cfg.pipeline.recommend_min_ratings,
                 "similar_k": cfg.pipeline.similar_k,
                 "similar_min_ratings": cfg.pipeline.similar_min_ratings,
                 "report": report,

@@ -49,6 +49,7 @@ TINY = [
     "pipeline.candidates=20",
     "pipeline.map_items=20",
     "pipeline.similar_min_ratings=2",
+    "pipeline.recommend_min_ratings=2",
 ]
 
 

@@ -65,8 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         payload = body[start:]
         if state.cut_once is not None:
             payload, state.cut_once = payload[: state.cut_once], None
+        state.sent += len(payload)  # counted before writing: the client may finish before this thread resumes
         self.wfile.write(payload)
-        state.sent += len(payload)
 
     def log_message(self, *args: object) -> None:
         pass

@@ -359,12 +359,21 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     # the same config again: everything is skipped
     again = run_pipeline(config(planted["same"]), str(out), progress=False)
     assert again["stages"] == summary["stages"]
-    # a changed output setting with --from outputs: only the outputs are redone, with the new setting
-    more = config(planted["same"], **{"pipeline.top_n": 7})
+    # changed output settings with --from outputs: only the outputs are redone, with the new settings
+    n_train = read(out / "data" / "items.parquet").select(movie_id="item_id", n="n_train")
+    floor = int(n_train["n"].median())  # half the movies are too rarely rated to be recommended
+    assert read(out / "outputs" / "recommendations.parquet").join(n_train, on="movie_id")["n"].min() < floor
+    more = config(planted["same"], **{"pipeline.top_n": 7, "pipeline.recommend_min_ratings": floor})
     redone = run_pipeline(more, str(out), from_stage="outputs", progress=False)
     assert {s: manifest(out, s)["created_at"] for s in before} == before
     assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
-    assert read(out / "outputs" / "recommendations.parquet").group_by("user_id").len()["len"].max() == 7
+    recs = read(out / "outputs" / "recommendations.parquet")
+    assert recs.group_by("user_id").len()["len"].max() == 7
+    assert recs.join(n_train, on="movie_id")["n"].min() >= floor
+    asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "12")  # beyond top_n: recomputed
+    assert asked.returncode == 0, asked.stderr
+    rare = n_train.filter(pl.col("n") < floor)["movie_id"].to_list()
+    assert not any(f" {m} " in asked.stdout for m in rare)
     with pytest.raises(ConfigError, match="unknown stage"):
         run_pipeline(more, str(out), from_stage="stage3", progress=False)
     run_pipeline(config(planted["same"]), str(out), from_stage="outputs", progress=False)  # as it was

@@ -43,8 +43,9 @@ class RunModels:
     """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
 
 
-def ranker_for(models: RunModels) -> Ranker:
-    """The run's ranker: MF candidates re-ranked by stages 1-3 in turn (or the single model)."""
+def ranker_for(models: RunModels, min_ratings: int = 1) -> Ranker:
+    """The run's ranker: MF candidates re-ranked by stages 1-3 in turn (or the single model), among movies with
+    at least `min_ratings` training ratings (pipeline.recommend_min_ratings)."""
     from recdist.data.dataset import read_items
     from recdist.models.io import load_model
 
@@ -55,7 +56,7 @@ def ranker_for(models: RunModels) -> Ranker:
     plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
     mf = load_model(models.mf) if models.mf else None
     n_train = read_items(models.data)["n_train"].to_numpy()
-    return Ranker.build(mf, plans, n_train)
+    return Ranker.build(mf, plans, n_train, min_ratings)
 
 
 def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         }
 
     n_users = int(manifest["n_users"])
-    ranker = ranker_for(models)
+    ranker = ranker_for(models, cfg.recommend_min_ratings)
     result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
     if has_reliability:
         deciles = _deciles(test)

@@ -29,14 +29,17 @@ class Ranker:
     """MF tables with cold users' rows zeroed (they rank by mean + movie bias), or None: popularity pool."""
     global_mean: float
     allowed: torch.Tensor
-    """bool (n_items,): movies with training ratings (only they are recommended)."""
+    """bool (n_items,): movies with enough training ratings (only they are recommended)."""
     popularity: torch.Tensor
     """float (n_items,): training ratings per movie (the pool for models without factors)."""
     stages: list[Predictor]
     """Predictors applied in order to the candidate pairs (reliability then rating, or the single model)."""
 
     @staticmethod
-    def build(mf: torch.nn.Module | None, plans: list[ScoringPlan], n_train_items: np.ndarray) -> Ranker:
+    def build(
+        mf: torch.nn.Module | None, plans: list[ScoringPlan], n_train_items: np.ndarray, min_ratings: int = 1
+    ) -> Ranker:
+        """min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
         first = plans[0]
         factors = None
         if mf is not None and hasattr(mf, "factors"):
@@ -52,7 +55,7 @@ class Ranker:
         return Ranker(
             factors=factors,
             global_mean=first.global_mean if mean is None else mean,
-            allowed=popularity > 0,
+            allowed=popularity >= max(1, min_ratings),
             popularity=popularity,
             stages=[Predictor(p) for p in plans],
         )

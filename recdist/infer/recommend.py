@@ -118,7 +118,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     user_idx = int(users["user_idx"][0])
     seen = _user_items(models.scored, user_idx)
     exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
-    ranker = ranker_for(models)
+    ranker = ranker_for(models, int(manifest.get("recommend_min_ratings", 1)))
     frame = ranker.rank(
         torch.tensor([user_idx]),
         n,
@@ -168,7 +168,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
         "item_bias": f["item_bias"],
     }
     exclude = Csr.build(torch.zeros(len(item_idx), dtype=torch.long), item_idx, 1)
-    allowed = torch.from_numpy(items["n_train"].to_numpy() > 0)
+    allowed = torch.from_numpy(items["n_train"].to_numpy() >= max(1, int(manifest.get("recommend_min_ratings", 1))))
     scores, top = top_n(user, mean, torch.tensor([0]), n, exclude=exclude, allowed=allowed)
     lo, hi = mf.dims.rating_min, mf.dims.rating_max
     keep = torch.isfinite(scores[0])
