@@ -118,6 +118,7 @@ def run_pipeline(
     from recdist.data.dataset import read_manifest
     from recdist.train.cluster import connect
 
+    out, data = storage.absolute(out), storage.absolute(data) if data else None
     storage.check_writable(out)
     previous = _check_run_dir(out, overwrite)
     if data is not None:

@@ -85,6 +85,13 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute; a URI with a scheme (s3://, file://) as it is. For every path handed to Ray
+    workers and actors, whose working directory is not the driver's."""
+    uri = str(uri)
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     uri = str(uri)
     if "://" in uri:

@@ -6,6 +6,7 @@ Each Ray Train run costs tens of seconds on two shared cores, so the runs are fe
 from __future__ import annotations
 
 import json
+import shutil
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -124,6 +125,21 @@ def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
             progress=False,
         )
     assert not storage.is_committed(str(tmp_path / "reliability"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_paths_relative_to_the_callers_directory_reach_the_workers(ray_cluster, dataset, tmp_path, monkeypatch):
+    """The README's commands take relative paths; Ray's workers and actors run in another directory."""
+    from recdist.infer.batch import score
+
+    shutil.copytree(dataset, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1), "runs/mf", progress=False)
+    assert storage.is_committed(str(tmp_path / "runs" / "mf"))
+    result = score("runs/mf", "data", "runs/scored", role="mf", progress=False, actors=1)
+    assert storage.is_committed(str(tmp_path / "runs" / "scored"))
+    assert result["rows"] == json.loads((tmp_path / "data" / "manifest.json").read_text())["n_ratings"]
 
 
 def _dims(uri: str):

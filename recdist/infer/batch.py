@@ -78,14 +78,14 @@ def plan_for(
         for k in range(len(fold_models)):
             known_users.append(known_mask(user[fold != k], n_users))
             known_items.append(known_mask(item[fold != k], n_items))
-    return ScoringPlan(
-        models=(model_uri, *fold_models),
+    return ScoringPlan(  # absolute paths: the actors' working directory is not ours
+        models=tuple(storage.absolute(m) for m in (model_uri, *fold_models)),
         role=role,
         global_mean=mean,
         rating_scale=tuple(float(x) for x in manifest["rating_scale"]),  # type: ignore[arg-type]
         known_users=tuple(known_users),
         known_items=tuple(known_items),
-        fallback_model=fallback_model,
+        fallback_model=storage.absolute(fallback_model) if fallback_model else None,
         cold_error=spread,
         fold_seed=fold_seed,
         device=device,
@@ -127,6 +127,7 @@ def score(
     from recdist.data.dataset import read_manifest, shard_files
     from recdist.train.cluster import connect
 
+    data, out = storage.absolute(data), storage.absolute(out)  # the actors' working directory is not ours
     connect(cluster or ClusterConfig())
     resources = ray.cluster_resources()
     use_gpu = bool(resources.get("GPU", 0)) if gpu is None else gpu

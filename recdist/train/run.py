@@ -160,6 +160,8 @@ def train_stage(
     """
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
+    data, out = storage.absolute(data), storage.absolute(out)  # the workers' working directory is not ours
+    upstream = storage.absolute(upstream) if upstream else None
     committed = storage.is_committed(out)
     if committed and not overwrite:
         raise StorageError(
@@ -167,7 +169,7 @@ def train_stage(
         )
     manifest = check_inputs(data, model_cls, upstream)
     plan = connect(cluster)
-    storage_uri = cluster.storage_path or storage.join(_parent(out), "_ray")
+    storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     name = run_name(data, stage, out, upstream, plan)
     run_dir = storage.join(storage_uri, name)
     if committed:  # retraining a committed output: start afresh, not from its old run's checkpoints
