@@ -165,7 +165,8 @@ def _ranking_section(ranking: dict[str, Any]) -> list[str]:
         f"## Ranking on test (top {k})",
         "",
         f"Relevant: test ratings >= {ranking.get('relevance_threshold')}; candidates: movies without a train or "
-        f"validation rating by the user. The final stage re-ranks stage 1's top {ranking.get('candidates')}.",
+        f"validation rating by the user, with at least {ranking.get('min_ratings', 1)} training rating(s). The final "
+        f"stage re-ranks stage 1's top {ranking.get('candidates')}.",
         "",
         f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | users |",
         "|---|---|---|---|---|",

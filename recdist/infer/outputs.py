@@ -162,7 +162,12 @@ def _ranking(
     rel_rows = torch.from_numpy(row_of[rel["user_idx"].to_numpy()])
     rel_items = torch.from_numpy(rel["item_idx"].to_numpy().astype(np.int64))
     user_t = torch.from_numpy(users.astype(np.int64))
-    out: dict[str, Any] = {"k": k, "relevance_threshold": cfg.relevance_threshold, "candidates": cfg.candidates}
+    out: dict[str, Any] = {
+        "k": k,
+        "relevance_threshold": cfg.relevance_threshold,
+        "candidates": cfg.candidates,
+        "min_ratings": cfg.recommend_min_ratings,
+    }
     if ranker.factors is not None:
         mf_score, mf_items = ranker.candidates(user_t, k, exclude)
         out["mf"] = m.ranking_metrics(torch.where(mf_score > -torch.inf, mf_items, -1), rel_rows, rel_items, k)
