@@ -361,3 +361,12 @@ def test_the_session_context_is_blind_to_validation_and_test_ratings_and_keeps_r
     order = [3, 6, 0, 5, 2, 4, 1]
     shuffled = session_columns(frame[order], spec)
     assert shuffled.equals(session_columns(frame, spec)[order])
+
+
+def test_equal_final_scores_keep_the_candidates_order() -> None:
+    from recdist.infer.ranker import top_stable
+
+    score = torch.tensor([[4.9, 5.0, 5.0, 3.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    best, order = top_stable(score, 3)
+    assert order.tolist() == [[1, 2, 4], [4, 3, 2]]
+    assert best.tolist() == [[5.0, 5.0, 5.0], [5.0, 4.0, 3.0]]

@@ -91,7 +91,7 @@ class Ranker:
             score = _column(pairs, "pred_rating").reshape(items.shape)
             reliability = _column(pairs, "pred_error").reshape(items.shape)
             score = torch.where(valid, score, -torch.inf)
-            best, order = torch.topk(score, min(n, items.shape[1]), dim=1)
+            best, order = top_stable(score, n)
             keep = torch.isfinite(best).reshape(-1)
             width = order.shape[1]
             parts.append(
@@ -108,6 +108,14 @@ class Ranker:
             )
         frame = pl.concat(parts) if parts else pl.DataFrame()
         return frame.with_columns(pl.col("reliability").fill_nan(None), pl.col("mf_score").fill_nan(None))
+
+
+def top_stable(score: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best (score, column) per row, equal scores in column order. Candidates come best MF score first, so
+    ties of the final stage (which sees the same inputs for many of a generous rater's candidates, and clips at
+    the top of the scale) fall back on stage 1's order instead of an arbitrary one."""
+    best, order = torch.sort(score, dim=1, descending=True, stable=True)
+    return best[:, :n], order[:, :n]
 
 
 def _pairs(user: torch.Tensor, item: torch.Tensor) -> pa.Table:
