@@ -84,15 +84,9 @@ def stage1(tmp_path_factory) -> dict[str, Any]:
     """
     root = tmp_path_factory.mktemp("stage1")
     frame = noisy_items_frame()
-    data = load_rank_data(write_dataset(root / "ratings", frame, shards=2), target="rating")
-    stage = StageConfig(model="biased_mf", params={"rank": 3, "reg": 0.02}, train=train_config(epochs=25, lr=0.02))
-    mf = build_model(stage, data.dims)
-    Trainer(mf, stage.train, data).fit()
-    mf.eval()
-    user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
-    with torch.no_grad():
-        mf_pred = mf(Batch(user, item)).clamp(0.5, 5.0)  # as stage-1 scoring writes it: on the rating scale
-        error = (torch.from_numpy(frame["rating"].to_numpy().copy()) - mf_pred).square()
+    mf, mf_pred = fit_stage_1(root, frame, reg=0.02, epochs=25)
+    error = (torch.from_numpy(frame["rating"].to_numpy().copy()) - mf_pred).square()
+    item = torch.from_numpy(frame["item_idx"].to_numpy().copy()).long()
     level = torch.where(item % 2 == 1, NOISY**2, QUIET**2)  # the planted truth of the error
     sign = torch.from_numpy(frame["noise_sign"].to_numpy().copy())
     g = torch.Generator().manual_seed(5)
@@ -100,6 +94,19 @@ def stage1(tmp_path_factory) -> dict[str, Any]:
     extra = {"error": error.tolist(), "pred_error": pred_error.tolist(), "mf_pred": mf_pred.tolist()}
     extra |= session_of(frame.with_columns(mf_pred=pl.Series(mf_pred.numpy())))
     return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
+
+
+def fit_stage_1(root, frame: pl.DataFrame, *, reg: float, epochs: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A rank-3 biased MF trained on `frame`, and its prediction of every row as stage-1 scoring writes it:
+    clipped to the rating scale."""
+    data = load_rank_data(write_dataset(root / "ratings", frame, shards=2), target="rating")
+    stage = StageConfig(model="biased_mf", params={"rank": 3, "reg": reg}, train=train_config(epochs=epochs, lr=0.02))
+    mf = build_model(stage, data.dims)
+    Trainer(mf, stage.train, data).fit()
+    mf.eval()
+    user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
+    with torch.no_grad():
+        return mf, mf(Batch(user, item)).clamp(0.5, 5.0)
 
 
 def session_of(frame: pl.DataFrame) -> dict[str, list[float]]:
@@ -319,14 +326,7 @@ def sessions(tmp_path_factory) -> dict[str, Any]:
     sign = torch.randint(0, 2, (N_USERS, 8), generator=g).float() * 2 - 1
     shift = SESSION_SHIFT * sign[frame["user_idx"].to_numpy().copy(), frame["session"].to_numpy().copy()]
     frame = frame.with_columns(rating=(pl.col("rating") + pl.Series(shift.numpy())).clip(0.5, 5.0)).drop("session")
-    data = load_rank_data(write_dataset(root / "ratings", frame, shards=2), target="rating")
-    stage = StageConfig(model="biased_mf", params={"rank": 3, "reg": 0.05}, train=train_config(epochs=20, lr=0.02))
-    mf = build_model(stage, data.dims)
-    Trainer(mf, stage.train, data).fit()
-    mf.eval()
-    user, item = (torch.from_numpy(frame[c].to_numpy().copy()).long() for c in ("user_idx", "item_idx"))
-    with torch.no_grad():
-        mf_pred = mf(Batch(user, item)).clamp(0.5, 5.0)
+    mf, mf_pred = fit_stage_1(root, frame, reg=0.05, epochs=20)
     extra = {"pred_error": [0.5] * frame.height, "mf_pred": mf_pred.tolist()}
     extra |= session_of(frame.with_columns(mf_pred=pl.Series(mf_pred.numpy())))
     return {"mf": mf, "scored": write_dataset(root / "scored", frame, shards=2, extra=extra)}
