@@ -452,12 +452,12 @@ def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **e
 def _relative_models(models: Any, out: str) -> dict[str, Any]:
     """RunModels as JSON, paths inside the run directory relative to it (the run can be moved or copied)."""
     root = str(out).rstrip("/") + ("/" if "://" in str(out) else os.sep)
-    root = root if "://" in root else os.path.abspath(root) + os.sep
+    root = root if "://" in root else storage.absolute(root) + os.sep
 
     def rel(uri: str | None) -> str | None:
         if uri is None:
             return None
-        full = uri if "://" in uri else os.path.abspath(uri)
+        full = storage.absolute(uri)
         return full[len(root) :] if full.startswith(root) else uri
 
     fields = dataclasses.asdict(models)

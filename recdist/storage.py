@@ -74,7 +74,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             fix="use a local path, file:///abs/path or s3://bucket/prefix",
         )
     path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    return fsspec.filesystem("file"), absolute(path)
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

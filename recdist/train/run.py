@@ -227,10 +227,10 @@ def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan
     """A Ray Train run name fixed by everything that shapes the run: re-running resumes the same run."""
     key = json.dumps(
         [
-            _absolute(data),
+            storage.absolute(data),
             stage.model_dump(mode="json"),
-            _absolute(out),
-            upstream and _absolute(upstream),
+            storage.absolute(out),
+            upstream and storage.absolute(upstream),
             plan.workers,
             plan.gpu,
         ],
@@ -394,8 +394,5 @@ def _finite(value: Any) -> Any:
 
 def _parent(uri: str) -> str:
     uri = str(uri).rstrip("/")
-    return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    return posixpath.dirname(uri) if "://" in uri else os.path.dirname(storage.absolute(uri))
 
-
-def _absolute(uri: str) -> str:
-    return str(uri) if "://" in str(uri) else os.path.abspath(str(uri))
