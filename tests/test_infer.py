@@ -370,3 +370,11 @@ def test_equal_final_scores_keep_the_candidates_order() -> None:
     best, order = top_stable(score, 3)
     assert order.tolist() == [[1, 2, 4], [4, 3, 2]]
     assert best.tolist() == [[5.0, 5.0, 5.0], [5.0, 4.0, 3.0]]
+
+
+def test_only_movies_with_enough_training_ratings_are_recommendable() -> None:
+    from recdist.infer.ranker import recommendable
+
+    n_train = np.array([0, 1, 4, 5, 30])
+    assert recommendable(n_train).tolist() == [False, True, True, True, True]  # never an unrated movie
+    assert recommendable(n_train, 5).tolist() == [False, False, False, True, True]

@@ -55,7 +55,7 @@ class Ranker:
         return Ranker(
             factors=factors,
             global_mean=first.global_mean if mean is None else mean,
-            allowed=popularity >= max(1, min_ratings),
+            allowed=recommendable(n_train_items, min_ratings),
             popularity=popularity,
             stages=[Predictor(p) for p in plans],
         )
@@ -108,6 +108,12 @@ class Ranker:
             )
         frame = pl.concat(parts) if parts else pl.DataFrame()
         return frame.with_columns(pl.col("reliability").fill_nan(None), pl.col("mf_score").fill_nan(None))
+
+
+def recommendable(n_train_items: np.ndarray, min_ratings: int = 1) -> torch.Tensor:
+    """bool (n_items,): the movies that may be recommended, those with at least `min_ratings` (and one)
+    training ratings (pipeline.recommend_min_ratings)."""
+    return torch.from_numpy(np.asarray(n_train_items) >= max(1, min_ratings))
 
 
 def top_stable(score: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from recdist import storage
 from recdist.errors import DataError, RecdistError, StorageError
 from recdist.infer.outputs import RunModels, ranker_for
+from recdist.infer.ranker import recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, fold_in, top_n
 
 COLUMNS = ["rank", "movie_id", "title", "score", "reliability"]
@@ -118,7 +119,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     user_idx = int(users["user_idx"][0])
     seen = _user_items(models.scored, user_idx)
     exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
-    ranker = ranker_for(models, int(manifest.get("recommend_min_ratings", 1)))
+    ranker = ranker_for(models, _min_ratings(manifest))
     frame = ranker.rank(
         torch.tensor([user_idx]),
         n,
@@ -168,7 +169,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
         "item_bias": f["item_bias"],
     }
     exclude = Csr.build(torch.zeros(len(item_idx), dtype=torch.long), item_idx, 1)
-    allowed = torch.from_numpy(items["n_train"].to_numpy() >= max(1, int(manifest.get("recommend_min_ratings", 1))))
+    allowed = recommendable(items["n_train"].to_numpy(), _min_ratings(manifest))
     scores, top = top_n(user, mean, torch.tensor([0]), n, exclude=exclude, allowed=allowed)
     lo, hi = mf.dims.rating_min, mf.dims.rating_max
     keep = torch.isfinite(scores[0])
@@ -181,6 +182,11 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
         }
     )
     return _titled(frame, models.data)
+
+
+def _min_ratings(manifest: dict[str, Any]) -> int:
+    """The run's recommend_min_ratings (runs written before it existed: 1)."""
+    return int(manifest.get("recommend_min_ratings", 1))
 
 
 def _read_ratings(uri: str) -> pl.DataFrame:

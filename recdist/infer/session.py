@@ -1,8 +1,8 @@
 """Session context of each rating: stage 1's residuals on the same user's training ratings rated around it.
 
 MovieLens users rate in bursts (on ml-latest-small 79% of test ratings have a training rating of the same user
-in the minute before them), and the ratings of one burst share a deviation from what the MF predicts (a run of similar
-movies, the mood of the sitting). An MF cannot see it; stages 2 and 3 read it as row features. Per window w
+in the minute before them), and the ratings of one burst share a deviation from what the MF predicts (a run of
+similar movies, the mood of the sitting). An MF cannot see it; stages 2 and 3 read it as row features. Per window w
 (short and long), over the user's training ratings j rated in [t - w, t] (with `future`, [t - w, t + w]),
 the row itself left out: the sum of stage-1 residuals r_j - mf_pred_j, the sum of their squares, and how many.
 
@@ -38,7 +38,8 @@ class SessionSpec:
     the ones up to w seconds after it."""
 
 
-DEFAULT_SESSION = SessionSpec(tuple(PipelineConfig().session_windows), PipelineConfig().session_future)
+_PIPELINE = PipelineConfig()
+DEFAULT_SESSION = SessionSpec(tuple(_PIPELINE.session_windows), _PIPELINE.session_future)
 """The pipeline's default (pipeline.session_windows / session_future), for stage-1 passes outside it."""
 
 
