@@ -64,6 +64,8 @@ def prepare_frame(
     n_raw = df.height
     with steps("validate"):
         validate(df, raw, rating_scale)
+        df, unit = timestamps_in_seconds(df, raw.locate, log)
+    carved = carves_val(df, cfg.split, cfg.val_fraction)
     with steps("index"):
         user_ids, user_idx = dense_ids(df["user_id"])
         item_ids, item_idx = dense_ids(df["item_id"])
@@ -79,6 +81,8 @@ def prepare_frame(
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
     with steps("split"):
         df = assign_split(df, cfg, user="user_id", item="item_id")
+    if cfg.split == "given" and log:
+        log(_given_note(df, cfg, carved))
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
     code = ratings["split"].to_physical().to_numpy()
     train = code == 0
@@ -93,6 +97,8 @@ def prepare_frame(
         "filtered": filtered,
         "splits": {name: int(c) for name, c in zip(SPLITS, counts, strict=True)},
         "global_mean": None if mean is None else float(mean),
+        "timestamp_unit": unit,
+        "val_carved_from_train": cfg.val_fraction if carved else None,
     }
     return PreparedFrames(ratings=ratings, users=users, items=items, stats=stats)
 
@@ -112,8 +118,8 @@ def _collect(raw: RawSource) -> pl.DataFrame:
 
 
 def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]) -> None:
-    """DataError, naming the file and line, for: no rows, missing values, ratings outside the scale,
-    negative ids. Cheap whole-column checks first; rows are searched only when a check fails."""
+    """DataError, naming the file and line, for: no rows, missing values, ratings that are not finite or lie
+    outside the scale, negative ids. Cheap whole-column checks first; rows are searched only when one fails."""
     if df.height == 0:
         raise DataError(
             "the ratings source is empty: no ratings to prepare",
@@ -122,13 +128,19 @@ def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]
         )
     lo, hi = (float(x) for x in rating_scale)
     for col in ("user_id", "item_id", "rating"):
-        if df[col].null_count() or (col == "rating" and df[col].is_nan().any()):
-            row = df.filter(pl.col(col).is_null() | (pl.col(col).is_nan() if col == "rating" else False))[_ROW][0]
+        if df[col].null_count():
             raise DataError(
                 f"missing {col} value",
-                where=raw.locate(row),
+                where=raw.locate(df.filter(pl.col(col).is_null())[_ROW][0]),
                 fix="fill in or remove that line (or point source.*_col at the right column)",
             )
+    if not df["rating"].is_finite().all():  # NaN, inf and -inf: no scale holds them, no model learns from them
+        bad = df.filter(~pl.col("rating").is_finite()).row(0, named=True)
+        raise DataError(
+            f"rating {bad['rating']} is not a finite number",
+            where=raw.locate(bad[_ROW]),
+            fix="correct or delete that line: a rating is a finite number inside source.rating_scale",
+        )
     summary = df.select(
         rmin=pl.col("rating").min(),
         rmax=pl.col("rating").max(),
@@ -152,6 +164,74 @@ def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]
                 where=raw.locate(row),
                 fix="correct the line, or map your ids to non-negative integers first",
             )
+
+
+TIME_UNITS = (("s", "seconds", 1), ("ms", "milliseconds", 10**3), ("us", "microseconds", 10**6),
+              ("ns", "nanoseconds", 10**9))  # fmt: skip
+"""Timestamp units, told apart by magnitude: |t| below 1e11 is seconds, below 1e14 milliseconds, below 1e17
+microseconds, else nanoseconds. Each band holds the years 1973-5138 of its unit (1e11 s is 5138, 1e11 ms 1973)."""
+MAX_SPAN_S = 2**33
+"""Longest span of timestamps (272 years): stage 1's session context packs a user and a time into 63 bits."""
+
+
+def timestamps_in_seconds(
+    df: pl.DataFrame, locate: Callable[[int], str], log: Callable[[str], None] | None = None
+) -> tuple[pl.DataFrame, str | None]:
+    """`df` with its timestamps in seconds since the epoch, and the unit they came in (None: no timestamps).
+
+    The unit is told by magnitude (TIME_UNITS) and must be one for the whole file: a file mixing seconds and
+    milliseconds is refused, naming a line of each. Other units are floor-divided to seconds, with a log line.
+    """
+    ts = df["timestamp"]
+    if ts.null_count() == df.height:
+        return df, None
+    size = ts.abs()
+    band = (size >= 10**11).cast(pl.Int8) + (size >= 10**14).cast(pl.Int8) + (size >= 10**17).cast(pl.Int8)
+    low, high = band.min(), band.max()
+    if low != high:
+        first, other = (df.filter(band == b).row(0, named=True) for b in (low, high))
+        raise DataError(
+            f"timestamps mix units: {first['timestamp']} reads as {TIME_UNITS[low][1]} since the epoch and "
+            f"{other['timestamp']} as {TIME_UNITS[high][1]}",
+            where=f"{locate(first[_ROW])} and {locate(other[_ROW])}",
+            fix="write every timestamp in one unit (seconds since the epoch), or leave timestamps out with "
+            "--timestamp-col ''",
+        )
+    unit, name, per_second = TIME_UNITS[low]
+    if per_second > 1:
+        df = df.with_columns(pl.col("timestamp") // per_second)
+        if log:
+            latest = datetime.fromtimestamp(int(df["timestamp"].max()), timezone.utc).date()
+            log(f"timestamps are {name} since the epoch by their size (latest {latest}): converted to seconds")
+    lo, hi = df["timestamp"].min(), df["timestamp"].max()
+    if hi - lo >= MAX_SPAN_S:
+        rows = [df.filter(pl.col("timestamp") == t)[_ROW][0] for t in (lo, hi)]
+        raise DataError(
+            f"timestamps span {(hi - lo) / 31_556_952:,.0f} years ({lo} to {hi} seconds): more than the "
+            f"{MAX_SPAN_S / 31_556_952:.0f} years recdist takes",
+            where=f"{locate(rows[0])} and {locate(rows[1])}",
+            fix="correct those timestamps (seconds since the epoch), or leave timestamps out with --timestamp-col ''",
+        )
+    return df, unit
+
+
+def carves_val(df: pl.DataFrame, split: str, val_fraction: float) -> bool:
+    """True when a given split (your own files) has no validation rows and val_fraction asks for some: then
+    that share of the training file goes to validation (recdist.data.splits.given_split)."""
+    return split == "given" and val_fraction > 0 and "split" in df.columns and not (df["split"] == "val").any()
+
+
+def _given_note(df: pl.DataFrame, cfg: PrepareConfig, carved: bool) -> str:
+    """The log line of a given split: where its validation rows came from, or that there are none."""
+    n_val = int((df["split"] == "val").sum())
+    if carved:
+        return (
+            f"no validation file: {n_val:,} ratings ({cfg.val_fraction:.0%} of the training file, by the seeded pair "
+            f"hash, prepare.seed {cfg.seed}) carved out for validation; --val-fraction 0 keeps them in train"
+        )
+    if n_val == 0:
+        return "no validation ratings (--val-fraction 0): training will run every epoch without early stopping"
+    return f"{n_val:,} validation ratings from the validation file"
 
 
 def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
@@ -264,6 +344,14 @@ def filter_ratings(
         counts = np.bincount(u[keep], minlength=n_users)
         drop("min_user_ratings", (counts >= cfg.min_user_ratings)[u])
     filtered["rows"] = int((~keep).sum())
+    if not keep.any():
+        removed = ", ".join(f"{k} removed {n:,}" for k, n in filtered.items() if k not in ("rows", "users", "items"))
+        raise DataError(
+            f"the filters left no ratings (of {len(keep):,}): {removed}",
+            where=f"prepare section: top_items={cfg.top_items}, min_item_ratings={cfg.min_item_ratings}, "
+            f"min_user_ratings={cfg.min_user_ratings}",
+            fix="lower those thresholds (e.g. --min-user-ratings 5), or check the input holds what you expect",
+        )
     return df.filter(pl.lit(pl.Series(keep))), filtered
 
 
@@ -392,6 +480,8 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
             "splits": stats["splits"],
             "rating_scale": list(scale),
             "global_mean": stats["global_mean"],
+            "timestamp_unit": stats["timestamp_unit"],
+            "val_carved_from_train": stats["val_carved_from_train"],
             "source_checksum": raw.checksum,
             "config_hash": config.section_hash(*sections),
             "shards": cfg.shards,
@@ -426,6 +516,7 @@ def _refuse_foreign(out: str) -> None:
         raise StorageError(
             f"{out} exists and is not a prepared dataset (it holds {', '.join(foreign[:5])}"
             f"{' ...' if len(foreign) > 5 else ''})",
+            where=out,
             fix="choose another --out (a new directory), or pass --overwrite to replace it and everything in it",
         )
 

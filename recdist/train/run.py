@@ -19,6 +19,7 @@ import math
 import os
 import posixpath
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -168,6 +169,7 @@ def train_stage(
             f"output already exists: {out}", fix="pass --overwrite to retrain it, or choose another output path"
         )
     manifest = check_inputs(data, model_cls, upstream)
+    _say_without_validation(data, manifest, stage.train.epochs)
     plan = connect(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     name = run_name(data, stage, out, upstream, plan)
@@ -198,6 +200,17 @@ def train_stage(
     except OSError:
         pass
     return metrics
+
+
+def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
+    """Tell the user (whatever --quiet says: the run differs in kind) when the data has no validation rows."""
+    if manifest.get("splits", {}).get("val", 1) == 0:
+        print(
+            f"train: {data} has no validation ratings: training runs all {epochs} epochs without early stopping "
+            "and keeps the last; give a validation file, or prepare with --val-fraction above 0",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_inputs(data: str, model_cls: type, upstream: str | None) -> dict[str, Any]:
