@@ -185,18 +185,21 @@ def timestamps_in_seconds(
     ts = df["timestamp"]
     if ts.null_count() == df.height:
         return df, None
-    size = ts.abs()
-    band = (size >= 10**11).cast(pl.Int8) + (size >= 10**14).cast(pl.Int8) + (size >= 10**17).cast(pl.Int8)
-    low, high = band.min(), band.max()
+    lo, hi = ts.min(), ts.max()  # the smallest and largest |t| tell the bands: no per-row pass unless they differ
+    low, high = sorted((_band(0 if lo < 0 < hi else min(abs(lo), abs(hi))), _band(max(abs(lo), abs(hi)))))
     if low != high:
-        first, other = (df.filter(band == b).row(0, named=True) for b in (low, high))
-        raise DataError(
-            f"timestamps mix units: {first['timestamp']} reads as {TIME_UNITS[low][1]} since the epoch and "
-            f"{other['timestamp']} as {TIME_UNITS[high][1]}",
-            where=f"{locate(first[_ROW])} and {locate(other[_ROW])}",
-            fix="write every timestamp in one unit (seconds since the epoch), or leave timestamps out with "
-            "--timestamp-col ''",
-        )
+        size = ts.abs()
+        band = (size >= 10**11).cast(pl.Int8) + (size >= 10**14).cast(pl.Int8) + (size >= 10**17).cast(pl.Int8)
+        low, high = band.min(), band.max()
+        if low != high:
+            first, other = (df.filter(band == b).row(0, named=True) for b in (low, high))
+            raise DataError(
+                f"timestamps mix units: {first['timestamp']} reads as {TIME_UNITS[low][1]} since the epoch and "
+                f"{other['timestamp']} as {TIME_UNITS[high][1]}",
+                where=f"{locate(first[_ROW])} and {locate(other[_ROW])}",
+                fix="write every timestamp in one unit (seconds since the epoch), or leave timestamps out with "
+                "--timestamp-col ''",
+            )
     unit, name, per_second = TIME_UNITS[low]
     if per_second > 1:
         df = df.with_columns(pl.col("timestamp") // per_second)
@@ -213,6 +216,11 @@ def timestamps_in_seconds(
             fix="correct those timestamps (seconds since the epoch), or leave timestamps out with --timestamp-col ''",
         )
     return df, unit
+
+
+def _band(size: int) -> int:
+    """The TIME_UNITS position of a timestamp of absolute value `size`."""
+    return (size >= 10**11) + (size >= 10**14) + (size >= 10**17)
 
 
 def carves_val(df: pl.DataFrame, split: str, val_fraction: float) -> bool:

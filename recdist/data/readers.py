@@ -301,7 +301,8 @@ def as_text(data: bytes, where: str) -> bytes:
     """Text as the parser takes it: UTF-8 without a byte-order mark, lines ended by LF or CRLF.
 
     A UTF-8 BOM (Excel's "CSV UTF-8") is dropped; UTF-16/32 with a BOM (Excel's "Unicode text") transcoded;
-    old-Mac CR-only line ends become LF (line numbers stay the same).
+    old-Mac CR-only line ends (told by the first line's) become LF, line numbers unchanged. Looks at the first
+    line only, so LF and CRLF files (ml-20m: 500 MB) cost no scan.
     """
     try:
         for boms, encoding in _BOMS:
@@ -314,7 +315,8 @@ def as_text(data: bytes, where: str) -> bytes:
             where=where,
             fix="save the file as UTF-8 text",
         ) from None
-    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
+    cr = data.find(b"\r")
+    if cr >= 0 and data[cr + 1 : cr + 2] != b"\n" and not 0 <= data.find(b"\n") < cr:  # the first line ends in CR
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     return data
 
