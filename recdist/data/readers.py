@@ -1,7 +1,8 @@
 """Parse ratings and movies files into RAW_RATINGS / RAW_ITEMS frames, fast, naming the line of any bad input.
 
 Inputs: CSV (header), TSV (ml-100k u.data), GroupLens `::` .dat, Parquet; a single file, a directory or zip
-holding a GroupLens layout; local paths or s3:// URIs. Text is parsed by Polars with an explicit schema in one
+holding a GroupLens layout; local paths or s3:// URIs; any of them gzip/bzip2/xz/zstd-compressed (`unpack`), text
+with a byte-order mark or old-Mac line ends (`as_text`). Text is parsed by Polars with an explicit schema in one
 pass; only when that fails (or leaves nulls) does a slower diagnostic pass look for the first bad line.
 """
 
