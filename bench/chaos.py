@@ -27,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -557,6 +558,7 @@ def main() -> None:
         for s in chosen:
             print(f"{s.section:10} {s.name:32} {s.expect}")
         return
+    signal.signal(signal.SIGTERM, _interrupted)  # as Ctrl-C: running cases finish, tmpfs unmounted, temp removed
     base = Path(tempfile.mkdtemp(prefix="recdist-chaos-"))
     print(f"{len(chosen)} cases, {args.jobs} at a time, in {base} (each one a fresh `recdist` process)")
     try:
@@ -572,6 +574,10 @@ def main() -> None:
         else:
             shutil.rmtree(base, ignore_errors=True)
     summarize(outcomes)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def summarize(outcomes: list[tuple[Scenario, Outcome]]) -> None:
