@@ -435,7 +435,8 @@ ONE_FILE: list[tuple[str, str, str, bytes, tuple[str, ...], Check | None]] = [
 
 def _other_cases() -> None:
     """Directories, split files, outputs, releases and s3://: more than one file or more than --path."""
-    r, train, test = {"r.csv": GOOD}, csv(body=lines()[:32]), csv(body=lines()[32:])
+    r, many = {"r.csv": GOOD}, lines(n_users=20)  # 128 training ratings: 10% of them carves some (32 carved none)
+    train, test = csv(body=many[:128]), csv(body=many[128:])
     given = ("--train-path", "{d}/train.csv", "--test-path", "{d}/test.csv")
     no_bucket = "s3://recdist-chaos-no-such-bucket"
     bad_input("dir-no-ratings", "a directory without a ratings file: refused", {"dir/notes.txt": b"x"},
