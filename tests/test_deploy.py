@@ -703,58 +703,115 @@ def test_every_image_path_the_manifests_name_exists_in_the_image():
 # --- the CronJob pattern's launcher, against a fake API server on loopback -------------------------------------------
 
 
-class FakeApiServer:
-    """Just enough of the Kubernetes API for the launcher: create and read RayJobs, with scripted statuses."""
+#: The launcher's request timeout in these tests, and how long a "slow" answer of the fake API server takes.
+REQUEST_TIMEOUT, SLOW_SECONDS = 0.25, 1.0
 
-    def __init__(self, statuses: list[tuple[str, str]], create_status: int = 201):
+
+class FakeApiServer:
+    """Just enough of the Kubernetes API for the launcher: create and read RayJobs, with scripted answers and faults.
+
+    statuses: what successive reads of a RayJob get, one item each, the last one repeated: a (jobDeploymentStatus,
+    jobStatus) pair, or a fault in place of the answer: an HTTP status (5xx; 429 comes with Retry-After: 1),
+    "drop" (the connection closed with no answer), "slow" (the answer comes after SLOW_SECONDS, past the
+    launcher's timeout), "rotate" (the service-account token rotates: the token file rewritten, the old token
+    refused with 401 from then on). creates: faults answered to successive creations before the real one, and
+    "lost": created, but the answer is lost with the connection.
+    """
+
+    def __init__(self, directory: Path, statuses: list, creates: list = ()):
         import http.server
         import threading
 
-        self.statuses, self.create_status = list(statuses), create_status
+        self.statuses, self.creates = list(statuses), list(creates)
         self.objects: dict[str, dict] = {}
         self.calls: list[tuple[str, str]] = []
+        self.tokens: list[str] = []  # the token of every request, in order
+        self.token_file, self.token = directory / "token", "token-1"
+        self.token_file.write_text(self.token + "\n")
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet
                 pass
 
-            def answer(self, code: int, body: dict) -> None:
+            def answer(self, code: int, body: dict, headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
+            def fault(self, fault) -> bool:
+                """Answer with `fault` instead of the real answer; False when there is none."""
+                if fault is None:
+                    return False
+                if fault == "rotate":
+                    server.token = f"token-{int(server.token.split('-')[1]) + 1}"
+                    server.token_file.write_text(server.token + "\n")
+                    fault = 401
+                if fault == "drop":
+                    self.close_connection = True
+                elif fault == "slow":
+                    time.sleep(SLOW_SECONDS)
+                    self.answer(500, {"message": "too late: the client gave up"})
+                elif fault == 429:
+                    self.answer(429, {"message": "too many requests"}, {"Retry-After": "1"})
+                else:
+                    self.answer(fault, {"message": f"injected {fault}"})
+                return True
+
+            def authorized(self) -> bool:
+                token = self.headers["Authorization"].removeprefix("Bearer ")
+                server.tokens.append(token)
+                if token != server.token:
+                    self.answer(401, {"message": "Unauthorized"})
+                return token == server.token
+
             def do_POST(self):
                 server.calls.append(("POST", self.path))
-                assert self.headers["Authorization"] == "Bearer test-token"
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if not self.authorized():
+                    return
+                fault = server.creates.pop(0) if server.creates else None
+                if fault != "lost" and self.fault(fault):
+                    return
                 name = body["metadata"]["name"]
-                if server.create_status != 201:
-                    return self.answer(server.create_status, {"message": "rayjobs.ray.io is forbidden"})
                 if name in server.objects:
                     return self.answer(409, {"message": "already exists"})
                 server.objects[name] = body
+                if fault == "lost":
+                    self.close_connection = True
+                    return
                 self.answer(201, body)
 
             def do_GET(self):
                 server.calls.append(("GET", self.path))
+                if not self.authorized():
+                    return
                 name = self.path.rsplit("/", 1)[1]
                 if name not in server.objects:
                     return self.answer(404, {"message": "not found"})
-                deployment, job = server.statuses.pop(0) if len(server.statuses) > 1 else server.statuses[0]
-                self.answer(
-                    200, {**server.objects[name], "status": {"jobDeploymentStatus": deployment, "jobStatus": job}}
-                )
+                step = server.statuses.pop(0) if len(server.statuses) > 1 else server.statuses[0]
+                if isinstance(step, tuple):
+                    deployment, job = step
+                    status = {"jobDeploymentStatus": deployment, "jobStatus": job}
+                    return self.answer(200, {**server.objects[name], "status": status})
+                self.fault(step)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a slow answer to a client that already left
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> launch_rayjob.Api:
         self.thread.start()
-        return launch_rayjob.Api(f"http://127.0.0.1:{self.httpd.server_port}", "test-token")
+        return launch_rayjob.Api(
+            f"http://127.0.0.1:{self.httpd.server_port}", str(self.token_file), None, REQUEST_TIMEOUT
+        )
 
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
@@ -765,14 +822,19 @@ LAUNCH_ENV = {"JOB_NAME": "recdist-nightly-29512345", "JOB_UID": "0b7e-uid", "RE
 TEMPLATE = str(K8S / "rayjob" / "rayjob.yaml")  # what the ConfigMap recdist-rayjob-template holds (generated from it)
 
 
-def launch(api, env=LAUNCH_ENV) -> int:
+def launch(api, env=LAUNCH_ENV, patience: float = 60) -> int:
     return launch_rayjob.main(
-        ["--template", TEMPLATE, "--namespace", "recdist", "--poll-seconds", "0"], api=api, env=env
+        [
+            *("--template", TEMPLATE, "--namespace", "recdist", "--poll-seconds", "0"),
+            *("--retry-seconds", "0.01", "--patience-seconds", str(patience)),
+        ],
+        api=api,
+        env=env,
     )
 
 
-def test_launcher_creates_one_owned_rayjob_and_exits_with_its_result(capsys):
-    fake = FakeApiServer([("Initializing", ""), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")])
+def test_launcher_creates_one_owned_rayjob_and_exits_with_its_result(tmp_path, capsys):
+    fake = FakeApiServer(tmp_path, [("Initializing", ""), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")])
     with fake as api:
         assert launch(api, {**LAUNCH_ENV, "RECDIST_RUN_DATE": "2026-03-04"}) == 0
     created = fake.objects["recdist-nightly-29512345"]
@@ -792,20 +854,98 @@ def test_launcher_creates_one_owned_rayjob_and_exits_with_its_result(capsys):
     assert created["spec"] == template["spec"]
     rayjobs = "/apis/ray.io/v1/namespaces/recdist/rayjobs"
     assert set(fake.calls) == {("POST", rayjobs), ("GET", f"{rayjobs}/recdist-nightly-29512345")}  # create, get
+    assert set(fake.tokens) == {"token-1"}  # the service account's token, read from its file
     assert "finished: SUCCEEDED" in capsys.readouterr().out
 
 
-def test_a_retried_launcher_waits_for_its_existing_rayjob_and_reports_failure(capsys):
-    fake = FakeApiServer([("Failed", "FAILED")])
+def test_a_retried_launcher_waits_for_its_existing_rayjob_and_reports_failure(tmp_path, capsys):
+    fake = FakeApiServer(tmp_path, [("Failed", "FAILED")])
     with fake as api:
         assert launch(api) == 1  # first pod: created, the Ray job failed
         assert launch(api) == 1  # retried pod: 409, the same RayJob, not a second one
     assert list(fake.objects) == ["recdist-nightly-29512345"]
-    assert "exists (a retried run): waiting for it" in capsys.readouterr().out
+    assert "exists (an earlier pod or attempt made it): waiting" in capsys.readouterr().out
 
 
-def test_launcher_without_rbac_says_how_to_fix_it(capsys):
-    with FakeApiServer([("Complete", "SUCCEEDED")], create_status=403) as api:
+def test_launcher_rides_out_api_errors_and_token_rotation_during_the_wait(tmp_path, capsys):
+    """Every transient failure a six-hour wait meets, at creation and in the middle of the wait: exit 0 all the same."""
+    statuses = [
+        ("Initializing", ""),
+        503,
+        ("Running", "RUNNING"),
+        *(500, 429, "drop", "slow", 502, "rotate"),
+        ("Running", "RUNNING"),
+        *(504, "slow", "drop"),
+        ("Complete", "SUCCEEDED"),
+    ]
+    fake = FakeApiServer(tmp_path, statuses, creates=[503, "drop", "slow", "lost"])
+    with fake as api:
+        assert launch(api) == 0
+    out = capsys.readouterr().out
+    assert list(fake.objects) == ["recdist-nightly-29512345"]  # one RayJob, though its creation was answered late
+    assert "exists (an earlier pod or attempt made it): waiting" in out
+    retries = [line for line in out.splitlines() if "; attempt " in line]
+    assert len(retries) == 4 + 10  # each fault retried once: 4 at creation, 10 while waiting
+    assert sum("creating RayJob" in line for line in retries) == 4
+    for what in ("503 Service Unavailable", "500 Internal Server Error", "502 Bad Gateway", "504 Gateway Timeout"):
+        assert any(what in line for line in retries), what
+    assert any("429 Too Many Requests" in line and line.endswith(" in 1 s") for line in retries)  # its Retry-After
+    assert sum(f"no answer within {REQUEST_TIMEOUT:g} s" in line for line in retries) == 3
+    assert (
+        sum("RemoteDisconnected" in line for line in retries) == 4
+    )  # a dropped and a lost creation, two dropped reads
+    assert sum("401 Unauthorized" in line for line in retries) == 1
+    # After the rotation every request carried the new token, read from the rewritten file.
+    rotated = fake.tokens.index("token-2")
+    assert fake.tokens[rotated - 1] == "token-1" and set(fake.tokens[rotated:]) == {"token-2"}
+    assert "finished: SUCCEEDED" in out
+
+
+@pytest.mark.parametrize("fault", [503, "drop", "slow"])
+def test_launcher_gives_up_on_a_persistent_api_failure_with_exit_3(tmp_path, capsys, fault):
+    fake = FakeApiServer(tmp_path, [("Running", "RUNNING"), fault])
+    with fake as api:
+        assert launch(api, patience=0.6) == 3
+    err = capsys.readouterr().err
+    assert (
+        "reading RayJob recdist-nightly-29512345: the Kubernetes API server has failed every request for 0.6 s" in err
+    )
+    assert "may still be running: a retried pod (the Job's backoffLimit) waits for it again" in err
+    assert "Traceback" not in err and list(fake.objects) == ["recdist-nightly-29512345"]  # left running, not deleted
+
+
+def test_launcher_backs_off_exponentially_up_to_a_minute():
+    """The pauses between attempts at a failing request, on a fake clock: doubling, capped, within the patience."""
+    now, pauses = [0.0], []
+
+    class Down:
+        def call(self, method, path, body=None):
+            raise launch_rayjob.Transient("503 Service Unavailable")
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+
+    call = launch_rayjob.Retrying(Down(), patience=300, first_delay=1.0, sleep=sleep, clock=lambda: now[0])
+    with pytest.raises(launch_rayjob.GaveUp, match="failed every request for 300 s"):
+        call("reading RayJob x", "GET", "/x")
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60, 57]  # the last one ends exactly at the patience
+
+
+def test_launcher_refuses_a_rayjob_of_the_same_name_that_another_job_owns(tmp_path, capsys):
+    fake = FakeApiServer(tmp_path, [("Running", "RUNNING")])
+    stranger = launch_rayjob.rayjob_for(
+        documents(K8S / "rayjob" / "rayjob.yaml")[0], job_name="recdist-nightly-29512345", job_uid="other", run_date="x"
+    )
+    fake.objects["recdist-nightly-29512345"] = stranger
+    with fake as api:
+        assert launch(api) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another Job, not to 0b7e-uid" in err and "kubectl -n recdist delete rayjob" in err
+
+
+def test_launcher_without_rbac_says_how_to_fix_it(tmp_path, capsys):
+    with FakeApiServer(tmp_path, [("Complete", "SUCCEEDED")], creates=[403]) as api:
         assert launch(api) == 2
     assert "rbac.yaml" in capsys.readouterr().err
     assert launch_rayjob.main(["--template", TEMPLATE], api=None, env={}) == 2  # no JOB_NAME/JOB_UID
