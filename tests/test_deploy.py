@@ -171,6 +171,9 @@ def ray_head(num_cpus: int = 2) -> Iterator[tuple[str, dict[str, str]]]:
         "--node-ip-address=127.0.0.1",
         f"--port={free_port()}",
         f"--ray-client-server-port={free_port()}",
+        # Its own port for the agent that runs submitted jobs, not the fixed default 52365: another Ray cluster on the
+        # machine holding that port leaves this head with no agent ("No available agent to submit job").
+        f"--dashboard-agent-listen-port={free_port()}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
