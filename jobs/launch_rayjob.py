@@ -121,15 +121,15 @@ class Api:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         """One request: (status, JSON answer) for a definite answer; Transient when there was none worth keeping."""
-        with open(self.token_file) as f:
-            token = f.read().strip()
-        request = urllib.request.Request(
-            self.base + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
         try:
+            with open(self.token_file) as f:  # a failed read (mid-rotation) is retried like a failed request
+                token = f.read().strip()
+            request = urllib.request.Request(
+                self.base + path,
+                method=method,
+                data=json.dumps(body).encode() if body is not None else None,
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
             with self.opener.open(request, timeout=self.timeout) as response:
                 return response.status, json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as e:
