@@ -142,13 +142,14 @@ def settings() -> Settings:
 
 
 def _quiet_ray_data(quiet: bool, verbose: bool) -> None:
-    """Ray Data's own knobs: its logger at WARNING (its progress log lines and plan are INFO), no bar when quiet.
+    """Ray Data's own knobs: its logger at WARNING (its plans and progress lines, where no terminal shows its bar,
+    are INFO), and no bar on a terminal when quiet (Ray Data then warns once that bars are off).
 
     Environment variables (a user's own values win), read when ray.data is imported and by Ray workers started
     from here; a ray.data imported already gets the level directly.
     """
     wanted = {} if verbose else {"RAY_DATA_LOG_LEVEL": "WARNING"}
-    if quiet:
+    if quiet and sys.stdout.isatty():  # where Ray Data would draw its bar
         wanted["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     for key, value in wanted.items():
         if key not in os.environ:

@@ -130,6 +130,7 @@ def run_pipeline(
     }
     storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
     with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
+        summary["log"] = run_log.uri  # in RUN/manifest.json from the first stage's commit on
         for name in names[:first]:
             log.info("%s: committed with the same config, skipped", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
@@ -141,7 +142,6 @@ def run_pipeline(
         summary["status"] = "complete"
         summary["seconds"] = round(time.perf_counter() - started, 2)
         summary["report"] = storage.join(run.out, "outputs", "report.md")
-        summary["log"] = run_log.uri
         storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
         log.info("complete in %.1f s: %s", summary["seconds"], summary["report"])
     return summary
