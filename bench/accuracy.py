@@ -78,7 +78,7 @@ def prepare(source: Path, seed: int, out: str) -> str:
             "prepare.seed": seed,
         },
     )
-    manifest = run_prepare(cfg, out, progress=False)
+    manifest = run_prepare(cfg, out)
     s = manifest["splits"]
     print(
         f"ml-latest-small: {manifest['n_ratings']:,} ratings, {manifest['n_users']} users, {manifest['n_items']} "

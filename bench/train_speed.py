@@ -91,7 +91,7 @@ def ensure_synthetic(rows: int, out: str) -> None:
         n_ratings=rows, n_users=max(50, round(138_493 * share)), n_items=max(50, round(26_744 * share**0.5))
     )
     start = time.perf_counter()
-    write_synthetic(cfg, out, overwrite=True, progress=False)
+    write_synthetic(cfg, out, overwrite=True)
     print(f"wrote the synthetic release {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -114,7 +114,7 @@ def ensure_prepared(source: str, out: str) -> None:
         },
     )
     start = time.perf_counter()
-    prepare(cfg, out, overwrite=True, progress=False)
+    prepare(cfg, out, overwrite=True)
     print(f"prepared {out} in {time.perf_counter() - start:.1f} s")
 
 

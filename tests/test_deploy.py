@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY, ROOT, SHARED
+from helpers import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY, ROOT, SHARED, free_port
 
 sys.path.insert(0, str(ROOT / "jobs"))
 import launch_rayjob  # noqa: E402
@@ -134,12 +133,6 @@ def test_missing_bucket_is_refused_before_any_work(s3_server, tmp_path):
 
 
 # --- `ray job submit` against a real Ray head on loopback ------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -162,6 +162,18 @@ def test_folds_are_deterministic_balanced_and_drop_only_training_rows():
     assert known_mask(np.array([0, 2, 2]), 4).tolist() == [True, False, True, False]
 
 
+def test_fold_and_share_hashes_are_pinned():
+    """A rating's fold and training-share membership never change with library versions (fixed numbers), and
+    they come from the splits' pair hash with their own salt (the same pairs, a different split)."""
+    from recdist.data.splits import pair_hash
+    from recdist.infer.folds import in_share
+
+    u, i = np.array([0, 1, 2, 3, 138_492, 5]), np.array([0, 7, 3, 26_743, 1, 5])
+    assert fold_of(u, i, 5, seed=3).tolist() == [4, 4, 2, 2, 3, 2]
+    assert in_share(u, i, 0.5, seed=7).tolist() == [False, False, True, False, True, True]
+    assert pair_hash(u, i, salt=0).tolist()[:3] == [0, 7191089600892374487, 12918135221727111561]
+
+
 def test_split_metrics_sum_over_shards():
     a = pl.DataFrame({"split": ["train", "test"], "rating": [4.0, 2.0], "p": [3.0, 2.5]})
     b = pl.DataFrame({"split": ["test"], "rating": [5.0], "p": [3.5]})

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import polars as pl
 import pytest
 import torch
-from test_train import N_ITEMS, N_USERS, planted_frame, write_dataset
+from helpers import N_ITEMS, N_USERS, planted_frame, write_dataset
 
 from recdist.config import StageConfig, TrainConfig
 from recdist.models import registry

@@ -28,7 +28,7 @@ def _config(**keys: object) -> Config:
 
 def run(out: Path, **keys: object) -> dict:
     """prepare() with config keys written as section__key=value."""
-    return prepare(_config(**keys), str(out), progress=False)
+    return prepare(_config(**keys), str(out))
 
 
 def rows(out: Path) -> pl.DataFrame:
@@ -56,7 +56,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def planted(tmp_path_factory) -> Path:
     """A small synthetic release (ml-20m's CSV format): 300 users with >= 20 ratings, distinct timestamps."""
     out = tmp_path_factory.mktemp("planted") / "synth"
-    synth.write_synthetic(SynthConfig(n_users=300, n_items=400, n_ratings=24_000, seed=4), str(out), progress=False)
+    synth.write_synthetic(SynthConfig(n_users=300, n_items=400, n_ratings=24_000, seed=4), str(out))
     return out
 
 
@@ -270,7 +270,7 @@ def test_more_shards_than_ratings(tmp_path):
 
 def test_manifest_records_what_was_prepared(planted, tmp_path):
     config = _config(source__path=str(planted / "ratings.csv"), prepare__shards=2)
-    manifest = prepare(config, str(tmp_path / "ds"), progress=False)
+    manifest = prepare(config, str(tmp_path / "ds"))
     assert dataset.read_manifest(str(tmp_path / "ds")) == manifest
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["kind"] == "dataset"
     assert manifest["rating_scale"] == [0.5, 5.0] and manifest["split_method"] == "random"
@@ -284,7 +284,7 @@ def test_manifest_records_what_was_prepared(planted, tmp_path):
 
     other = prepare(
         _config(source__path=str(planted / "ratings.csv"), prepare__shards=2, prepare__seed=1),
-        str(tmp_path / "other"), progress=False,
+        str(tmp_path / "other"),
     )
     assert other["config_hash"] != manifest["config_hash"]
     assert other["source_checksum"] == manifest["source_checksum"]
@@ -312,7 +312,7 @@ def test_existing_dataset_is_refused_without_overwrite_and_left_intact(planted, 
     assert _files(tmp_path / "ds") == before
 
     manifest = prepare(_config(source__path=str(planted), prepare__shards=3), str(tmp_path / "ds"),
-                       overwrite=True, progress=False)
+                       overwrite=True)
     assert manifest["shards"] == 3 and len(dataset.shard_files(str(tmp_path / "ds"))) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
@@ -339,8 +339,7 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_dataset(planted, tmp
 
     monkeypatch.setattr(prepare_module, "write_dataset", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare(_config(source__path=str(planted), prepare__shards=5), str(tmp_path / "ds"), overwrite=True,
-                progress=False)
+        prepare(_config(source__path=str(planted), prepare__shards=5), str(tmp_path / "ds"), overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "new", source__path=str(planted))
     assert _files(tmp_path / "ds") == before
@@ -358,7 +357,7 @@ def write_json(uri, obj):
         os.kill(os.getpid(), signal.SIGKILL)  # killed with every shard written, before the manifest
     real(uri, obj)
 storage.write_json = write_json
-prepare(load_config(None, {"source.path": sys.argv[1]}), sys.argv[2], progress=False)
+prepare(load_config(None, {"source.path": sys.argv[1]}), sys.argv[2])
 """
 
 

@@ -7,12 +7,11 @@ leaves nothing that looks like a dataset. Whole-column Polars/NumPy throughout: 
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -21,12 +20,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.schema import ITEMS, RATINGS, SCHEMA_VERSION, SPLITS, USERS
+
+log = logging.getLogger(__name__)
 
 _ROW = "_row"  # 0-based position in the raw source (for error messages and file-order tie breaks)
 _KEY = "_key"  # user_idx * n_items + item_idx: one int64 per (user, item) pair
@@ -46,38 +47,31 @@ class PreparedFrames:
     """n_raw, duplicates_resolved, filtered, splits, global_mean: what the manifest reports."""
 
 
-def prepare_frame(
-    raw: RawSource,
-    cfg: PrepareConfig,
-    rating_scale: tuple[float, float],
-    *,
-    log: Callable[[str], None] | None = None,
-) -> PreparedFrames:
-    """Validate -> de-duplicate -> filter -> encode ids -> split, all in memory.
+def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float, float]) -> PreparedFrames:
+    """Validate -> de-duplicate -> filter -> encode ids -> split, all in memory (each step timed in the log).
 
     Users and items get contiguous int32 indices in the order of their sorted original ids, so the same
     ratings always give the same indices whatever the file order.
     """
-    steps = _Steps(log)
-    with steps("read"):
+    with logs.timed(log, "read"):
         df = _collect(raw)
     n_raw = df.height
-    with steps("validate"):
+    with logs.timed(log, "validate"):
         validate(df, raw, rating_scale)
-    with steps("index"):
+    with logs.timed(log, "index"):
         user_ids, user_idx = dense_ids(df["user_id"])
         item_ids, item_idx = dense_ids(df["item_id"])
         key = user_idx.cast(pl.Int64) * len(item_ids) + item_idx
         df = sort_pairs(df.with_columns(user_idx, item_idx, key.alias(_KEY)))
-    with steps("dedupe"):
+    with logs.timed(log, "dedupe"):
         df, n_dup = dedupe(df, cfg.duplicates, raw.locate)
         df = df.drop(_KEY, _ROW)
-    with steps("filter"):
+    with logs.timed(log, "filter"):
         df, filtered = filter_ratings(df, cfg, len(user_ids), len(item_ids))
         n_before = len(user_ids), len(item_ids)
         df, user_ids, item_ids = reindex(df, user_ids, item_ids)
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
-    with steps("split"):
+    with logs.timed(log, "split"):
         df = assign_split(df, cfg, user="user_id", item="item_id")
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
     code = ratings["split"].to_physical().to_numpy()
@@ -358,7 +352,7 @@ def write_dataset(frames: PreparedFrames, uri: str, shards: int, seed: int) -> l
     return rows
 
 
-def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Load config.source, prepare it and commit the dataset directory `out`; return its manifest.
 
     An existing dataset, or any non-empty directory that is not one, is refused unless overwrite=True
@@ -366,19 +360,17 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
     """
     from recdist.data.sources import load_source
 
-    log = _stderr_log if progress else None
-    steps = _Steps(log)
     started = time.perf_counter()
     cfg = config.prepare
     _check_split_source(config)
     if not overwrite:
         _refuse_foreign(out)
     with storage.staged_output(out, overwrite=overwrite) as stage:
-        with steps("load source"):
-            raw = load_source(config.source, config.synth, progress=progress)
+        with logs.timed(log, "load source"):
+            raw = load_source(config.source, config.synth)
         scale = tuple(float(x) for x in (config.source.rating_scale or raw.rating_scale))
-        frames = prepare_frame(raw, cfg, scale, log=log)
-        with steps("write"):
+        frames = prepare_frame(raw, cfg, scale)
+        with logs.timed(log, "write"):
             shard_sizes = write_dataset(frames, stage, cfg.shards, cfg.seed)
         sections = ("source", "synth", "prepare") if config.source.dataset == "synthetic" else ("source", "prepare")
         stats = frames.stats
@@ -403,11 +395,10 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         storage.write_json(storage.join(stage, storage.MANIFEST), manifest)
-    if log:
-        log(
-            f"committed {out}: {manifest['n_ratings']:,} ratings, {manifest['n_users']:,} users, "
-            f"{manifest['n_items']:,} items in {time.perf_counter() - started:.1f} s"
-        )
+    log.info(
+        "committed %s: %s ratings, %s users, %s items in %.1f s", out, f"{manifest['n_ratings']:,}",
+        f"{manifest['n_users']:,}", f"{manifest['n_items']:,}", time.perf_counter() - started,
+    )
     return manifest
 
 
@@ -442,21 +433,3 @@ def _check_split_source(config: Config) -> None:
             fix="with your own train/test files pass --train-path, --test-path (and --val-path) with --split given; "
             "otherwise give one ratings source (--path / --dataset) and a split method (random, user, time, user_time)",
         )
-
-
-def _stderr_log(message: str) -> None:
-    print(f"prepare: {message}", file=sys.stderr, flush=True)
-
-
-class _Steps:
-    """Times named steps and reports each to `log` (when given)."""
-
-    def __init__(self, log: Callable[[str], None] | None):
-        self.log = log
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.log:
-            self.log(f"{name} {time.perf_counter() - t0:.2f} s")

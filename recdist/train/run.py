@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import ClusterConfig, StageConfig
 from recdist.errors import ConfigError, DataError, RecdistError, StorageError
 from recdist.models import registry
@@ -40,6 +41,8 @@ from recdist.train import checkpoint, history
 from recdist.train.cluster import WorkerPlan, connect
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
+
+log = logging.getLogger(__name__)
 
 #: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never on resume).
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
@@ -151,7 +154,6 @@ def train_stage(
     *,
     upstream: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`.
 
@@ -184,7 +186,7 @@ def train_stage(
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
     }
     started = time.perf_counter()
-    with EpochProgress(progress, stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
+    with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
         loop_config["progress_queue"] = bar.queue
         result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
     if result.checkpoint is None:
@@ -242,7 +244,7 @@ def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan
 
 def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int):
     """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.arrow_filesystem(storage_uri)
@@ -258,6 +260,7 @@ def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str
             storage_filesystem=fs if storage.is_s3(storage_uri) else None,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            logging_config=LoggingConfig(log_level=logs.train_log_level()),
         ),
     )
 
@@ -336,16 +339,17 @@ def write_output(
 
 
 class EpochProgress:
-    """Per-epoch lines and a bar on the driver (rich), fed by rank 0 through a Ray queue; inert when disabled."""
+    """One log line per epoch on the driver (and a bar on a terminal: recdist.logs.Progress), fed by rank 0
+    through a Ray queue; no queue when nothing would show the lines (INFO disabled)."""
 
-    def __init__(self, enabled: bool, epochs: int, label: str):
-        self.enabled, self.epochs, self.label = enabled, epochs, label
+    def __init__(self, epochs: int, label: str):
+        self.epochs, self.label = epochs, label
         self.queue = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> EpochProgress:
-        if self.enabled:
+        if log.isEnabledFor(logging.INFO):
             from ray.util.queue import Queue
 
             self.queue = Queue(actor_options={"num_cpus": 0})
@@ -361,12 +365,8 @@ class EpochProgress:
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-        ) as bar:
-            task = bar.add_task(self.label, total=self.epochs)
+        with logs.Progress(log, self.label, self.epochs) as progress:
             while True:
                 try:
                     row = self.queue.get(timeout=0.5)
@@ -374,12 +374,17 @@ class EpochProgress:
                     if self._stop.is_set():
                         return
                     continue
-                bar.update(task, completed=int(row["epoch"]) + 1)
-                bar.console.print(
-                    f"{self.label}: epoch {int(row['epoch']) + 1}/{self.epochs}  "
-                    f"train loss {row['train_loss']:.4f}  val RMSE {row['val_rmse']:.4f}  "
-                    f"val MAE {row['val_mae']:.4f}  {row['rows_per_s']:,.0f} rows/s  lr {row['lr']:.2g}"
-                )
+                epoch = int(row["epoch"]) + 1
+                fields = {k: row[k] for k in ("train_loss", "val_rmse", "val_mae", "rows_per_s", "lr") if k in row}
+                progress.update(epoch, epoch_line(row, epoch, self.epochs), epoch=epoch, **fields)
+
+
+def epoch_line(row: dict[str, Any], epoch: int, epochs: int) -> str:
+    """`epoch 3/20 train loss 0.7037 val RMSE 0.8466 val MAE 0.6836 1,763,486 rows/s lr 0.0098`"""
+    return (
+        f"epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} val RMSE {row['val_rmse']:.4f} "
+        f"val MAE {row['val_mae']:.4f} {row['rows_per_s']:,.0f} rows/s lr {row['lr']:.2g}"
+    )
 
 
 def _finite(value: Any) -> Any:
