@@ -20,8 +20,8 @@ import torch
 
 from recdist.infer.folds import fold_of
 from recdist.infer.kernels import MFKernel
-from recdist.infer.tables import ROLE_COLUMNS
 from recdist.models.batch import Batch
+from recdist.schema import ROLE_COLUMNS
 
 ROLES = tuple(ROLE_COLUMNS)
 
