@@ -48,6 +48,7 @@ class Batch:
         return self.feature_names.index(name)
 
     def has_features(self, names: tuple[str, ...]) -> bool:
+        """True when every one of `names` is a feature of this batch."""
         return all(n in self.feature_names for n in names)
 
     def take(self, idx: torch.Tensor) -> Batch:
