@@ -17,7 +17,7 @@ from torch import nn
 
 from recdist.config import TrainConfig
 from recdist.errors import ConfigError
-from recdist.models.base import MFTables, Model
+from recdist.models.base import MFTables, Model, SolverFamily
 from recdist.models.losses import data_loss
 from recdist.train import dist
 from recdist.train.data import RankData
@@ -29,7 +29,7 @@ COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
 PLATEAU_FACTOR = 0.5
 #: The solvers that can train each Model.solver_family, `auto`'s choice first.
-SOLVERS: dict[str, tuple[str, ...]] = {"autograd": ("autograd",), "explicit_mf": ("sgd", "als", "autograd")}
+SOLVERS: dict[SolverFamily, tuple[str, ...]] = {"autograd": ("autograd",), "explicit_mf": ("sgd", "als", "autograd")}
 
 
 class Solver(Protocol):
