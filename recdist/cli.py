@@ -477,7 +477,8 @@ def models() -> None:
     for name in registry.names():
         entry = registry.get(name)
         params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
-        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if name in sgd.SUPPORTED else solvers.DEFAULT_LR)
+        auto = solvers.SOLVERS[entry.module.solver_family][0]
+        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if auto == "sgd" else solvers.DEFAULT_LR)
         table.add_row(name, entry.summary, params, entry.module.target, str(lr))
     out.print(table)
 

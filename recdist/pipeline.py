@@ -369,7 +369,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             data=run.data,
             scored=storage.join(run.dir("single"), "scored"),
             final=final,
-            mf=final if hasattr(load_model(final), "factors") else None,
+            mf=final if load_model(final).mf_tables() is not None else None,
             histories={"single": final},
         )
     with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
@@ -490,7 +490,7 @@ def _check_single_model(config: Config) -> None:
     from recdist.models import registry
 
     cls = registry.get(config.stages.single.model).module
-    if getattr(cls, "upstream", False) or getattr(cls, "target", "rating") != "rating":
+    if cls.upstream or cls.target != "rating":
         raise ConfigError(
             f"model {config.stages.single.model!r} cannot run alone: it needs a stage-1 model or fits errors",
             fix="use pipeline.kind: rncf for reliability_mlp / rating_mlp, or choose a rating model for "

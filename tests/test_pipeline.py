@@ -24,10 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recdist import storage
+from recdist import schema, storage
 from recdist.config import Config, load_config
 from recdist.errors import ConfigError, StorageError
-from recdist.infer import tables
 from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -199,19 +198,19 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert manifest(out, stage)["scoring"]["rows"] == n
     # the scored tables grow stage by stage, in the documented types
     scored = pq.read_schema(next((out / "rating" / "scored" / "ratings").glob("*.parquet")))
-    for field in tables.SCORED_EXTRA:
+    for field in schema.SCORED_EXTRA:
         assert scored.field(field.name).type == field.type
 
     o = out / "outputs"
     predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
     assert predictions.height == n and predictions["pred_error"].null_count() == 0
     assert predictions.filter(pl.col("user_id") == user_id(0)).height > 0  # original ids, not indices
     assert predictions["title"].null_count() == 0
     assert predictions["pred_rating"].min() >= 0.5 and predictions["pred_rating"].max() <= 5.0
 
     recs = read(o / "recommendations.parquet")
-    assert pq.read_schema(o / "recommendations.parquet") == tables.RECOMMENDATIONS
+    assert pq.read_schema(o / "recommendations.parquet") == schema.RECOMMENDATIONS
     assert recs.group_by("user_id").len()["len"].max() == 5
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
@@ -219,15 +218,15 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
 
     factors = read(o / "item_factors.parquet")
-    assert pq.read_schema(o / "item_factors.parquet") == tables.ITEM_FACTORS
+    assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
     assert factors.height == N_ITEMS and COLD_MOVIE not in factors["movie_id"].to_list()
     assert factors["factors"].list.len().unique().to_list() == [8]
     similar = read(o / "similar_items.parquet")
-    assert pq.read_schema(o / "similar_items.parquet") == tables.SIMILAR_ITEMS
+    assert pq.read_schema(o / "similar_items.parquet") == schema.SIMILAR_ITEMS
     assert similar.group_by("movie_id").len()["len"].unique().to_list() == [4]
     assert similar.filter(pl.col("movie_id") == pl.col("similar_movie_id")).height == 0
     deciles = read(o / "reliability_deciles.parquet")
-    assert pq.read_schema(o / "reliability_deciles.parquet") == tables.RELIABILITY_DECILES
+    assert pq.read_schema(o / "reliability_deciles.parquet") == schema.RELIABILITY_DECILES
     assert deciles["decile"].to_list() == list(range(1, 11))
     assert deciles["n"].sum() == predictions.filter(pl.col("split") == "test").height
 
@@ -459,15 +458,15 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
     assert list(summary["stages"]) == ["single", "outputs"]
     o = out / "outputs"
     predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
     assert predictions.height == manifest(full, "data")["n_ratings"]
     assert predictions["pred_error"].null_count() == predictions.height  # no reliability stage
-    for name, schema in (
-        ("recommendations", tables.RECOMMENDATIONS),
-        ("item_factors", tables.ITEM_FACTORS),
-        ("similar_items", tables.SIMILAR_ITEMS),
+    for name, expected in (
+        ("recommendations", schema.RECOMMENDATIONS),
+        ("item_factors", schema.ITEM_FACTORS),
+        ("similar_items", schema.SIMILAR_ITEMS),
     ):
-        assert pq.read_schema(o / f"{name}.parquet") == schema
+        assert pq.read_schema(o / f"{name}.parquet") == expected
     metrics = json.loads((o / "metrics.json").read_text())
     assert metrics["single"]["test"]["rmse"] < 1.0 and "mf" not in metrics
     assert not (o / "reliability_deciles.parquet").exists()

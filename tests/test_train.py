@@ -20,7 +20,7 @@ from recdist.train import checkpoint, history
 from recdist.train.cluster import plan
 from recdist.train.data import RankData, load_rank_data, split_batches
 from recdist.train.loop import Trainer
-from recdist.train.run import build_model, model_from_state, needs_context
+from recdist.train.run import build_model, model_from_state
 from recdist.train.solvers import AutogradSolver, make_solver
 
 
@@ -163,9 +163,9 @@ def test_train_command_keeps_set_params_and_refuses_a_gpu_before_work(tmp_path, 
 def test_models_that_read_the_training_rows_get_all_of_them() -> None:
     from recdist.models import get
 
-    assert needs_context(get("reliability_mlp").module)
-    assert needs_context(get("autoencoder").module)
-    assert not needs_context(get("biased_mf").module)
+    assert get("reliability_mlp").module.needs_context
+    assert get("autoencoder").module.needs_context
+    assert not get("biased_mf").module.needs_context
 
 
 def test_history_files(tmp_path) -> None:

@@ -17,7 +17,7 @@ from recdist import storage
 from recdist.config import ClusterConfig, StageConfig, TrainConfig
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.models.io import load_model, save_model
-from recdist.models.reliability import SESSION_COLUMNS
+from recdist.schema import SESSION_COLUMNS
 from recdist.train.run import FAIL_AT_EPOCH_ENV, build_model, train_stage
 
 EPOCHS = 5

@@ -31,7 +31,7 @@ from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, in_share, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, one_thread, role_of
 from recdist.infer.session import DEFAULT_SESSION, SESSION_COLUMNS, SessionSpec, session_columns
-from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
+from recdist.schema import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 SAMPLE = "sample"
 """Sub-directory of a scored table holding the TrainShare dataset, when one was asked for."""

@@ -22,8 +22,8 @@ from recdist.infer import metrics as m
 from recdist.infer.batch import plan_for
 from recdist.infer.ranker import Ranker
 from recdist.infer.scoring import one_thread
-from recdist.infer.tables import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
 from recdist.infer.topn import Csr, cosine_neighbours
+from recdist.schema import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
 
 log = logging.getLogger(__name__)
 

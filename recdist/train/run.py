@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from recdist import logs, storage
 from recdist.config import ClusterConfig, StageConfig
@@ -50,23 +49,17 @@ FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
 CHECKPOINTS_KEPT = 2
 
 
-def needs_context(model_cls: type) -> bool:
-    """Models that set themselves up from the training rows see all of them on every rank (identical state)."""
-    return getattr(model_cls, "set_context", None) is not getattr(Model, "set_context", None)
-
-
-def build_model(stage: StageConfig, dims: Dims) -> nn.Module:
+def build_model(stage: StageConfig, dims: Dims) -> Model:
     """The stage's model, its weights drawn from a generator seeded by train.seed (the same on every rank)."""
     entry = registry.get(stage.model)
     config = registry.validate(stage.model, stage.params)
     return entry.module(config, dims, torch.Generator().manual_seed(stage.train.seed))
 
 
-def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> Model:
     """Rebuild a trained model from its state_dict alone (frozen upstream tables and contexts included)."""
     model = build_model(stage, dims)
-    if hasattr(model, "resize_for"):  # models whose buffers are sized by attach()/set_context()
-        model.resize_for(tensors)
+    model.resize_for(tensors)  # the buffers attach()/set_context() size
     model.load_state_dict(tensors)
     return model.eval()
 
@@ -99,7 +92,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world=world,
         device=device,
-        context=needs_context(model_cls),
+        context=model_cls.needs_context,
     )
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
@@ -202,7 +195,7 @@ def train_stage(
     return metrics
 
 
-def check_inputs(data: str, model_cls: type, upstream: str | None) -> dict[str, Any]:
+def check_inputs(data: str, model_cls: type[Model], upstream: str | None) -> dict[str, Any]:
     """The data's manifest, after checking the columns the model reads and its upstream model exist."""
     from recdist.data import dataset
 
