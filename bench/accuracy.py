@@ -78,7 +78,7 @@ def prepare(source: Path, seed: int, out: str) -> str:
             "prepare.seed": seed,
         },
     )
-    manifest = run_prepare(cfg, out, progress=False)
+    manifest = run_prepare(cfg, out)
     s = manifest["splits"]
     print(
         f"ml-latest-small: {manifest['n_ratings']:,} ratings, {manifest['n_users']} users, {manifest['n_items']} "
@@ -97,12 +97,12 @@ def fit(data_uri: str, name: str, params: dict[str, Any], train: dict[str, Any],
     from recdist.models import registry
     from recdist.train.data import RankData, load_rank_data, split_batches
     from recdist.train.loop import Trainer
-    from recdist.train.run import build_model, needs_context
+    from recdist.train.run import build_model
 
     cls = registry.get(name).module
     own = {k: v for k, v in params.items() if k in registry.get(name).config.model_fields}
     stage = StageConfig(model=name, params=own, train=TrainConfig(**train))
-    data = load_rank_data(data_uri, target="rating", context=needs_context(cls))
+    data = load_rank_data(data_uri, target="rating", context=cls.needs_context)
     if frame is not None:  # a stage-2/3 table built here (error, pred_error columns)
         parts = split_batches(frame, cls.target, tuple(cls.inputs), torch.device("cpu"))
         data = RankData(parts["train"], parts["val"], parts["test"], data.dims)
@@ -163,9 +163,10 @@ def run_rncf(data_uri: str, params: dict[str, Any], train: dict[str, Any]) -> li
     train_error = frame.filter(pl.col("split") == "train")["error"].mean()
     test_error = frame.filter(pl.col("split") == "test")["error"]
     error_rows["note"] += f" (mean predictor: {float(((test_error - train_error) ** 2).mean() ** 0.5):.4f})"
-    features = torch.from_numpy(frame.select(reliability.model.inputs).to_numpy().astype(np.float32))
+    inputs = reliability.model.inputs
+    features = torch.from_numpy(frame.select(inputs).to_numpy().astype(np.float32))
     with torch.no_grad():
-        pred_error = reliability.model.eval()(Batch(user, item, features=features)).clamp_min(0)
+        pred_error = reliability.model.eval()(Batch(user, item, features=features, feature_names=inputs)).clamp_min(0)
     frame = frame.with_columns(pl.Series("pred_error", pred_error.numpy()))
 
     rating_mlp, s3 = fit(data_uri, "rating_mlp", params, train, upstream=mf.model, frame=frame)

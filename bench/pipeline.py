@@ -98,12 +98,12 @@ def main() -> None:
         t0 = time.perf_counter()
         connect(cfg.cluster)
         ray_start = time.perf_counter() - t0
-        summary = run_pipeline(cfg, str(out), progress=False)
+        summary = run_pipeline(cfg, str(out))
         total = time.perf_counter() - t0
         pipeline_peak = memory.peak
 
         data, model = str(out / "data"), str(out / "mf" / "model")
-        ray_pass = score(model, data, str(out / "bench-ray"), role="mf", progress=False, cluster=cfg.cluster)
+        ray_pass = score(model, data, str(out / "bench-ray"), role="mf", cluster=cfg.cluster)
         local_pass = score_local(model, data, str(out / "bench-local"), role="mf", workers=cpus)
     ray.shutdown()
 

@@ -76,7 +76,7 @@ def _synth(source: str, rows: str) -> dict:
         n_ratings=int(rows), n_users=max(50, round(138_493 * share)), n_items=max(50, round(26_744 * share**0.5))
     )
     t0, cpu0 = time.perf_counter(), _cpu()
-    summary = write_synthetic(cfg, source, overwrite=True, progress=True)
+    summary = write_synthetic(cfg, source, overwrite=True)
     seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     mib = os.path.getsize(os.path.join(source, "ratings.csv")) / 2**20
     return {
@@ -93,7 +93,7 @@ def _prepare(source: str, out: str, shards: str, *overrides: str) -> dict:
         None, {"source.path": source, "prepare.shards": int(shards), **dict(map(parse_override, overrides))}
     )
     t0, cpu0 = time.perf_counter(), _cpu()
-    manifest = prepare(cfg, out, overwrite=True, progress=True)
+    manifest = prepare(cfg, out, overwrite=True)
     seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     folder = os.path.join(out, "ratings")
     mib = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
@@ -112,6 +112,9 @@ def _peak_gib() -> float:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == CHILD:
+        from recdist import logs
+
+        logs.setup()  # the step's own lines (each timed step) on stderr, which the parent passes on
         step = {"synth": _synth, "prepare": _prepare}[sys.argv[2]]
         print(json.dumps(step(*sys.argv[3:])))
     else:

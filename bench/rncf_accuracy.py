@@ -90,7 +90,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     base = {"prepare.seed": args.seed, "source.path": args.data}
     data = str(out / "data")
-    prepare(load_config(str(CONFIG), base), data, progress=False)
+    prepare(load_config(str(CONFIG), base), data)
     data_id = data_identity(read_manifest(data))
 
     rows, runs = [], {}
@@ -99,7 +99,7 @@ def main() -> None:
         hashes = stage_hashes(cfg, data_id)
         run = runs.setdefault(hashes.get("mf", hashes.get("single")), out / f"run{len(runs) + 1}")
         t0 = time.perf_counter()
-        run_pipeline(cfg, str(run), data=data, progress=False, overwrite=True)
+        run_pipeline(cfg, str(run), data=data, overwrite=True)
         metrics = json.loads((run / "outputs" / "metrics.json").read_text())
         rows.append((name, metrics, time.perf_counter() - t0))
 

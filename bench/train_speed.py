@@ -91,7 +91,7 @@ def ensure_synthetic(rows: int, out: str) -> None:
         n_ratings=rows, n_users=max(50, round(138_493 * share)), n_items=max(50, round(26_744 * share**0.5))
     )
     start = time.perf_counter()
-    write_synthetic(cfg, out, overwrite=True, progress=False)
+    write_synthetic(cfg, out, overwrite=True)
     print(f"wrote the synthetic release {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -114,7 +114,7 @@ def ensure_prepared(source: str, out: str) -> None:
         },
     )
     start = time.perf_counter()
-    prepare(cfg, out, overwrite=True, progress=False)
+    prepare(cfg, out, overwrite=True)
     print(f"prepared {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -204,15 +204,14 @@ def mlp_speeds(data: str, sample: int, mf: torch.nn.Module) -> list[dict[str, An
     from recdist.config import StageConfig, TrainConfig
     from recdist.models import registry
     from recdist.models.batch import Batch
-    from recdist.models.reliability import SESSION_COLUMNS
+    from recdist.schema import SESSION_COLUMNS
     from recdist.train.data import RankData, load_rank_data
     from recdist.train.loop import Trainer
     from recdist.train.run import build_model
-    from recdist.train.solvers import take
 
     full = load_rank_data(data, target="rating")
     idx = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(0))[:sample]
-    train = take(full.train, idx)
+    train = full.train.take(idx)
     with torch.no_grad():
         mf_pred = mf.eval()(train).clamp(0.5, 5.0)
     columns = {"mf_pred": mf_pred, "error": (mf_pred - train.target).square()}
@@ -226,7 +225,7 @@ def mlp_speeds(data: str, sample: int, mf: torch.nn.Module) -> list[dict[str, An
             cls = registry.get(name).module
             target = columns["error"] if cls.target == "error" else train.target
             features = torch.stack([columns[c] for c in cls.inputs], 1) if cls.inputs else None
-            rows = Batch(train.user, train.item, target, features).to(device)
+            rows = Batch(train.user, train.item, target, features, cls.inputs).to(device)
             ranked = RankData(rows, None, None, full.dims, context=rows)
             stage = StageConfig(model=name, train=TrainConfig(epochs=2, solver="autograd"))
             model = build_model(stage, full.dims).to(device)

@@ -7,7 +7,9 @@ files, so the CLI, jobs/ and the Kubernetes ConfigMap cannot drift apart.
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -15,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from recdist import logs
 from recdist.config import Config, load_config, parse_override, to_yaml
 from recdist.errors import RecdistError
 
@@ -38,7 +41,35 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override any config key: --set stages.mf.train.epochs=5 (repeatable)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing committed output.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+_LOGS = "Logs"
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Warnings and errors only: no progress lines or bars.", rich_help_panel=_LOGS),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Ray's own logs too (Ray Train, Ray Data, the workers' output).", rich_help_panel=_LOGS
+    ),
+]
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format", help="text, or json: one JSON object per line for log collectors.", rich_help_panel=_LOGS
+    ),
+]
+
+
+def _logs(quiet: bool, verbose: bool, log_format: LogFormat) -> None:
+    """The one logging setup of this process (recdist.logs), from the common flags."""
+    logs.setup(quiet=quiet, verbose=verbose, fmt=log_format.value)
 
 
 def _config(path: str | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
@@ -82,6 +113,8 @@ def synth(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Write synthetic MovieLens-20M-shaped ratings from a planted low-rank model.
 
@@ -98,6 +131,7 @@ def synth(
     """
     from recdist.data.synth import write_synthetic
 
+    _logs(quiet, verbose, log_format)
     cfg = _config(
         config,
         set_,
@@ -106,7 +140,7 @@ def synth(
             "synth.min_user_ratings": min_user_ratings, "synth.rank": rank, "synth.noise": noise, "synth.seed": seed,
         },
     )
-    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite, progress=not quiet))
+    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite))
 
 
 @app.command()
@@ -144,12 +178,15 @@ def download(
         str | None, typer.Option(help="Cache directory \\[default: $RECDIST_CACHE or ~/.cache/recdist].")
     ] = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Download a GroupLens release into the cache and verify its checksum (resumes partial downloads)."""
     from recdist.data.download import fetch
     from recdist.data.registry import get_release
 
-    path = fetch(get_release(dataset), cache_dir=cache_dir, progress=not quiet)
+    _logs(quiet, verbose, log_format)
+    path = fetch(get_release(dataset), cache_dir=cache_dir)
     out.print(str(path))
 
 
@@ -242,6 +279,8 @@ def prepare(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Validate, de-duplicate, filter, index, split and shard ratings into a prepared dataset.
 
@@ -258,6 +297,7 @@ def prepare(
     """
     from recdist.data.prepare import prepare as run_prepare
 
+    _logs(quiet, verbose, log_format)
     if (train_path or test_path or val_path) and split is None:
         split = "given"
     cfg = _config(
@@ -274,7 +314,7 @@ def prepare(
             "prepare.holdout_k": holdout_k, "prepare.seed": seed, "prepare.shards": shards,
         },
     )
-    _print_json(run_prepare(cfg, out_dir, overwrite=overwrite, progress=not quiet))
+    _print_json(run_prepare(cfg, out_dir, overwrite=overwrite))
 
 
 @app.command()
@@ -297,10 +337,13 @@ def train(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
 
+    _logs(quiet, verbose, log_format)
     if stage not in ("mf", "reliability", "rating", "single"):
         raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
     key = f"stages.{stage}"
@@ -314,7 +357,7 @@ def train(
     cfg = _config(config, set_, flags)
     metrics = train_stage(
         data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
-        upstream=upstream, overwrite=overwrite, progress=not quiet,
+        upstream=upstream, overwrite=overwrite,
     )
     _print_json(metrics)
 
@@ -347,6 +390,8 @@ def pipeline(
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
 
@@ -354,6 +399,7 @@ def pipeline(
     """
     from recdist.pipeline import run_pipeline
 
+    _logs(quiet, verbose, log_format)
     cfg = _config(
         config,
         set_,
@@ -362,10 +408,16 @@ def pipeline(
             "cluster.address": address,
         },
     )
-    result = run_pipeline(
-        cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite, progress=not quiet
+    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite)
+    _print_json(
+        {
+            "status": result["status"],
+            "seconds": result["seconds"],
+            "stages": {name: (stage or {}).get("seconds") for name, stage in result["stages"].items()},
+            "report": result["report"],
+            "log": result["log"],
+        }
     )
-    _print_json(result)
 
 
 @app.command()
@@ -375,10 +427,14 @@ def infer(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
     batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 262_144,
     overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added."""
     from recdist.infer.batch import score
 
+    _logs(quiet, verbose, log_format)
     _print_json(score(model_dir, data, out_dir, batch_size=batch_size, overwrite=overwrite))
 
 
@@ -421,7 +477,8 @@ def models() -> None:
     for name in registry.names():
         entry = registry.get(name)
         params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
-        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if name in sgd.SUPPORTED else solvers.DEFAULT_LR)
+        auto = solvers.SOLVERS[entry.module.solver_family][0]
+        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if auto == "sgd" else solvers.DEFAULT_LR)
         table.add_row(name, entry.summary, params, entry.module.target, str(lr))
     out.print(table)
 
@@ -469,8 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="recdist")
     except RecdistError as e:
-        # soft_wrap: paths and commands in the message stay whole lines, to copy or grep
-        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+        if logs.settings().fmt == "json":  # a log collector reads stderr: the error as one JSON line too
+            logging.getLogger("recdist").error(str(e))
+        else:  # soft_wrap: paths and commands in the message stay whole lines, to copy or grep
+            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -8,12 +8,12 @@ same hash; an uncommitted Ray Train run resumes from its checkpoints). A committ
 is never replaced without `overwrite=True` or `from_stage` at or before it. `kind: single` runs one model
 (stages.single) with the same outputs.
 
-RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, data/ (when
-prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/ with mf_pred, error and the session
-context), reliability/ (model/, scored/ + pred_error), rating/ (model/, scored/ + pred_rating), outputs/
-(analyst tables, metrics.json, report.md and its figures). With pipeline.mlp_train_share < 1,
-mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of training rows (and the validation
-rows) that stages 2 and 3 train on.
+RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, logs/ (the driver's
+log, a file per invocation), data/ (when prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/
+with mf_pred, error and the session context), reliability/ (model/, scored/ + pred_error), rating/ (model/,
+scored/ + pred_rating), outputs/ (analyst tables, metrics.json, report.md and its figures). With
+pipeline.mlp_train_share < 1, mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of
+training rows (and the validation rows) that stages 2 and 3 train on.
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.schema import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 #: Test and chaos hook: the pipeline stops with an error right after committing this stage.
 STOP_AFTER_ENV = "RECDIST_STOP_AFTER_STAGE"
@@ -90,15 +92,12 @@ class _Run:
     out: str
     data: str
     hashes: dict[str, str]
-    progress: bool
     overwrite: bool
+    states: dict[str, str | None] = field(default_factory=dict)
+    """Each stage's committed hash (None: not committed) when the run started."""
 
     def dir(self, stage: str) -> str:
         return self.data if stage == "prepare" else storage.join(self.out, stage)
-
-    def log(self, message: str) -> None:
-        if self.progress:
-            print(f"pipeline: {message}", file=sys.stderr, flush=True)
 
 
 def run_pipeline(
@@ -108,66 +107,83 @@ def run_pipeline(
     data: str | None = None,
     from_stage: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the pipeline into the run directory `out`; return the run summary.
 
     data: an already prepared dataset URI (else config.source is prepared into RUN/data). from_stage: redo
-    from this stage on. overwrite: replace committed stages made by another config.
+    from this stage on. overwrite: replace committed stages made by another config. One line per stage and
+    per epoch goes to the log (recdist.logs), and a copy of it to RUN/logs/pipeline-<UTC time>.log.
     """
-    from recdist.data.dataset import read_manifest
     from recdist.train.cluster import connect
+
+    run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
+    storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
+    summary: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "run",
+        "pipeline": config.pipeline.kind,
+        "config_hash": _digest(config.model_dump(mode="json")),
+        "data": run.data,
+        "stages": {n: previous.get("stages", {}).get(n) for n in names[:first]},
+        "status": "running",
+        "created_at": previous.get("created_at") or _now(),
+    }
+    storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
+    with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
+        summary["log"] = run_log.uri  # in RUN/manifest.json from the first stage's commit on
+        for name in names[:first]:
+            log.info("%s: committed with the same config, skipped", name)
+        if any(name not in ("prepare", "outputs") for name in names[first:]):
+            connect(config.cluster)
+        started = time.perf_counter()
+        for name in names[first:]:
+            _run_stage(run, name, summary)
+            run_log.sync()
+        summary["status"] = "complete"
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        summary["report"] = storage.join(run.out, "outputs", "report.md")
+        storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
+        log.info("complete in %.1f s: %s", summary["seconds"], summary["report"])
+    return summary
+
+
+def _plan(
+    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool
+) -> tuple[_Run, list[str], int, dict[str, Any]]:
+    """Check everything cheap before any work: the run, its stages, the first to run, the previous manifest."""
+    from recdist.data.dataset import read_manifest
 
     out, data = storage.absolute(out), storage.absolute(data) if data else None
     storage.check_writable(out)
     previous = _check_run_dir(out, overwrite)
     if data is not None:
-        data_id = data_identity(read_manifest(data))
-        data_uri = data
+        data_id, data_uri = data_identity(read_manifest(data)), data
     else:
         data_id, data_uri = prepare_hash(config), storage.join(out, "data")
     names = stage_names(config, prepared=data is None)
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    run = _Run(config, out, data_uri, stage_hashes(config, data_id), progress, overwrite)
+    run = _Run(config, out, data_uri, stage_hashes(config, data_id), overwrite)
     states = {name: _state(run, name) for name in names}
     first = _first_to_run(names, states, run.hashes, from_stage)
     _refuse_stale(run, names[first:], states, from_stage, names)
+    run.states = states
+    return run, names, first, previous
 
-    storage.write_bytes(storage.join(out, "config.yaml"), to_yaml(config).encode())
-    summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "run",
-        "pipeline": config.pipeline.kind,
-        "config_hash": _digest(config.model_dump(mode="json")),
-        "data": data_uri,
-        "stages": {n: previous.get("stages", {}).get(n) for n in names[:first]},
-        "status": "running",
-        "created_at": previous.get("created_at") or _now(),
-    }
-    for name in names[:first]:
-        run.log(f"{name}: committed with the same config, skipped")
-    storage.write_json(storage.join(out, storage.MANIFEST), summary)
-    if any(name not in ("prepare", "outputs") for name in names[first:]):
-        connect(config.cluster)
-    started = time.perf_counter()
-    for name in names[first:]:
-        t0 = time.perf_counter()
-        run.log(f"{name}: running")
-        _clear_for_rerun(run, name, states[name])
-        result = _STAGES[name](run)
-        seconds = time.perf_counter() - t0
-        summary["stages"][name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
-        storage.write_json(storage.join(out, storage.MANIFEST), summary)
-        run.log(f"{name}: committed in {seconds:.1f} s")
-        if os.environ.get(STOP_AFTER_ENV) == name:
-            raise RuntimeError(f"stopped after stage {name} ({STOP_AFTER_ENV})")
-    summary["status"] = "complete"
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    summary["report"] = storage.join(out, "outputs", "report.md")
-    storage.write_json(storage.join(out, storage.MANIFEST), summary)
-    return summary
+
+def _run_stage(run: _Run, name: str, summary: dict[str, Any]) -> None:
+    """Run one stage and record it in the run manifest (RUN/manifest.json)."""
+    t0 = time.perf_counter()
+    log.info("%s: running", name)
+    _clear_for_rerun(run, name, run.states[name])
+    result = _STAGES[name](run)
+    seconds = time.perf_counter() - t0
+    summary["stages"][name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
+    storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
+    log.info("%s: committed in %.1f s", name, seconds)
+    if os.environ.get(STOP_AFTER_ENV) == name:
+        raise RuntimeError(f"stopped after stage {name} ({STOP_AFTER_ENV})")
 
 
 # ------------------------------------------------------------------------------------------- run directory
@@ -246,7 +262,7 @@ def _clear_for_rerun(run: _Run, name: str, state: str | None) -> None:
 def _prepare(run: _Run) -> dict[str, Any]:
     from recdist.data.prepare import prepare
 
-    manifest = prepare(run.config, run.data, overwrite=False, progress=run.progress)
+    manifest = prepare(run.config, run.data, overwrite=False)
     return {"n_ratings": manifest["n_ratings"], "splits": manifest["splits"]}
 
 
@@ -269,9 +285,9 @@ def _mf(run: _Run) -> dict[str, Any]:
         fold_models.append(_train(run, "mf", fold_data, fold_out, label=f"fold {k}"))
     scoring = _score(
         run,
+        "mf",
         model,
         run.data,
-        storage.join(where, "scored"),
         "mf",
         fold_models=tuple(fold_models),
         fold_seed=seed,
@@ -289,9 +305,9 @@ def _reliability(run: _Run) -> dict[str, Any]:
     model = _train(run, "reliability", _training_rows(run, upstream), out, upstream=mf_model)
     scoring = _score(
         run,
+        "reliability",
         model,
         upstream,
-        storage.join(run.dir("reliability"), "scored"),
         "reliability",
         fallback_model=mf_model,
         share=_share(run),
@@ -305,7 +321,7 @@ def _rating(run: _Run) -> dict[str, Any]:
     upstream = storage.join(run.dir("reliability"), "scored")
     out = storage.join(run.dir("rating"), "model")
     model = _train(run, "rating", _training_rows(run, upstream), out, upstream=mf_model)
-    scoring = _score(run, model, upstream, storage.join(run.dir("rating"), "scored"), "rating", fallback_model=mf_model)
+    scoring = _score(run, "rating", model, upstream, "rating", fallback_model=mf_model)
     return _commit_stage(run, "rating", model, scoring)
 
 
@@ -327,7 +343,7 @@ def _training_rows(run: _Run, scored: str) -> str:
 def _single(run: _Run) -> dict[str, Any]:
     """One model on the ratings (kind: single); its predictions are final (pred_rating)."""
     model = _train(run, "single", run.data, storage.join(run.dir("single"), "model"))
-    scoring = _score(run, model, run.data, storage.join(run.dir("single"), "scored"), "rating")
+    scoring = _score(run, "single", model, run.data, "rating")
     return _commit_stage(run, "single", model, scoring)
 
 
@@ -353,12 +369,13 @@ def _outputs(run: _Run) -> dict[str, Any]:
             data=run.data,
             scored=storage.join(run.dir("single"), "scored"),
             final=final,
-            mf=final if hasattr(load_model(final), "factors") else None,
+            mf=final if load_model(final).mf_tables() is not None else None,
             histories={"single": final},
         )
     with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
         metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed)
-        report = write_report(tmp, metrics, models, cfg)
+        with logs.timed(log, "outputs: report"):
+            report = write_report(tmp, metrics, models, cfg)
         storage.write_json(
             storage.join(tmp, storage.MANIFEST),
             {
@@ -396,24 +413,25 @@ def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None =
     """train_stage into `out` unless it is already committed (a resumed stage); returns `out`."""
     from recdist.train.run import train_stage
 
+    name = f"{stage} {label}" if label else stage
     if storage.is_committed(out):
-        run.log(f"{stage}{' ' + label if label else ''}: model already trained, kept")
+        log.info("%s: model already trained, kept", name)
         return out
-    run.log(f"{stage}{' ' + label if label else ''}: training {getattr(run.config.stages, stage).model}")
-    train_stage(
-        data, getattr(run.config.stages, stage), run.config.cluster, out, upstream=upstream, progress=run.progress
-    )
+    log.info("%s: training %s", name, getattr(run.config.stages, stage).model)
+    train_stage(data, getattr(run.config.stages, stage), run.config.cluster, out, upstream=upstream)
     return out
 
 
-def _score(run: _Run, model: str, data: str, out: str, role: str, **kw: Any) -> dict[str, Any]:
-    """One Ray Data inference pass into `out` unless already committed (a resumed stage)."""
+def _score(run: _Run, stage: str, model: str, data: str, role: str, **kw: Any) -> dict[str, Any]:
+    """One Ray Data inference pass into RUN/<stage>/scored unless already committed (a resumed stage)."""
     from recdist.infer.batch import score
 
+    out = storage.join(run.dir(stage), "scored")
     if storage.is_committed(out):
         return storage.read_json(storage.join(out, storage.MANIFEST)).get("scoring", {})
     p = run.config.pipeline
-    return score(
+    log.info("%s: scoring every rating with Ray Data", stage)
+    result = score(
         model,
         data,
         out,
@@ -422,9 +440,10 @@ def _score(run: _Run, model: str, data: str, out: str, role: str, **kw: Any) -> 
         actors=p.infer_actors,
         gpu=run.config.cluster.gpu,
         cluster=run.config.cluster,
-        progress=run.progress,
         **kw,
     )
+    log.info("%s: scored %s rows in %.1f s", stage, f"{result['rows']:,}", result["seconds"])
+    return result
 
 
 def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -471,7 +490,7 @@ def _check_single_model(config: Config) -> None:
     from recdist.models import registry
 
     cls = registry.get(config.stages.single.model).module
-    if getattr(cls, "upstream", False) or getattr(cls, "target", "rating") != "rating":
+    if cls.upstream or cls.target != "rating":
         raise ConfigError(
             f"model {config.stages.single.model!r} cannot run alone: it needs a stage-1 model or fits errors",
             fix="use pipeline.kind: rncf for reliability_mlp / rating_mlp, or choose a rating model for "

@@ -8,9 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY, SHARED
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RECDIST_SHARED", ROOT.parent / "shared"))
 ML_LATEST_SMALL = SHARED / "data" / "ml-latest-small"
 
 
@@ -35,11 +34,6 @@ def ray_cluster():
 
 
 # --- S3: a real S3 API server (moto) on loopback, for every test session -------------------------------------
-
-FAKE_AWS_ACCESS_KEY_ID = "RECDISTTESTFAKEKEYID"
-"""Fake credentials, recognisable so a leak check can grep logs, messages and outputs for them."""
-FAKE_AWS_SECRET_ACCESS_KEY = "recdist-test-fake-secret-must-never-be-printed"
-
 
 class S3Server:
     """A moto S3 server in this process: its endpoint, a bucket maker, and a switch that rejects all keys."""
@@ -127,3 +121,13 @@ def s3_server():
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh, empty bucket on the session's S3 server, as "s3://<bucket>"."""
     return s3_server.bucket(f"recdist-test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(autouse=True)
+def _logging_reset():
+    """Every test starts with recdist's logging unconfigured (a CLI test in this process configures it)."""
+    from recdist import logs
+
+    logs.reset()
+    yield
+    logs.reset()

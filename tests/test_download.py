@@ -102,7 +102,7 @@ def _leftovers(cache: Path) -> list[str]:
 
 
 def test_whole_download_is_verified_and_marked(server, tmp_path):
-    path = fetch(RELEASE, cache_dir=tmp_path, progress=False)
+    path = fetch(RELEASE, cache_dir=tmp_path)
     assert path == tmp_path / "ml-latest-small.zip"
     assert path.read_bytes() == ZIP
     assert _leftovers(tmp_path) == ["ml-latest-small.zip", "ml-latest-small.zip.verified"]
@@ -112,12 +112,12 @@ def test_whole_download_is_verified_and_marked(server, tmp_path):
 def test_interrupted_download_keeps_the_part_and_resumes_with_range(server, tmp_path):
     server.cut_once = len(ZIP) // 3
     with pytest.raises(DataError, match="resumes"):
-        fetch(RELEASE, cache_dir=tmp_path, progress=False)
+        fetch(RELEASE, cache_dir=tmp_path)
     part = tmp_path / "ml-latest-small.zip.part"
     assert part.read_bytes() == ZIP[: len(ZIP) // 3]
     assert not (tmp_path / "ml-latest-small.zip").exists()
 
-    path = fetch(RELEASE, cache_dir=tmp_path, progress=False)
+    path = fetch(RELEASE, cache_dir=tmp_path)
     assert path.read_bytes() == ZIP
     assert server.requests[-1][1] == f"bytes={len(ZIP) // 3}-"
     assert server.sent == len(ZIP)  # the second request sent only the rest
@@ -127,28 +127,28 @@ def test_interrupted_download_keeps_the_part_and_resumes_with_range(server, tmp_
 def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     server.ranges = False
     (tmp_path / "ml-latest-small.zip.part").write_bytes(ZIP[:1000])
-    path = fetch(RELEASE, cache_dir=tmp_path, progress=False)
+    path = fetch(RELEASE, cache_dir=tmp_path)
     assert path.read_bytes() == ZIP
     assert server.requests == [("/datasets/movielens/ml-latest-small.zip", "bytes=1000-")]
 
 
 def test_corrupt_part_is_discarded_and_downloaded_again(server, tmp_path):
     (tmp_path / "ml-latest-small.zip.part").write_bytes(b"\0" * 1000)
-    path = fetch(RELEASE, cache_dir=tmp_path, progress=False)
+    path = fetch(RELEASE, cache_dir=tmp_path)
     assert path.read_bytes() == ZIP
     assert [r[1] for r in server.requests] == ["bytes=1000-", None]
 
 
 def test_complete_part_is_verified_without_downloading_again(server, tmp_path):
     (tmp_path / "ml-latest-small.zip.part").write_bytes(ZIP)
-    assert fetch(RELEASE, cache_dir=tmp_path, progress=False).read_bytes() == ZIP
+    assert fetch(RELEASE, cache_dir=tmp_path).read_bytes() == ZIP
     assert server.sent == 0
 
 
 def test_checksum_mismatch_fails_and_leaves_nothing_under_the_final_name(server, tmp_path):
     wrong = replace(RELEASE, md5="0" * 32)
     with pytest.raises(DataError) as err:
-        fetch(wrong, cache_dir=tmp_path, progress=False)
+        fetch(wrong, cache_dir=tmp_path)
     message = str(err.value)
     assert f"expected md5 {'0' * 32}, got {MD5}" in message
     assert "--path FILE" in message
@@ -159,34 +159,34 @@ def test_published_md5_is_fetched_when_the_registry_has_none(server, tmp_path):
     release = get_release("ml-latest-small")
     assert release.md5 is None
     server.files["ml-latest-small.zip.md5"] = f"MD5 (ml-latest-small.zip) = {MD5}\n".encode()
-    path = fetch(release, cache_dir=tmp_path, progress=False)
+    path = fetch(release, cache_dir=tmp_path)
     assert verified_checksum(path) == f"md5:{MD5}"
 
     server.files["ml-latest-small.zip.md5"] = b"MD5 (ml-latest-small.zip) = " + b"f" * 32
     with pytest.raises(DataError, match=f"expected md5 {'f' * 32}, got {MD5}"):
-        fetch(release, cache_dir=tmp_path / "other", progress=False)
+        fetch(release, cache_dir=tmp_path / "other")
 
 
 def test_without_any_md5_the_zip_crcs_are_checked(server, tmp_path):
     release = get_release("ml-latest-small")
-    path = fetch(release, cache_dir=tmp_path, progress=False)  # the server has no .md5: 404
+    path = fetch(release, cache_dir=tmp_path)  # the server has no .md5: 404
     assert verified_checksum(path) == "sha256:" + hashlib.sha256(ZIP).hexdigest()
 
     server.files["ml-latest-small.zip"] = ZIP[:-200]  # cut short: not a whole zip
     with pytest.raises(DataError, match="not a whole zip"):
-        fetch(release, cache_dir=tmp_path / "other", progress=False)
+        fetch(release, cache_dir=tmp_path / "other")
     assert _leftovers(tmp_path / "other") == []
 
 
 def test_missing_file_on_the_mirror_is_a_clear_error(server, tmp_path):
     with pytest.raises(DataError, match="404"):
-        fetch(replace(RELEASE, name="ml-nothing"), cache_dir=tmp_path, progress=False)
+        fetch(replace(RELEASE, name="ml-nothing"), cache_dir=tmp_path)
 
 
 @pytest.mark.timeout(20)
 def test_offline_fails_at_once_naming_where_to_put_the_zip(offline, tmp_path):
     with pytest.raises(DataError) as err:
-        fetch(RELEASE, cache_dir=tmp_path, progress=False)
+        fetch(RELEASE, cache_dir=tmp_path)
     message = str(err.value)
     assert str(tmp_path / "ml-latest-small.zip") in message
     assert "--path FILE" in message
@@ -194,20 +194,20 @@ def test_offline_fails_at_once_naming_where_to_put_the_zip(offline, tmp_path):
 
 
 def test_cached_zip_is_used_without_network(server, tmp_path, monkeypatch):
-    fetch(RELEASE, cache_dir=tmp_path, progress=False)
+    fetch(RELEASE, cache_dir=tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("RECDIST_GROUPLENS_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
-    assert fetch(RELEASE, cache_dir=tmp_path, progress=False).read_bytes() == ZIP
+    assert fetch(RELEASE, cache_dir=tmp_path).read_bytes() == ZIP
 
 
 def test_zip_put_in_the_cache_by_hand_is_checked_once(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("RECDIST_CACHE", str(tmp_path))
     (tmp_path / "ml-latest-small.zip").write_bytes(ZIP)
-    path = fetch(RELEASE, progress=False)  # cache from $RECDIST_CACHE
+    path = fetch(RELEASE)  # cache from $RECDIST_CACHE
     assert path == tmp_path / "ml-latest-small.zip"
     assert verified_checksum(path) == f"md5:{MD5}"
 
     (tmp_path / "ml-latest-small.zip").write_bytes(ZIP[:-1] + b"x")  # changed after it was verified
     with pytest.raises(DataError, match=f"expected {MD5}"):
-        fetch(RELEASE, progress=False)
+        fetch(RELEASE)

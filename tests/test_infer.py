@@ -10,22 +10,20 @@ import pyarrow as pa
 import pytest
 import torch
 
+from recdist.config import Section
 from recdist.infer import metrics, topn
 from recdist.infer.folds import drop_fold, fold_of, known_mask
 from recdist.infer.scoring import Predictor, ScoringPlan, role_of
-from recdist.models.batch import Batch
+from recdist.models.base import MFTables, Model
+from recdist.models.batch import Batch, Dims
 from recdist.schema import SPLIT_TYPE
 
 
-class TinyMF(torch.nn.Module):
-    """A hand-built biased MF satisfying the model contract (target, inputs, upstream, forward, factors)."""
-
-    target = "rating"
-    inputs: tuple[str, ...] = ()
-    upstream = False
+class TinyMF(Model):
+    """A hand-built biased MF satisfying the model contract (forward, mf_tables; the defaults for the rest)."""
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor, mean: float):
-        super().__init__()
+        super().__init__(Section(), Dims(len(p), len(q), global_mean=mean))
         self.p, self.q, self.bu, self.bi = (torch.nn.Parameter(t.float()) for t in (p, q, bu, bi))
         self.mean = mean
 
@@ -33,22 +31,18 @@ class TinyMF(torch.nn.Module):
         u, i = batch.user, batch.item
         return self.mean + self.bu[u] + self.bi[i] + (self.p[u] * self.q[i]).sum(1)
 
-    def factors(self) -> dict[str, torch.Tensor]:
-        return {
-            "user_factors": self.p.detach(),
-            "item_factors": self.q.detach(),
-            "user_bias": self.bu.detach(),
-            "item_bias": self.bi.detach(),
-        }
+    def mf_tables(self) -> MFTables:
+        p, q, bu, bi = (t.detach() for t in (self.p, self.q, self.bu, self.bi))
+        return MFTables(p, q, bu, bi, mu=self.mean, link="identity", biased=True, reg=0.0, reg_bias=0.0)
 
 
-class Constant(torch.nn.Module):
+class Constant(Model):
     """Predicts one number for every row: shows which model scored which row."""
 
     def __init__(self, value: float, target: str = "rating", inputs: tuple[str, ...] = ()):
-        super().__init__()
+        super().__init__(Section(), Dims(1, 1))
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.value, self.target, self.inputs, self.upstream = value, target, inputs, False
+        self.value, self.target, self.inputs = value, target, inputs
 
     def forward(self, batch: Batch) -> torch.Tensor:
         base = torch.full((len(batch),), self.value) + self.w
@@ -162,6 +156,18 @@ def test_folds_are_deterministic_balanced_and_drop_only_training_rows():
     assert known_mask(np.array([0, 2, 2]), 4).tolist() == [True, False, True, False]
 
 
+def test_fold_and_share_hashes_are_pinned():
+    """A rating's fold and training-share membership never change with library versions (fixed numbers), and
+    they come from the splits' pair hash with their own salt (the same pairs, a different split)."""
+    from recdist.data.splits import pair_hash
+    from recdist.infer.folds import in_share
+
+    u, i = np.array([0, 1, 2, 3, 138_492, 5]), np.array([0, 7, 3, 26_743, 1, 5])
+    assert fold_of(u, i, 5, seed=3).tolist() == [4, 4, 2, 2, 3, 2]
+    assert in_share(u, i, 0.5, seed=7).tolist() == [False, False, True, False, True, True]
+    assert pair_hash(u, i, salt=0).tolist()[:3] == [0, 7191089600892374487, 12918135221727111561]
+
+
 def test_split_metrics_sum_over_shards():
     a = pl.DataFrame({"split": ["train", "test"], "rating": [4.0, 2.0], "p": [3.0, 2.5]})
     b = pl.DataFrame({"split": ["test"], "rating": [5.0], "p": [3.5]})
@@ -202,7 +208,7 @@ def test_ranking_metrics_on_a_hand_counted_case():
 
 
 def test_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
-    f = mf.factors()
+    f = mf.mf_tables().tensors()
     seen = topn.Csr.build(torch.tensor([0, 0, 2]), torch.tensor([3, 1, 0]), 3)
     allowed = torch.tensor([True, True, False, True])
     scores, items = topn.top_n(f, 3.0, torch.arange(3), 2, exclude=seen, allowed=allowed, chunk=2)
@@ -235,14 +241,13 @@ def test_fold_in_recovers_a_users_planted_factors():
 def test_mf_kernel_scores_exactly_what_the_model_predicts(name):
     from recdist.infer.kernels import MFKernel
     from recdist.models import registry
-    from recdist.models.batch import Dims
 
     dims = Dims(n_users=50, n_items=40, global_mean=3.4)
     model = registry.get(name).module(registry.validate(name, {"rank": 6}), dims, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for table in model.factors().values():  # biases and factors away from their initial zeros
+        for table in model.mf_tables().tensors().values():  # biases and factors away from their initial zeros
             table.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
-    assert MFKernel.fits(model)
+    assert model.scoring_kernel == "mf"
     rng = np.random.default_rng(0)
     user, item = rng.integers(0, 50, 1000).astype(np.int32), rng.integers(0, 40, 1000).astype(np.int32)
     with torch.no_grad():
@@ -251,27 +256,25 @@ def test_mf_kernel_scores_exactly_what_the_model_predicts(name):
 
 
 def test_models_that_are_more_than_mf_are_not_given_the_kernel():
-    from recdist.infer.kernels import MFKernel
+    from recdist.infer.kernels import kernel_for
     from recdist.models import registry
-    from recdist.models.batch import Dims
 
     model = registry.get("mf_residual_mlp").module(
         registry.validate("mf_residual_mlp", {"rank": 4}), Dims(5, 5), torch.Generator().manual_seed(0)
     )
-    assert not MFKernel.fits(model) and not MFKernel.fits(Constant(1.0))
+    assert kernel_for(model) is None and kernel_for(Constant(1.0)) is None
 
 
 @pytest.mark.parametrize("name", ["reliability_mlp", "rating_mlp"])
 def test_stage_2_and_3_inference_path_equals_the_training_path(name):
     """Without autograd the first layer is split into precomputed user and item parts: same numbers."""
     from recdist.models import registry
-    from recdist.models.batch import Dims
 
     dims = Dims(n_users=30, n_items=20, global_mean=3.5)
     g = torch.Generator().manual_seed(3)
     mf = registry.get("biased_mf").module(registry.validate("biased_mf", {"rank": 5}), dims, g)
     with torch.no_grad():
-        for table in mf.factors().values():
+        for table in mf.mf_tables().tensors().values():
             table.normal_(0, 0.4, generator=g)
     model = registry.get(name).module(registry.validate(name, {"hidden": [16, 8], "dropout": 0.0}), dims, g)
     model.attach(mf)
@@ -280,7 +283,7 @@ def test_stage_2_and_3_inference_path_equals_the_training_path(name):
     model.eval()
     user, item = torch.randint(0, 30, (500,), generator=g), torch.randint(0, 20, (500,), generator=g)
     features = torch.rand(500, len(model.inputs), generator=g) * 3 + 0.5
-    batch = Batch(user, item, features=features)
+    batch = Batch(user, item, features=features, feature_names=model.inputs)
     with torch.enable_grad():
         slow = model(batch).detach()
     with torch.no_grad():

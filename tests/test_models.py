@@ -10,12 +10,13 @@ planted on the items. The autoencoder's masked loss gets its own checks at the e
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import polars as pl
 import pytest
 import torch
-from test_train import N_ITEMS, N_USERS, planted_frame, write_dataset
+from helpers import N_ITEMS, N_USERS, planted_frame, write_dataset
 
 from recdist.config import StageConfig, TrainConfig
 from recdist.models import registry
@@ -24,7 +25,7 @@ from recdist.models.io import load_model, save_model
 from recdist.models.losses import data_loss
 from recdist.train.data import RankData, load_rank_data
 from recdist.train.loop import Trainer
-from recdist.train.run import build_model, needs_context
+from recdist.train.run import build_model
 
 TIMING = ("seconds", "rows_per_s")
 #: Every row's noise is +-sigma (not Gaussian) so a squared error mostly carries sigma^2: a learnable level.
@@ -152,7 +153,7 @@ class ModelContract:
     @classmethod
     def data(cls, source: str) -> RankData:
         module = registry.get(cls.model).module
-        return load_rank_data(source, target=module.target, inputs=tuple(module.inputs), context=needs_context(module))
+        return load_rank_data(source, target=module.target, inputs=tuple(module.inputs), context=module.needs_context)
 
     @classmethod
     def trained(cls, data: RankData, upstream: torch.nn.Module | None, seed: int = 0, **train: Any) -> Trainer:
@@ -195,7 +196,7 @@ class ModelContract:
         every = torch.arange(N_USERS * N_ITEMS)
         features = torch.ones(len(every), len(model.inputs)) if model.inputs else None
         with torch.no_grad():
-            pred = model(Batch(every // N_ITEMS, every % N_ITEMS, features=features))
+            pred = model(Batch(every // N_ITEMS, every % N_ITEMS, features=features, feature_names=model.inputs))
         assert pred.shape == (N_USERS * N_ITEMS,) and torch.isfinite(pred).all()
         assert pred.std() > 0.05  # not collapsed to a constant (the seed's stage 2 did)
 
@@ -305,7 +306,7 @@ class TestRatingMLP(OnStage1):
     def test_reads_the_predicted_error(self, fitted: Trainer, data: RankData, stage1) -> None:
         """pred_error carries the planted noise's sign here: stage 3 must beat stage 1 clearly with it."""
         with torch.no_grad():
-            mf_rmse = (data.test.features[:, -1] - data.test.target).square().mean().sqrt()  # mf_pred
+            mf_rmse = (data.test.feature("mf_pred") - data.test.target).square().mean().sqrt()
         assert fitted.final_metrics()["test"]["rmse"] < 0.8 * float(mf_rmse)
 
 
@@ -337,7 +338,7 @@ def test_stage_3_removes_a_planted_session_mood_only_through_the_session_context
     beat stage 1 clearly (only a session's first rating has no earlier one to learn it from); the same net
     without the session context cannot."""
     data = load_rank_data(sessions["scored"], target="rating", inputs=registry.get("rating_mlp").module.inputs)
-    mf_rmse = float((data.test.features[:, -1] - data.test.target).square().mean().sqrt())
+    mf_rmse = float((data.test.feature("mf_pred") - data.test.target).square().mean().sqrt())
     no_tables = {"use_factors": False, "use_bias": False, "use_norms": False}
     rmse = {}
     for use_session in (True, False):
@@ -395,9 +396,10 @@ def test_autoencoder_hidden_entries_are_unknown_to_the_input(autoencoder) -> Non
     results = []
     for value in (original, perturbed):
         torch.manual_seed(0)
-        pred = _with_values(model, value)(batch)
-        results.append((pred, data_loss(model, pred, batch)))
-    assert model.last_hidden.all()
+        step = model.training_batch(batch)
+        pred = _with_values(model, value)(step)
+        results.append((pred, data_loss(pred, step)))
+    assert step.hidden.all()
     # other rows of the same item may differ only through ratings that are not hidden: none here, all are
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
@@ -405,8 +407,9 @@ def test_autoencoder_hidden_entries_are_unknown_to_the_input(autoencoder) -> Non
     model.config.hide_prob = 0.0  # visible: the rows' own ratings are in the input
     preds = []
     for value in (original, perturbed):
-        preds.append(_with_values(model, value)(batch))
-    assert not model.last_hidden.any()
+        step = model.training_batch(batch)
+        preds.append(_with_values(model, value)(step))
+    assert not step.hidden.any()
     assert (preds[0] - preds[1]).abs().max() > 1e-3
 
 
@@ -417,14 +420,15 @@ def test_autoencoder_loss_weighs_hidden_and_visible_rows(autoencoder) -> None:
     model.train()
     model.config.visible_weight = 0.0
     torch.manual_seed(1)
+    batch = model.training_batch(batch)
     pred = model(batch)
-    hidden = model.last_hidden.clone()
+    hidden = batch.hidden
     assert hidden.any() and not hidden.all()
-    base = data_loss(model, pred, batch)
-    spoilt = Batch(batch.user, batch.item, torch.where(hidden, batch.target, torch.nan))
-    torch.testing.assert_close(data_loss(model, pred, spoilt), base, rtol=0, atol=0)
-    moved = Batch(batch.user, batch.item, torch.where(hidden, batch.target + 1.0, batch.target))
-    assert data_loss(model, pred, moved) > base + 0.5
+    base = data_loss(pred, batch)
+    spoilt = replace(batch, target=torch.where(hidden, batch.target, torch.nan))
+    torch.testing.assert_close(data_loss(pred, spoilt), base, rtol=0, atol=0)
+    moved = replace(batch, target=torch.where(hidden, batch.target + 1.0, batch.target))
+    assert data_loss(pred, moved) > base + 0.5
 
 
 def test_autoencoder_never_reads_rows_outside_its_context(autoencoder) -> None:

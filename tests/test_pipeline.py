@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recdist import storage
+from recdist import schema, storage
 from recdist.config import Config, load_config
 from recdist.errors import ConfigError, StorageError
-from recdist.infer import tables
 from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -150,7 +150,7 @@ def planted(tmp_path_factory) -> dict[str, dict[str, str]]:
 def full_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict]:
     """A whole RNCF pipeline, prepare included."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    summary = run_pipeline(config(planted["same"]), str(out), progress=False)
+    summary = run_pipeline(config(planted["same"]), str(out))
     return out, summary
 
 
@@ -165,7 +165,7 @@ def stopped_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict, dic
     os.environ[STOP_AFTER_ENV] = "reliability"
     try:
         with pytest.raises(RuntimeError, match="stopped after stage reliability"):
-            run_pipeline(cfg, str(out), progress=False)
+            run_pipeline(cfg, str(out))
     finally:
         del os.environ[STOP_AFTER_ENV]
     at_stop = {
@@ -183,7 +183,7 @@ def stopped_run(ray_cluster, planted, tmp_path_factory) -> tuple[Path, dict, dic
         "rating_exists": (out / "rating").exists(),
         "outputs_exists": (out / "outputs").exists(),
     }
-    summary = run_pipeline(cfg, str(out), progress=False)
+    summary = run_pipeline(cfg, str(out))
     return out, at_stop, summary
 
 
@@ -198,19 +198,19 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert manifest(out, stage)["scoring"]["rows"] == n
     # the scored tables grow stage by stage, in the documented types
     scored = pq.read_schema(next((out / "rating" / "scored" / "ratings").glob("*.parquet")))
-    for field in tables.SCORED_EXTRA:
+    for field in schema.SCORED_EXTRA:
         assert scored.field(field.name).type == field.type
 
     o = out / "outputs"
     predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
     assert predictions.height == n and predictions["pred_error"].null_count() == 0
     assert predictions.filter(pl.col("user_id") == user_id(0)).height > 0  # original ids, not indices
     assert predictions["title"].null_count() == 0
     assert predictions["pred_rating"].min() >= 0.5 and predictions["pred_rating"].max() <= 5.0
 
     recs = read(o / "recommendations.parquet")
-    assert pq.read_schema(o / "recommendations.parquet") == tables.RECOMMENDATIONS
+    assert pq.read_schema(o / "recommendations.parquet") == schema.RECOMMENDATIONS
     assert recs.group_by("user_id").len()["len"].max() == 5
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
@@ -218,15 +218,15 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
 
     factors = read(o / "item_factors.parquet")
-    assert pq.read_schema(o / "item_factors.parquet") == tables.ITEM_FACTORS
+    assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
     assert factors.height == N_ITEMS and COLD_MOVIE not in factors["movie_id"].to_list()
     assert factors["factors"].list.len().unique().to_list() == [8]
     similar = read(o / "similar_items.parquet")
-    assert pq.read_schema(o / "similar_items.parquet") == tables.SIMILAR_ITEMS
+    assert pq.read_schema(o / "similar_items.parquet") == schema.SIMILAR_ITEMS
     assert similar.group_by("movie_id").len()["len"].unique().to_list() == [4]
     assert similar.filter(pl.col("movie_id") == pl.col("similar_movie_id")).height == 0
     deciles = read(o / "reliability_deciles.parquet")
-    assert pq.read_schema(o / "reliability_deciles.parquet") == tables.RELIABILITY_DECILES
+    assert pq.read_schema(o / "reliability_deciles.parquet") == schema.RELIABILITY_DECILES
     assert deciles["decile"].to_list() == list(range(1, 11))
     assert deciles["n"].sum() == predictions.filter(pl.col("split") == "test").height
 
@@ -274,7 +274,7 @@ def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path
 
     out, _ = full_run
     data, model = str(out / "data"), str(out / "mf" / "model")
-    ray_result = score(model, data, str(tmp_path / "ray"), role="mf", progress=False)
+    ray_result = score(model, data, str(tmp_path / "ray"), role="mf")
     local_result = score_local(model, data, str(tmp_path / "local"), role="mf", workers=2)
     assert ray_result["engine"] == "ray-data" and local_result["engine"] == "local"
     names = sorted(p.name for p in (tmp_path / "ray" / "ratings").iterdir())
@@ -344,6 +344,20 @@ def test_the_test_split_feeds_no_training_and_a_stopped_run_resumes_at_stage_3(f
             assert torch.equal(a[name], b[name]), f"{stage}: {name} depends on the test ratings"
 
 
+def test_the_driver_log_is_kept_in_the_run_one_file_per_invocation(stopped_run):
+    """RUN/logs/ holds what the driver logged (it outlives a RayJob's cluster): stages, epochs, the error."""
+    out, _, summary = stopped_run
+    first, second = sorted((out / "logs").iterdir())
+    stopped, resumed = first.read_text(), second.read_text()
+    for stage in ("prepare", "mf", "reliability"):
+        assert f"INFO recdist.pipeline: {stage}: committed in" in stopped
+    assert "ERROR recdist: stopped: stopped after stage reliability" in stopped and "rating: running" not in stopped
+    assert "recdist.pipeline: mf: committed with the same config, skipped" in resumed
+    assert "recdist.pipeline: rating: committed in" in resumed and "recdist.pipeline: outputs: committed in" in resumed
+    assert re.search(r"INFO recdist\.train\.run: \w+ on \d+ worker\(s\): epoch 1/\d+ train loss", resumed)
+    assert summary["log"] == str(second)
+
+
 def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(full_run, planted):
     out, summary = full_run
     before = {s: manifest(out, s)["created_at"] for s in ("mf", "reliability", "rating")}
@@ -351,20 +365,20 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     # a changed stage-3 model: stage 3 and the outputs are stale; nothing is run or removed
     changed = config(planted["same"], **{"stages.rating.params": {"hidden": [16]}})
     with pytest.raises(StorageError, match="rating, outputs made with another config"):
-        run_pipeline(changed, str(out), progress=False)
+        run_pipeline(changed, str(out))
     # a changed stage-1 model makes every later stage stale
     with pytest.raises(StorageError, match="mf, reliability, rating, outputs"):
-        run_pipeline(config(planted["same"], **{"stages.mf.params": {"rank": 4}}), str(out), progress=False)
+        run_pipeline(config(planted["same"], **{"stages.mf.params": {"rank": 4}}), str(out))
     assert (out / "outputs" / "manifest.json").stat().st_mtime_ns == outputs_time
     # the same config again: everything is skipped
-    again = run_pipeline(config(planted["same"]), str(out), progress=False)
+    again = run_pipeline(config(planted["same"]), str(out))
     assert again["stages"] == summary["stages"]
     # changed output settings with --from outputs: only the outputs are redone, with the new settings
     n_train = read(out / "data" / "items.parquet").select(movie_id="item_id", n="n_train")
     floor = int(n_train["n"].median())  # half the movies are too rarely rated to be recommended
     assert read(out / "outputs" / "recommendations.parquet").join(n_train, on="movie_id")["n"].min() < floor
     more = config(planted["same"], **{"pipeline.top_n": 7, "pipeline.recommend_min_ratings": floor})
-    redone = run_pipeline(more, str(out), from_stage="outputs", progress=False)
+    redone = run_pipeline(more, str(out), from_stage="outputs")
     assert {s: manifest(out, s)["created_at"] for s in before} == before
     assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
     recs = read(out / "outputs" / "recommendations.parquet")
@@ -375,8 +389,8 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     rare = n_train.filter(pl.col("n") < floor)["movie_id"].to_list()
     assert not any(f" {m} " in asked.stdout for m in rare)
     with pytest.raises(ConfigError, match="unknown stage"):
-        run_pipeline(more, str(out), from_stage="stage3", progress=False)
-    run_pipeline(config(planted["same"]), str(out), from_stage="outputs", progress=False)  # as it was
+        run_pipeline(more, str(out), from_stage="stage3")
+    run_pipeline(config(planted["same"]), str(out), from_stage="outputs")  # as it was
 
 
 def test_a_directory_that_is_not_a_run_is_never_overwritten(planted, tmp_path):
@@ -384,7 +398,7 @@ def test_a_directory_that_is_not_a_run_is_never_overwritten(planted, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(StorageError, match="not a recdist run directory"):
-        run_pipeline(config(planted["same"]), str(out), progress=False)
+        run_pipeline(config(planted["same"]), str(out))
     assert (out / "notes.txt").read_text() == "keep me" and sorted(os.listdir(out)) == ["notes.txt"]
 
 
@@ -440,19 +454,19 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
             },
         },
     )
-    summary = run_pipeline(cfg, str(out), data=str(full / "data"), progress=False)
+    summary = run_pipeline(cfg, str(out), data=str(full / "data"))
     assert list(summary["stages"]) == ["single", "outputs"]
     o = out / "outputs"
     predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == tables.PREDICTIONS
+    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
     assert predictions.height == manifest(full, "data")["n_ratings"]
     assert predictions["pred_error"].null_count() == predictions.height  # no reliability stage
-    for name, schema in (
-        ("recommendations", tables.RECOMMENDATIONS),
-        ("item_factors", tables.ITEM_FACTORS),
-        ("similar_items", tables.SIMILAR_ITEMS),
+    for name, expected in (
+        ("recommendations", schema.RECOMMENDATIONS),
+        ("item_factors", schema.ITEM_FACTORS),
+        ("similar_items", schema.SIMILAR_ITEMS),
     ):
-        assert pq.read_schema(o / f"{name}.parquet") == schema
+        assert pq.read_schema(o / f"{name}.parquet") == expected
     metrics = json.loads((o / "metrics.json").read_text())
     assert metrics["single"]["test"]["rmse"] < 1.0 and "mf" not in metrics
     assert not (o / "reliability_deciles.parquet").exists()
@@ -460,4 +474,4 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
     assert storage.is_committed(str(o))
     stage_2_alone = load_config(None, {"pipeline.kind": "single", "stages.single.model": "reliability_mlp"})
     with pytest.raises(ConfigError, match="cannot run alone"):
-        run_pipeline(stage_2_alone, str(tmp_path / "x"), data=str(full / "data"), progress=False)
+        run_pipeline(stage_2_alone, str(tmp_path / "x"), data=str(full / "data"))

@@ -4,6 +4,7 @@ shards, the manifest, byte-for-byte reproducibility, refusing to overwrite, and 
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def _config(**keys: object) -> Config:
 
 def run(out: Path, **keys: object) -> dict:
     """prepare() with config keys written as section__key=value."""
-    return prepare(_config(**keys), str(out), progress=False)
+    return prepare(_config(**keys), str(out))
 
 
 def rows(out: Path) -> pl.DataFrame:
@@ -56,7 +57,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def planted(tmp_path_factory) -> Path:
     """A small synthetic release (ml-20m's CSV format): 300 users with >= 20 ratings, distinct timestamps."""
     out = tmp_path_factory.mktemp("planted") / "synth"
-    synth.write_synthetic(SynthConfig(n_users=300, n_items=400, n_ratings=24_000, seed=4), str(out), progress=False)
+    synth.write_synthetic(SynthConfig(n_users=300, n_items=400, n_ratings=24_000, seed=4), str(out))
     return out
 
 
@@ -171,12 +172,13 @@ def test_split_files_and_split_method_must_agree(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv"]
 
 
-def test_given_split_without_a_val_file_carves_validation_out_of_train(tmp_path, capsys):
+def test_given_split_without_a_val_file_carves_validation_out_of_train(tmp_path, caplog):
     pairs = [(u, i) for u in range(1, 41) for i in range(1, 11)]
     train = _write(tmp_path / "train.csv", HEADER + "".join(f"{u},{i},3,{u * 100 + i}\n" for u, i in pairs[:300]))
     test = _write(tmp_path / "test.csv", HEADER + "".join(f"{u},{i},4,{u * 100 + i}\n" for u, i in pairs[300:]))
     files = {"source__train_path": str(train), "source__test_path": str(test), "prepare__split": "given"}
-    manifest = prepare(_config(**files, prepare__seed=7), str(tmp_path / "ds"), progress=True)
+    caplog.set_level(logging.INFO, logger="recdist")
+    manifest = prepare(_config(**files, prepare__seed=7), str(tmp_path / "ds"))
     out = rows(tmp_path / "ds")
     users, items = out["user_id"].cast(pl.Int64), out["item_id"].cast(pl.Int64)
     hashed = splits.row_hash(users, items, 7) < int(0.1 * 2.0**64)  # the pair hash random_split uses
@@ -186,15 +188,18 @@ def test_given_split_without_a_val_file_carves_validation_out_of_train(tmp_path,
     n_val = expected.count("val")
     assert manifest["splits"] == {"train": 300 - n_val, "val": n_val, "test": 100}
     assert 10 <= manifest["splits"]["val"] <= 50 and manifest["val_carved_from_train"] == 0.1
-    assert "no validation file" in capsys.readouterr().err
+    assert "no validation file" in caplog.text
+    caplog.clear()
 
-    manifest = prepare(_config(**files, prepare__val_fraction=0), str(tmp_path / "ds0"), progress=True)
+    manifest = prepare(_config(**files, prepare__val_fraction=0), str(tmp_path / "ds0"))
     assert manifest["splits"] == {"train": 300, "val": 0, "test": 100} and manifest["val_carved_from_train"] is None
-    assert "without early stopping" in capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "without early stopping" in warned[0]
+    caplog.clear()
     from recdist.train.run import _say_without_validation
 
-    _say_without_validation(str(tmp_path / "ds0"), manifest, 7)  # what `recdist train` prints on that dataset
-    assert "without early stopping" in capsys.readouterr().err
+    _say_without_validation(str(tmp_path / "ds0"), manifest, 7)  # what `recdist train` warns on that dataset
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "early stopping" in caplog.text
 
 
 # --- values: finite ratings, timestamps in seconds --------------------------------------------------------------
@@ -212,14 +217,15 @@ def test_non_finite_ratings_are_refused_with_a_fix_that_works(tmp_path, value):
 
 
 @pytest.mark.parametrize(("unit", "per_second"), [("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
-def test_timestamps_in_other_units_are_converted_to_seconds(tmp_path, capsys, unit, per_second):
+def test_timestamps_in_other_units_are_converted_to_seconds(tmp_path, caplog, unit, per_second):
     seconds = [1_100_000_000 + 60 * k for k in range(12)]
     lines = "".join(f"{1 + k % 3},{k},4,{t * per_second + per_second // 2}\n" for k, t in enumerate(seconds))
     path = _write(tmp_path / "r.csv", HEADER + lines)
-    manifest = prepare(_config(source__path=str(path)), str(tmp_path / "ds"), progress=True)
+    caplog.set_level(logging.INFO, logger="recdist")
+    manifest = run(tmp_path / "ds", source__path=str(path))
     assert sorted(rows(tmp_path / "ds")["timestamp"].to_list()) == seconds  # floored to whole seconds
     assert manifest["timestamp_unit"] == unit
-    assert "converted to seconds" in capsys.readouterr().err
+    assert "converted to seconds" in caplog.text
 
 
 def test_timestamps_mixing_units_are_refused_naming_a_line_of_each(tmp_path):
@@ -336,7 +342,7 @@ def test_more_shards_than_ratings(tmp_path):
 
 def test_manifest_records_what_was_prepared(planted, tmp_path):
     config = _config(source__path=str(planted / "ratings.csv"), prepare__shards=2)
-    manifest = prepare(config, str(tmp_path / "ds"), progress=False)
+    manifest = prepare(config, str(tmp_path / "ds"))
     assert dataset.read_manifest(str(tmp_path / "ds")) == manifest
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["kind"] == "dataset"
     assert manifest["rating_scale"] == [0.5, 5.0] and manifest["split_method"] == "random"
@@ -350,7 +356,7 @@ def test_manifest_records_what_was_prepared(planted, tmp_path):
 
     other = prepare(
         _config(source__path=str(planted / "ratings.csv"), prepare__shards=2, prepare__seed=1),
-        str(tmp_path / "other"), progress=False,
+        str(tmp_path / "other"),
     )
     assert other["config_hash"] != manifest["config_hash"]
     assert other["source_checksum"] == manifest["source_checksum"]
@@ -378,7 +384,7 @@ def test_existing_dataset_is_refused_without_overwrite_and_left_intact(planted, 
     assert _files(tmp_path / "ds") == before
 
     manifest = prepare(_config(source__path=str(planted), prepare__shards=3), str(tmp_path / "ds"),
-                       overwrite=True, progress=False)
+                       overwrite=True)
     assert manifest["shards"] == 3 and len(dataset.shard_files(str(tmp_path / "ds"))) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
@@ -405,8 +411,7 @@ def test_failure_mid_write_leaves_nothing_and_keeps_the_old_dataset(planted, tmp
 
     monkeypatch.setattr(prepare_module, "write_dataset", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare(_config(source__path=str(planted), prepare__shards=5), str(tmp_path / "ds"), overwrite=True,
-                progress=False)
+        prepare(_config(source__path=str(planted), prepare__shards=5), str(tmp_path / "ds"), overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "new", source__path=str(planted))
     assert _files(tmp_path / "ds") == before
@@ -424,7 +429,7 @@ def write_json(uri, obj):
         os.kill(os.getpid(), signal.SIGKILL)  # killed with every shard written, before the manifest
     real(uri, obj)
 storage.write_json = write_json
-prepare(load_config(None, {"source.path": sys.argv[1]}), sys.argv[2], progress=False)
+prepare(load_config(None, {"source.path": sys.argv[1]}), sys.argv[2])
 """
 
 

@@ -17,8 +17,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY
-from test_deploy import free_port
+from helpers import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY, free_port
 
 from recdist.cli import main
 from recdist.train.run import FAIL_AT_EPOCH_ENV

@@ -413,7 +413,7 @@ def test_release_from_the_cache_without_network(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "ml-latest-small.zip", "w") as z:
         z.writestr("ml-latest-small/ratings.csv", HEADER + "1,10,4,100\n1,20,3.5,200\n2,10,5,300\n")
         z.writestr("ml-latest-small/movies.csv", "movieId,title,genres\n10,A,Drama\n20,B,Comedy\n")
-    raw = load_source(SourceConfig(dataset="ml-latest-small", cache_dir=str(tmp_path)), SynthConfig(), progress=False)
+    raw = load_source(SourceConfig(dataset="ml-latest-small", cache_dir=str(tmp_path)), SynthConfig())
     assert raw.ratings.collect().equals(EXPECTED)
     assert raw.items.collect().height == 2
     assert raw.name == "ml-latest-small" and raw.rating_scale == (0.5, 5.0)

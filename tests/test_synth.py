@@ -27,7 +27,7 @@ def drawn() -> synth.Synthetic:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> tuple:
     out = tmp_path_factory.mktemp("synth") / "release"
-    summary = synth.write_synthetic(SMALL, str(out), progress=False)
+    summary = synth.write_synthetic(SMALL, str(out))
     return out, summary
 
 
@@ -125,11 +125,11 @@ def test_files_are_in_ml20m_format(written):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(written, tmp_path):
     out, _ = written
-    synth.write_synthetic(SMALL, str(tmp_path / "again"), progress=False)
+    synth.write_synthetic(SMALL, str(tmp_path / "again"))
     for name in ("ratings.csv", "movies.csv", synth.MARKER):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
     other = SMALL.model_copy(update={"seed": 2})
-    synth.write_synthetic(other, str(tmp_path / "other"), progress=False)
+    synth.write_synthetic(other, str(tmp_path / "other"))
     assert (tmp_path / "other" / "ratings.csv").read_bytes() != (out / "ratings.csv").read_bytes()
 
 
@@ -137,7 +137,7 @@ def test_existing_output_is_refused_and_kept(written):
     out, _ = written
     before = (out / "ratings.csv").read_bytes()
     with pytest.raises(StorageError, match="--overwrite"):
-        synth.write_synthetic(SMALL.model_copy(update={"seed": 5}), str(out), progress=False)
+        synth.write_synthetic(SMALL.model_copy(update={"seed": 5}), str(out))
     assert (out / "ratings.csv").read_bytes() == before
 
 

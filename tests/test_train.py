@@ -8,43 +8,20 @@ import io
 import json
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import N_ITEMS, N_USERS, planted_frame, write_dataset
 
 from recdist.config import ClusterConfig, StageConfig, TrainConfig
 from recdist.errors import ConfigError, DataError
 from recdist.models.batch import Dims
-from recdist.schema import RATINGS
 from recdist.train import checkpoint, history
 from recdist.train.cluster import plan
 from recdist.train.data import RankData, load_rank_data, split_batches
 from recdist.train.loop import Trainer
-from recdist.train.run import build_model, model_from_state, needs_context
+from recdist.train.run import build_model, model_from_state
 from recdist.train.solvers import AutogradSolver, make_solver
-
-N_USERS, N_ITEMS = 80, 50
-
-
-def planted_frame(n_rows: int = 2400, rank: int = 3, noise: float = 0.3, seed: int = 7) -> pl.DataFrame:
-    """Ratings from a planted rank-`rank` model plus user and item biases, split 80/10/10 at random."""
-    g = torch.Generator().manual_seed(seed)
-    p, q = torch.randn(N_USERS, rank, generator=g) * 0.6, torch.randn(N_ITEMS, rank, generator=g) * 0.6
-    bu, bi = torch.randn(N_USERS, generator=g) * 0.4, torch.randn(N_ITEMS, generator=g) * 0.4
-    pairs = torch.randperm(N_USERS * N_ITEMS, generator=g)[:n_rows]
-    user, item = pairs // N_ITEMS, pairs % N_ITEMS
-    rating = 3.5 + bu[user] + bi[item] + (p[user] * q[item]).sum(1) + noise * torch.randn(n_rows, generator=g)
-    split = torch.rand(n_rows, generator=g)
-    return pl.DataFrame(
-        {
-            "user_idx": user.int().numpy(),
-            "item_idx": item.int().numpy(),
-            "rating": rating.clamp(0.5, 5.0).float().numpy(),
-            "timestamp": torch.arange(n_rows).numpy(),
-            "split": ["train" if s < 0.8 else "val" if s < 0.9 else "test" for s in split.tolist()],
-        }
-    )
 
 
 def rank_data(frame: pl.DataFrame) -> RankData:
@@ -186,9 +163,9 @@ def test_train_command_keeps_set_params_and_refuses_a_gpu_before_work(tmp_path, 
 def test_models_that_read_the_training_rows_get_all_of_them() -> None:
     from recdist.models import get
 
-    assert needs_context(get("reliability_mlp").module)
-    assert needs_context(get("autoencoder").module)
-    assert not needs_context(get("biased_mf").module)
+    assert get("reliability_mlp").module.needs_context
+    assert get("autoencoder").module.needs_context
+    assert not get("biased_mf").module.needs_context
 
 
 def test_history_files(tmp_path) -> None:
@@ -235,38 +212,6 @@ def test_cluster_plan_checks_before_work() -> None:
 
 
 # ------------------------------------------------------------------------------------------- rank loading
-
-
-def write_dataset(root, frame: pl.DataFrame, shards: int = 2, extra: dict | None = None) -> str:
-    """A prepared-dataset directory (RATINGS schema, manifest) written directly, without prepare."""
-    (root / "ratings").mkdir(parents=True)
-    schema = RATINGS
-    for name in extra or {}:
-        schema = schema.append(pa.field(name, pa.float32()))
-    for s in range(shards):
-        part = frame[s::shards]
-        cols = {c: part[c].to_list() for c in RATINGS.names} | {k: v[s::shards] for k, v in (extra or {}).items()}
-        pq.write_table(pa.Table.from_pydict(cols, schema=schema), root / "ratings" / f"part-{s:05d}.parquet")
-    train = frame.filter(pl.col("split") == "train")
-    manifest = {
-        "schema_version": 1,
-        "kind": "dataset",
-        "name": "planted",
-        "n_users": N_USERS,
-        "n_items": N_ITEMS,
-        "n_ratings": frame.height,
-        "splits": {s: frame.filter(pl.col("split") == s).height for s in ("train", "val", "test")},
-        "rating_scale": [0.5, 5.0],
-        "global_mean": float(train["rating"].mean()),
-        "source_checksum": "x",
-        "config_hash": "y",
-        "shards": shards,
-        "duplicates_resolved": 0,
-        "filtered": {},
-        "created_at": "now",
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return str(root)
 
 
 def test_load_rank_data_shards_and_splits(tmp_path) -> None:

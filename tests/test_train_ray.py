@@ -11,13 +11,13 @@ import shutil
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from test_train import planted_frame, write_dataset
+from helpers import planted_frame, write_dataset
 
 from recdist import storage
 from recdist.config import ClusterConfig, StageConfig, TrainConfig
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.models.io import load_model, save_model
-from recdist.models.reliability import SESSION_COLUMNS
+from recdist.schema import SESSION_COLUMNS
 from recdist.train.run import FAIL_AT_EPOCH_ENV, build_model, train_stage
 
 EPOCHS = 5
@@ -41,8 +41,8 @@ def history_of(out) -> pl.DataFrame:
 @pytest.mark.slow
 def test_one_and_two_workers_agree_and_commit_the_output(ray_cluster, dataset, tmp_path) -> None:
     one, two = tmp_path / "one" / "mf", tmp_path / "two" / "mf"
-    m1 = train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one), progress=False)
-    m2 = train_stage(dataset, mf_stage(), ClusterConfig(workers=2), str(two), progress=True)
+    m1 = train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one))
+    m2 = train_stage(dataset, mf_stage(), ClusterConfig(workers=2), str(two))
 
     assert m1["workers"] == 1 and m2["workers"] == 2 and m1["device"] == "cpu"
     assert m1["val"]["rmse"] < 0.6 and m2["val"]["rmse"] < 0.6  # learnt (the mean predictor: ~0.78)
@@ -57,7 +57,7 @@ def test_one_and_two_workers_agree_and_commit_the_output(ray_cluster, dataset, t
     model = load_model(str(one))
     assert model.registry_name == "biased_mf"
     with pytest.raises(StorageError, match="already exists"):  # a committed output is never retrained silently
-        train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one), progress=False)
+        train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one))
 
 
 @pytest.mark.ray
@@ -66,7 +66,7 @@ def test_failed_runs_resume_from_their_checkpoint(ray_cluster, dataset, tmp_path
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
     # a worker dies after epoch 2 in the first attempt; Ray Train restarts the group from epoch 1's checkpoint
     out = tmp_path / "restart" / "mf"
-    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1), str(out), progress=False)
+    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1), str(out))
     hist = history_of(out)
     assert hist["epoch"].to_list() == list(range(EPOCHS))
     assert hist["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)  # resumed at epoch 2, not restarted at 0
@@ -75,10 +75,10 @@ def test_failed_runs_resume_from_their_checkpoint(ray_cluster, dataset, tmp_path
     # no restarts allowed: the run fails, nothing is committed, its checkpoints stay; the next call resumes
     out = tmp_path / "driver" / "mf"
     with pytest.raises(Exception, match="injected failure"):
-        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out), progress=False)
+        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
     assert not storage.is_committed(str(out))
     monkeypatch.delenv(FAIL_AT_EPOCH_ENV)
-    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out), progress=False)
+    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
     assert history_of(out)["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)
     assert again["val"]["rmse"] == pytest.approx(metrics["val"]["rmse"], abs=1e-6)  # same numbers either way
 
@@ -90,17 +90,17 @@ def test_bad_configs_fail_before_any_work(ray_cluster, dataset, tmp_path) -> Non
         StageConfig(model="biased_mff")
     unknown = StageConfig.model_construct(model="biased_mff", params={}, train=TrainConfig())
     with pytest.raises(ConfigError, match="did you mean 'biased_mf'"):
-        train_stage(dataset, unknown, ClusterConfig(), str(out), progress=False)
+        train_stage(dataset, unknown, ClusterConfig(), str(out))
     no_workers = ClusterConfig.model_construct(workers=0, gpu=False, cpus_per_worker=None, address=None)
     with pytest.raises(ConfigError, match="workers"):
-        train_stage(dataset, mf_stage(), no_workers, str(out), progress=False)
+        train_stage(dataset, mf_stage(), no_workers, str(out))
     with pytest.raises(ConfigError, match="no GPUs"):
-        train_stage(dataset, mf_stage(), ClusterConfig(gpu=True), str(out), progress=False)
+        train_stage(dataset, mf_stage(), ClusterConfig(gpu=True), str(out))
     with pytest.raises(ConfigError, match="4 workers x 4 CPUs"):
-        train_stage(dataset, mf_stage(), ClusterConfig(workers=4, cpus_per_worker=4), str(out), progress=False)
+        train_stage(dataset, mf_stage(), ClusterConfig(workers=4, cpus_per_worker=4), str(out))
     # stage 2 on a prepared dataset (no `error` column), and without its stage-1 model
     with pytest.raises(DataError, match="error"):
-        train_stage(dataset, StageConfig(model="reliability_mlp"), ClusterConfig(), str(out), progress=False)
+        train_stage(dataset, StageConfig(model="reliability_mlp"), ClusterConfig(), str(out))
     assert not out.parent.exists()  # nothing was started or written
 
 
@@ -122,7 +122,6 @@ def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
             ClusterConfig(max_failures=0),
             str(tmp_path / "reliability"),
             upstream=str(tmp_path / "mf"),
-            progress=False,
         )
     assert not storage.is_committed(str(tmp_path / "reliability"))
 
@@ -135,9 +134,9 @@ def test_paths_relative_to_the_callers_directory_reach_the_workers(ray_cluster, 
 
     shutil.copytree(dataset, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1), "runs/mf", progress=False)
+    train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1), "runs/mf")
     assert storage.is_committed(str(tmp_path / "runs" / "mf"))
-    result = score("runs/mf", "data", "runs/scored", role="mf", progress=False, actors=1)
+    result = score("runs/mf", "data", "runs/scored", role="mf", actors=1)
     assert storage.is_committed(str(tmp_path / "runs" / "scored"))
     assert result["rows"] == json.loads((tmp_path / "data" / "manifest.json").read_text())["n_ratings"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -20,8 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from recdist import logs
 from recdist.data.registry import BASE_URL, Release
 from recdist.errors import DataError
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
 """Connect and per-read timeout: offline fails at once (refused) or within this many seconds (dropped)."""
@@ -39,7 +42,7 @@ def release_url(release: Release) -> str:
     return f"{base.rstrip('/')}/{release.filename}"
 
 
-def fetch(release: Release, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+def fetch(release: Release, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The verified zip of `release` in the cache, downloaded (or resumed) first when it is not there."""
     target = cache_root(cache_dir) / release.filename
     if target.exists():
@@ -50,10 +53,11 @@ def fetch(release: Release, cache_dir: str | os.PathLike[str] | None = None, pro
     url = release_url(release)
     expected = release.md5 or _published_md5(url, target)
     part = target.with_name(target.name + ".part")
-    sums = _download(url, part, target, progress)
+    log.info("downloading %s into %s", url, target.parent)
+    sums = _download(url, part, target)
     if sums["resumed"] and _problem(part, sums, expected):
         part.unlink()  # the kept prefix may hold the bad bytes: one clean download from zero
-        sums = _download(url, part, target, progress)
+        sums = _download(url, part, target)
     problem = _problem(part, sums, expected)
     if problem:
         part.unlink(missing_ok=True)
@@ -79,7 +83,7 @@ def verified_checksum(zip_path: str | os.PathLike[str]) -> str | None:
 # --- the network ---------------------------------------------------------------------------------------
 
 
-def _download(url: str, part: Path, target: Path, progress: bool) -> dict[str, Any]:
+def _download(url: str, part: Path, target: Path) -> dict[str, Any]:
     """Stream `url` into `part`, resuming what is there; returns md5/sha256 of the whole part file."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -90,18 +94,19 @@ def _download(url: str, part: Path, target: Path, progress: bool) -> dict[str, A
             total = _total_size(response, have)
             if status == 206 and _range_start(response) != have:
                 part.unlink()  # a range we did not ask for: start over without one
-                return _download(url, part, target, progress)
+                return _download(url, part, target)
             if status == 206:
                 _hash_file(part, md5, sha)  # resume: the prefix we keep counts towards the checksum
                 mode, done = "ab", have
             else:
                 mode, done = "wb", 0  # the server ignored Range (200): start over cleanly
-            with open(part, mode) as out, _progress_bar(progress, target.name, total, done) as advance:
+            with open(part, mode) as out, logs.Progress(log, target.name, total, unit="bytes") as progress:
                 while chunk := _read(response, url, target):
                     out.write(chunk)
                     md5.update(chunk)
                     sha.update(chunk)
-                    advance(len(chunk))
+                    done += len(chunk)
+                    progress.update(done)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # Range past the end: the part holds the whole file already
             _hash_file(part, md5, sha)
@@ -182,21 +187,6 @@ def _total_size(response: Any, have: int) -> int | None:
 def _range_start(response: Any) -> int | None:
     match = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
     return int(match.group(1)) if match else None
-
-
-@contextmanager
-def _progress_bar(enabled: bool, label: str, total: int | None, done: int) -> Iterator[Any]:
-    """A rich download bar on a terminal; a no-op callback otherwise."""
-    if not (enabled and sys.stderr.isatty()):
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress("{task.description}", *columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
 
 
 # --- verification ---------------------------------------------------------------------------------------

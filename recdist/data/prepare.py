@@ -7,12 +7,11 @@ leaves nothing that looks like a dataset. Whole-column Polars/NumPy throughout: 
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -21,12 +20,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.schema import ITEMS, RATINGS, SCHEMA_VERSION, SPLITS, USERS
+
+log = logging.getLogger(__name__)
 
 _ROW = "_row"  # 0-based position in the raw source (for error messages and file-order tie breaks)
 _KEY = "_key"  # user_idx * n_items + item_idx: one int64 per (user, item) pair
@@ -46,43 +47,36 @@ class PreparedFrames:
     """n_raw, duplicates_resolved, filtered, splits, global_mean: what the manifest reports."""
 
 
-def prepare_frame(
-    raw: RawSource,
-    cfg: PrepareConfig,
-    rating_scale: tuple[float, float],
-    *,
-    log: Callable[[str], None] | None = None,
-) -> PreparedFrames:
-    """Validate -> de-duplicate -> filter -> encode ids -> split, all in memory.
+def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float, float]) -> PreparedFrames:
+    """Validate -> de-duplicate -> filter -> encode ids -> split, all in memory (each step timed in the log).
 
     Users and items get contiguous int32 indices in the order of their sorted original ids, so the same
     ratings always give the same indices whatever the file order.
     """
-    steps = _Steps(log)
-    with steps("read"):
+    with logs.timed(log, "read"):
         df = _collect(raw)
     n_raw = df.height
-    with steps("validate"):
+    with logs.timed(log, "validate"):
         validate(df, raw, rating_scale)
-        df, unit = timestamps_in_seconds(df, raw.locate, log)
+        df, unit = timestamps_in_seconds(df, raw.locate)
     carved = carves_val(df, cfg.split, cfg.val_fraction)
-    with steps("index"):
+    with logs.timed(log, "index"):
         user_ids, user_idx = dense_ids(df["user_id"])
         item_ids, item_idx = dense_ids(df["item_id"])
         key = user_idx.cast(pl.Int64) * len(item_ids) + item_idx
         df = sort_pairs(df.with_columns(user_idx, item_idx, key.alias(_KEY)))
-    with steps("dedupe"):
+    with logs.timed(log, "dedupe"):
         df, n_dup = dedupe(df, cfg.duplicates, raw.locate)
         df = df.drop(_KEY, _ROW)
-    with steps("filter"):
+    with logs.timed(log, "filter"):
         df, filtered = filter_ratings(df, cfg, len(user_ids), len(item_ids))
         n_before = len(user_ids), len(item_ids)
         df, user_ids, item_ids = reindex(df, user_ids, item_ids)
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
-    with steps("split"):
+    with logs.timed(log, "split"):
         df = assign_split(df, cfg, user="user_id", item="item_id")
-    if cfg.split == "given" and log:
-        log(_given_note(df, cfg, carved))
+    if cfg.split == "given":
+        _log_given(df, cfg, carved)
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
     code = ratings["split"].to_physical().to_numpy()
     train = code == 0
@@ -175,7 +169,7 @@ MAX_SPAN_S = 2**33
 
 
 def timestamps_in_seconds(
-    df: pl.DataFrame, locate: Callable[[int], str], log: Callable[[str], None] | None = None
+    df: pl.DataFrame, locate: Callable[[int], str]
 ) -> tuple[pl.DataFrame, str | None]:
     """`df` with its timestamps in seconds since the epoch, and the unit they came in (None: no timestamps).
 
@@ -203,9 +197,8 @@ def timestamps_in_seconds(
     unit, name, per_second = TIME_UNITS[low]
     if per_second > 1:
         df = df.with_columns(pl.col("timestamp") // per_second)
-        if log:
-            latest = datetime.fromtimestamp(int(df["timestamp"].max()), timezone.utc).date()
-            log(f"timestamps are {name} since the epoch by their size (latest {latest}): converted to seconds")
+        latest = datetime.fromtimestamp(int(df["timestamp"].max()), timezone.utc).date()
+        log.info("timestamps are %s since the epoch by their size (latest %s): converted to seconds", name, latest)
     lo, hi = df["timestamp"].min(), df["timestamp"].max()
     if hi - lo >= MAX_SPAN_S:
         rows = [df.filter(pl.col("timestamp") == t)[_ROW][0] for t in (lo, hi)]
@@ -229,17 +222,19 @@ def carves_val(df: pl.DataFrame, split: str, val_fraction: float) -> bool:
     return split == "given" and val_fraction > 0 and "split" in df.columns and not (df["split"] == "val").any()
 
 
-def _given_note(df: pl.DataFrame, cfg: PrepareConfig, carved: bool) -> str:
-    """The log line of a given split: where its validation rows came from, or that there are none."""
+def _log_given(df: pl.DataFrame, cfg: PrepareConfig, carved: bool) -> None:
+    """Log where a given split's validation rows came from; warn when there are none (no early stopping)."""
     n_val = int((df["split"] == "val").sum())
     if carved:
-        return (
-            f"no validation file: {n_val:,} ratings ({cfg.val_fraction:.0%} of the training file, by the seeded pair "
-            f"hash, prepare.seed {cfg.seed}) carved out for validation; --val-fraction 0 keeps them in train"
-        )
-    if n_val == 0:
-        return "no validation ratings (--val-fraction 0): training will run every epoch without early stopping"
-    return f"{n_val:,} validation ratings from the validation file"
+        log.info(
+            "no validation file: %s ratings (%.0f%% of the training file, by the seeded pair hash, prepare.seed %d) "
+            "carved out for validation; --val-fraction 0 keeps them in train",
+            f"{n_val:,}", 100 * cfg.val_fraction, cfg.seed,
+        )  # fmt: skip
+    elif n_val == 0:
+        log.warning("no validation ratings (--val-fraction 0): training will run every epoch without early stopping")
+    else:
+        log.info("%s validation ratings from the validation file", f"{n_val:,}")
 
 
 def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
@@ -454,7 +449,7 @@ def write_dataset(frames: PreparedFrames, uri: str, shards: int, seed: int) -> l
     return rows
 
 
-def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Load config.source, prepare it and commit the dataset directory `out`; return its manifest.
 
     An existing dataset, or any non-empty directory that is not one, is refused unless overwrite=True
@@ -462,19 +457,17 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
     """
     from recdist.data.sources import load_source
 
-    log = _stderr_log if progress else None
-    steps = _Steps(log)
     started = time.perf_counter()
     cfg = config.prepare
     _check_split_source(config)
     if not overwrite:
         _refuse_foreign(out)
     with storage.staged_output(out, overwrite=overwrite) as stage:
-        with steps("load source"):
-            raw = load_source(config.source, config.synth, progress=progress)
+        with logs.timed(log, "load source"):
+            raw = load_source(config.source, config.synth)
         scale = tuple(float(x) for x in (config.source.rating_scale or raw.rating_scale))
-        frames = prepare_frame(raw, cfg, scale, log=log)
-        with steps("write"):
+        frames = prepare_frame(raw, cfg, scale)
+        with logs.timed(log, "write"):
             shard_sizes = write_dataset(frames, stage, cfg.shards, cfg.seed)
         sections = ("source", "synth", "prepare") if config.source.dataset == "synthetic" else ("source", "prepare")
         stats = frames.stats
@@ -501,11 +494,10 @@ def prepare(config: Config, out: str, *, overwrite: bool = False, progress: bool
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         storage.write_json(storage.join(stage, storage.MANIFEST), manifest)
-    if log:
-        log(
-            f"committed {out}: {manifest['n_ratings']:,} ratings, {manifest['n_users']:,} users, "
-            f"{manifest['n_items']:,} items in {time.perf_counter() - started:.1f} s"
-        )
+    log.info(
+        "committed %s: %s ratings, %s users, %s items in %.1f s", out, f"{manifest['n_ratings']:,}",
+        f"{manifest['n_users']:,}", f"{manifest['n_items']:,}", time.perf_counter() - started,
+    )
     return manifest
 
 
@@ -541,21 +533,3 @@ def _check_split_source(config: Config) -> None:
             fix="with your own train/test files pass --train-path, --test-path (and --val-path) with --split given; "
             "otherwise give one ratings source (--path / --dataset) and a split method (random, user, time, user_time)",
         )
-
-
-def _stderr_log(message: str) -> None:
-    print(f"prepare: {message}", file=sys.stderr, flush=True)
-
-
-class _Steps:
-    """Times named steps and reports each to `log` (when given)."""
-
-    def __init__(self, log: Callable[[str], None] | None):
-        self.log = log
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.log:
-            self.log(f"{name} {time.perf_counter() - t0:.2f} s")

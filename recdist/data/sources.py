@@ -37,7 +37,7 @@ class RawSource:
     """Maps a 0-based row position in `ratings` to 'file, line N' for error messages."""
 
 
-def load_source(source: SourceConfig, synth: SynthConfig, progress: bool = True) -> RawSource:
+def load_source(source: SourceConfig, synth: SynthConfig) -> RawSource:
     """The raw ratings `source` names: a GroupLens release (downloaded or cached), `synthetic`, a file of
     yours (`path`), or given train/val/test files (`train_path`, ... with an extra `split` column)."""
     chosen = [key for key in ("dataset", "path", "train_path") if getattr(source, key)]
@@ -57,7 +57,7 @@ def load_source(source: SourceConfig, synth: SynthConfig, progress: bool = True)
     if source.dataset == "synthetic":
         return _synthetic(synth)
     if source.dataset:
-        return _release(source, progress)
+        return _release(source)
     if source.path:
         return _path(source)
     return _given(source)
@@ -87,9 +87,9 @@ def _scale(source: SourceConfig, uri: str | None = None) -> tuple[float, float]:
     return release.rating_scale if release else DEFAULT_SCALE
 
 
-def _release(source: SourceConfig, progress: bool) -> RawSource:
+def _release(source: SourceConfig) -> RawSource:
     release = get_release(source.dataset or "")
-    zip_path = fetch(release, cache_dir=source.cache_dir, progress=progress)
+    zip_path = fetch(release, cache_dir=source.cache_dir)
     ratings, items = read_zip(
         str(zip_path),
         release.ratings_member,

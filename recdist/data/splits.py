@@ -19,20 +19,27 @@ SPLIT = pl.Enum(list(SPLITS))
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def row_hash(users: pl.Series, items: pl.Series, seed: int) -> np.ndarray:
-    """A uint64 hash of each (seed, user, item): splitmix64's finaliser over user * golden + item + seed.
+def pair_hash(users: np.ndarray, items: np.ndarray, salt: int) -> np.ndarray:
+    """A uint64 hash of each (user, item) pair: splitmix64's finaliser over user * golden + item + salt.
 
-    Pure integer arithmetic, so it is the same on every machine and library version (Polars' own hash
-    is not promised stable across versions).
+    Pure integer arithmetic (wrapping at 2**64), so it is the same on every machine and library version
+    (Polars' own hash is not promised stable across versions). The one pair hash of recdist: the splits here,
+    and the cross-fitting folds and training share (recdist.infer.folds), each with its own salt.
     """
-    x = users.cast(pl.UInt64).to_numpy().copy()
+    x = users.astype(np.uint64)  # a copy: updated in place below
     x *= _GOLDEN
-    x += items.cast(pl.UInt64).to_numpy()
-    x += _mix64(np.array([seed], dtype=np.uint64))[0]
-    return _mix64(x)
+    x += items.astype(np.uint64)
+    x += np.uint64(salt % 2**64)
+    return mix64(x)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def row_hash(users: pl.Series, items: pl.Series, seed: int) -> np.ndarray:
+    """The split hash of each (seed, user, item): pair_hash salted with mix64(seed)."""
+    salt = int(mix64(np.array([seed], dtype=np.uint64))[0])
+    return pair_hash(users.cast(pl.UInt64).to_numpy(), items.cast(pl.UInt64).to_numpy(), salt)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's output function, in place: a bijection on uint64 that spreads every input bit."""
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)

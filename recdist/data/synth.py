@@ -9,9 +9,8 @@ independent seeded streams, so the same config gives the same bytes.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,8 @@ from numba import njit
 from recdist import storage
 from recdist.config import SynthConfig
 from recdist.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 
 MARKER = "synth.json"
 RATINGS_FILE = "ratings.csv"
@@ -119,10 +120,9 @@ def generate(cfg: SynthConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
     return synth.ratings, synth.movies
 
 
-def simulate(cfg: SynthConfig, *, progress: bool = False) -> Synthetic:
+def simulate(cfg: SynthConfig) -> Synthetic:
     """Draw the whole synthetic release: catalog, who rates what, planted model, ratings and timestamps."""
     _check(cfg)
-    say = _Progress(progress)
     streams = np.random.SeedSequence(cfg.seed).spawn(6)
     act, cat, sample, model, noise, times = (np.random.Generator(np.random.PCG64(s)) for s in streams)
 
@@ -130,7 +130,7 @@ def simulate(cfg: SynthConfig, *, progress: bool = False) -> Synthetic:
     movie_ids, log_weight, movies = _catalog(cfg.n_items, cat)
     item, rank = _sample_pairs(counts, log_weight, sample)
     user = np.repeat(np.arange(cfg.n_users, dtype=np.int64), counts)
-    say(f"sampled {user.size:,} (user, movie) pairs")
+    log.info("sampled %s (user, movie) pairs", f"{user.size:,}")
 
     planted = _plant(cfg, movie_ids, log_weight, counts, item, model)
     score = planted.score(user, item)
@@ -141,7 +141,7 @@ def simulate(cfg: SynthConfig, *, progress: bool = False) -> Synthetic:
     rmse = float(np.sqrt(np.mean((rating - expected) ** 2)))
     del expected
     timestamp = _timestamps(counts, user, rank, times)
-    say(f"planted ratings and timestamps (planted RMSE {rmse:.4f})")
+    log.info("planted ratings and timestamps (planted RMSE %.4f)", rmse)
 
     ratings = pl.DataFrame(
         {"userId": user + 1, "movieId": movie_ids[item], "rating": rating, "timestamp": timestamp},
@@ -157,7 +157,7 @@ def planted_rmse(planted: Planted, ratings: pl.DataFrame) -> float:
     return float(np.sqrt(np.mean((ratings["rating"].to_numpy() - expected) ** 2)))
 
 
-def write_synthetic(cfg: SynthConfig, out: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+def write_synthetic(cfg: SynthConfig, out: str, *, overwrite: bool = False) -> dict:
     """Write OUT/ratings.csv and OUT/movies.csv in ml-20m's format, then OUT/synth.json; return the summary.
 
     OUT (local or s3://) appears only when whole; an existing non-empty OUT is refused without `overwrite`.
@@ -167,13 +167,12 @@ def write_synthetic(cfg: SynthConfig, out: str, *, overwrite: bool = False, prog
             f"output already exists: {out}",
             fix="pass --overwrite to replace it, or choose another output path",
         )
-    say = _Progress(progress)
     with storage.staged_output(out, overwrite=overwrite, marker=MARKER) as stage:
-        synth = simulate(cfg, progress=progress)
+        synth = simulate(cfg)
         _write_csv(synth.ratings, storage.join(stage, RATINGS_FILE))
         _write_csv(synth.movies, storage.join(stage, MOVIES_FILE))
         storage.write_json(storage.join(stage, MARKER), synth.summary)
-        say(f"wrote {synth.summary['n_ratings']:,} ratings to {out}")
+    log.info("wrote %s ratings to %s", f"{synth.summary['n_ratings']:,}", out)
     return synth.summary
 
 
@@ -479,14 +478,3 @@ def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 def _normalise(w: np.ndarray) -> np.ndarray:
     return w / w.sum()
-
-
-class _Progress:
-    """One stderr line per step with the seconds since the start, when enabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.start = enabled, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"synth: {message} ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ from recdist.config import ClusterConfig
 from recdist.infer.folds import fold_of, in_share, known_mask
 from recdist.infer.scoring import ROLES, Predictor, ScoringPlan, one_thread, role_of
 from recdist.infer.session import DEFAULT_SESSION, SESSION_COLUMNS, SessionSpec, session_columns
-from recdist.infer.tables import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
+from recdist.schema import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 
 SAMPLE = "sample"
 """Sub-directory of a scored table holding the TrainShare dataset, when one was asked for."""
@@ -108,7 +108,6 @@ def score(
     cluster: ClusterConfig | None = None,
     share: TrainShare | None = None,
     session: SessionSpec | None = DEFAULT_SESSION,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """One Ray Data inference pass over `data` with the model at `model_uri`, committed to `out`.
 
@@ -146,9 +145,6 @@ def score(
     n_actors = max(1, min(actors or slots, len(files)))
     t0, wall0 = time.perf_counter(), time.time()
     with storage.staged_output(out, overwrite=overwrite) as tmp:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        ctx.print_on_execution_start = progress
         shards = ray.data.from_items(
             [{"shard": n, "source": f} for n, f in enumerate(files)], override_num_blocks=len(files)
         )

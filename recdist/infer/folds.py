@@ -10,31 +10,24 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-_M1 = np.uint64(0x9E3779B97F4A7C15)
-_M2 = np.uint64(0xBF58476D1CE4E5B9)
-_M3 = np.uint64(0x94D049BB133111EB)
+from recdist.data.splits import pair_hash
+
+_FOLD_SALT = 0xBF58476D1CE4E5B9
+"""The folds' and the share's salt is seed * this (mod 2**64): not the splits' salt, so they are independent."""
 
 
-def pair_hash(user: np.ndarray, item: np.ndarray, seed: int = 0) -> np.ndarray:
-    """uint64 splitmix64 of each (user, item, seed): the same pairs get the same number in every run."""
-    with np.errstate(over="ignore"):
-        x = user.astype(np.uint64) * _M1 + item.astype(np.uint64) + np.uint64(seed) * _M2
-        x ^= x >> np.uint64(30)
-        x *= _M2
-        x ^= x >> np.uint64(27)
-        x *= _M3
-        x ^= x >> np.uint64(31)
-    return x
+def _hash(user: np.ndarray, item: np.ndarray, seed: int) -> np.ndarray:
+    return pair_hash(user, item, seed * _FOLD_SALT)
 
 
 def fold_of(user: np.ndarray, item: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """The fold (0..folds-1) of each (user, item) pair: its pair_hash modulo folds."""
-    return (pair_hash(user, item, seed) % np.uint64(folds)).astype(np.int8)
+    """The fold (0..folds-1) of each (user, item) pair: its pair hash modulo folds."""
+    return (_hash(user, item, seed) % np.uint64(folds)).astype(np.int8)
 
 
 def in_share(user: np.ndarray, item: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
-    """bool: the pairs in a seeded `share` (0-1] of all pairs, by pair_hash (independent of the folds' seed)."""
-    h = pair_hash(user, item, seed + 0x5EED) >> np.uint64(11)  # 53 bits: exact in float64
+    """bool: the pairs in a seeded `share` (0-1] of all pairs, by pair hash (independent of the folds' seed)."""
+    h = _hash(user, item, seed + 0x5EED) >> np.uint64(11)  # 53 bits: exact in float64
     return h.astype(np.float64) < share * float(1 << 53)
 
 

@@ -2,7 +2,8 @@
 
 PyTorch computes the same as two gathers into (rows, k) matrices, a product and a sum: three trips through
 memory per row. The kernel reads each factor row once and keeps the sum in a register, ten times faster on a
-CPU core; batch inference uses it for the plain MF family and PyTorch for every other model.
+CPU core; batch inference uses it for the models that declare scoring_kernel = "mf" (the plain MF family) and
+PyTorch for every other model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from recdist.models.batch import Dims
+from recdist.models.base import Model
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -28,20 +29,15 @@ def _mf_scores(users, items, P, Q, bu, bi, mu, out):  # pragma: no cover (compil
 class MFKernel:
     """An MF-family model's tables as contiguous float32 arrays, scored row by row without PyTorch."""
 
-    def __init__(self, model: torch.nn.Module):
-        f = model.factors()
-        self.P, self.Q = (np.ascontiguousarray(f[k].float().cpu().numpy()) for k in ("user_factors", "item_factors"))
-        self.bu, self.bi = (np.ascontiguousarray(f[k].float().cpu().numpy()) for k in ("user_bias", "item_bias"))
-        self.mu = np.float32(float(model.global_mean))
-        self.sigmoid = getattr(model, "link", "identity") == "sigmoid"
-        self.dims: Dims = model.dims
-
-    @staticmethod
-    def fits(model: torch.nn.Module) -> bool:
-        """True for models whose prediction is link(mu + b_u + b_i + p.q) on their factors() and nothing else."""
-        from recdist.models.mf import MFBase
-
-        return isinstance(model, MFBase) and type(model).forward is MFBase.forward
+    def __init__(self, model: Model):
+        t = model.mf_tables()
+        self.P, self.Q, self.bu, self.bi = (
+            np.ascontiguousarray(x.float().cpu().numpy())
+            for x in (t.user_factors, t.item_factors, t.user_bias, t.item_bias)
+        )
+        self.mu = np.float32(t.mu)
+        self.sigmoid = t.link == "sigmoid"
+        self.dims = model.dims
 
     def __call__(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
         """Predictions in rating units for index arrays (every index must lie inside the tables)."""
@@ -52,3 +48,12 @@ class MFKernel:
             lo, hi = self.dims.rating_min, self.dims.rating_max
             pred = lo + (hi - lo) * torch.sigmoid(pred)
         return pred
+
+
+#: The fused scoring path of each Model.scoring_kernel.
+KERNELS = {"mf": MFKernel}
+
+
+def kernel_for(model: Model) -> MFKernel | None:
+    """The fused scoring kernel the model declares (scoring_kernel), or None: score it with forward()."""
+    return KERNELS[model.scoring_kernel](model) if model.scoring_kernel else None

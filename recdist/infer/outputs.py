@@ -7,6 +7,7 @@ ML-20M; the evaluation uses the test split only for measuring, never for choosin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,14 +16,16 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.batch import plan_for
 from recdist.infer.ranker import Ranker
 from recdist.infer.scoring import one_thread
-from recdist.infer.tables import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
 from recdist.infer.topn import Csr, cosine_neighbours
+from recdist.schema import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,62 +69,75 @@ def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int
 
 
 def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) -> dict[str, Any]:
-    from recdist.data.dataset import read_items, read_manifest, read_users, shard_files
+    from recdist.data.dataset import read_items, read_manifest, read_users
 
-    manifest = read_manifest(models.scored)
+    n_users = int(read_manifest(models.scored)["n_users"])
     users = read_users(models.data).select("user_idx", "user_id")
     items = read_items(models.data).select("item_idx", "item_id", "title", "genres", "n_train")
-    has_reliability = models.reliability is not None
-
-    sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
-    tests, seen, colds = [], [], []
-    for n, uri in enumerate(shard_files(models.scored)):
-        frame = pl.from_arrow(storage.read_parquet(uri))
-        assert isinstance(frame, pl.DataFrame)
-        predictions = _predictions(frame, users, items)
-        storage.write_parquet(predictions, storage.join(out, "predictions", f"part-{n:05d}.parquet"))
-        colds.append(frame.group_by(split=pl.col("split").cast(pl.String)).agg(n=pl.len(), cold=pl.col("cold").sum()))
-        if "mf_pred" in frame.columns:
-            sums["mf"].append(m.error_sums(frame, "mf_pred"))
-        if "pred_error" in frame.columns and "error" in frame.columns:
-            sums["reliability"].append(m.error_sums(frame, "pred_error", target="error"))
-        sums["rating"].append(m.error_sums(frame, "pred_rating"))
-        keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
-        tests.append(frame.filter(pl.col("split").cast(pl.String) == "test").select(keep))
-        seen.append(frame.select("user_idx", "item_idx", is_test=pl.col("split").cast(pl.String) == "test"))
-    test = pl.concat(tests)
-    pairs = pl.concat(seen)
-    final_name = "rating" if has_reliability else "single"
-    result: dict[str, Any] = {final_name: m.split_metrics(pl.concat(sums["rating"]))}
-    if has_reliability:
-        result = {
-            "mf": m.split_metrics(pl.concat(sums["mf"])),
-            "reliability": m.split_metrics(pl.concat(sums["reliability"])),
-            **result,
-        }
-
-    n_users = int(manifest["n_users"])
-    ranker = ranker_for(models, cfg.recommend_min_ratings)
-    result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
-    if has_reliability:
+    with logs.timed(log, "predictions and accuracy"):
+        result, test, pairs, cold = _prediction_tables(models, out, users, items)
+    final_name = "rating" if models.reliability is not None else "single"
+    with logs.timed(log, "ranking metrics"):
+        ranker = ranker_for(models, cfg.recommend_min_ratings)
+        result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
+    if models.reliability is not None:
         deciles = _deciles(test)
         deciles_uri = storage.join(out, "reliability_deciles.parquet")
         storage.write_parquet(_to_schema(deciles, RELIABILITY_DECILES), deciles_uri)
         result["reliability_deciles"] = deciles.to_dicts()
         result["reliability_summary"] = _reliability_summary(deciles, test)
 
-    recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
-    storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
+    with logs.timed(log, "recommendations"):
+        recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
+        storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
 
     if ranker.factors is not None:
-        factors_table = _item_factors(ranker.factors, items, cfg)
-        storage.write_parquet(factors_table, storage.join(out, "item_factors.parquet"))
-        storage.write_parquet(_similar(ranker.factors, items, cfg), storage.join(out, "similar_items.parquet"))
+        with logs.timed(log, "item factors and similar movies"):
+            factors_table = _item_factors(ranker.factors, items, cfg)
+            storage.write_parquet(factors_table, storage.join(out, "item_factors.parquet"))
+            storage.write_parquet(_similar(ranker.factors, items, cfg), storage.join(out, "similar_items.parquet"))
     result["rows"] = {"predictions": int(pairs.height), "test": int(test.height), "recommendations": recs.height}
-    cold = pl.concat(colds).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
-    result["cold"] = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
+    result["cold"] = cold
     storage.write_json(storage.join(out, "metrics.json"), result)
     return result
+
+
+def _prediction_tables(
+    models: RunModels, out: str, users: pl.DataFrame, items: pl.DataFrame
+) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """One pass over the final scored table, shard by shard: the predictions table and the accuracy of each stage.
+
+    Returns the metrics by stage, the test rows, every (user, item, is_test) pair and the cold-start counts.
+    """
+    from recdist.data.dataset import shard_files
+
+    sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
+    tests, seen, colds = [], [], []
+    shards = shard_files(models.scored)
+    with logs.Progress(log, "predictions", len(shards)) as progress:
+        for n, uri in enumerate(shards):
+            frame = pl.from_arrow(storage.read_parquet(uri))
+            assert isinstance(frame, pl.DataFrame)
+            part = storage.join(out, "predictions", f"part-{n:05d}.parquet")
+            storage.write_parquet(_predictions(frame, users, items), part)
+            by_split = frame.group_by(split=pl.col("split").cast(pl.String))
+            colds.append(by_split.agg(n=pl.len(), cold=pl.col("cold").sum()))
+            if "mf_pred" in frame.columns:
+                sums["mf"].append(m.error_sums(frame, "mf_pred"))
+            if "pred_error" in frame.columns and "error" in frame.columns:
+                sums["reliability"].append(m.error_sums(frame, "pred_error", target="error"))
+            sums["rating"].append(m.error_sums(frame, "pred_rating"))
+            keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
+            tests.append(frame.filter(pl.col("split").cast(pl.String) == "test").select(keep))
+            seen.append(frame.select("user_idx", "item_idx", is_test=pl.col("split").cast(pl.String) == "test"))
+            progress.update(n + 1)
+    if models.reliability is not None:
+        result = {name: m.split_metrics(pl.concat(sums[name])) for name in ("mf", "reliability", "rating")}
+    else:
+        result = {"single": m.split_metrics(pl.concat(sums["rating"]))}
+    cold = pl.concat(colds).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
+    counts = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
+    return result, pl.concat(tests), pl.concat(seen), counts
 
 
 def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:

@@ -2,7 +2,7 @@
 
 Scoring every (user, movie) pair with an MLP is out of reach at ML-20M size (3.7 billion pairs), so the MF
 score (a matrix product) picks `candidates` movies per user and the final stage (stage 3 with stage 2's
-predicted error, or a single model) scores only those. Models without factors() (NCF, autoencoder) take
+predicted error, or a single model) scores only those. Models without mf_tables() (NCF, autoencoder) take
 the most-rated movies as their candidate pool.
 """
 
@@ -18,6 +18,7 @@ import torch
 from recdist.infer.scoring import Predictor, ScoringPlan
 from recdist.infer.session import empty_session
 from recdist.infer.topn import Csr, top_n
+from recdist.models.base import Model
 from recdist.schema import SPLIT_TYPE
 
 
@@ -37,20 +38,18 @@ class Ranker:
 
     @staticmethod
     def build(
-        mf: torch.nn.Module | None, plans: list[ScoringPlan], n_train_items: np.ndarray, min_ratings: int = 1
+        mf: Model | None, plans: list[ScoringPlan], n_train_items: np.ndarray, min_ratings: int = 1
     ) -> Ranker:
         """min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
         first = plans[0]
-        factors = None
-        if mf is not None and hasattr(mf, "factors"):
-            factors = {k: v.detach().float().cpu().clone() for k, v in mf.factors().items()}
+        tables = mf.mf_tables() if mf is not None else None
+        factors, mean = None, None
+        if tables is not None:
+            factors = {k: v.float().cpu().clone() for k, v in tables.tensors().items()}
             cold = ~torch.from_numpy(np.asarray(first.known_users[0], dtype=bool))
             factors["user_factors"][cold] = 0.0
             factors["user_bias"][cold] = 0.0
-            mf_mean = getattr(mf, "global_mean", None)
-            mean = float(mf_mean) if mf_mean is not None and getattr(mf, "link", "identity") == "identity" else None
-        else:
-            mean = None
+            mean = tables.mu if tables.link == "identity" else None
         popularity = torch.from_numpy(np.asarray(n_train_items, dtype=np.float32))
         return Ranker(
             factors=factors,

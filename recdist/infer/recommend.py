@@ -45,7 +45,7 @@ def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
     stored_uri = storage.join(outputs, "similar_items.parquet")
     if not storage.exists(stored_uri):
         raise DataError(
-            "this run has no item factors (its model has no factors())",
+            "this run has no item factors (its model has no mf_tables())",
             where=run,
             fix="similar movies need an MF-family model (rncf, or single with biased_mf / mf_residual_mlp)",
         )
@@ -134,14 +134,15 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
     from recdist.models.io import load_model
 
     models = run_models(run, manifest)
-    if models.mf is None:
+    mf = load_model(models.mf) if models.mf is not None else None
+    tables = mf.mf_tables() if mf is not None else None
+    if tables is None:
         raise DataError(
             "this run's model has no factors to fold a new user into",
             where=run,
             fix="use an rncf run or a single MF-family model",
         )
-    mf = load_model(models.mf)
-    if getattr(mf, "link", "identity") != "identity":
+    if tables.link != "identity":
         raise DataError(f"folding a user into a {type(mf).__name__} (non-linear link) is not supported", where=run)
     items = read_items(models.data)
     given = _read_ratings(ratings).join(items.select("item_id", "item_idx"), left_on="movie_id", right_on="item_id")
@@ -151,8 +152,8 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
             where=ratings,
             fix="use MovieLens movieIds that appear in the run's data (outputs/item_factors.parquet)",
         )
-    f = {k: v.detach().float() for k, v in mf.factors().items()}
-    mean = float(mf.global_mean)
+    f = {k: v.float() for k, v in tables.tensors().items()}
+    mean = tables.mu
     item_idx = torch.from_numpy(given["item_idx"].to_numpy().astype(np.int64))
     p, b_u = fold_in(
         f["item_factors"],
@@ -160,7 +161,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
         mean,
         item_idx,
         torch.from_numpy(given["rating"].to_numpy().astype(np.float32)),
-        float(mf.config.reg),
+        tables.reg,
     )
     user = {
         "user_factors": p.unsqueeze(0),

@@ -19,9 +19,10 @@ import pyarrow.compute as pc
 import torch
 
 from recdist.infer.folds import fold_of
-from recdist.infer.kernels import MFKernel
-from recdist.infer.tables import ROLE_COLUMNS
+from recdist.infer.kernels import kernel_for
+from recdist.models.base import Model
 from recdist.models.batch import Batch
+from recdist.schema import ROLE_COLUMNS
 
 ROLES = tuple(ROLE_COLUMNS)
 
@@ -40,7 +41,7 @@ class ScoringPlan:
     """Per model: bool (n_users,) of the users it saw in training; others are cold for it."""
     known_items: tuple[np.ndarray, ...]
     fallback_model: str | None = None
-    """MF model whose biases build the cold-start fallback (default: models[0] when it has factors())."""
+    """MF model whose biases build the cold-start fallback (default: each model's own mf_tables(), if any)."""
     cold_error: float = 1.0
     """pred_error written for cold rows (reliability role): the error of the fallback, i.e. unreliable."""
     fold_seed: int = 0
@@ -56,11 +57,11 @@ class ScoringPlan:
             raise ValueError("one known_users / known_items mask per model")
 
 
-def role_of(model: torch.nn.Module) -> str:
+def role_of(model: Model) -> str:
     """The scoring role a model plays by the model contract: error target -> reliability, upstream -> rating."""
-    if getattr(model, "target", "rating") == "error":
+    if model.target == "error":
         return "reliability"
-    return "rating" if getattr(model, "upstream", False) else "mf"
+    return "rating" if model.upstream else "mf"
 
 
 @contextmanager
@@ -78,14 +79,17 @@ def one_thread() -> Iterator[None]:
 
 @torch.inference_mode()
 def forward(
-    model: torch.nn.Module, user: torch.Tensor, item: torch.Tensor, features: torch.Tensor | None, rows: int
+    model: Model, user: torch.Tensor, item: torch.Tensor, features: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
-    """model(Batch) over index tensors in slices of `rows`, on the model's device; result on CPU."""
+    """model(Batch) over index tensors in slices of `rows` (features: the model's inputs, in order), on the
+    model's device; result on CPU."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     out = torch.empty(len(user), dtype=torch.float32)
+    names = model.inputs if features is not None else ()
     for lo in range(0, len(user), rows):
         sl = slice(lo, lo + rows)
-        batch = Batch(user[sl], item[sl], features=None if features is None else features[sl]).to(device)
+        f = None if features is None else features[sl]
+        batch = Batch(user[sl], item[sl], features=f, feature_names=names).to(device)
         out[sl] = model(batch).float().cpu()
     return out
 
@@ -93,7 +97,7 @@ def forward(
 class Predictor:
     """Loads the plan's models once, then maps Arrow tables to Arrow tables with the role's columns added."""
 
-    def __init__(self, plan: ScoringPlan, models: list[torch.nn.Module] | None = None):
+    def __init__(self, plan: ScoringPlan, models: list[Model] | None = None):
         from recdist.models.io import load_model
 
         self.plan = plan
@@ -101,12 +105,12 @@ class Predictor:
         for m in self.models:
             m.eval()
         on_cpu = plan.device == "cpu"
-        self.kernels = [MFKernel(m) if on_cpu and MFKernel.fits(m) else None for m in self.models]
+        self.kernels = [kernel_for(m) if on_cpu else None for m in self.models]
         shared = load_model(plan.fallback_model) if plan.fallback_model else None
         self.biases = [_biases(shared if shared is not None else m) for m in self.models]
         self.known_users = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_users]  # own, writable
         self.known_items = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_items]
-        self.inputs = tuple(getattr(self.models[0], "inputs", ()))
+        self.inputs = self.models[0].inputs
 
     def __call__(self, table: pa.Table) -> pa.Table:
         plan = self.plan
@@ -171,15 +175,12 @@ class Predictor:
         return out
 
 
-def _biases(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(user_bias, item_bias) of an MF-family model; empty tensors for models without factors()."""
-    if not hasattr(model, "factors"):
+def _biases(model: Model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user_bias, item_bias) of an MF-family model; empty tensors for models without mf_tables()."""
+    tables = model.mf_tables()
+    if tables is None:
         return torch.zeros(0), torch.zeros(0)
-    f = model.factors()
-    return (
-        f.get("user_bias", torch.zeros(0)).detach().float().cpu(),
-        f.get("item_bias", torch.zeros(0)).detach().float().cpu(),
-    )
+    return tables.user_bias.float().cpu(), tables.item_bias.float().cpu()
 
 
 def _lookup(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

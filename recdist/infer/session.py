@@ -22,7 +22,7 @@ from numba import njit
 
 from recdist.config import PipelineConfig
 from recdist.errors import DataError
-from recdist.models.reliability import SESSION_COLUMNS  # what stages 2 and 3 read
+from recdist.schema import SESSION_COLUMNS  # what stages 2 and 3 read
 
 #: Bits of a (user, time) key below the user: time spans up to 2^34 s (544 years) per dataset.
 _TIME_BITS = 34

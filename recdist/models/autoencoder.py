@@ -6,15 +6,16 @@ columns (an EmbeddingBag over the item's known ratings, scaled by 1/sqrt(count))
 batch are ever built and no n_users x n_items matrix exists. The decoder reads the code back only at the
 users asked for: pred(u, i) = mu + b_u + b_i + V_u . g(W r_i + c) + d_u.
 
-Training batches are ordinary rating rows (user, item, target). In training mode each row's own rating is
-hidden from its item's input with probability `hide_prob`, so the loss on a hidden row is a true held-out
-reconstruction; the other rows are visible (plain AutoRec reconstruction). `last_hidden` records which rows
-the input lacked, and the objective in losses.py weights hidden rows by `hidden_weight` and visible rows by
-`visible_weight`. Rows not in the training context at all (validation, test) always count as hidden.
+Training batches are ordinary rating rows (user, item, target). For a training step, training_batch() hides
+each row's own rating from its item's input with probability `hide_prob` (batch.hidden), so the loss on a
+hidden row is a true held-out reconstruction; the other rows are visible (plain AutoRec reconstruction). It
+weights hidden rows by `hidden_weight` and visible rows by `visible_weight` (batch.weight, which the loss in
+losses.py applies). Rows not in the training context at all (validation, test) always count as hidden.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -62,6 +63,7 @@ class Autoencoder(Model):
     """Item-based autoencoder (AutoRec-like) on normalised ratings, masked hidden/visible loss."""
 
     default_lr = 0.002
+    needs_context = True
 
     def __init__(self, config: AutoencoderConfig, dims: Dims, generator: torch.Generator):
         super().__init__(config, dims)
@@ -77,7 +79,6 @@ class Autoencoder(Model):
         self.register_buffer("ctx_key", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("ctx_value", torch.zeros(0))
         self.register_buffer("ctx_indptr", torch.zeros(dims.n_items + 1, dtype=torch.int64))
-        self.last_hidden: torch.Tensor | None = None
 
     def set_context(self, train: Batch) -> None:
         """Store the training ratings (normalised, sorted by item) that every item's input is built from."""
@@ -100,24 +101,29 @@ class Autoencoder(Model):
         for name in CONTEXT:
             setattr(self, name, torch.empty_like(state[name], device=getattr(self, name).device))
 
+    def training_batch(self, batch: Batch) -> Batch:
+        """The batch with `hidden` (rows whose own rating is hidden from the input: drawn with hide_prob among
+        the known ones, and every row outside the context) and the loss `weight` of hidden and visible rows."""
+        if not self.training:
+            return batch
+        _, known = self._locate(batch)
+        hidden = ~known | (known & (torch.rand(known.shape, device=known.device) < self.config.hide_prob))
+        weight = torch.where(hidden, self.config.hidden_weight, self.config.visible_weight)
+        return replace(batch, hidden=hidden, weight=weight)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         user, item = batch.user.long(), batch.item.long()
         n_users = self.dims.n_users
         items, inv = torch.unique(item, return_inverse=True)
         pos, bag = self._entries(items)
-
-        key = item * n_users + user
-        nnz = self.ctx_key.numel()
-        loc = torch.searchsorted(self.ctx_key, key).clamp_max(max(nnz - 1, 0))
-        known = self.ctx_key[loc] == key if nnz else torch.zeros_like(key, dtype=torch.bool)
-        hide = torch.zeros_like(known)
         if self.training:
-            hide = known & (torch.rand(key.shape, device=key.device) < self.config.hide_prob)
-            drop = torch.isin(pos, loc[hide])
+            loc, known = self._locate(batch)
+            drop = torch.zeros_like(pos, dtype=torch.bool)
+            if batch.hidden is not None:  # the hidden rows' own ratings leave their items' inputs
+                drop = torch.isin(pos, loc[batch.hidden & known])
             if self.config.input_dropout > 0:
                 drop |= torch.rand(pos.shape, device=pos.device) < self.config.input_dropout
             pos, bag = pos[~drop], bag[~drop]
-        self.last_hidden = hide | ~known
 
         kept = torch.bincount(bag, minlength=items.numel())
         weight = self.ctx_value[pos] * kept.clamp_min(1).float().rsqrt()[bag]
@@ -134,6 +140,14 @@ class Autoencoder(Model):
         code = F.dropout(code, self.config.dropout, self.training)
         out = (self.decoder(user) * code[inv]).sum(-1) + self.decoder_bias(user).squeeze(-1)
         return self.global_mean + self.user_offset[user] + self.item_offset[item] + out
+
+    def _locate(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's position in the context and whether it is there (a training rating)."""
+        key = batch.item.long() * self.dims.n_users + batch.user.long()
+        nnz = self.ctx_key.numel()
+        loc = torch.searchsorted(self.ctx_key, key).clamp_max(max(nnz - 1, 0))
+        known = self.ctx_key[loc] == key if nnz else torch.zeros_like(key, dtype=torch.bool)
+        return loc, known
 
     def _entries(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Context positions of every known rating of `items`, and the index (into items) each belongs to."""

@@ -1,4 +1,4 @@
-"""The model contract's defaults (target, inputs, upstream, penalty, set_context) and seeded building blocks.
+"""The model contract: every hook train/ and infer/ use, declared with its default on Model; seeded building blocks.
 
 Every layer here is created without PyTorch's default init (skip_init) and initialised from the caller's
 torch.Generator, so the same seed builds the same weights whatever else used the global RNG.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -17,17 +18,69 @@ from torch.nn.utils import skip_init
 from recdist.config import Section
 from recdist.models.batch import Batch, Dims
 
+Target = Literal["rating", "error"]
+#: What a model's prediction is, for the solvers that exploit it: "explicit_mf" is exactly mu + b_u + b_i + p.q
+#: on its mf_tables() fitted by squared error with per-rating L2 (per-rating SGD, ALS); "autograd" is anything.
+SolverFamily = Literal["autograd", "explicit_mf"]
+#: A fused scoring path a model's predictions may take instead of forward(): "mf" scores link(mu + b_u + b_i +
+#: p.q) from mf_tables() (recdist.infer.kernels).
+ScoringKernel = Literal["mf"]
+
+
+@dataclass
+class MFTables:
+    """A matrix factorisation's tables (views of the model's weights: in-place updates change the model) and
+    what scores and fits them: prediction link(mu + b_u + b_i + p_u . q_i), per-rating L2 reg and reg_bias."""
+
+    user_factors: torch.Tensor  # (n_users, k)
+    item_factors: torch.Tensor  # (n_items, k)
+    user_bias: torch.Tensor  # (n_users,)
+    item_bias: torch.Tensor  # (n_items,)
+    mu: float  # the global mean (in link units), added to every score
+    link: Literal["identity", "sigmoid"]  # sigmoid: the score is squashed onto the rating range
+    biased: bool  # False: plain MF, whose zero bias tables are frozen (training leaves them alone)
+    reg: float  # L2 on the factor rows of each rating
+    reg_bias: float  # L2 on the biases of each rating
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The four tables by name (user_factors, item_factors, user_bias, item_bias)."""
+        return {
+            "user_factors": self.user_factors,
+            "item_factors": self.item_factors,
+            "user_bias": self.user_bias,
+            "item_bias": self.item_bias,
+        }
+
+    def user_tensors(self) -> list[torch.Tensor]:
+        """The user-side tables training changes."""
+        return [self.user_factors, self.user_bias] if self.biased else [self.user_factors]
+
+    def item_tensors(self) -> list[torch.Tensor]:
+        """The item-side tables training changes."""
+        return [self.item_factors, self.item_bias] if self.biased else [self.item_factors]
+
 
 class Model(nn.Module):
-    """Base of every registered model: holds its config and dims, and the contract's no-op defaults."""
+    """Base of every registered model: its config and dims, and every hook of the contract with its default.
+
+    Built as Model(config, dims, generator); forward(batch) -> (B,) predictions of `target`. Training and
+    inference read only what is declared here (no probing): a model changes a default by overriding it.
+    """
 
     registry_name: ClassVar[str]
-    target: ClassVar[str] = "rating"
-    """The column the loss fits: "rating", or "error" (stage 2)."""
+    """The name it is registered under (set by registry.register)."""
+    target: ClassVar[Target] = "rating"
+    """The column the loss fits: "rating", or "error" (stage 2's squared error of stage 1)."""
     inputs: ClassVar[tuple[str, ...]] = ()
-    """Extra float columns read into batch.features, in order."""
+    """The named row features it reads (recdist.schema names), loaded into batch.features in this order."""
     upstream: ClassVar[bool] = False
-    """True when attach(mf_model) must be called before training."""
+    """True when attach(mf_model) must be called before training and scoring."""
+    needs_context: ClassVar[bool] = False
+    """True when set_context reads the whole training split: every rank then loads all of it (same state)."""
+    solver_family: ClassVar[SolverFamily] = "autograd"
+    """Which solvers may train it (recdist.train.solvers.SOLVERS; `auto` takes the first)."""
+    scoring_kernel: ClassVar[ScoringKernel | None] = None
+    """A fused CPU scoring path equal to forward() (recdist.infer.kernels), or None: forward() scores."""
     default_lr: ClassVar[float | None] = None
     """The autograd learning rate this model trains well with when train.lr is empty (None: the solver's)."""
 
@@ -37,11 +90,28 @@ class Model(nn.Module):
         self.dims = dims
 
     def penalty(self, batch: Batch) -> torch.Tensor:
-        """Regularisation for the rows of this batch; none by default."""
+        """Regularisation for the rows of this batch, added to the data loss; none by default."""
         return torch.zeros((), device=batch.user.device)
 
+    def training_batch(self, batch: Batch) -> Batch:
+        """The batch a training step feeds to forward() and the loss: `batch` itself by default. A model that
+        draws a mask per step (the autoencoder's hidden rows) returns it with `hidden` and loss `weight` set."""
+        return batch
+
     def set_context(self, train: Batch) -> None:
-        """Data-dependent set-up from the training rows (target means, the autoencoder's ratings); no-op here."""
+        """Data-dependent set-up from the training rows before the first step (target means, standardisation,
+        the autoencoder's ratings); no-op here. Set needs_context when it must see every rank's rows."""
+
+    def attach(self, upstream: Model) -> None:
+        """Take what it needs from a trained upstream model (stage 1's MF); only for `upstream` models."""
+        raise TypeError(f"{self.registry_name} takes no upstream model")
+
+    def resize_for(self, state: dict[str, torch.Tensor]) -> None:
+        """Size the tensors that attach()/set_context() size like a saved state, before load_state_dict; no-op."""
+
+    def mf_tables(self) -> MFTables | None:
+        """The matrix factorisation inside it (candidates, cold-start biases, fast solvers), or None."""
+        return None
 
 
 def embedding(n: int, dim: int, std: float, generator: torch.Generator, *, frozen: bool = False) -> nn.Embedding:

@@ -14,11 +14,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch import nn
 
 from recdist import storage
 from recdist.errors import StorageError
 from recdist.models import registry
+from recdist.models.base import Model
 from recdist.models.batch import Dims
 
 FORMAT = "recdist-model"
@@ -27,15 +27,14 @@ TENSORS = "model.safetensors"
 META = "model.json"
 
 
-def save_model(model: nn.Module, uri: str) -> None:
+def save_model(model: Model, uri: str) -> None:
     """Write URI/model.safetensors then URI/model.json (local path or s3://)."""
-    model = getattr(model, "module", model)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, TENSORS), save_tensors(state, metadata={"format": FORMAT}))
     storage.write_json(storage.join(uri, META), describe(model))
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def describe(model: Model) -> dict[str, Any]:
     """What model.json holds: format, registry name, params, dims."""
     return {
         "format": FORMAT,
@@ -46,7 +45,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(uri: str, device: str | torch.device = "cpu") -> Model:
     """Rebuild the model named in URI/model.json and load URI/model.safetensors into it; eval mode."""
     meta_uri = storage.join(uri, META)
     try:
@@ -69,8 +68,7 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> nn.Module:
             where=tensors_uri,
             fix="the file is damaged or incomplete: retrain or copy it again",
         ) from e
-    if hasattr(model, "resize_for"):
-        model.resize_for(state)
+    model.resize_for(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

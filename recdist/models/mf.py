@@ -1,7 +1,7 @@
 """Matrix factorisation, stage 1 of RNCF: plain, biased, and sigmoid-squashed.
 
 All three keep their tensors as nn.Embedding weights named user_factors, item_factors, user_bias and
-item_bias, so a fast solver can update them in place (factors() returns views of those weights), and all
+item_bias, so a fast solver can update them in place (mf_tables() returns views of those weights), and all
 three compute mu + b_u + b_i + p_u . q_i. Plain `mf` keeps zero, frozen bias tables (`use_bias = False`):
 its prediction is the global-mean offset plus the dot product. mu is the training mean from Dims, a frozen
 buffer: centring the ratings lets the factors start at zero without a long climb to the mean.
@@ -9,13 +9,13 @@ buffer: centring the ratings lets the factors start at zero without a long climb
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from recdist.config import Section
-from recdist.models.base import Model, embedding, logit_of, row_l2, scaled_sigmoid
+from recdist.models.base import MFTables, Model, embedding, logit_of, row_l2, scaled_sigmoid
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
 
@@ -47,13 +47,17 @@ class SigmoidMFConfig(BiasedMFConfig):
 
 
 class MFBase(Model):
-    """Shared body of the MF family: four embedding tables and the biased dot product."""
+    """Shared body of the MF family: four embedding tables and the biased dot product.
 
-    pure_mf: ClassVar[bool] = True
-    """The prediction is exactly mu + b_u + b_i + p.q on these four tables: fast MF solvers may train it."""
+    Its prediction is link(mu + b_u + b_i + p.q) on mf_tables() and nothing else: the fused MF kernel scores
+    it, and with the identity link the fast MF solvers train it. A subclass that adds to forward() declares
+    scoring_kernel = None and solver_family = "autograd" (mf_residual_mlp)."""
+
+    solver_family = "explicit_mf"
+    scoring_kernel = "mf"
     use_bias: ClassVar[bool] = True
     """False: the bias tables are zeros and frozen (solvers must leave them alone)."""
-    link: ClassVar[str] = "identity"
+    link: ClassVar[Literal["identity", "sigmoid"]] = "identity"
     """How the score becomes a rating: "identity" or "sigmoid" (scaled onto the rating range)."""
 
     def __init__(self, config: MFConfig, dims: Dims, generator: torch.Generator):
@@ -84,14 +88,19 @@ class MFBase(Model):
             loss = loss + cfg.reg_bias * row_l2(self.user_bias(batch.user), self.item_bias(batch.item))
         return loss
 
-    def factors(self) -> dict[str, torch.Tensor]:
+    def mf_tables(self) -> MFTables:
         """Views of the weights (no copy): in-place updates to them update the model. Biases are (n,)."""
-        return {
-            "user_factors": self.user_factors.weight.detach(),
-            "item_factors": self.item_factors.weight.detach(),
-            "user_bias": self.user_bias.weight.detach().squeeze(-1),
-            "item_bias": self.item_bias.weight.detach().squeeze(-1),
-        }
+        return MFTables(
+            user_factors=self.user_factors.weight.detach(),
+            item_factors=self.item_factors.weight.detach(),
+            user_bias=self.user_bias.weight.detach().squeeze(-1),
+            item_bias=self.item_bias.weight.detach().squeeze(-1),
+            mu=float(self.global_mean),
+            link=self.link,
+            biased=self.use_bias,
+            reg=float(self.config.reg),
+            reg_bias=float(self.config.reg_bias) if self.use_bias else 0.0,
+        )
 
 
 @register("mf", MFConfig)
@@ -110,5 +119,5 @@ class BiasedMF(MFBase):
 class SigmoidMF(MFBase):
     """Biased MF through a sigmoid scaled onto the rating range: predictions never leave it."""
 
-    pure_mf = False
     link = "sigmoid"
+    solver_family = "autograd"  # the fast MF solvers fit the identity link only

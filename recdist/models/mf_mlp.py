@@ -32,7 +32,8 @@ class MFResidualMLPConfig(BiasedMFConfig):
 class MFResidualMLP(MFBase):
     """Biased MF plus an MLP residual on the concatenated factors (one-stage model)."""
 
-    pure_mf = False
+    solver_family = "autograd"
+    scoring_kernel = None  # forward adds the residual: not the MF kernel's score
 
     def __init__(self, config: MFResidualMLPConfig, dims: Dims, generator: torch.Generator):
         super().__init__(config, dims, generator)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from recdist.config import Section
 from recdist.errors import ConfigError
 
+if TYPE_CHECKING:
+    from recdist.models.base import Model
+
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    module: type
+    module: type[Model]
     config: type[Section]
     summary: str
 
@@ -24,10 +27,10 @@ class Entry:
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, config: type[Section]) -> Callable[[type], type]:
+def register(name: str, config: type[Section]) -> Callable[[type[Model]], type[Model]]:
     """Class decorator: make a model buildable by name with its config class."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type[Model]) -> type[Model]:
         doc = (cls.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = Entry(name, cls, config, doc[0] if doc else "")
         cls.registry_name = name

@@ -3,10 +3,10 @@
 Stage 2 (`reliability_mlp`) predicts stage 1's squared error (rating - mf_pred)^2; stage 3 (`rating_mlp`)
 predicts the rating from the same inputs plus that predicted error. Their inputs: the MF's tables (factors,
 biases, factor norms per user and item; optional), stage 1's prediction `mf_pred`, and the row's session
-context (SESSION_COLUMNS: stage 1's residuals on the user's training ratings rated around it; see
-recdist.infer.session). attach(mf) copies the MF tables in as frozen buffers and only then builds the MLP
-(its input width depends on the MF rank), from the generator state saved at construction, so the same seed
-still gives the same weights.
+context (schema.SESSION_COLUMNS: stage 1's residuals on the user's training ratings rated around it; see
+recdist.infer.session), read by name (batch.feature). attach(mf) copies the MF tables in as frozen buffers and
+only then builds the MLP (its input width depends on the MF rank), from the generator state saved at
+construction, so the same seed still gives the same weights.
 
 Stage 1's prediction is read from the scored table's `mf_pred` column, not recomputed from the frozen
 factors: with K-fold cross-fitting a training row's mf_pred comes from the fold model that never saw it, so
@@ -39,18 +39,9 @@ from recdist.errors import ConfigError, DataError
 from recdist.models.base import Model, head, mlp
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.schema import MF_PRED, PRED_ERROR, SESSION_COLUMNS
 
 TABLES = ("user_factors", "item_factors", "user_bias", "item_bias")
-#: The session context stage 1's inference writes per row (recdist.infer.session): per window (short, long),
-#: the sum of the residuals of the user's training ratings around it, the sum of their squares, their count.
-SESSION_COLUMNS = (
-    "sess_short_sum",
-    "sess_short_sq",
-    "sess_short_n",
-    "sess_long_sum",
-    "sess_long_sq",
-    "sess_long_n",
-)
 
 
 class FrozenMF(nn.Module):
@@ -144,10 +135,11 @@ class RatingConfig(OnMFConfig):
 class OnMF(Model):
     """Base of the stages that read a frozen MF: attach() copies it in and builds the MLP.
 
-    Their feature columns end with `mf_pred` (stage 1's prediction of the row)."""
+    Among their row features is `mf_pred` (stage 1's prediction of the row)."""
 
-    upstream: ClassVar[bool] = True
-    inputs: ClassVar[tuple[str, ...]] = (*SESSION_COLUMNS, "mf_pred")
+    upstream = True
+    needs_context = True
+    inputs: ClassVar[tuple[str, ...]] = (*SESSION_COLUMNS, MF_PRED)
     extra_inputs: ClassVar[int] = 0
     """Row inputs a subclass adds after the session features."""
     head_std: ClassVar[float] = 0.0
@@ -162,14 +154,15 @@ class OnMF(Model):
         self._proj_key: tuple | None = None
         self._proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def attach(self, mf: nn.Module) -> None:
+    def attach(self, upstream: Model) -> None:
         """Copy a trained MF-family model's factors and biases in as frozen buffers; build the MLP."""
-        if not hasattr(mf, "factors"):
+        tables = upstream.mf_tables()
+        if tables is None:
             raise ConfigError(
-                f"{self.registry_name} needs an MF-family upstream model, got {type(mf).__name__}",
+                f"{self.registry_name} needs an MF-family upstream model, got {type(upstream).__name__}",
                 fix="train stage 1 with mf, biased_mf, sigmoid_mf or mf_residual_mlp",
             )
-        self._attach_tables(dict(mf.factors()))
+        self._attach_tables(tables.tensors())
 
     def resize_for(self, state: dict[str, torch.Tensor]) -> None:
         """Shape the frozen tables and the MLP like a saved state, before load_state_dict."""
@@ -219,13 +212,13 @@ class OnMF(Model):
         return self._proj
 
     def _mf_pred(self, batch: Batch) -> torch.Tensor:
-        """Stage 1's prediction of each row: the last feature column."""
-        if batch.features is None or batch.features.shape[-1] != len(self.inputs):
+        """Stage 1's prediction of each row (the mf_pred feature)."""
+        if not batch.has_features(self.inputs):
             raise DataError(
                 f"{self.registry_name} needs the feature columns {', '.join(self.inputs)}",
                 fix="train and score stages 2 and 3 on the previous stage's scored output (it has these columns)",
             )
-        return batch.features[:, -1].float()
+        return batch.feature(MF_PRED).float()
 
     def _row(self, batch: Batch) -> torch.Tensor:
         """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean), then
@@ -238,8 +231,7 @@ class OnMF(Model):
     def _session(self, batch: Batch) -> torch.Tensor:
         """(B, 6): per window, sum / (n + prior), sum of squares / (n + prior), log1p(n) (before standardising)."""
         self._mf_pred(batch)  # checks the feature columns
-        at = self.inputs.index(SESSION_COLUMNS[0])
-        f = batch.features[:, at : at + len(SESSION_COLUMNS)].float()
+        f = batch.feature_block(SESSION_COLUMNS).float()
         out = []
         for w in range(0, len(SESSION_COLUMNS), 3):
             total, squares, n = f[:, w], f[:, w + 1], f[:, w + 2].clamp_min(0)
@@ -293,7 +285,7 @@ def _softplus_inverse(y: float) -> float:
 class RatingMLP(OnMF):
     """RNCF stage 3: MF's prediction plus an MLP correction on frozen factors and the predicted error."""
 
-    inputs = ("pred_error", *SESSION_COLUMNS, "mf_pred")
+    inputs = (PRED_ERROR, *SESSION_COLUMNS, MF_PRED)
     extra_inputs = 1
 
     def __init__(self, config: RatingConfig, dims: Dims, generator: torch.Generator):
@@ -302,7 +294,7 @@ class RatingMLP(OnMF):
 
     def _error_feature(self, batch: Batch) -> torch.Tensor:
         self._mf_pred(batch)  # checks the feature columns
-        return torch.log1p(batch.features[:, :1].float().clamp_min(0))
+        return torch.log1p(batch.feature(PRED_ERROR)[:, None].float().clamp_min(0))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         err = (self._error_feature(batch) - self.error_stats[0]) / self.error_stats[1]

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from recdist.config import TrainConfig
+from recdist.models.base import Model
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.sgd import mf_tables
-from recdist.train.solvers import rank_counts
+from recdist.train.solvers import rank_counts, trained_tables
 
 
 @dataclass
@@ -55,14 +54,14 @@ class _Side:
 
 
 class ALSSolver:
-    """ALS for `mf` / `biased_mf` (the Solver protocol); one epoch = a user half-step and an item half-step.
+    """ALS for the explicit_mf family (mf, biased_mf); one epoch = a user half-step and an item half-step.
 
     `lr` and the schedule do not apply (each half-step is an exact minimisation).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Model,
         cfg: TrainConfig,
         data: RankData,
         device: torch.device | str = "cpu",
@@ -70,7 +69,7 @@ class ALSSolver:
         solve_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.cfg, self.device, self.solve_dtype = cfg, torch.device(device), solve_dtype
-        self.t = t = mf_tables(model)
+        self.t = t = trained_tables(model, "als")
         train = data.train
         user, item = train.user.to(self.device), train.item.to(self.device)
         target = train.target.to(self.device, torch.float32) - t.mu
@@ -95,6 +94,9 @@ class ALSSolver:
             "seconds": time.perf_counter() - start,
             "lr": 0.0,
         }
+
+    def observe(self, val_rmse: float) -> None:
+        """Nothing to adjust: ALS has no learning rate."""
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing beyond the model's tables: an ALS epoch depends only on them."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from recdist import logs
 from recdist.config import ClusterConfig
 from recdist.errors import ConfigError
 
@@ -41,6 +42,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
 
     An already initialised Ray (a test session, a `ray job` driver) is used as it is. A local cluster is
     checked against this machine's CPUs and CUDA devices before it is started, so a bad request costs nothing.
+    Ray's logging follows recdist.logs (quiet unless verbose).
     """
     import ray
 
@@ -48,7 +50,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
         return plan(cluster, ray.cluster_resources())
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **logs.ray_init_options())
         return plan(cluster, ray.cluster_resources())
     here = local_resources()
     fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
@@ -61,7 +63,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
         num_gpus=int(here["GPU"]),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        log_to_driver=True,
+        **logs.ray_init_options(),
     )
     return fit
 

@@ -16,16 +16,15 @@ import torch
 from recdist import storage
 from recdist.errors import DataError
 from recdist.models.batch import Batch, Dims
-
-INDEX_COLUMNS = ("user_idx", "item_idx")
+from recdist.schema import INDEX_COLUMNS
 
 
 @dataclass
 class RankData:
     """The rows one rank trains and evaluates on.
 
-    `context` is the whole training split (all ranks' rows), loaded only for models that encode from every
-    rating (the autoencoder's set_context); the rank still iterates over its own shard `train` only.
+    `context` is the whole training split (all ranks' rows), loaded only for models whose set_context reads
+    every rating (Model.needs_context); the rank still iterates over its own shard `train` only.
     """
 
     train: Batch
@@ -39,7 +38,8 @@ class RankData:
 
 
 def frame_to_batch(frame: pl.DataFrame, target: str, inputs: tuple[str, ...], device: torch.device) -> Batch:
-    """A whole frame as one Batch on `device` (pinned host memory for the copy when the device is CUDA)."""
+    """A whole frame as one Batch on `device`, the `inputs` columns as its named features (one (rows, F) copy;
+    pinned host memory for the copy when the device is CUDA)."""
     pin = device.type == "cuda"
 
     def move(array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
@@ -59,6 +59,7 @@ def frame_to_batch(frame: pl.DataFrame, target: str, inputs: tuple[str, ...], de
         item=move(frame["item_idx"].to_numpy(), np.int64),
         target=move(frame[target].to_numpy(), np.float32),
         features=features,
+        feature_names=tuple(inputs),
     )
 
 

@@ -25,13 +25,6 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def all_to_all_(output: torch.Tensor, tensor: torch.Tensor, out_sizes: list[int], in_sizes: list[int]) -> torch.Tensor:
     """Send in_sizes[r] leading rows of `tensor` (in rank order) to rank r; receive out_sizes[r] from each."""
     if is_distributed():
@@ -40,8 +33,3 @@ def all_to_all_(output: torch.Tensor, tensor: torch.Tensor, out_sizes: list[int]
         output.copy_(tensor)
     return output
 
-
-def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    if is_distributed():
-        dist.broadcast(tensor, src=src)
-    return tensor

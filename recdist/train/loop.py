@@ -12,13 +12,12 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 from recdist.config import TrainConfig
-from recdist.models.batch import Batch
+from recdist.models.base import Model
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.solvers import Solver, make_solver, take
+from recdist.train.solvers import Solver, make_solver
 
 #: Rows per forward pass when evaluating (predictions only, no graph).
 EVAL_CHUNK = 1 << 18
@@ -26,21 +25,10 @@ EVAL_CHUNK = 1 << 18
 MIN_DELTA = 1e-4
 
 
-def prepare_model(model: nn.Module, data: RankData) -> None:
-    """What a model needs from the data before its first step: the autoencoder's ratings, a starting bias."""
-    set_context = getattr(model, "set_context", None)
-    if set_context is not None:
-        set_context(data.context if data.context is not None else data.train)
-    init_bias = getattr(model, "init_output_bias", None)
-    if init_bias is not None:
-        init_bias(global_mean(data.train))
-
-
-def global_mean(batch: Batch) -> float:
-    """The target's mean over every rank's rows."""
-    target = batch.target.double()
-    sums = dist.all_reduce_sum_(torch.stack([target.sum(), target.new_tensor(float(len(batch)))]))
-    return float(sums[0] / sums[1].clamp(min=1))
+def prepare_model(model: Model, data: RankData) -> None:
+    """What a model needs from the data before its first step (set_context: the autoencoder's ratings, the
+    stage-2/3 standardisation), from every rank's training rows when it declares needs_context."""
+    model.set_context(data.context if data.context is not None else data.train)
 
 
 class Trainer:
@@ -52,7 +40,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Model,
         cfg: TrainConfig,
         data: RankData,
         device: torch.device | str = "cpu",
@@ -61,7 +49,7 @@ class Trainer:
         self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
         prepare_model(model, data)
         self.solver = solver if solver is not None else make_solver(model, cfg, data, self.device)
-        self.rating_target = getattr(model, "target", "rating") == "rating"
+        self.rating_target = model.target == "rating"
         self.epoch = 0  # the next epoch to train
         self.best_rmse = math.inf
         self.best_epoch = -1
@@ -79,9 +67,8 @@ class Trainer:
         start = time.perf_counter()
         stats = self.solver.train_epoch(self.epoch)
         val = self.evaluate("val")
-        observe = getattr(self.solver, "observe", None)
-        if observe is not None and not math.isnan(val["rmse"]):
-            observe(val["rmse"])
+        if not math.isnan(val["rmse"]):
+            self.solver.observe(val["rmse"])
         self._track(val["rmse"])
         row = {
             "epoch": self.epoch,
@@ -130,7 +117,7 @@ class Trainer:
             self.model.eval()
             lo, hi = (self.data.dims.rating_min, self.data.dims.rating_max) if self.rating_target else (0.0, None)
             for start in range(0, len(batch), EVAL_CHUNK):
-                part = take(batch, torch.arange(start, min(start + EVAL_CHUNK, len(batch)), device=self.device))
+                part = batch.take(torch.arange(start, min(start + EVAL_CHUNK, len(batch)), device=self.device))
                 err = self.model(part).float().clamp(lo, hi) - part.target
                 sums += torch.stack([err.square().sum(), err.abs().sum(), err.new_tensor(float(len(part)))]).to(sums)
         dist.all_reduce_sum_(sums)

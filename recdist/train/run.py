@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from recdist import storage
+from recdist import logs, storage
 from recdist.config import ClusterConfig, StageConfig
 from recdist.errors import ConfigError, DataError, RecdistError, StorageError
 from recdist.models import registry
@@ -42,29 +41,25 @@ from recdist.train.cluster import WorkerPlan, connect
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
 
+log = logging.getLogger(__name__)
+
 #: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never on resume).
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
 #: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
 CHECKPOINTS_KEPT = 2
 
 
-def needs_context(model_cls: type) -> bool:
-    """Models that set themselves up from the training rows see all of them on every rank (identical state)."""
-    return getattr(model_cls, "set_context", None) is not getattr(Model, "set_context", None)
-
-
-def build_model(stage: StageConfig, dims: Dims) -> nn.Module:
+def build_model(stage: StageConfig, dims: Dims) -> Model:
     """The stage's model, its weights drawn from a generator seeded by train.seed (the same on every rank)."""
     entry = registry.get(stage.model)
     config = registry.validate(stage.model, stage.params)
     return entry.module(config, dims, torch.Generator().manual_seed(stage.train.seed))
 
 
-def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> Model:
     """Rebuild a trained model from its state_dict alone (frozen upstream tables and contexts included)."""
     model = build_model(stage, dims)
-    if hasattr(model, "resize_for"):  # models whose buffers are sized by attach()/set_context()
-        model.resize_for(tensors)
+    model.resize_for(tensors)  # the buffers attach()/set_context() size
     model.load_state_dict(tensors)
     return model.eval()
 
@@ -97,7 +92,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world=world,
         device=device,
-        context=needs_context(model_cls),
+        context=model_cls.needs_context,
     )
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
@@ -152,7 +147,6 @@ def train_stage(
     *,
     upstream: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`.
 
@@ -186,7 +180,7 @@ def train_stage(
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
     }
     started = time.perf_counter()
-    with EpochProgress(progress, stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
+    with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
         loop_config["progress_queue"] = bar.queue
         result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
     if result.checkpoint is None:
@@ -203,17 +197,16 @@ def train_stage(
 
 
 def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
-    """Tell the user (whatever --quiet says: the run differs in kind) when the data has no validation rows."""
+    """Warn (shown even with --quiet: the run differs in kind) when the data has no validation rows."""
     if manifest.get("splits", {}).get("val", 1) == 0:
-        print(
-            f"train: {data} has no validation ratings: training runs all {epochs} epochs without early stopping "
-            "and keeps the last; give a validation file, or prepare with --val-fraction above 0",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning(
+            "%s has no validation ratings: training runs all %d epochs without early stopping and keeps the last; "
+            "give a validation file, or prepare with --val-fraction above 0",
+            data, epochs,
+        )  # fmt: skip
 
 
-def check_inputs(data: str, model_cls: type, upstream: str | None) -> dict[str, Any]:
+def check_inputs(data: str, model_cls: type[Model], upstream: str | None) -> dict[str, Any]:
     """The data's manifest, after checking the columns the model reads and its upstream model exist."""
     from recdist.data import dataset
 
@@ -255,7 +248,7 @@ def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan
 
 def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int):
     """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.arrow_filesystem(storage_uri)
@@ -271,6 +264,7 @@ def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str
             storage_filesystem=fs if storage.is_s3(storage_uri) else None,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            logging_config=LoggingConfig(log_level=logs.train_log_level()),
         ),
     )
 
@@ -349,16 +343,17 @@ def write_output(
 
 
 class EpochProgress:
-    """Per-epoch lines and a bar on the driver (rich), fed by rank 0 through a Ray queue; inert when disabled."""
+    """One log line per epoch on the driver (and a bar on a terminal: recdist.logs.Progress), fed by rank 0
+    through a Ray queue; no queue when nothing would show the lines (INFO disabled)."""
 
-    def __init__(self, enabled: bool, epochs: int, label: str):
-        self.enabled, self.epochs, self.label = enabled, epochs, label
+    def __init__(self, epochs: int, label: str):
+        self.epochs, self.label = epochs, label
         self.queue = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> EpochProgress:
-        if self.enabled:
+        if log.isEnabledFor(logging.INFO):
             from ray.util.queue import Queue
 
             self.queue = Queue(actor_options={"num_cpus": 0})
@@ -374,12 +369,8 @@ class EpochProgress:
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-        ) as bar:
-            task = bar.add_task(self.label, total=self.epochs)
+        with logs.Progress(log, self.label, self.epochs) as progress:
             while True:
                 try:
                     row = self.queue.get(timeout=0.5)
@@ -387,12 +378,17 @@ class EpochProgress:
                     if self._stop.is_set():
                         return
                     continue
-                bar.update(task, completed=int(row["epoch"]) + 1)
-                bar.console.print(
-                    f"{self.label}: epoch {int(row['epoch']) + 1}/{self.epochs}  "
-                    f"train loss {row['train_loss']:.4f}  val RMSE {row['val_rmse']:.4f}  "
-                    f"val MAE {row['val_mae']:.4f}  {row['rows_per_s']:,.0f} rows/s  lr {row['lr']:.2g}"
-                )
+                epoch = int(row["epoch"]) + 1
+                fields = {k: row[k] for k in ("train_loss", "val_rmse", "val_mae", "rows_per_s", "lr") if k in row}
+                progress.update(epoch, epoch_line(row, epoch, self.epochs), epoch=epoch, **fields)
+
+
+def epoch_line(row: dict[str, Any], epoch: int, epochs: int) -> str:
+    """`epoch 3/20 train loss 0.7037 val RMSE 0.8466 val MAE 0.6836 1,763,486 rows/s lr 0.0098`"""
+    return (
+        f"epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} val RMSE {row['val_rmse']:.4f} "
+        f"val MAE {row['val_mae']:.4f} {row['rows_per_s']:,.0f} rows/s lr {row['lr']:.2g}"
+    )
 
 
 def _finite(value: Any) -> Any:

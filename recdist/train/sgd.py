@@ -22,70 +22,23 @@ repeated rows diverge).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
-from torch import nn
 
 from recdist.config import TrainConfig
 from recdist.errors import ConfigError
+from recdist.models.base import Model
 from recdist.models.batch import Batch
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.solvers import Schedule, epoch_generator, rank_counts
+from recdist.train.solvers import Schedule, epoch_generator, rank_counts, trained_tables
 
-SUPPORTED = {"mf", "biased_mf"}
-"""Registered model names these solvers train (make_solver's "auto" picks them for these)."""
 DEFAULT_LR = 0.02
 """Per-rating SGD's learning rate when train.lr is empty."""
-
-
-@dataclass
-class MFTables:
-    """The tensors of an MF model that the fast solvers update in place (views of its weights)."""
-
-    user_factors: torch.Tensor  # (n_users, k)
-    item_factors: torch.Tensor  # (n_items, k)
-    user_bias: torch.Tensor  # (n_users,)
-    item_bias: torch.Tensor  # (n_items,)
-    biased: bool  # False: plain MF, whose zero bias tables stay untouched
-    mu: float  # the model's global mean, added to every prediction
-    reg: float  # L2 on the factor rows of each rating (the model's penalty, classic SGD MF)
-    reg_bias: float  # L2 on the biases of each rating
-
-    def user_tensors(self) -> list[torch.Tensor]:
-        """The user-side tables training changes."""
-        return [self.user_factors, self.user_bias] if self.biased else [self.user_factors]
-
-    def item_tensors(self) -> list[torch.Tensor]:
-        """The item-side tables training changes."""
-        return [self.item_factors, self.item_bias] if self.biased else [self.item_factors]
-
-
-def mf_tables(model: nn.Module) -> MFTables:
-    """The model's tables, global mean and regularisation; ConfigError for a model that is not pure MF."""
-    name = getattr(model, "registry_name", type(model).__name__)
-    if name not in SUPPORTED or not getattr(model, "pure_mf", False):
-        raise ConfigError(
-            f"the fast MF solvers train only {', '.join(sorted(SUPPORTED))}, not {name!r}",
-            fix="set train.solver to autograd (or auto) for this model",
-        )
-    f = model.factors()
-    config = model.config
-    return MFTables(
-        user_factors=f["user_factors"],
-        item_factors=f["item_factors"],
-        user_bias=f["user_bias"],
-        item_bias=f["item_bias"],
-        biased=bool(model.use_bias),
-        mu=float(model.global_mean),
-        reg=float(config.reg),
-        reg_bias=float(getattr(config, "reg_bias", 0.0)),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- numba kernel
@@ -180,7 +133,7 @@ def _bucket(users, items, ratings, ugroup, igroup, S, n_users, n_items):
 
 
 class SGDSolver:
-    """Per-rating SGD for `mf` / `biased_mf`, updating the model's own tables in place (the Solver protocol).
+    """Per-rating SGD for the explicit_mf family (mf, biased_mf), updating the model's own tables in place.
 
     `kernel`: "numba" (CPU default) or "torch" (CUDA default; works on CPU too). `strata`: S of the S x S block
     grid (the result depends on it, not on threads or ranks; raised to ranks x threads when smaller, so every
@@ -189,7 +142,7 @@ class SGDSolver:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Model,
         cfg: TrainConfig,
         data: RankData,
         device: torch.device | str = "cpu",
@@ -204,7 +157,7 @@ class SGDSolver:
             raise ConfigError(f"unknown SGD kernel {self.kernel!r}", fix="use 'numba' (CPU) or 'torch'")
         if self.kernel == "numba" and self.device.type != "cpu":
             raise ConfigError("the numba SGD kernel runs on CPU only", fix="use kernel='torch' on CUDA")
-        self.t = mf_tables(model)
+        self.t = trained_tables(model, "sgd")
         self.schedule = Schedule(cfg, DEFAULT_LR)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.threads = threads or torch.get_num_threads()

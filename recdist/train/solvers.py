@@ -17,7 +17,7 @@ from torch import nn
 
 from recdist.config import TrainConfig
 from recdist.errors import ConfigError
-from recdist.models.batch import Batch
+from recdist.models.base import MFTables, Model, SolverFamily
 from recdist.models.losses import data_loss
 from recdist.train import dist
 from recdist.train.data import RankData
@@ -28,13 +28,19 @@ DEFAULT_LR = 0.005
 COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
 PLATEAU_FACTOR = 0.5
+#: The solvers that can train each Model.solver_family, `auto`'s choice first.
+SOLVERS: dict[SolverFamily, tuple[str, ...]] = {"autograd": ("autograd",), "explicit_mf": ("sgd", "als", "autograd")}
 
 
 class Solver(Protocol):
-    """One epoch at a time; resumable from its state. Optional: observe(val_rmse) after each epoch."""
+    """One epoch at a time; resumable from its state; told each epoch's validation RMSE (observe)."""
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one pass over this rank's rows; at least train_loss, rows (all ranks), seconds, lr."""
+        ...
+
+    def observe(self, val_rmse: float) -> None:
+        """After each epoch with a validation RMSE (the plateau schedule reads it)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -57,16 +63,6 @@ def rank_counts(n_local: int, device: torch.device) -> list[int]:
     counts = torch.zeros(dist.world_size(), dtype=torch.int64, device=device)
     counts[dist.rank()] = n_local
     return [int(c) for c in dist.all_reduce_sum_(counts).tolist()]
-
-
-def take(batch: Batch, idx: torch.Tensor) -> Batch:
-    """The rows `idx` of a batch (one gather per tensor)."""
-    return Batch(
-        user=batch.user[idx],
-        item=batch.item[idx],
-        target=batch.target[idx] if batch.target is not None else None,
-        features=batch.features[idx] if batch.features is not None else None,
-    )
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -112,19 +108,19 @@ class Schedule:
 
 
 class AutogradSolver:
-    """Minibatch autograd on device-resident rows: seeded on-device shuffles, losses.objective (data + penalty).
+    """Minibatch autograd on device-resident rows: seeded on-device shuffles, losses.data_loss + model.penalty.
 
     `batch_size` is global: an epoch has ceil(all ranks' rows / batch_size) steps on every rank, each rank
     splitting its own rows evenly over them, so DDP's collectives always pair up and the averaged gradient of a
     step covers about batch_size rows whatever the number of workers (1 and N workers train alike).
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str):
+    def __init__(self, model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str):
         self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
-        self.schedule = Schedule(cfg, getattr(model, "default_lr", None) or DEFAULT_LR)
+        self.schedule = Schedule(cfg, model.default_lr or DEFAULT_LR)
         tables = sparse_tables(model, cfg, self.device)  # before DDP, which buckets sparse gradients apart
         sparse = [t.weight for t in tables]
         dense = [p for p in self.params if all(p is not q for q in sparse)]
@@ -145,8 +141,8 @@ class AutogradSolver:
         n = len(train)
         gen = epoch_generator(self.cfg.seed, dist.rank(), epoch, self.device)
         order = torch.randperm(n, generator=gen, device=self.device)
-        # dropout and the autoencoder's hiding draw from the global RNG: seed it per (seed, rank, epoch) too, so
-        # a run is reproducible in one process and a resumed epoch draws what the interrupted one would have
+        # dropout and the autoencoder's hiding (training_batch) draw from the global RNG: seed it per (seed, rank,
+        # epoch) too, so a run is reproducible in one process and a resumed epoch draws what the interrupted one did
         torch.manual_seed(epoch_seed(self.cfg.seed + 1, dist.rank(), epoch))
         bounds = [n * s // self.steps for s in range(self.steps + 1)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -157,11 +153,11 @@ class AutogradSolver:
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            batch = take(train, order[bounds[step] : bounds[step + 1]])
+            batch = self.model.training_batch(train.take(order[bounds[step] : bounds[step + 1]]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = self.net(batch)
-                if len(batch):  # losses.objective() in its two terms: the data term is the reported train_loss
-                    loss = data_loss(self.model, pred.float(), batch)
+                if len(batch):  # the data term is the reported train_loss
+                    loss = data_loss(pred.float(), batch)
                 else:  # a rank with fewer rows than steps: still join DDP's all-reduce, with zero gradients
                     loss = pred.float().sum() * 0.0
                 total = loss + self.model.penalty(batch)
@@ -195,7 +191,7 @@ class AutogradSolver:
         self.schedule.load_state_dict(state["schedule"])
 
 
-def sparse_tables(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[nn.Embedding]:
+def sparse_tables(model: Model, cfg: TrainConfig, device: torch.device) -> list[nn.Embedding]:
     """The trainable embedding tables, switched to sparse gradients, when training on CPU with Adam.
 
     A dense Adam step reads and writes every row of every table (all 138k users of ml-20m for a batch that
@@ -227,24 +223,27 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
         g.mul_(scale)
 
 
-def make_solver(model: nn.Module, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
-    """The solver cfg.solver names; `auto`: per-rating SGD for the pure MF models, autograd for the others.
-
-    (SGD runs the compiled kernel on CPU and whole-batch tensor steps on CUDA.)
-    """
+def make_solver(model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
+    """The solver cfg.solver names; `auto`: the first of SOLVERS[model.solver_family] (per-rating SGD for the
+    plain MF models, autograd for the others). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
     from recdist.train import als, sgd  # they import this module
 
-    device = torch.device(device)
-    name = getattr(type(model), "registry_name", type(model).__name__)
-    choice = cfg.solver
-    if choice == "auto":
-        choice = "sgd" if name in sgd.SUPPORTED else "autograd"
+    choice = SOLVERS[model.solver_family][0] if cfg.solver == "auto" else cfg.solver
     if choice == "autograd":
         return AutogradSolver(model, cfg, data, device)
-    if name not in sgd.SUPPORTED:
-        raise ConfigError(
-            f"solver {choice!r} cannot train model {name!r}",
-            fix=f"use solver autograd or auto; {choice} trains: {', '.join(sorted(sgd.SUPPORTED))}",
-        )
     cls = sgd.SGDSolver if choice == "sgd" else als.ALSSolver
     return cls(model, cfg, data, device)
+
+
+def trained_tables(model: Model, solver: str) -> MFTables:
+    """The MF tables `solver` updates in place; ConfigError when the model's solver_family rules it out."""
+    tables = model.mf_tables()
+    if solver not in SOLVERS[model.solver_family] or tables is None:
+        from recdist.models import registry
+
+        can = [n for n in registry.names() if solver in SOLVERS[registry.get(n).module.solver_family]]
+        raise ConfigError(
+            f"solver {solver!r} cannot train model {model.registry_name!r}",
+            fix=f"use solver autograd or auto; {solver} trains: {', '.join(can)}",
+        )
+    return tables
