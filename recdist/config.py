@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from recdist.errors import ConfigError
 
@@ -57,6 +58,14 @@ class SourceConfig(Section):
     """(min, max) valid ratings; default from the release, else (0.5, 5.0)."""
     cache_dir: str | None = None
     """Download cache; default $RECDIST_CACHE, else ~/.cache/recdist."""
+
+    @field_validator("rating_scale")
+    @classmethod
+    def _finite_scale(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        """A scale holds finite ratings only: an infinite bound would let inf in and train NaN weights."""
+        if scale is not None and not (math.isfinite(scale[0]) and math.isfinite(scale[1]) and scale[0] < scale[1]):
+            raise ValueError(f"must be two finite numbers [min, max] with min < max, e.g. [0.5, 5], not {list(scale)}")
+        return scale
 
 
 class SynthConfig(Section):
@@ -300,7 +309,7 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (local or s3://), apply dotted overrides, validate into the typed tree."""
     data: dict[str, Any] = {}
-    where = "defaults"
+    where = "the command line (--set and flags)"
     if path:
         from recdist import storage
 
@@ -321,7 +330,11 @@ def validate(data: dict[str, Any], where: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("invalid config:\n" + _explain(e), where=where) from None
+        raise ConfigError(
+            "invalid config:\n" + _explain(e),
+            where=where,
+            fix="correct the key in the config file or its --set / flag (`recdist config --explain` lists them all)",
+        ) from None
 
 
 def _explain(error: ValidationError) -> str:

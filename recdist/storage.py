@@ -7,6 +7,7 @@ Outputs are committed by a marker file written last: a directory without it does
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -71,7 +72,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(
             f"unsupported URI scheme in {uri!r}",
-            fix="use a local path, file:///abs/path or s3://bucket/prefix",
+            where=uri,
+            fix="use a local path, file:///abs/path or s3://bucket/prefix (download http(s):// files first)",
         )
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return fsspec.filesystem("file"), absolute(path)
@@ -109,13 +111,42 @@ def is_committed(uri: str, marker: str = MANIFEST) -> bool:
     return exists(join(uri, marker))
 
 
+_WRITE_ERRORS = {
+    errno.EACCES: ("permission denied", "choose an output path you may write to, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "choose an output path you may write to, or change its permissions"),
+    errno.EROFS: ("the filesystem is read-only", "choose an output path on a writable filesystem"),
+    errno.ENOSPC: (
+        "no space left on the device",
+        "free space there (`df -h PATH` shows what is left) or choose an output path on a disk with room; "
+        "nothing half-written was kept",
+    ),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or choose an output path elsewhere"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
+    errno.EEXIST: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
+}
+"""The OS's refusals to write, each with what it means and the fix (everything else stays an OSError)."""
+
+
+@contextmanager
+def writing(uri: str) -> Iterator[None]:
+    """Turn the OS's refusals to write `uri` (permissions, a read-only or full disk, a file where a directory
+    should be) into StorageError naming the path and the fix: the user's problem, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        what, fix = _WRITE_ERRORS[e.errno]
+        raise StorageError(f"cannot write {uri}: {what}", where=str(e.filename or uri), fix=fix) from e
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically: readers see the old file or the new one, never half of one."""
     fs, path = filesystem(uri)
     if is_s3(uri):
         fs.pipe_file(path, data)  # one PUT: atomic on S3
         return
-    with _local_replacement(path) as tmp, open(tmp, "wb") as f:
+    with writing(uri), _local_replacement(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -139,7 +170,13 @@ def read_bytes(uri: str) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError as e:
-        raise StorageError(f"file not found: {uri}", fix="check the path") from e
+        raise StorageError(f"file not found: {uri}", where=uri, fix="check the path") from e
+    except IsADirectoryError as e:
+        raise StorageError(f"{uri} is a directory, not a file", where=uri, fix="name the file itself") from e
+    except PermissionError as e:
+        raise StorageError(
+            f"permission denied reading {uri}", where=uri, fix="check the file's permissions (or your S3 keys)"
+        ) from e
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -155,7 +192,7 @@ def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
     kwargs.setdefault("compression", "zstd")
     fs, path = filesystem(uri)
     if not is_s3(uri):
-        with _local_replacement(path) as tmp:
+        with writing(uri), _local_replacement(path) as tmp:
             pq.write_table(table, tmp, **kwargs)
         return
     # Whole file in memory, then one PUT: a streamed upload would commit a truncated object on a crash.
@@ -175,9 +212,9 @@ def read_parquet(uri: str, columns: list[str] | None = None, filters: Any = None
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under `uri`, sorted."""
     fs, path = filesystem(uri)
-    try:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
+    try:  # a file lists itself: it has no entries under it
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if p.rstrip("/") != path)
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
@@ -188,8 +225,19 @@ def remove(uri: str) -> None:
 
 
 def check_writable(uri: str) -> None:
-    """Fail early, before any work, when an s3:// output cannot be written (bucket, credentials, endpoint)."""
+    """Fail early, before any work, when an output cannot be written: locally a read-only disk, permissions or
+    a file on the path (a probe directory is made and removed in the nearest existing parent, so nothing is
+    left); on S3 the bucket, the keys and the endpoint."""
     if not is_s3(uri):
+        parent = os.path.dirname(filesystem(uri)[1])
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        with writing(uri):
+            if not os.path.isdir(parent):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), parent)
+            probe = os.path.join(parent, f".recdist-write-probe-{uuid.uuid4().hex[:8]}")
+            os.mkdir(probe)
+            os.rmdir(probe)
         return
     from botocore.exceptions import BotoCoreError  # connection failures are BotoCoreErrors, not OSErrors
 
@@ -228,10 +276,15 @@ def staged_output(uri: str, *, overwrite: bool = False, marker: str = MANIFEST) 
     with `overwrite=True`; an incomplete leftover (no marker) is replaced silently.
     """
     fs, path = filesystem(uri)
+    if not is_s3(uri) and os.path.isfile(path):
+        raise StorageError(
+            f"output {uri} is a file, not a directory", where=uri, fix="choose a directory for the output (--out)"
+        )
     if fs.exists(path) and listdir(uri):
         if fs.exists(posixpath.join(path, marker)) and not overwrite:
             raise StorageError(
                 f"output already exists: {uri}",
+                where=uri,
                 fix="pass --overwrite to replace it, or choose another output path",
             )
     check_writable(uri)
@@ -241,7 +294,8 @@ def staged_output(uri: str, *, overwrite: bool = False, marker: str = MANIFEST) 
         yield staging
         if not fs.exists(posixpath.join(staging_path, marker)):
             raise RuntimeError(f"staged output {staging} has no {marker}; refusing to commit it")
-        _commit(fs, staging_path, path, marker, remote=is_s3(uri))
+        with writing(uri):
+            _commit(fs, staging_path, path, marker, remote=is_s3(uri))
     except BaseException:
         if fs.exists(staging_path):
             fs.rm(staging_path, recursive=True)

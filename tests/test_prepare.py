@@ -4,6 +4,7 @@ shards, the manifest, byte-for-byte reproducibility, refusing to overwrite, and 
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,70 @@ def test_split_files_and_split_method_must_agree(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv"]
 
 
+def test_given_split_without_a_val_file_carves_validation_out_of_train(tmp_path, caplog):
+    pairs = [(u, i) for u in range(1, 41) for i in range(1, 11)]
+    train = _write(tmp_path / "train.csv", HEADER + "".join(f"{u},{i},3,{u * 100 + i}\n" for u, i in pairs[:300]))
+    test = _write(tmp_path / "test.csv", HEADER + "".join(f"{u},{i},4,{u * 100 + i}\n" for u, i in pairs[300:]))
+    files = {"source__train_path": str(train), "source__test_path": str(test), "prepare__split": "given"}
+    caplog.set_level(logging.INFO, logger="recdist")
+    manifest = prepare(_config(**files, prepare__seed=7), str(tmp_path / "ds"))
+    out = rows(tmp_path / "ds")
+    users, items = out["user_id"].cast(pl.Int64), out["item_id"].cast(pl.Int64)
+    hashed = splits.row_hash(users, items, 7) < int(0.1 * 2.0**64)  # the pair hash random_split uses
+    was_train = [(u, i) in set(pairs[:300]) for u, i in out.select("user_id", "item_id").rows()]
+    expected = [("val" if h else "train") if t else "test" for h, t in zip(hashed, was_train, strict=True)]
+    assert out["split"].to_list() == expected
+    n_val = expected.count("val")
+    assert manifest["splits"] == {"train": 300 - n_val, "val": n_val, "test": 100}
+    assert 10 <= manifest["splits"]["val"] <= 50 and manifest["val_carved_from_train"] == 0.1
+    assert "no validation file" in caplog.text
+    caplog.clear()
+
+    manifest = prepare(_config(**files, prepare__val_fraction=0), str(tmp_path / "ds0"))
+    assert manifest["splits"] == {"train": 300, "val": 0, "test": 100} and manifest["val_carved_from_train"] is None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "without early stopping" in warned[0]
+    caplog.clear()
+    from recdist.train.run import _say_without_validation
+
+    _say_without_validation(str(tmp_path / "ds0"), manifest, 7)  # what `recdist train` warns on that dataset
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "early stopping" in caplog.text
+
+
+# --- values: finite ratings, timestamps in seconds --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_non_finite_ratings_are_refused_with_a_fix_that_works(tmp_path, value):
+    path = _write(tmp_path / "r.csv", HEADER + f"1,10,4,100\n1,20,{value},200\n")
+    with pytest.raises(DataError, match="is not a finite number") as err:
+        run(tmp_path / "ds", source__path=str(path))
+    assert err.value.where == f"{path}, line 3" and "rating_scale=" not in err.value.fix  # no scale holds it
+    with pytest.raises(ConfigError, match="rating_scale: .*finite"):  # the old fix: [0.5, inf]
+        run(tmp_path / "ds", source__path=str(path), source__rating_scale=[0.5, float(value)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+@pytest.mark.parametrize(("unit", "per_second"), [("ms", 10**3), ("us", 10**6), ("ns", 10**9)])
+def test_timestamps_in_other_units_are_converted_to_seconds(tmp_path, caplog, unit, per_second):
+    seconds = [1_100_000_000 + 60 * k for k in range(12)]
+    lines = "".join(f"{1 + k % 3},{k},4,{t * per_second + per_second // 2}\n" for k, t in enumerate(seconds))
+    path = _write(tmp_path / "r.csv", HEADER + lines)
+    caplog.set_level(logging.INFO, logger="recdist")
+    manifest = run(tmp_path / "ds", source__path=str(path))
+    assert sorted(rows(tmp_path / "ds")["timestamp"].to_list()) == seconds  # floored to whole seconds
+    assert manifest["timestamp_unit"] == unit
+    assert "converted to seconds" in caplog.text
+
+
+def test_timestamps_mixing_units_are_refused_naming_a_line_of_each(tmp_path):
+    path = _write(tmp_path / "r.csv", HEADER + "1,10,4,1100000000\n1,20,4,1100000060000\n2,10,4,1100000120\n")
+    with pytest.raises(DataError, match="mix units: 1100000000 reads as seconds .* 1100000060000 as milli") as err:
+        run(tmp_path / "ds", source__path=str(path))
+    assert err.value.where == f"{path}, line 2 and {path}, line 3"
+    assert "--timestamp-col ''" in err.value.fix and not (tmp_path / "ds").exists()
+
+
 # --- duplicates and filters ----------------------------------------------------------------------------------
 
 # (1, 10) three times: first line 2.0, latest timestamp 4.5, last line 1.0, mean 2.5; (2, 10) twice, identical.
@@ -245,6 +310,13 @@ def test_filters_keep_the_planted_users_and_items(tmp_path, keys, users, items, 
 
 
 # --- shards and manifest -------------------------------------------------------------------------------------
+
+
+def test_filters_that_leave_no_rating_are_refused(tmp_path):
+    path = _write(tmp_path / "r.csv", FILTERS)
+    with pytest.raises(DataError, match="the filters left no ratings .*min_user_ratings removed 17") as err:
+        run(tmp_path / "ds", source__path=str(path), prepare__min_user_ratings=100)
+    assert "min_user_ratings=100" in err.value.where and not (tmp_path / "ds").exists()
 
 
 @pytest.mark.parametrize("shards", [1, 3, 7])

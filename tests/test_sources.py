@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
 import io
 import socket
 import zipfile
@@ -223,6 +226,118 @@ def test_bad_parquet_value_is_named_by_row(tmp_path):
     with pytest.raises(DataError) as err:
         read_ratings(str(tmp_path / "r.parquet"))
     assert "user id is missing" in str(err.value) and "r.parquet, row 2" in str(err.value)
+
+
+# --- what real files look like: byte-order marks, line ends, compression, damaged containers ------------------
+
+CSV = HEADER + "1,10,4.0,100\n1,20,3.5,200\n2,10,5,300\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("bom.csv", codecs.BOM_UTF8 + CSV.encode()),  # Excel's "CSV UTF-8"
+        ("utf16.csv", CSV.encode("utf-16")),  # Excel's "Unicode text"
+        ("cr.csv", CSV.replace("\n", "\r").encode()),  # old Mac line ends
+        ("mixed.csv", CSV.replace("\n", "\r\n", 2).encode()),
+        ("ratings.csv.gz", gzip.compress(CSV.encode())),
+        ("gzipped.csv", gzip.compress(CSV.encode())),  # told by its bytes, not its name
+        ("bzipped.csv", bz2.compress(CSV.encode())),
+        ("tagged.csv", CSV.replace("timestamp\n", "timestamp,tag\n").replace("00\n", "00,café\n").encode("latin-1")),
+    ],
+    ids=["utf8-bom", "utf16", "cr-only", "crlf-and-lf", "gz-name", "gzip-bytes", "bzip2-bytes", "latin1-unread-column"],
+)
+def test_boms_line_ends_and_compression_read_as_the_plain_file(tmp_path, name, data):
+    path = _write(tmp_path / name, data)
+    assert _ratings(path).equals(EXPECTED)
+
+
+def test_a_bad_line_of_a_cr_only_file_is_named_by_its_line(tmp_path):
+    path = _write(tmp_path / "r.csv", (HEADER + "1,10,4,100\n1,20,x,200\n").replace("\n", "\r"))
+    with pytest.raises(DataError, match="rating 'x' is not a number") as err:
+        read_ratings(str(path))
+    assert err.value.where == f"{path}, line 3"
+
+
+def _zip(members: dict[str, bytes], field: tuple[int, int, int] | None = None) -> bytes:
+    """A deflated zip; `field` (local offset, central offset, value) overwrites a 2-byte header field of the
+    first member (the flags: 6/8, the compression method: 8/10)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    data = bytearray(buf.getvalue())
+    if field:
+        local, central, value = field
+        at = data.find(b"PK\x01\x02")
+        data[local : local + 2] = data[at + central : at + central + 2] = value.to_bytes(2, "little")
+    return bytes(data)
+
+
+def _damaged(members: dict[str, bytes]) -> bytes:
+    data = bytearray(_zip(members))
+    for k in range(60, 76):  # inside the first member's compressed bytes
+        data[k] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (_damaged({"ratings.csv": CSV.encode() * 50}), "cannot read ratings.csv from"),
+        (_zip({"ratings.csv": CSV.encode()}, (6, 8, 1)), "encrypted"),
+        (_zip({"ratings.csv": CSV.encode()}, (8, 10, 99)), "compression method"),
+        (_zip({}), "no ratings file"),
+        (_zip({"ratings.csv": CSV.encode()})[:100], "not a readable zip file"),
+    ],
+    ids=["bad-crc", "encrypted", "aes-method", "empty", "truncated"],
+)
+def test_unreadable_zips_are_data_errors_naming_the_member(tmp_path, data, words):
+    path = _write(tmp_path / "ml.zip", data)
+    with pytest.raises(DataError, match=words) as err:
+        read_ratings(str(path))
+    assert str(path) in err.value.where and err.value.fix
+
+
+@pytest.mark.parametrize(
+    ("column", "values"),
+    [("userId", [[1], [1], [2]]), ("rating", [{"v": 4.0}] * 3), ("movieId", [b"10", b"20", b"10"])],
+    ids=["list-ids", "struct-rating", "binary-ids"],
+)
+def test_nested_or_binary_parquet_columns_are_refused_naming_the_column(tmp_path, column, values):
+    table = {"userId": [1, 1, 2], "movieId": [10, 20, 10], "rating": [4.0, 3.5, 5.0], column: values}
+    pq.write_table(pa.table(table), tmp_path / "r.parquet")
+    with pytest.raises(DataError, match=f"column '{column}' of .* holds") as err:
+        read_ratings(str(tmp_path / "r.parquet"))
+    assert err.value.where.endswith(f"column {column}") and "--" in err.value.fix
+
+
+def test_parquet_datetime_timestamps_become_epoch_seconds(tmp_path):
+    stamps = pa.array([100_000, 200_000, 300_000], pa.timestamp("ms", tz="UTC"))
+    table = pa.table({"userId": [1, 1, 2], "movieId": [10, 20, 10], "rating": [4.0, 3.5, 5.0], "timestamp": stamps})
+    pq.write_table(table, tmp_path / "r.parquet")
+    assert _ratings(tmp_path / "r.parquet").equals(EXPECTED)
+
+
+@pytest.mark.parametrize(
+    ("content", "words", "fix"),
+    [
+        ("userId,userId,rating,timestamp\n1,10,4,100\n", "names column 'userId' twice", "its own name"),
+        ("userId;movieId;rating\n1;10;4\n", "holds ';'", "--separator ';'"),
+        ("userid,movieId,rating\n1,10,4\n", "no user id column 'userId'", "--user-col userid"),
+    ],
+)
+def test_headers_that_cannot_be_right_name_the_fix(tmp_path, content, words, fix):
+    with pytest.raises(DataError, match=words) as err:
+        read_ratings(str(_write(tmp_path / "r.csv", content)))
+    assert fix in err.value.fix
+
+
+def test_an_id_beyond_int64_says_so(tmp_path):
+    path = _write(tmp_path / "r.csv", HEADER + "1,10,4,100\n99999999999999999999,10,4,100\n")
+    with pytest.raises(DataError, match="not an integer within int64") as err:
+        read_ratings(str(path))
+    assert err.value.where == f"{path}, line 3"
 
 
 def test_unknown_extension_asks_for_the_format(tmp_path):

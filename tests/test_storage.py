@@ -6,7 +6,12 @@ accident, and S3 problems (bucket, keys, endpoint) reported early as StorageErro
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import subprocess
+import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +113,73 @@ def test_failed_local_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path,
         storage.write_bytes(target, b"new")
     assert storage.read_bytes(target) == b"old"
     assert storage.listdir(str(tmp_path)) == ["f.bin"]
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT])
+def test_refused_writes_are_storage_errors_with_the_path_and_a_fix(tmp_path, monkeypatch, code):
+    target = str(tmp_path / "f.bin")
+    storage.write_bytes(target, b"old")
+
+    def refuse(fd):  # the OS refusing the write, at the last step before the file would replace the old one
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(storage.os, "fsync", refuse)
+    with pytest.raises(StorageError) as err:
+        storage.write_bytes(target, b"new")
+    assert target in err.value.what and err.value.where and err.value.fix
+    assert storage.read_bytes(target) == b"old" and storage.listdir(str(tmp_path)) == ["f.bin"]
+
+
+def test_an_output_under_a_file_or_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    for out in (tmp_path / "notes.txt" / "out", tmp_path / "notes.txt"):
+        with pytest.raises(StorageError, match="is a file|not a directory") as err:
+            with storage.staged_output(str(out)):
+                raise AssertionError("the block must not run")
+        assert err.value.where and err.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, read_only=False) -> a fresh tmpfs directory (root only: skipped elsewhere); unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        where = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
+        where.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                                               capture_output=True).returncode:  # fmt: skip
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(where)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_read_only_output_is_refused_before_any_work(tmpfs):
+    out = tmpfs("1m", read_only=True) / "out"
+    with pytest.raises(StorageError, match="read-only") as err:
+        with storage.staged_output(str(out)):
+            raise AssertionError("the block must not run")
+    assert str(out) in err.value.what and "writable" in err.value.fix
+
+
+def test_a_full_disk_commits_nothing_and_leaves_nothing(tmpfs):
+    disk = tmpfs("64k")
+    storage.write_bytes(str(disk / "old.bin"), b"kept")
+    big = pa.table({"x": pa.array(range(200_000), pa.int64())})  # ~1.6 MB raw: cannot fit
+    with pytest.raises(StorageError, match="no space left") as err:
+        with storage.staged_output(str(disk / "out")) as stage:
+            storage.write_parquet(big, storage.join(stage, "part.parquet"), compression="none")
+            storage.write_json(storage.join(stage, storage.MANIFEST), {})
+    assert "df -h" in err.value.fix
+    assert sorted(os.listdir(disk)) == ["old.bin"] and storage.read_bytes(str(disk / "old.bin")) == b"kept"
 
 
 def test_missing_files_are_storage_errors_naming_the_path(root):

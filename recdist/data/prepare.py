@@ -58,6 +58,8 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
     n_raw = df.height
     with logs.timed(log, "validate"):
         validate(df, raw, rating_scale)
+        df, unit = timestamps_in_seconds(df, raw.locate)
+    carved = carves_val(df, cfg.split, cfg.val_fraction)
     with logs.timed(log, "index"):
         user_ids, user_idx = dense_ids(df["user_id"])
         item_ids, item_idx = dense_ids(df["item_id"])
@@ -73,6 +75,8 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
     with logs.timed(log, "split"):
         df = assign_split(df, cfg, user="user_id", item="item_id")
+    if cfg.split == "given":
+        _log_given(df, cfg, carved)
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
     code = ratings["split"].to_physical().to_numpy()
     train = code == 0
@@ -87,6 +91,8 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
         "filtered": filtered,
         "splits": {name: int(c) for name, c in zip(SPLITS, counts, strict=True)},
         "global_mean": None if mean is None else float(mean),
+        "timestamp_unit": unit,
+        "val_carved_from_train": cfg.val_fraction if carved else None,
     }
     return PreparedFrames(ratings=ratings, users=users, items=items, stats=stats)
 
@@ -106,8 +112,8 @@ def _collect(raw: RawSource) -> pl.DataFrame:
 
 
 def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]) -> None:
-    """DataError, naming the file and line, for: no rows, missing values, ratings outside the scale,
-    negative ids. Cheap whole-column checks first; rows are searched only when a check fails."""
+    """DataError, naming the file and line, for: no rows, missing values, ratings that are not finite or lie
+    outside the scale, negative ids. Cheap whole-column checks first; rows are searched only when one fails."""
     if df.height == 0:
         raise DataError(
             "the ratings source is empty: no ratings to prepare",
@@ -116,13 +122,19 @@ def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]
         )
     lo, hi = (float(x) for x in rating_scale)
     for col in ("user_id", "item_id", "rating"):
-        if df[col].null_count() or (col == "rating" and df[col].is_nan().any()):
-            row = df.filter(pl.col(col).is_null() | (pl.col(col).is_nan() if col == "rating" else False))[_ROW][0]
+        if df[col].null_count():
             raise DataError(
                 f"missing {col} value",
-                where=raw.locate(row),
+                where=raw.locate(df.filter(pl.col(col).is_null())[_ROW][0]),
                 fix="fill in or remove that line (or point source.*_col at the right column)",
             )
+    if not df["rating"].is_finite().all():  # NaN, inf and -inf: no scale holds them, no model learns from them
+        bad = df.filter(~pl.col("rating").is_finite()).row(0, named=True)
+        raise DataError(
+            f"rating {bad['rating']} is not a finite number",
+            where=raw.locate(bad[_ROW]),
+            fix="correct or delete that line: a rating is a finite number inside source.rating_scale",
+        )
     summary = df.select(
         rmin=pl.col("rating").min(),
         rmax=pl.col("rating").max(),
@@ -146,6 +158,83 @@ def validate(df: pl.DataFrame, raw: RawSource, rating_scale: tuple[float, float]
                 where=raw.locate(row),
                 fix="correct the line, or map your ids to non-negative integers first",
             )
+
+
+TIME_UNITS = (("s", "seconds", 1), ("ms", "milliseconds", 10**3), ("us", "microseconds", 10**6),
+              ("ns", "nanoseconds", 10**9))  # fmt: skip
+"""Timestamp units, told apart by magnitude: |t| below 1e11 is seconds, below 1e14 milliseconds, below 1e17
+microseconds, else nanoseconds. Each band holds the years 1973-5138 of its unit (1e11 s is 5138, 1e11 ms 1973)."""
+MAX_SPAN_S = 2**33
+"""Longest span of timestamps (272 years): stage 1's session context packs a user and a time into 63 bits."""
+
+
+def timestamps_in_seconds(
+    df: pl.DataFrame, locate: Callable[[int], str]
+) -> tuple[pl.DataFrame, str | None]:
+    """`df` with its timestamps in seconds since the epoch, and the unit they came in (None: no timestamps).
+
+    The unit is told by magnitude (TIME_UNITS) and must be one for the whole file: a file mixing seconds and
+    milliseconds is refused, naming a line of each. Other units are floor-divided to seconds, with a log line.
+    """
+    ts = df["timestamp"]
+    if ts.null_count() == df.height:
+        return df, None
+    lo, hi = ts.min(), ts.max()  # the smallest and largest |t| tell the bands: no per-row pass unless they differ
+    low, high = sorted((_band(0 if lo < 0 < hi else min(abs(lo), abs(hi))), _band(max(abs(lo), abs(hi)))))
+    if low != high:
+        size = ts.abs()
+        band = (size >= 10**11).cast(pl.Int8) + (size >= 10**14).cast(pl.Int8) + (size >= 10**17).cast(pl.Int8)
+        low, high = band.min(), band.max()
+        if low != high:
+            first, other = (df.filter(band == b).row(0, named=True) for b in (low, high))
+            raise DataError(
+                f"timestamps mix units: {first['timestamp']} reads as {TIME_UNITS[low][1]} since the epoch and "
+                f"{other['timestamp']} as {TIME_UNITS[high][1]}",
+                where=f"{locate(first[_ROW])} and {locate(other[_ROW])}",
+                fix="write every timestamp in one unit (seconds since the epoch), or leave timestamps out with "
+                "--timestamp-col ''",
+            )
+    unit, name, per_second = TIME_UNITS[low]
+    if per_second > 1:
+        df = df.with_columns(pl.col("timestamp") // per_second)
+        latest = datetime.fromtimestamp(int(df["timestamp"].max()), timezone.utc).date()
+        log.info("timestamps are %s since the epoch by their size (latest %s): converted to seconds", name, latest)
+    lo, hi = df["timestamp"].min(), df["timestamp"].max()
+    if hi - lo >= MAX_SPAN_S:
+        rows = [df.filter(pl.col("timestamp") == t)[_ROW][0] for t in (lo, hi)]
+        raise DataError(
+            f"timestamps span {(hi - lo) / 31_556_952:,.0f} years ({lo} to {hi} seconds): more than the "
+            f"{MAX_SPAN_S / 31_556_952:.0f} years recdist takes",
+            where=f"{locate(rows[0])} and {locate(rows[1])}",
+            fix="correct those timestamps (seconds since the epoch), or leave timestamps out with --timestamp-col ''",
+        )
+    return df, unit
+
+
+def _band(size: int) -> int:
+    """The TIME_UNITS position of a timestamp of absolute value `size`."""
+    return (size >= 10**11) + (size >= 10**14) + (size >= 10**17)
+
+
+def carves_val(df: pl.DataFrame, split: str, val_fraction: float) -> bool:
+    """True when a given split (your own files) has no validation rows and val_fraction asks for some: then
+    that share of the training file goes to validation (recdist.data.splits.given_split)."""
+    return split == "given" and val_fraction > 0 and "split" in df.columns and not (df["split"] == "val").any()
+
+
+def _log_given(df: pl.DataFrame, cfg: PrepareConfig, carved: bool) -> None:
+    """Log where a given split's validation rows came from; warn when there are none (no early stopping)."""
+    n_val = int((df["split"] == "val").sum())
+    if carved:
+        log.info(
+            "no validation file: %s ratings (%.0f%% of the training file, by the seeded pair hash, prepare.seed %d) "
+            "carved out for validation; --val-fraction 0 keeps them in train",
+            f"{n_val:,}", 100 * cfg.val_fraction, cfg.seed,
+        )  # fmt: skip
+    elif n_val == 0:
+        log.warning("no validation ratings (--val-fraction 0): training will run every epoch without early stopping")
+    else:
+        log.info("%s validation ratings from the validation file", f"{n_val:,}")
 
 
 def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
@@ -258,6 +347,14 @@ def filter_ratings(
         counts = np.bincount(u[keep], minlength=n_users)
         drop("min_user_ratings", (counts >= cfg.min_user_ratings)[u])
     filtered["rows"] = int((~keep).sum())
+    if not keep.any():
+        removed = ", ".join(f"{k} removed {n:,}" for k, n in filtered.items() if k not in ("rows", "users", "items"))
+        raise DataError(
+            f"the filters left no ratings (of {len(keep):,}): {removed}",
+            where=f"prepare section: top_items={cfg.top_items}, min_item_ratings={cfg.min_item_ratings}, "
+            f"min_user_ratings={cfg.min_user_ratings}",
+            fix="lower those thresholds (e.g. --min-user-ratings 5), or check the input holds what you expect",
+        )
     return df.filter(pl.lit(pl.Series(keep))), filtered
 
 
@@ -384,6 +481,8 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
             "splits": stats["splits"],
             "rating_scale": list(scale),
             "global_mean": stats["global_mean"],
+            "timestamp_unit": stats["timestamp_unit"],
+            "val_carved_from_train": stats["val_carved_from_train"],
             "source_checksum": raw.checksum,
             "config_hash": config.section_hash(*sections),
             "shards": cfg.shards,
@@ -417,6 +516,7 @@ def _refuse_foreign(out: str) -> None:
         raise StorageError(
             f"{out} exists and is not a prepared dataset (it holds {', '.join(foreign[:5])}"
             f"{' ...' if len(foreign) > 5 else ''})",
+            where=out,
             fix="choose another --out (a new directory), or pass --overwrite to replace it and everything in it",
         )
 

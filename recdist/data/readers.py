@@ -1,20 +1,28 @@
 """Parse ratings and movies files into RAW_RATINGS / RAW_ITEMS frames, fast, naming the line of any bad input.
 
 Inputs: CSV (header), TSV (ml-100k u.data), GroupLens `::` .dat, Parquet; a single file, a directory or zip
-holding a GroupLens layout; local paths or s3:// URIs. Text is parsed by Polars with an explicit schema in one
+holding a GroupLens layout; local paths or s3:// URIs; any of them gzip/bzip2/xz/zstd-compressed (`unpack`), text
+with a byte-order mark or old-Mac line ends (`as_text`). Text is parsed by Polars with an explicit schema in one
 pass; only when that fails (or leaves nulls) does a slower diagnostic pass look for the first bad line.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import difflib
+import gzip
 import hashlib
 import io
+import lzma
 import posixpath
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
+import pyarrow as pa
 
 from recdist import storage
 from recdist.errors import DataError
@@ -100,6 +108,8 @@ class Parsed:
 def layout_for(name: str, format: str = "auto", separator: str | None = None, has_header: bool | None = None) -> Layout:
     """The layout of a file from its name (u.data, .csv, .dat, ...) unless `format` etc. say otherwise."""
     base = posixpath.basename(name.rstrip("/")).lower()
+    stem, _, suffix = base.rpartition(".")
+    base = stem if suffix in COMPRESSED_SUFFIXES and stem else base  # ratings.csv.gz reads as ratings.csv
     if format == "auto":
         ext = base.rsplit(".", 1)[-1] if "." in base else ""
         format = {
@@ -115,6 +125,7 @@ def layout_for(name: str, format: str = "auto", separator: str | None = None, ha
         if not format:
             raise DataError(
                 f"cannot tell the format of {name} from its name",
+                where=name,
                 fix="set it: --set source.format=csv (or tsv, dat, parquet)",
             )
     if format == "item":  # ml-100k u.item: `|`-separated, latin-1, genre flags
@@ -142,10 +153,13 @@ def read_ratings(
     if fs.isdir(path):
         return _read_directory(uri, columns)
     if not fs.exists(path):
-        raise DataError(f"ratings file not found: {uri}", fix="check --path (a file, directory, .zip or s3:// URI)")
+        raise DataError(
+            f"ratings file not found: {uri}", where=uri, fix="check --path (a file, directory, .zip or s3:// URI)"
+        )
     layout = layout or layout_for(uri)
-    data = storage.read_bytes(uri)
-    checksum = checksum or _sha256(data)
+    raw = storage.read_bytes(uri)
+    checksum = checksum or _sha256(raw)
+    data = unpack(raw, uri)
     if layout.format == "parquet":
         return parse_parquet_ratings(_parquet_frame(data, uri), uri, columns, checksum=checksum), None
     return parse_ratings(data, layout, columns, uri, checksum=checksum), None
@@ -155,9 +169,10 @@ def read_items(uri: str, layout: Layout | None = None, item_col: str = "movieId"
     """A movies file (id, title, genres; or ml-100k's u.item) as RAW_ITEMS."""
     uri = str(uri)
     layout = layout or layout_for(uri)
-    data = storage.read_bytes(uri)
+    raw = storage.read_bytes(uri)
+    data = unpack(raw, uri)
     if layout.format == "parquet":
-        return Parsed(_items_from_frame(_parquet_frame(data, uri), item_col), uri, None, _sha256(data))
+        return Parsed(_items_from_frame(_parquet_frame(data, uri), item_col), uri, None, _sha256(raw))
     return parse_items(data, layout, uri, item_col)
 
 
@@ -174,7 +189,7 @@ def read_zip(
     """Ratings (and movies) from a GroupLens zip: the members named, else the first known names found."""
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
-        raise DataError(f"zip file not found: {uri}", fix="check --path")
+        raise DataError(f"zip file not found: {uri}", where=uri, fix="check --path")
     checksum = checksum or _file_sha256(uri)
     with fs.open(path, "rb") as f, _open_zip(f, uri) as archive:
         names = archive.namelist()
@@ -182,7 +197,7 @@ def read_zip(
         if ratings_member is None or ratings_member not in names:
             raise DataError(
                 f"no ratings file in {uri}",
-                where=f"members: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}",
+                where=f"{uri}, which holds: {', '.join(names[:12]) or 'nothing'}{' ...' if len(names) > 12 else ''}",
                 fix=f"a GroupLens zip holds one of {', '.join(RATINGS_NAMES)}; or pass the ratings file itself",
             )
         movies_member = movies_member or _find(names, MOVIES_NAMES)
@@ -190,7 +205,8 @@ def read_zip(
         items = None
         if movies_member and movies_member in names:
             where = f"{movies_member} in {uri}"
-            items = parse_items(archive.read(movies_member), movies_layout or layout_for(movies_member), where)
+            data = _member_bytes(archive, movies_member, uri)
+            items = parse_items(data, movies_layout or layout_for(movies_member), where)
     return ratings, items
 
 
@@ -199,7 +215,7 @@ def _parse_member(
 ) -> Parsed:
     where = f"{member} in {uri}"
     layout = layout or layout_for(member)
-    data = archive.read(member)
+    data = _member_bytes(archive, member, uri)
     if layout.format == "parquet":
         return parse_parquet_ratings(_parquet_frame(data, where), where, columns, checksum=checksum)
     return parse_ratings(data, layout, columns, where, checksum=checksum)
@@ -211,7 +227,7 @@ def _read_directory(uri: str, columns: Columns) -> tuple[Parsed, Parsed | None]:
     if found is None:
         raise DataError(
             f"no ratings file in directory {uri}",
-            where=f"found: {', '.join(present[:12]) or 'nothing'}",
+            where=f"{uri}, which holds: {', '.join(present[:12]) or 'nothing'}{' ...' if len(present) > 12 else ''}",
             fix=f"a GroupLens directory holds one of {', '.join(RATINGS_NAMES)}; or pass the file itself with --path",
         )
     ratings, _ = read_ratings(storage.join(uri, found), None, columns)
@@ -228,15 +244,89 @@ def _find(names: list[str], wanted: tuple[str, ...]) -> str | None:
 def _open_zip(f: io.IOBase, uri: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(f)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"not a zip file: {uri} ({e})", fix="check the file, or download it again") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(
+            f"not a readable zip file: {uri} ({e})", where=uri, fix="check the file, or download it again"
+        ) from None
+
+
+def _member_bytes(archive: zipfile.ZipFile, member: str, uri: str) -> bytes:
+    """A zip member's bytes, unpacked; DataError for a damaged, encrypted or oddly compressed member."""
+    try:
+        return unpack(archive.read(member), f"{member} in {uri}")
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+        raise DataError(
+            f"cannot read {member} from {uri}: {e}",
+            where=f"{member} in {uri}",
+            fix="the zip is damaged (a bad CRC or cut short), encrypted, or compressed in a way Python cannot "
+            "read: download or copy it again, or extract it with another tool and pass the file with --path",
+        ) from None
 
 
 def _parquet_frame(data: bytes, where: str) -> pl.DataFrame:
     try:
         return pl.read_parquet(io.BytesIO(data))
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise DataError(f"not a readable Parquet file: {where} ({e})", fix="check the file and source.format") from None
+        raise DataError(
+            f"not a readable Parquet file: {where} ({e})", where=where, fix="check the file and source.format"
+        ) from None
+
+
+#: Signatures of compressed files, whatever their names: each is unpacked before it is parsed.
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", gzip.decompress),
+    (b"BZh", "bzip2", bz2.decompress),
+    (b"\xfd7zXZ\x00", "xz", lzma.decompress),
+    (b"\x28\xb5\x2f\xfd", "zstd", lambda data: pa.input_stream(pa.py_buffer(data), compression="zstd").read()),
+)
+COMPRESSED_SUFFIXES = frozenset({"gz", "gzip", "bz2", "xz", "zst"})
+"""Name suffixes of compressed files: ratings.csv.gz has the format of ratings.csv."""
+
+
+def unpack(data: bytes, where: str) -> bytes:
+    """The bytes of a gzip, bzip2, xz or zstd file decompressed (told by its first bytes); others as they are."""
+    for magic, codec, decompress in _COMPRESSED:
+        if data.startswith(magic):
+            try:
+                return decompress(data)
+            except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
+                raise DataError(
+                    f"{where} is {codec}-compressed but cannot be decompressed ({e})",
+                    where=where,
+                    fix="the file is damaged or cut short: copy or download it again",
+                ) from None
+    return data
+
+
+def as_text(data: bytes, where: str) -> bytes:
+    """Text as the parser takes it: UTF-8 without a byte-order mark, lines ended by LF or CRLF.
+
+    A UTF-8 BOM (Excel's "CSV UTF-8") is dropped; UTF-16/32 with a BOM (Excel's "Unicode text") transcoded;
+    old-Mac CR-only line ends (told by the first line's) become LF, line numbers unchanged. Looks at the first
+    line only, so LF and CRLF files (ml-20m: 500 MB) cost no scan.
+    """
+    try:
+        for boms, encoding in _BOMS:
+            if data.startswith(boms):
+                data = data[len(codecs.BOM_UTF8) :] if encoding == "utf-8" else data.decode(encoding).encode()
+                break
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} starts with a {encoding} byte-order mark but is not valid {encoding} ({e.reason})",
+            where=where,
+            fix="save the file as UTF-8 text",
+        ) from None
+    cr = data.find(b"\r")
+    if cr >= 0 and data[cr + 1 : cr + 2] != b"\n" and not 0 <= data.find(b"\n") < cr:  # the first line ends in CR
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data
+
+
+_BOMS = (
+    ((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE), "utf-32"),  # before UTF-16: FF FE 00 00 starts with FF FE
+    ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "utf-16"),
+    ((codecs.BOM_UTF8,), "utf-8"),
+)
 
 
 def _sha256(data: bytes) -> str:
@@ -257,7 +347,8 @@ def _file_sha256(uri: str) -> str:
 
 def parse_ratings(data: bytes, layout: Layout, columns: Columns, where: str, *, checksum: str | None = None) -> Parsed:
     """Text ratings -> RAW_RATINGS columns in file order; DataError naming the line of the first bad one."""
-    text = _Text(data, layout, where, RATINGS_ORDER)
+    checksum = checksum or _sha256(data)
+    text = _Text(as_text(data, where), layout, where, RATINGS_ORDER)
     picked = text.pick(columns)
     dtypes = {picked[role]: _ROLES[role][2] for role in picked}
     frame = text.read(dtypes, picked)
@@ -269,7 +360,7 @@ def parse_ratings(data: bytes, layout: Layout, columns: Columns, where: str, *, 
         pl.col(picked["rating"]).cast(pl.Float32).alias("rating"),
         (pl.col(picked["timestamp"]) if "timestamp" in picked else pl.lit(None, pl.Int64)).alias("timestamp"),
     )
-    return Parsed(frame, where, text.first_line, checksum or _sha256(data))
+    return Parsed(frame, where, text.first_line, checksum)
 
 
 def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, checksum: str) -> Parsed:
@@ -282,6 +373,7 @@ def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, 
         for role, wanted in _wanted(columns)
     }
     picked = {role: name for role, name in picked.items() if name is not None}
+    frame = _plain_columns(frame, picked, where)
     problems = [
         (*found, role, name)
         for role, name in picked.items()
@@ -297,6 +389,24 @@ def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, 
         ),
     )
     return Parsed(out, where, None, checksum)
+
+
+def _plain_columns(frame: pl.DataFrame, picked: dict[str, str], where: str) -> pl.DataFrame:
+    """The picked Parquet columns as scalars: date/time timestamps as epoch seconds; DataError for nested or
+    binary columns (a list of ids, a struct rating), which no cast makes a rating."""
+    for role, name in picked.items():
+        dtype = frame.schema[name]
+        if role == "timestamp" and dtype.is_temporal() and dtype != pl.Time and not isinstance(dtype, pl.Duration):
+            frame = frame.with_columns(pl.col(name).dt.epoch("s"))
+        elif not (dtype.is_numeric() or dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum))):
+            label, flag, want = _ROLES[role]
+            kind = "integer" if want == pl.Int64 else "number"
+            raise DataError(
+                f"the {label} column {name!r} of {where} holds {dtype}, not one {kind} per row",
+                where=f"{where}, column {name}",
+                fix=f"write it as a plain {kind} column, or map another column with {flag}",
+            )
+    return frame
 
 
 def _wanted(columns: Columns) -> list[tuple[str, str | None]]:
@@ -318,8 +428,12 @@ def _first_problem(values: pl.Series, role: str) -> tuple[int, str] | None:
     if not problem.any():
         return None
     row = int(problem.arg_true()[0])
+    if not bad[row]:
+        return row, f"{label} is missing"
     kind = "an integer" if dtype == pl.Int64 else "a number"
-    return row, f"{label} {stripped[row]!r} is not {kind}" if bad[row] else f"{label} is missing"
+    if dtype == pl.Int64 and stripped[row].lstrip("+-").isdigit():
+        kind = "an integer within int64 (|x| < 2^63)"
+    return row, f"{label} {stripped[row]!r} is not {kind}"
 
 
 def _raise_first(problems: list[tuple[int, str, str, str]], locate: Callable[[int], str]) -> None:
@@ -342,7 +456,7 @@ def _raise_first(problems: list[tuple[int, str, str, str]], locate: Callable[[in
 def parse_items(data: bytes, layout: Layout, where: str, item_col: str = "movieId") -> Parsed:
     """A movies file -> RAW_ITEMS (item_id, title, genres); ml-100k's genre flags become 'A|B|C'."""
     checksum = _sha256(data)
-    data = _as_utf8(data, layout.encoding)
+    data = _as_utf8(as_text(data, where), layout.encoding)
     text = _Text(data, layout, where, MOVIES_ORDER)
     if layout.format == "item":
         names = text.names
@@ -411,6 +525,7 @@ class _Text:
         fields = first.decode("utf-8", "replace").rstrip("\r").split(self.separator)
         if layout.has_header:
             self.names = [f.strip().strip('"') for f in fields]
+            _check_header(self.names, first.decode("utf-8", "replace"), self.separator, where)
         else:
             self.names = [*order[: len(fields)], *(f"column_{i}" for i in range(len(order), len(fields)))]
         self.first_line = 2 if layout.has_header else 1
@@ -464,6 +579,7 @@ class _Text:
             columns=[self.names.index(n) for n in wanted],
             quote_char='"' if self.layout.format == "csv" else None,
             raise_if_empty=False,
+            encoding="utf8-lossy",  # stray latin-1 in a text column must not stop a numeric read
             ignore_errors=lenient,
             truncate_ragged_lines=lenient,
         )
@@ -511,6 +627,25 @@ class _Text:
             )
 
 
+def _check_header(names: list[str], line: str, separator: str, where: str) -> None:
+    """DataError for a header that names a column twice, or holds one field where another separator splits it."""
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise DataError(
+            f"the header of {where} names column {twice!r} twice: {line.strip()[:200]!r}",
+            where=f"{where}, line 1",
+            fix="give every column its own name in the header line",
+        )
+    other = next((sep for sep in (",", ";", "\t", "|", "::") if sep != separator and sep in line), None)
+    if len(names) == 1 and other:
+        raise DataError(
+            f"the header of {where} is one field when split on {separator!r}, but holds {other!r}: "
+            f"{line.strip()[:200]!r}",
+            where=f"{where}, line 1",
+            fix=f"pass the file's separator: --separator {other!r} (--set source.separator=...)",
+        )
+
+
 def _lines(data: bytes) -> pl.DataFrame:
     """Every line of a file as text (blank lines as ""), numbered from 1, read by Polars as one column."""
     try:
@@ -540,10 +675,12 @@ def _resolve(
     if not required:
         return None
     label, flag, _ = _ROLES[role]
+    close = [n for n in names if n.lower() == wanted.lower()] or difflib.get_close_matches(wanted, names, n=1)
+    hint = f" (did you mean {close[0]!r}? {flag} {close[0]})" if close else ""
     raise DataError(
         f"no {label} column {wanted!r} in {where}",
         where=f"columns found: {', '.join(names)}",
-        fix=f"map it with {flag} NAME (or a 0-based position)",
+        fix=f"map it with {flag} NAME (or a 0-based position){hint}",
     )
 
 

@@ -155,6 +155,7 @@ def get_release(name: str) -> Release:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
             f"unknown GroupLens dataset {name!r}",
+            where="source.dataset (--dataset)",
             fix=f"{hint}known: {', '.join(_BY_NAME)}, or `synthetic` (see `recdist datasets`)",
         ) from None
 

@@ -51,6 +51,7 @@ def load_source(source: SourceConfig, synth: SynthConfig) -> RawSource:
     if (source.test_path or source.val_path) and not source.train_path:
         raise ConfigError(
             "source.test_path / val_path are set without source.train_path",
+            where="source section",
             fix="with split `given`, set source.train_path too (and not source.dataset / path)",
         )
     if source.dataset == "synthetic":
@@ -112,7 +113,9 @@ def _path(source: SourceConfig) -> RawSource:
 def _given(source: SourceConfig) -> RawSource:
     """Separate train/val/test files: one frame with a `split` column, rows located in their own file."""
     if not source.test_path:
-        raise ConfigError("source.train_path is set without source.test_path", fix="set source.test_path too")
+        raise ConfigError(
+            "source.train_path is set without source.test_path", where="source section", fix="set source.test_path too"
+        )
     parts = [("train", source.train_path), ("val", source.val_path), ("test", source.test_path)]
     parsed = []
     for split, uri in parts:

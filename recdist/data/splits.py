@@ -167,18 +167,33 @@ def user_time_split(
     return df.with_columns(_label(eligible & (r <= k), (eligible & (r <= band)) if val else pl.lit(False)))
 
 
-def given_split(df: pl.DataFrame) -> pl.DataFrame:
-    """Keep the source's own `split` column (train/val/test files), checked and cast to the split Enum."""
+def given_split(
+    df: pl.DataFrame, *, val_fraction: float = 0.0, seed: int = 0, user: str = "user_id", item: str = "item_id"
+) -> pl.DataFrame:
+    """Keep the source's own `split` column (train/val/test files), checked and cast to the split Enum.
+
+    Without validation rows (no val file), `val_fraction` of the training rows become validation rows, chosen
+    by `row_hash` as random_split chooses them: without them training could never stop early.
+    """
     if "split" not in df.columns:
         raise DataError(
             "prepare.split is `given` but the source has no train/val/test files",
+            where="source section",
             fix="set source.train_path and source.test_path (and optionally source.val_path), "
             "or choose another prepare.split",
         )
     col = df["split"].cast(pl.String)
     bad = col.filter(col.is_null() | ~col.is_in(list(SPLITS)))
     if len(bad):
-        raise DataError(f"split column holds {bad[0]!r}; only train, val and test are allowed")
+        raise DataError(
+            f"split column holds {bad[0]!r}; only train, val and test are allowed",
+            where="the source's split column",
+            fix="label every row train, val or test",
+        )
+    if val_fraction > 0 and not (col == "val").any():
+        pairs = pl.DataFrame({"split": col, "_h": row_hash(df[user], df[item], seed)})
+        carve = (pl.col("_h") < _threshold(val_fraction)) & (pl.col("split") == "train")
+        col = pairs.select(pl.when(carve).then(pl.lit("val")).otherwise(pl.col("split"))).to_series()
     return df.with_columns(col.cast(SPLIT).alias("split"))
 
 
@@ -196,12 +211,14 @@ def assign_split(df: pl.DataFrame, cfg: PrepareConfig, *, user: str = "user_id",
         return time_split(df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     if cfg.split == "user_time":
         return user_time_split(df, holdout_k=cfg.holdout_k, val=cfg.val_fraction > 0, user=user)
-    return given_split(df)
+    return given_split(df, val_fraction=cfg.val_fraction, seed=cfg.seed, user=user, item=item)
 
 
 def _need_timestamps(df: pl.DataFrame, timestamp: str, method: str) -> None:
     if timestamp not in df.columns or df[timestamp].null_count():
+        missing = df[timestamp].null_count() if timestamp in df.columns else df.height
         raise DataError(
             f"prepare.split `{method}` needs a timestamp on every rating, and some are missing",
+            where=f"the timestamp column (source.timestamp_col): {missing:,} of {df.height:,} ratings have none",
             fix="set source.timestamp_col to the timestamp column, or use prepare.split=random or user",
         )

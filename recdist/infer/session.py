@@ -21,6 +21,7 @@ import polars as pl
 from numba import njit
 
 from recdist.config import PipelineConfig
+from recdist.errors import DataError
 from recdist.schema import SESSION_COLUMNS  # what stages 2 and 3 read
 
 #: Bits of a (user, time) key below the user: time spans up to 2^34 s (544 years) per dataset.
@@ -62,7 +63,11 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     time = frame["timestamp"].fill_null(0).to_numpy().astype(np.int64)
     time = time - time[timed].min()
     if time.max() + max(spec.windows) >= 1 << _TIME_BITS:
-        raise ValueError("timestamps span more than 2^34 seconds: not seconds since the epoch?")
+        raise DataError(  # `recdist prepare` converts milliseconds etc. to seconds; an older dataset may not have
+            "timestamps span more than 2^34 seconds (544 years): not seconds since the epoch?",
+            where="the dataset's timestamp column",
+            fix="prepare the dataset again with this recdist: it converts millisecond timestamps to seconds",
+        )
     key = (frame["user_idx"].to_numpy().astype(np.int64) << _TIME_BITS) + time
     resid = (frame["rating"].cast(pl.Float64) - frame["mf_pred"].cast(pl.Float64)).to_numpy()
     order = np.argsort(key, kind="stable")

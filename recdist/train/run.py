@@ -163,6 +163,7 @@ def train_stage(
             f"output already exists: {out}", fix="pass --overwrite to retrain it, or choose another output path"
         )
     manifest = check_inputs(data, model_cls, upstream)
+    _say_without_validation(data, manifest, stage.train.epochs)
     plan = connect(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     name = run_name(data, stage, out, upstream, plan)
@@ -193,6 +194,16 @@ def train_stage(
     except OSError:
         pass
     return metrics
+
+
+def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
+    """Warn (shown even with --quiet: the run differs in kind) when the data has no validation rows."""
+    if manifest.get("splits", {}).get("val", 1) == 0:
+        log.warning(
+            "%s has no validation ratings: training runs all %d epochs without early stopping and keeps the last; "
+            "give a validation file, or prepare with --val-fraction above 0",
+            data, epochs,
+        )  # fmt: skip
 
 
 def check_inputs(data: str, model_cls: type[Model], upstream: str | None) -> dict[str, Any]:

@@ -1,0 +1,604 @@
+"""Chaos bench: bad inputs through the real `recdist prepare` (a subprocess on real files), one verdict per case.
+
+    .venv/bin/python bench/chaos.py                    # every section (today: bad-input)
+    .venv/bin/python bench/chaos.py -k zip -k bom      # the cases whose name holds `zip` or `bom`
+    .venv/bin/python bench/chaos.py --list             # the cases and what each one expects
+    .venv/bin/python bench/chaos.py --jobs 1 --keep    # one at a time; keep the temp directory
+
+Per case it prints the exit code, whether the message has what/where/fix (`error:` + `where:` + `fix:`), what
+was left behind (an --out that a refusal created or changed, `*.staging-*` / `*.tmp-*` / `*.old-*` anywhere
+beside or under it), and the verdict; then per section "N of M ... , K tracebacks". A refused case is clean
+when it exits 2 with what/where/fix, no traceback and nothing left; a handled case when it exits 0 and its
+check of the prepared dataset passes (e.g. millisecond timestamps came out as seconds).
+
+Scenarios live in a small registry (`SECTIONS`, `scenario()`): a kill or corruption section adds its own
+Section and registers functions `(case_dir, env) -> Outcome`; `bad_input()` is the helper of this one.
+Cases that mount a tmpfs (full disk, read-only --out) need root and are skipped otherwise; s3:// cases run
+against a moto S3 server started here on 127.0.0.1 with fake keys (skipped where moto is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import contextlib
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+
+
+# --- the registry ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """A group of scenarios and how its final count reads: 'N of M <noun> <goal>, K tracebacks'."""
+
+    noun: str
+    goal: str
+
+
+@dataclass
+class Outcome:
+    """What one scenario did: its verdict (ok / FAIL / skipped) and the figures printed for it."""
+
+    verdict: str
+    exit: int | None = None
+    wwf: bool | None = None
+    """The message has what, where and fix."""
+    traceback: bool = False
+    leftovers: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    section: str
+    name: str
+    expect: str
+    """One line: what the input is and what should happen."""
+    run: Callable[[Path, dict[str, str]], Outcome]
+    needs: tuple[str, ...] = ()
+    """'root' (mounts a tmpfs), 's3' (the moto server)."""
+
+
+SECTIONS: dict[str, Section] = {"bad-input": Section("bad inputs", "refused clearly or handled correctly")}
+SCENARIOS: list[Scenario] = []
+
+
+def scenario(section: str, name: str, expect: str, needs: tuple[str, ...] = ()):
+    """Register `fn(case_dir, env) -> Outcome` as a scenario of `section`."""
+
+    def register(fn: Callable[[Path, dict[str, str]], Outcome]) -> Callable[[Path, dict[str, str]], Outcome]:
+        assert section in SECTIONS and all(s.name != name for s in SCENARIOS), name
+        SCENARIOS.append(Scenario(section, name, expect, fn, needs))
+        return fn
+
+    return register
+
+
+# --- running `recdist` and judging what it did ------------------------------------------------------------------
+
+
+def recdist(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m recdist ARGS` in a fresh interpreter with this checkout first on the path."""
+    full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "recdist", *args], capture_output=True, text=True, env=full, timeout=TIMEOUT_S
+    )
+
+
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    """Every file under `path` with its bytes (None when `path` does not exist)."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def stray(path: Path) -> list[str]:
+    """Temporaries of an output: staging / tmp / old siblings of `path` and anything of the kind under it."""
+    if not path.parent.is_dir():
+        return []
+    names = [p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.")]
+    if path.is_dir():
+        names += list(path.rglob("*"))
+    return sorted(str(p) for p in names if any(t in p.name for t in (".staging-", ".tmp-", ".old-")))
+
+
+def judge(proc: subprocess.CompletedProcess[str], out: Path, before: Any, check: Callable | None) -> Outcome:
+    """The verdict of one prepare run: refused clearly and nothing left, or handled and the check passes."""
+    err = proc.stderr
+    traceback = "Traceback (most recent call last)" in err
+    wwf = "error:" in err and "\n  where: " in err and "\n  fix:   " in err
+    left = stray(out)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    note = next((ln for ln in err.splitlines() if ln.startswith("error:")), last)
+    if check is None:  # a refusal: out as it was before
+        if snapshot(out) != before:
+            left.append(f"{out} {'created' if before is None else 'changed'}")
+        ok = proc.returncode == 2 and wwf and not traceback and not left
+        return Outcome("ok" if ok else "FAIL", proc.returncode, wwf, traceback, left, note)
+    if proc.returncode != 0:
+        return Outcome("FAIL", proc.returncode, wwf, traceback, left, f"expected success: {note}")
+    problem = check(out, json.loads((out / "manifest.json").read_text()))
+    ok = not problem and not left
+    return Outcome("ok" if ok else "FAIL", 0, None, traceback, left, problem or "handled: " + handled_note(out))
+
+
+def handled_note(out: Path) -> str:
+    m = json.loads((out / "manifest.json").read_text())
+    return f"{m['n_ratings']} ratings, splits {m['splits']}"
+
+
+# --- the bad-input section: helpers that write inputs ---------------------------------------------------------
+
+HEADER = "userId,movieId,rating,timestamp"
+T0 = 1_100_000_000
+"""Seconds since the epoch of the first rating (2004-11-09)."""
+
+
+def lines(n_users: int = 5, n_items: int = 8, scale: int = 1, start: int = T0) -> list[str]:
+    """Valid rating lines: every user rates every item, a minute apart (timestamps times `scale`)."""
+    rows = []
+    for u in range(1, n_users + 1):
+        for i in range(1, n_items + 1):
+            k = (u - 1) * n_items + i
+            rows.append(f"{u},{i},{1 + (u * i) % 9 / 2:g},{(start + 60 * k) * scale}")
+    return rows
+
+
+def csv(*extra: str, header: str = HEADER, eol: str = "\n", body: list[str] | None = None) -> bytes:
+    """A ratings CSV: the header, valid lines (or `body`), then `extra` lines."""
+    return (eol.join([header, *(lines() if body is None else body), *extra]) + eol).encode()
+
+
+def parquet(**columns: Any) -> bytes:
+    """A Parquet file of the given columns (lists or pyarrow arrays); defaults fill userId..timestamp."""
+    n = len(next(iter(columns.values()))) if columns else 4
+    base = {"userId": [1, 1, 2, 2][:n], "movieId": [1, 2, 1, 2][:n], "rating": [4.0, 3.5, 5.0, 2.0][:n]}
+    table = pa.table({**base, **columns})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def zipped(members: dict[str, bytes], patch: Callable[[bytearray], None] | None = None) -> bytes:
+    """A zip of `members` (deflated), optionally damaged by `patch`."""
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    data = bytearray(sink.getvalue())
+    if patch:
+        patch(data)
+    return bytes(data)
+
+
+def flip_middle(data: bytearray) -> None:
+    """Damage the first member's compressed bytes (its CRC no longer matches)."""
+    mid = 30 + len("ratings.csv") + 40
+    for k in range(mid, mid + 16):
+        data[k] ^= 0xFF
+
+
+def set_flag(data: bytearray, local: int, central: int, value: int) -> None:
+    """Set a 2-byte field of the first member's local header (offset `local`) and central record (`central`)."""
+    at = data.find(b"PK\x01\x02")
+    data[local : local + 2] = value.to_bytes(2, "little")
+    data[at + central : at + central + 2] = value.to_bytes(2, "little")
+
+
+Files = dict[str, bytes | Callable[[Path], None]]
+
+
+def bad_input(
+    name: str,
+    expect: str,
+    files: Files,
+    *args: str,
+    check: Callable[[Path, dict], str | None] | None = None,
+    mount: Callable[[Path], contextlib.AbstractContextManager[Path]] | None = None,
+    needs: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    before: Files | None = None,
+) -> None:
+    """Register one `recdist prepare` case. `files` are written under the case directory (bytes, or a function
+    of the path that writes it); `args` may hold {d} (the case directory) and {s3} (a fresh bucket's URI).
+    `check` None: the input must be refused; else it must be handled and check(out, manifest) return None.
+    `mount` makes the directory --out lives in; `before` files are put in --out before the run."""
+
+    def run(d: Path, shared_env: dict[str, str]) -> Outcome:
+        for rel, content in files.items():
+            path = d / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            content(path) if callable(content) else path.write_bytes(content)
+        with mount(d) if mount else contextlib.nullcontext(d) as home:
+            out = home / "out"
+            for rel, content in (before or {}).items():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(content)  # type: ignore[arg-type]
+            if any("--out" == a for a in args):
+                out = Path(args[args.index("--out") + 1].format(d=d))
+            before_state = snapshot(out)
+            bucket = shared_env.get("S3_BUCKET", "")
+            argv = [a.format(d=d, s3=bucket) for a in args]
+            if "--out" not in args:
+                argv += ["--out", str(out)]
+            proc = recdist("prepare", *argv, "-q", env={**shared_env, **(env or {})})
+            return judge(proc, out, before_state, check)
+
+    scenario("bad-input", name, expect, needs)(run)
+
+
+@contextlib.contextmanager
+def tmpfs(d: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at d/mnt (read-only after mounting when asked); unmounted at the end."""
+    where = d / "mnt"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+# --- checks of handled cases ------------------------------------------------------------------------------
+
+
+def ratings_of(out: Path) -> pa.Table:
+    return pq.read_table(out / "ratings")
+
+
+def n_ratings(n: int) -> Callable[[Path, dict], str | None]:
+    return lambda out, m: None if m["n_ratings"] == n else f"expected {n} ratings, got {m['n_ratings']}"
+
+
+def seconds(out: Path, m: dict) -> str | None:
+    """Timestamps came out as the seconds of `lines()`."""
+    ts = ratings_of(out)["timestamp"].to_pylist()
+    want = (T0 + 60, T0 + 60 * 40)
+    return None if (min(ts), max(ts)) == want else f"timestamps {min(ts)}..{max(ts)}, expected {want[0]}..{want[1]}"
+
+
+def in_seconds(out: Path, m: dict) -> str | None:
+    """Every timestamp of parquet() came out as T0 seconds."""
+    ts = set(ratings_of(out)["timestamp"].to_pylist())
+    return None if ts == {T0} else f"timestamps {sorted(ts)}, expected {T0}"
+
+
+def all_of(*checks: Callable[[Path, dict], str | None]) -> Callable[[Path, dict], str | None]:
+    return lambda out, m: next((p for c in checks if (p := c(out, m))), None)
+
+
+def carved(share_ok: bool) -> Callable[[Path, dict], str | None]:
+    """A given split without a val file: val rows carved out of train (share_ok) or none at all."""
+
+    def check(out: Path, m: dict) -> str | None:
+        val = m["splits"]["val"]
+        if share_ok and not (val > 0 and m.get("val_carved_from_train")):
+            return f"no validation carved out of train: splits {m['splits']}"
+        if not share_ok and val:
+            return f"val_fraction 0 still carved {val} rows"
+        return None
+
+    return check
+
+
+def ids_kept(out: Path, m: dict) -> str | None:
+    users = pq.read_table(out / "users.parquet")["user_id"].to_pylist()
+    return None if max(users) == 2**63 - 1 else f"largest user id {max(users)}, expected 2^63-1"
+
+
+GOOD = csv()
+"""40 valid ratings of 5 users on 8 movies."""
+N = 40
+Check = Callable[[Path, dict], "str | None"]
+MIXED = lines()[:20] + lines(scale=1000)[20:]
+TAGGED = csv(header=HEADER + ",tag", body=[ln + ",caf\xe9" for ln in lines()]).replace(b"caf\xc3\xa9", b"caf\xe9")
+P = pa.array
+
+#: One input file through `recdist prepare --path FILE FLAGS`: (name, what should happen, file name, its bytes,
+#: extra flags, check). check None: it must be refused; else handled, and check(out, manifest) returns None.
+ONE_FILE: list[tuple[str, str, str, bytes, tuple[str, ...], Check | None]] = [
+    *[(f"rating-{v}", f"a rating {v}: refused", "r.csv", csv(f"1,9,{v},{T0}"), (), None)
+      for v in ("inf", "nan", "-inf", "NaN", "Infinity")],
+    ("rating-inf-with-infinite-scale", "the fix the old message gave, an infinite scale: a config error",
+     "r.csv", csv(f"1,9,inf,{T0}"), ("--set", "source.rating_scale=[0.5,.inf]"), None),
+    ("scale-nan", "rating_scale [nan, 5]: a config error", "r.csv", GOOD, ("--set", "source.rating_scale=[.nan,5]"),
+     None),
+    ("scale-reversed", "rating_scale [5, 0.5]: a config error", "r.csv", GOOD, ("--set", "source.rating_scale=[5,0.5]"),
+     None),
+    *[(name, f"a line {line!r}: refused, the line named", "r.csv", csv(line), (), None) for name, line in (
+        ("rating-text", "1,9,good,0"), ("rating-empty", "1,9,,0"), ("rating-out-of-scale", "1,9,7,0"),
+        ("rating-comma-decimal", '1,9,"3,5",0'), ("user-float", "1.5,9,4,0"), ("user-float-integral", "1.0,9,4,0"),
+        ("user-negative", "-3,9,4,0"), ("user-above-int64", "99999999999999999999,9,4,0"), ("user-text", "u1,9,4,0"),
+        ("user-missing", ",9,4,0"), ("item-negative", "1,-9,4,0"), ("timestamp-date", "1,9,4,2004-11-09"),
+        ("timestamp-float", "1,9,4,1100000000.5"), ("timestamp-above-int64", "1,9,4,99999999999999999999"),
+        ("ragged-line", "1,9,4,0,extra"), ("short-line", "1,9"), ("blank-line-inside", "\n1,9,4,0"),
+    )],
+    ("id-int64-max", "a user id of 2^63-1: handled, kept exactly", "r.csv", csv(f"{2**63 - 1},1,4,{T0}"), (),
+     all_of(n_ratings(N + 1), ids_kept)),
+    ("timestamps-empty-some", "some empty timestamps: handled (null)", "r.csv", csv("1,9,4,"), (), n_ratings(N + 1)),
+    *[(f"timestamps-{unit}", f"timestamps in {unit}: converted to seconds", "r.csv", csv(body=lines(scale=scale)), (),
+       seconds) for unit, scale in (("ms", 1000), ("us", 10**6), ("ns", 10**9))],
+    ("timestamps-mixed-units", "seconds and milliseconds in one file: refused", "r.csv", csv(body=MIXED), (), None),
+    ("timestamps-before-1970", "negative timestamps (1969): handled as seconds", "r.csv",
+     csv(body=lines(start=-(10**6))), (), n_ratings(N)),
+    ("empty-file", "a 0-byte file: refused", "r.csv", b"", (), None),
+    ("header-only", "a header and no data: refused", "r.csv", csv(body=[]), (), None),
+    ("blank-lines-only", "only blank lines: refused", "r.csv", b"\n\n\n", (), None),
+    ("utf8-bom", "a UTF-8 BOM: handled", "r.csv", b"\xef\xbb\xbf" + GOOD, (), n_ratings(N)),
+    ("utf16", "UTF-16 with a BOM (Excel's 'Unicode text'): handled", "r.csv", GOOD.decode().encode("utf-16"), (),
+     n_ratings(N)),
+    ("cr-only", "old-Mac CR line endings: handled", "r.csv", csv(eol="\r"), (), n_ratings(N)),
+    ("crlf", "Windows CRLF line endings: handled", "r.csv", csv(eol="\r\n"), (), n_ratings(N)),
+    ("mixed-endings", "CRLF and LF mixed: handled", "r.csv", GOOD.replace(b"\n", b"\r\n", 10), (), n_ratings(N)),
+    ("nul-bytes", "NUL bytes inside: refused", "r.csv", GOOD[:60] + b"\0\0\0" + GOOD[60:], (), None),
+    ("binary-garbage", "random bytes named .csv: refused", "r.csv", bytes(range(256)) * 8, (), None),
+    ("html-page", "an HTML error page saved as ratings.csv: refused", "r.csv",
+     b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n", (), None),
+    ("gzip-named-gz", "ratings.csv.gz: handled (gunzipped)", "ratings.csv.gz", gzip.compress(GOOD), (), n_ratings(N)),
+    ("gzip-named-csv", "gzip bytes named .csv: handled", "r.csv", gzip.compress(GOOD), (), n_ratings(N)),
+    ("bzip2-named-csv", "bzip2 bytes named .csv: handled", "r.csv", bz2.compress(GOOD), (), n_ratings(N)),
+    ("gzip-truncated", "half a gzip file: refused", "r.csv.gz", gzip.compress(GOOD)[:60], (), None),
+    ("semicolons", "a ;-separated file named .csv: refused, naming --separator", "r.csv", GOOD.replace(b",", b";"),
+     (), None),
+    ("tabs-in-csv", "a tab-separated file named .csv: refused, naming --separator", "r.csv",
+     GOOD.replace(b",", b"\t"), (), None),
+    ("duplicate-columns", "the header names userId twice: refused", "r.csv",
+     csv(header="userId,userId,rating,timestamp"), (), None),
+    ("header-case", "userid instead of userId: refused, suggesting the column", "r.csv",
+     csv(header="userid,movieid,rating,timestamp"), (), None),
+    ("quoted-fields", "every field quoted: handled", "r.csv",
+     csv(body=['"' + ln.replace(",", '","') + '"' for ln in lines()]), (), n_ratings(N)),
+    ("extra-columns", "an extra tag column: handled", "r.csv",
+     csv(header=HEADER + ",tag", body=[ln + ",x" for ln in lines()]), (), n_ratings(N)),
+    ("latin1-extra-column", "latin-1 bytes in a column not read: handled", "r.csv", TAGGED, (), n_ratings(N)),
+    ("unknown-extension", "ratings.txt: refused, naming source.format", "ratings.txt", GOOD, (), None),
+    ("csv-as-parquet", "--set source.format=parquet on a CSV: refused", "r.csv", GOOD,
+     ("--set", "source.format=parquet"), None),
+    ("user-col-missing", "--user-col uid on a file without it: refused", "r.csv", GOOD, ("--user-col", "uid"), None),
+    ("user-col-position", "--user-col 9 on a 4-column file: refused", "r.tsv", b"1\t2\t3\t4\n", ("--user-col", "9"),
+     None),
+    ("no-header-on-header", "--no-header on a file with a header: refused at line 1", "r.csv", GOOD, ("--no-header",),
+     None),
+    ("one-rating", "a single rating: handled", "r.csv", csv(body=[f"1,1,4,{T0}"]), (), n_ratings(1)),
+    ("filters-remove-all", "--min-user-ratings 1000 leaves no rating: refused", "r.csv", GOOD,
+     ("--min-user-ratings", "1000"), None),
+    ("time-split-no-timestamps", "--split time with --timestamp-col '': refused", "r.csv", GOOD,
+     ("--split", "time", "--timestamp-col", ""), None),
+    ("fractions-sum-1", "--val-fraction 0.5 --test-fraction 0.5: refused", "r.csv", GOOD,
+     ("--val-fraction", "0.5", "--test-fraction", "0.5"), None),
+    ("shards-0", "--shards 0: refused", "r.csv", GOOD, ("--shards", "0"), None),
+    ("zip-corrupt-member", "a zip whose ratings.csv is damaged: refused", "z.zip",
+     zipped({"ratings.csv": GOOD * 20}, flip_middle), (), None),
+    ("zip-truncated", "the first half of a zip: refused", "z.zip", zipped({"ratings.csv": GOOD})[:200], (), None),
+    ("zip-empty", "a zip with no members: refused", "z.zip", zipped({}), (), None),
+    ("zip-no-ratings", "a zip without a ratings file: refused", "z.zip", zipped({"README.txt": b"hi"}), (), None),
+    ("zip-encrypted", "a zip whose ratings.csv is encrypted: refused", "z.zip",
+     zipped({"ratings.csv": GOOD}, lambda b: set_flag(b, 6, 8, 1)), (), None),
+    ("zip-unsupported-method", "a zip member compressed by an unknown method (AES, 99): refused", "z.zip",
+     zipped({"ratings.csv": GOOD}, lambda b: set_flag(b, 8, 10, 99)), (), None),
+    ("zip-nested-folder", "a zip holding ml-x/ratings.csv: handled", "z.zip", zipped({"ml-x/ratings.csv": GOOD}), (),
+     n_ratings(N)),
+    ("zip-header-only-member", "a zip whose ratings.csv has only a header: refused", "z.zip",
+     zipped({"ratings.csv": csv(body=[])}), (), None),
+    ("parquet-list-ids", "a list-typed user id column: refused", "r.parquet", parquet(userId=[[1], [1], [2], [2]]), (),
+     None),
+    ("parquet-struct-rating", "a struct-typed rating column: refused", "r.parquet", parquet(rating=[{"v": 1.0}] * 4),
+     (), None),
+    ("parquet-rating-numeric-strings", "the rating as strings '4.5': handled", "r.parquet",
+     parquet(rating=["4.5", "3", "5", "2"]), (), n_ratings(4)),
+    ("parquet-rating-text", "the rating as strings 'good': refused", "r.parquet",
+     parquet(rating=["good", "3", "5", "2"]), (), None),
+    ("parquet-rating-nan", "a NaN rating: refused", "r.parquet", parquet(rating=[4.0, float("nan"), 5.0, 2.0]), (),
+     None),
+    ("parquet-rating-inf", "an inf rating: refused", "r.parquet", parquet(rating=[4.0, float("inf"), 5.0, 2.0]), (),
+     None),
+    ("parquet-uint64-huge-id", "a uint64 user id above int64: refused", "r.parquet",
+     parquet(userId=P([1, 2**64 - 1, 2, 2], pa.uint64())), (), None),
+    ("parquet-float-ids", "user ids 1.5: refused", "r.parquet", parquet(userId=[1.5, 1.0, 2.0, 2.0]), (), None),
+    ("parquet-null-id", "a null item id: refused", "r.parquet", parquet(movieId=[1, None, 1, 2]), (), None),
+    ("parquet-no-rows", "a Parquet file with no rows: refused", "r.parquet",
+     parquet(userId=P([], pa.int64()), movieId=P([], pa.int64()), rating=P([], pa.float64())), (), None),
+    ("parquet-truncated", "the first half of a Parquet file: refused", "r.parquet", parquet()[:300], (), None),
+    ("parquet-datetime-timestamps", "a timestamp[ms] (datetime) column: handled as seconds", "r.parquet",
+     parquet(timestamp=P([T0 * 1000] * 4, pa.timestamp("ms"))), (), in_seconds),
+    ("parquet-ms-timestamps", "int64 millisecond timestamps: converted to seconds", "r.parquet",
+     parquet(timestamp=[T0 * 1000 + k for k in range(4)]), (), in_seconds),
+    ("parquet-decimal-rating", "a decimal128 rating: handled", "r.parquet",
+     parquet(rating=P([4, 3, 5, 2], pa.decimal128(3, 1))), (), n_ratings(4)),
+]  # fmt: skip
+
+
+def _other_cases() -> None:
+    """Directories, split files, outputs, releases and s3://: more than one file or more than --path."""
+    r, many = {"r.csv": GOOD}, lines(n_users=20)  # 128 training ratings: 10% of them carves some (32 carved none)
+    train, test = csv(body=many[:128]), csv(body=many[128:])
+    given = ("--train-path", "{d}/train.csv", "--test-path", "{d}/test.csv")
+    no_bucket = "s3://recdist-chaos-no-such-bucket"
+    bad_input("dir-no-ratings", "a directory without a ratings file: refused", {"dir/notes.txt": b"x"},
+              "--path", "{d}/dir")
+    bad_input("dir-empty", "an empty directory: refused", {"dir/.keep": b""}, "--path", "{d}/dir")
+    bad_input("dir-bad-movies", "a directory whose movies.csv has a text id: refused",
+              {"dir/ratings.csv": GOOD, "dir/movies.csv": b"movieId,title,genres\nx,A,Drama\n"}, "--path", "{d}/dir")
+    bad_input("path-missing", "a path that does not exist: refused", {}, "--path", "{d}/nothing.csv")
+    bad_input("path-unsupported-scheme", "an http:// path: refused", {}, "--path", "http://example.com/r.csv")
+    bad_input("given-no-val", "--train-path/--test-path without a val file: val carved out of train",
+              {"train.csv": train, "test.csv": test}, *given, check=carved(True))
+    bad_input("given-no-val-fraction-0", "... with --val-fraction 0: no validation rows, handled",
+              {"train.csv": train, "test.csv": test}, *given, "--val-fraction", "0", check=carved(False))
+    bad_input("given-test-missing", "--test-path to a missing file: refused", {"train.csv": train}, *given)
+    bad_input("given-test-other-columns", "a test file without the userId column: refused",
+              {"train.csv": train, "test.csv": test.replace(b"userId", b"user")}, *given)
+    bad_input("given-val-without-train", "--val-path alone: refused", {"v.csv": train},
+              "--path", "{d}/v.csv", "--val-path", "{d}/v.csv")
+    bad_input("out-read-only", "--out on a read-only filesystem: refused", r, "--path", "{d}/r.csv",
+              mount=lambda d: tmpfs(d, "1m", read_only=True), needs=("root",))
+    bad_input("out-disk-full", "--out on a full disk (a 64 KiB tmpfs): refused, nothing half-written",
+              {"r.csv": csv(body=lines(n_users=1000, n_items=50))}, "--path", "{d}/r.csv",
+              mount=lambda d: tmpfs(d, "64k"), needs=("root",))
+    bad_input("out-parent-is-file", "--out under a regular file: refused", {**r, "f": b"x"},
+              "--path", "{d}/r.csv", "--out", "{d}/f/out")
+    bad_input("out-is-file", "--out naming a regular file: refused, the file kept", {**r, "f": b"keep"},
+              "--path", "{d}/r.csv", "--out", "{d}/f")
+    bad_input("out-foreign-dir", "--out a directory of other files: refused, kept", r, "--path", "{d}/r.csv",
+              before={"thesis.tex": b"keep"})
+    bad_input("out-existing-dataset", "--out an existing dataset without --overwrite: refused, kept", r,
+              "--path", "{d}/r.csv", before={"manifest.json": b"{}", "users.parquet": b"keep"})
+    bad_input("unknown-dataset", "--dataset ml-21m: refused, suggesting ml-20m", {}, "--dataset", "ml-21m")
+    bad_input("dataset-offline", "--dataset ml-100k with no network and no cache: refused within seconds", {},
+              "--dataset", "ml-100k", "--set", "source.cache_dir={d}/cache",
+              env={"RECDIST_GROUPLENS_URL": "http://127.0.0.1:9"})
+    bad_input("s3-missing-key", "an s3:// path to a key that does not exist: refused", {},
+              "--path", "{s3}/nothing/ratings.csv", needs=("s3",))
+    bad_input("s3-missing-bucket", "an s3:// path in a bucket that does not exist: refused", {},
+              "--path", f"{no_bucket}/ratings.csv", needs=("s3",))
+    bad_input("s3-out-missing-bucket", "--out in an s3 bucket that does not exist: refused", r,
+              "--path", "{d}/r.csv", "--out", f"{no_bucket}/out", needs=("s3",))  # fmt: skip
+
+
+for _name, _expect, _file, _data, _flags, _check in ONE_FILE:
+    bad_input(_name, _expect, {_file: _data}, "--path", "{d}/" + _file, *_flags, check=_check)
+_other_cases()
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with one bucket, and the AWS_* variables that point at it (fake keys)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "CHAOSFAKEKEY",
+        "AWS_SECRET_ACCESS_KEY": "chaos-fake-secret", "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
+    try:
+        kw = {k.lower(): v for k, v in env.items() if k != "AWS_ENDPOINT_URL" and k != "AWS_DEFAULT_REGION"}
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", **kw).create_bucket(
+            Bucket="recdist-chaos"
+        )
+        yield {**env, "S3_BUCKET": "s3://recdist-chaos"}
+    finally:
+        server.stop()
+
+
+def available(needs: tuple[str, ...], env: dict[str, str]) -> str | None:
+    """Why a scenario cannot run here (None: it can)."""
+    if "root" in needs and os.geteuid() != 0:
+        return "needs root (mounts a tmpfs)"
+    if "s3" in needs and "S3_BUCKET" not in env:
+        return "needs moto (the S3 test server)"
+    return None
+
+
+def run_one(s: Scenario, base: Path, env: dict[str, str]) -> Outcome:
+    if why := available(s.needs, env):
+        return Outcome("skipped", note=why)
+    d = base / s.section / s.name
+    d.mkdir(parents=True)
+    try:
+        return s.run(d, env)
+    except subprocess.TimeoutExpired:
+        return Outcome("FAIL", note=f"no answer within {TIMEOUT_S} s")
+    except Exception as e:  # the harness itself: report it as this case's failure and go on with the others
+        return Outcome("FAIL", note=f"bench error: {type(e).__name__}: {e}")
+
+
+def report(s: Scenario, o: Outcome) -> None:
+    wwf = "-" if o.wwf is None else ("yes" if o.wwf else "no")
+    left = ", ".join(o.leftovers) or "nothing"
+    tb = " TRACEBACK" if o.traceback else ""
+    print(f"{o.verdict:7} {s.name:32} exit {o.exit!s:4} wwf {wwf:3} left: {left}{tb}\n        {o.note[:150]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--section", action="append", choices=list(SECTIONS), help="only these sections")
+    ap.add_argument("-k", action="append", default=[], metavar="TEXT", help="only cases whose name holds TEXT")
+    ap.add_argument("--jobs", type=int, default=2, help="cases run at once (each one a recdist process)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory and print it")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = ap.parse_args()
+    chosen = [
+        s for s in SCENARIOS
+        if (not args.section or s.section in args.section) and (not args.k or any(k in s.name for k in args.k))
+    ]  # fmt: skip
+    if args.list:
+        for s in chosen:
+            print(f"{s.section:10} {s.name:32} {s.expect}")
+        return
+    signal.signal(signal.SIGTERM, _interrupted)  # as Ctrl-C: running cases finish, tmpfs unmounted, temp removed
+    base = Path(tempfile.mkdtemp(prefix="recdist-chaos-"))
+    print(f"{len(chosen)} cases, {args.jobs} at a time, in {base} (each one a fresh `recdist` process)")
+    try:
+        with s3_server() if _have_moto() else contextlib.nullcontext({}) as env:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                outcomes = []
+                for s, o in zip(chosen, pool.map(lambda s: run_one(s, base, env), chosen), strict=True):
+                    report(s, o)  # in registry order, as soon as each one is known
+                    outcomes.append((s, o))
+    finally:
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    summarize(outcomes)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def summarize(outcomes: list[tuple[Scenario, Outcome]]) -> None:
+    for name, section in SECTIONS.items():
+        mine = [o for s, o in outcomes if s.section == name]
+        ran = [o for o in mine if o.verdict != "skipped"]
+        if not mine:
+            continue
+        ok, tb = sum(o.verdict == "ok" for o in ran), sum(o.traceback for o in ran)
+        skipped = f" ({len(mine) - len(ran)} skipped)" if len(ran) < len(mine) else ""
+        print(f"{name}: {ok} of {len(ran)} {section.noun} {section.goal}, {tb} tracebacks{skipped}")
+
+
+def _have_moto() -> bool:
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
