@@ -108,6 +108,27 @@ def synth(
         float | None,
         typer.Option(help="Noise std before rounding to half stars \\[default: 0.7].", rich_help_panel=_MODEL),
     ] = None,
+    popularity_skew: Annotated[
+        float | None,
+        typer.Option(
+            help="Scales movies' log popularity: 0 flat, 1 ml-20m's long tail, >1 steeper \\[default: 1].",
+            rich_help_panel=_SIZE,
+        ),
+    ] = None,
+    activity_skew: Annotated[
+        float | None,
+        typer.Option(
+            help="Log-normal spread of users' activity: 0 all alike, 1.38 ml-20m's \\[default: 1.38].",
+            rich_help_panel=_SIZE,
+        ),
+    ] = None,
+    exposure: Annotated[
+        float | None,
+        typer.Option(
+            help="Missing not at random: how much taste picks what a user rates; 0 none \\[default: 0].",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed and sizes, same bytes \\[default: 0].")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -138,6 +159,7 @@ def synth(
         {
             "synth.n_users": users, "synth.n_items": items, "synth.n_ratings": ratings,
             "synth.min_user_ratings": min_user_ratings, "synth.rank": rank, "synth.noise": noise, "synth.seed": seed,
+            "synth.popularity_skew": popularity_skew, "synth.activity_skew": activity_skew, "synth.exposure": exposure,
         },
     )
     _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite))
