@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/family.py                          # the small family + ml-latest-small (minutes)
     .venv/bin/python bench/family.py --settings untuned-20m   # the 20M setting no default was chosen on
-    .venv/bin/python bench/family.py --candidates als16 --no-spark --fresh
+    .venv/bin/python bench/family.py --candidates als16-reg0.05 --no-spark --fresh
 
 Every setting is prepared with the pipeline configs' split (seeded random: 20% test, 8% validation, 72%
 training); each candidate trains on the training rows in this process through the same Trainer the Ray Train
 workers run (one worker, every core), early-stopped on validation RMSE; test RMSE is read once at the end.
 Spark MLlib ALS (local[2], rank 16, 10 iterations, regParam 0.05: the peer the issue names) fits the same
 training rows in a child process, on the 20M setting and on base-r8 only (a JVM fit takes minutes here).
-Data and each (setting, candidate) result are cached under --cache; --fresh recomputes the results. Seconds are wall seconds of the fit (Spark: its `fit`), on a shared machine: the load
-average is printed beside them.
+Data and each (setting, candidate) result are cached under --cache; --fresh recomputes the results. Seconds
+are wall seconds of the fit (Spark: its `fit`), on a shared machine: the load average is printed beside them.
 """
 
 from __future__ import annotations
