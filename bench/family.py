@@ -284,7 +284,7 @@ def print_table(rows: list[dict[str, Any]], candidates: list[str]) -> None:
     print(f"\ntest RMSE (fit seconds; load average before the fit: {os.getloadavg()[0]:.1f} now)\n")
     print("| candidate | " + " | ".join(settings) + " | mean excess over the best |")
     print("|---|" + "---:|" * len(settings) + "---:|")
-    best = {s: min(at[s, c]["test_rmse"] for c in candidates if (s, c) in at) for s in settings}
+    best = {s: min((at[s, c]["test_rmse"] for c in candidates if (s, c) in at), default=np.nan) for s in settings}
     for c in candidates:
         cells, excess = [], []
         for s in settings:
@@ -295,7 +295,8 @@ def print_table(rows: list[dict[str, Any]], candidates: list[str]) -> None:
             excess.append(r["test_rmse"] / best[s] - 1)
             mark = "**" if r["test_rmse"] == best[s] else ""
             cells.append(f"{mark}{r['test_rmse']:.4f}{mark} ({r['seconds']:.0f} s)")
-        print(f"| {c} | " + " | ".join(cells) + f" | {100 * np.mean(excess):.2f}% |")
+        if excess:
+            print(f"| {c} | " + " | ".join(cells) + f" | {100 * np.mean(excess):.2f}% |")
 
 
 if __name__ == "__main__":

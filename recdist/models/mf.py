@@ -23,8 +23,8 @@ from recdist.models.registry import register
 class MFConfig(Section):
     """Plain matrix factorisation: r = mu + p_u . q_i."""
 
-    rank: int = Field(64, ge=1)
-    """Length of each user and item factor vector."""
+    rank: int = Field(32, ge=1)
+    """Length of each user and item factor vector (32: what bench/family.py found to hold across its data)."""
     reg: float = Field(0.08, ge=0)
     """L2 weight on the factor rows of each rating, added per rating as in classic SGD MF
     (loss = mean over the batch of (r - r_hat)^2 + reg * (|p_u|^2 + |q_i|^2))."""

@@ -37,8 +37,9 @@ from recdist.train import dist
 from recdist.train.data import RankData
 from recdist.train.solvers import Schedule, epoch_generator, rank_counts, trained_tables
 
-DEFAULT_LR = 0.02
-"""Per-rating SGD's learning rate when train.lr is empty."""
+DEFAULT_LR = 0.04
+"""Per-rating SGD's learning rate when train.lr is empty (with the cosine schedule: it held across the data of
+bench/family.py, where 0.01 and 0.02 underfit within 12-20 epochs)."""
 
 
 # ---------------------------------------------------------------------------------------------- numba kernel
