@@ -42,6 +42,8 @@ class BiasedMFConfig(MFConfig):
 class SigmoidMFConfig(BiasedMFConfig):
     """Biased MF squashed by a sigmoid onto [rating_min, rating_max]; biases and factors in logit units."""
 
+    rank: int = Field(64, ge=1)
+    """Length of each user and item factor vector (trained by autograd; not part of bench/family.py's choice)."""
     init_std: float = Field(0.01, gt=0)
     """Standard deviation of the normal initial factors (logit units; trained by autograd, which needs no push)."""
 
