@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 
@@ -151,10 +152,11 @@ def share(x: Inputs) -> float:
 
 
 def comm(sizes: Iterable[int], x: Inputs) -> tuple[float, int, float, int]:
-    sizes = list(sizes)
-    secs = sum(allreduce_seconds(b, x.workers, x.bandwidth, x.latency) for b in sizes)
-    wire = sum(2 * (x.workers - 1) / x.workers * b for b in sizes)
-    return secs, sum(sizes), wire, len(sizes)
+    """Seconds, payload bytes, bytes on each rank's link, and the count of these all-reduces."""
+    counts = Counter(sizes)
+    secs = sum(n * allreduce_seconds(b, x.workers, x.bandwidth, x.latency) for b, n in counts.items())
+    payload = sum(n * b for b, n in counts.items())
+    return secs, payload, 2 * (x.workers - 1) / x.workers * payload, sum(counts.values())
 
 
 def dsgd_epoch(x: Inputs) -> Epoch:
@@ -423,7 +425,7 @@ def fmt_s(seconds: float) -> str:
 
 
 def fmt_b(nbytes: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= size:
             return f"{nbytes / size:.3g} {unit}"
     return f"{nbytes:.0f} B"
