@@ -365,13 +365,19 @@ def _loopback_rank(rank: int, world: int, init: str, out: str, cfg: dict) -> Non
         per = (time.perf_counter() - t) / 5 - 2 * (world - 1) * result["latency"]
         result["bandwidth"] = 2 * (world - 1) / world * big.numel() * 4 / max(per, 1e-9)
     data = sample_data(cfg["users"], cfg["items"], cfg["ratings"], rank=rank, world=world)
-    in_comm = [0.0]
+    spent = [0.0, 0.0, 0.0]  # wall waiting for the other ranks, wall in the all-reduce, CPU in both
     real = dist.all_reduce_sum_
 
     def timed(tensor):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
+        if world > 1:  # the wait for ranks the (loaded) scheduler runs late, apart from the transfer
+            tdist.barrier()
+        t1 = time.perf_counter()
         out = real(tensor)
-        in_comm[0] += time.perf_counter() - t
+        t2 = time.perf_counter()
+        spent[0] += t1 - t
+        spent[1] += t2 - t1
+        spent[2] += time.process_time() - c
         return out
 
     dist.all_reduce_sum_ = timed
@@ -380,11 +386,11 @@ def _loopback_rank(rank: int, world: int, init: str, out: str, cfg: dict) -> Non
         epochs = []
         for e in range(cfg["epochs"] + 1):  # epoch 0 warms up
             tdist.barrier()
-            in_comm[0] = 0.0
+            spent[:] = [0.0, 0.0, 0.0]
             cpu = time.process_time()
             seconds = solver.train_epoch(e)["seconds"]
-            if e:
-                epochs.append((seconds, in_comm[0], time.process_time() - cpu))
+            if e:  # wall, waiting, all-reduce, CPU outside the collectives
+                epochs.append((seconds, spent[0], spent[1], time.process_time() - cpu - spent[2]))
         result[solver_name] = min(epochs)  # the best epoch: the machine is shared
         del solver
     if rank == 0:
@@ -509,21 +515,22 @@ def print_loopback(rows: list[dict]) -> None:
     cores = os.cpu_count() or 1
     print(
         f"Loopback: the real solvers (biased MF rank 16, no Ray) on W gloo ranks of 1 thread each on this machine's "
-        f"{cores} cores (4 ranks oversubscribe them), best of 3 epochs, beside the model with the kernel rates "
-        "above and the loopback latency/bandwidth measured in the same process group (rank 0's figures; its "
-        "all-reduce time includes waiting for slower ranks):"
+        f"{cores} cores (4 ranks oversubscribe them), best of 3 epochs; rank 0's wall time, its wait at a barrier "
+        "put before each all-reduce (for ranks the scheduler runs late), the all-reduces themselves, and its CPU "
+        "seconds outside them; beside the model with the kernel rates above and the loopback latency and bandwidth "
+        "probed in the same process group:"
     )
     print(
-        "| workers | solver | measured wall s/epoch | of it in all-reduce | CPU s (rank 0) | model: compute + comm "
+        "| workers | solver | wall s/epoch | waiting | in all-reduce | CPU s outside | model: compute + comm "
         f"| model, {cores} cores shared | loopback latency, bandwidth | load before |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
-        wall, in_comm, cpu = r["measured"]
+        wall, wait, in_comm, cpu = r["measured"]
         own, shared, net = r["own_cores"], r["shared"], r["net"]
         link = "-" if r["workers"] == 1 else f"{net['latency'] * 1e6:.0f} us, {net['bandwidth'] / 1e9:.2f} GB/s"
         print(
-            f"| {r['workers']} | {r['solver'].upper()} | {wall:.3f} | {in_comm:.3f} | {cpu:.3f} | "
+            f"| {r['workers']} | {r['solver'].upper()} | {wall:.3f} | {wait:.3f} | {in_comm:.3f} | {cpu:.3f} | "
             f"{own.compute:.3f} + {own.comm:.3f} = {own.seconds:.3f} | {shared.seconds:.3f} | {link} | {r['load']} |"
         )
     print()
@@ -538,6 +545,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=30e-6, help="seconds per ring step of a collective")
     ap.add_argument("--epochs", type=int, default=10, help="the fixed number of epochs timed")
     ap.add_argument("--loopback", action="store_true", help="run the real solvers on 1, 2, 4 gloo ranks too")
+    ap.add_argument("--loopback-only", action="store_true", help="the loopback runs without the model's tables")
     ap.add_argument("--lb-users", type=int, default=40_000)
     ap.add_argument("--lb-items", type=int, default=8_000)
     ap.add_argument("--lb-ratings", type=int, default=1_000_000)
@@ -554,11 +562,12 @@ def main() -> None:
                 json.dump(asdict(rates), f)
         print(f"{load()} after timing the kernels")
     print_rates(rates)
-    print_bytes(ML20M, args.threads)
-    for shape in (ML20M, BIG):
-        print_table(shape, rates, args)
-    print_alternatives(rates, args)
-    if args.loopback:
+    if not args.loopback_only:
+        print_bytes(ML20M, args.threads)
+        for shape in (ML20M, BIG):
+            print_table(shape, rates, args)
+        print_alternatives(rates, args)
+    if args.loopback or args.loopback_only:
         print_loopback(loopback(args, rates))
 
 
