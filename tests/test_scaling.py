@@ -31,12 +31,13 @@ def _inputs(**kw) -> scaling.Inputs:
     return scaling.Inputs(**{"shape": scaling.ML20M, "rank": 16, "workers": 1, "rates": RATES, **kw})
 
 
-def _solver(name: str, rank: int, biased: bool):
+def _solver(name: str, rank: int, biased: bool, data=None):
+    """The real solver as training builds it, on (this rank's share of) the sample ratings."""
     from recdist.config import StageConfig, TrainConfig
     from recdist.train.run import build_model
     from recdist.train.solvers import make_solver
 
-    data = scaling.sample_data(USERS, ITEMS, RATINGS, seed=3)
+    data = data or scaling.sample_data(USERS, ITEMS, RATINGS, seed=3)
     model = "biased_mf" if biased else "mf"
     stage = StageConfig(model=model, params={"rank": rank}, train=TrainConfig(solver=name, lr=0.01))
     return make_solver(build_model(stage, data.dims), stage.train, data, "cpu")
@@ -85,13 +86,7 @@ def _gloo_rank(rank: int, world: int, init: str, out: str) -> None:
     tdist.all_reduce = counted
     result = {}
     for name in ("sgd", "als"):
-        data = scaling.sample_data(USERS, ITEMS, RATINGS, seed=3, rank=rank, world=world)
-        from recdist.config import StageConfig, TrainConfig
-        from recdist.train.run import build_model
-        from recdist.train.solvers import make_solver
-
-        stage = StageConfig(model="biased_mf", params={"rank": 5}, train=TrainConfig(solver=name, lr=0.01))
-        solver = make_solver(build_model(stage, data.dims), stage.train, data, "cpu")
+        solver = _solver(name, 5, True, scaling.sample_data(USERS, ITEMS, RATINGS, seed=3, rank=rank, world=world))
         sizes.clear()
         solver.train_epoch(0)
         result[name] = {"sizes": list(sizes), "strata": getattr(solver, "strata", None)}
