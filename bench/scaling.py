@@ -495,6 +495,20 @@ def print_table(shape: Shape, rates: Rates, args) -> None:
     print()
 
 
+def print_throughput(shape: Shape, rates: Rates, args) -> None:
+    print(f"{shape.name}: throughput, epochs/s and the time to {args.epochs} epochs:")
+    print("| rank | Gbit/s | solver | " + " | ".join(f"{w} workers" for w in WORKERS) + " |")
+    print("|---:|---:|---|" + "---:|" * len(WORKERS))
+    for k in RANKS:
+        for gbit in args.gbits:
+            x = Inputs(shape, k, 1, rates, threads=args.threads, bandwidth=gbit * GBIT, latency=args.latency)
+            for name, fn in (("DSGD", dsgd_epoch), ("ALS", als_epoch)):
+                secs = [fn(replace(x, workers=w)).seconds for w in WORKERS]
+                cells = [f"{1 / t:.3g}/s, {fmt_s(args.epochs * t)}" for t in secs]
+                print(f"| {k} | {gbit:g} | {name} | " + " | ".join(cells) + " |")
+    print()
+
+
 def print_alternatives(rates: Rates, args) -> None:
     print("Not implemented, for comparison (25 Gbit/s or the last --gbits, rank 64, seconds per epoch): DSGD passing "
           "changed item rows point to point to their next owner instead of all-reducing the table; ALS with the "
@@ -566,6 +580,7 @@ def main() -> None:
         print_bytes(ML20M, args.threads)
         for shape in (ML20M, BIG):
             print_table(shape, rates, args)
+            print_throughput(shape, rates, args)
         print_alternatives(rates, args)
     if args.loopback or args.loopback_only:
         print_loopback(loopback(args, rates))
