@@ -1,6 +1,6 @@
 """A scaling model of the MF solvers past one machine: bytes each moves, measured kernel rates, epoch times.
 
-    .venv/bin/python bench/scaling.py                    # time the kernels (~1 min), print the model's tables
+    .venv/bin/python bench/scaling.py                    # time the kernels (minutes when loaded), print the tables
     .venv/bin/python bench/scaling.py --loopback         # also run the real solvers on 1, 2, 4 gloo workers
     .venv/bin/python bench/scaling.py --rates r.json     # reuse (or save, first time) the measured rates
 
