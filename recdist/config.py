@@ -256,6 +256,15 @@ class PipelineConfig(Section):
     """A test rating at or above this counts as relevant for the ranking metrics."""
     ranking_users: int = Field(0, ge=0)
     """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
+    rank_candidates: Literal["ease", "ials", "mf"] = "ease"
+    """The model whose best unseen movies are the `candidates` (recommendations, the final ranking metrics):
+    `ease` and `ials` model which movies a user rates (recdist/models/implicit.py, fitted on the training
+    ratings when the outputs are written), `mf` is stage 1's predicted rating (a weak top-N ranker)."""
+    rank_order: Literal["blend", "rating", "candidate"] = "blend"
+    """Final order of the candidates: `blend` = P(rated) x P(rating >= relevance_threshold | predicted rating,
+    predicted error), `rating` = the predicted rating, `candidate` = the candidate score alone."""
+    ease_reg: float = Field(0.5, gt=0)
+    """EASE's L2 weight relative to the mean training ratings per movie (rank_candidates: ease)."""
     recommend_min_ratings: int = Field(1, ge=1)
     """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
     ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor

@@ -215,7 +215,7 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
     assert recs.join(seen, on=["user_id", "movie_id"], how="semi").height == 0  # unseen movies only
-    assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
+    assert (recs.group_by("user_id").agg(pl.col("rank_score").diff().max())["rank_score"].fill_null(0) <= 1e-6).all()
 
     factors = read(o / "item_factors.parquet")
     assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
