@@ -34,19 +34,16 @@ RECDIST = [sys.executable, "-m", "recdist"]
 OPTIONS = [  # (candidate model, its settings, final order)
     ("mf", {}, "rating"),
     ("mf", {}, "blend"),
-    ("ease", {"reg": 0.1}, "candidate"),
-    ("ease", {"reg": 0.25}, "candidate"),
-    ("ease", {"reg": 0.5}, "candidate"),
     ("ease", {"reg": 1.0}, "candidate"),
-    ("ease", {"reg": 2.0}, "candidate"),
-    ("ease", {"reg": 0.5}, "rating"),
-    ("ease", {"reg": 0.25}, "blend"),
-    ("ease", {"reg": 0.5}, "blend"),
-    ("ease", {"reg": 1.0}, "blend"),
-    ("ials", {}, "candidate"),
-    ("ials", {}, "blend"),
-    ("ials", {"alpha": 20.0}, "candidate"),
-    ("ials", {"alpha": 20.0}, "blend"),
+    ("ease", {"reg": 4.0}, "candidate"),
+    ("ease", {"reg": 8.0}, "candidate"),
+    ("ease", {"reg": 16.0}, "candidate"),
+    ("ease", {"reg": 8.0}, "rating"),
+    ("ease", {"reg": 4.0}, "blend"),
+    ("ease", {"reg": 8.0}, "blend"),
+    ("ease", {"reg": 16.0}, "blend"),
+    ("ials", {"rank": 32, "alpha": 10.0, "reg": 0.1}, "candidate"),
+    ("ials", {"rank": 32, "alpha": 10.0, "reg": 0.1}, "blend"),
 ]
 
 

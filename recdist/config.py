@@ -263,8 +263,12 @@ class PipelineConfig(Section):
     rank_order: Literal["blend", "rating", "candidate"] = "blend"
     """Final order of the candidates: `blend` = P(rated) x P(rating >= relevance_threshold | predicted rating,
     predicted error), `rating` = the predicted rating, `candidate` = the candidate score alone."""
-    ease_reg: float = Field(0.5, gt=0)
-    """EASE's L2 weight relative to the mean training ratings per movie (rank_candidates: ease)."""
+    ease_reg: float = Field(8.0, gt=0)
+    """EASE's L2 weight as a multiple of the mean training ratings per recommendable movie (rank_candidates:
+    ease); 4-16 measured best on ml-latest-small and on synthetic data (bench/ranking.py)."""
+    ease_max_items: int = Field(8000, ge=1)
+    """EASE models at most this many movies, the most-rated recommendable ones (the others are never candidates):
+    its fit inverts an (items x items) matrix, seconds at 2,000 movies, minutes on 2 cores at 10,000."""
     recommend_min_ratings: int = Field(1, ge=1)
     """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
     ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor

@@ -125,3 +125,10 @@ def test_rank_score_orders() -> None:
     assert blend[0, 0] == pytest.approx(0.9 * 0.158655, rel=1e-3)
     assert blend[0, 1] == pytest.approx(0.5 * 0.691462, rel=1e-3)
     assert blend[0, 2] < 1e-5
+
+
+def test_ease_max_items_keeps_the_most_rated() -> None:
+    users, items, x = _pairs(2)
+    model = fit_ease(users, items, *x.shape, reg=0.5, max_items=4)
+    counts = x.sum(0)
+    assert sorted(model.items.tolist()) == sorted(np.argsort(-counts, kind="stable")[:4].tolist())

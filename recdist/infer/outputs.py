@@ -83,7 +83,8 @@ def ranker_for(models: RunModels, min_ratings: int = 1, ranking: dict[str, Any] 
 
 def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The pipeline keys that decide how recommendations are ranked (also kept in the outputs manifest)."""
-    return {k: getattr(cfg, k) for k in ("rank_candidates", "rank_order", "ease_reg", "relevance_threshold")}
+    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "relevance_threshold")
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def fit_candidates(
@@ -95,8 +96,9 @@ def fit_candidates(
     train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split").cast(pl.String) == "train")
     users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     if kind == "ease":
-        return fit_ease(users, items, n_users, n_items, reg=float(ranking.get("ease_reg", 0.5)), modelled=allowed)
-    return fit_ials(users, items, n_users, n_items)
+        reg, cap = float(ranking.get("ease_reg", 8.0)), ranking.get("ease_max_items")
+        return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap)
+    return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 
 
 def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:

@@ -72,13 +72,19 @@ def fit_ease(
     *,
     reg: float,
     modelled: torch.Tensor | None = None,
+    max_items: int | None = None,
 ) -> Implicit:
     """EASE on the (user, item) pairs given. `modelled` (bool, n_items): the items it scores and reads (default
-    every item with a pair). `reg` is relative: the L2 weight is reg x the mean pair count of the modelled items
-    (so one value fits data of any size; Steck's 500 on ML-20M is about 0.5 of its mean)."""
+    every item with a pair). `reg` is relative: the L2 weight is reg x the mean pair count of the modelled items,
+    so one value carries across data sizes better than an absolute weight (bench/ranking.py). `max_items`: model
+    only that many of them, the most-paired (the inverse costs items^3: ~10k items is minutes on 2 cores)."""
     u, i = users.long().numpy(), items.long().numpy()
     counts = np.bincount(i, minlength=n_items)
     keep = counts > 0 if modelled is None else modelled.numpy() & (counts > 0)
+    if max_items is not None and int(keep.sum()) > max_items:
+        ranked = np.argsort(-np.where(keep, counts, -1), kind="stable")
+        keep = np.zeros(n_items, dtype=bool)
+        keep[ranked[:max_items]] = True
     cols = np.flatnonzero(keep)
     column = np.full(n_items, -1, dtype=np.int64)
     column[cols] = np.arange(len(cols))
@@ -101,9 +107,9 @@ def fit_ials(
     n_users: int,
     n_items: int,
     *,
-    rank: int = 64,
-    alpha: float = 5.0,
-    reg: float = 0.05,
+    rank: int = 32,
+    alpha: float = 10.0,
+    reg: float = 0.1,
     iterations: int = 8,
     seed: int = 0,
     chunk_cells: int = 1 << 25,
