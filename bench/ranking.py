@@ -6,8 +6,9 @@ list, measured with the pipeline's own protocol (recdist/infer/outputs.py: Ranki
 
 Runs (made with the pipeline itself, then only their outputs are re-ranked here, in process, no Ray):
   mls: configs/ml-latest-small.yaml on the real ml-latest-small (../shared/data/ml-latest-small);
-  syn: configs/quickstart.yaml's pipeline (its source and synth sections dropped) on `recdist synth --users 4000 --items 3000 --ratings 300000 --rank 12
-       --noise 0.8 --seed 3` (a generator setting the shipped configs were not chosen on).
+  syn: configs/quickstart.yaml's pipeline (its source and synth sections dropped) on `recdist synth
+       --users 4000 --items 3000 --ratings 300000 --rank 12 --noise 0.8 --seed 3` (a generator setting the
+       shipped configs were not chosen on).
 Per option: Precision/Recall/NDCG@k on test among movies with >= recommend_min_ratings training ratings that
 the user has no train or validation rating for (relevant: test rating >= the threshold), the ratio of NDCG to
 the popularity baseline's, and the seconds to fit the candidate model. The rating side (stages 1-3, their test
@@ -105,7 +106,9 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
         "test_rmse": metrics[final]["test"]["rmse"],
         "k": k,
     }
-    rows = [{"candidates": "popularity", "order": "", "fit_s": 0.0, **protocol.popularity(base.popularity, base.allowed)}]
+    rows = [
+        {"candidates": "popularity", "order": "", "fit_s": 0.0, **protocol.popularity(base.popularity, base.allowed)}
+    ]
     train = scored.filter(pl.col("split") == "train")
     users, items = (torch.from_numpy(train[c].to_numpy().astype("int64")) for c in ("user_idx", "item_idx"))
     fitted: dict[str, object] = {}

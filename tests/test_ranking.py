@@ -44,7 +44,10 @@ def test_popularity_baseline_by_hand() -> None:
     # users with a relevant test rating: 0, 1, 2, 4 (user 3's only test rating is 2.0)
     assert protocol.users.tolist() == [0, 1, 2, 4]
     counts, items = popularity_top(n_train, protocol.users, 2, exclude=protocol.exclude, allowed=allowed)
-    lists = [[int(i) for i, c in zip(row, crow) if c > -math.inf] for row, crow in zip(items, counts)]
+    lists = [
+        [int(i) for i, c in zip(row, crow, strict=True) if c > -math.inf]
+        for row, crow in zip(items, counts, strict=True)
+    ]
     # user 0 rated 0-2 in training and 3 in validation: nothing left; user 1 has rated 0, 1, 3; user 2 0, 2, 4;
     # user 4 rated 0 (and 5 in validation)
     assert lists == [[], [2], [1, 3], [1, 2]]

@@ -93,7 +93,9 @@ def fit_candidates(
     """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data`."""
     from recdist.data.dataset import read_rank
 
-    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split").cast(pl.String) == "train")
+    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(
+        pl.col("split").cast(pl.String) == "train"
+    )
     users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     if kind == "ease":
         reg, cap = float(ranking.get("ease_reg", 8.0)), ranking.get("ease_max_items")
@@ -215,13 +217,16 @@ def _ranking(
         "relevance_threshold": cfg.relevance_threshold,
         "candidates": cfg.candidates,
         "min_ratings": cfg.recommend_min_ratings,
-        "rank_candidates": cfg.rank_candidates if ranker.retrieval is not None or ranker.factors is not None else "popularity",
+        "rank_candidates": cfg.rank_candidates
+        if ranker.retrieval is not None or ranker.factors is not None
+        else "popularity",
         "rank_order": cfg.rank_order,
         "popularity": protocol.popularity(ranker.popularity, ranker.allowed),
     }
     if ranker.factors is not None:
-        mf_score, mf_items = top_n(ranker.factors, ranker.global_mean, protocol.users, k, exclude=protocol.exclude,
-                                   allowed=ranker.allowed)
+        mf_score, mf_items = top_n(
+            ranker.factors, ranker.global_mean, protocol.users, k, exclude=protocol.exclude, allowed=ranker.allowed
+        )
         out["mf"] = protocol.score(torch.where(mf_score > -torch.inf, mf_items, -1))
     ranked = ranker.rank(protocol.users, k, candidates=cfg.candidates, exclude=protocol.exclude)
     out[name] = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))

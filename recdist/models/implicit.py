@@ -96,9 +96,7 @@ def fit_ease(
     p = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     b = -p / p.diagonal().unsqueeze(0)
     b.diagonal().zero_()
-    return Implicit(
-        "ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=b.float()
-    )
+    return Implicit("ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=b.float())
 
 
 def fit_ials(
@@ -126,9 +124,7 @@ def fit_ials(
     for _ in range(iterations):
         p = _ials_half(q, *by_user, alpha, reg, chunk_cells)
         q = _ials_half(p, *by_item, alpha, reg, chunk_cells)
-    return Implicit(
-        "ials", n_items, Csr(*by_user), user_factors=p.float(), item_factors=q.float()
-    )
+    return Implicit("ials", n_items, Csr(*by_user), user_factors=p.float(), item_factors=q.float())
 
 
 def _ials_half(
