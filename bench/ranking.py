@@ -79,7 +79,7 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     import torch
 
     from recdist.config import load_config
-    from recdist.data.dataset import read_manifest
+    from recdist.data.dataset import read_manifest, read_rank
     from recdist.infer.outputs import RankingProtocol, _top_matrix, ranker_for
     from recdist.infer.recommend import run_models
     from recdist.infer.scoring import one_thread
@@ -89,7 +89,7 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     manifest = json.loads((run / "outputs" / "manifest.json").read_text())
     models = run_models(str(run), manifest)
     metrics = json.loads((run / "outputs" / "metrics.json").read_text())
-    scored = pl.read_parquet(f"{models.scored}/*.parquet", columns=["user_idx", "item_idx", "rating", "split"])
+    scored = read_rank(models.scored, columns=["user_idx", "item_idx", "rating", "split"])
     scored = scored.with_columns(pl.col("split").cast(pl.String))
     pairs = scored.select("user_idx", "item_idx", is_test=pl.col("split") == "test")
     test = scored.filter(pl.col("split") == "test")

@@ -235,8 +235,12 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert set(metrics[stage]) == {"train", "val", "test"}
         assert {"rmse", "mae"} <= set(metrics[stage]["test"])
     assert metrics["rating"]["test"]["rmse"] < 1.0  # learnt: the noise alone is sqrt((0.15^2 + 1.1^2) / 2) ~ 0.79
-    for ranking in ("mf", "rating"):
+    for ranking in ("popularity", "mf", "rating"):
         assert {"precision@10", "recall@10", "ndcg@10", "users"} <= set(metrics["ranking"][ranking])
+    assert set(metrics["ranking"]["vs_popularity"]) == {"mf", "rating"}  # NDCG over the popularity baseline's
+    assert metrics["ranking"]["rank_candidates"] == "ease" and "popularity (most-rated movies)" in (
+        o / "report.md"
+    ).read_text()
 
 
 def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
