@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 SHARED = Path(os.environ.get("RECDIST_SHARED", ROOT.parent / "shared"))
 RECDIST = [sys.executable, "-m", "recdist"]
 
-OPTIONS = [  # (candidate model, its settings, final order)
+OPTIONS = [  # (candidate model, its settings, final order[, candidates / threshold_shift of the blend])
     ("mf", {}, "rating"),
     ("mf", {}, "blend"),
     ("ease", {"reg": 1.0}, "candidate"),
@@ -40,9 +40,13 @@ OPTIONS = [  # (candidate model, its settings, final order)
     ("ease", {"reg": 8.0}, "candidate"),
     ("ease", {"reg": 16.0}, "candidate"),
     ("ease", {"reg": 8.0}, "rating"),
+    ("ease", {"reg": 2.0}, "blend"),
     ("ease", {"reg": 4.0}, "blend"),
     ("ease", {"reg": 8.0}, "blend"),
     ("ease", {"reg": 16.0}, "blend"),
+    ("ease", {"reg": 4.0}, "blend", {"candidates": 200}),
+    ("ease", {"reg": 4.0}, "blend", {"candidates": 50}),
+    ("ease", {"reg": 4.0}, "blend", {"threshold_shift": 0.25}),  # at the threshold itself (half stars)
     ("ials", {"rank": 32, "alpha": 10.0, "reg": 0.1}, "candidate"),
     ("ials", {"rank": 32, "alpha": 10.0, "reg": 0.1}, "blend"),
 ]
@@ -97,7 +101,8 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     k = cfg.ranking_k
     protocol = RankingProtocol.build(pairs, test, n_users, k, cfg.relevance_threshold)
     assert protocol is not None
-    base = ranker_for(models, cfg.recommend_min_ratings, {"rank_candidates": "mf", "rank_order": "rating"})
+    settings = {"rank_candidates": "mf", "rank_order": "blend", "relevance_threshold": cfg.relevance_threshold}
+    base = ranker_for(models, cfg.recommend_min_ratings, settings)  # its threshold: the blend's
     final = "rating" if "rating" in metrics else "single"
     info = {
         "run": run.name,
@@ -113,7 +118,8 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     users, items = (torch.from_numpy(train[c].to_numpy().astype("int64")) for c in ("user_idx", "item_idx"))
     fitted: dict[str, object] = {}
     with one_thread():
-        for kind, params, order in options:
+        for kind, params, order, *more in options:
+            extra = more[0] if more else {}
             key = f"{kind} {params}"
             t0 = time.perf_counter()
             if kind != "mf" and key not in fitted:
@@ -123,10 +129,18 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
                     fitted[key] = fit_ials(users, items, n_users, len(base.allowed), **params)
             fit_s = time.perf_counter() - t0
             retrieval = fitted.get(key)
-            ranker = dataclasses.replace(base, retrieval=retrieval, order=order, threshold=cfg.relevance_threshold)
-            ranked = ranker.rank(protocol.users, k, candidates=cfg.candidates, exclude=protocol.exclude)
+            threshold = base.threshold + extra.get("threshold_shift", 0.0)
+            ranker = dataclasses.replace(base, retrieval=retrieval, order=order, threshold=threshold)
+            n_candidates = extra.get("candidates", cfg.candidates)
+            ranked = ranker.rank(protocol.users, k, candidates=n_candidates, exclude=protocol.exclude)
             r = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))
             name = kind + (" " + ", ".join(f"{a}={b}" for a, b in params.items()) if params else "")
+            if extra:
+                order += (
+                    " ("
+                    + ", ".join(f"{a} {b:+g}" if a == "threshold_shift" else f"{a} {b}" for a, b in extra.items())
+                    + ")"
+                )
             rows.append({"candidates": name, "order": order, "fit_s": fit_s, **r})
     return info, rows
 

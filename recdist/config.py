@@ -263,7 +263,7 @@ class PipelineConfig(Section):
     rank_order: Literal["blend", "rating", "candidate"] = "blend"
     """Final order of the candidates: `blend` = P(rated) x P(rating >= relevance_threshold | predicted rating,
     predicted error), `rating` = the predicted rating, `candidate` = the candidate score alone."""
-    ease_reg: float = Field(8.0, gt=0)
+    ease_reg: float = Field(4.0, gt=0)
     """EASE's L2 weight as a multiple of the mean training ratings per recommendable movie (rank_candidates:
     ease); 4-16 measured best on ml-latest-small and on synthetic data (bench/ranking.py)."""
     ease_max_items: int = Field(8000, ge=1)

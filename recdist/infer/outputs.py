@@ -70,15 +70,20 @@ def ranker_for(models: RunModels, min_ratings: int = 1, ranking: dict[str, Any] 
         allowed = recommendable(n_train, min_ratings)
         with logs.timed(log, f"candidate model {kind}"):
             retrieval = fit_candidates(models.data, kind, int(manifest["n_users"]), len(n_train), allowed, ranking)
-    return Ranker.build(
-        mf,
-        plans,
-        n_train,
-        min_ratings,
-        retrieval=retrieval,
-        order=ranking.get("rank_order", "rating"),
-        threshold=float(ranking.get("relevance_threshold", 4.0)),
-    )
+    order = ranking.get("rank_order", "rating")
+    threshold = float(ranking.get("relevance_threshold", 4.0))
+    if order == "blend":  # a rating reaches the threshold when its unrounded value is half a step below it
+        threshold -= rating_step(models.data) / 2
+    return Ranker.build(mf, plans, n_train, min_ratings, retrieval=retrieval, order=order, threshold=threshold)
+
+
+def rating_step(data: str) -> float:
+    """The smallest gap between the distinct training ratings of a prepared dataset (0.5 for half stars, 1 for
+    whole stars; 0 when there is only one)."""
+    from recdist.data.dataset import read_rank
+
+    values = np.unique(read_rank(data, columns=["rating"])["rating"].to_numpy())
+    return float(np.diff(values).min()) if len(values) > 1 else 0.0
 
 
 def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -98,7 +103,7 @@ def fit_candidates(
     )
     users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     if kind == "ease":
-        reg, cap = float(ranking.get("ease_reg", 8.0)), ranking.get("ease_max_items")
+        reg, cap = float(ranking.get("ease_reg", 4.0)), ranking.get("ease_max_items")
         return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap)
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 

@@ -44,7 +44,8 @@ class Ranker:
     order: str = "rating"
     """Final order: `rating` (predicted rating), `candidate` (candidate score) or `blend` (see blend())."""
     threshold: float = 4.0
-    """The relevance threshold the blend's probability of a good rating is taken at."""
+    """Where the blend's probability of a good rating is taken: the relevance threshold less half a rating step
+    (a rating rounds up to 4 stars from 3.75 on a half-star scale)."""
 
     @staticmethod
     def build(
