@@ -135,3 +135,13 @@ def test_ease_max_items_keeps_the_most_rated() -> None:
     model = fit_ease(users, items, *x.shape, reg=0.5, max_items=4)
     counts = x.sum(0)
     assert sorted(model.items.tolist()) == sorted(np.argsort(-counts, kind="stable")[:4].tolist())
+
+
+def test_ease_from_a_user_sample_still_scores_every_user() -> None:
+    users, items, x = _pairs(3, n_users=40)
+    model = fit_ease(users, items, *x.shape, reg=0.5, max_users=10)
+    full = fit_ease(users, items, *x.shape, reg=0.5)
+    scores = model.scores(torch.arange(x.shape[0]))
+    assert torch.isfinite(scores).all() and not torch.allclose(model.weights, full.weights)
+    # a user is scored from their own row: those with the same movies get the same scores
+    assert torch.equal(scores[0], (torch.from_numpy(x[0]).float() @ model.weights))

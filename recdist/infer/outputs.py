@@ -88,7 +88,7 @@ def rating_step(data: str) -> float:
 
 def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The pipeline keys that decide how recommendations are ranked (also kept in the outputs manifest)."""
-    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "relevance_threshold")
+    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "ease_max_users", "relevance_threshold")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -103,8 +103,12 @@ def fit_candidates(
     )
     users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     if kind == "ease":
-        reg, cap = float(ranking.get("ease_reg", 4.0)), ranking.get("ease_max_items")
-        return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap)
+        reg, cap, sample = (
+            float(ranking.get("ease_reg", 4.0)),
+            ranking.get("ease_max_items"),
+            ranking.get("ease_max_users"),
+        )
+        return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap, max_users=sample)
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 
 

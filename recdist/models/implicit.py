@@ -73,11 +73,15 @@ def fit_ease(
     reg: float,
     modelled: torch.Tensor | None = None,
     max_items: int | None = None,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> Implicit:
     """EASE on the (user, item) pairs given. `modelled` (bool, n_items): the items it scores and reads (default
     every item with a pair). `reg` is relative: the L2 weight is reg x the mean pair count of the modelled items,
     so one value carries across data sizes better than an absolute weight (bench/ranking.py). `max_items`: model
-    only that many of them, the most-paired (the inverse costs items^3: ~10k items is minutes on 2 cores)."""
+    only that many of them, the most-paired (the inverse costs items^3: ~10k items is minutes on 2 cores);
+    `max_users`: estimate X^T X from a seeded sample of that many users (its cost grows with the sum of the
+    squared pairs per user); every user is still scored from their own row."""
     u, i = users.long().numpy(), items.long().numpy()
     counts = np.bincount(i, minlength=n_items)
     keep = counts > 0 if modelled is None else modelled.numpy() & (counts > 0)
@@ -89,6 +93,10 @@ def fit_ease(
     column = np.full(n_items, -1, dtype=np.int64)
     column[cols] = np.arange(len(cols))
     inside = column[i] >= 0
+    if max_users is not None and n_users > max_users:
+        sampled = np.zeros(n_users, dtype=bool)
+        sampled[np.random.default_rng(seed).choice(n_users, max_users, replace=False)] = True
+        inside &= sampled[u]
     x = _matrix(u[inside], column[i[inside]], n_users, len(cols))
     gram = torch.from_numpy((x.T @ x).toarray()).double()
     lam = reg * float(gram.diagonal().mean()) if len(cols) else reg
