@@ -390,6 +390,8 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     assert recs.join(n_train, on="movie_id")["n"].min() >= floor
     asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "12")  # beyond top_n: recomputed
     assert asked.returncode == 0, asked.stderr
+    stored = recs.filter(pl.col("user_id") == user_id(1))
+    assert all(f" {m} " in asked.stdout for m in stored["movie_id"].to_list())  # the same ranking, recomputed
     rare = n_train.filter(pl.col("n") < floor)["movie_id"].to_list()
     assert not any(f" {m} " in asked.stdout for m in rare)
     with pytest.raises(ConfigError, match="unknown stage"):
