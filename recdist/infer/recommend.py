@@ -108,7 +108,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
         storage.join(outputs, "recommendations.parquet"), filters=pc.field("user_id") == user_id
     )
     if stored.num_rows and n <= int(manifest.get("top_n", 0)):
-        return pl.from_arrow(stored).sort("rank").head(n).select(COLUMNS)
+        return pl.from_arrow(stored).sort("rank").head(n).select([c for c in COLUMNS if c in stored.column_names])
     users = read_users(models.data).filter(pl.col("user_id") == user_id)
     if users.height == 0:
         raise DataError(
