@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from recdist import logs
-from recdist.config import Config, load_config, parse_override, to_yaml
+from recdist.config import INFER_BATCH_SIZE, Config, load_config, parse_override, to_yaml
 from recdist.errors import RecdistError
 
 app = typer.Typer(
@@ -425,17 +425,39 @@ def infer(
     model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 262_144,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
-    """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added."""
-    from recdist.infer.batch import score
+    """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added.
+
+    A stage-1 model (role mf) also writes the session context stages 2 and 3 read (pipeline.session).
+    """
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions
+    from recdist.infer.scoring import role_of
+    from recdist.infer.session import SessionSpec, SessionStep
+    from recdist.models.io import model_class
 
     _logs(quiet, verbose, log_format)
-    _print_json(score(model_dir, data, out_dir, batch_size=batch_size, overwrite=overwrite))
+    cfg = _config(config, set_, {"pipeline.inference.batch_size": batch_size})
+    role = role_of(model_class(model_dir))
+    session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
+    options = ScoreOptions(
+        role=role,
+        batch_size=cfg.pipeline.inference.batch_size,
+        actors=cfg.pipeline.inference.actors,
+        cluster=cfg.cluster,
+        overwrite=overwrite,
+        features=session,
+    )
+    _print_json(score(model_dir, data, out_dir, options))
 
 
 @app.command()
@@ -471,15 +493,16 @@ def similar(
 def models() -> None:
     """List the registered models with their parameters and defaults."""
     from recdist.models import registry
-    from recdist.train import sgd, solvers
+    from recdist.train.solvers import SOLVERS, default_lr
 
     table = Table("model", "what", "params (defaults)", "target", "train.lr (when empty)")
     for name in registry.names():
         entry = registry.get(name)
         params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
-        auto = solvers.SOLVERS[entry.module.solver_family][0]
-        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if auto == "sgd" else solvers.DEFAULT_LR)
-        table.add_row(name, entry.summary, params, entry.module.target, str(lr))
+        rates = {s: default_lr(entry.module, s) for s in SOLVERS[entry.module.solver_family]}
+        shown = [f"{lr} ({s})" for s, lr in rates.items() if lr is not None]
+        lr = shown[0].split()[0] if len(shown) == 1 else ", ".join(shown)
+        table.add_row(name, entry.summary, params, entry.module.target, lr)
     out.print(table)
 
 

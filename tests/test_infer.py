@@ -12,11 +12,12 @@ import torch
 
 from recdist.config import Section
 from recdist.infer import metrics, topn
-from recdist.infer.folds import drop_fold, fold_of, known_mask
+from recdist.infer.plan import known_mask
 from recdist.infer.scoring import Predictor, ScoringPlan, role_of
 from recdist.models.base import MFTables, Model
 from recdist.models.batch import Batch, Dims
 from recdist.schema import SPLIT_TYPE
+from recdist.train.sampling import drop_fold, fold_of
 
 
 class TinyMF(Model):
@@ -160,7 +161,7 @@ def test_fold_and_share_hashes_are_pinned():
     """A rating's fold and training-share membership never change with library versions (fixed numbers), and
     they come from the splits' pair hash with their own salt (the same pairs, a different split)."""
     from recdist.data.splits import pair_hash
-    from recdist.infer.folds import in_share
+    from recdist.train.sampling import in_share
 
     u, i = np.array([0, 1, 2, 3, 138_492, 5]), np.array([0, 7, 3, 26_743, 1, 5])
     assert fold_of(u, i, 5, seed=3).tolist() == [4, 4, 2, 2, 3, 2]
@@ -297,8 +298,7 @@ def test_stage_2_and_3_inference_path_equals_the_training_path(name):
 
 
 def test_train_share_is_a_seeded_hash_sample_of_training_rows_plus_every_validation_row():
-    from recdist.infer.batch import TrainShare
-    from recdist.infer.folds import in_share
+    from recdist.train.sampling import TrainShare, in_share
 
     rng = np.random.default_rng(2)
     u, i = rng.integers(0, 5000, 100_000), rng.integers(0, 2000, 100_000)
