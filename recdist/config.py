@@ -381,6 +381,20 @@ def _get(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
+def tree_default(dotted: str) -> Any:
+    """The default of a config key (e.g. 'prepare.seed'); KeyError naming the key when the tree has none."""
+    model: type[BaseModel] = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise KeyError(f"no config key {'.'.join(parts[: i + 1])!r}")
+        if i == len(parts) - 1:
+            return field.get_default(call_default_factory=True)
+        model = field.annotation  # type: ignore[assignment]
+    raise KeyError(dotted)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b.c=value' -> ('a.b.c', parsed YAML value)."""
     if "=" not in text:
