@@ -326,12 +326,18 @@ class PipelineConfig(Section):
 
     kind: Literal["rncf", "single"] = "rncf"
     """rncf: the three-stage reliability pipeline; single: one model (stages.single) with the same outputs."""
-    crossfit: CrossfitConfig = Field(default_factory=CrossfitConfig)
-    session: SessionConfig = Field(default_factory=SessionConfig)
-    train_share: TrainShareConfig = Field(default_factory=TrainShareConfig)
-    inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    crossfit: CrossfitConfig = CrossfitConfig()  # pydantic copies a model default per instance
+    """Stage 1's fold models (in stage 1's hash)."""
+    session: SessionConfig = SessionConfig()
+    """The session context stage 1's pass writes (in stage 1's hash)."""
+    train_share: TrainShareConfig = TrainShareConfig()
+    """The training rows of stages 2 and 3 (in stage 1's hash: stage 1's pass writes the sample)."""
+    inference: InferenceConfig = InferenceConfig()
+    """Batch inference speed settings (in no hash)."""
+    outputs: OutputsConfig = OutputsConfig()
+    """The analyst tables (in the outputs stage's hash)."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """The test ranking metrics (in the outputs stage's hash)."""
 
     @model_validator(mode="before")
     @classmethod
