@@ -160,3 +160,20 @@ def test_a_runs_plans_come_from_one_read_of_the_dataset(tmp_path):
     later = plan_for(view, str(tmp_path / "r"), "reliability", fallback_model=str(tmp_path / "m"))
     assert len(full.models) == 3 and len(later.models) == len(later.known_users) == 1
     assert later.cold_error == pytest.approx(float(((train["rating"] - view.global_mean) ** 2).mean()), rel=1e-6)
+
+
+@pytest.mark.s3
+def test_manifest_files_and_relative_paths_on_s3(s3_bucket, tmp_path):
+    from recdist import storage
+    from recdist.manifest import file_entries, relative, resolve
+
+    write_dataset(tmp_path / "data", planted_frame(), shards=2)
+    for name in ("ratings/part-00000.parquet", "ratings/part-00001.parquet", "manifest.json"):
+        storage.write_bytes(f"{s3_bucket}/run/data/{name}", (tmp_path / "data" / name).read_bytes())
+    storage.write_bytes(f"{s3_bucket}/run/data/sub/manifest.json", b"{}")  # committed on its own: left out
+    entries = file_entries(f"{s3_bucket}/run/data")
+    assert [e.path for e in entries] == ["ratings/part-00000.parquet", "ratings/part-00001.parquet"]
+    assert [e.bytes for e in entries] == [(tmp_path / "data" / e.path).stat().st_size for e in entries]
+    assert sum(e.rows or 0 for e in entries) == planted_frame().height
+    assert relative(f"{s3_bucket}/run/data", f"{s3_bucket}/run/mf/scored") == "../../data"
+    assert resolve("../../data", f"{s3_bucket}/run/mf/scored") == f"{s3_bucket}/run/data"
