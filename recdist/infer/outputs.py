@@ -19,7 +19,7 @@ import torch
 from recdist import logs, storage
 from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
-from recdist.infer.batch import plan_for
+from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker
 from recdist.infer.scoring import one_thread
 from recdist.infer.topn import Csr, cosine_neighbours
@@ -46,29 +46,42 @@ class RunModels:
     """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
 
 
-def ranker_for(models: RunModels, min_ratings: int = 1) -> Ranker:
+def ranker_for(models: RunModels, min_ratings: int = 1, trained: TrainedOn | None = None) -> Ranker:
     """The run's ranker: MF candidates re-ranked by stages 1-3 in turn (or the single model), among movies with
-    at least `min_ratings` training ratings (pipeline.recommend_min_ratings)."""
+    at least `min_ratings` training ratings (pipeline.outputs.recommend_min_ratings).
+
+    The dataset is read once (`trained`, else read here) and the stage-1 model loaded once: its predictor, the
+    later stages' cold-start fallback and the candidates share it.
+    """
     from recdist.data.dataset import read_items
+    from recdist.infer.scoring import Predictor
     from recdist.models.io import load_model
 
-    plans = []
-    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
-        plans.append(plan_for(models.mf, models.data, role="mf"))
-        plans.append(plan_for(models.reliability, models.data, role="reliability", fallback_model=models.mf))
-    plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
+    view = trained if trained is not None else trained_on(models.data)
     mf = load_model(models.mf) if models.mf else None
+    stages = []
+    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
+        stages.append(Predictor(plan_for(view, models.mf, "mf"), models=[mf]))
+        stages.append(
+            Predictor(plan_for(view, models.reliability, "reliability", fallback_model=models.mf), fallback=mf)
+        )
+    stages.append(Predictor(plan_for(view, models.final, "rating", fallback_model=models.mf), fallback=mf))
     n_train = read_items(models.data)["n_train"].to_numpy()
-    return Ranker.build(mf, plans, n_train, min_ratings)
+    return Ranker.build(mf, stages, n_train, min_ratings)
 
 
-def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
-    """Write every analyst table under `out` (a staging directory); return metrics.json's content."""
+def write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0, trained: TrainedOn | None = None
+) -> dict[str, Any]:
+    """Write every analyst table under `out` (a staging directory); return metrics.json's content. trained: the
+    run's view of the dataset's training rows (read here when not given)."""
     with one_thread():
-        return _write_outputs(models, out, cfg, seed)
+        return _write_outputs(models, out, cfg, seed, trained)
 
 
-def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+def _write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, seed: int, trained: TrainedOn | None
+) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
@@ -78,7 +91,7 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result, test, pairs, cold = _prediction_tables(models, out, users, items)
     final_name = "rating" if models.reliability is not None else "single"
     with logs.timed(log, "ranking metrics"):
-        ranker = ranker_for(models, cfg.recommend_min_ratings)
+        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained)
         result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
         deciles = _deciles(test)
@@ -88,7 +101,10 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result["reliability_summary"] = _reliability_summary(deciles, test)
 
     with logs.timed(log, "recommendations"):
-        recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
+        shown = cfg.outputs
+        recs = ranker.rank(
+            torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=_csr(pairs, n_users)
+        )
         storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
 
     if ranker.factors is not None:
@@ -164,11 +180,11 @@ def _ranking(
     Candidates: movies the user has no train or validation rating for; relevant: test ratings at or above
     the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users (seeded).
     """
-    k = cfg.ranking_k
-    relevant = test.filter(pl.col("rating") >= cfg.relevance_threshold).select("user_idx", "item_idx")
+    k, ev = cfg.evaluation.ranking_k, cfg.evaluation
+    relevant = test.filter(pl.col("rating") >= ev.relevance_threshold).select("user_idx", "item_idx")
     users = np.unique(relevant["user_idx"].to_numpy())
-    if cfg.ranking_users and len(users) > cfg.ranking_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, cfg.ranking_users, replace=False))
+    if ev.ranking_users and len(users) > ev.ranking_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, ev.ranking_users, replace=False))
     if len(users) == 0:
         return {"users": 0}
     exclude = _csr(pairs.filter(~pl.col("is_test")), n_users)
@@ -180,14 +196,14 @@ def _ranking(
     user_t = torch.from_numpy(users.astype(np.int64))
     out: dict[str, Any] = {
         "k": k,
-        "relevance_threshold": cfg.relevance_threshold,
-        "candidates": cfg.candidates,
-        "min_ratings": cfg.recommend_min_ratings,
+        "relevance_threshold": ev.relevance_threshold,
+        "candidates": cfg.outputs.candidates,
+        "min_ratings": cfg.outputs.recommend_min_ratings,
     }
     if ranker.factors is not None:
         mf_score, mf_items = ranker.candidates(user_t, k, exclude)
         out["mf"] = m.ranking_metrics(torch.where(mf_score > -torch.inf, mf_items, -1), rel_rows, rel_items, k)
-    ranked = ranker.rank(user_t, k, candidates=cfg.candidates, exclude=exclude)
+    ranked = ranker.rank(user_t, k, candidates=cfg.outputs.candidates, exclude=exclude)
     out[name] = m.ranking_metrics(_top_matrix(ranked, row_of, len(users), k), rel_rows, rel_items, k)
     return out
 
@@ -243,7 +259,7 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
     """
     q = factors["item_factors"].double()
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    fit = n_train >= max(1, cfg.similar_min_ratings)
+    fit = n_train >= max(1, cfg.outputs.similar_min_ratings)
     if int(fit.sum()) < 3:
         fit = n_train > 0
     centre = q[fit].mean(0)
@@ -268,11 +284,11 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
 def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:
     """The k nearest movies by cosine of factors, among movies with enough training ratings."""
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    allowed = n_train >= max(1, cfg.similar_min_ratings)
+    allowed = n_train >= max(1, cfg.outputs.similar_min_ratings)
     queries = torch.nonzero(allowed).squeeze(1)
     if int(allowed.sum()) < 2:
         return SIMILAR_ITEMS.empty_table()
-    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.similar_k, allowed=allowed)
+    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.outputs.similar_k, allowed=allowed)
     width = idx.shape[1]
     ids = items["item_id"].to_numpy()
     titles = items["title"]
