@@ -98,11 +98,11 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     pairs = scored.select("user_idx", "item_idx", is_test=pl.col("split") == "test")
     test = scored.filter(pl.col("split") == "test")
     n_users = int(read_manifest(models.data)["n_users"])
-    k = cfg.ranking_k
-    protocol = RankingProtocol.build(pairs, test, n_users, k, cfg.relevance_threshold)
+    k, threshold, shown = cfg.evaluation.ranking_k, cfg.evaluation.relevance_threshold, cfg.outputs
+    protocol = RankingProtocol.build(pairs, test, n_users, k, threshold)
     assert protocol is not None
-    settings = {"rank_candidates": "mf", "rank_order": "blend", "relevance_threshold": cfg.relevance_threshold}
-    base = ranker_for(models, cfg.recommend_min_ratings, settings)  # its threshold: the blend's
+    settings = {"rank_candidates": "mf", "rank_order": "blend", "relevance_threshold": threshold}
+    base = ranker_for(models, shown.recommend_min_ratings, ranking=settings)  # its threshold: the blend's
     final = "rating" if "rating" in metrics else "single"
     info = {
         "run": run.name,
@@ -131,7 +131,7 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
             retrieval = fitted.get(key)
             threshold = base.threshold + extra.get("threshold_shift", 0.0)
             ranker = dataclasses.replace(base, retrieval=retrieval, order=order, threshold=threshold)
-            n_candidates = extra.get("candidates", cfg.candidates)
+            n_candidates = extra.get("candidates", shown.candidates)
             ranked = ranker.rank(protocol.users, k, candidates=n_candidates, exclude=protocol.exclude)
             r = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))
             name = kind + (" " + ", ".join(f"{a}={b}" for a, b in params.items()) if params else "")

@@ -33,7 +33,9 @@ def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config)
     factors_uri = storage.join(out, "item_factors.parquet")
     factors = pl.from_arrow(storage.read_parquet(factors_uri)) if storage.exists(factors_uri) else None
     if factors is not None and factors.height >= 2:
-        storage.write_bytes(storage.join(out, FIGURES["map"]), movie_map_png(factors, config.pipeline.map_items))
+        storage.write_bytes(
+            storage.join(out, FIGURES["map"]), movie_map_png(factors, config.pipeline.outputs.map_items)
+        )
         figures["map"] = FIGURES["map"]
     histories = _histories(models.histories)
     if histories:
@@ -48,7 +50,7 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
     """The Markdown text of the report."""
     p = config.pipeline
     if p.kind == "rncf":
-        errors = f"{p.crossfit_folds}-fold cross-fitted" if p.crossfit_folds >= 2 else "in-sample (as the paper)"
+        errors = f"{p.crossfit.folds}-fold cross-fitted" if p.crossfit.folds >= 2 else "in-sample (as the paper)"
         header = f"Pipeline: three-stage RNCF (MF -> reliability -> rating); stage-1 errors of training rows {errors}."
     else:
         header = f"Pipeline: the single model `{config.stages.single.model}`."
@@ -88,7 +90,7 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         ]
     lines += _reliability_section(metrics, figures)
     lines += _ranking_section(metrics.get("ranking", {}))
-    lines += _movies_section(factors, figures, p.similar_min_ratings)
+    lines += _movies_section(factors, figures, p.outputs.similar_min_ratings)
     if "curves" in figures:
         lines += [
             "",
@@ -108,9 +110,9 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         "|---|---|",
         "| predictions/part-*.parquet | rating (every split): user_id, movie_id, title, split, rating, "
         "pred_rating, pred_error, mf_pred, cold |",
-        f"| recommendations.parquet | user x rank (top {p.top_n} unseen movies): score, reliability |",
+        f"| recommendations.parquet | user x rank (top {p.outputs.top_n} unseen movies): score, reliability |",
         "| item_factors.parquet | movie: bias, pc1, pc2, factors |",
-        f"| similar_items.parquet | movie x rank ({p.similar_k} nearest by cosine of factors) |",
+        f"| similar_items.parquet | movie x rank ({p.outputs.similar_k} nearest by cosine of factors) |",
         "| reliability_deciles.parquet | decile of predicted error on test |",
         "| metrics.json | everything above in numbers |",
         "",

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +104,13 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "prepare.split": "given",
         "prepare.shards": 2,
         "cluster.workers": 1,
-        "pipeline.top_n": 5,
-        "pipeline.candidates": 30,
-        "pipeline.similar_k": 4,
-        "pipeline.similar_min_ratings": 5,
-        "pipeline.map_items": 40,
-        "pipeline.mlp_train_share": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
-        "pipeline.infer_actors": 1,
+        "pipeline.outputs.top_n": 5,
+        "pipeline.outputs.candidates": 30,
+        "pipeline.outputs.similar_k": 4,
+        "pipeline.outputs.similar_min_ratings": 5,
+        "pipeline.outputs.map_items": 40,
+        "pipeline.train_share.fraction": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
+        "pipeline.inference.actors": 1,
         # few epochs of many small steps: each epoch is a Ray Train report and checkpoint (seconds here)
         "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 10, "solver": "sgd"}},
         "stages.reliability.train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 0},
@@ -274,12 +275,15 @@ def test_stage_1_writes_every_ratings_session_context_and_later_stages_keep_it(f
 
 
 def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path):
-    from recdist.infer.batch import score, score_local
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.infer.session import SessionStep
 
     out, _ = full_run
     data, model = str(out / "data"), str(out / "mf" / "model")
-    ray_result = score(model, data, str(tmp_path / "ray"), role="mf")
-    local_result = score_local(model, data, str(tmp_path / "local"), role="mf", workers=2)
+    options = ScoreOptions(role="mf", features=(SessionStep(),))
+    ray_result = score(model, data, str(tmp_path / "ray"), options)
+    local_result = score_local(model, data, str(tmp_path / "local"), replace(options, workers=2))
     assert ray_result["engine"] == "ray-data" and local_result["engine"] == "local"
     names = sorted(p.name for p in (tmp_path / "ray" / "ratings").iterdir())
     assert names == sorted(p.name for p in (out / "data" / "ratings").iterdir())  # shard n -> shard n
@@ -381,7 +385,7 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     n_train = read(out / "data" / "items.parquet").select(movie_id="item_id", n="n_train")
     floor = int(n_train["n"].median())  # half the movies are too rarely rated to be recommended
     assert read(out / "outputs" / "recommendations.parquet").join(n_train, on="movie_id")["n"].min() < floor
-    more = config(planted["same"], **{"pipeline.top_n": 7, "pipeline.recommend_min_ratings": floor})
+    more = config(planted["same"], **{"pipeline.outputs.top_n": 7, "pipeline.outputs.recommend_min_ratings": floor})
     redone = run_pipeline(more, str(out), from_stage="outputs")
     assert {s: manifest(out, s)["created_at"] for s in before} == before
     assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
@@ -449,7 +453,7 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
         None,
         {
             "pipeline.kind": "single",
-            "pipeline.top_n": 5,
+            "pipeline.top_n": 5,  # the flat keys of before pipeline's sub-sections still load (MOVED_KEYS)
             "pipeline.similar_k": 4,
             "pipeline.similar_min_ratings": 5,
             "pipeline.infer_actors": 1,

@@ -19,7 +19,7 @@ import torch
 from recdist import logs, storage
 from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
-from recdist.infer.batch import plan_for
+from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.scoring import one_thread
 from recdist.infer.topn import Csr, cosine_neighbours, popularity_top, top_n
@@ -47,21 +47,31 @@ class RunModels:
     """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
 
 
-def ranker_for(models: RunModels, min_ratings: int = 1, ranking: dict[str, Any] | None = None) -> Ranker:
+def ranker_for(
+    models: RunModels, min_ratings: int = 1, trained: TrainedOn | None = None, ranking: dict[str, Any] | None = None
+) -> Ranker:
     """The run's ranker: candidates from `ranking['rank_candidates']` (default stage 1's MF), scored by stages 1-3
     in turn (or the single model) and ordered by `ranking['rank_order']` (default the predicted rating), among
-    movies with at least `min_ratings` training ratings (pipeline.recommend_min_ratings). `ranking` holds the
-    pipeline section's ranking keys (ranking_settings())."""
+    movies with at least `min_ratings` training ratings (pipeline.outputs.recommend_min_ratings). `ranking` holds
+    the pipeline's ranking keys (ranking_settings()).
+
+    The dataset is read once (`trained`, else read here) and the stage-1 model loaded once: its predictor, the
+    later stages' cold-start fallback and the candidates share it.
+    """
     from recdist.data.dataset import read_items, read_manifest
+    from recdist.infer.scoring import Predictor
     from recdist.models.io import load_model
 
     ranking = ranking or {}
-    plans = []
-    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
-        plans.append(plan_for(models.mf, models.data, role="mf"))
-        plans.append(plan_for(models.reliability, models.data, role="reliability", fallback_model=models.mf))
-    plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
+    view = trained if trained is not None else trained_on(models.data)
     mf = load_model(models.mf) if models.mf else None
+    stages = []
+    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
+        stages.append(Predictor(plan_for(view, models.mf, "mf"), models=[mf]))
+        stages.append(
+            Predictor(plan_for(view, models.reliability, "reliability", fallback_model=models.mf), fallback=mf)
+        )
+    stages.append(Predictor(plan_for(view, models.final, "rating", fallback_model=models.mf), fallback=mf))
     n_train = read_items(models.data)["n_train"].to_numpy()
     kind = ranking.get("rank_candidates", "mf")
     retrieval = None
@@ -74,7 +84,7 @@ def ranker_for(models: RunModels, min_ratings: int = 1, ranking: dict[str, Any] 
     threshold = float(ranking.get("relevance_threshold", 4.0))
     if order == "blend":  # a rating reaches the threshold when its unrounded value is half a step below it
         threshold -= rating_step(models.data) / 2
-    return Ranker.build(mf, plans, n_train, min_ratings, retrieval=retrieval, order=order, threshold=threshold)
+    return Ranker.build(mf, stages, n_train, min_ratings, retrieval=retrieval, order=order, threshold=threshold)
 
 
 def rating_step(data: str) -> float:
@@ -88,8 +98,8 @@ def rating_step(data: str) -> float:
 
 def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The pipeline keys that decide how recommendations are ranked (also kept in the outputs manifest)."""
-    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "ease_max_users", "relevance_threshold")
-    return {k: getattr(cfg, k) for k in keys}
+    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "ease_max_users")
+    return {**{k: getattr(cfg.outputs, k) for k in keys}, "relevance_threshold": cfg.evaluation.relevance_threshold}
 
 
 def fit_candidates(
@@ -112,13 +122,18 @@ def fit_candidates(
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 
 
-def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
-    """Write every analyst table under `out` (a staging directory); return metrics.json's content."""
+def write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0, trained: TrainedOn | None = None
+) -> dict[str, Any]:
+    """Write every analyst table under `out` (a staging directory); return metrics.json's content. trained: the
+    run's view of the dataset's training rows (read here when not given)."""
     with one_thread():
-        return _write_outputs(models, out, cfg, seed)
+        return _write_outputs(models, out, cfg, seed, trained)
 
 
-def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+def _write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, seed: int, trained: TrainedOn | None
+) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
@@ -128,7 +143,7 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result, test, pairs, cold = _prediction_tables(models, out, users, items)
     final_name = "rating" if models.reliability is not None else "single"
     with logs.timed(log, "ranking metrics"):
-        ranker = ranker_for(models, cfg.recommend_min_ratings, ranking_settings(cfg))
+        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking_settings(cfg))
         result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
         deciles = _deciles(test)
@@ -138,7 +153,10 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result["reliability_summary"] = _reliability_summary(deciles, test)
 
     with logs.timed(log, "recommendations"):
-        recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
+        shown = cfg.outputs
+        recs = ranker.rank(
+            torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=_csr(pairs, n_users)
+        )
         storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
 
     if ranker.factors is not None:
@@ -215,21 +233,21 @@ def _ranking(
     the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users (seeded).
     `vs_popularity` holds each ranking's NDCG@k over the popularity baseline's.
     """
-    k = cfg.ranking_k
+    k, ev, shown = cfg.evaluation.ranking_k, cfg.evaluation, cfg.outputs
     protocol = RankingProtocol.build(
-        pairs, test, n_users, k, cfg.relevance_threshold, sample=cfg.ranking_users, seed=seed
+        pairs, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed
     )
     if protocol is None:
         return {"users": 0}
     out: dict[str, Any] = {
         "k": k,
-        "relevance_threshold": cfg.relevance_threshold,
-        "candidates": cfg.candidates,
-        "min_ratings": cfg.recommend_min_ratings,
-        "rank_candidates": cfg.rank_candidates
+        "relevance_threshold": ev.relevance_threshold,
+        "candidates": shown.candidates,
+        "min_ratings": shown.recommend_min_ratings,
+        "rank_candidates": shown.rank_candidates
         if ranker.retrieval is not None or ranker.factors is not None
         else "popularity",
-        "rank_order": cfg.rank_order,
+        "rank_order": shown.rank_order,
         "popularity": protocol.popularity(ranker.popularity, ranker.allowed),
     }
     if ranker.factors is not None:
@@ -237,7 +255,7 @@ def _ranking(
             ranker.factors, ranker.global_mean, protocol.users, k, exclude=protocol.exclude, allowed=ranker.allowed
         )
         out["mf"] = protocol.score(torch.where(mf_score > -torch.inf, mf_items, -1))
-    ranked = ranker.rank(protocol.users, k, candidates=cfg.candidates, exclude=protocol.exclude)
+    ranked = ranker.rank(protocol.users, k, candidates=shown.candidates, exclude=protocol.exclude)
     out[name] = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))
     out["vs_popularity"] = vs_popularity(out, k)
     return out
@@ -360,7 +378,7 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
     """
     q = factors["item_factors"].double()
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    fit = n_train >= max(1, cfg.similar_min_ratings)
+    fit = n_train >= max(1, cfg.outputs.similar_min_ratings)
     if int(fit.sum()) < 3:
         fit = n_train > 0
     centre = q[fit].mean(0)
@@ -385,11 +403,11 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
 def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:
     """The k nearest movies by cosine of factors, among movies with enough training ratings."""
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    allowed = n_train >= max(1, cfg.similar_min_ratings)
+    allowed = n_train >= max(1, cfg.outputs.similar_min_ratings)
     queries = torch.nonzero(allowed).squeeze(1)
     if int(allowed.sum()) < 2:
         return SIMILAR_ITEMS.empty_table()
-    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.similar_k, allowed=allowed)
+    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.outputs.similar_k, allowed=allowed)
     width = idx.shape[1]
     ids = items["item_id"].to_numpy()
     titles = items["title"]

@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recdist.infer.scoring import Predictor, ScoringPlan
+from recdist.infer.scoring import Predictor
 from recdist.infer.session import empty_session
 from recdist.infer.topn import Csr, popularity_top, top_n
 from recdist.models.base import Model
@@ -50,7 +50,7 @@ class Ranker:
     @staticmethod
     def build(
         mf: Model | None,
-        plans: list[ScoringPlan],
+        stages: list[Predictor],
         n_train_items: np.ndarray,
         min_ratings: int = 1,
         *,
@@ -58,8 +58,9 @@ class Ranker:
         order: str = "rating",
         threshold: float = 4.0,
     ) -> Ranker:
-        """min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
-        first = plans[0]
+        """stages: the predictors applied in order to candidate pairs (their plans built from one TrainedOn);
+        min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
+        first = stages[0].plan
         tables = mf.mf_tables() if mf is not None else None
         factors, mean = None, None
         if tables is not None:
@@ -74,7 +75,7 @@ class Ranker:
             global_mean=first.global_mean if mean is None else mean,
             allowed=recommendable(n_train_items, min_ratings),
             popularity=popularity,
-            stages=[Predictor(p) for p in plans],
+            stages=stages,
             retrieval=retrieval,
             order=order,
             threshold=threshold,

@@ -119,7 +119,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     user_idx = int(users["user_idx"][0])
     seen = _user_items(models.scored, user_idx)
     exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
-    ranker = ranker_for(models, _min_ratings(manifest), manifest.get("ranking"))
+    ranker = ranker_for(models, _min_ratings(manifest), ranking=manifest.get("ranking"))
     frame = ranker.rank(
         torch.tensor([user_idx]),
         n,
