@@ -276,6 +276,22 @@ class OutputsConfig(Section):
     candidates: int = Field(100, ge=1)
     """Movies per user that stage 1's MF proposes and the final stage re-ranks (recommendations, ranking
     metrics): an MLP cannot score every (user, movie) pair of ML-20M."""
+    rank_candidates: Literal["ease", "ials", "mf"] = "ease"
+    """The model whose best unseen movies are the `candidates` (recommendations, the final ranking metrics):
+    `ease` and `ials` model which movies a user rates (recdist/models/implicit.py, fitted on the training
+    ratings when the outputs are written), `mf` is stage 1's predicted rating (a weak top-N ranker)."""
+    rank_order: Literal["blend", "rating", "candidate"] = "blend"
+    """Final order of the candidates: `blend` = P(rated) x P(rating >= relevance_threshold | predicted rating,
+    predicted error), `rating` = the predicted rating, `candidate` = the candidate score alone."""
+    ease_reg: float = Field(4.0, gt=0)
+    """EASE's L2 weight as a multiple of the mean training ratings per recommendable movie (rank_candidates:
+    ease); 4 ranked best over ml-latest-small and synthetic data together (bench/ranking.py)."""
+    ease_max_items: int = Field(4000, ge=1)
+    """EASE models at most this many movies, the most-rated recommendable ones (the others are never candidates):
+    its fit inverts an (items x items) matrix, about a second at 2,000 movies and a minute at 8,000 on 2 cores."""
+    ease_max_users: int = Field(25_000, ge=1)
+    """EASE's item-item counts come from a seeded sample of at most this many users (every user is still
+    scored from their own ratings): their cost grows with the square of each user's ratings."""
     recommend_min_ratings: int = Field(1, ge=1)
     """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
     ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor

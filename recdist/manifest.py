@@ -147,6 +147,8 @@ class OutputsManifest(Manifest):
     top_n: int
     candidates: int
     recommend_min_ratings: int = 1
+    ranking: dict[str, Any] | None = None
+    """How the recommendations were ranked (recdist.infer.outputs.ranking_settings); None: before EASE."""
     similar_k: int | None = None
     similar_min_ratings: int = 1
     report: str | None = None

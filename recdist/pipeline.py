@@ -336,7 +336,7 @@ def _single(run: _Run) -> dict[str, Any]:
 
 def _outputs(run: _Run) -> dict[str, Any]:
     """Analyst tables, metrics.json and the report, committed together."""
-    from recdist.infer.outputs import RunModels, write_outputs
+    from recdist.infer.outputs import RunModels, ranking_settings, write_outputs
     from recdist.models.io import load_model
     from recdist.report import write_report
 
@@ -370,6 +370,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             top_n=shown.top_n,
             candidates=shown.candidates,
             recommend_min_ratings=shown.recommend_min_ratings,
+            ranking=ranking_settings(cfg.pipeline),
             similar_k=shown.similar_k,
             similar_min_ratings=shown.similar_min_ratings,
             report=report,

@@ -157,25 +157,51 @@ def _reliability_section(metrics: dict[str, Any], figures: dict[str, str]) -> li
     return lines
 
 
+RANKINGS = {
+    "popularity": "popularity (most-rated movies)",
+    "mf": "stage 1 MF (predicted rating)",
+    "rating": "final (recommendations)",
+    "single": "final (recommendations)",
+}
+CANDIDATES = {
+    "ease": "EASE (which movies a user rates)",
+    "ials": "implicit MF (which movies a user rates)",
+    "mf": "stage 1's MF",
+    "popularity": "the most-rated movies",
+}
+ORDERS = {
+    "blend": "P(rated) x P(rating >= threshold | predicted rating, predicted error)",
+    "rating": "predicted rating",
+    "candidate": "the candidate score",
+}
+
+
 def _ranking_section(ranking: dict[str, Any]) -> list[str]:
     rows = {k: v for k, v in ranking.items() if isinstance(v, dict) and "users" in v}
     if not rows:
         return []
     k = ranking.get("k", 10)
+    ratio = ranking.get("vs_popularity", {})
+    candidates = ranking.get("rank_candidates", "mf")
     lines = [
         "",
         f"## Ranking on test (top {k})",
         "",
         f"Relevant: test ratings >= {ranking.get('relevance_threshold')}; candidates: movies without a train or "
-        f"validation rating by the user, with at least {ranking.get('min_ratings', 1)} training rating(s). The final "
-        f"stage re-ranks stage 1's top {ranking.get('candidates')}.",
+        f"validation rating by the user, with at least {ranking.get('min_ratings', 1)} training rating(s). The "
+        f"recommendations are the top {ranking.get('candidates')} of {CANDIDATES.get(candidates, candidates)}, "
+        f"scored by the later stages and ordered by {ORDERS.get(ranking.get('rank_order', 'rating'), '')}. "
+        "The popularity baseline ranks the same users' unseen movies by their training ratings; the last column "
+        "is each ranking's NDCG over the baseline's (above 1: better than popularity).",
         "",
-        f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | users |",
-        "|---|---|---|---|---|",
+        f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | NDCG vs popularity | users |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
+    for name, r in sorted(rows.items(), key=lambda kv: kv[0] != "popularity"):
+        times = "1.00x" if name == "popularity" else (f"{ratio[name]:.2f}x" if name in ratio else "")
         lines.append(
-            f"| {name} | {r[f'precision@{k}']:.4f} | {r[f'recall@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} |"
+            f"| {RANKINGS.get(name, name)} | {r[f'precision@{k}']:.4f} | {r[f'recall@{k}']:.4f} "
+            f"| {r[f'ndcg@{k}']:.4f} | {times} | {r['users']} |"
         )
     return lines
 

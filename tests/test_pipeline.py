@@ -216,7 +216,7 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
     assert recs.join(seen, on=["user_id", "movie_id"], how="semi").height == 0  # unseen movies only
-    assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
+    assert (recs.group_by("user_id").agg(pl.col("rank_score").diff().max())["rank_score"].fill_null(0) <= 1e-6).all()
 
     factors = read(o / "item_factors.parquet")
     assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
@@ -236,8 +236,12 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert set(metrics[stage]) == {"train", "val", "test"}
         assert {"rmse", "mae"} <= set(metrics[stage]["test"])
     assert metrics["rating"]["test"]["rmse"] < 1.0  # learnt: the noise alone is sqrt((0.15^2 + 1.1^2) / 2) ~ 0.79
-    for ranking in ("mf", "rating"):
+    for ranking in ("popularity", "mf", "rating"):
         assert {"precision@10", "recall@10", "ndcg@10", "users"} <= set(metrics["ranking"][ranking])
+    assert set(metrics["ranking"]["vs_popularity"]) == {"mf", "rating"}  # NDCG over the popularity baseline's
+    assert metrics["ranking"]["rank_candidates"] == "ease" and "popularity (most-rated movies)" in (
+        o / "report.md"
+    ).read_text()
 
 
 def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
@@ -390,6 +394,8 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     assert recs.join(n_train, on="movie_id")["n"].min() >= floor
     asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "12")  # beyond top_n: recomputed
     assert asked.returncode == 0, asked.stderr
+    stored = recs.filter(pl.col("user_id") == user_id(1))
+    assert all(f" {m} " in asked.stdout for m in stored["movie_id"].to_list())  # the same ranking, recomputed
     rare = n_train.filter(pl.col("n") < floor)["movie_id"].to_list()
     assert not any(f" {m} " in asked.stdout for m in rare)
     with pytest.raises(ConfigError, match="unknown stage"):
