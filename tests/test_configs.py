@@ -8,7 +8,7 @@ import pytest
 
 from recdist.config import load_config
 from recdist.models import registry
-from recdist.train import sgd
+from recdist.train import solvers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: bench/family.py's choice for synthetic and ml-20m-sized data: biased MF, per-rating SGD, cosine schedule
@@ -34,4 +34,4 @@ def test_mf_defaults():
     for name in ("mf", "biased_mf"):
         cfg = registry.validate(name, {})
         assert (cfg.rank, cfg.reg) == (32, 0.08)
-    assert sgd.DEFAULT_LR == 0.04
+    assert solvers.SGD_LR == 0.04
