@@ -74,6 +74,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from recdist.models.io import load_model
 
+    entered = time.time()  # wall clock: the driver compares it with its own (one machine: the same clock)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     stage = StageConfig.model_validate(config["stage"])
@@ -85,6 +86,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
 
     model_cls = registry.get(stage.model).module
+    clock = time.perf_counter()
     data = load_rank_data(
         config["data"],
         target=model_cls.target,
@@ -94,6 +96,8 @@ def train_worker(config: dict[str, Any]) -> None:
         device=device,
         context=model_cls.needs_context,
     )
+    timings = {"data_load_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
@@ -106,6 +110,8 @@ def train_worker(config: dict[str, Any]) -> None:
             state = checkpoint.load_state(directory, device)
         trainer.load_state_dict(state)
         attempt = int(state["progress"].get("attempt", 0)) + 1
+    timings["setup_s"] = time.perf_counter() - clock
+    compute = reporting = 0.0
 
     progress = config.get("progress_queue")
     fail_at = config.get("fail_at_epoch")
@@ -114,14 +120,23 @@ def train_worker(config: dict[str, Any]) -> None:
         row["attempt"] = attempt
         if fail_at is not None and row["epoch"] == fail_at and resumed is None:
             raise RuntimeError(f"injected failure after epoch {fail_at} ({FAIL_AT_EPOCH_ENV})")
+        compute += row["seconds"]
+        clock = time.perf_counter()
         _report(trainer, rank, row, attempt=attempt)
+        reporting += time.perf_counter() - clock
         if progress is not None and rank == 0:
             progress.put(row)
 
+    clock = time.perf_counter()
     trainer.finish()
     final = trainer.final_metrics()
+    compute += time.perf_counter() - clock
     flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in figures.items()}
-    _report(trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world)
+    timings.update(entered=entered, compute_s=compute, report_s=reporting, left=time.time())
+    _report(
+        trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
+        timings=timings,
+    )  # fmt: skip
 
 
 def _report(trainer: Trainer, rank: int, metrics: dict[str, Any], **extra: Any) -> None:
@@ -179,15 +194,17 @@ def train_stage(
         "gpu": plan.gpu,
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
     }
-    started = time.perf_counter()
+    started, fit_started = time.perf_counter(), time.time()
     with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
         loop_config["progress_queue"] = bar.queue
         result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
+    fit_ended = time.time()
     if result.checkpoint is None:
         raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
     with result.checkpoint.as_directory() as directory:
         state = checkpoint.load_state(directory)
     metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
+    metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
     write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
     try:
         storage.remove(run_dir)  # committed: the run's checkpoints are no longer needed
@@ -303,6 +320,26 @@ def summarise(progress: dict[str, Any], stage: StageConfig, model_cls: type, pla
     return _finite(metrics)
 
 
+def overhead(timings: dict[str, float] | None, fit_started: float, fit_ended: float) -> dict[str, float] | None:
+    """Where the fit's wall seconds went (rank 0 of the last attempt; wall clocks of one machine compared):
+    start (controller, worker processes and imports, process group), data load, setup (model, upstream, solver),
+    compute (epochs with their validation, final evaluation), report (Ray Train reports and checkpoints between
+    epochs), stop (the final report and checkpoint, then the controller's shutdown until fit() returns); commit_s
+    (writing OUT) is added by write_output. Earlier attempts of a restarted run count in start."""
+    if not timings:
+        return None
+    out = {
+        "fit_s": fit_ended - fit_started,
+        "start_s": timings["entered"] - fit_started,
+        "data_load_s": timings["data_load_s"],
+        "setup_s": timings["setup_s"],
+        "compute_s": timings["compute_s"],
+        "report_s": timings["report_s"],
+        "stop_s": fit_ended - timings["left"],
+    }
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def write_output(
     out: str,
     state: dict[str, Any],
@@ -318,6 +355,7 @@ def write_output(
     from recdist.data import dataset
     from recdist.models.io import save_model
 
+    clock = time.perf_counter()
     model = model_from_state(stage, dataset.dims(manifest), state["model"])
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = state["progress"]["history"]
@@ -325,6 +363,8 @@ def write_output(
         save_model(model, staging)
         history.write_history(rows, storage.join(staging, "history.parquet"))
         history.write_learning_curve(rows, storage.join(staging, "learning_curve.png"), title=stage.model)
+        if metrics.get("overhead"):
+            metrics["overhead"]["commit_s"] = round(time.perf_counter() - clock, 3)  # all but the two JSON files
         storage.write_json(storage.join(staging, "metrics.json"), metrics)
         storage.write_json(
             storage.join(staging, storage.MANIFEST),
