@@ -4,8 +4,8 @@ wall time in a fresh process (interpreter, imports and Ray start-up included).
     .venv/bin/python bench/overhead.py                        # configs/quickstart.yaml, once
     .venv/bin/python bench/overhead.py --repeat 3 --json before.json
 
-Each run is `python -m recdist pipeline --config CONFIG --out OUT --quiet` in a fresh process, timed from spawn
-to exit. The split comes from what the run writes: RUN/manifest.json (each stage's wall seconds),
+Each run is `python -m recdist pipeline --config CONFIG --out OUT` (the README's command) in a fresh process, timed
+from spawn to exit. The split comes from what the run writes: RUN/manifest.json (each stage's wall seconds),
 RUN/<stage>/model/metrics.json `overhead` (rank 0's fit: start = controller, worker processes, imports and
 process group; data load; setup = model, upstream, solver; compute = the epochs with their validation and the
 final evaluation; report = Ray Train reports and checkpoints between epochs; stop = the final report and
@@ -40,7 +40,7 @@ def run_once(config: str, out: Path, extra: list[str]) -> dict:
     """One fresh-process pipeline run; its wall time, load averages and the per-stage split."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "recdist", "pipeline", "--config", config, "--out", str(out), "--quiet", *extra]
+    cmd = [sys.executable, "-m", "recdist", "pipeline", "--config", config, "--out", str(out), *extra]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -70,6 +70,8 @@ def split(run: Path, name: str, wall: float) -> dict:
     compute = fit.get("compute_s", 0.0)
     for key in ("start", "data_load", "setup", "report", "stop", "commit"):
         row[key] = float(fit.get(f"{key}_s", 0.0))
+    row["start_in_process"] = float(fit.get("process_s", 0.0))  # part of start, not a column of its own
+    row["checkpoints"] = int(fit.get("checkpoints", 0))
     score_compute = float(scoring.get("actor_seconds", scoring.get("seconds", 0.0)))
     score_compute += float(scoring.get("session_seconds", 0.0))
     row["score_start"] = float(scoring.get("startup_seconds", 0.0))
@@ -91,6 +93,13 @@ def print_run(figures: dict, title: str) -> None:
     for name, row in figures["stages"].items():
         cells = [f"{row[k]:.1f}" for k in ("wall", "compute", "overhead", *COLUMNS)]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    notes = [
+        f"{name}: {row['start_in_process']:.1f} s of start in the worker process, {row['checkpoints']} checkpoint(s)"
+        for name, row in figures["stages"].items()
+        if "checkpoints" in row
+    ]
+    if notes:
+        print("\n" + "; ".join(notes))
 
 
 def main() -> None:
@@ -100,8 +109,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs, one after the other")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--quiet", action="store_true", help="run the pipeline with --quiet (no per-epoch lines)")
     args = ap.parse_args()
-    extra = [x for kv in args.set for x in ("--set", kv)]
+    extra = [x for kv in args.set for x in ("--set", kv)] + (["--quiet"] if args.quiet else [])
 
     runs = []
     for i in range(args.repeat):

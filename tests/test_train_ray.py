@@ -60,27 +60,57 @@ def test_one_and_two_workers_agree_and_commit_the_output(ray_cluster, dataset, t
         train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one))
 
 
+#: Checkpoints after epochs 2 and 4 (1-based) whatever the epochs take; the final state is checkpointed anyway.
+EVERY_2 = {"checkpoint_every_epochs": 2, "checkpoint_every_seconds": 0}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_failed_runs_resume_from_their_checkpoint(ray_cluster, dataset, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
-    # a worker dies after epoch 2 in the first attempt; Ray Train restarts the group from epoch 1's checkpoint
+    """A killed worker and a killed driver land on the uninterrupted run's metrics under the checkpoint policy."""
+    whole = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, **EVERY_2), str(tmp_path / "whole" / "mf"))
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")
+    # a worker dies after epoch 3 (0-based) in the first attempt: epoch 2 was trained but not checkpointed, so
+    # Ray Train restarts the group from the checkpoint after epoch 1 and trains epochs 2-4 again
     out = tmp_path / "restart" / "mf"
-    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1), str(out))
+    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1, **EVERY_2), str(out))
     hist = history_of(out)
     assert hist["epoch"].to_list() == list(range(EPOCHS))
     assert hist["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)  # resumed at epoch 2, not restarted at 0
     assert metrics["attempts"] == 2
+    assert whole["overhead"]["checkpoints"] == 3  # after epochs 2 and 4 (1-based), then the final state
 
-    # no restarts allowed: the run fails, nothing is committed, its checkpoints stay; the next call resumes
+    # no restarts allowed (the driver's run is lost): the run fails, nothing is committed, its checkpoints stay;
+    # the next call resumes from them
     out = tmp_path / "driver" / "mf"
     with pytest.raises(Exception, match="injected failure"):
-        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
+        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0, **EVERY_2), str(out))
     assert not storage.is_committed(str(out))
     monkeypatch.delenv(FAIL_AT_EPOCH_ENV)
-    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
+    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0, **EVERY_2), str(out))
     assert history_of(out)["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)
-    assert again["val"]["rmse"] == pytest.approx(metrics["val"]["rmse"], abs=1e-6)  # same numbers either way
+    for resumed in (metrics, again):  # the same numbers every way
+        for split in ("train", "val", "test"):
+            assert resumed[split] == pytest.approx(whole[split], abs=1e-6)
+        assert resumed["best_epoch"] == whole["best_epoch"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_checkpointed_only_at_its_end_restarts_from_scratch_to_the_same_metrics(
+    ray_cluster, dataset, tmp_path, monkeypatch
+) -> None:
+    """The default policy (every 30 s) never checkpoints epochs this short: a failure redoes them all."""
+    whole = train_stage(dataset, mf_stage(), ClusterConfig(workers=2), str(tmp_path / "whole" / "mf"))
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")
+    out = tmp_path / "restart" / "mf"
+    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=2, max_failures=1), str(out))
+    assert history_of(out)["attempt"].to_list() == [1] * EPOCHS  # no checkpoint to resume from: a fresh start
+    assert metrics["attempts"] == 2
+    for split in ("train", "val", "test"):
+        assert metrics[split] == pytest.approx(whole[split], abs=1e-6)
+    assert whole["overhead"]["checkpoints"] == 1  # the final one only
 
 
 @pytest.mark.ray

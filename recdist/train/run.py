@@ -7,8 +7,10 @@ checkpoint (FailureConfig.max_failures); re-running train_stage on an uncommitte
 settings resumes the same Ray Train run (same name and storage) instead of starting again.
 
 Worker: seed = train.seed + rank; read this rank's shards onto its device; build the model with a
-generator seeded by train.seed (identical on every rank); one Ray Train report per epoch, rank 0 adding the
-checkpoint; a last report carries the best weights and the final train/val/test metrics.
+generator seeded by train.seed (identical on every rank); a Ray Train report with rank 0's checkpoint after the
+epochs the checkpoint policy picks (cluster.checkpoint_every_epochs / _seconds: each report waits for the
+controller's next poll, so none in between); a last report carries the last state, the best weights and the
+final train/val/test metrics.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ from recdist.models import registry
 from recdist.models.base import Model
 from recdist.models.batch import Dims
 from recdist.schema import SCHEMA_VERSION
-from recdist.train import checkpoint, history
+from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, connect
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-#: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never on resume).
+#: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never after a restart).
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
 #: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
 CHECKPOINTS_KEPT = 2
@@ -110,33 +112,74 @@ def train_worker(config: dict[str, Any]) -> None:
             state = checkpoint.load_state(directory, device)
         trainer.load_state_dict(state)
         attempt = int(state["progress"].get("attempt", 0)) + 1
+    attempt = _attempt(config, rank, device, attempt)
     timings["setup_s"] = time.perf_counter() - clock
     compute = reporting = 0.0
 
     progress = config.get("progress_queue")
-    fail_at = config.get("fail_at_epoch")
+    fail_at = config.get("fail_at_epoch") if attempt == 0 else None
+    policy = checkpoint.CheckpointPolicy(  # without the keys (a direct caller): every epoch, as before
+        int(config.get("checkpoint_every_epochs", 1)), float(config.get("checkpoint_every_seconds", 0.0))
+    )
+    last_checkpoint, checkpoints = time.monotonic(), 0
     while not trainer.done:
         row = trainer.train_epoch()
         row["attempt"] = attempt
-        if fail_at is not None and row["epoch"] == fail_at and resumed is None:
+        if fail_at is not None and row["epoch"] == fail_at:
             raise RuntimeError(f"injected failure after epoch {fail_at} ({FAIL_AT_EPOCH_ENV})")
         compute += row["seconds"]
-        clock = time.perf_counter()
-        _report(trainer, rank, row, attempt=attempt)
-        reporting += time.perf_counter() - clock
         if progress is not None and rank == 0:
             progress.put(row)
+        if trainer.done:  # the final report below checkpoints the last state
+            break
+        clock = time.perf_counter()
+        if _agreed(policy.due(row["epoch"] + 1, time.monotonic() - last_checkpoint), device):
+            _report(trainer, rank, row, attempt=attempt)
+            last_checkpoint, checkpoints = time.monotonic(), checkpoints + 1
+        reporting += time.perf_counter() - clock
 
     clock = time.perf_counter()
     trainer.finish()
     final = trainer.final_metrics()
     compute += time.perf_counter() - clock
     flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in figures.items()}
-    timings.update(entered=entered, compute_s=compute, report_s=reporting, left=time.time())
+    timings.update(compute_s=compute, report_s=reporting, checkpoints=checkpoints + 1)
+    timings.update(entered=entered, left=time.time(), process_created=_process_created())
     _report(
         trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
         timings=timings,
     )  # fmt: skip
+
+
+def _attempt(config: dict[str, Any], rank: int, device: torch.device, from_checkpoint: int) -> int:
+    """This worker group's attempt at the run (0 = the first), counted by rank 0 in a small file of the run's Ray
+    Train directory and shared with every rank: a restart finds no checkpoint when the policy wrote none yet.
+    Without the file's address (a direct caller), the count the latest checkpoint implies."""
+    uri = config.get("attempts_file")
+    if not uri:
+        return from_checkpoint
+    mine = 0
+    if rank == 0:
+        mine = int(storage.read_json(uri)["started"]) if storage.exists(uri) else 0
+        storage.write_json(uri, {"started": mine + 1})
+    return int(dist.all_reduce_sum_(torch.tensor([float(mine)], device=device)).item())
+
+
+def _process_created() -> float | None:
+    """When this worker process started (wall clock), or None where psutil cannot tell."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a figure for the bench, never worth failing a run
+        return None
+
+
+def _agreed(due: bool, device: torch.device) -> bool:
+    """Whether any rank's policy says checkpoint now: every rank must call report the same number of times, and
+    their clocks differ (one 1-element all-reduce; nothing in a single process)."""
+    flag = torch.tensor([1.0 if due else 0.0], device=device)
+    return bool(dist.all_reduce_sum_(flag).item() > 0)
 
 
 def _report(trainer: Trainer, rank: int, metrics: dict[str, Any], **extra: Any) -> None:
@@ -193,6 +236,9 @@ def train_stage(
         "cpus_per_worker": plan.cpus_per_worker,
         "gpu": plan.gpu,
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
+        "attempts_file": storage.join(run_dir, "attempts.json"),
+        "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
+        "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
     }
     started, fit_started = time.perf_counter(), time.time()
     with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
@@ -322,10 +368,12 @@ def summarise(progress: dict[str, Any], stage: StageConfig, model_cls: type, pla
 
 def overhead(timings: dict[str, float] | None, fit_started: float, fit_ended: float) -> dict[str, float] | None:
     """Where the fit's wall seconds went (rank 0 of the last attempt; wall clocks of one machine compared):
-    start (controller, worker processes and imports, process group), data load, setup (model, upstream, solver),
+    start (controller, worker processes and imports, process group; process_s: the part after the worker process
+    was created, or after fit() began when it was an older process), data load, setup (model, upstream, solver),
     compute (epochs with their validation, final evaluation), report (Ray Train reports and checkpoints between
     epochs), stop (the final report and checkpoint, then the controller's shutdown until fit() returns); commit_s
-    (writing OUT) is added by write_output. Earlier attempts of a restarted run count in start."""
+    (writing OUT) is added by write_output; checkpoints: how many the last attempt wrote, the final one included.
+    Earlier attempts of a restarted run count in start."""
     if not timings:
         return None
     out = {
@@ -337,7 +385,9 @@ def overhead(timings: dict[str, float] | None, fit_started: float, fit_ended: fl
         "report_s": timings["report_s"],
         "stop_s": fit_ended - timings["left"],
     }
-    return {k: round(v, 3) for k, v in out.items()}
+    if timings.get("process_created"):  # start = the process's launch + its imports and the process group
+        out["process_s"] = timings["entered"] - max(timings["process_created"], fit_started)
+    return {**{k: round(v, 3) for k, v in out.items()}, "checkpoints": int(timings.get("checkpoints", 0))}
 
 
 def write_output(
@@ -382,9 +432,27 @@ def write_output(
         )
 
 
+_QUEUES: dict[tuple[str, str], Any] = {}
+"""The progress queue of each Ray session this process joined: one actor for every stage of a run."""
+
+
+def _progress_queue() -> Any:
+    """This Ray session's progress queue, made once (an actor is a process to start: not one per stage)."""
+    import ray
+    from ray.util.queue import Queue
+
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id())
+    if key not in _QUEUES:
+        _QUEUES.clear()  # another session's queue died with it
+        _QUEUES[key] = Queue(actor_options={"num_cpus": 0})
+    return _QUEUES[key]
+
+
 class EpochProgress:
     """One log line per epoch on the driver (and a bar on a terminal: recdist.logs.Progress), fed by rank 0
-    through a Ray queue; no queue when nothing would show the lines (INFO disabled)."""
+    through a Ray queue shared by the session's stages; no queue when nothing would show the lines (INFO
+    disabled)."""
 
     def __init__(self, epochs: int, label: str):
         self.epochs, self.label = epochs, label
@@ -394,9 +462,7 @@ class EpochProgress:
 
     def __enter__(self) -> EpochProgress:
         if log.isEnabledFor(logging.INFO):
-            from ray.util.queue import Queue
-
-            self.queue = Queue(actor_options={"num_cpus": 0})
+            self.queue = _progress_queue()
             self._thread = threading.Thread(target=self._pump, daemon=True)
             self._thread.start()
         return self
@@ -404,8 +470,7 @@ class EpochProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=10)
-            self.queue.shutdown()
+            self._thread.join(timeout=10)  # the pump stops once the queue is empty: the next stage starts clean
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
