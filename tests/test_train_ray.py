@@ -113,6 +113,62 @@ def test_a_run_checkpointed_only_at_its_end_restarts_from_scratch_to_the_same_me
     assert whole["overhead"]["checkpoints"] == 1  # the final one only
 
 
+DRIVER = """
+import json, sys
+from recdist.config import ClusterConfig, StageConfig
+from recdist.train.run import train_stage
+stage, cluster = StageConfig.model_validate_json(sys.argv[1]), ClusterConfig.model_validate_json(sys.argv[2])
+train_stage(sys.argv[3], stage, cluster, sys.argv[4])
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(ray_cluster, dataset, tmp_path) -> None:
+    """A driver process SIGKILLed mid-run (its worker stuck after epoch 3, two checkpoints written): the next
+    train_stage resumes the same Ray Train run from the latest checkpoint and ends where an unbroken run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    from recdist.train.run import FAIL_KIND_ENV
+
+    cluster = ClusterConfig(workers=1, **EVERY_2)
+    stage = mf_stage(epochs=6)
+    whole = train_stage(dataset, stage, cluster, str(tmp_path / "whole" / "mf"))
+    out = tmp_path / "killed" / "mf"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        FAIL_AT_EPOCH_ENV: "3",  # 0-based: checkpoints after epochs 1 and 3 (1-based 2 and 4) are written first
+        FAIL_KIND_ENV: "hang",
+    }
+    args = [stage.model_dump_json(), cluster.model_dump_json(), dataset, str(out)]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 900
+        while len(list((tmp_path / "killed" / "_ray").glob("*/checkpoint_*"))) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before its checkpoints"
+            time.sleep(0.5)
+        time.sleep(2)  # the controller registers the second checkpoint
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert not storage.is_committed(str(out))
+
+    again = train_stage(dataset, stage, cluster, str(out))
+    attempts = history_of(out)["attempt"].to_list()
+    assert attempts[:2] == [0, 0] and attempts[-1] == 1 and again["attempts"] == 2  # resumed, not restarted
+    for split in ("train", "val", "test"):
+        assert again[split] == pytest.approx(whole[split], abs=1e-6)
+    assert again["best_epoch"] == whole["best_epoch"]
+
+
 @pytest.mark.ray
 def test_bad_configs_fail_before_any_work(ray_cluster, dataset, tmp_path) -> None:
     out = tmp_path / "run" / "stage"

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never after a restart).
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
+#: With FAIL_AT_EPOCH_ENV: `raise` (default) or `hang` (the worker stops there: a test kills the driver meanwhile).
+FAIL_KIND_ENV = "RECDIST_INJECT_FAILURE_KIND"
 #: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
 CHECKPOINTS_KEPT = 2
 
@@ -126,6 +128,8 @@ def train_worker(config: dict[str, Any]) -> None:
         row = trainer.train_epoch()
         row["attempt"] = attempt
         if fail_at is not None and row["epoch"] == fail_at:
+            while config.get("fail_kind") == "hang":
+                time.sleep(1)
             raise RuntimeError(f"injected failure after epoch {fail_at} ({FAIL_AT_EPOCH_ENV})")
         compute += row["seconds"]
         if progress is not None and rank == 0:
@@ -236,6 +240,7 @@ def train_stage(
         "cpus_per_worker": plan.cpus_per_worker,
         "gpu": plan.gpu,
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
+        "fail_kind": os.environ.get(FAIL_KIND_ENV, "raise"),
         "attempts_file": storage.join(run_dir, "attempts.json"),
         "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
         "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
