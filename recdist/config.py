@@ -148,6 +148,14 @@ class ClusterConfig(Section):
     """Ray Train storage for checkpoints (local or s3://); default RUN/_ray."""
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts from the latest checkpoint before a run is declared failed."""
+    checkpoint_every_epochs: int = Field(0, ge=0)
+    """Checkpoint after every N-th epoch (0: by time only). The last epoch's state, with the best epoch's weights,
+    is always checkpointed; epochs in between report nothing to Ray Train (their lines reach the log all the same).
+    A restart resumes from the latest checkpoint and lands on the same metrics (every epoch's randomness is drawn
+    from the seed, rank and epoch): the policy trades work redone after a failure for time per epoch."""
+    checkpoint_every_seconds: float = Field(30.0, ge=0)
+    """Also checkpoint after the first epoch that ends this many seconds after the latest checkpoint (0: by
+    epochs only): long epochs are checkpointed each, short ones every T seconds."""
 
 
 class TrainConfig(Section):

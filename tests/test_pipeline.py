@@ -111,7 +111,7 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "pipeline.outputs.map_items": 40,
         "pipeline.train_share.fraction": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
         "pipeline.inference.actors": 1,
-        # few epochs of many small steps: each epoch is a Ray Train report and checkpoint (seconds here)
+        # few epochs of many small steps (the checkpoint policy writes the final state only: epochs are short)
         "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 10, "solver": "sgd"}},
         "stages.reliability.train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 0},
         "stages.rating.train": {"epochs": 4, "batch_size": 256, "lr": 0.003, "patience": 0},

@@ -94,6 +94,19 @@ def test_checkpoint_round_trip_continues_identically(planted: RankData, tmp_path
     ]
 
 
+def test_checkpoint_policy_picks_epochs_and_elapsed_time() -> None:
+    every_2 = checkpoint.CheckpointPolicy(every_epochs=2, every_seconds=0)
+    assert [every_2.due(done, 1e9) for done in range(1, 7)] == [False, True, False, True, False, True]
+    by_time = checkpoint.CheckpointPolicy(every_epochs=0, every_seconds=30)
+    assert not by_time.due(5, 29.9) and by_time.due(5, 30.0)
+    either = checkpoint.CheckpointPolicy(every_epochs=3, every_seconds=10)
+    assert either.due(3, 0.0) and either.due(1, 10.0) and not either.due(2, 9.0)
+    final_only = checkpoint.CheckpointPolicy(every_epochs=0, every_seconds=0)
+    assert not any(final_only.due(done, 1e9) for done in range(1, 50))
+    assert checkpoint.CheckpointPolicy().due(1, 0.0)  # the default for direct callers: every epoch
+    assert ClusterConfig().checkpoint_every_epochs == 0 and ClusterConfig().checkpoint_every_seconds == 30
+
+
 def test_optimisers_and_clipping_train(planted: RankData) -> None:
     for optimizer in ("adamw", "adagrad", "sgd"):
         lr = {"sgd": 0.05, "adagrad": 0.1, "adamw": 0.05}[optimizer]

@@ -60,27 +60,113 @@ def test_one_and_two_workers_agree_and_commit_the_output(ray_cluster, dataset, t
         train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one))
 
 
+#: Checkpoints after epochs 2 and 4 (1-based) whatever the epochs take; the final state is checkpointed anyway.
+EVERY_2 = {"checkpoint_every_epochs": 2, "checkpoint_every_seconds": 0}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_failed_runs_resume_from_their_checkpoint(ray_cluster, dataset, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
-    # a worker dies after epoch 2 in the first attempt; Ray Train restarts the group from epoch 1's checkpoint
+    """A killed worker and a killed driver land on the uninterrupted run's metrics under the checkpoint policy."""
+    whole = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, **EVERY_2), str(tmp_path / "whole" / "mf"))
+
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")
+    # a worker dies after epoch 3 (0-based) in the first attempt: epoch 2 was trained but not checkpointed, so
+    # Ray Train restarts the group from the checkpoint after epoch 1 and trains epochs 2-4 again
     out = tmp_path / "restart" / "mf"
-    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1), str(out))
+    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1, **EVERY_2), str(out))
     hist = history_of(out)
     assert hist["epoch"].to_list() == list(range(EPOCHS))
     assert hist["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)  # resumed at epoch 2, not restarted at 0
     assert metrics["attempts"] == 2
+    assert whole["overhead"]["checkpoints"] == 3  # after epochs 2 and 4 (1-based), then the final state
 
-    # no restarts allowed: the run fails, nothing is committed, its checkpoints stay; the next call resumes
+    # no restarts allowed (the driver's run is lost): the run fails, nothing is committed, its checkpoints stay;
+    # the next call resumes from them
     out = tmp_path / "driver" / "mf"
     with pytest.raises(Exception, match="injected failure"):
-        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
+        train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0, **EVERY_2), str(out))
     assert not storage.is_committed(str(out))
     monkeypatch.delenv(FAIL_AT_EPOCH_ENV)
-    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0), str(out))
+    again = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0, **EVERY_2), str(out))
     assert history_of(out)["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)
-    assert again["val"]["rmse"] == pytest.approx(metrics["val"]["rmse"], abs=1e-6)  # same numbers either way
+    for resumed in (metrics, again):  # the same numbers every way
+        for split in ("train", "val", "test"):
+            assert resumed[split] == pytest.approx(whole[split], abs=1e-6)
+        assert resumed["best_epoch"] == whole["best_epoch"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_checkpointed_only_at_its_end_restarts_from_scratch_to_the_same_metrics(
+    ray_cluster, dataset, tmp_path, monkeypatch
+) -> None:
+    """The default policy (every 30 s) never checkpoints epochs this short: a failure redoes them all."""
+    whole = train_stage(dataset, mf_stage(), ClusterConfig(workers=2), str(tmp_path / "whole" / "mf"))
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")
+    out = tmp_path / "restart" / "mf"
+    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=2, max_failures=1), str(out))
+    assert history_of(out)["attempt"].to_list() == [1] * EPOCHS  # no checkpoint to resume from: a fresh start
+    assert metrics["attempts"] == 2
+    for split in ("train", "val", "test"):
+        assert metrics[split] == pytest.approx(whole[split], abs=1e-6)
+    assert whole["overhead"]["checkpoints"] == 1  # the final one only
+
+
+DRIVER = """
+import json, sys
+from recdist.config import ClusterConfig, StageConfig
+from recdist.train.run import train_stage
+stage, cluster = StageConfig.model_validate_json(sys.argv[1]), ClusterConfig.model_validate_json(sys.argv[2])
+train_stage(sys.argv[3], stage, cluster, sys.argv[4])
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(ray_cluster, dataset, tmp_path) -> None:
+    """A driver process SIGKILLed mid-run (its worker stuck after epoch 3, two checkpoints written): the next
+    train_stage resumes the same Ray Train run from the latest checkpoint and ends where an unbroken run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    from recdist.train.run import FAIL_KIND_ENV
+
+    cluster = ClusterConfig(workers=1, **EVERY_2)
+    stage = mf_stage(epochs=6)
+    whole = train_stage(dataset, stage, cluster, str(tmp_path / "whole" / "mf"))
+    out = tmp_path / "killed" / "mf"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        FAIL_AT_EPOCH_ENV: "3",  # 0-based: checkpoints after epochs 1 and 3 (1-based 2 and 4) are written first
+        FAIL_KIND_ENV: "hang",
+    }
+    args = [stage.model_dump_json(), cluster.model_dump_json(), dataset, str(out)]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 900
+        while len(list((tmp_path / "killed" / "_ray").glob("*/checkpoint_*"))) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before its checkpoints"
+            time.sleep(0.5)
+        time.sleep(2)  # the controller registers the second checkpoint
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert not storage.is_committed(str(out))
+
+    again = train_stage(dataset, stage, cluster, str(out))
+    attempts = history_of(out)["attempt"].to_list()
+    assert attempts[:2] == [0, 0] and attempts[-1] == 1 and again["attempts"] == 2  # resumed, not restarted
+    for split in ("train", "val", "test"):
+        assert again[split] == pytest.approx(whole[split], abs=1e-6)
+    assert again["best_epoch"] == whole["best_epoch"]
 
 
 @pytest.mark.ray

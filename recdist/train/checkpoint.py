@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When an epoch ends in a checkpoint: every `every_epochs`-th epoch, or the first epoch ending
+    `every_seconds` after the latest checkpoint (0 turns either off). The final state is always checkpointed,
+    whatever the policy (run.py's last report)."""
+
+    every_epochs: int = 1
+    every_seconds: float = 0.0
+
+    def due(self, epochs_done: int, seconds_since: float) -> bool:
+        if self.every_epochs and epochs_done % self.every_epochs == 0:
+            return True
+        return bool(self.every_seconds) and seconds_since >= self.every_seconds
+
 
 MODEL = "model.safetensors"
 BEST = "best.safetensors"

@@ -7,8 +7,10 @@ checkpoint (FailureConfig.max_failures); re-running train_stage on an uncommitte
 settings resumes the same Ray Train run (same name and storage) instead of starting again.
 
 Worker: seed = train.seed + rank; read this rank's shards onto its device; build the model with a
-generator seeded by train.seed (identical on every rank); one Ray Train report per epoch, rank 0 adding the
-checkpoint; a last report carries the best weights and the final train/val/test metrics.
+generator seeded by train.seed (identical on every rank); a Ray Train report with rank 0's checkpoint after the
+epochs the checkpoint policy picks (cluster.checkpoint_every_epochs / _seconds: each report waits for the
+controller's next poll, so none in between); a last report carries the last state, the best weights and the
+final train/val/test metrics.
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ from recdist.models import registry
 from recdist.models.base import Model
 from recdist.models.batch import Dims
 from recdist.schema import SCHEMA_VERSION
-from recdist.train import checkpoint, history
+from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, connect
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-#: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never on resume).
+#: Test and chaos hook: a worker raises after training this epoch in a run's first attempt (never after a restart).
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
+#: With FAIL_AT_EPOCH_ENV: `raise` (default) or `hang` (the worker stops there: a test kills the driver meanwhile).
+FAIL_KIND_ENV = "RECDIST_INJECT_FAILURE_KIND"
 #: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
 CHECKPOINTS_KEPT = 2
 
@@ -74,6 +78,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from recdist.models.io import load_model
 
+    entered = time.time()  # wall clock: the driver compares it with its own (one machine: the same clock)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     stage = StageConfig.model_validate(config["stage"])
@@ -85,6 +90,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
 
     model_cls = registry.get(stage.model).module
+    clock = time.perf_counter()
     data = load_rank_data(
         config["data"],
         target=model_cls.target,
@@ -94,6 +100,8 @@ def train_worker(config: dict[str, Any]) -> None:
         device=device,
         context=model_cls.needs_context,
     )
+    timings = {"data_load_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
@@ -106,22 +114,76 @@ def train_worker(config: dict[str, Any]) -> None:
             state = checkpoint.load_state(directory, device)
         trainer.load_state_dict(state)
         attempt = int(state["progress"].get("attempt", 0)) + 1
+    attempt = _attempt(config, rank, device, attempt)
+    timings["setup_s"] = time.perf_counter() - clock
+    compute = reporting = 0.0
 
     progress = config.get("progress_queue")
-    fail_at = config.get("fail_at_epoch")
+    fail_at = config.get("fail_at_epoch") if attempt == 0 else None
+    policy = checkpoint.CheckpointPolicy(  # without the keys (a direct caller): every epoch, as before
+        int(config.get("checkpoint_every_epochs", 1)), float(config.get("checkpoint_every_seconds", 0.0))
+    )
+    last_checkpoint, checkpoints = time.monotonic(), 0
     while not trainer.done:
         row = trainer.train_epoch()
         row["attempt"] = attempt
-        if fail_at is not None and row["epoch"] == fail_at and resumed is None:
+        if fail_at is not None and row["epoch"] == fail_at:
+            while config.get("fail_kind") == "hang":
+                time.sleep(1)
             raise RuntimeError(f"injected failure after epoch {fail_at} ({FAIL_AT_EPOCH_ENV})")
-        _report(trainer, rank, row, attempt=attempt)
+        compute += row["seconds"]
         if progress is not None and rank == 0:
             progress.put(row)
+        if trainer.done:  # the final report below checkpoints the last state
+            break
+        clock = time.perf_counter()
+        if _agreed(policy.due(row["epoch"] + 1, time.monotonic() - last_checkpoint), device):
+            _report(trainer, rank, row, attempt=attempt)
+            last_checkpoint, checkpoints = time.monotonic(), checkpoints + 1
+        reporting += time.perf_counter() - clock
 
+    clock = time.perf_counter()
     trainer.finish()
     final = trainer.final_metrics()
+    compute += time.perf_counter() - clock
     flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in figures.items()}
-    _report(trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world)
+    timings.update(compute_s=compute, report_s=reporting, checkpoints=checkpoints + 1)
+    timings.update(entered=entered, left=time.time(), process_created=_process_created())
+    _report(
+        trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
+        timings=timings,
+    )  # fmt: skip
+
+
+def _attempt(config: dict[str, Any], rank: int, device: torch.device, from_checkpoint: int) -> int:
+    """This worker group's attempt at the run (0 = the first), counted by rank 0 in a small file of the run's Ray
+    Train directory and shared with every rank: a restart finds no checkpoint when the policy wrote none yet.
+    Without the file's address (a direct caller), the count the latest checkpoint implies."""
+    uri = config.get("attempts_file")
+    if not uri:
+        return from_checkpoint
+    mine = 0
+    if rank == 0:
+        mine = int(storage.read_json(uri)["started"]) if storage.exists(uri) else 0
+        storage.write_json(uri, {"started": mine + 1})
+    return int(dist.all_reduce_sum_(torch.tensor([float(mine)], device=device)).item())
+
+
+def _process_created() -> float | None:
+    """When this worker process started (wall clock), or None where psutil cannot tell."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a figure for the bench, never worth failing a run
+        return None
+
+
+def _agreed(due: bool, device: torch.device) -> bool:
+    """Whether any rank's policy says checkpoint now: every rank must call report the same number of times, and
+    their clocks differ (one 1-element all-reduce; nothing in a single process)."""
+    flag = torch.tensor([1.0 if due else 0.0], device=device)
+    return bool(dist.all_reduce_sum_(flag).item() > 0)
 
 
 def _report(trainer: Trainer, rank: int, metrics: dict[str, Any], **extra: Any) -> None:
@@ -178,16 +240,22 @@ def train_stage(
         "cpus_per_worker": plan.cpus_per_worker,
         "gpu": plan.gpu,
         "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
+        "fail_kind": os.environ.get(FAIL_KIND_ENV, "raise"),
+        "attempts_file": storage.join(run_dir, "attempts.json"),
+        "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
+        "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
     }
-    started = time.perf_counter()
+    started, fit_started = time.perf_counter(), time.time()
     with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
         loop_config["progress_queue"] = bar.queue
         result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
+    fit_ended = time.time()
     if result.checkpoint is None:
         raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
     with result.checkpoint.as_directory() as directory:
         state = checkpoint.load_state(directory)
     metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
+    metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
     write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
     try:
         storage.remove(run_dir)  # committed: the run's checkpoints are no longer needed
@@ -303,6 +371,30 @@ def summarise(progress: dict[str, Any], stage: StageConfig, model_cls: type, pla
     return _finite(metrics)
 
 
+def overhead(timings: dict[str, float] | None, fit_started: float, fit_ended: float) -> dict[str, float] | None:
+    """Where the fit's wall seconds went (rank 0 of the last attempt; wall clocks of one machine compared):
+    start (controller, worker processes and imports, process group; process_s: the part after the worker process
+    was created, or after fit() began when it was an older process), data load, setup (model, upstream, solver),
+    compute (epochs with their validation, final evaluation), report (Ray Train reports and checkpoints between
+    epochs), stop (the final report and checkpoint, then the controller's shutdown until fit() returns); commit_s
+    (writing OUT) is added by write_output; checkpoints: how many the last attempt wrote, the final one included.
+    Earlier attempts of a restarted run count in start."""
+    if not timings:
+        return None
+    out = {
+        "fit_s": fit_ended - fit_started,
+        "start_s": timings["entered"] - fit_started,
+        "data_load_s": timings["data_load_s"],
+        "setup_s": timings["setup_s"],
+        "compute_s": timings["compute_s"],
+        "report_s": timings["report_s"],
+        "stop_s": fit_ended - timings["left"],
+    }
+    if timings.get("process_created"):  # start = the process's launch + its imports and the process group
+        out["process_s"] = timings["entered"] - max(timings["process_created"], fit_started)
+    return {**{k: round(v, 3) for k, v in out.items()}, "checkpoints": int(timings.get("checkpoints", 0))}
+
+
 def write_output(
     out: str,
     state: dict[str, Any],
@@ -318,6 +410,7 @@ def write_output(
     from recdist.data import dataset
     from recdist.models.io import save_model
 
+    clock = time.perf_counter()
     model = model_from_state(stage, dataset.dims(manifest), state["model"])
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = state["progress"]["history"]
@@ -325,6 +418,8 @@ def write_output(
         save_model(model, staging)
         history.write_history(rows, storage.join(staging, "history.parquet"))
         history.write_learning_curve(rows, storage.join(staging, "learning_curve.png"), title=stage.model)
+        if metrics.get("overhead"):
+            metrics["overhead"]["commit_s"] = round(time.perf_counter() - clock, 3)  # all but the two JSON files
         storage.write_json(storage.join(staging, "metrics.json"), metrics)
         storage.write_json(
             storage.join(staging, storage.MANIFEST),
@@ -342,9 +437,27 @@ def write_output(
         )
 
 
+_QUEUES: dict[tuple[str, str], Any] = {}
+"""The progress queue of each Ray session this process joined: one actor for every stage of a run."""
+
+
+def _progress_queue() -> Any:
+    """This Ray session's progress queue, made once (an actor is a process to start: not one per stage)."""
+    import ray
+    from ray.util.queue import Queue
+
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id())
+    if key not in _QUEUES:
+        _QUEUES.clear()  # another session's queue died with it
+        _QUEUES[key] = Queue(actor_options={"num_cpus": 0})
+    return _QUEUES[key]
+
+
 class EpochProgress:
     """One log line per epoch on the driver (and a bar on a terminal: recdist.logs.Progress), fed by rank 0
-    through a Ray queue; no queue when nothing would show the lines (INFO disabled)."""
+    through a Ray queue shared by the session's stages; no queue when nothing would show the lines (INFO
+    disabled)."""
 
     def __init__(self, epochs: int, label: str):
         self.epochs, self.label = epochs, label
@@ -354,9 +467,7 @@ class EpochProgress:
 
     def __enter__(self) -> EpochProgress:
         if log.isEnabledFor(logging.INFO):
-            from ray.util.queue import Queue
-
-            self.queue = Queue(actor_options={"num_cpus": 0})
+            self.queue = _progress_queue()
             self._thread = threading.Thread(target=self._pump, daemon=True)
             self._thread.start()
         return self
@@ -364,8 +475,7 @@ class EpochProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=10)
-            self.queue.shutdown()
+            self._thread.join(timeout=10)  # the pump stops once the queue is empty: the next stage starts clean
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
