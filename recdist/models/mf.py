@@ -18,6 +18,7 @@ from recdist.config import Section
 from recdist.models.base import MFTables, Model, embedding, logit_of, row_l2, scaled_sigmoid
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform
 
 
 class MFConfig(Section):
@@ -31,6 +32,14 @@ class MFConfig(Section):
     init_std: float = Field(0.1, gt=0)
     """Standard deviation of the normal initial factors (not tiny: p = q = 0 is a saddle SGD leaves slowly)."""
 
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.rank": choice(16, 32, 64, 128, 256),
+        "params.reg": loguniform(0.01, 0.2),
+        "train.lr": loguniform(0.003, 0.05),
+        "train.epochs": integer(10, 60),
+    }
+    """What `recdist tune` searches by default (recdist.models.space)."""
+
 
 class BiasedMFConfig(MFConfig):
     """Biased matrix factorisation: r = mu + b_u + b_i + p_u . q_i."""
@@ -38,12 +47,25 @@ class BiasedMFConfig(MFConfig):
     reg_bias: float = Field(0.01, ge=0)
     """L2 weight on b_u and b_i, per rating like `reg` (biases need less shrinkage than factors)."""
 
+    search_space: ClassVar[dict[str, Knob]] = {
+        **MFConfig.search_space,
+        "params.reg_bias": loguniform(0.001, 0.1),
+    }
+
 
 class SigmoidMFConfig(BiasedMFConfig):
     """Biased MF squashed by a sigmoid onto [rating_min, rating_max]; biases and factors in logit units."""
 
     init_std: float = Field(0.01, gt=0)
     """Standard deviation of the normal initial factors (logit units; trained by autograd, which needs no push)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.rank": choice(16, 32, 64, 128),
+        "params.reg": loguniform(0.001, 0.2),
+        "params.reg_bias": loguniform(0.0001, 0.05),
+        "train.lr": loguniform(0.001, 0.03),
+        "train.epochs": integer(5, 40),
+    }
 
 
 class MFBase(Model):
