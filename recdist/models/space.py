@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from recdist.errors import ConfigError
 
 KnobKind = Literal["loguniform", "uniform", "int", "logint", "choice", "fixed"]
@@ -144,11 +146,10 @@ def check_space(space: dict[str, Knob], stage: Any) -> None:
         for value in knob.endpoints():
             try:
                 StageConfig.model_validate(apply(stage.model_dump(mode="json", exclude={"tune"}), {key: value}))
-            except Exception as e:  # pydantic's ValidationError or the registry's ConfigError
-                detail = str(e).split("\n")
+            except (ValidationError, ConfigError) as e:  # from StageConfig, or the registry for params
+                why = e.errors()[0]["msg"] if isinstance(e, ValidationError) else e.what.split("\n")[-1].strip(" -")
                 raise ConfigError(
-                    f"search knob {key} ({knob.describe()}): the value {value!r} is not valid for it: "
-                    + " ".join(line.strip() for line in detail[1:3] if line.strip()),
+                    f"search knob {key} ({knob.describe()}): the value {value!r} is not valid for it: {why}",
                     fix="change the knob's bounds or values (`recdist models` shows each param's meaning)",
                 ) from None
 
