@@ -91,7 +91,9 @@ def tune_stage(
     plan, concurrency = trial_plan(cluster, budget, ray.cluster_resources())
     fixed = {k: knob.values[0] for k, knob in knobs.items() if knob.kind == "fixed"}
     searched = {k: knob for k, knob in knobs.items() if knob.kind != "fixed"}
-    base_dict = apply(base.model_dump(mode="json", exclude={"tune"}), fixed)
+    full = base.model_dump(mode="json", exclude={"tune"})
+    full["params"] = registry.validate(stage.model, stage.params).model_dump(mode="json")  # defaults spelt out
+    base_dict = apply(full, fixed)
     storage_uri = storage.join(out, RAY_DIR)
     started = time.perf_counter()
     log.info(
@@ -104,7 +106,9 @@ def tune_stage(
     from recdist.tune.trial import TrialSpec
 
     spec = TrialSpec(data, base_dict, upstream, searched, plan, storage_uri, name, cluster.max_failures)
+    before = _placement_groups()
     grid = _run(spec, budget, concurrency, max_epochs(searched, base))
+    _release_stopped_trials(before, plan)
 
     from recdist.tune import outputs
 
@@ -275,6 +279,46 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
         ),
     )
     return tuner.fit()
+
+
+def _placement_groups() -> dict[str, dict[str, Any]]:
+    from ray.util import placement_group_table
+
+    return {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def _release_stopped_trials(before: dict[str, Any], plan: WorkerPlan, wait_s: float = 20.0) -> None:
+    """Remove the worker placement groups of trials ASHA stopped, if Ray Train's cleaner has not.
+
+    Tune stops a trial by killing its actor, and with it the trial's Ray Train controller; Ray Train's detached
+    cleaner then removes the workers' placement group, but only where the State API answers (a cluster without
+    a dashboard): otherwise those CPUs would stay reserved and best/'s training wait for them forever. Only
+    groups created during the search, still there after it and shaped exactly like a trial's workers go.
+    """
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    shape = plan.resources_per_worker()
+
+    def leftovers() -> list[str]:
+        return [
+            k
+            for k, v in _placement_groups().items()
+            if k not in before and all(b == shape for b in v["bundles"].values()) and len(v["bundles"]) == plan.workers
+        ]
+
+    deadline = time.monotonic() + wait_s
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for pg_id in leftovers():
+        log.debug("tune: removing the placement group %s of a stopped trial", pg_id)
+        remove_placement_group(PlacementGroup(ray_id(pg_id)))
+
+
+def ray_id(hex_id: str) -> Any:
+    from ray._raylet import PlacementGroupID
+
+    return PlacementGroupID(bytes.fromhex(hex_id))
 
 
 def _value(stage: dict[str, Any], key: str) -> Any:

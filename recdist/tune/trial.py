@@ -58,11 +58,15 @@ def tune_value(knob: Knob) -> Any:
 
 
 def encode(knob: Knob, value: Any) -> Any:
-    """A knob's value as Tune samples it (None when a coded choice does not hold it)."""
-    if knob.kind != "choice" or _scalars(knob):
-        return value
+    """A knob's value as Tune samples it; None when the knob cannot take it (outside its range or choices)."""
+    if value is None:
+        return None
+    if knob.kind in ("loguniform", "uniform", "int", "logint"):
+        return value if isinstance(value, int | float) and knob.low <= value <= knob.high else None
     value = tuple(value) if isinstance(value, list) else value
-    return knob.values.index(value) if value in knob.values else None
+    if value not in knob.values:
+        return None
+    return value if _scalars(knob) else knob.values.index(value)
 
 
 def decode(knobs: dict[str, Knob], config: dict[str, Any]) -> dict[str, Any]:
