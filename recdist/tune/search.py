@@ -107,7 +107,7 @@ def tune_stage(
 
     spec = TrialSpec(data, base_dict, upstream, searched, plan, storage_uri, name, cluster.max_failures)
     before = _placement_groups()
-    grid = _run(spec, budget, concurrency, max_epochs(searched, base))
+    grid, resumed = _run(spec, budget, concurrency, max_epochs(searched, base))
     _release_stopped_trials(before, plan)
 
     from recdist.tune import outputs
@@ -148,6 +148,7 @@ def tune_stage(
         "finished": sum(r["status"] == "finished" for r in rows),
         "stopped": sum(r["status"] == "stopped" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows),
+        "resumed": resumed,
         "concurrency": concurrency,
         "cpus_per_trial": plan.cpus_per_worker * plan.workers,
         "best": {k: best_row[k] for k in ("trial_id", "val_rmse", "epochs", "best_epoch", "seconds")},
@@ -229,7 +230,8 @@ def trial_plan(cluster: ClusterConfig, budget: TuneBudget, resources: dict[str, 
 
 
 def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
-    """tuner.fit() of a new search, or of the killed one with the same name (Tuner.restore); the ResultGrid."""
+    """tuner.fit() of a new search, or of the killed one with the same name (Tuner.restore): the ResultGrid, and
+    whether it was restored."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -243,6 +245,7 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
     )
     if not logs.settings().verbose:  # the old output engine at verbose 0 prints nothing (the new one a table)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)  # its slow-step and resource warnings
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # the search's state saved often: little lost to a kill
     experiment = storage.join(spec.storage_uri, spec.name)
     restoring = ray.tune.Tuner.can_restore(_fs_path(experiment), storage_filesystem=fs)
@@ -251,7 +254,7 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
         tuner = ray.tune.Tuner.restore(
             _fs_path(experiment), trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=fs
         )
-        return tuner.fit()  # its run config, progress callback included, is the saved search's
+        return tuner.fit(), True  # its run config, progress callback included, is the saved search's
     first = {k: encode(knob, _value(spec.stage, k)) for k, knob in spec.knobs.items()}
     first = {k: v for k, v in first.items() if v is not None}
     tuner = ray.tune.Tuner(
@@ -278,7 +281,7 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
     )
-    return tuner.fit()
+    return tuner.fit(), False
 
 
 def _placement_groups() -> dict[str, dict[str, Any]]:
