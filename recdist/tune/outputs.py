@@ -113,7 +113,10 @@ def plot_png(rows: list[dict[str, Any]], knobs: dict[str, Knob], title: str = ""
         if labels:
             ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 4 else 0)
         elif knob is not None and knob.log:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
         ax.set_xlabel(key)
         ax.set_ylabel("validation RMSE")
         ax.grid(alpha=0.3)
