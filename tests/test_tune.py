@@ -199,8 +199,10 @@ def test_a_killed_search_resumes(ray_cluster, dataset, tmp_path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_stage_tune_section_retunes_it_in_the_pipeline(ray_cluster, dataset, tmp_path) -> None:
-    from recdist.pipeline import run_pipeline
+def test_a_stage_tune_section_retunes_it_in_the_pipeline(ray_cluster, dataset, tmp_path, monkeypatch) -> None:
+    from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
+
+    monkeypatch.setenv(STOP_AFTER_ENV, "single")  # the tiny dataset has no users/items tables for the outputs
 
     cfg = load_config(
         None,
@@ -211,7 +213,8 @@ def test_a_stage_tune_section_retunes_it_in_the_pipeline(ray_cluster, dataset, t
                               "tune": {"trials": 2, "grace_epochs": 1, "space": TINY_SPACE}},
         },
     )  # fmt: skip
-    run_pipeline(cfg, str(tmp_path / "run"), data=dataset)
+    with pytest.raises(RuntimeError, match="stopped after stage single"):
+        run_pipeline(cfg, str(tmp_path / "run"), data=dataset)
     tuned = json.loads((tmp_path / "run" / "single" / "tune" / "manifest.json").read_text())
     assert tuned["trials"] == 2 and tuned["best_run"] is None  # the pipeline trains the stage itself
     stage = json.loads((tmp_path / "run" / "single" / "manifest.json").read_text())["config"]
