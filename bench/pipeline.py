@@ -22,6 +22,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,9 @@ def main() -> None:
     import ray
 
     from recdist.config import load_config
-    from recdist.infer.batch import score, score_local
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.infer.session import SessionStep
     from recdist.pipeline import run_pipeline
     from recdist.train.cluster import connect
 
@@ -103,8 +106,9 @@ def main() -> None:
         pipeline_peak = memory.peak
 
         data, model = str(out / "data"), str(out / "mf" / "model")
-        ray_pass = score(model, data, str(out / "bench-ray"), role="mf", cluster=cfg.cluster)
-        local_pass = score_local(model, data, str(out / "bench-local"), role="mf", workers=cpus)
+        options = ScoreOptions(role="mf", features=(SessionStep(),))  # as before: stage 1 with its session context
+        ray_pass = score(model, data, str(out / "bench-ray"), replace(options, cluster=cfg.cluster))
+        local_pass = score_local(model, data, str(out / "bench-local"), replace(options, workers=cpus))
     ray.shutdown()
 
     stages = summary["stages"]

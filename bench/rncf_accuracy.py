@@ -55,7 +55,7 @@ def stages(inputs: str) -> dict:
     }
 
 
-IN_SAMPLE = {"pipeline.crossfit_folds": 0}
+IN_SAMPLE = {"pipeline.crossfit.folds": 0}
 VARIANTS = {
     "in-sample, paper": {**IN_SAMPLE, **stages("paper")},
     "cross-fitted, paper": stages("paper"),
@@ -69,7 +69,7 @@ VARIANTS = {
 }
 MORE = {  # measured on request (--variants)
     "in-sample, session": IN_SAMPLE,
-    "cross-fitted, session, later ratings too": {"pipeline.session_future": True},
+    "cross-fitted, session, later ratings too": {"pipeline.session.future": True},
 }
 
 

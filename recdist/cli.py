@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from recdist import logs
-from recdist.config import Config, load_config, parse_override, to_yaml
+from recdist.config import INFER_BATCH_SIZE, Config, load_config, parse_override, to_yaml, tree_default
 from recdist.errors import RecdistError
 
 app = typer.Typer(
@@ -71,6 +71,37 @@ LogFormatOpt = Annotated[
 ]
 
 
+_SHORTHANDS: dict[int, tuple[str, Any]] = {}
+"""id(typer OptionInfo) -> (the config key the flag is a shorthand for, the OptionInfo: kept alive, so its id is
+never reused). Filled each time a command's annotations are evaluated (typer, _shorthands)."""
+
+
+def _key(kind: type, key: str, help: str, panel: str | None = None, *decls: str, shown: str | None = None) -> Any:
+    """The annotation of a shorthand flag for the config key `key` (`kind | None`, default None: unset). Its help
+    shows the tree's default (or `shown`), and `_shorthands` reads it back under `key`: a flag cannot name a key
+    the tree lacks (KeyError at import) nor restate a default that drifted."""
+    default = tree_default(key)
+    if shown is None and default is not None:
+        shown = f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) else str(default)
+    text = f"{help} \\[default: {shown}]." if shown is not None else f"{help}."
+    info = typer.Option(*decls, help=text, rich_help_panel=panel, show_default=False)
+    _SHORTHANDS[id(info)] = (key, info)
+    return Annotated[kind | None, info]
+
+
+def _shorthands(command: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """{config key: value} of a command's shorthand flags (_key), from its local `values`."""
+    import typing
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    return {
+        _SHORTHANDS[id(meta)][0]: values[name]
+        for name, hint in hints.items()
+        for meta in getattr(hint, "__metadata__", ())
+        if id(meta) in _SHORTHANDS
+    }
+
+
 def _logs(quiet: bool, verbose: bool, log_format: LogFormat) -> None:
     """The one logging setup of this process (recdist.logs), from the common flags."""
     logs.setup(quiet=quiet, verbose=verbose, fmt=log_format.value)
@@ -93,26 +124,13 @@ _SIZE, _MODEL = "Size (defaults: ml-20m's)", "Planted model"
 @app.command()
 def synth(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
-    users: Annotated[
-        int | None, typer.Option(help="Number of users \\[default: 138,493].", rich_help_panel=_SIZE)
-    ] = None,
-    items: Annotated[
-        int | None, typer.Option(help="Number of movies \\[default: 26,744].", rich_help_panel=_SIZE)
-    ] = None,
-    ratings: Annotated[
-        int | None, typer.Option(help="Number of ratings \\[default: 20,000,263].", rich_help_panel=_SIZE)
-    ] = None,
-    min_user_ratings: Annotated[
-        int | None, typer.Option(help="Ratings every user has at least \\[default: 20].", rich_help_panel=_SIZE)
-    ] = None,
-    rank: Annotated[
-        int | None, typer.Option(help="Rank of the planted user x movie model \\[default: 8].", rich_help_panel=_MODEL)
-    ] = None,
-    noise: Annotated[
-        float | None,
-        typer.Option(help="Noise std before rounding to half stars \\[default: 0.7].", rich_help_panel=_MODEL),
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed: same seed and sizes, same bytes \\[default: 0].")] = None,
+    users: _key(int, "synth.n_users", "Number of users", _SIZE) = None,
+    items: _key(int, "synth.n_items", "Number of movies", _SIZE) = None,
+    ratings: _key(int, "synth.n_ratings", "Number of ratings", _SIZE) = None,
+    min_user_ratings: _key(int, "synth.min_user_ratings", "Ratings every user has at least", _SIZE) = None,
+    rank: _key(int, "synth.rank", "Rank of the planted user x movie model", _MODEL) = None,
+    noise: _key(float, "synth.noise", "Noise std before rounding to half stars", _MODEL) = None,
+    seed: _key(int, "synth.seed", "Seed: same seed and sizes, same bytes") = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -136,14 +154,7 @@ def synth(
     from recdist.data.synth import write_synthetic
 
     _logs(quiet, verbose, log_format)
-    cfg = _config(
-        config,
-        set_,
-        {
-            "synth.n_users": users, "synth.n_items": items, "synth.n_ratings": ratings,
-            "synth.min_user_ratings": min_user_ratings, "synth.rank": rank, "synth.noise": noise, "synth.seed": seed,
-        },
-    )
+    cfg = _config(config, set_, _shorthands(synth, locals()))
     _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite))
 
 
@@ -200,85 +211,38 @@ _SOURCE, _COLUMNS, _PREP = "Source (exactly one of)", "Columns of your files", "
 @app.command()
 def prepare(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
-    dataset: Annotated[
-        str | None,
-        typer.Option(help="GroupLens release (see `recdist datasets`) or `synthetic`.", rich_help_panel=_SOURCE),
-    ] = None,
-    path: Annotated[
-        str | None,
-        typer.Option(
-            help="Your ratings: a CSV/TSV/.dat/Parquet file, a GroupLens zip or directory; local or s3://.",
-            rich_help_panel=_SOURCE,
-        ),
-    ] = None,
-    train_path: Annotated[
-        str | None,
-        typer.Option(help="Your own split: the training file (implies --split given).", rich_help_panel=_SOURCE),
-    ] = None,
-    val_path: Annotated[
-        str | None, typer.Option(help="Your own split: an optional validation file.", rich_help_panel=_SOURCE)
-    ] = None,
-    test_path: Annotated[
-        str | None, typer.Option(help="Your own split: the test file.", rich_help_panel=_SOURCE)
-    ] = None,
-    items_path: Annotated[
-        str | None,
-        typer.Option(help="Movies file (id, title, genres) for --path / --train-path.", rich_help_panel=_SOURCE),
-    ] = None,
-    user_col: Annotated[
-        str | None, typer.Option(help="User id column \\[default: userId].", rich_help_panel=_COLUMNS)
-    ] = None,
-    item_col: Annotated[
-        str | None, typer.Option(help="Item id column \\[default: movieId].", rich_help_panel=_COLUMNS)
-    ] = None,
-    rating_col: Annotated[
-        str | None, typer.Option(help="Rating column \\[default: rating].", rich_help_panel=_COLUMNS)
-    ] = None,
-    timestamp_col: Annotated[
-        str | None,
-        typer.Option(help="Timestamp column, '' for none \\[default: timestamp].", rich_help_panel=_COLUMNS),
-    ] = None,
-    separator: Annotated[
-        str | None, typer.Option(help="Field separator \\[default: by the file extension].", rich_help_panel=_COLUMNS)
-    ] = None,
-    header: Annotated[
-        bool | None,
-        typer.Option(
-            "--header/--no-header", help="Whether a text file has a header line \\[default: csv yes, tsv/dat no].",
-            show_default=False, rich_help_panel=_COLUMNS,
-        ),
-    ] = None,
-    duplicates: Annotated[
-        str | None,
-        typer.Option(help="Repeated pairs: last | first | mean | error \\[default: last].", rich_help_panel=_PREP),
-    ] = None,
-    min_user_ratings: Annotated[
-        int | None, typer.Option(help="Drop users with fewer ratings \\[default: 0].", rich_help_panel=_PREP)
-    ] = None,
-    min_item_ratings: Annotated[
-        int | None, typer.Option(help="Drop items with fewer ratings \\[default: 0].", rich_help_panel=_PREP)
-    ] = None,
-    top_items: Annotated[
-        int | None, typer.Option(help="Keep only the N most-rated items \\[default: all].", rich_help_panel=_PREP)
-    ] = None,
-    split: Annotated[
-        str | None,
-        typer.Option(help="random | user | time | user_time | given \\[default: random].", rich_help_panel=_PREP),
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help="Validation share \\[default: 0.1].", rich_help_panel=_PREP)
-    ] = None,
-    test_fraction: Annotated[
-        float | None, typer.Option(help="Test share \\[default: 0.1].", rich_help_panel=_PREP)
-    ] = None,
-    holdout_k: Annotated[
-        int | None,
-        typer.Option(help="user_time: last k per user to test, k before to val \\[default: 1].", rich_help_panel=_PREP),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of splits and shards \\[default: 42].", rich_help_panel=_PREP)
-    ] = None,
-    shards: Annotated[int | None, typer.Option(help="Number of balanced Parquet shards \\[default: 8].")] = None,
+    dataset: _key(str, "source.dataset", "GroupLens release (see `recdist datasets`) or `synthetic`", _SOURCE) = None,
+    path: _key(
+        str, "source.path", "Your ratings: a CSV/TSV/.dat/Parquet file, a GroupLens zip or directory; local or s3://",
+        _SOURCE,
+    ) = None,
+    train_path: _key(
+        str, "source.train_path", "Your own split: the training file (implies --split given)", _SOURCE
+    ) = None,
+    val_path: _key(str, "source.val_path", "Your own split: an optional validation file", _SOURCE) = None,
+    test_path: _key(str, "source.test_path", "Your own split: the test file", _SOURCE) = None,
+    items_path: _key(
+        str, "source.items_path", "Movies file (id, title, genres) for --path / --train-path", _SOURCE
+    ) = None,
+    user_col: _key(str, "source.user_col", "User id column", _COLUMNS) = None,
+    item_col: _key(str, "source.item_col", "Item id column", _COLUMNS) = None,
+    rating_col: _key(str, "source.rating_col", "Rating column", _COLUMNS) = None,
+    timestamp_col: _key(str, "source.timestamp_col", "Timestamp column, '' for none", _COLUMNS) = None,
+    separator: _key(str, "source.separator", "Field separator", _COLUMNS, shown="by the file extension") = None,
+    header: _key(
+        bool, "source.has_header", "Whether a text file has a header line", _COLUMNS, "--header/--no-header",
+        shown="csv yes, tsv/dat no",
+    ) = None,
+    duplicates: _key(str, "prepare.duplicates", "Repeated pairs: last | first | mean | error", _PREP) = None,
+    min_user_ratings: _key(int, "prepare.min_user_ratings", "Drop users with fewer ratings", _PREP) = None,
+    min_item_ratings: _key(int, "prepare.min_item_ratings", "Drop items with fewer ratings", _PREP) = None,
+    top_items: _key(int, "prepare.top_items", "Keep only the N most-rated items", _PREP, shown="all") = None,
+    split: _key(str, "prepare.split", "random | user | time | user_time | given", _PREP) = None,
+    val_fraction: _key(float, "prepare.val_fraction", "Validation share", _PREP) = None,
+    test_fraction: _key(float, "prepare.test_fraction", "Test share", _PREP) = None,
+    holdout_k: _key(int, "prepare.holdout_k", "user_time: last k per user to test, k before to val", _PREP) = None,
+    seed: _key(int, "prepare.seed", "Seed of splits and shards", _PREP) = None,
+    shards: _key(int, "prepare.shards", "Number of balanced Parquet shards") = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -304,20 +268,7 @@ def prepare(
     _logs(quiet, verbose, log_format)
     if (train_path or test_path or val_path) and split is None:
         split = "given"
-    cfg = _config(
-        config,
-        set_,
-        {
-            "source.dataset": dataset, "source.path": path, "source.train_path": train_path,
-            "source.val_path": val_path, "source.test_path": test_path, "source.items_path": items_path,
-            "source.user_col": user_col, "source.item_col": item_col, "source.rating_col": rating_col,
-            "source.timestamp_col": timestamp_col, "source.separator": separator, "source.has_header": header,
-            "prepare.duplicates": duplicates, "prepare.min_user_ratings": min_user_ratings,
-            "prepare.min_item_ratings": min_item_ratings, "prepare.top_items": top_items, "prepare.split": split,
-            "prepare.val_fraction": val_fraction, "prepare.test_fraction": test_fraction,
-            "prepare.holdout_k": holdout_k, "prepare.seed": seed, "prepare.shards": shards,
-        },
-    )
+    cfg = _config(config, set_, _shorthands(prepare, locals()))
     _print_json(run_prepare(cfg, out_dir, overwrite=overwrite))
 
 
@@ -524,17 +475,39 @@ def infer(
     model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 262_144,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
-    """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added."""
-    from recdist.infer.batch import score
+    """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added.
+
+    A stage-1 model (role mf) also writes the session context stages 2 and 3 read (pipeline.session).
+    """
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions
+    from recdist.infer.scoring import role_of
+    from recdist.infer.session import SessionSpec, SessionStep
+    from recdist.models.io import model_class
 
     _logs(quiet, verbose, log_format)
-    _print_json(score(model_dir, data, out_dir, batch_size=batch_size, overwrite=overwrite))
+    cfg = _config(config, set_, {"pipeline.inference.batch_size": batch_size})
+    role = role_of(model_class(model_dir))
+    session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
+    options = ScoreOptions(
+        role=role,
+        batch_size=cfg.pipeline.inference.batch_size,
+        actors=cfg.pipeline.inference.actors,
+        cluster=cfg.cluster,
+        overwrite=overwrite,
+        features=session,
+    )
+    _print_json(score(model_dir, data, out_dir, options))
 
 
 @app.command()
@@ -570,15 +543,16 @@ def similar(
 def models() -> None:
     """List the registered models with their parameters and defaults."""
     from recdist.models import registry
-    from recdist.train import sgd, solvers
+    from recdist.train.solvers import SOLVERS, default_lr
 
     table = Table("model", "what", "params (defaults)", "target", "train.lr (when empty)")
     for name in registry.names():
         entry = registry.get(name)
         params = ", ".join(f"{k}={v.default!r}" for k, v in entry.config.model_fields.items())
-        auto = solvers.SOLVERS[entry.module.solver_family][0]
-        lr = entry.module.default_lr or (f"{sgd.DEFAULT_LR} (sgd)" if auto == "sgd" else solvers.DEFAULT_LR)
-        table.add_row(name, entry.summary, params, entry.module.target, str(lr))
+        rates = {s: default_lr(entry.module, s) for s in SOLVERS[entry.module.solver_family]}
+        shown = [f"{lr} ({s})" for s, lr in rates.items() if lr is not None]
+        lr = shown[0].split()[0] if len(shown) == 1 else ", ".join(shown)
+        table.add_row(name, entry.summary, params, entry.module.target, lr)
     out.print(table)
 
 

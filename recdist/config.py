@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import math
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from recdist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -238,51 +241,157 @@ class StagesConfig(Section):
     single: StageConfig = Field(default_factory=lambda: StageConfig(model=DEFAULT_MODELS["single"]))
     """The model of a one-stage pipeline (pipeline.kind = single)."""
 
+    def slot(self, name: str) -> StageConfig:
+        """The stage section of a slot name (mf, reliability, rating, single)."""
+        if name not in DEFAULT_MODELS:
+            raise ConfigError(f"unknown stage {name!r}", fix=f"use one of: {', '.join(DEFAULT_MODELS)}")
+        return getattr(self, name)
 
-class PipelineConfig(Section):
-    """The main job's shape and its analyst outputs."""
 
-    kind: Literal["rncf", "single"] = "rncf"
-    """rncf: the three-stage reliability pipeline; single: one model (stages.single) with the same outputs."""
-    crossfit_folds: int = Field(0, ge=0)
+INFER_BATCH_SIZE = 262_144
+"""Rows per batch in batch inference (pipeline.inference.batch_size, `recdist infer --batch-size`)."""
+
+
+class CrossfitConfig(Section):
+    """Cross-fitting of stage 1: which model's errors stages 2 and 3 learn from on training rows."""
+
+    folds: int = Field(0, ge=0)
     """0: stage-1 errors on training rows are in-sample (as the paper); K >= 2: K-fold cross-fitted (each
     training row's mf_pred and error come from the one of K fold models that did not train on it)."""
-    session_windows: tuple[NonNegativeInt, NonNegativeInt] = (60, 600)
-    """(short, long) windows in seconds of the session context stage 1's inference writes for stages 2 and 3:
-    the residuals of the user's training ratings rated within them (recdist/infer/session.py)."""
-    session_future: bool = False
+
+
+class SessionConfig(Section):
+    """The session context stage 1's inference writes for stages 2 and 3 (recdist/infer/session.py)."""
+
+    windows: tuple[NonNegativeInt, NonNegativeInt] = (60, 600)
+    """(short, long) windows in seconds: the residuals of the user's training ratings rated within them."""
+    future: bool = False
     """False: a row's session holds ratings made at or before it only (causal, as a live system sees them);
     True: also those made up to a window after it (better on a random split; uses later ratings)."""
-    mlp_train_share: float = Field(1.0, gt=0, le=1)
+
+
+class TrainShareConfig(Section):
+    """Which training rows stages 2 and 3 train on."""
+
+    fraction: float = Field(1.0, gt=0, le=1)
     """Share of the training ratings stages 2 and 3 train on (a seeded hash sample of (user, movie) pairs, with
     every validation row for early stopping; every row is still scored and evaluated). 1 = all, as the paper;
     on CPUs a share trades a little accuracy for much time on ML-20M."""
+
+
+class InferenceConfig(Section):
+    """How fast batch inference runs (never what it computes: left out of the stage hashes)."""
+
+    batch_size: int = Field(INFER_BATCH_SIZE, ge=1)
+    """Rows per batch in batch inference."""
+    actors: int | None = Field(None, ge=1)
+    """Ray Data scoring actors; default one per GPU, else one per 4 CPUs of the cluster (at least 1)."""
+
+
+class OutputsConfig(Section):
+    """The analyst tables: recommendations, similar movies and the factor map."""
+
     top_n: int = Field(10, ge=1)
     """Recommendations per user."""
-    similar_k: int = Field(10, ge=1)
-    """Similar movies per movie."""
-    map_items: int = Field(200, ge=2)
-    """Most-rated movies drawn on the 2-D factor map."""
-    infer_batch_size: int = Field(262_144, ge=1)
-    """Rows per batch in batch inference."""
-    infer_actors: int | None = Field(None, ge=1)
-    """Ray Data scoring actors; default one per GPU, else one per 4 CPUs of the cluster (at least 1)."""
     candidates: int = Field(100, ge=1)
     """Movies per user that stage 1's MF proposes and the final stage re-ranks (recommendations, ranking
     metrics): an MLP cannot score every (user, movie) pair of ML-20M."""
+    rank_candidates: Literal["ease", "ials", "mf"] = "ease"
+    """The model whose best unseen movies are the `candidates` (recommendations, the final ranking metrics):
+    `ease` and `ials` model which movies a user rates (recdist/models/implicit.py, fitted on the training
+    ratings when the outputs are written), `mf` is stage 1's predicted rating (a weak top-N ranker)."""
+    rank_order: Literal["blend", "rating", "candidate"] = "blend"
+    """Final order of the candidates: `blend` = P(rated) x P(rating >= relevance_threshold | predicted rating,
+    predicted error), `rating` = the predicted rating, `candidate` = the candidate score alone."""
+    ease_reg: float = Field(4.0, gt=0)
+    """EASE's L2 weight as a multiple of the mean training ratings per recommendable movie (rank_candidates:
+    ease); 4 ranked best over ml-latest-small and synthetic data together (bench/ranking.py)."""
+    ease_max_items: int = Field(4000, ge=1)
+    """EASE models at most this many movies, the most-rated recommendable ones (the others are never candidates):
+    its fit inverts an (items x items) matrix, about a second at 2,000 movies and a minute at 8,000 on 2 cores."""
+    ease_max_users: int = Field(25_000, ge=1)
+    """EASE's item-item counts come from a seeded sample of at most this many users (every user is still
+    scored from their own ratings): their cost grows with the square of each user's ratings."""
+    recommend_min_ratings: int = Field(1, ge=1)
+    """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
+    ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor
+    the rarest movies crowd the top of every list."""
+    similar_k: int = Field(10, ge=1)
+    """Similar movies per movie."""
+    similar_min_ratings: int = Field(20, ge=1)
+    """Movies with fewer training ratings are left out of similar_items and the factor PCA (their factors
+    are mostly initial noise)."""
+    map_items: int = Field(200, ge=2)
+    """Most-rated movies drawn on the 2-D factor map."""
+
+
+class EvaluationConfig(Section):
+    """The test ranking metrics."""
+
     ranking_k: int = Field(10, ge=1)
     """Cut-off of the test ranking metrics (Precision, Recall, NDCG at k)."""
     relevance_threshold: float = 4.0
     """A test rating at or above this counts as relevant for the ranking metrics."""
     ranking_users: int = Field(0, ge=0)
     """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
-    recommend_min_ratings: int = Field(1, ge=1)
-    """Movies with fewer training ratings are never recommended, to known or new users, nor ranked by the
-    ranking metrics: an MF scores a movie rated once or twice by little more than its bias, so without a floor
-    the rarest movies crowd the top of every list."""
-    similar_min_ratings: int = Field(20, ge=1)
-    """Movies with fewer training ratings are left out of similar_items and the factor PCA (their factors
-    are mostly initial noise)."""
+
+
+MOVED_KEYS: dict[str, str] = {
+    "crossfit_folds": "crossfit.folds",
+    "session_windows": "session.windows",
+    "session_future": "session.future",
+    "mlp_train_share": "train_share.fraction",
+    "infer_batch_size": "inference.batch_size",
+    "infer_actors": "inference.actors",
+    "top_n": "outputs.top_n",
+    "candidates": "outputs.candidates",
+    "recommend_min_ratings": "outputs.recommend_min_ratings",
+    "similar_k": "outputs.similar_k",
+    "similar_min_ratings": "outputs.similar_min_ratings",
+    "map_items": "outputs.map_items",
+    "ranking_k": "evaluation.ranking_k",
+    "relevance_threshold": "evaluation.relevance_threshold",
+    "ranking_users": "evaluation.ranking_users",
+}
+"""The flat keys of `pipeline` before its sub-sections -> their new place under `pipeline`; still read."""
+_warned: set[str] = set()
+
+
+class PipelineConfig(Section):
+    """The main job's shape and its analyst outputs, one sub-section per concern (each hashed on its own)."""
+
+    kind: Literal["rncf", "single"] = "rncf"
+    """rncf: the three-stage reliability pipeline; single: one model (stages.single) with the same outputs."""
+    crossfit: CrossfitConfig = CrossfitConfig()  # pydantic copies a model default per instance
+    """Stage 1's fold models (in stage 1's hash)."""
+    session: SessionConfig = SessionConfig()
+    """The session context stage 1's pass writes (in stage 1's hash)."""
+    train_share: TrainShareConfig = TrainShareConfig()
+    """The training rows of stages 2 and 3 (in stage 1's hash: stage 1's pass writes the sample)."""
+    inference: InferenceConfig = InferenceConfig()
+    """Batch inference speed settings (in no hash)."""
+    outputs: OutputsConfig = OutputsConfig()
+    """The analyst tables (in the outputs stage's hash)."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """The test ranking metrics (in the outputs stage's hash)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Old flat keys (MOVED_KEYS) move to their sub-section, with one warning per key and process."""
+        if not isinstance(data, dict) or not any(k in MOVED_KEYS for k in data):
+            return data
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+        for old in [k for k in data if k in MOVED_KEYS]:
+            section, key = MOVED_KEYS[old].split(".")
+            target = data.setdefault(section, {})
+            if not isinstance(target, dict) or key in target:
+                raise ValueError(f"pipeline.{old} is pipeline.{MOVED_KEYS[old]}: set only the new key")
+            target[key] = data.pop(old)
+            if old not in _warned:
+                _warned.add(old)
+                log.warning("config key pipeline.%s is now pipeline.%s; please rename it", old, MOVED_KEYS[old])
+        return data
 
 
 class Config(Section):
@@ -301,11 +410,31 @@ class Config(Section):
         picked = {p: _get(data, p) for p in paths}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
+    def dataset_hash(self) -> str:
+        """The hash of what a prepared dataset is made from (its manifest's config_hash): the source and prepare
+        sections, and synth for synthetic ratings."""
+        synthetic = self.source.dataset == "synthetic"
+        return self.section_hash(*(("source", "synth", "prepare") if synthetic else ("source", "prepare")))
+
 
 def _get(data: dict[str, Any], dotted: str) -> Any:
     for key in dotted.split("."):
         data = data[key]
     return data
+
+
+def tree_default(dotted: str) -> Any:
+    """The default of a config key (e.g. 'prepare.seed'); KeyError naming the key when the tree has none."""
+    model: type[BaseModel] = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise KeyError(f"no config key {'.'.join(parts[: i + 1])!r}")
+        if i == len(parts) - 1:
+            return field.get_default(call_default_factory=True)
+        model = field.annotation  # type: ignore[assignment]
+    raise KeyError(dotted)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -390,7 +519,10 @@ def _suggest(loc: str) -> str:
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     if model is None:
         return ""
-    close = difflib.get_close_matches(parts[-1], list(model.model_fields), n=1)
+    names = [*model.model_fields, *(MOVED_KEYS if model is PipelineConfig else ())]
+    close = difflib.get_close_matches(parts[-1], names, n=1)
+    if close and close[0] in MOVED_KEYS and model is PipelineConfig:
+        return f" (did you mean {MOVED_KEYS[close[0]]!r}?)"
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(model.model_fields)})"
 
 

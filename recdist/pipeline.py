@@ -12,8 +12,11 @@ RUN layout: manifest.json (the run: hashes and times of the stages done), config
 log, a file per invocation), data/ (when prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/
 with mf_pred, error and the session context), reliability/ (model/, scored/ + pred_error), rating/ (model/,
 scored/ + pred_rating), outputs/ (analyst tables, metrics.json, report.md and its figures). With
-pipeline.mlp_train_share < 1, mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of
-training rows (and the validation rows) that stages 2 and 3 train on.
+pipeline.train_share.fraction < 1, mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of
+training rows (and the validation rows) that stages 2 and 3 train on. Every manifest is a recdist.manifest model.
+
+The dataset's training rows are read once per run (infer.plan.trained_on) and that view is passed to every
+stage's scoring pass; the session context is a feature step the pipeline adds to stage 1's pass.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recdist import logs, storage
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
-from recdist.schema import SCHEMA_VERSION
+from recdist.manifest import OutputsManifest, RunManifest, ScoredManifest, StageManifest, file_entries
+from recdist.train.sampling import SAMPLE, TrainShare
+
+if TYPE_CHECKING:
+    from recdist.infer.plan import TrainedOn
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +55,29 @@ def stage_names(config: Config, *, prepared: bool) -> list[str]:
     return (["prepare"] if prepared else []) + models + ["outputs"]
 
 
-def prepare_hash(config: Config) -> str:
-    """The hash recdist.data.prepare writes into the dataset manifest (config_hash) for this config."""
-    synthetic = config.source.dataset == "synthetic"
-    return config.section_hash(*(("source", "synth", "prepare") if synthetic else ("source", "prepare")))
-
-
 def data_identity(manifest: dict[str, Any]) -> str:
     """What identifies a prepared dataset given with --data: its config hash, source checksum and counts."""
     keys = ("config_hash", "source_checksum", "n_ratings", "n_users", "n_items", "splits")
     return _digest({k: manifest.get(k) for k in keys})
 
 
-def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
-    """Each stage's hash: its own config sections plus its upstream stage's hash (a chain).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "mf": ("stages.mf", "pipeline.crossfit", "pipeline.train_share", "pipeline.session"),
+    "reliability": ("stages.reliability",),
+    "rating": ("stages.rating",),
+    "single": ("stages.single",),
+    "outputs": ("pipeline.kind", "pipeline.outputs", "pipeline.evaluation"),
+}
+"""The config sections each stage's hash covers (Config.section_hash). Where the job runs (cluster) and how fast
+inference goes (pipeline.inference) are in none: they do not change what a stage computes."""
 
-    Where the job runs (cluster) and how fast inference goes (batch size, actors) are left out: they do not
-    change what a stage computes.
-    """
-    p = config.pipeline
-    stages = config.stages.model_dump(mode="json")
+
+def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
+    """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain)."""
     hashes: dict[str, str] = {"prepare": data_id}
-    if p.kind == "rncf":
-        session = [list(p.session_windows), p.session_future]
-        hashes["mf"] = _digest([data_id, stages["mf"], p.crossfit_folds, p.mlp_train_share, session])
-        hashes["reliability"] = _digest([hashes["mf"], stages["reliability"]])
-        hashes["rating"] = _digest([hashes["reliability"], stages["rating"]])
-        final = hashes["rating"]
-    else:
-        hashes["single"] = _digest([data_id, stages["single"]])
-        final = hashes["single"]
-    stage_1 = {"crossfit_folds", "mlp_train_share", "session_windows", "session_future"}  # in the mf hash
-    shown = p.model_dump(mode="json", exclude={"infer_batch_size", "infer_actors", *stage_1})
-    hashes["outputs"] = _digest([final, shown])
+    upstream = data_id
+    for name in stage_names(config, prepared=False):
+        hashes[name] = upstream = _digest([upstream, config.section_hash(*STAGE_SECTIONS[name])])
     return hashes
 
 
@@ -95,9 +92,19 @@ class _Run:
     overwrite: bool
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
+    _trained: TrainedOn | None = None
 
     def dir(self, stage: str) -> str:
         return self.data if stage == "prepare" else storage.join(self.out, stage)
+
+    def trained(self) -> TrainedOn:
+        """The dataset's training rows as every model of the run sees them: read once, on first use."""
+        from recdist.infer.plan import trained_on
+
+        if self._trained is None:
+            cfg = self.config
+            self._trained = trained_on(self.data, cfg.pipeline.crossfit.folds, cfg.stages.mf.train.seed)
+        return self._trained
 
 
 def run_pipeline(
@@ -118,19 +125,17 @@ def run_pipeline(
 
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
-    summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "run",
-        "pipeline": config.pipeline.kind,
-        "config_hash": _digest(config.model_dump(mode="json")),
-        "data": run.data,
-        "stages": {n: previous.get("stages", {}).get(n) for n in names[:first]},
-        "status": "running",
-        "created_at": previous.get("created_at") or _now(),
-    }
-    storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
+    summary = RunManifest(
+        pipeline=config.pipeline.kind,
+        config_hash=_digest(config.model_dump(mode="json")),
+        data=run.data,
+        stages={n: previous.get("stages", {}).get(n) for n in names[:first]},
+        created_at=previous.get("created_at") or _now(),
+        files=file_entries(run.out, ["config.yaml"]),
+    )
+    summary.write(run.out)
     with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
-        summary["log"] = run_log.uri  # in RUN/manifest.json from the first stage's commit on
+        summary.log = run_log.uri  # in RUN/manifest.json from the first stage's commit on
         for name in names[:first]:
             log.info("%s: committed with the same config, skipped", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
@@ -139,12 +144,12 @@ def run_pipeline(
         for name in names[first:]:
             _run_stage(run, name, summary)
             run_log.sync()
-        summary["status"] = "complete"
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        summary["report"] = storage.join(run.out, "outputs", "report.md")
-        storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
-        log.info("complete in %.1f s: %s", summary["seconds"], summary["report"])
-    return summary
+        summary.status = "complete"
+        summary.seconds = round(time.perf_counter() - started, 2)
+        summary.report = storage.join(run.out, "outputs", "report.md")
+        summary.write(run.out)
+        log.info("complete in %.1f s: %s", summary.seconds, summary.report)
+    return summary.model_dump(mode="json")
 
 
 def _plan(
@@ -159,7 +164,7 @@ def _plan(
     if data is not None:
         data_id, data_uri = data_identity(read_manifest(data)), data
     else:
-        data_id, data_uri = prepare_hash(config), storage.join(out, "data")
+        data_id, data_uri = config.dataset_hash(), storage.join(out, "data")
     names = stage_names(config, prepared=data is None)
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
@@ -172,15 +177,15 @@ def _plan(
     return run, names, first, previous
 
 
-def _run_stage(run: _Run, name: str, summary: dict[str, Any]) -> None:
+def _run_stage(run: _Run, name: str, summary: RunManifest) -> None:
     """Run one stage and record it in the run manifest (RUN/manifest.json)."""
     t0 = time.perf_counter()
     log.info("%s: running", name)
     _clear_for_rerun(run, name, run.states[name])
     result = _STAGES[name](run)
     seconds = time.perf_counter() - t0
-    summary["stages"][name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
-    storage.write_json(storage.join(run.out, storage.MANIFEST), summary)
+    summary.stages[name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
+    summary.write(run.out)
     log.info("%s: committed in %.1f s", name, seconds)
     if os.environ.get(STOP_AFTER_ENV) == name:
         raise RuntimeError(f"stopped after stage {name} ({STOP_AFTER_ENV})")
@@ -269,13 +274,12 @@ def _prepare(run: _Run) -> dict[str, Any]:
 def _mf(run: _Run) -> dict[str, Any]:
     """Stage 1: the full MF model, K fold models when cross-fitting, then mf_pred, error and the session
     context (stages 2 and 3 read it) for every row."""
-    from recdist.infer.folds import write_fold_dataset
-    from recdist.infer.session import SessionSpec
+    from recdist.infer.session import SessionSpec, SessionStep
+    from recdist.train.sampling import write_fold_dataset
 
     cfg, where = run.config, run.dir("mf")
     model = _train(run, "mf", run.data, storage.join(where, "model"))
-    folds = cfg.pipeline.crossfit_folds
-    seed = cfg.stages.mf.train.seed
+    folds, seed = cfg.pipeline.crossfit.folds, cfg.stages.mf.train.seed
     fold_models = []
     for k in range(folds):
         fold_data = storage.join(where, "folds", str(k), "data")
@@ -283,60 +287,43 @@ def _mf(run: _Run) -> dict[str, Any]:
             write_fold_dataset(run.data, fold_data, k, folds, seed)
         fold_out = storage.join(where, "folds", str(k), "model")
         fold_models.append(_train(run, "mf", fold_data, fold_out, label=f"fold {k}"))
+    session = SessionStep(SessionSpec.of(cfg.pipeline.session))
     scoring = _score(
-        run,
-        "mf",
-        model,
-        run.data,
-        "mf",
-        fold_models=tuple(fold_models),
-        fold_seed=seed,
-        share=_share(run),
-        session=SessionSpec(cfg.pipeline.session_windows, cfg.pipeline.session_future),
+        run, "mf", model, run.data, "mf", fold_models=tuple(fold_models), features=(session,), share=_share(run)
     )
     return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
 
 
 def _reliability(run: _Run) -> dict[str, Any]:
     """Stage 2: learn stage 1's squared error from its frozen factors; pred_error for every row."""
-    mf_model = storage.join(run.dir("mf"), "model")
-    upstream = storage.join(run.dir("mf"), "scored")
-    out = storage.join(run.dir("reliability"), "model")
-    model = _train(run, "reliability", _training_rows(run, upstream), out, upstream=mf_model)
-    scoring = _score(
-        run,
-        "reliability",
-        model,
-        upstream,
-        "reliability",
-        fallback_model=mf_model,
-        share=_share(run),
-    )
-    return _commit_stage(run, "reliability", model, scoring)
+    return _mlp_stage(run, "reliability", upstream_stage="mf", share=_share(run))
 
 
 def _rating(run: _Run) -> dict[str, Any]:
     """Stage 3: the rating from the frozen factors and the predicted error; pred_rating for every row."""
+    return _mlp_stage(run, "rating", upstream_stage="reliability")
+
+
+def _mlp_stage(run: _Run, name: str, *, upstream_stage: str, share: TrainShare | None = None) -> dict[str, Any]:
+    """Stage 2 or 3: train on the upstream stage's scored table (or its share of training rows) with the frozen
+    stage-1 model attached, then score every row (stage 1's biases as the cold-start fallback; with `share`,
+    also the sample the next stage trains on)."""
     mf_model = storage.join(run.dir("mf"), "model")
-    upstream = storage.join(run.dir("reliability"), "scored")
-    out = storage.join(run.dir("rating"), "model")
-    model = _train(run, "rating", _training_rows(run, upstream), out, upstream=mf_model)
-    scoring = _score(run, "rating", model, upstream, "rating", fallback_model=mf_model)
-    return _commit_stage(run, "rating", model, scoring)
+    upstream = storage.join(run.dir(upstream_stage), "scored")
+    out = storage.join(run.dir(name), "model")
+    model = _train(run, name, _training_rows(run, upstream), out, upstream=mf_model)
+    scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share)
+    return _commit_stage(run, name, model, scoring)
 
 
-def _share(run: _Run) -> Any:
+def _share(run: _Run) -> TrainShare | None:
     """The TrainShare a stage-1/2 scoring pass writes beside its output for the next stage, or None (all rows)."""
-    from recdist.infer.batch import TrainShare
-
-    share = run.config.pipeline.mlp_train_share
-    return TrainShare(share, run.config.prepare.seed) if share < 1 else None
+    fraction = run.config.pipeline.train_share.fraction
+    return TrainShare(fraction, run.config.prepare.seed) if fraction < 1 else None
 
 
 def _training_rows(run: _Run, scored: str) -> str:
     """What stages 2 and 3 train on: the scored table, or its sample/ of a share of the training rows."""
-    from recdist.infer.batch import SAMPLE
-
     return storage.join(scored, SAMPLE) if _share(run) is not None else scored
 
 
@@ -349,7 +336,7 @@ def _single(run: _Run) -> dict[str, Any]:
 
 def _outputs(run: _Run) -> dict[str, Any]:
     """Analyst tables, metrics.json and the report, committed together."""
-    from recdist.infer.outputs import RunModels, write_outputs
+    from recdist.infer.outputs import RunModels, ranking_settings, write_outputs
     from recdist.models.io import load_model
     from recdist.report import write_report
 
@@ -373,26 +360,22 @@ def _outputs(run: _Run) -> dict[str, Any]:
             histories={"single": final},
         )
     with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
-        metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed)
+        metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed, trained=run.trained())
         with logs.timed(log, "outputs: report"):
             report = write_report(tmp, metrics, models, cfg)
-        storage.write_json(
-            storage.join(tmp, storage.MANIFEST),
-            {
-                "schema_version": SCHEMA_VERSION,
-                "kind": "stage",
-                "stage": "outputs",
-                "stage_hash": run.hashes["outputs"],
-                "models": _relative_models(models, run.out),
-                "top_n": cfg.pipeline.top_n,
-                "candidates": cfg.pipeline.candidates,
-                "recommend_min_ratings": cfg.pipeline.recommend_min_ratings,
-                "similar_k": cfg.pipeline.similar_k,
-                "similar_min_ratings": cfg.pipeline.similar_min_ratings,
-                "report": report,
-                "created_at": _now(),
-            },
-        )
+        shown = cfg.pipeline.outputs
+        OutputsManifest(
+            stage_hash=run.hashes["outputs"],
+            models=_relative_models(models, run.out),
+            top_n=shown.top_n,
+            candidates=shown.candidates,
+            recommend_min_ratings=shown.recommend_min_ratings,
+            ranking=ranking_settings(cfg.pipeline),
+            similar_k=shown.similar_k,
+            similar_min_ratings=shown.similar_min_ratings,
+            report=report,
+            files=file_entries(tmp),
+        ).write(tmp)
     return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
 
 
@@ -422,31 +405,34 @@ def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None =
     if storage.is_committed(out):
         log.info("%s: model already trained, kept", name)
         return out
-    log.info("%s: training %s", name, getattr(run.config.stages, stage).model)
-    train_stage(data, getattr(run.config.stages, stage), run.config.cluster, out, upstream=upstream)
+    section = run.config.stages.slot(stage)
+    log.info("%s: training %s", name, section.model)
+    train_stage(data, section, run.config.cluster, out, upstream=upstream)
     return out
 
 
-def _score(run: _Run, stage: str, model: str, data: str, role: str, **kw: Any) -> dict[str, Any]:
-    """One Ray Data inference pass into RUN/<stage>/scored unless already committed (a resumed stage)."""
-    from recdist.infer.batch import score
+def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: Any) -> dict[str, Any]:
+    """One Ray Data inference pass into RUN/<stage>/scored unless already committed (a resumed stage), with the
+    run's view of the training rows (read once) and its inference settings; options: more ScoreOptions."""
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions
 
     out = storage.join(run.dir(stage), "scored")
     if storage.is_committed(out):
-        return storage.read_json(storage.join(out, storage.MANIFEST)).get("scoring", {})
-    p = run.config.pipeline
+        return ScoredManifest.read(out).scoring
+    inference, cfg = run.config.pipeline.inference, run.config
     log.info("%s: scoring every rating with Ray Data", stage)
-    result = score(
-        model,
-        data,
-        out,
-        batch_size=p.infer_batch_size,
+    opts = ScoreOptions(
         role=role,
-        actors=p.infer_actors,
-        gpu=run.config.cluster.gpu,
-        cluster=run.config.cluster,
-        **kw,
+        fold_seed=cfg.stages.mf.train.seed,
+        trained=run.trained(),
+        batch_size=inference.batch_size,
+        actors=inference.actors,
+        gpu=cfg.cluster.gpu,
+        cluster=cfg.cluster,
+        **options,
     )
+    result = score(model, data, out, opts)
     log.info("%s: scored %s rows in %.1f s", stage, f"{result['rows']:,}", result["seconds"])
     return result
 
@@ -456,20 +442,14 @@ def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **e
     train_metrics = storage.read_json(storage.join(model, "metrics.json"))
     figures = {k: train_metrics.get(k) for k in ("train", "val", "test", "epochs", "best_epoch", "seconds")}
     result = {"train": figures, "scoring": scoring, **extra}
-    storage.write_json(
-        storage.join(run.dir(name), storage.MANIFEST),
-        {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "stage",
-            "stage": name,
-            "stage_hash": run.hashes[name],
-            "config": getattr(run.config.stages, name).model_dump(mode="json"),
-            "model": "model",
-            "scored": "scored",
-            **result,
-            "created_at": _now(),
-        },
-    )
+    where = run.dir(name)
+    StageManifest(
+        stage=name,
+        stage_hash=run.hashes[name],
+        config=run.config.stages.slot(name).model_dump(mode="json"),
+        files=file_entries(where, [f"{sub}/{storage.MANIFEST}" for sub in ("model", "scored")]),
+        **result,
+    ).write(where)
     return result
 
 

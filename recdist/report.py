@@ -33,7 +33,9 @@ def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config)
     factors_uri = storage.join(out, "item_factors.parquet")
     factors = pl.from_arrow(storage.read_parquet(factors_uri)) if storage.exists(factors_uri) else None
     if factors is not None and factors.height >= 2:
-        storage.write_bytes(storage.join(out, FIGURES["map"]), movie_map_png(factors, config.pipeline.map_items))
+        storage.write_bytes(
+            storage.join(out, FIGURES["map"]), movie_map_png(factors, config.pipeline.outputs.map_items)
+        )
         figures["map"] = FIGURES["map"]
     histories = _histories(models.histories)
     if histories:
@@ -48,7 +50,7 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
     """The Markdown text of the report."""
     p = config.pipeline
     if p.kind == "rncf":
-        errors = f"{p.crossfit_folds}-fold cross-fitted" if p.crossfit_folds >= 2 else "in-sample (as the paper)"
+        errors = f"{p.crossfit.folds}-fold cross-fitted" if p.crossfit.folds >= 2 else "in-sample (as the paper)"
         header = f"Pipeline: three-stage RNCF (MF -> reliability -> rating); stage-1 errors of training rows {errors}."
     else:
         header = f"Pipeline: the single model `{config.stages.single.model}`."
@@ -88,7 +90,7 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         ]
     lines += _reliability_section(metrics, figures)
     lines += _ranking_section(metrics.get("ranking", {}))
-    lines += _movies_section(factors, figures, p.similar_min_ratings)
+    lines += _movies_section(factors, figures, p.outputs.similar_min_ratings)
     if "curves" in figures:
         lines += [
             "",
@@ -108,9 +110,9 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         "|---|---|",
         "| predictions/part-*.parquet | rating (every split): user_id, movie_id, title, split, rating, "
         "pred_rating, pred_error, mf_pred, cold |",
-        f"| recommendations.parquet | user x rank (top {p.top_n} unseen movies): score, reliability |",
+        f"| recommendations.parquet | user x rank (top {p.outputs.top_n} unseen movies): score, reliability |",
         "| item_factors.parquet | movie: bias, pc1, pc2, factors |",
-        f"| similar_items.parquet | movie x rank ({p.similar_k} nearest by cosine of factors) |",
+        f"| similar_items.parquet | movie x rank ({p.outputs.similar_k} nearest by cosine of factors) |",
         "| reliability_deciles.parquet | decile of predicted error on test |",
         "| metrics.json | everything above in numbers |",
         "",
@@ -155,25 +157,51 @@ def _reliability_section(metrics: dict[str, Any], figures: dict[str, str]) -> li
     return lines
 
 
+RANKINGS = {
+    "popularity": "popularity (most-rated movies)",
+    "mf": "stage 1 MF (predicted rating)",
+    "rating": "final (recommendations)",
+    "single": "final (recommendations)",
+}
+CANDIDATES = {
+    "ease": "EASE (which movies a user rates)",
+    "ials": "implicit MF (which movies a user rates)",
+    "mf": "stage 1's MF",
+    "popularity": "the most-rated movies",
+}
+ORDERS = {
+    "blend": "P(rated) x P(rating >= threshold | predicted rating, predicted error)",
+    "rating": "predicted rating",
+    "candidate": "the candidate score",
+}
+
+
 def _ranking_section(ranking: dict[str, Any]) -> list[str]:
     rows = {k: v for k, v in ranking.items() if isinstance(v, dict) and "users" in v}
     if not rows:
         return []
     k = ranking.get("k", 10)
+    ratio = ranking.get("vs_popularity", {})
+    candidates = ranking.get("rank_candidates", "mf")
     lines = [
         "",
         f"## Ranking on test (top {k})",
         "",
         f"Relevant: test ratings >= {ranking.get('relevance_threshold')}; candidates: movies without a train or "
-        f"validation rating by the user, with at least {ranking.get('min_ratings', 1)} training rating(s). The final "
-        f"stage re-ranks stage 1's top {ranking.get('candidates')}.",
+        f"validation rating by the user, with at least {ranking.get('min_ratings', 1)} training rating(s). The "
+        f"recommendations are the top {ranking.get('candidates')} of {CANDIDATES.get(candidates, candidates)}, "
+        f"scored by the later stages and ordered by {ORDERS.get(ranking.get('rank_order', 'rating'), '')}. "
+        "The popularity baseline ranks the same users' unseen movies by their training ratings; the last column "
+        "is each ranking's NDCG over the baseline's (above 1: better than popularity).",
         "",
-        f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | users |",
-        "|---|---|---|---|---|",
+        f"| ranking by | Precision@{k} | Recall@{k} | NDCG@{k} | NDCG vs popularity | users |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
+    for name, r in sorted(rows.items(), key=lambda kv: kv[0] != "popularity"):
+        times = "1.00x" if name == "popularity" else (f"{ratio[name]:.2f}x" if name in ratio else "")
         lines.append(
-            f"| {name} | {r[f'precision@{k}']:.4f} | {r[f'recall@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} |"
+            f"| {RANKINGS.get(name, name)} | {r[f'precision@{k}']:.4f} | {r[f'recall@{k}']:.4f} "
+            f"| {r[f'ndcg@{k}']:.4f} | {times} | {r['users']} |"
         )
     return lines
 

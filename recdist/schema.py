@@ -143,6 +143,7 @@ RECOMMENDATIONS = pa.schema(
         pa.field("movie_id", pa.int64(), nullable=False),
         pa.field("title", pa.string()),
         pa.field("score", pa.float32(), nullable=False),  # predicted rating (final stage)
+        pa.field("rank_score", pa.float32()),  # what the list is ordered by (pipeline.rank_order)
         pa.field("reliability", pa.float32()),  # predicted squared error: lower is more reliable
     ]
 )

@@ -45,10 +45,10 @@ TINY = [
     "stages.single.model=biased_mf",
     "stages.single.params.rank=4",
     "stages.single.train.epochs=2",
-    "pipeline.candidates=20",
-    "pipeline.map_items=20",
-    "pipeline.similar_min_ratings=2",
-    "pipeline.recommend_min_ratings=2",
+    "pipeline.outputs.candidates=20",
+    "pipeline.outputs.map_items=20",
+    "pipeline.outputs.similar_min_ratings=2",
+    "pipeline.outputs.recommend_min_ratings=2",
 ]
 
 

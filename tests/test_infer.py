@@ -12,11 +12,12 @@ import torch
 
 from recdist.config import Section
 from recdist.infer import metrics, topn
-from recdist.infer.folds import drop_fold, fold_of, known_mask
+from recdist.infer.plan import known_mask
 from recdist.infer.scoring import Predictor, ScoringPlan, role_of
 from recdist.models.base import MFTables, Model
 from recdist.models.batch import Batch, Dims
 from recdist.schema import SPLIT_TYPE
+from recdist.train.sampling import drop_fold, fold_of
 
 
 class TinyMF(Model):
@@ -160,7 +161,7 @@ def test_fold_and_share_hashes_are_pinned():
     """A rating's fold and training-share membership never change with library versions (fixed numbers), and
     they come from the splits' pair hash with their own salt (the same pairs, a different split)."""
     from recdist.data.splits import pair_hash
-    from recdist.infer.folds import in_share
+    from recdist.train.sampling import in_share
 
     u, i = np.array([0, 1, 2, 3, 138_492, 5]), np.array([0, 7, 3, 26_743, 1, 5])
     assert fold_of(u, i, 5, seed=3).tolist() == [4, 4, 2, 2, 3, 2]
@@ -297,8 +298,7 @@ def test_stage_2_and_3_inference_path_equals_the_training_path(name):
 
 
 def test_train_share_is_a_seeded_hash_sample_of_training_rows_plus_every_validation_row():
-    from recdist.infer.batch import TrainShare
-    from recdist.infer.folds import in_share
+    from recdist.train.sampling import TrainShare, in_share
 
     rng = np.random.default_rng(2)
     u, i = rng.integers(0, 5000, 100_000), rng.integers(0, 2000, 100_000)
@@ -381,3 +381,38 @@ def test_only_movies_with_enough_training_ratings_are_recommendable() -> None:
     n_train = np.array([0, 1, 4, 5, 30])
     assert recommendable(n_train).tolist() == [False, True, True, True, True]  # never an unrated movie
     assert recommendable(n_train, 5).tolist() == [False, False, False, True, True]
+
+
+def test_a_ranker_reads_the_dataset_once_and_loads_each_model_once(monkeypatch):
+    """Before: three plans each re-read every shard, and the stage-1 model was loaded four times."""
+    from recdist.infer import outputs, plan
+    from recdist.models import io, registry
+
+    dims = Dims(n_users=30, n_items=20, global_mean=3.5)
+    g = torch.Generator().manual_seed(3)
+    mf = registry.get("biased_mf").module(registry.validate("biased_mf", {"rank": 5}), dims, g)
+    built = {"mf": mf}
+    for name in ("reliability_mlp", "rating_mlp"):
+        built[name] = registry.get(name).module(registry.validate(name, {"hidden": [8]}), dims, g)
+        built[name].attach(mf)
+    loads: list[str] = []
+    reads: list[str] = []
+
+    def load_model(uri, device="cpu"):
+        loads.append(uri.rsplit("/", 1)[-1])
+        return built[uri.rsplit("/", 1)[-1]]
+
+    def trained_on(data, folds=0, fold_seed=0):
+        reads.append(data)
+        known = (np.ones(30, dtype=bool),), (np.ones(20, dtype=bool),)
+        return plan.TrainedOn(3.5, (0.5, 5.0), known[0], known[1], spread=1.0)
+
+    monkeypatch.setattr(io, "load_model", load_model)
+    monkeypatch.setattr(outputs, "trained_on", trained_on)
+    monkeypatch.setattr("recdist.data.dataset.read_items", lambda data: pl.DataFrame({"n_train": [5] * 20}))
+    models = outputs.RunModels(data="/d", scored="/s", final="/rating_mlp", mf="/mf", reliability="/reliability_mlp")
+    ranker = outputs.ranker_for(models)
+    assert reads == ["/d"] and sorted(loads) == ["mf", "rating_mlp", "reliability_mlp"]
+    assert ranker.stages[0].models[0] is mf and all(len(s.biases[0][0]) == 30 for s in ranker.stages)
+    ranked = ranker.rank(torch.arange(3), 2, candidates=5)
+    assert ranked.height == 6 and ranked["reliability"].null_count() == 0

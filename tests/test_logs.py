@@ -140,7 +140,7 @@ def test_quickstart_console_fits_the_budget_with_no_ray_train_internals(ray_clus
     real local Ray cluster: at most 80 console lines, one per stage step and epoch, none of Ray's per-epoch lines;
     the driver's log kept in RUN/logs/."""
     out = tmp_path / "qs"
-    shrink = ("synth.n_users=600", "synth.n_items=300", "synth.n_ratings=24000", "pipeline.map_items=50")
+    shrink = ("synth.n_users=600", "synth.n_items=300", "synth.n_ratings=24000", "pipeline.outputs.map_items=50")
     address = ray_cluster.get_runtime_context().gcs_address
     args = ["--config", "configs/quickstart.yaml", "--out", str(out), "--address", address]
     args += [a for s in shrink for a in ("--set", s)]

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +104,13 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "prepare.split": "given",
         "prepare.shards": 2,
         "cluster.workers": 1,
-        "pipeline.top_n": 5,
-        "pipeline.candidates": 30,
-        "pipeline.similar_k": 4,
-        "pipeline.similar_min_ratings": 5,
-        "pipeline.map_items": 40,
-        "pipeline.mlp_train_share": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
-        "pipeline.infer_actors": 1,
+        "pipeline.outputs.top_n": 5,
+        "pipeline.outputs.candidates": 30,
+        "pipeline.outputs.similar_k": 4,
+        "pipeline.outputs.similar_min_ratings": 5,
+        "pipeline.outputs.map_items": 40,
+        "pipeline.train_share.fraction": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
+        "pipeline.inference.actors": 1,
         # few epochs of many small steps: each epoch is a Ray Train report and checkpoint (seconds here)
         "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 10, "solver": "sgd"}},
         "stages.reliability.train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 0},
@@ -215,7 +216,7 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
     assert recs.join(seen, on=["user_id", "movie_id"], how="semi").height == 0  # unseen movies only
-    assert (recs.group_by("user_id").agg(pl.col("score").diff().max())["score"].fill_null(0) <= 1e-6).all()
+    assert (recs.group_by("user_id").agg(pl.col("rank_score").diff().max())["rank_score"].fill_null(0) <= 1e-6).all()
 
     factors = read(o / "item_factors.parquet")
     assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
@@ -235,8 +236,12 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert set(metrics[stage]) == {"train", "val", "test"}
         assert {"rmse", "mae"} <= set(metrics[stage]["test"])
     assert metrics["rating"]["test"]["rmse"] < 1.0  # learnt: the noise alone is sqrt((0.15^2 + 1.1^2) / 2) ~ 0.79
-    for ranking in ("mf", "rating"):
+    for ranking in ("popularity", "mf", "rating"):
         assert {"precision@10", "recall@10", "ndcg@10", "users"} <= set(metrics["ranking"][ranking])
+    assert set(metrics["ranking"]["vs_popularity"]) == {"mf", "rating"}  # NDCG over the popularity baseline's
+    assert metrics["ranking"]["rank_candidates"] == "ease" and "popularity (most-rated movies)" in (
+        o / "report.md"
+    ).read_text()
 
 
 def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
@@ -270,12 +275,15 @@ def test_stage_1_writes_every_ratings_session_context_and_later_stages_keep_it(f
 
 
 def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path):
-    from recdist.infer.batch import score, score_local
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.infer.session import SessionStep
 
     out, _ = full_run
     data, model = str(out / "data"), str(out / "mf" / "model")
-    ray_result = score(model, data, str(tmp_path / "ray"), role="mf")
-    local_result = score_local(model, data, str(tmp_path / "local"), role="mf", workers=2)
+    options = ScoreOptions(role="mf", features=(SessionStep(),))
+    ray_result = score(model, data, str(tmp_path / "ray"), options)
+    local_result = score_local(model, data, str(tmp_path / "local"), replace(options, workers=2))
     assert ray_result["engine"] == "ray-data" and local_result["engine"] == "local"
     names = sorted(p.name for p in (tmp_path / "ray" / "ratings").iterdir())
     assert names == sorted(p.name for p in (out / "data" / "ratings").iterdir())  # shard n -> shard n
@@ -377,7 +385,7 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     n_train = read(out / "data" / "items.parquet").select(movie_id="item_id", n="n_train")
     floor = int(n_train["n"].median())  # half the movies are too rarely rated to be recommended
     assert read(out / "outputs" / "recommendations.parquet").join(n_train, on="movie_id")["n"].min() < floor
-    more = config(planted["same"], **{"pipeline.top_n": 7, "pipeline.recommend_min_ratings": floor})
+    more = config(planted["same"], **{"pipeline.outputs.top_n": 7, "pipeline.outputs.recommend_min_ratings": floor})
     redone = run_pipeline(more, str(out), from_stage="outputs")
     assert {s: manifest(out, s)["created_at"] for s in before} == before
     assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
@@ -386,6 +394,8 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     assert recs.join(n_train, on="movie_id")["n"].min() >= floor
     asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "12")  # beyond top_n: recomputed
     assert asked.returncode == 0, asked.stderr
+    stored = recs.filter(pl.col("user_id") == user_id(1))
+    assert all(f" {m} " in asked.stdout for m in stored["movie_id"].to_list())  # the same ranking, recomputed
     rare = n_train.filter(pl.col("n") < floor)["movie_id"].to_list()
     assert not any(f" {m} " in asked.stdout for m in rare)
     with pytest.raises(ConfigError, match="unknown stage"):
@@ -443,7 +453,7 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
         None,
         {
             "pipeline.kind": "single",
-            "pipeline.top_n": 5,
+            "pipeline.top_n": 5,  # the flat keys of before pipeline's sub-sections still load (MOVED_KEYS)
             "pipeline.similar_k": 4,
             "pipeline.similar_min_ratings": 5,
             "pipeline.infer_actors": 1,

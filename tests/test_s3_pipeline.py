@@ -30,7 +30,7 @@ TINY = {
     "synth": {"n_users": 200, "n_items": 120, "n_ratings": 6000, "min_user_ratings": 5},
     "prepare": {"shards": 2},
     "cluster": {"workers": 1},
-    "pipeline": {"candidates": 20, "map_items": 20, "similar_min_ratings": 2},
+    "pipeline": {"outputs": {"candidates": 20, "map_items": 20, "similar_min_ratings": 2}},
     "stages": {
         "mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 2, "solver": "sgd"}},
         "reliability": {"params": {"hidden": [8]}, "train": {"epochs": 1, "batch_size": 1024}},

@@ -130,13 +130,14 @@ def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
 @pytest.mark.slow
 def test_paths_relative_to_the_callers_directory_reach_the_workers(ray_cluster, dataset, tmp_path, monkeypatch):
     """The README's commands take relative paths; Ray's workers and actors run in another directory."""
-    from recdist.infer.batch import score
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions
 
     shutil.copytree(dataset, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1), "runs/mf")
     assert storage.is_committed(str(tmp_path / "runs" / "mf"))
-    result = score("runs/mf", "data", "runs/scored", role="mf", actors=1)
+    result = score("runs/mf", "data", "runs/scored", ScoreOptions(role="mf", actors=1))
     assert storage.is_committed(str(tmp_path / "runs" / "scored"))
     assert result["rows"] == json.loads((tmp_path / "data" / "manifest.json").read_text())["n_ratings"]
 

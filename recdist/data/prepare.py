@@ -25,7 +25,8 @@ from recdist.config import Config, PrepareConfig
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split
 from recdist.errors import ConfigError, DataError, StorageError
-from recdist.schema import ITEMS, RATINGS, SCHEMA_VERSION, SPLITS, USERS
+from recdist.manifest import DatasetManifest, file_entries
+from recdist.schema import ITEMS, RATINGS, SPLITS, USERS
 
 log = logging.getLogger(__name__)
 
@@ -469,36 +470,33 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
         frames = prepare_frame(raw, cfg, scale)
         with logs.timed(log, "write"):
             shard_sizes = write_dataset(frames, stage, cfg.shards, cfg.seed)
-        sections = ("source", "synth", "prepare") if config.source.dataset == "synthetic" else ("source", "prepare")
         stats = frames.stats
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "dataset",
-            "name": raw.name,
-            "n_users": frames.users.height,
-            "n_items": frames.items.height,
-            "n_ratings": frames.ratings.height,
-            "splits": stats["splits"],
-            "rating_scale": list(scale),
-            "global_mean": stats["global_mean"],
-            "timestamp_unit": stats["timestamp_unit"],
-            "val_carved_from_train": stats["val_carved_from_train"],
-            "source_checksum": raw.checksum,
-            "config_hash": config.section_hash(*sections),
-            "shards": cfg.shards,
-            "shard_rows": shard_sizes,
-            "split_method": cfg.split,
-            "n_raw": stats["n_raw"],
-            "duplicates_resolved": stats["duplicates_resolved"],
-            "filtered": stats["filtered"],
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        storage.write_json(storage.join(stage, storage.MANIFEST), manifest)
+        manifest = DatasetManifest(
+            name=raw.name,
+            n_users=frames.users.height,
+            n_items=frames.items.height,
+            n_ratings=frames.ratings.height,
+            splits=stats["splits"],
+            rating_scale=scale,
+            global_mean=stats["global_mean"],
+            timestamp_unit=stats["timestamp_unit"],
+            val_carved_from_train=stats["val_carved_from_train"],
+            source_checksum=raw.checksum,
+            config_hash=config.dataset_hash(),
+            shards=cfg.shards,
+            shard_rows=shard_sizes,
+            split_method=cfg.split,
+            n_raw=stats["n_raw"],
+            duplicates_resolved=stats["duplicates_resolved"],
+            filtered=stats["filtered"],
+            files=file_entries(stage),
+        )
+        manifest.write(stage)
     log.info(
-        "committed %s: %s ratings, %s users, %s items in %.1f s", out, f"{manifest['n_ratings']:,}",
-        f"{manifest['n_users']:,}", f"{manifest['n_items']:,}", time.perf_counter() - started,
+        "committed %s: %s ratings, %s users, %s items in %.1f s", out, f"{manifest.n_ratings:,}",
+        f"{manifest.n_users:,}", f"{manifest.n_items:,}", time.perf_counter() - started,
     )
-    return manifest
+    return manifest.model_dump(mode="json")
 
 
 DATASET_ENTRIES = frozenset({"ratings", "users.parquet", "items.parquet", storage.MANIFEST})

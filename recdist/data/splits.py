@@ -24,7 +24,7 @@ def pair_hash(users: np.ndarray, items: np.ndarray, salt: int) -> np.ndarray:
 
     Pure integer arithmetic (wrapping at 2**64), so it is the same on every machine and library version
     (Polars' own hash is not promised stable across versions). The one pair hash of recdist: the splits here,
-    and the cross-fitting folds and training share (recdist.infer.folds), each with its own salt.
+    and the cross-fitting folds and training share (recdist.train.sampling), each with its own salt.
     """
     x = users.astype(np.uint64)  # a copy: updated in place below
     x *= _GOLDEN

@@ -93,7 +93,7 @@ def ranking_metrics(
     n_rel = torch.bincount(relevant_users.long(), minlength=n_users).float()
     rel_keys = relevant_users.long() * n_items + relevant_items.long()
     keys = torch.arange(n_users).unsqueeze(1) * n_items + top
-    hits = torch.isin(keys, rel_keys).float()
+    hits = (torch.isin(keys, rel_keys) & (top >= 0)).float()  # -1: an empty slot, never a hit
     counted = n_rel > 0
     if not bool(counted.any()):
         return {f"precision@{k}": float("nan"), f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), "users": 0}

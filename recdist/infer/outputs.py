@@ -19,10 +19,11 @@ import torch
 from recdist import logs, storage
 from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
-from recdist.infer.batch import plan_for
-from recdist.infer.ranker import Ranker
+from recdist.infer.plan import TrainedOn, plan_for, trained_on
+from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.scoring import one_thread
-from recdist.infer.topn import Csr, cosine_neighbours
+from recdist.infer.topn import Csr, cosine_neighbours, popularity_top, top_n
+from recdist.models.implicit import Implicit, fit_ease, fit_ials
 from recdist.schema import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
 
 log = logging.getLogger(__name__)
@@ -46,29 +47,93 @@ class RunModels:
     """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
 
 
-def ranker_for(models: RunModels, min_ratings: int = 1) -> Ranker:
-    """The run's ranker: MF candidates re-ranked by stages 1-3 in turn (or the single model), among movies with
-    at least `min_ratings` training ratings (pipeline.recommend_min_ratings)."""
-    from recdist.data.dataset import read_items
+def ranker_for(
+    models: RunModels, min_ratings: int = 1, trained: TrainedOn | None = None, ranking: dict[str, Any] | None = None
+) -> Ranker:
+    """The run's ranker: candidates from `ranking['rank_candidates']` (default stage 1's MF), scored by stages 1-3
+    in turn (or the single model) and ordered by `ranking['rank_order']` (default the predicted rating), among
+    movies with at least `min_ratings` training ratings (pipeline.outputs.recommend_min_ratings). `ranking` holds
+    the pipeline's ranking keys (ranking_settings()).
+
+    The dataset is read once (`trained`, else read here) and the stage-1 model loaded once: its predictor, the
+    later stages' cold-start fallback and the candidates share it.
+    """
+    from recdist.data.dataset import read_items, read_manifest
+    from recdist.infer.scoring import Predictor
     from recdist.models.io import load_model
 
-    plans = []
-    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
-        plans.append(plan_for(models.mf, models.data, role="mf"))
-        plans.append(plan_for(models.reliability, models.data, role="reliability", fallback_model=models.mf))
-    plans.append(plan_for(models.final, models.data, role="rating", fallback_model=models.mf))
+    ranking = ranking or {}
+    view = trained if trained is not None else trained_on(models.data)
     mf = load_model(models.mf) if models.mf else None
+    stages = []
+    if models.reliability:  # stages 2 and 3 read stage 1's prediction (mf_pred) of each candidate
+        stages.append(Predictor(plan_for(view, models.mf, "mf"), models=[mf]))
+        stages.append(
+            Predictor(plan_for(view, models.reliability, "reliability", fallback_model=models.mf), fallback=mf)
+        )
+    stages.append(Predictor(plan_for(view, models.final, "rating", fallback_model=models.mf), fallback=mf))
     n_train = read_items(models.data)["n_train"].to_numpy()
-    return Ranker.build(mf, plans, n_train, min_ratings)
+    kind = ranking.get("rank_candidates", "mf")
+    retrieval = None
+    if kind != "mf":
+        manifest = read_manifest(models.data)
+        allowed = recommendable(n_train, min_ratings)
+        with logs.timed(log, f"candidate model {kind}"):
+            retrieval = fit_candidates(models.data, kind, int(manifest["n_users"]), len(n_train), allowed, ranking)
+    order = ranking.get("rank_order", "rating")
+    threshold = float(ranking.get("relevance_threshold", 4.0))
+    if order == "blend":  # a rating reaches the threshold when its unrounded value is half a step below it
+        threshold -= rating_step(models.data) / 2
+    return Ranker.build(mf, stages, n_train, min_ratings, retrieval=retrieval, order=order, threshold=threshold)
 
 
-def write_outputs(models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0) -> dict[str, Any]:
-    """Write every analyst table under `out` (a staging directory); return metrics.json's content."""
+def rating_step(data: str) -> float:
+    """The smallest gap between the distinct training ratings of a prepared dataset (0.5 for half stars, 1 for
+    whole stars; 0 when there is only one)."""
+    from recdist.data.dataset import read_rank
+
+    values = np.unique(read_rank(data, columns=["rating"])["rating"].to_numpy())
+    return float(np.diff(values).min()) if len(values) > 1 else 0.0
+
+
+def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The pipeline keys that decide how recommendations are ranked (also kept in the outputs manifest)."""
+    keys = ("rank_candidates", "rank_order", "ease_reg", "ease_max_items", "ease_max_users")
+    return {**{k: getattr(cfg.outputs, k) for k in keys}, "relevance_threshold": cfg.evaluation.relevance_threshold}
+
+
+def fit_candidates(
+    data: str, kind: str, n_users: int, n_items: int, allowed: torch.Tensor, ranking: dict[str, Any]
+) -> Implicit:
+    """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data`."""
+    from recdist.data.dataset import read_rank
+
+    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(
+        pl.col("split").cast(pl.String) == "train"
+    )
+    users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
+    if kind == "ease":
+        reg, cap, sample = (
+            float(ranking.get("ease_reg", 4.0)),
+            ranking.get("ease_max_items"),
+            ranking.get("ease_max_users"),
+        )
+        return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap, max_users=sample)
+    return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
+
+
+def write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0, trained: TrainedOn | None = None
+) -> dict[str, Any]:
+    """Write every analyst table under `out` (a staging directory); return metrics.json's content. trained: the
+    run's view of the dataset's training rows (read here when not given)."""
     with one_thread():
-        return _write_outputs(models, out, cfg, seed)
+        return _write_outputs(models, out, cfg, seed, trained)
 
 
-def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+def _write_outputs(
+    models: RunModels, out: str, cfg: PipelineConfig, seed: int, trained: TrainedOn | None
+) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
@@ -78,7 +143,7 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result, test, pairs, cold = _prediction_tables(models, out, users, items)
     final_name = "rating" if models.reliability is not None else "single"
     with logs.timed(log, "ranking metrics"):
-        ranker = ranker_for(models, cfg.recommend_min_ratings)
+        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking_settings(cfg))
         result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
         deciles = _deciles(test)
@@ -88,7 +153,10 @@ def _write_outputs(models: RunModels, out: str, cfg: PipelineConfig, seed: int) 
         result["reliability_summary"] = _reliability_summary(deciles, test)
 
     with logs.timed(log, "recommendations"):
-        recs = ranker.rank(torch.arange(n_users), cfg.top_n, candidates=cfg.candidates, exclude=_csr(pairs, n_users))
+        shown = cfg.outputs
+        recs = ranker.rank(
+            torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=_csr(pairs, n_users)
+        )
         storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
 
     if ranker.factors is not None:
@@ -159,37 +227,104 @@ def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) 
 def _ranking(
     ranker: Ranker, pairs: pl.DataFrame, test: pl.DataFrame, cfg: PipelineConfig, n_users: int, name: str, *, seed: int
 ) -> dict[str, Any]:
-    """Precision/Recall/NDCG@k on test for MF's own ranking and for the final stage's re-ranking.
+    """Precision/Recall/NDCG@k on test for the popularity baseline, MF's own ranking and the final ranking.
 
     Candidates: movies the user has no train or validation rating for; relevant: test ratings at or above
     the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users (seeded).
+    `vs_popularity` holds each ranking's NDCG@k over the popularity baseline's.
     """
-    k = cfg.ranking_k
-    relevant = test.filter(pl.col("rating") >= cfg.relevance_threshold).select("user_idx", "item_idx")
-    users = np.unique(relevant["user_idx"].to_numpy())
-    if cfg.ranking_users and len(users) > cfg.ranking_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, cfg.ranking_users, replace=False))
-    if len(users) == 0:
+    k, ev, shown = cfg.evaluation.ranking_k, cfg.evaluation, cfg.outputs
+    protocol = RankingProtocol.build(
+        pairs, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed
+    )
+    if protocol is None:
         return {"users": 0}
-    exclude = _csr(pairs.filter(~pl.col("is_test")), n_users)
-    row_of = np.full(n_users, -1, dtype=np.int64)
-    row_of[users] = np.arange(len(users))
-    rel = relevant.filter(pl.Series(row_of[relevant["user_idx"].to_numpy()] >= 0))
-    rel_rows = torch.from_numpy(row_of[rel["user_idx"].to_numpy()])
-    rel_items = torch.from_numpy(rel["item_idx"].to_numpy().astype(np.int64))
-    user_t = torch.from_numpy(users.astype(np.int64))
     out: dict[str, Any] = {
         "k": k,
-        "relevance_threshold": cfg.relevance_threshold,
-        "candidates": cfg.candidates,
-        "min_ratings": cfg.recommend_min_ratings,
+        "relevance_threshold": ev.relevance_threshold,
+        "candidates": shown.candidates,
+        "min_ratings": shown.recommend_min_ratings,
+        "rank_candidates": shown.rank_candidates
+        if ranker.retrieval is not None or ranker.factors is not None
+        else "popularity",
+        "rank_order": shown.rank_order,
+        "popularity": protocol.popularity(ranker.popularity, ranker.allowed),
     }
     if ranker.factors is not None:
-        mf_score, mf_items = ranker.candidates(user_t, k, exclude)
-        out["mf"] = m.ranking_metrics(torch.where(mf_score > -torch.inf, mf_items, -1), rel_rows, rel_items, k)
-    ranked = ranker.rank(user_t, k, candidates=cfg.candidates, exclude=exclude)
-    out[name] = m.ranking_metrics(_top_matrix(ranked, row_of, len(users), k), rel_rows, rel_items, k)
+        mf_score, mf_items = top_n(
+            ranker.factors, ranker.global_mean, protocol.users, k, exclude=protocol.exclude, allowed=ranker.allowed
+        )
+        out["mf"] = protocol.score(torch.where(mf_score > -torch.inf, mf_items, -1))
+    ranked = ranker.rank(protocol.users, k, candidates=shown.candidates, exclude=protocol.exclude)
+    out[name] = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))
+    out["vs_popularity"] = vs_popularity(out, k)
     return out
+
+
+def vs_popularity(ranking: dict[str, Any], k: int) -> dict[str, float]:
+    """NDCG@k of every ranking in `ranking` over the popularity baseline's (> 1: better than popularity)."""
+    key = f"ndcg@{k}"
+    base = ranking.get("popularity", {}).get(key)
+    return {
+        name: (r[key] / base if base else float("nan"))
+        for name, r in ranking.items()
+        if isinstance(r, dict) and key in r and name != "popularity"
+    }
+
+
+@dataclass(frozen=True)
+class RankingProtocol:
+    """Who is ranked and what counts as a hit: the same for every ranking compared (models and popularity)."""
+
+    users: torch.Tensor
+    """int64 (U,): the users evaluated (those with a relevant test rating), ascending."""
+    row_of: np.ndarray
+    """int64 (n_users,): each user's row in `users`, -1 if not evaluated."""
+    exclude: Csr
+    """user -> movies rated in train or validation (never ranked)."""
+    rel_rows: torch.Tensor
+    rel_items: torch.Tensor
+    """The relevant (row, item) pairs: test ratings at or above the threshold."""
+    k: int
+
+    @staticmethod
+    def build(
+        pairs: pl.DataFrame,
+        test: pl.DataFrame,
+        n_users: int,
+        k: int,
+        threshold: float,
+        *,
+        sample: int = 0,
+        seed: int = 0,
+    ) -> RankingProtocol | None:
+        """pairs: every rated (user_idx, item_idx, is_test); test: the test rows (user_idx, item_idx, rating)."""
+        relevant = test.filter(pl.col("rating") >= threshold).select("user_idx", "item_idx")
+        users = np.unique(relevant["user_idx"].to_numpy())
+        if sample and len(users) > sample:
+            users = np.sort(np.random.default_rng(seed).choice(users, sample, replace=False))
+        if len(users) == 0:
+            return None
+        row_of = np.full(n_users, -1, dtype=np.int64)
+        row_of[users] = np.arange(len(users))
+        rel = relevant.filter(pl.Series(row_of[relevant["user_idx"].to_numpy()] >= 0))
+        return RankingProtocol(
+            users=torch.from_numpy(users.astype(np.int64)),
+            row_of=row_of,
+            exclude=_csr(pairs.filter(~pl.col("is_test")), n_users),
+            rel_rows=torch.from_numpy(row_of[rel["user_idx"].to_numpy()]),
+            rel_items=torch.from_numpy(rel["item_idx"].to_numpy().astype(np.int64)),
+            k=k,
+        )
+
+    def score(self, top_items: torch.Tensor) -> dict[str, float]:
+        """Precision/Recall/NDCG@k of a (U, >=k) item matrix in the order of `users` (-1: empty slot)."""
+        return m.ranking_metrics(top_items, self.rel_rows, self.rel_items, self.k)
+
+    def popularity(self, n_train: torch.Tensor, allowed: torch.Tensor) -> dict[str, float]:
+        """The baseline: the most-rated allowed movies in training that the user has not rated."""
+        counts, items = popularity_top(n_train, self.users, self.k, exclude=self.exclude, allowed=allowed)
+        return self.score(torch.where(counts > -torch.inf, items, -1))
 
 
 def _top_matrix(ranked: pl.DataFrame, row_of: np.ndarray, n_rows: int, k: int) -> torch.Tensor:
@@ -243,7 +378,7 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
     """
     q = factors["item_factors"].double()
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    fit = n_train >= max(1, cfg.similar_min_ratings)
+    fit = n_train >= max(1, cfg.outputs.similar_min_ratings)
     if int(fit.sum()) < 3:
         fit = n_train > 0
     centre = q[fit].mean(0)
@@ -268,11 +403,11 @@ def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pi
 def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:
     """The k nearest movies by cosine of factors, among movies with enough training ratings."""
     n_train = torch.from_numpy(items["n_train"].to_numpy().astype(np.int64))
-    allowed = n_train >= max(1, cfg.similar_min_ratings)
+    allowed = n_train >= max(1, cfg.outputs.similar_min_ratings)
     queries = torch.nonzero(allowed).squeeze(1)
     if int(allowed.sum()) < 2:
         return SIMILAR_ITEMS.empty_table()
-    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.similar_k, allowed=allowed)
+    cos, idx = cosine_neighbours(factors["item_factors"], queries, cfg.outputs.similar_k, allowed=allowed)
     width = idx.shape[1]
     ids = items["item_id"].to_numpy()
     titles = items["title"]

@@ -1,9 +1,12 @@
-"""Top-N ranking with a run's models: MF proposes candidates, the final stage re-ranks them.
+"""Top-N ranking with a run's models: a candidate model proposes movies, the later stages score them.
 
-Scoring every (user, movie) pair with an MLP is out of reach at ML-20M size (3.7 billion pairs), so the MF
-score (a matrix product) picks `candidates` movies per user and the final stage (stage 3 with stage 2's
-predicted error, or a single model) scores only those. Models without mf_tables() (NCF, autoencoder) take
-the most-rated movies as their candidate pool.
+Scoring every (user, movie) pair with an MLP is out of reach at ML-20M size (3.7 billion pairs), so a cheap
+model picks `candidates` movies per user and the final stages (stage 2's predicted error and stage 3's rating,
+or a single model) score only those. The candidate model is stage 1's MF, or a model of which movies a user
+rates (recdist/models/implicit.py: EASE, iALS), or the most-rated movies (models without mf_tables() and no
+implicit model). The final order (`order`) is the predicted rating, the candidate score, or their blend: the
+probability that the user rates the movie (the candidate score) times the probability that the rating reaches
+the relevance threshold given the predicted rating and its predicted squared error.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recdist.infer.scoring import Predictor, ScoringPlan
+from recdist.infer.scoring import Predictor
 from recdist.infer.session import empty_session
-from recdist.infer.topn import Csr, top_n
+from recdist.infer.topn import Csr, popularity_top, top_n
 from recdist.models.base import Model
+from recdist.models.implicit import Implicit
 from recdist.schema import SPLIT_TYPE
 
 
@@ -35,13 +39,28 @@ class Ranker:
     """float (n_items,): training ratings per movie (the pool for models without factors)."""
     stages: list[Predictor]
     """Predictors applied in order to the candidate pairs (reliability then rating, or the single model)."""
+    retrieval: Implicit | None = None
+    """The model of which movies a user rates that proposes the candidates; None: the MF (or popularity)."""
+    order: str = "rating"
+    """Final order: `rating` (predicted rating), `candidate` (candidate score) or `blend` (see blend())."""
+    threshold: float = 4.0
+    """Where the blend's probability of a good rating is taken: the relevance threshold less half a rating step
+    (a rating rounds up to 4 stars from 3.75 on a half-star scale)."""
 
     @staticmethod
     def build(
-        mf: Model | None, plans: list[ScoringPlan], n_train_items: np.ndarray, min_ratings: int = 1
+        mf: Model | None,
+        stages: list[Predictor],
+        n_train_items: np.ndarray,
+        min_ratings: int = 1,
+        *,
+        retrieval: Implicit | None = None,
+        order: str = "rating",
+        threshold: float = 4.0,
     ) -> Ranker:
-        """min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
-        first = plans[0]
+        """stages: the predictors applied in order to candidate pairs (their plans built from one TrainedOn);
+        min_ratings: only movies with at least this many training ratings are ranked (and at least one)."""
+        first = stages[0].plan
         tables = mf.mf_tables() if mf is not None else None
         factors, mean = None, None
         if tables is not None:
@@ -56,29 +75,29 @@ class Ranker:
             global_mean=first.global_mean if mean is None else mean,
             allowed=recommendable(n_train_items, min_ratings),
             popularity=popularity,
-            stages=[Predictor(p) for p in plans],
+            stages=stages,
+            retrieval=retrieval,
+            order=order,
+            threshold=threshold,
         )
 
     def candidates(self, users: torch.Tensor, k: int, exclude: Csr | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mf_score, item) (U, k) per user: MF's best unseen movies, or the most-rated unseen ones (score NaN).
-
-        -inf marks padding slots: the user had fewer than k unseen movies left.
-        """
+        """(candidate score, item) (U, k) per user, best first: the implicit model's, else MF's best unseen
+        movies, else the most-rated unseen ones (score NaN). -inf marks padding slots: the user had fewer than k
+        unseen movies left."""
+        if self.retrieval is not None:
+            tie = 1e-6 * self.popularity / self.popularity.max().clamp(min=1)  # cold users: the most-rated first
+            return _top_of(lambda u: self.retrieval.scores(u) + tie, users, k, exclude, self.allowed)
         if self.factors is not None:
             return top_n(self.factors, self.global_mean, users, k, exclude=exclude, allowed=self.allowed)
-        fake = {
-            "user_factors": torch.zeros(int(users.max()) + 1 if len(users) else 1, 1),
-            "item_factors": torch.zeros(len(self.popularity), 1),
-            "user_bias": torch.zeros(int(users.max()) + 1 if len(users) else 1),
-            "item_bias": torch.log1p(self.popularity),
-        }
-        scores, items = top_n(fake, 0.0, users, k, exclude=exclude, allowed=self.allowed)
-        return torch.where(torch.isfinite(scores), torch.nan, -torch.inf), items
+        counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)
+        return torch.where(torch.isfinite(counts), torch.nan, -torch.inf), items
 
     def rank(
         self, users: torch.Tensor, n: int, *, candidates: int, exclude: Csr | None = None, chunk: int = 8192
     ) -> pl.DataFrame:
-        """The top n per user: columns user_idx, rank (1 = best), item_idx, score, reliability, mf_score."""
+        """The top n per user: columns user_idx, rank (1 = best), item_idx, score (predicted rating), rank_score
+        (what the list is ordered by), reliability, mf_score (the candidate score)."""
         parts = []
         for lo in range(0, len(users), chunk):
             block = users[lo : lo + chunk].long()
@@ -89,8 +108,8 @@ class Ranker:
                 pairs = stage(pairs)
             score = _column(pairs, "pred_rating").reshape(items.shape)
             reliability = _column(pairs, "pred_error").reshape(items.shape)
-            score = torch.where(valid, score, -torch.inf)
-            best, order = top_stable(score, n)
+            by = rank_score(self.order, mf_score, score, reliability, self.threshold)
+            best, order = top_stable(torch.where(valid, by, -torch.inf), n)
             keep = torch.isfinite(best).reshape(-1)
             width = order.shape[1]
             parts.append(
@@ -99,7 +118,8 @@ class Ranker:
                         "user_idx": block.repeat_interleave(width).numpy().astype(np.int32),
                         "rank": np.tile(np.arange(1, width + 1, dtype=np.int16), len(block)),
                         "item_idx": items.gather(1, order).reshape(-1).numpy().astype(np.int32),
-                        "score": best.reshape(-1).numpy(),
+                        "score": score.gather(1, order).reshape(-1).numpy(),
+                        "rank_score": best.reshape(-1).numpy(),
                         "reliability": reliability.gather(1, order).reshape(-1).numpy(),
                         "mf_score": mf_score.gather(1, order).reshape(-1).numpy().astype(np.float32),
                     }
@@ -107,6 +127,41 @@ class Ranker:
             )
         frame = pl.concat(parts) if parts else pl.DataFrame()
         return frame.with_columns(pl.col("reliability").fill_nan(None), pl.col("mf_score").fill_nan(None))
+
+
+def rank_score(
+    order: str, candidate: torch.Tensor, rating: torch.Tensor, error: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """What the final list is ordered by. `rating`: the predicted rating; `candidate`: the candidate score;
+    `blend`: P(rated) x P(rating >= threshold), with the candidate score (clipped at 0) as the first and the
+    normal probability of the threshold given the predicted rating and its predicted squared error (stage 2;
+    the variance of ratings where it has none) as the second."""
+    if order == "rating":
+        return rating
+    if order == "candidate":
+        return torch.nan_to_num(candidate, nan=0.0)  # popularity candidates: keep their order
+    candidate = torch.nan_to_num(candidate, nan=1.0)
+    spread = torch.sqrt(torch.where(torch.isfinite(error), error, torch.ones_like(error)).clamp(min=1e-3))
+    good = torch.special.ndtr((rating - threshold) / spread)
+    return (candidate.clamp(min=0) + 1e-6) * good
+
+
+def _top_of(
+    scores_of, users: torch.Tensor, k: int, exclude: Csr | None, allowed: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, item) per user of a (U, n_items) scoring function, skipping excluded and not allowed
+    items; -inf scores mark slots with no candidate left."""
+    n = min(k, len(allowed))
+    out_s, out_i = torch.empty(len(users), n), torch.empty(len(users), n, dtype=torch.long)
+    for lo in range(0, len(users), chunk):
+        block = users[lo : lo + chunk].long()
+        scores = scores_of(block).float()
+        scores[:, ~allowed] = -torch.inf
+        if exclude is not None:
+            which, cols = exclude.gather(block)
+            scores[which, cols] = -torch.inf
+        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = torch.topk(scores, n, dim=1)
+    return out_s, out_i
 
 
 def recommendable(n_train_items: np.ndarray, min_ratings: int = 1) -> torch.Tensor:

@@ -20,7 +20,7 @@ from recdist.infer.outputs import RunModels, ranker_for
 from recdist.infer.ranker import recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, fold_in, top_n
 
-COLUMNS = ["rank", "movie_id", "title", "score", "reliability"]
+COLUMNS = ["rank", "movie_id", "title", "score", "rank_score", "reliability"]
 
 
 def recommend(run: str, *, user_id: int | None = None, ratings: str | None = None, n: int = 10) -> pl.DataFrame:
@@ -108,7 +108,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
         storage.join(outputs, "recommendations.parquet"), filters=pc.field("user_id") == user_id
     )
     if stored.num_rows and n <= int(manifest.get("top_n", 0)):
-        return pl.from_arrow(stored).sort("rank").head(n).select(COLUMNS)
+        return pl.from_arrow(stored).sort("rank").head(n).select([c for c in COLUMNS if c in stored.column_names])
     users = read_users(models.data).filter(pl.col("user_id") == user_id)
     if users.height == 0:
         raise DataError(
@@ -119,7 +119,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     user_idx = int(users["user_idx"][0])
     seen = _user_items(models.scored, user_idx)
     exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
-    ranker = ranker_for(models, _min_ratings(manifest))
+    ranker = ranker_for(models, _min_ratings(manifest), ranking=manifest.get("ranking"))
     frame = ranker.rank(
         torch.tensor([user_idx]),
         n,
@@ -179,6 +179,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
             "rank": np.arange(1, int(keep.sum()) + 1, dtype=np.int16),
             "item_idx": top[0][keep].numpy().astype(np.int32),
             "score": scores[0][keep].clamp(lo, hi).numpy(),
+            "rank_score": scores[0][keep].numpy(),  # a new user: ranked by stage 1's score
             "reliability": pl.Series([None] * int(keep.sum()), dtype=pl.Float32),
         }
     )

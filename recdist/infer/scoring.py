@@ -1,6 +1,6 @@
 """The scoring core: a whole Arrow batch of ratings through a model, prediction columns appended.
 
-Shared by the Ray Data actors (batch.py) and the plain Polars + PyTorch scorer, so both do the same work.
+Shared by the Ray Data actors (ray_data.py) and the plain scorer (scored.score_local), so both do the same work.
 Cold-start rows (a user or movie without training ratings, or an index the model does not know) get the
 fallback global mean + the known biases (and, for the reliability role, a fixed high expected error) and
 are flagged in the `cold` column instead of being pushed through untrained embeddings.
@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from recdist.infer.folds import fold_of
 from recdist.infer.kernels import kernel_for
 from recdist.models.base import Model
 from recdist.models.batch import Batch
 from recdist.schema import ROLE_COLUMNS
+from recdist.train.sampling import fold_of
 
 ROLES = tuple(ROLE_COLUMNS)
 
@@ -57,7 +57,7 @@ class ScoringPlan:
             raise ValueError("one known_users / known_items mask per model")
 
 
-def role_of(model: Model) -> str:
+def role_of(model: Model | type[Model]) -> str:
     """The scoring role a model plays by the model contract: error target -> reliability, upstream -> rating."""
     if model.target == "error":
         return "reliability"
@@ -95,9 +95,13 @@ def forward(
 
 
 class Predictor:
-    """Loads the plan's models once, then maps Arrow tables to Arrow tables with the role's columns added."""
+    """Loads the plan's models once, then maps Arrow tables to Arrow tables with the role's columns added.
 
-    def __init__(self, plan: ScoringPlan, models: list[Model] | None = None):
+    models / fallback: the plan's models and its fallback model already loaded (a ranker shares one stage-1 model
+    among its predictors); loaded from the plan's URIs when not given.
+    """
+
+    def __init__(self, plan: ScoringPlan, models: list[Model] | None = None, fallback: Model | None = None):
         from recdist.models.io import load_model
 
         self.plan = plan
@@ -106,7 +110,7 @@ class Predictor:
             m.eval()
         on_cpu = plan.device == "cpu"
         self.kernels = [kernel_for(m) if on_cpu else None for m in self.models]
-        shared = load_model(plan.fallback_model) if plan.fallback_model else None
+        shared = fallback if fallback is not None or not plan.fallback_model else load_model(plan.fallback_model)
         self.biases = [_biases(shared if shared is not None else m) for m in self.models]
         self.known_users = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_users]  # own, writable
         self.known_items = [torch.from_numpy(np.array(k, dtype=bool)) for k in plan.known_items]

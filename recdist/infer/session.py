@@ -18,11 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from numba import njit
 
-from recdist.config import PipelineConfig
+from recdist import storage
+from recdist.config import SessionConfig
 from recdist.errors import DataError
-from recdist.schema import SESSION_COLUMNS  # what stages 2 and 3 read
+from recdist.schema import SCORED_PARQUET, SESSION_COLUMNS  # what stages 2 and 3 read
+from recdist.train.sampling import SAMPLE, TrainShare
 
 #: Bits of a (user, time) key below the user: time spans up to 2^34 s (544 years) per dataset.
 _TIME_BITS = 34
@@ -38,10 +41,51 @@ class SessionSpec:
     """False: only ratings made at or before the row's time (causal: a live system has them too); True: also
     the ones up to w seconds after it."""
 
+    @staticmethod
+    def of(cfg: SessionConfig) -> SessionSpec:
+        return SessionSpec(tuple(cfg.windows), cfg.future)  # type: ignore[arg-type]
 
-_PIPELINE = PipelineConfig()
-DEFAULT_SESSION = SessionSpec(tuple(_PIPELINE.session_windows), _PIPELINE.session_future)
-"""The pipeline's default (pipeline.session_windows / session_future), for stage-1 passes outside it."""
+
+DEFAULT_SESSION = SessionSpec.of(SessionConfig())
+"""The pipeline's default (pipeline.session), for stage-1 passes outside it."""
+
+
+@dataclass(frozen=True)
+class SessionStep:
+    """The session context as a feature step of a stage-1 scoring pass (scored.FeatureStep): the pipeline asks
+    for it; the scoring code knows nothing of sessions."""
+
+    spec: SessionSpec = DEFAULT_SESSION
+    name: str = "session"
+    columns: tuple[str, ...] = SESSION_COLUMNS
+
+    def __call__(self, folder: str, share: TrainShare | None) -> None:
+        """Add SESSION_COLUMNS to every shard of a written scored table (and to its sample/): one read of the
+        columns they need over all shards (a user's ratings sit in every shard), then each shard rewritten."""
+        ratings = storage.join(folder, "ratings")
+        names = [p for p in storage.listdir(ratings) if p.endswith(".parquet")]
+        needed = ["user_idx", "timestamp", "split", "rating", "mf_pred"]
+        frames = [pl.from_arrow(storage.read_parquet(storage.join(ratings, n), columns=needed)) for n in names]
+        context = session_columns(pl.concat(frames), self.spec)
+        start = 0
+        for name, rows in zip(names, (f.height for f in frames), strict=True):
+            table = _with_session(storage.read_parquet(storage.join(ratings, name)), context.slice(start, rows))
+            start += rows
+            storage.write_parquet(table, storage.join(ratings, name), **SCORED_PARQUET)
+            if share is not None:
+                sample = storage.join(folder, SAMPLE, "ratings", name)
+                storage.write_parquet(table.filter(share.keep(table)), sample, **SCORED_PARQUET)
+
+
+def _with_session(table: pa.Table, part: pl.DataFrame) -> pa.Table:
+    """The table with the session columns of `part` (float32) replaced or appended."""
+    for column in SESSION_COLUMNS:
+        values = pa.array(part[column].to_numpy(), pa.float32())
+        if column in table.column_names:
+            table = table.set_column(table.column_names.index(column), column, values)
+        else:
+            table = table.append_column(column, values)
+    return table
 
 
 def empty_session(n: int) -> dict[str, np.ndarray]:

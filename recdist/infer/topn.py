@@ -76,6 +76,31 @@ def top_n(
     return out_s, out_i
 
 
+def popularity_top(
+    n_train: torch.Tensor,
+    users: torch.Tensor,
+    n: int,
+    *,
+    exclude: Csr | None = None,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The popularity baseline: the n most-rated items (training ratings) per user, skipping `exclude`d (seen)
+    and not `allowed` items; equal counts in item order. Returns (training ratings, items) as top_n does."""
+    order = torch.argsort(-n_train.double(), stable=True)
+    position = torch.empty(len(n_train))
+    position[order] = torch.arange(len(n_train), dtype=torch.float32)
+    rows = int(users.max()) + 1 if len(users) else 1
+    table = {
+        "user_factors": torch.zeros(rows, 1),
+        "item_factors": torch.zeros(len(n_train), 1),
+        "user_bias": torch.zeros(rows),
+        "item_bias": -position,  # exact in float32 below 2^24 items
+    }
+    scores, items = top_n(table, 0.0, users, n, exclude=exclude, allowed=allowed)
+    counts = n_train.float()[items]
+    return torch.where(torch.isfinite(scores), counts, -torch.inf), items
+
+
 def cosine_neighbours(
     item_factors: torch.Tensor,
     queries: torch.Tensor,

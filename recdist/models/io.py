@@ -45,18 +45,28 @@ def describe(model: Model) -> dict[str, Any]:
     }
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> Model:
-    """Rebuild the model named in URI/model.json and load URI/model.safetensors into it; eval mode."""
+def model_class(uri: str) -> type[Model]:
+    """The registered class of the model at `uri`, from its model.json alone (no tensors read)."""
+    return registry.get(_meta(uri)[0]).module
+
+
+def _meta(uri: str) -> tuple[str, dict[str, Any], Dims]:
+    """(registry name, params, dims) from URI/model.json; StorageError when it is not a model description."""
     meta_uri = storage.join(uri, META)
     try:
         meta = json.loads(storage.read_bytes(meta_uri))
-        name, params, dims = meta["name"], meta["params"], Dims(**meta["dims"])
+        return meta["name"], meta["params"], Dims(**meta["dims"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise StorageError(
             f"not a recdist model description: {e}",
             where=meta_uri,
             fix="point at a directory written by `recdist train`",
         ) from e
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> Model:
+    """Rebuild the model named in URI/model.json and load URI/model.safetensors into it; eval mode."""
+    name, params, dims = _meta(uri)
     entry = registry.get(name)
     model = entry.module(registry.validate(name, params), dims, torch.Generator().manual_seed(0))
     tensors_uri = storage.join(uri, TENSORS)

@@ -1,1 +1,1 @@
-"""Training: per-worker loop, solvers, Ray Train builder, checkpoints and history."""
+"""Training: per-worker loop, solvers, Ray Train builder, checkpoints, history, and which rows train (sampling)."""

@@ -35,11 +35,7 @@ from recdist.models.base import Model
 from recdist.models.batch import Batch
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.solvers import Schedule, epoch_generator, rank_counts, trained_tables
-
-DEFAULT_LR = 0.02
-"""Per-rating SGD's learning rate when train.lr is empty."""
-
+from recdist.train.solvers import Schedule, default_lr, epoch_generator, rank_counts, trained_tables
 
 # ---------------------------------------------------------------------------------------------- numba kernel
 
@@ -158,7 +154,7 @@ class SGDSolver:
         if self.kernel == "numba" and self.device.type != "cpu":
             raise ConfigError("the numba SGD kernel runs on CPU only", fix="use kernel='torch' on CUDA")
         self.t = trained_tables(model, "sgd")
-        self.schedule = Schedule(cfg, DEFAULT_LR)
+        self.schedule = Schedule(cfg, default_lr(model, "sgd"))
         self.rank, self.world = dist.rank(), dist.world_size()
         self.threads = threads or torch.get_num_threads()
         self.strata = S = max(strata, self.world * self.threads)

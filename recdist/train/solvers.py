@@ -22,8 +22,10 @@ from recdist.models.losses import data_loss
 from recdist.train import dist
 from recdist.train.data import RankData
 
-#: The autograd optimisers' learning rate when train.lr is empty.
+#: The autograd optimisers' learning rate when train.lr is empty and the model has no default_lr.
 DEFAULT_LR = 0.005
+#: Per-rating SGD's learning rate when train.lr is empty.
+SGD_LR = 0.02
 #: Cosine schedule's final learning rate as a share of the peak.
 COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
@@ -120,7 +122,7 @@ class AutogradSolver:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
-        self.schedule = Schedule(cfg, model.default_lr or DEFAULT_LR)
+        self.schedule = Schedule(cfg, default_lr(model, "autograd"))
         tables = sparse_tables(model, cfg, self.device)  # before DDP, which buckets sparse gradients apart
         sparse = [t.weight for t in tables]
         dense = [p for p in self.params if all(p is not q for q in sparse)]
@@ -223,12 +225,28 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
         g.mul_(scale)
 
 
+def solver_name(model: Model | type[Model], solver: str) -> str:
+    """The solver train.solver names; `auto`: the first of SOLVERS[model.solver_family] (per-rating SGD for the
+    plain MF models, autograd for the others)."""
+    return SOLVERS[model.solver_family][0] if solver == "auto" else solver
+
+
+def default_lr(model: Model | type[Model], solver: str) -> float | None:
+    """The learning rate when train.lr is empty, the one rule (training and `recdist models`): per-rating SGD
+    SGD_LR; autograd the model's own default_lr, else DEFAULT_LR; ALS none (exact solves)."""
+    name = solver_name(model, solver)
+    if name == "als":
+        return None
+    if name == "sgd":
+        return SGD_LR
+    return model.default_lr or DEFAULT_LR
+
+
 def make_solver(model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
-    """The solver cfg.solver names; `auto`: the first of SOLVERS[model.solver_family] (per-rating SGD for the
-    plain MF models, autograd for the others). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
+    """The solver cfg.solver names (solver_name). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
     from recdist.train import als, sgd  # they import this module
 
-    choice = SOLVERS[model.solver_family][0] if cfg.solver == "auto" else cfg.solver
+    choice = solver_name(model, cfg.solver)
     if choice == "autograd":
         return AutogradSolver(model, cfg, data, device)
     cls = sgd.SGDSolver if choice == "sgd" else als.ALSSolver

@@ -1,0 +1,269 @@
+"""Writing a scored table: a prepared or scored Parquet table in, the same rows out with prediction columns added.
+
+The work of one pass, whatever runs it: `score_shard` turns input shard n into output shard n, `score_local` runs
+it over every shard in this process (the bench's baseline), `recdist.infer.ray_data.score` on Ray Data actors.
+Both then `commit`: the feature steps asked for (the pipeline's session context) run over the written table,
+users/items are copied, rows are counted, and the typed manifest is written last. The output is a "scored"
+dataset (manifest.json + ratings/part-*.parquet + users/items), so the next stage trains on it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recdist import storage
+from recdist.config import INFER_BATCH_SIZE, ClusterConfig
+from recdist.infer.plan import TrainedOn, plan_for, trained_on
+from recdist.infer.scoring import Predictor, ScoringPlan, one_thread
+from recdist.manifest import SampleInfo, SampleManifest, ScoredManifest, file_entries, relative
+from recdist.schema import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
+from recdist.train.sampling import SAMPLE, TrainShare
+
+
+class FeatureStep(Protocol):
+    """A pass over a whole written scored table before its commit that adds row features (session.SessionStep)."""
+
+    name: str
+    columns: tuple[str, ...]
+
+    def __call__(self, folder: str, share: TrainShare | None) -> None:
+        """Add `columns` to every shard under FOLDER/ratings (and to FOLDER/sample/ratings with `share`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What a scoring pass computes and writes, and how it runs."""
+
+    role: str | None = None
+    """Which columns to add (mf: mf_pred + error, reliability: pred_error, rating: pred_rating); default from
+    the model (target "error" -> reliability, upstream -> rating, else mf)."""
+    fold_models: tuple[str, ...] = ()
+    """Cross-fitted stage-1 models, fold k scoring the train rows of fold k."""
+    fold_seed: int = 0
+    fallback_model: str | None = None
+    """The MF model whose biases build the cold-start prediction of a non-MF model."""
+    trained: TrainedOn | None = None
+    """The input's training rows as read once per run (plan.trained_on); read here when not given."""
+    batch_size: int = INFER_BATCH_SIZE
+    """Rows per Predictor call."""
+    overwrite: bool = False
+    share: TrainShare | None = None
+    """Also write the sample/ dataset of a share of the training rows."""
+    features: tuple[FeatureStep, ...] = field(default=())
+    """Passes over the whole written table before the commit (the pipeline's stage 1: the session context),
+    each timed apart (<name>_seconds; `seconds` and `rows_per_s` are the scoring pass's)."""
+    actors: int | None = None
+    """Ray Data: scoring actors (default one per GPU, else one per CPU)."""
+    gpu: bool | None = None
+    """Ray Data: score on GPUs (default: when the cluster has some)."""
+    cluster: ClusterConfig | None = None
+    """Ray Data: where to run (default $RAY_ADDRESS or a local cluster)."""
+    workers: int = 1
+    """score_local: shards scored at a time, in threads."""
+
+    def plan(self, model_uri: str, data: str, device: str = "cpu") -> ScoringPlan:
+        """The pass's scoring plan (reads `data` only when `trained` was not given)."""
+        folds = len(self.fold_models)
+        view = self.trained if self.trained is not None else trained_on(data, folds, self.fold_seed)
+        return plan_for(
+            view, model_uri, self.role, fold_models=self.fold_models, fallback_model=self.fallback_model, device=device
+        )
+
+
+def score_shard(
+    predictor: Predictor, source: str, out: str, shard: int, batch_size: int, share: TrainShare | None = None
+) -> int:
+    """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
+    OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
+    `share`); returns the rows written. The work of one actor call."""
+    table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
+    schema = _scored_schema(_file_schema(source), predictor.plan.role)
+    parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
+        predictor(table)
+    ]
+    scored = pa.concat_tables(parts).select(schema.names).cast(schema)
+    name = f"part-{shard:05d}.parquet"
+    storage.write_parquet(scored, storage.join(out, "ratings", name), **SCORED_PARQUET)
+    if share is not None:
+        sampled = scored.filter(share.keep(scored))
+        storage.write_parquet(sampled, storage.join(out, SAMPLE, "ratings", name), **SCORED_PARQUET)
+    return scored.num_rows
+
+
+def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | None = None) -> dict[str, Any]:
+    """The same pass as ray_data.score without Ray: score_shard over the shards in this process.
+
+    `options.workers` shards at a time in threads (Polars, Arrow, PyTorch and the MF kernel release the GIL),
+    each with one PyTorch thread; memory: `workers` shards. The bench's baseline for Ray Data's overhead.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recdist.data.dataset import shard_files
+
+    opts = options or ScoreOptions()
+    plan = opts.plan(model_uri, data)
+    predictor = Predictor(plan)
+    t0 = time.perf_counter()
+    with one_thread(), storage.staged_output(out, overwrite=opts.overwrite) as tmp:
+
+        def one(n: int, source: str) -> int:
+            return score_shard(predictor, source, tmp, n, opts.batch_size, opts.share)
+
+        with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+            list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
+        result = commit(tmp, out, data, plan, model_uri, opts, seconds=time.perf_counter() - t0, engine="local")
+    return {**result, "out": out}
+
+
+def commit(
+    tmp: str, out: str, data: str, plan: ScoringPlan, model_uri: str, opts: ScoreOptions, **figures: Any
+) -> dict[str, Any]:
+    """Finish a written pass in its staging directory `tmp` (committed to `out`): run the feature steps, copy
+    users/items, check the rows, and write the sample's manifest and then the scored table's, last.
+
+    figures: seconds and engine of the scoring pass, plus the engine's own (actors, ...). Returns the pass's
+    figures: rows, seconds, rows_per_s, files, role, columns, engine, ...
+    """
+    from recdist.data.dataset import read_manifest
+
+    extra: dict[str, Any] = {}
+    for step in opts.features:
+        t0 = time.perf_counter()
+        step(tmp, opts.share)
+        extra[f"{step.name}_seconds"] = round(time.perf_counter() - t0, 3)
+    _copy_sides(data, tmp, opts.share)
+    source = read_manifest(data)
+    rows, parts = _count_rows(tmp), _parts(tmp)
+    if rows != int(source["n_ratings"]):
+        raise RuntimeError(f"scoring wrote {rows} rows for {source['n_ratings']} input rows; not committing {tmp}")
+    added = [*ROLE_COLUMNS[plan.role], "cold", *(c for step in opts.features for c in step.columns)]
+    seconds = float(figures.pop("seconds"))
+    result = {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds) if seconds > 0 else math.inf,
+        "files": len(parts),
+        "role": plan.role,
+        "columns": added,
+        **figures,
+        **extra,
+    }
+    base = {k: v for k, v in source.items() if k not in ("files", "created_at", "sample", "scoring")}
+    links = {"scored_from": data, "model": model_uri, "fold_models": plan.models[1:]}
+    scored = ScoredManifest.model_validate(
+        {
+            **base,
+            "kind": "scored",
+            "shards": len(parts),
+            "scored_columns": sorted({*source.get("scored_columns", []), *added}),
+            "scoring": result,
+            **_linked(links, out),
+        }
+    )
+    if opts.share is not None:
+        scored.sample = _write_sample(tmp, scored, opts.share, _linked(links, sample_dir(out)))
+    scored.files = file_entries(tmp)
+    scored.write(tmp)
+    return result
+
+
+def _linked(links: dict[str, Any], base: str) -> dict[str, Any]:
+    """The input and model URIs of a pass relative to the directory `base` (manifest.relative)."""
+    return {
+        "scored_from": relative(links["scored_from"], base),
+        "model": relative(links["model"], base),
+        "fold_models": [relative(m, base) for m in links["fold_models"]],
+    }
+
+
+def _write_sample(tmp: str, scored: ScoredManifest, share: TrainShare, links: dict[str, Any]) -> SampleInfo:
+    """The sample's manifest: the scored table's, with the sample's counts; returns what the scored one records."""
+    folder = storage.join(tmp, SAMPLE)
+    counts = _split_counts(folder)
+    info = SampleInfo(share=share.share, seed=share.seed, n_ratings=sum(counts.values()), splits=counts)
+    fields = scored.model_dump(exclude={"shard_rows", "files", "created_at", "kind"})
+    sample = SampleManifest.model_validate({**fields, **info.model_dump(), **links})
+    sample.files = file_entries(folder)
+    sample.write(folder)
+    return info
+
+
+def sample_dir(scored: str) -> str:
+    """Where a scored table's TrainShare sample is."""
+    return storage.join(scored, SAMPLE)
+
+
+def _copy_sides(data: str, tmp: str, share: TrainShare | None) -> None:
+    """users.parquet and items.parquet of the input into the scored table (and its sample)."""
+    for name in ("users.parquet", "items.parquet"):
+        src = storage.join(data, name)
+        if storage.exists(src):
+            storage.write_bytes(storage.join(tmp, name), storage.read_bytes(src))
+            if share is not None:
+                storage.write_bytes(storage.join(tmp, SAMPLE, name), storage.read_bytes(src))
+
+
+def _parts(folder: str) -> list[str]:
+    return [p for p in storage.listdir(storage.join(folder, "ratings")) if p.endswith(".parquet")]
+
+
+def _count_rows(folder: str) -> int:
+    """Rows of FOLDER/ratings/*.parquet, from the files' footers."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for p in _parts(folder):
+        afs, path = storage.arrow_filesystem(storage.join(folder, "ratings", p))
+        with afs.open_input_file(path) as f:
+            rows += pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
+def _split_counts(folder: str) -> dict[str, int]:
+    """Rows per split of the ratings/part-*.parquet under `folder` (reads the split column only)."""
+    counts = {"train": 0, "val": 0, "test": 0}
+    folder_ratings = storage.join(folder, "ratings")
+    for name in storage.listdir(folder_ratings):
+        split = storage.read_parquet(storage.join(folder_ratings, name), columns=["split"])["split"]
+        for row in pc.value_counts(split.cast(pa.string())).to_pylist():
+            counts[row["values"]] = counts.get(row["values"], 0) + int(row["counts"])
+    return counts
+
+
+def _scored_schema(schema: pa.Schema, role: str) -> pa.Schema:
+    """The input schema plus the role's columns and `cold`, in SCORED_EXTRA's types."""
+    names = [*schema.names]
+    for name in (*ROLE_COLUMNS[role], "cold"):
+        if name not in names:
+            names.append(name)
+    extra = {f.name: f for f in SCORED_EXTRA}
+    return pa.schema([extra.get(n) or schema.field(n) for n in names])
+
+
+def _polars_storage(uri: str) -> dict[str, str] | None:
+    """Polars' object-store options for s3:// from the standard AWS environment variables."""
+    if not storage.is_s3(uri):
+        return None
+    keys = {
+        "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+        "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+        "AWS_ENDPOINT_URL": "aws_endpoint_url",
+        "AWS_DEFAULT_REGION": "aws_region",
+    }
+    return {v: os.environ[k] for k, v in keys.items() if k in os.environ}
+
+
+def _file_schema(uri: str) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    afs, path = storage.arrow_filesystem(uri)
+    return pq.read_schema(path, filesystem=afs)

@@ -1,0 +1,226 @@
+"""Typed manifests: the manifest.json a committed directory is written with (last: it marks the commit).
+
+Each kind is a pydantic model: a prepared dataset (`DatasetManifest`, also a cross-fitting fold's training set), a
+scored table (`ScoredManifest`) and the share of it stages 2 and 3 may train on (`SampleManifest`), a pipeline
+stage (`StageManifest`), the analyst outputs (`OutputsManifest`) and a run (`RunManifest`). Every manifest
+lists its `files` (path relative to the directory, rows for Parquet tables, bytes); paths to other
+directories of the same run are relative to the manifest's own directory where they share a root.
+
+Readers of manifests written before these models (no `files`, fewer keys) keep working: every field added
+since has a default, and keys a model does not declare are kept as they are (`extra="allow"`).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recdist import storage
+from recdist.schema import SCHEMA_VERSION
+
+M = TypeVar("M", bound="Manifest")
+
+
+def now() -> str:
+    """The current UTC time as manifests record it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class FileEntry(BaseModel):
+    """One file of a committed directory."""
+
+    path: str
+    """Relative to the directory holding the manifest, with `/` separators."""
+    bytes: int
+    rows: int | None = None
+    """Rows of a Parquet table; None for other files."""
+
+
+class Manifest(BaseModel):
+    """What every manifest holds."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str
+    files: list[FileEntry] = []
+    created_at: str = Field(default_factory=now)
+
+    def write(self, folder: str) -> None:
+        """Write FOLDER/manifest.json (last, when it commits the folder)."""
+        storage.write_json(storage.join(folder, storage.MANIFEST), self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls: type[M], folder: str) -> M:
+        return cls.model_validate(storage.read_json(storage.join(folder, storage.MANIFEST)))
+
+
+class Crossfit(BaseModel):
+    """Where a fold model's training set comes from."""
+
+    source: str
+    held_out_fold: int
+    folds: int
+    seed: int
+
+
+class DatasetManifest(Manifest):
+    """A prepared dataset (README, "Prepared dataset layout")."""
+
+    kind: str = "dataset"
+    name: str | None = None
+    n_users: int
+    n_items: int
+    n_ratings: int
+    splits: dict[str, int]
+    rating_scale: tuple[float, float]
+    global_mean: float
+    timestamp_unit: str | None = None
+    val_carved_from_train: float | None = None
+    source_checksum: str | None = None
+    config_hash: str | None = None
+    shards: int = 1
+    shard_rows: list[int] | None = None
+    split_method: str | None = None
+    n_raw: int | None = None
+    duplicates_resolved: int | None = None
+    filtered: dict[str, Any] | None = None
+    crossfit: Crossfit | None = None
+    """Set on a fold model's training set: the dataset it was cut from and the fold held out."""
+
+
+class SampleInfo(BaseModel):
+    """The seeded share of training rows (and every validation row) written beside a scored table."""
+
+    share: float
+    seed: int
+    n_ratings: int
+    splits: dict[str, int]
+
+
+class ScoredManifest(DatasetManifest):
+    """A scored table: its input's rows and columns plus the prediction columns of one pass."""
+
+    kind: str = "scored"
+    scored_columns: list[str] = []
+    scored_from: str | None = None
+    """The input table, relative to this directory where they share a root."""
+    model: str | None = None
+    fold_models: list[str] = []
+    sample: SampleInfo | None = None
+    scoring: dict[str, Any] = {}
+    """The pass's figures: rows, seconds, rows_per_s, role, columns, engine, ..."""
+
+
+class SampleManifest(ScoredManifest):
+    """sample/ of a scored table: what stages 2 and 3 train on with pipeline.train_share below 1."""
+
+    kind: str = "scored-sample"
+    share: float
+    seed: int
+
+
+class StageManifest(Manifest):
+    """RUN/<stage>/: a trained model and its scored table, committed together."""
+
+    kind: str = "stage"
+    stage: str
+    stage_hash: str
+    config: dict[str, Any] = {}
+    model: str = "model"
+    scored: str = "scored"
+    train: dict[str, Any] = {}
+    scoring: dict[str, Any] = {}
+    crossfit_folds: int | None = None
+
+
+class OutputsManifest(Manifest):
+    """RUN/outputs/: the analyst tables, metrics.json and the report."""
+
+    kind: str = "stage"
+    stage: str = "outputs"
+    stage_hash: str
+    models: dict[str, Any]
+    top_n: int
+    candidates: int
+    recommend_min_ratings: int = 1
+    ranking: dict[str, Any] | None = None
+    """How the recommendations were ranked (recdist.infer.outputs.ranking_settings); None: before EASE."""
+    similar_k: int | None = None
+    similar_min_ratings: int = 1
+    report: str | None = None
+
+
+class RunManifest(Manifest):
+    """RUN/manifest.json: the stages done, their hashes and times."""
+
+    kind: str = "run"
+    pipeline: str
+    config_hash: str
+    data: str
+    stages: dict[str, Any] = {}
+    status: str = "running"
+    log: str | None = None
+    seconds: float | None = None
+    report: str | None = None
+
+
+def file_entries(folder: str, names: list[str] | None = None) -> list[FileEntry]:
+    """The FileEntry of each file under `folder` (recursively; or of `names`, relative to it), manifest.json and
+    sub-directories committed on their own (holding a manifest.json) left out."""
+    names = sorted(_walk(folder, "")) if names is None else names
+    return [_entry(folder, name) for name in names]
+
+
+def relative(uri: str, base: str) -> str:
+    """`uri` relative to the directory `base` when both are local or both in one bucket; else `uri` unchanged."""
+    uri, base = storage.absolute(uri), storage.absolute(base)
+    if storage.is_s3(uri) != storage.is_s3(base):
+        return uri
+    if storage.is_s3(uri):
+        (bucket, key), (base_bucket, base_key) = (u.removeprefix("s3://").split("/", 1) for u in (uri, base))
+        return posixpath.relpath(key, base_key) if bucket == base_bucket else uri
+    return posixpath.relpath(uri, base)
+
+
+def resolve(path: str, base: str) -> str:
+    """The inverse of `relative`: a path relative to the directory `base` as a URI."""
+    if "://" in path or path.startswith("/"):
+        return path
+    joined = storage.join(base, path)
+    if storage.is_s3(joined):
+        bucket, key = joined.removeprefix("s3://").split("/", 1)
+        return f"s3://{bucket}/{posixpath.normpath(key)}"
+    return posixpath.normpath(joined)
+
+
+def _walk(folder: str, prefix: str) -> list[str]:
+    names = []
+    for name in storage.listdir(storage.join(folder, prefix) if prefix else folder):
+        rel = f"{prefix}/{name}" if prefix else name
+        if name == storage.MANIFEST:
+            continue
+        full = storage.join(folder, rel)
+        fs, path = storage.filesystem(full)
+        if fs.isdir(path):
+            if not storage.exists(storage.join(full, storage.MANIFEST)):
+                names += _walk(folder, rel)
+        else:
+            names.append(rel)
+    return names
+
+
+def _entry(folder: str, name: str) -> FileEntry:
+    import pyarrow.parquet as pq
+
+    uri = storage.join(folder, name)
+    fs, path = storage.filesystem(uri)
+    rows = None
+    if name.endswith(".parquet"):
+        afs, apath = storage.arrow_filesystem(uri)
+        with afs.open_input_file(apath) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    return FileEntry(path=name, bytes=int(fs.size(path)), rows=rows)

@@ -1,0 +1,161 @@
+"""Models of which movies a user rates (implicit feedback), fitted in closed form on the 0/1 training matrix.
+
+A rating model answers "how much would this user like this movie", but a top-N list is judged on movies the
+user goes on to rate (and like); these answer the first half, "which movies will this user rate", and propose
+the candidates that the rating stages then score. Pure PyTorch (and SciPy's sparse product) on index arrays:
+no Ray, no files.
+
+- `fit_ease`: EASE (Steck, WWW 2019), an item-item linear model with a zero diagonal, in closed form:
+  B = I - P diag(1 / diag(P)) with P = (X^T X + reg I)^-1. One (items x items) inverse: fine to ~20k items.
+- `fit_ials`: implicit-feedback MF (Hu, Koren and Volinsky, ICDM 2008) by alternating exact least squares:
+  every rated pair has preference 1 with confidence 1 + alpha, every other pair 0 with confidence 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from recdist.infer.topn import Csr
+
+
+@dataclass(frozen=True)
+class Implicit:
+    """A fitted model of which items a user rates: scores(users) is a (U, n_items) block, higher = likelier."""
+
+    kind: str
+    n_items: int
+    history: Csr
+    """user -> items the model was fitted on (EASE scores a user from their row)."""
+    items: torch.Tensor | None = None
+    """EASE: int64 (m,) the items modelled (the others score -inf)."""
+    weights: torch.Tensor | None = None
+    """EASE: (m, m) item-item weights."""
+    user_factors: torch.Tensor | None = None
+    item_factors: torch.Tensor | None = None
+    """iALS: (n_users, rank) and (n_items, rank)."""
+
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        users = users.long()
+        if self.kind == "ials":
+            assert self.user_factors is not None and self.item_factors is not None
+            return self.user_factors[users] @ self.item_factors.T
+        assert self.items is not None and self.weights is not None
+        column = torch.full((self.n_items,), -1, dtype=torch.long)
+        column[self.items] = torch.arange(len(self.items))
+        which, cols = self.history.gather(users)
+        keep = column[cols] >= 0
+        x = torch.zeros(len(users), len(self.items))
+        x[which[keep], column[cols[keep]]] = 1.0
+        out = torch.full((len(users), self.n_items), -torch.inf)
+        out[:, self.items] = x @ self.weights
+        return out
+
+
+def _matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):  # -> scipy.sparse.csr_matrix
+    from scipy import sparse
+
+    data = np.ones(len(users), dtype=np.float32)
+    x = sparse.csr_matrix((data, (users, items)), shape=(n_users, n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def fit_ease(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    n_users: int,
+    n_items: int,
+    *,
+    reg: float,
+    modelled: torch.Tensor | None = None,
+    max_items: int | None = None,
+    max_users: int | None = None,
+    seed: int = 0,
+) -> Implicit:
+    """EASE on the (user, item) pairs given. `modelled` (bool, n_items): the items it scores and reads (default
+    every item with a pair). `reg` is relative: the L2 weight is reg x the mean pair count of the modelled items,
+    so one value carries across data sizes better than an absolute weight (bench/ranking.py). `max_items`: model
+    only that many of them, the most-paired (the inverse costs items^3: ~10k items is minutes on 2 cores);
+    `max_users`: estimate X^T X from a seeded sample of that many users (its cost grows with the sum of the
+    squared pairs per user); every user is still scored from their own row."""
+    u, i = users.long().numpy(), items.long().numpy()
+    counts = np.bincount(i, minlength=n_items)
+    keep = counts > 0 if modelled is None else modelled.numpy() & (counts > 0)
+    if max_items is not None and int(keep.sum()) > max_items:
+        ranked = np.argsort(-np.where(keep, counts, -1), kind="stable")
+        keep = np.zeros(n_items, dtype=bool)
+        keep[ranked[:max_items]] = True
+    cols = np.flatnonzero(keep)
+    column = np.full(n_items, -1, dtype=np.int64)
+    column[cols] = np.arange(len(cols))
+    inside = column[i] >= 0
+    if max_users is not None and n_users > max_users:
+        sampled = np.zeros(n_users, dtype=bool)
+        sampled[np.random.default_rng(seed).choice(n_users, max_users, replace=False)] = True
+        inside &= sampled[u]
+    x = _matrix(u[inside], column[i[inside]], n_users, len(cols))
+    gram = torch.from_numpy((x.T @ x).toarray()).double()
+    lam = reg * float(gram.diagonal().mean()) if len(cols) else reg
+    gram.diagonal().add_(lam)
+    p = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    b = -p / p.diagonal().unsqueeze(0)
+    b.diagonal().zero_()
+    return Implicit("ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=b.float())
+
+
+def fit_ials(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    n_users: int,
+    n_items: int,
+    *,
+    rank: int = 32,
+    alpha: float = 10.0,
+    reg: float = 0.1,
+    iterations: int = 8,
+    seed: int = 0,
+    chunk_cells: int = 1 << 25,
+) -> Implicit:
+    """iALS by exact alternating least squares: for each user, (Y^T Y + alpha Y_u^T Y_u + lam I) p_u = (1 + alpha)
+    Y_u^T 1, and the same for items. `reg` is relative: lam = reg x the mean pairs per row of the side solved."""
+    x = _matrix(users.long().numpy(), items.long().numpy(), n_users, n_items)
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n_users, rank, generator=g, dtype=torch.float32) * 0.01
+    q = torch.randn(n_items, rank, generator=g, dtype=torch.float32) * 0.01
+    by_user = (torch.from_numpy(x.indptr.astype(np.int64)), torch.from_numpy(x.indices.astype(np.int64)))
+    xt = x.T.tocsr()
+    by_item = (torch.from_numpy(xt.indptr.astype(np.int64)), torch.from_numpy(xt.indices.astype(np.int64)))
+    for _ in range(iterations):
+        p = _ials_half(q, *by_user, alpha, reg, chunk_cells)
+        q = _ials_half(p, *by_item, alpha, reg, chunk_cells)
+    return Implicit("ials", n_items, Csr(*by_user), user_factors=p.float(), item_factors=q.float())
+
+
+def _ials_half(
+    fixed: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, alpha: float, reg: float, chunk_cells: int
+) -> torch.Tensor:
+    """One side of iALS: every row's exact solve with the other side's factors fixed, in chunks of rows whose
+    pairs' outer products hold about `chunk_cells` numbers."""
+    n_rows, rank = len(indptr) - 1, fixed.shape[1]
+    counts = indptr[1:] - indptr[:-1]
+    lam = reg * float(counts.double().mean().clamp(min=1))
+    base = fixed.T @ fixed + lam * torch.eye(rank, dtype=fixed.dtype)
+    out = torch.zeros(n_rows, rank, dtype=fixed.dtype)
+    per_chunk = max(1, chunk_cells // (rank * rank))
+    lo = 0
+    while lo < n_rows:
+        hi = int(torch.searchsorted(indptr, int(indptr[lo]) + per_chunk, right=True)) - 1
+        hi = min(max(hi, lo + 1), n_rows)
+        start, stop = int(indptr[lo]), int(indptr[hi])
+        row = torch.repeat_interleave(torch.arange(hi - lo), counts[lo:hi])
+        y = fixed[indices[start:stop]]
+        gram = base.expand(hi - lo, rank, rank).clone()
+        gram.index_add_(0, row, alpha * y.unsqueeze(2) * y.unsqueeze(1))
+        rhs = torch.zeros(hi - lo, rank, dtype=fixed.dtype).index_add_(0, row, (1 + alpha) * y)
+        out[lo:hi] = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(gram)).squeeze(2)
+        lo = hi
+    return out

@@ -1,0 +1,147 @@
+"""Top-N ranking: the popularity baseline by hand, the implicit candidate models against their closed forms,
+and the final order of the candidates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recdist.infer.outputs import RankingProtocol, vs_popularity
+from recdist.infer.ranker import rank_score, recommendable
+from recdist.infer.topn import popularity_top
+from recdist.models.implicit import fit_ease, fit_ials
+
+# 5 users x 6 movies. Training ratings per user, validation ratings, test ratings (rating given).
+TRAIN = {0: [0, 1, 2], 1: [0, 1, 3], 2: [0, 2, 4], 3: [1, 2, 3], 4: [0]}
+VAL = {0: [3], 4: [5]}
+TEST = {0: {4: 4.5}, 1: {2: 4.0, 5: 5.0}, 2: {1: 3.5, 3: 5.0}, 3: {0: 2.0}, 4: {2: 4.0, 1: 4.5}}
+N_USERS, N_ITEMS = 5, 6
+
+
+def fixture() -> tuple[pl.DataFrame, pl.DataFrame, torch.Tensor]:
+    rows = [(u, i, False) for split in (TRAIN, VAL) for u, items in split.items() for i in items]
+    rows += [(u, i, True) for u, rated in TEST.items() for i in rated]
+    pairs = pl.DataFrame(rows, schema=["user_idx", "item_idx", "is_test"], orient="row")
+    test = pl.DataFrame(
+        [(u, i, r) for u, rated in TEST.items() for i, r in rated.items()],
+        schema=["user_idx", "item_idx", "rating"],
+        orient="row",
+    )
+    n_train = torch.bincount(torch.tensor([i for items in TRAIN.values() for i in items]), minlength=N_ITEMS)
+    return pairs, test, n_train
+
+
+def test_popularity_baseline_by_hand() -> None:
+    pairs, test, n_train = fixture()
+    assert n_train.tolist() == [4, 3, 3, 2, 1, 0]
+    allowed = recommendable(n_train.numpy(), min_ratings=2)  # movies 0-3; 1 and 2 tie: movie order
+    protocol = RankingProtocol.build(pairs, test, N_USERS, k=2, threshold=4.0)
+    assert protocol is not None
+    # users with a relevant test rating: 0, 1, 2, 4 (user 3's only test rating is 2.0)
+    assert protocol.users.tolist() == [0, 1, 2, 4]
+    counts, items = popularity_top(n_train, protocol.users, 2, exclude=protocol.exclude, allowed=allowed)
+    lists = [
+        [int(i) for i, c in zip(row, crow, strict=True) if c > -math.inf]
+        for row, crow in zip(items, counts, strict=True)
+    ]
+    # user 0 rated 0-2 in training and 3 in validation: nothing left; user 1 has rated 0, 1, 3; user 2 0, 2, 4;
+    # user 4 rated 0 (and 5 in validation)
+    assert lists == [[], [2], [1, 3], [1, 2]]
+
+    got = protocol.popularity(n_train, allowed)
+    d2 = 1 / math.log2(3)
+    # user 0: no hit (its relevant movie 4 has one training rating); user 1: hit at 1 of relevant {2, 5};
+    # user 2: hit at 2 of relevant {3}; user 4: hits at 1 and 2 of relevant {1, 2}
+    precision = (0 + 1 / 2 + 1 / 2 + 2 / 2) / 4
+    recall = (0 + 1 / 2 + 1 / 1 + 2 / 2) / 4
+    ndcg = (0 + 1 / (1 + d2) + d2 / 1 + (1 + d2) / (1 + d2)) / 4
+    assert got["users"] == 4
+    assert got["precision@2"] == pytest.approx(precision)
+    assert got["recall@2"] == pytest.approx(recall)
+    assert got["ndcg@2"] == pytest.approx(ndcg, rel=1e-6)
+    ratio = vs_popularity({"popularity": got, "rating": {**got, "ndcg@2": 2 * ndcg}}, k=2)
+    assert ratio == {"rating": pytest.approx(2.0)}
+
+
+def test_empty_slots_never_count_as_hits() -> None:
+    from recdist.infer.metrics import ranking_metrics
+
+    # row 1's empty slot (-1) must not hit row 0's relevant last movie (the keys row * n + item would collide)
+    top = torch.tensor([[0, 1], [2, -1]])
+    m = ranking_metrics(top, torch.tensor([0, 1]), torch.tensor([2, 0]), k=2)
+    assert m["precision@2"] == 0.0
+
+
+def _pairs(seed: int = 0, n_users: int = 30, n_items: int = 12) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n_users, n_items)) < 0.3).astype(np.float64)
+    u, i = np.nonzero(x)
+    return torch.from_numpy(u), torch.from_numpy(i), x
+
+
+def test_ease_is_the_closed_form() -> None:
+    users, items, x = _pairs()
+    model = fit_ease(users, items, *x.shape, reg=0.5)
+    g = x.T @ x
+    p = np.linalg.inv(g + 0.5 * np.diag(g).mean() * np.eye(len(g)))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    scores = model.scores(torch.arange(x.shape[0]))
+    np.testing.assert_allclose(scores.numpy(), x @ b, atol=1e-5)
+
+
+def test_ease_scores_only_the_modelled_movies() -> None:
+    users, items, x = _pairs()
+    modelled = torch.zeros(x.shape[1], dtype=torch.bool)
+    modelled[:6] = True
+    scores = fit_ease(users, items, *x.shape, reg=0.5, modelled=modelled).scores(torch.arange(3))
+    assert torch.isinf(scores[:, 6:]).all() and torch.isfinite(scores[:, :6]).all()
+
+
+def test_ials_last_half_step_is_exact() -> None:
+    """After the item step, the item factors minimise the weighted objective with the users' fixed."""
+    users, items, x = _pairs(1)
+    alpha, reg = 4.0, 0.1
+    model = fit_ials(users, items, *x.shape, rank=4, alpha=alpha, reg=reg, iterations=3)
+    p, q = model.user_factors.double(), model.item_factors.double()
+    c = 1 + alpha * x
+    lam = reg * x.sum(0).mean()  # mean pairs per item
+    grad = -2 * ((c * (x - p.numpy() @ q.numpy().T)).T @ p.numpy()) + 2 * lam * q.numpy()
+    assert np.abs(grad).max() < 1e-3
+    # the fit ranks a user's own movies above the others on average
+    s = model.scores(torch.arange(x.shape[0])).numpy()
+    assert s[x == 1].mean() > s[x == 0].mean() + 0.3
+
+
+def test_rank_score_orders() -> None:
+    candidate = torch.tensor([[0.9, 0.5, -0.1]])
+    rating = torch.tensor([[3.0, 4.5, 5.0]])
+    error = torch.tensor([[1.0, 1.0, float("nan")]])
+    assert torch.equal(rank_score("rating", candidate, rating, error, 4.0), rating)
+    assert torch.equal(rank_score("candidate", candidate, rating, error, 4.0), candidate)
+    blend = rank_score("blend", candidate, rating, error, 4.0)
+    # P(rated) x P(rating >= 4): 0.9 x Phi(-1) = 0.143 < 0.5 x Phi(0.5) = 0.346; a negative score counts ~0
+    assert blend[0, 0] == pytest.approx(0.9 * 0.158655, rel=1e-3)
+    assert blend[0, 1] == pytest.approx(0.5 * 0.691462, rel=1e-3)
+    assert blend[0, 2] < 1e-5
+
+
+def test_ease_max_items_keeps_the_most_rated() -> None:
+    users, items, x = _pairs(2)
+    model = fit_ease(users, items, *x.shape, reg=0.5, max_items=4)
+    counts = x.sum(0)
+    assert sorted(model.items.tolist()) == sorted(np.argsort(-counts, kind="stable")[:4].tolist())
+
+
+def test_ease_from_a_user_sample_still_scores_every_user() -> None:
+    users, items, x = _pairs(3, n_users=40)
+    model = fit_ease(users, items, *x.shape, reg=0.5, max_users=10)
+    full = fit_ease(users, items, *x.shape, reg=0.5)
+    scores = model.scores(torch.arange(x.shape[0]))
+    assert torch.isfinite(scores).all() and not torch.allclose(model.weights, full.weights)
+    # a user is scored from their own row: those with the same movies get the same scores
+    assert torch.equal(scores[0], (torch.from_numpy(x[0]).float() @ model.weights))
