@@ -115,9 +115,9 @@ def test_best_yaml_merges_into_a_pipeline_config(tmp_path) -> None:
     row = {"trial_id": "t1", "val_rmse": 0.9, "best_epoch": 5}
     write_best_yaml(best, "mf", row, 3, "data", str(tmp_path / "best.yaml"))
     base = tmp_path / "pipeline.yaml"
-    base.write_text(yaml.safe_dump({"pipeline": {"top_n": 5}, "stages": {"mf": {"params": {"rank": 99}}}}))
+    base.write_text(yaml.safe_dump({"pipeline": {"kind": "single"}, "stages": {"mf": {"params": {"rank": 99}}}}))
     merged = load_config([str(base), str(tmp_path / "best.yaml")])
-    assert merged.pipeline.top_n == 5  # the pipeline config's own keys stay
+    assert merged.pipeline.kind == "single"  # the pipeline config's own keys stay
     assert merged.stages.mf.params["rank"] == 24 and merged.stages.mf.train.lr == 0.013
     assert merged.stages.mf.train.epochs == 7 and merged.stages.mf.tune is None
     # and through the CLI, with --config twice
