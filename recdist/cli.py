@@ -34,7 +34,11 @@ out = Console()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", help="YAML config file (local or s3://).", show_default=False)
+    list[str] | None,
+    typer.Option(
+        "--config", "-c", help="YAML config file (local or s3://); repeat to merge several, later keys winning "
+        "(e.g. a pipeline config, then a `recdist tune` best.yaml).", show_default=False,
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -103,7 +107,7 @@ def _logs(quiet: bool, verbose: bool, log_format: LogFormat) -> None:
     logs.setup(quiet=quiet, verbose=verbose, fmt=log_format.value)
 
 
-def _config(path: str | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
+def _config(path: list[str] | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
     """The config file, then --set overrides, then explicit flags (flags win)."""
     overrides: dict[str, Any] = dict(parse_override(s) for s in sets or [])
     overrides.update({k: v for k, v in flags.items() if v is not None})
@@ -322,7 +326,102 @@ def train(
     _print_json(metrics)
 
 
-def _params_for(config: str | None, sets: list[str] | None, key: str, model: str) -> dict[str, Any]:
+_SEARCH = "Search"
+
+
+@app.command()
+def tune(
+    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) for the search's outputs.")],
+    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="Which stages.<name> section to tune: mf, reliability, rating, single \\[default: the slot whose "
+            "default model is --model (biased_mf: mf), else single]."
+        ),
+    ] = None,
+    upstream: Annotated[
+        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(help="Most trials \\[default: 20; unlimited with --time-budget alone].", rich_help_panel=_SEARCH),
+    ] = None,
+    time_budget: Annotated[
+        float | None, typer.Option(help="Wall-clock budget in seconds.", rich_help_panel=_SEARCH)
+    ] = None,
+    space: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Change the search space: KEY=VALUE with KEY params.<field> or train.<field> and VALUE "
+            "'{loguniform: [lo, hi]}', '{uniform: ...}', '{int: ...}', '{logint: ...}', '[a, b, c]', a fixed "
+            "value, or null (repeatable).",
+            rich_help_panel=_SEARCH,
+        ),
+    ] = None,
+    cpus_per_trial: Annotated[
+        float | None,
+        typer.Option(help="CPUs per trial (below 1 shares cores) \\[default: sized to the cluster].",
+                     rich_help_panel=_SEARCH),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random search \\[default: 0].",
+                                             rich_help_panel=_SEARCH)] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers per trial \\[default: 1].")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker.", show_default=False)] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address \\[default: $RAY_ADDRESS or local].")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
+) -> None:
+    """Search a model's settings with Ray Tune (ASHA on validation RMSE), each trial a `recdist train` run.
+
+    OUT gets trials.parquet (one row per trial), best.yaml (the best stage as
+    a config fragment: `recdist pipeline --config PIPELINE.yaml --config
+    OUT/best.yaml`), val_rmse.png and best/ (the best settings retrained, as
+    `recdist train` writes a run). Running the same command again after a
+    kill resumes the search.
+
+    Examples:
+      recdist tune --data data/mls --model biased_mf --out runs/tune-mf --trials 40
+      recdist tune --config configs/ml-latest-small.yaml --stage mf --data data/mls --out runs/tune-mf \\
+          --time-budget 600 --space params.rank='[64, 128, 256]'
+    """
+    from recdist.config import DEFAULT_MODELS, TuneBudget
+    from recdist.tune.search import tune_stage
+
+    _logs(quiet, verbose, log_format)
+    if stage is None:
+        stage = next((slot for slot, name in DEFAULT_MODELS.items() if name == model), "single") if model else "mf"
+    if stage not in ("mf", "reliability", "rating", "single"):
+        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
+    key = f"stages.{stage}"
+    flags: dict[str, Any] = {
+        "cluster.workers": workers, "cluster.gpu": gpu, "cluster.address": address,
+        f"{key}.tune.trials": trials, f"{key}.tune.time_budget_s": time_budget,
+        f"{key}.tune.cpus_per_trial": cpus_per_trial, f"{key}.tune.seed": seed,
+    }
+    if model is not None:
+        flags[f"{key}.model"] = model
+        flags[f"{key}.params"] = _params_for(config, set_, key, model)
+    cfg = _config(config, set_, flags)
+    section = getattr(cfg.stages, stage)
+    budget = section.tune or TuneBudget()
+    trials_set = section.tune is not None and "trials" in section.tune.model_fields_set
+    if time_budget is not None and trials is None and not trials_set:
+        budget = budget.model_copy(update={"trials": None})
+    if space:
+        budget = budget.model_copy(update={"space": {**budget.space, **dict(parse_override(s) for s in space)}})
+    summary = tune_stage(
+        data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=overwrite
+    )
+    _print_json(summary)
+
+
+def _params_for(config: list[str] | None, sets: list[str] | None, key: str, model: str) -> dict[str, Any]:
     """The params of --model: the config file's for this stage when it names the same model, then every
     `--set <key>.params.NAME=VALUE` (a file's params for another model would not fit this one)."""
     section = load_config(config).model_dump()["stages"][key.split(".")[1]] if config else None

@@ -187,6 +187,24 @@ class TrainConfig(Section):
     """Base seed; rank r uses seed + r."""
 
 
+class TuneBudget(Section):
+    """A hyperparameter search (`recdist tune`) run before a stage trains, on validation RMSE."""
+
+    trials: int | None = Field(20, ge=1)
+    """Most trials (settings tried); empty: as many as time_budget_s allows."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Wall-clock budget of the search in seconds (trials running when it ends are stopped); empty: none."""
+    space: dict[str, Any] = {}
+    """Changes to the model's default search space (`recdist tune --help`): KEY: {loguniform: [lo, hi]},
+    {uniform: ...}, {int: ...}, {logint: ...}, [choices], a fixed value, or null to stop searching KEY."""
+    grace_epochs: int = Field(3, ge=1)
+    """ASHA: epochs every trial trains before it can be stopped for trailing the others."""
+    cpus_per_trial: float | None = Field(None, gt=0)
+    """CPUs of each trial's worker(s): below 1 shares a core (small machines); empty: sized to the cluster."""
+    seed: int = 0
+    """Seed of the random search."""
+
+
 class StageConfig(Section):
     """One trained model: its registered name, its own config (params), and how to train it."""
 
@@ -196,6 +214,8 @@ class StageConfig(Section):
     """Fields of the model's config dataclass (validated against it)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Training settings for this stage."""
+    tune: TuneBudget | None = None
+    """Re-tune this stage (a search within this budget) before training it in the pipeline; off when empty."""
 
     @model_validator(mode="after")
     def _known_model(self) -> StageConfig:
@@ -453,24 +473,37 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (local or s3://), apply dotted overrides, validate into the typed tree."""
+def load_config(path: str | list[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read YAML configs (local or s3://; several merge in order, later keys winning, e.g. a pipeline config then
+    a `recdist tune` best.yaml), apply dotted overrides, validate into the typed tree."""
     data: dict[str, Any] = {}
     where = "the command line (--set and flags)"
-    if path:
+    paths = [path] if isinstance(path, str) else list(path or [])
+    for one in paths:
         from recdist import storage
 
-        where = path
         try:
-            data = yaml.safe_load(storage.read_bytes(path)) or {}
+            part = yaml.safe_load(storage.read_bytes(one)) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file is not valid YAML: {e}", where=path) from e
-        if not isinstance(data, dict):
-            raise ConfigError("config file must hold a mapping of sections", where=path)
+            raise ConfigError(f"config file is not valid YAML: {e}", where=one) from e
+        if not isinstance(part, dict):
+            raise ConfigError("config file must hold a mapping of sections", where=one)
+        data = merge(data, part)
+    if paths:
+        where = " + ".join(paths)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key, value)
     return validate(data, where=where)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, mappings merged key by key (a new dict; neither input changes)."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        out[key] = merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def validate(data: dict[str, Any], where: str = "config") -> Config:

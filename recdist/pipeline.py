@@ -397,6 +397,11 @@ def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None =
     from recdist.train.run import train_stage
 
     name = f"{stage} {label}" if label else stage
+    if getattr(run.config.stages, stage).tune is not None and not label:  # re-tune first (kept once committed)
+        from recdist.tune.search import tune_for_pipeline
+
+        tuned = tune_for_pipeline(run.config, stage, data, storage.join(run.dir(stage), "tune"), upstream)
+        setattr(run.config.stages, stage, tuned)  # the fold models and the stage manifest use it too
     if storage.is_committed(out):
         log.info("%s: model already trained, kept", name)
         return out

@@ -16,7 +16,7 @@ losses.py applies). Rows not in the training context at all (validation, test) a
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from recdist.config import Section
 from recdist.models.base import Model, embedding, row_l2
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform, uniform
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "elu": F.elu, "relu": F.relu}
 CONTEXT = ("ctx_key", "ctx_value", "ctx_indptr")
@@ -56,6 +57,15 @@ class AutoencoderConfig(Section):
     mean_damping: float = Field(1000.0, ge=0)
     """Damping of the item and user mean offsets: sum / (count + damping), so rare ones shrink to 0. Large values
     leave the offsets to the network (its user biases and item codes), which predicts better (bench/accuracy.py)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.hidden": choice(128, 256, 512),
+        "params.dropout": uniform(0.0, 0.5),
+        "params.hide_prob": uniform(0.5, 1.0),
+        "params.reg": loguniform(0.003, 0.3),
+        "train.lr": loguniform(0.0005, 0.01),
+        "train.epochs": integer(10, 40),
+    }
 
 
 @register("autoencoder", AutoencoderConfig)

@@ -18,6 +18,7 @@ from recdist.config import Section
 from recdist.models.base import MFTables, Model, embedding, logit_of, row_l2, scaled_sigmoid
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform
 
 
 class MFConfig(Section):
@@ -31,12 +32,25 @@ class MFConfig(Section):
     init_std: float = Field(0.1, gt=0)
     """Standard deviation of the normal initial factors (not tiny: p = q = 0 is a saddle SGD leaves slowly)."""
 
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.rank": choice(16, 32, 64, 128, 256),
+        "params.reg": loguniform(0.01, 0.2),
+        "train.lr": loguniform(0.003, 0.05),
+        "train.epochs": integer(10, 60),
+    }
+    """What `recdist tune` searches by default (recdist.models.space)."""
+
 
 class BiasedMFConfig(MFConfig):
     """Biased matrix factorisation: r = mu + b_u + b_i + p_u . q_i."""
 
     reg_bias: float = Field(0.01, ge=0)
     """L2 weight on b_u and b_i, per rating like `reg` (biases need less shrinkage than factors)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        **MFConfig.search_space,
+        "params.reg_bias": loguniform(0.001, 0.1),
+    }
 
 
 class SigmoidMFConfig(BiasedMFConfig):
@@ -46,6 +60,14 @@ class SigmoidMFConfig(BiasedMFConfig):
     """Length of each user and item factor vector (trained by autograd; not part of bench/family.py's choice)."""
     init_std: float = Field(0.01, gt=0)
     """Standard deviation of the normal initial factors (logit units; trained by autograd, which needs no push)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.rank": choice(16, 32, 64, 128),
+        "params.reg": loguniform(0.001, 0.2),
+        "params.reg_bias": loguniform(0.0001, 0.05),
+        "train.lr": loguniform(0.001, 0.03),
+        "train.epochs": integer(5, 40),
+    }
 
 
 class MFBase(Model):

@@ -6,6 +6,8 @@ plain biased MF and the residual only learns what the dot product misses.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -13,6 +15,7 @@ from recdist.models.base import mlp
 from recdist.models.batch import Batch, Dims
 from recdist.models.mf import BiasedMFConfig, MFBase
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform, uniform
 
 
 class MFResidualMLPConfig(BiasedMFConfig):
@@ -26,6 +29,15 @@ class MFResidualMLPConfig(BiasedMFConfig):
     """Widths of the residual MLP's hidden layers."""
     dropout: float = Field(0.2, ge=0, lt=1)
     """Dropout after each hidden layer (training only)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.rank": choice(16, 32, 64, 128),
+        "params.hidden": choice((32,), (64, 32), (128, 64)),
+        "params.dropout": uniform(0.0, 0.5),
+        "params.reg": loguniform(0.001, 0.2),
+        "train.lr": loguniform(0.0005, 0.02),
+        "train.epochs": integer(5, 30),
+    }
 
 
 @register("mf_residual_mlp", MFResidualMLPConfig)

@@ -6,6 +6,8 @@ The biases carry the easy part (user and item means) so the MLP spends its capac
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -13,6 +15,7 @@ from recdist.config import Section
 from recdist.models.base import Model, embedding, logit_of, mlp, row_l2, scaled_sigmoid
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform, uniform
 
 
 class NCFConfig(Section):
@@ -32,6 +35,15 @@ class NCFConfig(Section):
     """Standard deviation of the normal initial embeddings."""
     sigmoid_output: bool = False
     """Squash the score with a sigmoid onto [rating_min, rating_max] instead of adding it to the mean."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.dim": choice(16, 32, 64, 128),
+        "params.hidden": choice((32,), (64, 32), (128, 64)),
+        "params.dropout": uniform(0.0, 0.5),
+        "params.reg": loguniform(0.001, 0.1),
+        "train.lr": loguniform(0.0005, 0.02),
+        "train.epochs": integer(5, 30),
+    }
 
 
 @register("ncf_mlp", NCFConfig)

@@ -39,6 +39,7 @@ from recdist.errors import ConfigError, DataError
 from recdist.models.base import Model, head, mlp
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
+from recdist.models.space import Knob, choice, integer, loguniform, uniform
 from recdist.schema import MF_PRED, PRED_ERROR, SESSION_COLUMNS
 
 TABLES = ("user_factors", "item_factors", "user_bias", "item_bias")
@@ -114,6 +115,13 @@ class OnMFConfig(Section):
     in bursts whose ratings share a deviation from the MF: on ml-latest-small the largest gain stage 3 has."""
     session_prior: float = Field(3.0, gt=0)
     """Pseudo-count of the session means: with k neighbours a window's mean is sum / (k + prior)."""
+
+    search_space: ClassVar[dict[str, Knob]] = {
+        "params.hidden": choice((32,), (64, 32), (128, 64), (256, 128)),
+        "params.dropout": uniform(0.0, 0.5),
+        "train.lr": loguniform(0.0003, 0.01),
+        "train.epochs": integer(3, 20),
+    }
 
 
 class ReliabilityConfig(OnMFConfig):

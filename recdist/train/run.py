@@ -314,8 +314,11 @@ def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan
     return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int):
-    """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name."""
+def make_trainer(
+    loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int, callbacks=None
+):
+    """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name.
+    callbacks: Ray Train callbacks (`recdist tune` passes its reports on to Ray Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -333,6 +336,7 @@ def make_trainer(loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             logging_config=LoggingConfig(log_level=logs.train_log_level()),
+            callbacks=callbacks,
         ),
     )
 
