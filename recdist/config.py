@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
@@ -435,8 +436,9 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (local or s3://), apply dotted overrides, validate into the typed tree."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, nulls: Iterable[str] = ()) -> Config:
+    """Read a YAML config (local or s3://), set the dotted keys `nulls` to null (what `--set KEY=` means, or a
+    source flag replacing the file's source), apply dotted overrides (None: not given), validate into the tree."""
     data: dict[str, Any] = {}
     where = "the command line (--set and flags)"
     if path:
@@ -449,6 +451,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file is not valid YAML: {e}", where=path) from e
         if not isinstance(data, dict):
             raise ConfigError("config file must hold a mapping of sections", where=path)
+    for key in nulls:
+        _set(data, key, None)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key, value)
