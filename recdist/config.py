@@ -391,6 +391,11 @@ class Config(Section):
         picked = {p: _get(data, p) for p in paths}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
+    def digest(self) -> str:
+        """The hash of the whole config: RUN/manifest.json's and the report's config_hash."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def dataset_hash(self) -> str:
         """The hash of what a prepared dataset is made from (its manifest's config_hash): the source and prepare
         sections, and synth for synthetic ratings."""
