@@ -180,6 +180,15 @@ def synth(
     min_user_ratings: _key(int, "synth.min_user_ratings", "Ratings every user has at least", _SIZE) = None,
     rank: _key(int, "synth.rank", "Rank of the planted user x movie model", _MODEL) = None,
     noise: _key(float, "synth.noise", "Noise std before rounding to half stars", _MODEL) = None,
+    popularity_skew: _key(
+        float, "synth.popularity_skew", "Scales movies' log popularity: 0 flat, 1 ml-20m's long tail, >1 steeper", _SIZE
+    ) = None,
+    activity_skew: _key(
+        float, "synth.activity_skew", "Log-normal spread of users' activity: 0 all alike, 1.38 ml-20m's", _SIZE
+    ) = None,
+    exposure: _key(
+        float, "synth.exposure", "Missing not at random: how much taste picks what a user rates; 0 none", _MODEL
+    ) = None,
     seed: _key(int, "synth.seed", "Seed: same seed and sizes, same bytes") = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -87,6 +87,16 @@ class SynthConfig(Section):
     """Rank of the planted user x item model."""
     noise: float = Field(0.7, ge=0)
     """Standard deviation of the Gaussian noise added before rounding to half stars."""
+    popularity_skew: float = Field(1.0, ge=0)
+    """Multiplies the movies' log popularity weights: 1 is ml-20m's long tail, 0 every movie equally likely to
+    be met, above 1 a steeper head and a thinner tail."""
+    activity_skew: float = Field(1.38, ge=0)
+    """Log-normal spread of users' activity above min_user_ratings: 1.38 is ml-20m's (mean/median 2.6), 0
+    gives every user the same count, 2 a heavier tail."""
+    exposure: float = Field(0.0, ge=0)
+    """Missing not at random: how strongly a user's taste picks what they rate (the log popularity of a movie
+    for a taste group gains `exposure` x the group's standardised affinity for it, and the group's users share
+    half their planted taste). 0: what a user rates does not depend on how they would rate it."""
     seed: int = 0
     """Seed: the same config writes the same bytes."""
 

@@ -152,3 +152,54 @@ def test_existing_output_is_refused_and_kept(written):
 def test_impossible_sizes_are_config_errors(sizes, words):
     with pytest.raises(ConfigError, match=words):
         synth.simulate(SynthConfig(**sizes))
+
+
+# The family knobs (popularity_skew, activity_skew, exposure) came after the first release: at their defaults
+# they must draw nothing new. These digests are of the first release's output for this config.
+FIRST_RELEASE = SynthConfig(n_users=300, n_items=400, n_ratings=20000, seed=3)
+FIRST_RATINGS_SHA256 = "77b7a312a1deb45e42f3d14953acd2f00b494c233ea76ad6eb8b6858175cff69"
+FIRST_MOVIES_SHA256 = "82e8cd94d2b96fd27254083237b3055475e94ba3198b48d399d16b3465236a87"
+
+
+def test_defaults_give_the_first_releases_bytes():
+    import hashlib
+
+    s = synth.simulate(FIRST_RELEASE)
+    assert hashlib.sha256(s.ratings.write_csv().encode()).hexdigest() == FIRST_RATINGS_SHA256
+    assert hashlib.sha256(s.movies.write_csv().encode()).hexdigest() == FIRST_MOVIES_SHA256
+    assert set(s.summary["config"]) == {"n_users", "n_items", "n_ratings", "min_user_ratings", "rank", "noise", "seed"}
+    assert "exposure" in synth.simulate(FIRST_RELEASE.model_copy(update={"exposure": 0.5})).summary["config"]
+
+
+def _top_tenth_share(frame: pl.DataFrame, col: str) -> float:
+    counts = _sorted_counts(frame, col)
+    return counts[-len(counts) // 10 :].sum() / counts.sum()
+
+
+def test_popularity_skew_steepens_the_head():
+    shares = [_top_tenth_share(synth.simulate(SMALL.model_copy(update={"popularity_skew": k})).ratings, "movieId")
+              for k in (0.5, 1.0, 1.5)]  # fmt: skip
+    assert shares[0] < shares[1] < shares[2]
+
+
+def test_activity_skew_spreads_users():
+    def mean_over_median(k: float) -> float:
+        per_user = _sorted_counts(synth.simulate(SMALL.model_copy(update={"activity_skew": k})).ratings, "userId")
+        return per_user.mean() / np.median(per_user)
+
+    flat, default, heavy = mean_over_median(0.0), mean_over_median(synth.ACTIVITY_SIGMA), mean_over_median(2.0)
+    assert flat == pytest.approx(1.0, abs=0.02) and flat < default < heavy
+
+
+def test_exposure_makes_users_rate_what_they_like():
+    """Missing not at random: with exposure, the observed pairs score above what the same users would give
+    random movies (the planted interaction p_u.q_i is positive on average where it is zero at random)."""
+
+    def observed_interaction(exposure: float) -> float:
+        s = synth.simulate(SMALL.model_copy(update={"exposure": exposure}))
+        user = s.ratings["userId"].to_numpy() - 1
+        item = np.searchsorted(s.planted.movie_ids, s.ratings["movieId"].to_numpy())
+        return float((s.planted.user_factors[user] * s.planted.item_factors[item]).sum(1).mean())
+
+    assert abs(observed_interaction(0.0)) < 0.03
+    assert observed_interaction(1.0) > 0.1

@@ -5,6 +5,11 @@ every movie at least one rating. Each user's movies are a popularity-weighted sa
 (successive sampling: what a user meets first, they rate first), and each rating is
 round_half(mu + b_u + b_i + p_u.q_i + noise) clipped to [0.5, 5]. Everything is whole-array numpy from
 independent seeded streams, so the same config gives the same bytes.
+
+The knobs that make a family of data sets (SynthConfig): sizes, planted `rank`, `noise`, `popularity_skew`
+(how long-tailed the movies are), `activity_skew` (how heavy-tailed the users are) and `exposure` (missing not
+at random: users meet the movies their taste group likes). At their defaults the knobs added after the first
+release draw nothing and change nothing: the same seed and sizes still give the same bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ FIRST_TIME, LAST_TIME = 789_652_009, 1_427_784_002
 MAX_USER_SHARE = 0.35
 """The busiest ml-20m user rated 9,254 of 26,744 movies: user activity is capped at this share of the catalog."""
 ACTIVITY_SIGMA = 1.38
-"""Log-normal spread of activity above the minimum: ml-20m's mean/median of (n - 20) is 124/48 = e^(s^2/2)."""
+"""Log-normal spread of activity above the minimum: ml-20m's mean/median of (n - 20) is 124/48 = e^(s^2/2).
+(SynthConfig.activity_skew's default.)"""
 POPULARITY_CURVE = (
     (0.0, 11.1), (0.004, 10.1), (0.037, 8.7), (0.11, 7.3), (0.19, 6.4),
     (0.37, 4.4), (0.5, 2.9), (0.75, 1.4), (1.0, 0.0),
@@ -64,6 +70,11 @@ TASTE_GROUPS = 16
 top movie is skipped by many busy users, as in ml-20m where it has 67k ratings from 138k users)."""
 TASTE_SD = 1.0
 """Standard deviation of a taste group's jitter of the log popularity weights."""
+TASTE_SHARE = 0.5
+"""With exposure > 0: the share of a user's planted factor variance that is their taste group's centre."""
+ADDED_KNOBS = {"popularity_skew": 1.0, "activity_skew": ACTIVITY_SIGMA, "exposure": 0.0}
+"""Knobs added after the first release, with the defaults that leave its output unchanged: synth.json lists
+them only when set otherwise (so a default run still writes the same bytes)."""
 LIGHT_BUFFER = 1 << 23
 """Uniforms per buffer of the with-replacement sampler (64 MiB)."""
 
@@ -123,16 +134,18 @@ def generate(cfg: SynthConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
 def simulate(cfg: SynthConfig) -> Synthetic:
     """Draw the whole synthetic release: catalog, who rates what, planted model, ratings and timestamps."""
     _check(cfg)
-    streams = np.random.SeedSequence(cfg.seed).spawn(6)
-    act, cat, sample, model, noise, times = (np.random.Generator(np.random.PCG64(s)) for s in streams)
+    # a 7th stream (exposure) leaves the first six as they were: spawn(7)[:6] == spawn(6)
+    streams = np.random.SeedSequence(cfg.seed).spawn(7)
+    act, cat, sample, model, noise, times, expose = (np.random.Generator(np.random.PCG64(s)) for s in streams)
 
     counts = user_counts(cfg, act)
-    movie_ids, log_weight, movies = _catalog(cfg.n_items, cat)
-    item, rank = _sample_pairs(counts, log_weight, sample)
+    movie_ids, log_weight, movies = _catalog(cfg.n_items, cat, cfg.popularity_skew)
+    taste = _taste(cfg, expose) if cfg.exposure > 0 else None
+    item, rank, group = _sample_pairs(counts, log_weight, sample, None if taste is None else taste.affinity)
     user = np.repeat(np.arange(cfg.n_users, dtype=np.int64), counts)
     log.info("sampled %s (user, movie) pairs", f"{user.size:,}")
 
-    planted = _plant(cfg, movie_ids, log_weight, counts, item, model)
+    planted = _plant(cfg, movie_ids, log_weight, counts, item, model, taste, group)
     score = planted.score(user, item)
     expected = np.clip(score, MIN_RATING, MAX_RATING)
     score += noise.normal(0.0, cfg.noise, size=score.size)
@@ -182,7 +195,7 @@ def user_counts(cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     cap = max(low, int(np.ceil(MAX_USER_SHARE * cfg.n_items)))
     if n_users * cap < total:  # small catalogs: let users rate more of it
         cap = cfg.n_items
-    weight = rng.lognormal(0.0, ACTIVITY_SIGMA, n_users)
+    weight = rng.lognormal(0.0, cfg.activity_skew, n_users)
     counts = low + rng.multinomial(total - n_users * low, weight / weight.sum())
     while (over := counts > cap).any():  # hand the excess of capped users to the others, in proportion
         excess = int((counts[over] - cap).sum())
@@ -215,12 +228,15 @@ def _check(cfg: SynthConfig) -> None:
         )
 
 
-def _catalog(n_items: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
-    """movieIds with gaps, log popularity weights (older ids a little more popular), and the movies frame."""
+def _catalog(
+    n_items: int, rng: np.random.Generator, skew: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
+    """movieIds with gaps, log popularity weights (older ids a little more popular; ml-20m's curve times `skew`),
+    and the movies frame."""
     span = max(n_items, int(round(n_items * ID_SPREAD)))
     movie_ids = np.sort(rng.choice(span, size=n_items, replace=False)) + 1
     share, level = np.array(POPULARITY_CURVE).T
-    popularity = np.interp((np.arange(n_items) + 0.5) / n_items, share, level)
+    popularity = np.interp((np.arange(n_items) + 0.5) / n_items, share, level) * skew
     order = np.argsort(np.arange(n_items) / n_items + 0.7 * rng.random(n_items), kind="stable")
     log_weight = np.empty(n_items)
     log_weight[order] = popularity
@@ -241,14 +257,15 @@ def _catalog(n_items: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 
 
 def _sample_pairs(
-    counts: np.ndarray, log_weight: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    counts: np.ndarray, log_weight: np.ndarray, rng: np.random.Generator, affinity: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user's counts[u] distinct items by successive popularity sampling; every item rated at least once.
 
-    Returns (item, rank) for the rows of np.repeat(users, counts), each user's items ascending, rank being the
-    order the user met the item in. Users fall into taste groups, each with its own jitter of the popularity
-    weights. Every item is first dealt to one rating slot chosen uniformly (so to users in proportion to their
-    activity); a user meets those items first.
+    Returns (item, rank, group): item and rank for the rows of np.repeat(users, counts), each user's items
+    ascending, rank being the order the user met the item in; group, each user's taste group. Users fall into
+    taste groups, each with its own jitter of the popularity weights (plus `affinity`, (groups, items), when
+    exposure is not at random). Every item is first dealt to one rating slot chosen uniformly (so to users in
+    proportion to their activity); a user meets those items first.
     """
     n_users, n_items = counts.size, log_weight.size
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -259,6 +276,8 @@ def _sample_pairs(
     )
     group = rng.integers(TASTE_GROUPS, size=n_users)
     log_p = log_weight + TASTE_SD * rng.normal(size=(TASTE_GROUPS, n_items))
+    if affinity is not None:
+        log_p += affinity
     log_p -= np.log(np.exp(log_p - log_p.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)) + log_p.max(
         axis=1, keepdims=True
     )
@@ -270,7 +289,7 @@ def _sample_pairs(
     rank = np.empty_like(item)
     _sample_light(np.flatnonzero(~heavy), group, draws, starts, forced, np.exp(log_p), rng, item, rank)
     _sample_gumbel(np.flatnonzero(heavy), group, starts, forced, log_p, rng, item, rank)
-    return item, rank
+    return item, rank, group
 
 
 def _draws_needed(counts: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -396,15 +415,48 @@ def _alias_tables(p):  # pragma: no cover
     return prob, alias
 
 
-def _plant(cfg: SynthConfig, movie_ids, log_weight, counts, item, rng) -> Planted:
-    """Biases and rank-`cfg.rank` factors; mu puts the mean planted score over the sampled pairs at RATING_MEAN."""
+@dataclass(frozen=True)
+class Taste:
+    """Exposure not at random: each taste group's centre in factor space, the items' planted factors (drawn
+    before anyone rates, since they decide what is met) and each group's log-weight bonus per item."""
+
+    centres: np.ndarray
+    """(TASTE_GROUPS, rank)."""
+    item_factors: np.ndarray
+    """(n_items, rank)."""
+    affinity: np.ndarray
+    """(TASTE_GROUPS, n_items): exposure x the group's standardised affinity centre . q_i."""
+
+
+def _factor_scale(rank: int) -> float:
+    return float(np.sqrt(INTERACTION_SD / np.sqrt(rank)))  # var(p.q) = rank * scale^4
+
+
+def _taste(cfg: SynthConfig, rng: np.random.Generator) -> Taste:
+    scale = _factor_scale(cfg.rank)
+    centres = rng.normal(0.0, scale, (TASTE_GROUPS, cfg.rank))
+    item_factors = rng.normal(0.0, scale, (cfg.n_items, cfg.rank))
+    like = centres @ item_factors.T
+    like = (like - like.mean(axis=1, keepdims=True)) / (like.std(axis=1, keepdims=True) + 1e-12)
+    return Taste(centres, item_factors, cfg.exposure * like)
+
+
+def _plant(cfg: SynthConfig, movie_ids, log_weight, counts, item, rng, taste=None, group=None) -> Planted:
+    """Biases and rank-`cfg.rank` factors; mu puts the mean planted score over the sampled pairs at RATING_MEAN.
+
+    With `taste` (exposure not at random), the items' factors are the taste's and each user's factors are
+    TASTE_SHARE of their group's centre and the rest their own (the same variance either way)."""
     n_users, n_items = cfg.n_users, log_weight.size
     user_bias = rng.normal(0.0, USER_BIAS_SD, n_users)
     pop = (log_weight - log_weight.mean()) / (log_weight.std() or 1.0)
     item_bias = ITEM_BIAS_SD * (POPULARITY_BIAS * pop + np.sqrt(1 - POPULARITY_BIAS**2) * rng.normal(size=n_items))
-    scale = np.sqrt(INTERACTION_SD / np.sqrt(cfg.rank))  # var(p.q) = rank * scale^4
+    scale = _factor_scale(cfg.rank)
     user_factors = rng.normal(0.0, scale, (n_users, cfg.rank))
     item_factors = rng.normal(0.0, scale, (n_items, cfg.rank))
+    if taste is not None:
+        own, shared = np.sqrt(1 - TASTE_SHARE), np.sqrt(TASTE_SHARE)
+        user_factors = own * user_factors + shared * taste.centres[group]
+        item_factors = taste.item_factors
     item_counts = np.bincount(item, minlength=n_items)
     mean_bias = (counts @ user_bias + item_counts @ item_bias) / counts.sum()
     return Planted(movie_ids, RATING_MEAN - float(mean_bias), user_bias, item_bias, user_factors, item_factors)
@@ -432,7 +484,7 @@ def _summary(cfg: SynthConfig, counts, item, rating, timestamp, rmse: float) -> 
     q = np.quantile(counts, [0.5, 0.9, 0.99])
     return {
         "kind": "synthetic",
-        "config": cfg.model_dump(mode="json"),
+        "config": _config_summary(cfg),
         "files": {"ratings": RATINGS_FILE, "movies": MOVIES_FILE},
         "n_users": cfg.n_users,
         "n_items": cfg.n_items,
@@ -457,6 +509,15 @@ def _summary(cfg: SynthConfig, counts, item, rating, timestamp, rmse: float) -> 
         },
         "timestamps": [int(timestamp.min()), int(timestamp.max())],
     }
+
+
+def _config_summary(cfg: SynthConfig) -> dict[str, Any]:
+    """The config as synth.json lists it: the later knobs only where they differ from what the first release did."""
+    out = cfg.model_dump(mode="json")
+    for key, default in ADDED_KNOBS.items():
+        if out[key] == default:
+            del out[key]
+    return out
 
 
 def _write_csv(frame: pl.DataFrame, uri: str) -> None:

@@ -23,8 +23,8 @@ from recdist.models.registry import register
 class MFConfig(Section):
     """Plain matrix factorisation: r = mu + p_u . q_i."""
 
-    rank: int = Field(64, ge=1)
-    """Length of each user and item factor vector."""
+    rank: int = Field(32, ge=1)
+    """Length of each user and item factor vector (32: what bench/family.py found to hold across its data)."""
     reg: float = Field(0.08, ge=0)
     """L2 weight on the factor rows of each rating, added per rating as in classic SGD MF
     (loss = mean over the batch of (r - r_hat)^2 + reg * (|p_u|^2 + |q_i|^2))."""
@@ -42,6 +42,8 @@ class BiasedMFConfig(MFConfig):
 class SigmoidMFConfig(BiasedMFConfig):
     """Biased MF squashed by a sigmoid onto [rating_min, rating_max]; biases and factors in logit units."""
 
+    rank: int = Field(64, ge=1)
+    """Length of each user and item factor vector (trained by autograd; not part of bench/family.py's choice)."""
     init_std: float = Field(0.01, gt=0)
     """Standard deviation of the normal initial factors (logit units; trained by autograd, which needs no push)."""
 

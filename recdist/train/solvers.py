@@ -24,8 +24,8 @@ from recdist.train.data import RankData
 
 #: The autograd optimisers' learning rate when train.lr is empty and the model has no default_lr.
 DEFAULT_LR = 0.005
-#: Per-rating SGD's learning rate when train.lr is empty.
-SGD_LR = 0.02
+#: Per-rating SGD's learning rate when train.lr is empty (cosine schedule): bench/family.py's choice.
+SGD_LR = 0.04
 #: Cosine schedule's final learning rate as a share of the peak.
 COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
