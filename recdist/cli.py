@@ -102,16 +102,70 @@ def _shorthands(command: Any, values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_SOURCE, _COLUMNS, _PREP, _CLUSTER = "Source (exactly one of)", "Columns of your files", "Preparation", "Cluster"
+DatasetOpt = _key(str, "source.dataset", "GroupLens release (see `recdist datasets`) or `synthetic`", _SOURCE)
+PathOpt = _key(
+    str, "source.path", "Your ratings: a CSV/TSV/.dat/Parquet file, a GroupLens zip or directory; local or s3://",
+    _SOURCE,
+)
+TrainPathOpt = _key(str, "source.train_path", "Your own split: the training file (implies --split given)", _SOURCE)
+ValPathOpt = _key(str, "source.val_path", "Your own split: an optional validation file", _SOURCE)
+TestPathOpt = _key(str, "source.test_path", "Your own split: the test file", _SOURCE)
+ItemsPathOpt = _key(str, "source.items_path", "Movies file (id, title, genres) for --path / --train-path", _SOURCE)
+"""A source flag replaces the config file's source (_config): `--path mine.csv` over a config naming a dataset."""
+WorkersOpt = _key(int, "cluster.workers", "Ray Train workers (infer: Ray Data scoring actors)", _CLUSTER)
+GpuOpt = _key(bool, "cluster.gpu", "One GPU per worker", _CLUSTER, "--gpu/--cpu", shown="--cpu; infer: GPUs if any")
+AddressOpt = _key(str, "cluster.address", "Ray cluster address", _CLUSTER, shown="$RAY_ADDRESS or local")
+
+
+def _given_split(values: dict[str, Any]) -> dict[str, Any]:
+    """A command's shorthand flags, with split `given` when own split files are passed without --split."""
+    flags = dict(values)
+    if flags.get("prepare.split") is None and any(flags.get(k) for k in SOURCE_CHOICE[2:]):
+        flags["prepare.split"] = "given"
+    return flags
+
+
 def _logs(quiet: bool, verbose: bool, log_format: LogFormat) -> None:
     """The one logging setup of this process (recdist.logs), from the common flags."""
     logs.setup(quiet=quiet, verbose=verbose, fmt=log_format.value)
 
 
+SOURCE_CHOICE = ("source.dataset", "source.path", "source.train_path", "source.val_path", "source.test_path")
+"""The keys that choose a run's one source; given on the command line, they replace the config file's source."""
+SOURCE_FILES = (*SOURCE_CHOICE, "source.items_path")
+"""What such a replacement clears (the column mapping and format stay the file's)."""
+
+
 def _config(path: list[str] | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
-    """The config file, then --set overrides, then explicit flags (flags win)."""
-    overrides: dict[str, Any] = dict(parse_override(s) for s in sets or [])
+    """The config file, then --set overrides, then explicit flags (flags win). `--set KEY=` sets KEY to null; a
+    source given by flag or --set (--path, --dataset, --train-path, ...) replaces the file's source (SOURCE_FILES)
+    rather than adding a second one."""
+    parsed = [parse_override(s) for s in sets or []]
+    overrides: dict[str, Any] = {k: v for k, v in parsed if v is not None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(path, overrides)
+    nulls = {k for k, v in parsed if v is None and k not in overrides}
+    if overrides.keys() & set(SOURCE_CHOICE):
+        nulls |= set(SOURCE_FILES) - overrides.keys()
+    return load_config(path, overrides, nulls=sorted(nulls))
+
+
+def _version(show: bool) -> None:
+    if show:
+        from recdist import __version__
+
+        out.print(f"recdist {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print recdist's version and exit.")
+    ] = False,
+) -> None:
+    """Train collaborative-filtering recommenders (MF, neural CF, reliability-based RNCF) on MovieLens with Ray
+    Train and PyTorch; prepare data and write results as Parquet."""
 
 
 def _print_json(obj: Any) -> None:
@@ -214,25 +268,15 @@ def download(
     out.print(str(path))
 
 
-_SOURCE, _COLUMNS, _PREP = "Source (exactly one of)", "Columns of your files", "Preparation"
-
-
 @app.command()
 def prepare(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
-    dataset: _key(str, "source.dataset", "GroupLens release (see `recdist datasets`) or `synthetic`", _SOURCE) = None,
-    path: _key(
-        str, "source.path", "Your ratings: a CSV/TSV/.dat/Parquet file, a GroupLens zip or directory; local or s3://",
-        _SOURCE,
-    ) = None,
-    train_path: _key(
-        str, "source.train_path", "Your own split: the training file (implies --split given)", _SOURCE
-    ) = None,
-    val_path: _key(str, "source.val_path", "Your own split: an optional validation file", _SOURCE) = None,
-    test_path: _key(str, "source.test_path", "Your own split: the test file", _SOURCE) = None,
-    items_path: _key(
-        str, "source.items_path", "Movies file (id, title, genres) for --path / --train-path", _SOURCE
-    ) = None,
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
+    train_path: TrainPathOpt = None,
+    val_path: ValPathOpt = None,
+    test_path: TestPathOpt = None,
+    items_path: ItemsPathOpt = None,
     user_col: _key(str, "source.user_col", "User id column", _COLUMNS) = None,
     item_col: _key(str, "source.item_col", "Item id column", _COLUMNS) = None,
     rating_col: _key(str, "source.rating_col", "Rating column", _COLUMNS) = None,
@@ -275,9 +319,7 @@ def prepare(
     from recdist.data.prepare import prepare as run_prepare
 
     _logs(quiet, verbose, log_format)
-    if (train_path or test_path or val_path) and split is None:
-        split = "given"
-    cfg = _config(config, set_, _shorthands(prepare, locals()))
+    cfg = _config(config, set_, _given_split(_shorthands(prepare, locals())))
     _print_json(run_prepare(cfg, out_dir, overwrite=overwrite))
 
 
@@ -292,9 +334,9 @@ def train(
     upstream: Annotated[
         str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers \\[default: 1].")] = None,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker.", show_default=False)] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address \\[default: $RAY_ADDRESS or local].")] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = None,
+    address: AddressOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
     config: ConfigOpt = None,
@@ -311,10 +353,7 @@ def train(
     if stage not in ("mf", "reliability", "rating", "single"):
         raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
     key = f"stages.{stage}"
-    flags: dict[str, Any] = {
-        "cluster.workers": workers, "cluster.gpu": gpu, "cluster.address": address,
-        f"{key}.train.epochs": epochs, f"{key}.train.solver": solver,
-    }
+    flags = {**_shorthands(train, locals()), f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
     if model is not None:
         flags[f"{key}.model"] = model
         flags[f"{key}.params"] = _params_for(config, set_, key, model)
@@ -438,14 +477,18 @@ def pipeline(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local or s3://).")],
     config: ConfigOpt = None,
     data: Annotated[str | None, typer.Option(help="An already prepared dataset to use.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="GroupLens release or `synthetic`.")] = None,
-    path: Annotated[str | None, typer.Option(help="Your ratings file.")] = None,
+    dataset: DatasetOpt = None,
+    path: PathOpt = None,
+    train_path: TrainPathOpt = None,
+    val_path: ValPathOpt = None,
+    test_path: TestPathOpt = None,
+    items_path: ItemsPathOpt = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker.", show_default=False)] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = None,
+    address: AddressOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -455,18 +498,13 @@ def pipeline(
     """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
 
     Resumable: re-running skips stages whose config matches; `--from STAGE` redoes from there.
+    A source flag (--path, --dataset, --train-path ...) replaces the config's source:
+      recdist pipeline --config configs/ml20m-cpu.yaml --path my/ratings.csv --out runs/mine
     """
     from recdist.pipeline import run_pipeline
 
     _logs(quiet, verbose, log_format)
-    cfg = _config(
-        config,
-        set_,
-        {
-            "source.dataset": dataset, "source.path": path, "cluster.workers": workers, "cluster.gpu": gpu,
-            "cluster.address": address,
-        },
-    )
+    cfg = _config(config, set_, _given_split(_shorthands(pipeline, locals())))
     result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite)
     _print_json(
         {
@@ -487,6 +525,9 @@ def infer(
     batch_size: Annotated[
         int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
     ] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = None,
+    address: AddressOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -505,14 +546,15 @@ def infer(
     from recdist.models.io import model_class
 
     _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, {"pipeline.inference.batch_size": batch_size})
+    cfg = _config(config, set_, {**_shorthands(infer, locals()), "pipeline.inference.batch_size": batch_size})
     role = role_of(model_class(model_dir))
     session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
     options = ScoreOptions(
         role=role,
         batch_size=cfg.pipeline.inference.batch_size,
-        actors=cfg.pipeline.inference.actors,
+        actors=cfg.pipeline.inference.actors if workers is None else workers,
         cluster=cfg.cluster,
+        gpu=gpu if gpu is not None else (True if cfg.cluster.gpu else None),  # else GPUs where the cluster has them
         overwrite=overwrite,
         features=session,
     )
@@ -603,10 +645,30 @@ def _print_frame(frame: Any) -> None:
     out.print(table)
 
 
+def _switches(command: Any) -> Any:
+    """Show boolean flags as switches in --help: typer's rich help gives every flag a `<bool>` type column, as if
+    it took a value (`--gpu <bool>`); an empty metavar leaves it blank, on every command and on --help itself."""
+    for param in command.params:
+        if getattr(param, "is_flag", False):  # an option (typer's own click: no isinstance with click's)
+            param.metavar = ""
+    made = command.get_help_option  # --help is made per context, after the params
+
+    def help_option(ctx: Any) -> Any:
+        option = made(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _switches(sub)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user-facing errors print what/where/fix and exit 2, with no traceback."""
     try:
-        app(args=argv, prog_name="recdist")
+        _switches(typer.main.get_command(app))(args=argv, prog_name="recdist")
     except RecdistError as e:
         if logs.settings().fmt == "json":  # a log collector reads stderr: the error as one JSON line too
             logging.getLogger("recdist").error(str(e))

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import math
+import typing
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
@@ -428,6 +430,11 @@ class Config(Section):
         picked = {p: _get(data, p) for p in paths}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
+    def digest(self) -> str:
+        """The hash of the whole config: RUN/manifest.json's and the report's config_hash."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def dataset_hash(self) -> str:
         """The hash of what a prepared dataset is made from (its manifest's config_hash): the source and prepare
         sections, and synth for synthetic ratings."""
@@ -451,8 +458,16 @@ def tree_default(dotted: str) -> Any:
             raise KeyError(f"no config key {'.'.join(parts[: i + 1])!r}")
         if i == len(parts) - 1:
             return field.get_default(call_default_factory=True)
-        model = field.annotation  # type: ignore[assignment]
+        model = _section_type(field.annotation)
     raise KeyError(dotted)
+
+
+def _section_type(annotation: Any) -> type[BaseModel]:
+    """The section model behind a field's annotation (`TuneBudget | None` -> TuneBudget)."""
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    raise KeyError(f"not a config section: {annotation!r}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -473,9 +488,12 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
-def load_config(path: str | list[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | list[str] | None = None, overrides: dict[str, Any] | None = None, nulls: Iterable[str] = ()
+) -> Config:
     """Read YAML configs (local or s3://; several merge in order, later keys winning, e.g. a pipeline config then
-    a `recdist tune` best.yaml), apply dotted overrides, validate into the typed tree."""
+    a `recdist tune` best.yaml), set the dotted keys `nulls` to null (what `--set KEY=` means, or a source flag
+    replacing the file's source), apply dotted overrides (None: not given), validate into the typed tree."""
     data: dict[str, Any] = {}
     where = "the command line (--set and flags)"
     paths = [path] if isinstance(path, str) else list(path or [])
@@ -491,6 +509,8 @@ def load_config(path: str | list[str] | None = None, overrides: dict[str, Any] |
         data = merge(data, part)
     if paths:
         where = " + ".join(paths)
+    for key in nulls:
+        _set(data, key, None)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key, value)

@@ -127,7 +127,7 @@ def run_pipeline(
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
     summary = RunManifest(
         pipeline=config.pipeline.kind,
-        config_hash=_digest(config.model_dump(mode="json")),
+        config_hash=config.digest(),
         data=run.data,
         stages={n: previous.get("stages", {}).get(n) for n in names[:first]},
         created_at=previous.get("created_at") or _now(),

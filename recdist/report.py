@@ -41,68 +41,238 @@ def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config)
     if histories:
         storage.write_bytes(storage.join(out, FIGURES["curves"]), learning_curves_png(histories))
         figures["curves"] = FIGURES["curves"]
-    text = render(metrics, figures, factors, config)
+    text = render(metrics, figures, factors, config, run_info(models.data, config))
     storage.write_bytes(storage.join(out, REPORT), text.encode())
     return REPORT
 
 
-def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFrame | None, config: Config) -> str:
-    """The Markdown text of the report."""
+def run_info(data: str, config: Config) -> dict[str, str]:
+    """The report's run metadata: date (UTC, now), data (the prepared dataset's name, size and location),
+    config_hash (RUN/manifest.json's) and recdist version."""
+    from datetime import datetime, timezone
+
+    from recdist import __version__
+    from recdist.data.dataset import read_manifest
+
+    m = read_manifest(data)
+    size = f"{m['n_ratings']:,} ratings, {m['n_users']:,} users, {m['n_items']:,} movies"
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": f"{m.get('name') or 'ratings'} ({size}; split {m.get('split_method', '?')}) at {data}",
+        "config_hash": config.digest(),
+        "version": __version__,
+    }
+
+
+def render(
+    metrics: dict[str, Any],
+    figures: dict[str, str],
+    factors: pl.DataFrame | None,
+    config: Config,
+    info: dict[str, str] | None = None,
+) -> str:
+    """The Markdown text of the report: verdicts first, then the figures behind them."""
     p = config.pipeline
     if p.kind == "rncf":
         errors = f"{p.crossfit.folds}-fold cross-fitted" if p.crossfit.folds >= 2 else "in-sample (as the paper)"
         header = f"Pipeline: three-stage RNCF (MF -> reliability -> rating); stage-1 errors of training rows {errors}."
     else:
         header = f"Pipeline: the single model `{config.stages.single.model}`."
-    lines = ["# recdist run report", "", header, ""]
-    cold = metrics.get("cold", {})
-    if cold:
-        counts = ", ".join(f"{cold[k]['rows']:,} {k}" for k in ("train", "val", "test") if k in cold)
-        test = cold.get("test", {"rows": 0, "cold": 0})
-        lines += [
-            f"Ratings: {counts}. {test['cold']:,} test ratings are cold (their user or movie has no training "
-            "rating): they get the fallback, global mean plus the known side's bias, and count in every figure.",
-            "",
-        ]
-    lines += [
+    lines = ["# recdist run report", "", *_metadata(info), header, ""]
+    lines += verdicts(metrics)
+    lines += _cold_line(metrics.get("cold", {}))
+    lines += _accuracy_section(metrics)
+    lines += _reliability_section(metrics, figures)
+    lines += _ranking_section(metrics.get("ranking", {}))
+    lines += _movies_section(factors, figures, p.outputs.similar_min_ratings)
+    lines += _curves_section(figures)
+    lines += _tables_section(p.outputs)
+    return "\n".join(lines)
+
+
+def _metadata(info: dict[str, str] | None) -> list[str]:
+    if not info:
+        return []
+    return [
+        "| run | |",
+        "|---|---|",
+        f"| date (UTC) | {info.get('date', '')} |",
+        f"| data | {info.get('data', '')} |",
+        f"| config hash | `{info.get('config_hash', '')}` (RUN/manifest.json, RUN/config.yaml) |",
+        f"| recdist | {info.get('version', '')} |",
+        "",
+    ]
+
+
+SAME = 0.001
+"""A relative difference below this (0.1%) is reported as no different."""
+RELIABILITY_LEVELS = ((1.5, 0.9, "strong"), (1.2, 0.7, "moderate"))
+"""(least / most reliable decile's test RMSE at least, Spearman of decile vs its RMSE at least, verdict), the
+first that holds; else `weak`: strong means the least reliable tenth errs half as much again as the most reliable
+and the deciles between rise in order."""
+
+
+def verdicts(metrics: dict[str, Any]) -> list[str]:
+    """One judged line per question a reader asks first: did stage 3 help on RMSE and on ranking, does the
+    reliability mean something, does the final model beat the baselines and popularity."""
+    lines = [*_stage_verdicts(metrics), *_baseline_verdict(metrics), *_reliability_verdict(metrics)]
+    lines += _popularity_verdict(metrics.get("ranking", {}), _final(metrics))
+    return ["## Verdict", "", *(f"- {line}" for line in lines), ""] if lines else []
+
+
+def _final(metrics: dict[str, Any]) -> str:
+    return "rating" if "rating" in metrics else "single"
+
+
+def _compare(new: float, old: float, lower_is_better: bool) -> tuple[str, str]:
+    """'better than' / 'worse than' / 'no different from', and the relative change."""
+    rel = (new - old) / old if old else float("nan")
+    if not math.isfinite(rel) or abs(rel) < SAME:
+        word = "no different from"
+    else:
+        word = "better than" if (rel < 0) == lower_is_better else "worse than"
+    return word, (f"{rel:+.2%}" if math.isfinite(rel) else "n/a")
+
+
+def _stage_verdicts(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    rmse = {s: metrics.get(s, {}).get("test", {}).get("rmse") for s in ("mf", "rating")}
+    if None not in rmse.values():
+        word, rel = _compare(rmse["rating"], rmse["mf"], lower_is_better=True)
+        lines.append(
+            f"**Stage 3 is {word} stage 1 on test RMSE**: {rmse['rating']:.4f} vs {rmse['mf']:.4f} ({rel})."
+        )
+    ranking = metrics.get("ranking", {})
+    key = f"ndcg@{ranking.get('k', 10)}"
+    ndcg = {s: ranking.get(s, {}).get(key) for s in ("mf", "rating")}
+    if None not in ndcg.values():
+        word, rel = _compare(ndcg["rating"], ndcg["mf"], lower_is_better=False)
+        lines.append(
+            f"**The final ranking is {word} stage 1 MF's on {key.upper()}**: {ndcg['rating']:.4f} vs "
+            f"{ndcg['mf']:.4f} ({rel})."
+        )
+    return lines
+
+
+def _baseline_verdict(metrics: dict[str, Any]) -> list[str]:
+    final = metrics.get(_final(metrics), {}).get("test", {}).get("rmse")
+    base = metrics.get("baselines", {})
+    if final is None:
+        return []
+    if "item_mean" not in base:
+        return ["Baselines: not computed for this run (metrics.json has no `baselines`; runs before they were)."]
+    word, rel = _compare(final, base["item_mean"]["rmse"], lower_is_better=True)
+    line = (
+        f"**The final model is {word} the movie-mean baseline on test RMSE**: {final:.4f} vs "
+        f"{base['item_mean']['rmse']:.4f} ({rel})"
+    )
+    if "global_mean" in base:
+        line += f"; the global mean scores {base['global_mean']['rmse']:.4f}"
+    return [line + "."]
+
+
+def _reliability_verdict(metrics: dict[str, Any]) -> list[str]:
+    deciles = metrics.get("reliability_deciles") or []
+    if len(deciles) < 2 or not deciles[0].get("rmse"):
+        return []
+    first, last = deciles[0]["rmse"], deciles[-1]["rmse"]
+    ratio, order = last / first, decile_order(deciles)
+    level = next((name for r, rho, name in RELIABILITY_LEVELS if ratio >= r and order >= rho), "weak")
+    per_rating = metrics.get("reliability_summary", {}).get("spearman_pred_vs_observed_sq_error")
+    tail = f"; {per_rating:.3f} rating by rating, where noise dominates" if per_rating is not None else ""
+    return [
+        f"**Reliability is {level}**: the least reliable decile's test RMSE is {ratio:.2f}x the most reliable's "
+        f"({last:.3f} vs {first:.3f}); Spearman of decile vs its RMSE {order:.2f}{tail}."
+    ]
+
+
+def decile_order(deciles: list[dict[str, Any]]) -> float:
+    """Spearman rank correlation of decile number and the decile's observed RMSE (1: error rises in order)."""
+    frame = pl.DataFrame({"d": [float(d["decile"]) for d in deciles], "r": [float(d["rmse"]) for d in deciles]})
+    value = frame.select(pl.corr("d", "r", method="spearman")).item()
+    return float("nan") if value is None else float(value)
+
+
+def _popularity_verdict(ranking: dict[str, Any], final: str) -> list[str]:
+    key = f"ndcg@{ranking.get('k', 10)}"
+    model, base = ranking.get(final, {}).get(key), ranking.get("popularity", {}).get(key)
+    if model is None or not base:
+        return []
+    times = ranking.get("vs_popularity", {}).get(final, model / base)
+    word = "beats" if times >= 1 + SAME else ("falls below" if times <= 1 - SAME else "ties with")
+    return [
+        f"**The final ranking {word} the popularity baseline**: {key.upper()} {model:.4f} vs {base:.4f} "
+        f"({times:.2f}x)."
+    ]
+
+
+def _cold_line(cold: dict[str, Any]) -> list[str]:
+    if not cold:
+        return []
+    counts = ", ".join(f"{cold[k]['rows']:,} {k}" for k in ("train", "val", "test") if k in cold)
+    test = cold.get("test", {"rows": 0, "cold": 0})
+    return [
+        f"Ratings: {counts}. {test['cold']:,} test ratings are cold (their user or movie has no training "
+        "rating): they get the fallback, global mean plus the known side's bias, and count in every figure.",
+        "",
+    ]
+
+
+STAGE_NAMES = {"mf": "1 mf", "reliability": "2 reliability (target: squared error)", "rating": "3 rating"}
+BASELINE_NAMES = {"global_mean": "baseline: global training mean", "item_mean": "baseline: movie's training mean"}
+
+
+def _accuracy_section(metrics: dict[str, Any]) -> list[str]:
+    lines = [
         "## Accuracy (RMSE / MAE per split)",
         "",
-        "| stage | train RMSE | val RMSE | test RMSE | test MAE | test rows |",
+        "| model | train RMSE | val RMSE | test RMSE | test MAE | test rows |",
         "|---|---|---|---|---|---|",
     ]
-    names = {"mf": "1 mf", "reliability": "2 reliability (target: squared error)", "rating": "3 rating"}
     for stage in ("mf", "reliability", "rating", "single"):
-        if stage not in metrics:
-            continue
-        row = metrics[stage]
+        if stage in metrics:
+            row = metrics[stage]
+            lines.append(
+                f"| {STAGE_NAMES.get(stage, stage)} | {_f(row, 'train', 'rmse')} | {_f(row, 'val', 'rmse')} "
+                f"| {_f(row, 'test', 'rmse')} | {_f(row, 'test', 'mae')} | {row.get('test', {}).get('n', '')} |"
+            )
+    for name, row in metrics.get("baselines", {}).items():
         lines.append(
-            f"| {names.get(stage, stage)} | {_f(row, 'train', 'rmse')} | {_f(row, 'val', 'rmse')} "
-            f"| {_f(row, 'test', 'rmse')} | {_f(row, 'test', 'mae')} | {row.get('test', {}).get('n', '')} |"
+            f"| {BASELINE_NAMES.get(name, name)} | | | {_f({'test': row}, 'test', 'rmse')} "
+            f"| {_f({'test': row}, 'test', 'mae')} | {row.get('n', '')} |"
         )
     if "mf" in metrics and "rating" in metrics:
         a, b = metrics["mf"]["test"]["rmse"], metrics["rating"]["test"]["rmse"]
         lines += ["", f"Stage 3 changes test RMSE from {a:.4f} (stage 1) to {b:.4f} ({(b - a) / a:+.2%})."]
+    if "baselines" in metrics:
+        lines += ["", "The baselines predict every test rating by the mean of the training ratings (of all, or of "
+                  "the movie's; the global mean for a movie without any): a model should beat both."]
     if "reliability" in metrics:
         lines += [
             "",
             "Stage 2's row is in squared-rating units: how far its predicted squared errors are from the observed "
             "ones. Train figures are on ratings the stages were fitted to (in-sample); compare models on test.",
         ]
-    lines += _reliability_section(metrics, figures)
-    lines += _ranking_section(metrics.get("ranking", {}))
-    lines += _movies_section(factors, figures, p.outputs.similar_min_ratings)
-    if "curves" in figures:
-        lines += [
-            "",
-            "## Learning curves",
-            "",
-            f"![learning curves]({figures['curves']})",
-            "",
-            "Per stage: training MSE (left axis, running over each epoch's steps) and validation RMSE (right "
-            "axis) by epoch; stage 2's are in squared-rating units, as it predicts squared errors. The model "
-            "kept is the epoch with the lowest validation RMSE.",
-        ]
-    lines += [
+    return lines
+
+
+def _curves_section(figures: dict[str, str]) -> list[str]:
+    if "curves" not in figures:
+        return []
+    return [
+        "",
+        "## Learning curves",
+        "",
+        f"![learning curves]({figures['curves']})",
+        "",
+        "Per stage: training MSE (left axis, running over each epoch's steps) and validation RMSE (right "
+        "axis) by epoch; stage 2's are in squared-rating units, as it predicts squared errors. The model "
+        "kept is the epoch with the lowest validation RMSE.",
+    ]
+
+
+def _tables_section(shown: Any) -> list[str]:
+    return [
         "",
         "## Tables in this directory",
         "",
@@ -110,14 +280,13 @@ def render(metrics: dict[str, Any], figures: dict[str, str], factors: pl.DataFra
         "|---|---|",
         "| predictions/part-*.parquet | rating (every split): user_id, movie_id, title, split, rating, "
         "pred_rating, pred_error, mf_pred, cold |",
-        f"| recommendations.parquet | user x rank (top {p.outputs.top_n} unseen movies): score, reliability |",
+        f"| recommendations.parquet | user x rank (top {shown.top_n} unseen movies): score, reliability |",
         "| item_factors.parquet | movie: bias, pc1, pc2, factors |",
-        f"| similar_items.parquet | movie x rank ({p.outputs.similar_k} nearest by cosine of factors) |",
+        f"| similar_items.parquet | movie x rank ({shown.similar_k} nearest by cosine of factors) |",
         "| reliability_deciles.parquet | decile of predicted error on test |",
         "| metrics.json | everything above in numbers |",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _reliability_section(metrics: dict[str, Any], figures: dict[str, str]) -> list[str]:

@@ -174,3 +174,110 @@ def test_datasets_lists_every_release_on_one_line_with_its_checksum(capsys, monk
         line = next(line for line in lines if line.split() and line.split()[0] == release.name)
         assert release.ratings_member in line and (release.md5 or "fetched from") in line
     assert f"into {tmp_path} ($RECDIST_CACHE)" in stdout
+
+
+def test_version(capsys):
+    from recdist import __version__
+
+    code, stdout, _ = cli(capsys, "--version")
+    assert code == 0 and stdout.strip() == f"recdist {__version__}"
+
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+
+def test_set_with_no_value_clears_a_key_and_a_source_set_replaces_the_files(capsys):
+    code, stdout, stderr = cli(capsys, "config", "-c", QUICKSTART, "--set", "source.dataset=")
+    assert code == 0, stderr
+    assert "dataset: null" in stdout
+    code, stdout, stderr = cli(capsys, "config", "-c", QUICKSTART, "--set", "source.path=other.csv")
+    assert code == 0, stderr
+    assert "dataset: null" in stdout and "path: other.csv" in stdout
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """What `recdist pipeline` / `infer` would run with: their config and options, without running anything."""
+    seen: dict = {}
+
+    def pipeline(cfg, out, **kwargs):
+        seen.update(cfg=cfg, out=out, **kwargs)
+        return {"status": "done", "seconds": 0, "stages": {}, "report": None, "log": None}
+
+    def score(model_dir, data, out, options):
+        seen.update(options=options)
+        return {"rows": 0}
+
+    monkeypatch.setattr("recdist.pipeline.run_pipeline", pipeline)
+    monkeypatch.setattr("recdist.infer.ray_data.score", score)
+    monkeypatch.setattr("recdist.models.io.model_class", lambda model_dir: object)
+    monkeypatch.setattr("recdist.infer.scoring.role_of", lambda cls: "rating")
+    return seen
+
+
+def test_a_source_flag_replaces_the_configs_source(capsys, ran, tmp_path):
+    code, _, stderr = cli(capsys, "pipeline", "-c", QUICKSTART, "--path", "OTHER.csv", "--out", str(tmp_path), "-q")
+    assert code == 0, stderr
+    source = ran["cfg"].source
+    assert source.path == "OTHER.csv" and source.dataset is None
+    assert ran["cfg"].synth.n_users == 3000  # the rest of the file stays
+
+    code, _, stderr = cli(capsys, "pipeline", "-c", QUICKSTART, "--train-path", "a.csv", "--test-path", "b.csv",
+                          "--out", str(tmp_path), "-q")
+    assert code == 0, stderr
+    cfg = ran["cfg"]
+    assert (cfg.source.dataset, cfg.source.train_path, cfg.source.test_path) == (None, "a.csv", "b.csv")
+    assert cfg.prepare.split == "given"
+
+
+def test_pipeline_without_a_source_flag_keeps_the_configs(capsys, ran, tmp_path):
+    code, _, stderr = cli(capsys, "pipeline", "-c", QUICKSTART, "--out", str(tmp_path), "--workers", "2", "--cpu",
+                          "-q")
+    assert code == 0, stderr
+    assert ran["cfg"].source.dataset == "synthetic" and ran["cfg"].cluster.workers == 2
+
+
+def test_infer_takes_the_common_flags(capsys, ran, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("pipeline:\n  inference:\n    batch_size: 1000\n")
+    code, stdout, stderr = cli(
+        capsys, "infer", "--model", "m", "--data", "d", "--out", "o", "--config", str(config),
+        "--set", "pipeline.inference.actors=3", "--workers", "2", "--gpu", "--quiet",
+    )
+    assert code == 0, stderr
+    options = ran["options"]
+    assert (options.batch_size, options.actors, options.gpu) == (1000, 2, True)
+    code, _, stderr = cli(capsys, "infer", "--model", "m", "--data", "d", "--out", "o", "-q")
+    assert code == 0, stderr
+    assert ran["options"].actors is None and ran["options"].gpu is None  # the cluster decides
+
+
+def test_help_shows_boolean_flags_as_switches(capsys):
+    for command in ("train", "pipeline", "infer", "prepare", "synth"):
+        code, stdout, _ = cli(capsys, command, "--help")
+        assert code == 0 and "--help" in stdout and "--quiet" in stdout
+        assert "<bool>" not in stdout
+
+
+def test_similar_names_movies_to_try_when_a_movie_is_unknown_or_rarely_rated(capsys, tmp_path):
+    import polars as pl
+
+    outputs = tmp_path / "run" / "outputs"
+    outputs.mkdir(parents=True)
+    (outputs / "manifest.json").write_text(json.dumps({"similar_min_ratings": 20}))
+    factors = pl.DataFrame({
+        "movie_id": [2, 4, 9, 16], "title": ["Two", "Four", "Nine", "Sixteen"], "n_train": [32, 5, 400, 90],
+        "factors": [[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.5, 0.5]],
+    })
+    factors.write_parquet(outputs / "item_factors.parquet")
+    stored = {"movie_id": pl.Int64, "rank": pl.Int16, "similar_movie_id": pl.Int64, "similar_title": pl.String,
+              "cosine": pl.Float32}  # nothing stored: every answer computed from the factors
+    pl.DataFrame(schema=stored).write_parquet(outputs / "similar_items.parquet")
+    code, _, stderr = cli(capsys, "similar", str(tmp_path / "run"), "--movie", "1")
+    assert code == 2 and "movie 1 is not in this run" in stderr
+    assert "9 (Nine, 400 ratings), 16 (Sixteen, 90 ratings)" in stderr  # the most-rated first
+    code, _, stderr = cli(capsys, "similar", str(tmp_path / "run"), "--movie", "4")
+    assert code == 2 and "movie 4 has 5 training rating(s), fewer than the run's similar_min_ratings (20)" in stderr
+    code, stdout, stderr = cli(capsys, "similar", str(tmp_path / "run"), "--movie", "2", "-k", "2")
+    assert code == 0, stderr
+    assert stdout.index("Nine") < stdout.index("Sixteen") and "Four" not in stdout

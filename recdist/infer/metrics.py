@@ -35,6 +35,35 @@ def split_metrics(sums: pl.DataFrame) -> dict[str, dict[str, float]]:
     }
 
 
+def item_sums(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per movie: count and sum of its training ratings (partial sums: add them over shards, mean_baselines)."""
+    return (
+        frame.filter(pl.col("split").cast(pl.String) == "train")
+        .group_by("item_idx")
+        .agg(n=pl.len(), total=pl.col("rating").cast(pl.Float64).sum())
+    )
+
+
+def mean_baselines(sums: pl.DataFrame, test: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """Test RMSE/MAE of the two baselines any model should beat: the global training mean (`global_mean`) and
+    each movie's training mean (`item_mean`; the global mean for a movie without training ratings). `sums`:
+    item_sums() frames concatenated over shards; `test`: the test rows (item_idx, rating)."""
+    per_item = sums.group_by("item_idx").agg(pl.col("n", "total").sum())
+    n = int(per_item["n"].sum() or 0)
+    if n == 0 or test.height == 0:
+        return {}
+    mu = float(per_item["total"].sum()) / n
+    rated = test.select("item_idx", rating=pl.col("rating").cast(pl.Float64)).join(
+        per_item.select("item_idx", item_mean=pl.col("total") / pl.col("n")), on="item_idx", how="left"
+    )
+    out = {}
+    for name, pred in (("global_mean", pl.lit(mu)), ("item_mean", pl.col("item_mean").fill_null(mu))):
+        diff = pl.col("rating") - pred
+        row = rated.select(mse=(diff**2).mean(), mae=diff.abs().mean()).row(0, named=True)
+        out[name] = {"rmse": math.sqrt(row["mse"]), "mae": row["mae"], "n": test.height}
+    return out
+
+
 def reliability_deciles(
     frame: pl.DataFrame, *, pred: str = "pred_rating", reliability: str = "pred_error", bins: int = 10
 ) -> pl.DataFrame:

@@ -175,12 +175,13 @@ def _prediction_tables(
 ) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """One pass over the final scored table, shard by shard: the predictions table and the accuracy of each stage.
 
-    Returns the metrics by stage, the test rows, every (user, item, is_test) pair and the cold-start counts.
+    Returns the metrics by stage (and `baselines`: m.mean_baselines), the test rows, every (user, item, is_test)
+    pair and the cold-start counts.
     """
     from recdist.data.dataset import shard_files
 
     sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
-    tests, seen, colds = [], [], []
+    tests, seen, colds, item_sums = [], [], [], []
     shards = shard_files(models.scored)
     with logs.Progress(log, "predictions", len(shards)) as progress:
         for n, uri in enumerate(shards):
@@ -195,6 +196,7 @@ def _prediction_tables(
             if "pred_error" in frame.columns and "error" in frame.columns:
                 sums["reliability"].append(m.error_sums(frame, "pred_error", target="error"))
             sums["rating"].append(m.error_sums(frame, "pred_rating"))
+            item_sums.append(m.item_sums(frame))
             keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
             tests.append(frame.filter(pl.col("split").cast(pl.String) == "test").select(keep))
             seen.append(frame.select("user_idx", "item_idx", is_test=pl.col("split").cast(pl.String) == "test"))
@@ -203,6 +205,7 @@ def _prediction_tables(
         result = {name: m.split_metrics(pl.concat(sums[name])) for name in ("mf", "reliability", "rating")}
     else:
         result = {"single": m.split_metrics(pl.concat(sums["rating"]))}
+    result["baselines"] = m.mean_baselines(pl.concat(item_sums), pl.concat(tests))
     cold = pl.concat(colds).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
     counts = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
     return result, pl.concat(tests), pl.concat(seen), counts

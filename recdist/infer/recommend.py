@@ -55,14 +55,9 @@ def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
         return frame.select("rank", movie_id="similar_movie_id", title="similar_title", cosine="cosine")
     factors = pl.from_arrow(storage.read_parquet(storage.join(outputs, "item_factors.parquet")))
     hit = factors.with_row_index("row").filter(pl.col("movie_id") == movie_id)
-    if hit.height == 0:
-        raise DataError(
-            f"movie {movie_id} has no training ratings in this run (or does not exist)",
-            where=run,
-            fix="pick a movie id from outputs/item_factors.parquet",
-        )
-    q = torch.from_numpy(np.stack(factors["factors"].to_numpy()).astype(np.float32))
     min_ratings = int(manifest.get("similar_min_ratings", 1))
+    _check_movie(run, movie_id, factors, hit, min_ratings)
+    q = torch.from_numpy(np.stack(factors["factors"].to_numpy()).astype(np.float32))
     allowed = torch.from_numpy(factors["n_train"].to_numpy() >= min_ratings)
     cos, idx = cosine_neighbours(q, torch.tensor([int(hit["row"][0])]), k, allowed=allowed)
     keep = torch.isfinite(cos[0])
@@ -74,6 +69,27 @@ def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
             "title": rows["title"],
             "cosine": cos[0][keep].numpy(),
         }
+    )
+
+
+def _check_movie(run: str, movie_id: int, factors: pl.DataFrame, hit: pl.DataFrame, min_ratings: int) -> None:
+    """Refuse a movie the run has no factors for, or too few training ratings for its factors to mean much,
+    naming the run's most-rated movies to try instead (ids have gaps: synthetic ones as ml-20m's)."""
+    n_train = int(hit["n_train"][0]) if hit.height else 0
+    if hit.height and n_train >= min_ratings:
+        return
+    top = factors.sort("n_train", descending=True).head(5)
+    names = ", ".join(
+        f"{r['movie_id']} ({r['title'] or 'untitled'}, {r['n_train']:,} ratings)" for r in top.iter_rows(named=True)
+    )
+    fix = f"pick a movie with >= {min_ratings} training ratings (outputs/item_factors.parquet), e.g. {names}"
+    if not hit.height:
+        raise DataError(f"movie {movie_id} is not in this run: no training rating (or no such id)", where=run, fix=fix)
+    raise DataError(
+        f"movie {movie_id} has {n_train} training rating(s), fewer than the run's similar_min_ratings "
+        f"({min_ratings}): its factors are mostly initial noise, so its neighbours would mean nothing",
+        where=run,
+        fix=fix,
     )
 
 
