@@ -7,7 +7,6 @@ next to it (matplotlib's object API with the Agg canvas: no global pyplot state)
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
@@ -15,6 +14,7 @@ import polars as pl
 
 from recdist import storage
 from recdist.config import Config
+from recdist.figures import png_bytes
 
 REPORT = "report.md"
 FIGURES = {
@@ -419,15 +419,6 @@ def _histories(paths: dict[str, str]) -> dict[str, pl.DataFrame]:
     return out
 
 
-def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
-
-
 def reliability_png(deciles: list[dict[str, Any]]) -> bytes:
     """Bars: observed test RMSE per decile of predicted error; line: the RMSE stage 2 predicted."""
     from matplotlib.figure import Figure
@@ -450,7 +441,7 @@ def reliability_png(deciles: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("RMSE")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Test error by reliability decile")
-    return _png(fig)
+    return png_bytes(fig, tight_bbox=True)
 
 
 def movie_map_png(factors: pl.DataFrame, n: int, labels: int = 25) -> bytes:
@@ -468,7 +459,7 @@ def movie_map_png(factors: pl.DataFrame, n: int, labels: int = 25) -> bytes:
     ax.set_xlabel("principal component 1 of item factors")
     ax.set_ylabel("principal component 2")
     ax.set_title(f"The {top.height} most-rated movies by their learned factors")
-    return _png(fig)
+    return png_bytes(fig, tight_bbox=True)
 
 
 def learning_curves_png(histories: dict[str, pl.DataFrame]) -> bytes:
@@ -493,4 +484,4 @@ def learning_curves_png(histories: dict[str, pl.DataFrame]) -> bytes:
             right.set_ylabel("validation RMSE", color="tab:orange")
         if len(epochs) == 1:
             ax.set_xticks(epochs)
-    return _png(fig)
+    return png_bytes(fig, tight_bbox=True)

@@ -6,13 +6,13 @@ s3://).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 
 import pyarrow as pa
 
 from recdist import storage
+from recdist.figures import png_bytes
 
 #: history.parquet: one row per trained epoch (attempt: the Ray Train attempt that ran it; 0 = first).
 HISTORY = pa.schema(
@@ -64,10 +64,7 @@ def learning_curve_png(rows: Sequence[dict[str, float]], title: str = "") -> byt
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_learning_curve(rows: Sequence[dict[str, float]], uri: str, title: str = "") -> None:

@@ -76,46 +76,17 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from recdist.models.io import load_model
 
     entered = time.time()  # wall clock: the driver compares it with its own (one machine: the same clock)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     stage = StageConfig.model_validate(config["stage"])
-    seed = stage.train.seed + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.set_num_threads(max(1, min(config["cpus_per_worker"], os.cpu_count() or 1)))
+    _seed_rank(stage.train.seed + rank, config["cpus_per_worker"])
     device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
-
-    model_cls = registry.get(stage.model).module
+    trainer, timings = _rank_trainer(config, stage, rank, world, device)
     clock = time.perf_counter()
-    data = load_rank_data(
-        config["data"],
-        target=model_cls.target,
-        inputs=tuple(model_cls.inputs),
-        rank=rank,
-        world=world,
-        device=device,
-        context=model_cls.needs_context,
-    )
-    timings = {"data_load_s": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    model = build_model(stage, data.dims).to(device)
-    if model_cls.upstream:
-        model.attach(load_model(config["upstream"], device=device))
-    trainer = Trainer(model, stage.train, data, device)
-
-    attempt = 0
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            state = checkpoint.load_state(directory, device)
-        trainer.load_state_dict(state)
-        attempt = int(state["progress"].get("attempt", 0)) + 1
-    attempt = _attempt(config, rank, device, attempt)
-    timings["setup_s"] = time.perf_counter() - clock
+    attempt = _resume(trainer, config, rank, device)
+    timings["setup_s"] += time.perf_counter() - clock
     compute = reporting = 0.0
 
     progress = config.get("progress_queue")
@@ -153,6 +124,55 @@ def train_worker(config: dict[str, Any]) -> None:
         trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
         timings=timings,
     )  # fmt: skip
+
+
+def _seed_rank(seed: int, cpus: float) -> None:
+    """seed = base + rank for torch, numpy and random; torch's threads to this worker's CPU share."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(max(1, min(cpus, os.cpu_count() or 1)))
+
+
+def _rank_trainer(
+    config: dict[str, Any], stage: StageConfig, rank: int, world: int, device: torch.device
+) -> tuple[Trainer, dict[str, float]]:
+    """This rank's data, its model (the upstream model attached) and the Trainer; timings of load and setup."""
+    from recdist.models.io import load_model
+
+    model_cls = registry.get(stage.model).module
+    clock = time.perf_counter()
+    data = load_rank_data(
+        config["data"],
+        target=model_cls.target,
+        inputs=tuple(model_cls.inputs),
+        rank=rank,
+        world=world,
+        device=device,
+        context=model_cls.needs_context,
+    )
+    timings = {"data_load_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    model = build_model(stage, data.dims).to(device)
+    if model_cls.upstream:
+        model.attach(load_model(config["upstream"], device=device))
+    trainer = Trainer(model, stage.train, data, device)
+    timings["setup_s"] = time.perf_counter() - clock
+    return trainer, timings
+
+
+def _resume(trainer: Trainer, config: dict[str, Any], rank: int, device: torch.device) -> int:
+    """Load the latest checkpoint into `trainer` if Ray Train has one; this worker group's attempt number."""
+    import ray.train
+
+    attempt = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = checkpoint.load_state(directory, device)
+        trainer.load_state_dict(state)
+        attempt = int(state["progress"].get("attempt", 0)) + 1
+    return _attempt(config, rank, device, attempt)
 
 
 def _attempt(config: dict[str, Any], rank: int, device: torch.device, from_checkpoint: int) -> int:
@@ -210,11 +230,9 @@ def train_stage(
     upstream: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`.
-
-    Returns metrics.json's content. Raises ConfigError/DataError/StorageError before starting any worker for
-    problems it can see from the driver, and the RecdistError a worker raised when one fails that way.
-    """
+    """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`; return
+    metrics.json's content. Problems the driver can see raise before any worker starts; a worker's RecdistError
+    is raised as it was."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
     data, out = storage.absolute(data), storage.absolute(out)  # the workers' working directory is not ours
@@ -518,4 +536,3 @@ def _finite(value: Any) -> Any:
 def _parent(uri: str) -> str:
     uri = str(uri).rstrip("/")
     return posixpath.dirname(uri) if "://" in uri else os.path.dirname(storage.absolute(uri))
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
@@ -11,6 +10,7 @@ import yaml
 
 from recdist import storage
 from recdist.config import StageConfig
+from recdist.figures import png_bytes
 from recdist.models.space import Knob
 
 #: trials.parquet's fixed columns; one column per searched knob follows (named by its key, e.g. params.rank).
@@ -124,10 +124,7 @@ def plot_png(rows: list[dict[str, Any]], knobs: dict[str, Knob], title: str = ""
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_plot(rows: list[dict[str, Any]], knobs: dict[str, Knob], uri: str, title: str = "") -> None:

@@ -13,6 +13,7 @@ val_rmse.png, best/ (the best settings retrained by train_stage: a `recdist trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,13 +50,8 @@ def tune_stage(
     overwrite: bool = False,
     retrain_best: bool = True,
 ) -> dict[str, Any]:
-    """Search `stage`'s settings on the dataset at `data` within `budget`; write the outputs to `out`.
-
-    Returns the summary (manifest.json's content). A committed `out` is returned as it is when its search had the
-    same settings and `overwrite` is off... unless it was made by another search, which is refused.
-    """
-    from recdist.train.run import check_inputs
-
+    """Search `stage`'s settings on the dataset at `data` within `budget`, write the outputs to `out` and return
+    the summary (manifest.json's content); a committed `out` holding this very search is kept (_committed_search)."""
     budget = budget or stage.tune or TuneBudget()
     base = stage.model_copy(update={"tune": None})
     data, out = storage.absolute(data), storage.absolute(out)
@@ -63,19 +59,82 @@ def tune_stage(
     knobs = merge_space(registry.get(stage.model).config.search_space, budget.space)
     check_space(knobs, base)
     name = search_name(data, base, knobs, budget, upstream)
-    manifest_uri = storage.join(out, storage.MANIFEST)
-    if storage.is_committed(out):
-        previous = storage.read_json(manifest_uri)
-        if not overwrite and previous.get("search") == name:
-            log.info("tune: %s already holds this search, kept", out)
-            return previous
-        if not overwrite:
-            raise StorageError(
-                f"output already exists: {out}", fix="pass --overwrite to search again, or choose another --out"
-            )
-        storage.remove(out)
-    model_cls = registry.get(stage.model).module
-    manifest = check_inputs(data, model_cls, upstream)
+    if (kept := _committed_search(out, name, overwrite)) is not None:
+        return kept
+    _check_search_inputs(data, stage.model, upstream, out)
+
+    import ray
+
+    from recdist.train.cluster import connect
+    from recdist.tune.trial import TrialSpec
+
+    connect(cluster)
+    plan, concurrency = trial_plan(cluster, budget, ray.cluster_resources())
+    searched = {k: knob for k, knob in knobs.items() if knob.kind != "fixed"}
+    spec = TrialSpec(data, _fixed_stage(base, knobs), upstream, searched, plan, storage.join(out, RAY_DIR), name,
+                     cluster.max_failures)  # fmt: skip
+    started = time.perf_counter()
+    _say_search(stage.model, data, budget, concurrency, plan, searched)
+    grid, resumed = _search(spec, budget, concurrency, max_epochs(searched, base))
+    rows, best_row, best = _write_results(grid, spec, stage.model, slot, out)
+    best_metrics = _retrain(data, best, cluster, out, upstream, best_row) if retrain_best else None
+    summary = {
+        "schema_version": SCHEMA_VERSION, "kind": "tune", "search": name, "model": stage.model, "slot": slot,
+        "data": data, "upstream": upstream, "space": {k: knob.describe() for k, knob in knobs.items()},
+        "trials": len(rows), **{s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped", "failed")},
+        "resumed": resumed, "concurrency": concurrency, "cpus_per_trial": plan.cpus_per_worker * plan.workers,
+        "best": {k: best_row[k] for k in ("trial_id", "val_rmse", "epochs", "best_epoch", "seconds")},
+        "best_values": best_row["values"], "best_stage": best.model_dump(mode="json", exclude={"tune"}),
+        "best_run": {k: best_metrics[k] for k in ("train", "val", "test", "epochs", "best_epoch")}
+        if best_metrics else None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    storage.write_json(storage.join(out, storage.MANIFEST), summary)
+    with contextlib.suppress(OSError):  # committed: the search's state and the trials' checkpoints are done with
+        storage.remove(spec.storage_uri)
+    log.info("tune: best val RMSE %.4f (trial %s) of %d trials in %.0f s: %s", best_row["val_rmse"],
+             best_row["trial_id"], len(rows), summary["seconds"], out)  # fmt: skip
+    return summary
+
+
+def _search(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
+    """_run, then the placement groups of trials ASHA stopped released (Ray 2.60 leaves them without a dashboard)."""
+    before = _placement_groups()
+    result = _run(spec, budget, concurrency, max_t)
+    _release_stopped_trials(before, spec.plan)
+    return result
+
+
+def _fixed_stage(base: StageConfig, knobs: dict[str, Knob]) -> dict[str, Any]:
+    """The stage every trial starts from: its model's defaults spelt out, the fixed knobs applied."""
+    full = base.model_dump(mode="json", exclude={"tune"})
+    full["params"] = registry.validate(base.model, base.params).model_dump(mode="json")
+    return apply(full, {k: knob.values[0] for k, knob in knobs.items() if knob.kind == "fixed"})
+
+
+def _committed_search(out: str, name: str, overwrite: bool) -> dict[str, Any] | None:
+    """The committed summary in `out` when it holds this very search (and no --overwrite); else None, `out`
+    cleared for a new search when --overwrite is given. Another search's output is refused."""
+    if not storage.is_committed(out):
+        return None
+    previous = storage.read_json(storage.join(out, storage.MANIFEST))
+    if not overwrite and previous.get("search") == name:
+        log.info("tune: %s already holds this search, kept", out)
+        return previous
+    if not overwrite:
+        raise StorageError(
+            f"output already exists: {out}", fix="pass --overwrite to search again, or choose another --out"
+        )
+    storage.remove(out)
+    return None
+
+
+def _check_search_inputs(data: str, model: str, upstream: str | None, out: str) -> None:
+    """The dataset fits the model and has validation ratings (trials are compared on them); `out` is writable."""
+    from recdist.train.run import check_inputs
+
+    manifest = check_inputs(data, registry.get(model).module, upstream)
     if manifest.get("splits", {}).get("val", 0) == 0:
         raise ConfigError(
             f"{data} has no validation ratings: a search compares trials on validation RMSE",
@@ -83,33 +142,23 @@ def tune_stage(
         )
     storage.check_writable(out)
 
-    import ray
 
-    from recdist.train.cluster import connect
-
-    connect(cluster)
-    plan, concurrency = trial_plan(cluster, budget, ray.cluster_resources())
-    fixed = {k: knob.values[0] for k, knob in knobs.items() if knob.kind == "fixed"}
-    searched = {k: knob for k, knob in knobs.items() if knob.kind != "fixed"}
-    full = base.model_dump(mode="json", exclude={"tune"})
-    full["params"] = registry.validate(stage.model, stage.params).model_dump(mode="json")  # defaults spelt out
-    base_dict = apply(full, fixed)
-    storage_uri = storage.join(out, RAY_DIR)
-    started = time.perf_counter()
+def _say_search(
+    model: str, data: str, budget: TuneBudget, concurrency: int, plan: WorkerPlan, searched: dict[str, Knob]
+) -> None:
     log.info(
         "tune: %s on %s, %s trial(s)%s, %d at a time (%g CPU%s each); searching %s",
-        stage.model, data, budget.trials or "unlimited",
+        model, data, budget.trials or "unlimited",
         f" within {budget.time_budget_s:g} s" if budget.time_budget_s else "", concurrency,
         plan.cpus_per_worker * plan.workers, " + GPU" if plan.gpu else "",
         ", ".join(f"{k} ({knob.describe()})" for k, knob in searched.items()),
     )  # fmt: skip
-    from recdist.tune.trial import TrialSpec
 
-    spec = TrialSpec(data, base_dict, upstream, searched, plan, storage_uri, name, cluster.max_failures)
-    before = _placement_groups()
-    grid, resumed = _run(spec, budget, concurrency, max_epochs(searched, base))
-    _release_stopped_trials(before, plan)
 
+def _write_results(
+    grid: Any, spec: Any, model: str, slot: str, out: str
+) -> tuple[list[dict[str, Any]], dict[str, Any], StageConfig]:
+    """trials.parquet, best.yaml and the plot from the search's results: (rows, the best row, the best stage)."""
     from recdist.tune import outputs
 
     rows = outputs.trial_rows(grid, spec)
@@ -117,57 +166,28 @@ def tune_stage(
     if not finished:
         raise ConfigError(
             f"no trial of the search reported a validation RMSE ({len(rows)} trial(s))",
-            where=storage.join(storage_uri, name),
+            where=storage.join(spec.storage_uri, spec.name),
             fix="look at the trials' errors in Ray's logs (rerun with --verbose), or widen the budget",
         )
     best_row = min(finished, key=lambda r: r["val_rmse"])
-    best = StageConfig.model_validate(apply(base_dict, best_row["values"]))
-    outputs.write_trials(rows, list(searched), storage.join(out, "trials.parquet"))
-    outputs.write_best_yaml(best, slot, best_row, len(rows), data, storage.join(out, "best.yaml"))
-    outputs.write_plot(rows, searched, storage.join(out, "val_rmse.png"), title=f"{stage.model}: {len(rows)} trials")
-    best_metrics = None
-    if retrain_best:
-        from recdist.train.run import train_stage
+    best = StageConfig.model_validate(apply(spec.stage, best_row["values"]))
+    outputs.write_trials(rows, list(spec.knobs), storage.join(out, "trials.parquet"))
+    outputs.write_best_yaml(best, slot, best_row, len(rows), spec.data, storage.join(out, "best.yaml"))
+    outputs.write_plot(rows, spec.knobs, storage.join(out, "val_rmse.png"), title=f"{model}: {len(rows)} trials")
+    return rows, best_row, best
 
-        best_out = storage.join(out, "best")
-        if storage.is_committed(best_out):
-            best_metrics = storage.read_json(storage.join(best_out, "metrics.json"))
-        else:
-            log.info("tune: retraining the best settings (trial %s) into %s", best_row["trial_id"], best_out)
-            best_metrics = train_stage(data, best, cluster, best_out, upstream=upstream)
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "tune",
-        "search": name,
-        "model": stage.model,
-        "slot": slot,
-        "data": data,
-        "upstream": upstream,
-        "space": {k: knob.describe() for k, knob in knobs.items()},
-        "trials": len(rows),
-        "finished": sum(r["status"] == "finished" for r in rows),
-        "stopped": sum(r["status"] == "stopped" for r in rows),
-        "failed": sum(r["status"] == "failed" for r in rows),
-        "resumed": resumed,
-        "concurrency": concurrency,
-        "cpus_per_trial": plan.cpus_per_worker * plan.workers,
-        "best": {k: best_row[k] for k in ("trial_id", "val_rmse", "epochs", "best_epoch", "seconds")},
-        "best_values": best_row["values"],
-        "best_stage": best.model_dump(mode="json", exclude={"tune"}),
-        "best_run": {k: best_metrics[k] for k in ("train", "val", "test", "epochs", "best_epoch")}
-        if best_metrics
-        else None,
-        "seconds": round(time.perf_counter() - started, 2),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    storage.write_json(manifest_uri, summary)
-    try:
-        storage.remove(storage_uri)  # committed: the search's state and the trials' checkpoints are done with
-    except OSError:
-        pass
-    log.info("tune: best val RMSE %.4f (trial %s) of %d trials in %.0f s: %s", best_row["val_rmse"],
-             best_row["trial_id"], len(rows), summary["seconds"], out)  # fmt: skip
-    return summary
+
+def _retrain(
+    data: str, best: StageConfig, cluster: ClusterConfig, out: str, upstream: str | None, best_row: dict[str, Any]
+) -> dict[str, Any]:
+    """The best settings retrained into out/best exactly as `recdist train` writes a run (kept once committed)."""
+    from recdist.train.run import train_stage
+
+    best_out = storage.join(out, "best")
+    if storage.is_committed(best_out):
+        return storage.read_json(storage.join(best_out, "metrics.json"))
+    log.info("tune: retraining the best settings (trial %s) into %s", best_row["trial_id"], best_out)
+    return train_stage(data, best, cluster, best_out, upstream=upstream)
 
 
 def tune_for_pipeline(config: Any, slot: str, data: str, out: str, upstream: str | None) -> StageConfig:
