@@ -404,6 +404,46 @@ def test_pyproject_declares_ranges_that_admit_the_locked_releases():
     assert declared["torch"].specifier.contains("2.4.0") and not declared["torch"].specifier.contains("2.14.0")
 
 
+# Imported only inside `try: ... except`, with a fallback: a bench figure, not a runtime need (bench extra).
+OPTIONAL_IMPORTS = {"psutil"}
+
+
+def third_party_imports(*folders: str) -> dict[str, str]:
+    """Top-level module -> one file importing it, for every absolute import outside the standard library."""
+    import ast
+
+    local = {"recdist"} | {p.stem for p in (ROOT / "jobs").glob("*.py")}
+    found: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in local:
+                        found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_module_the_code_imports_is_a_declared_runtime_dependency():
+    """A module that only the dev/bench venv happens to hold fails a fresh `pip install -e .` (CI) and the image."""
+    from importlib.metadata import packages_distributions
+
+    make_lock = lock_tools()
+    declared = {make_lock.canonical(r.name) for r in make_lock.declared()}
+    providers = packages_distributions()
+    missing = {
+        module: where
+        for module, where in third_party_imports("recdist", "jobs").items()
+        if module not in OPTIONAL_IMPORTS
+        and not {make_lock.canonical(d) for d in providers.get(module, [module])} & declared
+    }
+    assert missing == {}, f"imported but not in pyproject's [project] dependencies: {missing}"
+    assert third_party_imports("recdist")["scipy"]  # the check sees function-level imports too
+
+
 def test_lock_check_catches_a_stale_lock():
     """A lock of exactly this venv passes; each way of going stale is named."""
     make_lock = lock_tools()
