@@ -29,3 +29,7 @@ class ConfigError(RecdistError):
 
 class StorageError(RecdistError):
     """A path, bucket or credential problem, or an existing output that must not be overwritten."""
+
+
+class IntegrityError(StorageError):
+    """A committed directory that no longer holds what its manifest lists (or was made from a redone input)."""

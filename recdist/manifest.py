@@ -37,6 +37,8 @@ class FileEntry(BaseModel):
     bytes: int
     rows: int | None = None
     """Rows of a Parquet table; None for other files."""
+    sha256: str | None = None
+    """The file's checksum (recdist.integrity); None in manifests written before checksums."""
 
 
 class Manifest(BaseModel):
@@ -48,6 +50,9 @@ class Manifest(BaseModel):
     kind: str
     files: list[FileEntry] = []
     created_at: str = Field(default_factory=now)
+    inputs: dict[str, str] = {}
+    """The committed directories this one was made from (relative path -> sha256 of their manifest.json when
+    it was made): recdist.integrity refuses it as stale when one of them was redone since."""
 
     def write(self, folder: str) -> None:
         """Write FOLDER/manifest.json (last, when it commits the folder)."""
@@ -169,8 +174,9 @@ class RunManifest(Manifest):
 
 
 def file_entries(folder: str, names: list[str] | None = None) -> list[FileEntry]:
-    """The FileEntry of each file under `folder` (recursively; or of `names`, relative to it), manifest.json and
-    sub-directories committed on their own (holding a manifest.json) left out."""
+    """The FileEntry of each file under `folder` (recursively; or of `names`, relative to it), with its sha256;
+    manifest.json left out, and a sub-directory committed on its own (holding a manifest.json) listed by its
+    manifest alone (recdist.integrity verifies it through that entry)."""
     names = sorted(_walk(folder, "")) if names is None else names
     return [_entry(folder, name) for name in names]
 
@@ -206,8 +212,8 @@ def _walk(folder: str, prefix: str) -> list[str]:
         full = storage.join(folder, rel)
         fs, path = storage.filesystem(full)
         if fs.isdir(path):
-            if not storage.exists(storage.join(full, storage.MANIFEST)):
-                names += _walk(folder, rel)
+            committed = storage.exists(storage.join(full, storage.MANIFEST))
+            names += [f"{rel}/{storage.MANIFEST}"] if committed else _walk(folder, rel)
         else:
             names.append(rel)
     return names
@@ -216,6 +222,8 @@ def _walk(folder: str, prefix: str) -> list[str]:
 def _entry(folder: str, name: str) -> FileEntry:
     import pyarrow.parquet as pq
 
+    from recdist.integrity import sha256
+
     uri = storage.join(folder, name)
     fs, path = storage.filesystem(uri)
     rows = None
@@ -223,4 +231,4 @@ def _entry(folder: str, name: str) -> FileEntry:
         afs, apath = storage.arrow_filesystem(uri)
         with afs.open_input_file(apath) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
-    return FileEntry(path=name, bytes=int(fs.size(path)), rows=rows)
+    return FileEntry(path=name, bytes=int(fs.size(path)), rows=rows, sha256=sha256(uri))

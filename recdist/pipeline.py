@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import logs, storage
+from recdist import integrity, logs, runlock, storage
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import OutputsManifest, RunManifest, ScoredManifest, StageManifest, file_entries
@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 #: Test and chaos hook: the pipeline stops with an error right after committing this stage.
 STOP_AFTER_ENV = "RECDIST_STOP_AFTER_STAGE"
 INTENT = "intent.json"
+NEXT = ".next"
+"""RUN/<stage>.next/: where a committed stage is rebuilt (--from, --overwrite) before it is swapped in whole."""
 RNCF_STAGES = ("mf", "reliability", "rating")
+SELF_STAGED = ("prepare", "outputs")
+"""Stages committed in one staged_output (built beside and swapped in by it); the others build in RUN/<stage>.next."""
 
 
 def stage_names(config: Config, *, prepared: bool) -> list[str]:
@@ -90,12 +94,31 @@ class _Run:
     data: str
     hashes: dict[str, str]
     overwrite: bool
+    names: list[str] = field(default_factory=list)
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
+    building: dict[str, str] = field(default_factory=dict)
+    """The stages being rebuilt beside their committed directory (RUN/<stage>.next) in this run."""
     _trained: TrainedOn | None = None
 
     def dir(self, stage: str) -> str:
+        """Where the stage is (or is being built, for a committed stage this run rebuilds)."""
+        return self.building.get(stage) or self.committed_dir(stage)
+
+    def committed_dir(self, stage: str) -> str:
         return self.data if stage == "prepare" else storage.join(self.out, stage)
+
+    def fix(self, stage: str) -> str:
+        """How to redo a stage found damaged or stale."""
+        if stage == "prepare" and "prepare" not in self.names:
+            return f"prepare the dataset again (recdist prepare ... --out {self.data} --overwrite), then re-run"
+        return f"redo it from there: re-run this command with --from {stage} (later stages are redone too)"
+
+    def inputs(self, stage: str) -> dict[str, str]:
+        """The committed directories a stage is made from: the dataset and every stage before it."""
+        before = self.names[: self.names.index(stage)] if stage in self.names else []
+        found = {"prepare": self.data} | {n: self.committed_dir(n) for n in before if n != "prepare"}
+        return integrity.pins(found, self.committed_dir(stage))
 
     def trained(self) -> TrainedOn:
         """The dataset's training rows as every model of the run sees them: read once, on first use."""
@@ -121,9 +144,26 @@ def run_pipeline(
     from this stage on. overwrite: replace committed stages made by another config. One line per stage and
     per epoch goes to the log (recdist.logs), and a copy of it to RUN/logs/pipeline-<UTC time>.log.
     """
+    out = storage.absolute(out)
+    storage.check_writable(out)
+    created = not storage.exists(out) or not storage.listdir(out)
+    try:
+        with runlock.locked(out):
+            return _locked_run(config, out, data, from_stage, overwrite)
+    except BaseException:
+        if created and not storage.listdir(out):  # a refused run leaves no empty directory behind
+            storage.remove(out)
+        raise
+
+
+def _locked_run(
+    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool
+) -> dict[str, Any]:
+    """run_pipeline, holding the run directory's lock."""
     from recdist.train.cluster import connect
 
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
+    _remove_leftovers(run, names[:first])
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
     summary = RunManifest(
         pipeline=config.pipeline.kind,
@@ -169,10 +209,17 @@ def _plan(
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    run = _Run(config, out, data_uri, stage_hashes(config, data_id), overwrite)
+    run = _Run(config, out, data_uri, stage_hashes(config, data_id), overwrite, names=names)
     states = {name: _state(run, name) for name in names}
-    first = _first_to_run(names, states, run.hashes, from_stage)
+    stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
+    for name in stale:
+        log.info("%s: stale (made from an earlier upstream stage), will be redone", name)
+    first = _first_to_run(names, {**states, **{n: None for n in stale}}, run.hashes, from_stage)
     _refuse_stale(run, names[first:], states, from_stage, names)
+    if "prepare" not in names:  # a dataset given with --data: read by every stage
+        integrity.verify(run.data, fix=run.fix("prepare"))
+    for name in names[:first]:  # skipped because committed: what later stages read, so it must hold
+        integrity.verify(run.dir(name), fix=run.fix(name))
     run.states = states
     return run, names, first, previous
 
@@ -183,6 +230,7 @@ def _run_stage(run: _Run, name: str, summary: RunManifest) -> None:
     log.info("%s: running", name)
     _clear_for_rerun(run, name, run.states[name])
     result = _STAGES[name](run)
+    _swap_in(run, name)
     seconds = time.perf_counter() - t0
     summary.stages[name] = {"hash": run.hashes[name], "seconds": round(seconds, 2), "done_at": _now(), **result}
     summary.write(run.out)
@@ -196,7 +244,7 @@ def _run_stage(run: _Run, name: str, summary: RunManifest) -> None:
 
 def _check_run_dir(out: str, overwrite: bool) -> dict[str, Any]:
     """The previous run manifest of `out` ({} for a new run); refuses a directory that is not a run."""
-    if not storage.exists(out) or not storage.listdir(out):
+    if not storage.exists(out) or not [n for n in storage.listdir(out) if n != runlock.LOCK]:
         return {}
     uri = storage.join(out, storage.MANIFEST)
     previous = storage.read_json(uri) if storage.exists(uri) else None
@@ -209,6 +257,19 @@ def _check_run_dir(out: str, overwrite: bool) -> dict[str, Any]:
         + (f" (its manifest is a {previous.get('kind')!r})" if previous else ""),
         fix="choose another --out, or pass --overwrite to run the pipeline there anyway",
     )
+
+
+def _remove_leftovers(run: _Run, skipped: list[str]) -> None:
+    """What killed runs left in the run directory (we hold its lock, so no live run owns them): staging
+    directories and temporary files, and the rebuilds (RUN/<stage>.next) of stages this run keeps."""
+    leftovers = storage.remove_leftovers(run.out)
+    for name in skipped:
+        rebuild = run.committed_dir(name) + NEXT
+        if name not in SELF_STAGED and storage.exists(rebuild):
+            storage.remove(rebuild)
+            leftovers.append(rebuild)
+    for leftover in leftovers:
+        log.info("removed %s, left by a run that was killed", leftover)
 
 
 def _state(run: _Run, name: str) -> str | None:
@@ -247,18 +308,30 @@ def _refuse_stale(
 
 
 def _clear_for_rerun(run: _Run, name: str, state: str | None) -> None:
-    """Remove a committed stage before redoing it, and an incomplete one left by another config."""
-    where = run.dir(name)
-    if name == "prepare":
-        if state is not None:
-            storage.remove(where)
+    """Where the stage builds: a committed stage is kept (readable) until its rebuild is whole, which goes to
+    RUN/<stage>.next (prepare and outputs stage themselves); an incomplete one, or an incomplete rebuild, is
+    resumed when its intent.json shows this hash and removed otherwise."""
+    if name in SELF_STAGED:
         return
+    if state is not None:
+        run.building[name] = run.committed_dir(name) + NEXT
+    where = run.dir(name)
     intent_uri = storage.join(where, INTENT)
     intent = storage.read_json(intent_uri).get("stage_hash") if storage.exists(intent_uri) else None
-    if state is not None or (storage.exists(where) and intent != run.hashes[name]):
+    if storage.exists(where) and intent != run.hashes[name]:
         storage.remove(where)
-    if name != "outputs":
-        storage.write_json(intent_uri, {"stage_hash": run.hashes[name], "started_at": _now()})
+    storage.write_json(intent_uri, {"stage_hash": run.hashes[name], "started_at": _now()})
+
+
+def _swap_in(run: _Run, name: str) -> None:
+    """Swap a rebuilt stage in whole (RUN/<stage>.next -> RUN/<stage>); the later committed stages, made from the
+    one replaced, are now stale (their manifests pin the old one): kept, refused by readers until redone."""
+    if name not in run.building:
+        return
+    storage.replace_dir(run.building.pop(name), run.committed_dir(name))
+    later = [n for n in run.names[run.names.index(name) + 1 :] if storage.is_committed(run.committed_dir(n))]
+    if later:
+        log.info("%s: replaced; %s now stale until redone (kept, refused by readers)", name, ", ".join(later))
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -267,7 +340,8 @@ def _clear_for_rerun(run: _Run, name: str, state: str | None) -> None:
 def _prepare(run: _Run) -> dict[str, Any]:
     from recdist.data.prepare import prepare
 
-    manifest = prepare(run.config, run.data, overwrite=False)
+    # a committed dataset is replaced in one swap by prepare's staged_output, readable until then
+    manifest = prepare(run.config, run.data, overwrite=run.states.get("prepare") is not None)
     return {"n_ratings": manifest["n_ratings"], "splits": manifest["splits"]}
 
 
@@ -375,6 +449,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             similar_min_ratings=shown.similar_min_ratings,
             report=report,
             files=file_entries(tmp),
+            inputs=run.inputs("outputs"),
         ).write(tmp)
     return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
 
@@ -403,6 +478,7 @@ def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None =
         tuned = tune_for_pipeline(run.config, stage, data, storage.join(run.dir(stage), "tune"), upstream)
         setattr(run.config.stages, stage, tuned)  # the fold models and the stage manifest use it too
     if storage.is_committed(out):
+        integrity.verify(out, fix=run.fix(stage))
         log.info("%s: model already trained, kept", name)
         return out
     section = run.config.stages.slot(stage)
@@ -419,6 +495,7 @@ def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: A
 
     out = storage.join(run.dir(stage), "scored")
     if storage.is_committed(out):
+        integrity.verify(out, fix=run.fix(stage))
         return ScoredManifest.read(out).scoring
     inference, cfg = run.config.pipeline.inference, run.config
     log.info("%s: scoring every rating with Ray Data", stage)
@@ -448,6 +525,7 @@ def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **e
         stage_hash=run.hashes[name],
         config=run.config.stages.slot(name).model_dump(mode="json"),
         files=file_entries(where, [f"{sub}/{storage.MANIFEST}" for sub in ("model", "scored")]),
+        inputs=run.inputs(name),
         **result,
     ).write(where)
     return result

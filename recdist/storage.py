@@ -188,8 +188,9 @@ def read_json(uri: str) -> Any:
 
 
 def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
-    """Write one Parquet file (zstd unless `compression` is given) atomically."""
+    """Write one Parquet file (zstd unless `compression` is given, with page checksums) atomically."""
     kwargs.setdefault("compression", "zstd")
+    kwargs.setdefault("write_page_checksum", True)
     fs, path = filesystem(uri)
     if not is_s3(uri):
         with writing(uri), _local_replacement(path) as tmp:
@@ -300,6 +301,35 @@ def staged_output(uri: str, *, overwrite: bool = False, marker: str = MANIFEST) 
         if fs.exists(staging_path):
             fs.rm(staging_path, recursive=True)
         raise
+
+
+def replace_dir(staging: str, uri: str, marker: str = MANIFEST) -> None:
+    """Swap the committed directory `staging` (a sibling built beside it) in at `uri`: locally one rename (the
+    old one is renamed aside first, then removed); on S3, which has no rename, the old marker goes first and the
+    new marker is copied last, so readers see the old directory, none, or the new one, never a mix."""
+    fs, path = filesystem(uri)
+    with writing(uri):
+        _commit(fs, filesystem(staging)[1], path, marker, remote=is_s3(uri))
+
+
+LEFTOVER_TAGS = (".staging-", ".old-", ".tmp-")
+"""What staged_output, replace_dir and write_bytes name their temporary siblings: leftovers once their run died."""
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Remove the temporary siblings (LEFTOVER_TAGS) anywhere under `root` that killed runs left; returns them.
+    Only for a directory whose run holds its lock (recdist.runlock): a live run's are not leftovers."""
+    fs, path = filesystem(root)
+    if not fs.exists(path):
+        return []
+    found = [p for p in fs.find(path, withdirs=True) if any(t in posixpath.basename(p) for t in LEFTOVER_TAGS)]
+    removed: list[str] = []
+    for p in sorted(found, key=len):
+        if any(p.startswith(r + "/") for r in removed) or not fs.exists(p):
+            continue
+        fs.rm(p, recursive=True)
+        removed.append(p)
+    return [f"s3://{p}" if is_s3(root) else p for p in removed]
 
 
 def _commit(fs: fsspec.AbstractFileSystem, staging: str, dest: str, marker: str, *, remote: bool) -> None:

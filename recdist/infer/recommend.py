@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow.compute as pc
 import torch
 
-from recdist import storage
+from recdist import integrity, storage
 from recdist.errors import DataError, RecdistError, StorageError
 from recdist.infer.outputs import RunModels, ranker_for
 from recdist.infer.ranker import recommendable
@@ -100,7 +100,18 @@ def _outputs(run: str) -> tuple[str, dict[str, Any]]:
             f"{run} has no finished outputs (outputs/manifest.json missing)",
             fix="run `recdist pipeline` to the end first (re-running resumes where it stopped)",
         )
-    return outputs, storage.read_json(storage.join(outputs, storage.MANIFEST))
+    manifest = storage.read_json(storage.join(outputs, storage.MANIFEST))
+    redo = f"recdist pipeline --config CONFIG --out {run}"
+    integrity.verify(
+        outputs,
+        fix=f"redo the outputs: {redo} --from outputs",
+        stale_fix=f"finish the run: {redo} (it redoes the stale stages), or ask another run directory",
+    )
+    data = run_models(run, manifest).data
+    inside = storage.absolute(data).startswith(storage.absolute(run).rstrip("/") + "/")
+    again = f"{redo} --from prepare" if inside else f"prepare {data} again (--overwrite), then {redo} --from mf"
+    integrity.verify(data, fix=f"the run's dataset is damaged: {again}")
+    return outputs, manifest
 
 
 def run_models(run: str, manifest: dict[str, Any]) -> RunModels:

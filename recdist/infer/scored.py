@@ -157,7 +157,7 @@ def commit(
         **figures,
         **extra,
     }
-    base = {k: v for k, v in source.items() if k not in ("files", "created_at", "sample", "scoring")}
+    base = {k: v for k, v in source.items() if k not in ("files", "created_at", "sample", "scoring", "inputs")}
     links = {"scored_from": data, "model": model_uri, "fold_models": plan.models[1:]}
     scored = ScoredManifest.model_validate(
         {

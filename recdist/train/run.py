@@ -430,6 +430,7 @@ def write_output(
 ) -> None:
     """OUT: model.safetensors + model.json, history.parquet, learning_curve.png, metrics.json, manifest last."""
     from recdist.data import dataset
+    from recdist.manifest import file_entries
     from recdist.models.io import save_model
 
     clock = time.perf_counter()
@@ -455,6 +456,7 @@ def write_output(
                 "upstream": upstream,
                 "metrics": {k: metrics[k] for k in ("train", "val", "test", "best_epoch", "epochs")},
                 "created_at": datetime.now(timezone.utc).isoformat(),
+                "files": [entry.model_dump() for entry in file_entries(staging)],
             },
         )
 
