@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from recdist import schema, storage
 from recdist.config import Config, load_config
-from recdist.errors import ConfigError, StorageError
+from recdist.errors import ConfigError, IntegrityError, StorageError
 from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -485,3 +485,79 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
     stage_2_alone = load_config(None, {"pipeline.kind": "single", "stages.single.model": "reliability_mlp"})
     with pytest.raises(ConfigError, match="cannot run alone"):
         run_pipeline(stage_2_alone, str(tmp_path / "x"), data=str(full / "data"))
+
+
+# --- trust what a run left (issue 18): damaged shards, --from beside the committed stage, stale stages --------
+
+
+def copied_run(full_run, tmp_path: Path) -> Path:
+    """A copy of the finished run to damage (the module's run stays whole for the other tests)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run[0], copy)
+    return copy
+
+
+def test_a_damaged_shard_is_found_by_the_skip_decision_by_from_and_by_recommend(full_run, planted, tmp_path):
+    out = copied_run(full_run, tmp_path)
+    shard = out / "rating" / "scored" / "ratings" / "part-00001.parquet"
+    shard.unlink()  # issue 18: exit 0 with half the predictions
+    for from_stage in (None, "outputs"):
+        with pytest.raises(IntegrityError, match="missing") as caught:
+            run_pipeline(config(planted["same"]), str(out), from_stage=from_stage)
+        assert str(shard) in str(caught.value) and "--from rating" in str(caught.value)
+    data_shard = out / "data" / "ratings" / "part-00000.parquet"
+    raw = bytearray(data_shard.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = bytes(16)  # 16 bytes zeroed mid-shard: same size
+    data_shard.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="sha256 differs") as caught:
+        run_pipeline(config(planted["same"]), str(out), from_stage="mf")
+    assert "--from prepare" in str(caught.value)
+    recs = out / "outputs" / "recommendations.parquet"
+    recs.write_bytes(recs.read_bytes()[:-10])
+    asked = recdist("recommend", str(out), "--user", str(user_id(1)))
+    assert asked.returncode == 2 and "truncated" in asked.stderr and "--from outputs" in asked.stderr
+    assert not list(out.glob("*.next")) and not list(out.rglob("*.staging-*"))
+
+
+def test_a_failed_from_leaves_the_committed_stages_and_outputs_readable(full_run, planted, tmp_path, monkeypatch):
+    from recdist import report as report_module
+    from recdist.train import run as train_run
+
+    out = copied_run(full_run, tmp_path)
+    before = {s: manifest(out, s) for s in ("mf", "outputs")}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(report_module, "write_report", broken)  # dies while writing the new outputs
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(config(planted["same"], **{"pipeline.outputs.top_n": 3}), str(out), from_stage="outputs")
+    monkeypatch.setattr(train_run, "train_stage", broken)  # dies while retraining stage 1
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(config(planted["same"]), str(out), from_stage="mf")
+    assert {s: manifest(out, s) for s in before} == before  # issue 18: no outputs at all, or a deleted model
+    assert (out / "mf.next" / "intent.json").exists()  # the rebuild resumes from here next time
+    asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "3")
+    assert asked.returncode == 0, asked.stderr
+    assert not list(out.rglob("*.staging-*")) and not (out / ".lock").exists()
+
+
+def test_from_swaps_the_stage_in_whole_and_later_stages_are_stale_until_redone(full_run, planted, tmp_path):
+    out = copied_run(full_run, tmp_path)
+    (out / "outputs.staging-0badc0de").mkdir()  # left by a killed run
+    cfg = config(planted["same"])
+    os.environ[STOP_AFTER_ENV] = "rating"
+    try:
+        with pytest.raises(RuntimeError, match="stopped after stage rating"):
+            run_pipeline(cfg, str(out), from_stage="rating")
+    finally:
+        del os.environ[STOP_AFTER_ENV]
+    assert not (out / "outputs.staging-0badc0de").exists() and not (out / "rating.next").exists()
+    asked = recdist("recommend", str(out), "--user", str(user_id(1)))
+    assert asked.returncode == 2 and "stale" in asked.stderr and "finish the run" in asked.stderr
+    resumed = run_pipeline(cfg, str(out))
+    log = sorted((out / "logs").iterdir())[-1].read_text()
+    assert "rating: committed with the same config, skipped" in log and "outputs: stale" in log
+    assert "outputs" in resumed["stages"] and recdist("recommend", str(out), "--user", str(user_id(1))).returncode == 0
