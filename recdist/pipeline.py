@@ -97,6 +97,8 @@ class _Run:
     names: list[str] = field(default_factory=list)
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
+    stale: list[str] = field(default_factory=list)
+    """Committed stages with this config's hash made from an upstream stage redone since (recdist.integrity)."""
     building: dict[str, str] = field(default_factory=dict)
     """The stages being rebuilt beside their committed directory (RUN/<stage>.next) in this run."""
     _trained: TrainedOn | None = None
@@ -178,6 +180,8 @@ def _locked_run(
         summary.log = run_log.uri  # in RUN/manifest.json from the first stage's commit on
         for name in names[:first]:
             log.info("%s: committed with the same config, skipped", name)
+        for name in run.stale:
+            log.info("%s: stale (made from an upstream stage redone since), redone", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
             connect(config.cluster)
         started = time.perf_counter()
@@ -211,10 +215,8 @@ def _plan(
     _check_single_model(config)
     run = _Run(config, out, data_uri, stage_hashes(config, data_id), overwrite, names=names)
     states = {name: _state(run, name) for name in names}
-    stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
-    for name in stale:
-        log.info("%s: stale (made from an earlier upstream stage), will be redone", name)
-    first = _first_to_run(names, {**states, **{n: None for n in stale}}, run.hashes, from_stage)
+    run.stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
+    first = _first_to_run(names, {**states, **{n: None for n in run.stale}}, run.hashes, from_stage)
     _refuse_stale(run, names[first:], states, from_stage, names)
     if "prepare" not in names:  # a dataset given with --data: read by every stage
         integrity.verify(run.data, fix=run.fix("prepare"))
