@@ -485,6 +485,264 @@ for _name, _expect, _file, _data, _flags, _check in ONE_FILE:
 _other_cases()
 
 
+# --- the corruption and kill sections: a finished run, damaged or killed ------------------------------------
+#
+# Both start from one small finished pipeline run (synthetic ratings, few epochs), built once per bench run
+# (`base_run`) and copied per case. A corruption case damages the copy one way and asks every reader that must
+# notice: a plain re-run (the skip decision), `--from outputs`, `recdist recommend`; each must exit 2 with
+# what/where/fix and no traceback. A kill case SIGKILLs the driver (or a Ray Train worker) at a stage, then
+# checks what the issue asked: the previous outputs readable, the resumed run exiting 0 with the reference's
+# metrics, no leftovers, and how long the killed driver's Ray processes outlived it (printed, not judged).
+
+SECTIONS["corruption"] = Section("corruptions of a finished run", "detected before use")
+SECTIONS["kill"] = Section("kills", "survived (resumed to the same metrics, nothing left)")
+
+SMALL_RUN = (
+    "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    "--set", "synth.n_users=400", "--set", "synth.n_items=200", "--set", "synth.n_ratings=20000",
+    "--set", "synth.min_user_ratings=10", "--set", "stages.mf.train.epochs=4",
+    "--set", "stages.reliability.train.epochs=2", "--set", "stages.rating.train.epochs=2",
+    "--set", "pipeline.outputs.recommend_min_ratings=1", "--set", "pipeline.outputs.similar_min_ratings=1",
+    "--set", "pipeline.outputs.map_items=50", "--set", "pipeline.outputs.candidates=50",
+)  # fmt: skip
+_BASE: dict[str, Path] = {}
+_BASE_LOCK = __import__("threading").Lock()
+
+
+def base_run(env: dict[str, str]) -> Path:
+    """The finished reference run, built on first use (one at a time: the cases share it)."""
+    with _BASE_LOCK:
+        if "run" not in _BASE:
+            out = Path(tempfile.mkdtemp(prefix="recdist-chaos-base-")) / "run"
+            proc = recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the reference run failed: {proc.stderr[-500:]}")
+            _BASE["run"] = out
+        return _BASE["run"]
+
+
+def copy_run(d: Path, env: dict[str, str]) -> Path:
+    out = d / "run"
+    shutil.copytree(base_run(env), out)
+    return out
+
+
+def any_user(run: Path) -> str:
+    return str(pq.read_table(run / "outputs" / "recommendations.parquet", columns=["user_id"])["user_id"][0])
+
+
+def refused(proc: subprocess.CompletedProcess[str]) -> tuple[bool, bool, str]:
+    """(exit 2 with what/where/fix and no traceback, a traceback, the error line)."""
+    err = proc.stderr
+    tb = "Traceback (most recent call last)" in err
+    wwf = "error:" in err and "\n  where: " in err and "\n  fix:   " in err
+    line = next((ln for ln in err.splitlines() if ln.startswith("error:")), err.strip()[-120:])
+    return proc.returncode == 2 and wwf and not tb, tb, line
+
+
+def _flip(path: Path, at: float = 0.5, n: int = 16) -> None:
+    raw = bytearray(path.read_bytes())
+    mid = int(len(raw) * at)
+    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
+    path.write_bytes(bytes(raw))
+
+
+def _first(run: Path, glob: str) -> Path:
+    return sorted(run.glob(glob))[0]
+
+
+CORRUPTIONS: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
+    ("deleted-scored-shard", "a stage-3 scored shard deleted (issue: half the predictions, exit 0)",
+     lambda r: _first(r, "rating/scored/ratings/*.parquet").unlink(), ("rerun", "from-outputs")),
+    ("flipped-scored-shard", "16 bytes flipped mid-shard of stage 2's scored table (issue: RMSE 1.6e25)",
+     lambda r: _flip(_first(r, "reliability/scored/ratings/*.parquet")), ("rerun", "from-outputs")),
+    ("truncated-scored-shard", "stage 1's scored shard cut short by 1,000 bytes",
+     lambda r: (p := _first(r, "mf/scored/ratings/*.parquet")).write_bytes(p.read_bytes()[:-1000]),
+     ("rerun", "from-outputs")),
+    ("extra-data-shard", "an extra part-00009.parquet in the dataset (a listing reader double-counts)",
+     lambda r: shutil.copy(_first(r, "data/ratings/*.parquet"), r / "data/ratings/part-00009.parquet"),
+     ("rerun", "from-outputs", "recommend")),
+    ("deleted-data-shard", "a dataset shard deleted (issue: --from mf trains on half the data)",
+     lambda r: _first(r, "data/ratings/*.parquet").unlink(), ("rerun", "from-outputs", "recommend")),
+    ("flipped-model-weights", "stage 1's model.safetensors with 16 bytes flipped",
+     lambda r: _flip(r / "mf/model/model.safetensors"), ("rerun", "from-outputs")),
+    ("deleted-model-manifest", "stage 3's model/manifest.json deleted",
+     lambda r: (r / "rating/model/manifest.json").unlink(), ("rerun", "from-outputs")),
+    ("edited-scored-manifest", "stage 2's scored/manifest.json with n_ratings edited",
+     lambda r: (p := r / "reliability/scored/manifest.json").write_text(
+         p.read_text().replace('"n_ratings": ', '"n_ratings": 1', 1)), ("rerun", "from-outputs")),
+    ("flipped-recommendations", "outputs/recommendations.parquet with 16 bytes flipped",
+     lambda r: _flip(r / "outputs/recommendations.parquet"), ("rerun", "recommend")),
+    ("deleted-predictions-part", "an outputs/predictions part deleted",
+     lambda r: _first(r, "outputs/predictions/*.parquet").unlink(), ("rerun", "recommend")),
+    ("truncated-users", "the dataset's users.parquet cut short (recommend reads it)",
+     lambda r: (p := r / "data/users.parquet").write_bytes(p.read_bytes()[:-50]), ("rerun", "recommend")),
+]  # fmt: skip
+
+
+def corruption(name: str, expect: str, damage: Callable[[Path], None], readers: tuple[str, ...]) -> None:
+    """Register one corruption of a finished run: every reader in `readers` must refuse it (exit 2, w/w/f)."""
+
+    def run(d: Path, env: dict[str, str]) -> Outcome:
+        out = copy_run(d, env)
+        user = any_user(out)
+        damage(out)
+        asks = {
+            "rerun": lambda: recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env),
+            "from-outputs": lambda: recdist(
+                "pipeline", *SMALL_RUN, "--out", str(out), "--from", "outputs", "-q", env=env
+            ),
+            "recommend": lambda: recdist("recommend", str(out), "--user", user, env=env),
+        }  # fmt: skip
+        missed, tbs, notes = [], False, []
+        for reader in readers:
+            ok, tb, line = refused(asks[reader]())
+            tbs |= tb
+            if not ok:
+                missed.append(reader)
+            notes.append(f"{reader}: {'refused' if ok else 'MISSED'}")
+        note = "; ".join(notes) + (f" | {line}" if line else "")
+        return Outcome("ok" if not missed else "FAIL", None, not missed, tbs, [], note)
+
+    scenario("corruption", name, expect)(run)
+
+
+for _c in CORRUPTIONS:
+    corruption(*_c)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc), e.g. the Ray processes a driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()}
+
+
+def _kill_at(out: Path, env: dict[str, str], args: tuple[str, ...], line: str, worker: bool = False) -> str:
+    """Start a pipeline, SIGKILL its driver (or with `worker`, one Ray Train worker) once its log holds `line`;
+    wait for it; return how long the driver's Ray processes outlived it."""
+    import time
+
+    full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "recdist", "pipeline", *SMALL_RUN, "--out", str(out), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full)  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = sorted((out / "logs").glob("*.log")) if (out / "logs").exists() else []
+        if logs and line in logs[-1].read_text():
+            break
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        return f"finished before `{line}`"
+    time.sleep(1.0)
+    ray = _descendants(proc.pid)
+    if worker:
+        names = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in _alive(ray)}
+        victims = [p for p, cmd in names.items() if b"RayTrainWorker" in cmd or b"TrainWorker" in cmd]
+        if not victims:
+            proc.kill()
+            proc.wait()
+            return "no Ray Train worker found"
+        os.kill(victims[0], signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT_S)
+        return f"worker killed, driver exit {proc.returncode}"
+    proc.kill()
+    proc.wait()
+    t0 = time.monotonic()
+    while _alive(ray) and time.monotonic() - t0 < 150:
+        time.sleep(0.5)
+    left = len(_alive(ray))
+    return f"{len(ray)} Ray processes outlived the driver by {time.monotonic() - t0:.1f} s" + (
+        f" ({left} still alive)" if left else ""
+    )
+
+
+def _metrics(run: Path) -> dict[str, Any]:
+    m = json.loads((run / "outputs" / "metrics.json").read_text())
+    return {k: v for k, v in m.items() if k not in ("seconds", "timings")}
+
+
+def kill(name: str, expect: str, line: str, *, fresh: bool, worker: bool = False, args: tuple[str, ...] = ()) -> None:
+    """Register one kill: in a fresh run (fresh) or during `args` on a copy of the finished run."""
+
+    def run(d: Path, env: dict[str, str]) -> Outcome:
+        reference = base_run(env)
+        out = d / "run" if fresh else copy_run(d, env)
+        ray_note = _kill_at(out, env, args, line, worker)
+        notes = [ray_note]
+        readable = ""
+        if not fresh:  # the committed outputs must stay readable after a kill mid-rebuild
+            asked = recdist("recommend", str(out), "--user", any_user(reference), env=env)
+            readable = "" if asked.returncode == 0 else f"outputs unreadable after the kill: {asked.stderr[-150:]}"
+        again = recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env)
+        _, tb, line_ = refused(again)
+        problems = [readable] if readable else []
+        if again.returncode != 0:
+            problems.append(f"resume exit {again.returncode}: {line_}")
+        elif _metrics(out) != _metrics(reference):
+            problems.append("resumed metrics differ from the reference run")
+        left = [str(p) for p in out.rglob("*") if any(t in p.name for t in (".staging-", ".old-", ".tmp-"))]
+        left += [str(p) for p in out.glob("*.next")]
+        notes.append("; ".join(problems) or "resumed to the reference metrics")
+        verdict = "ok" if not problems and not left else "FAIL"
+        return Outcome(verdict, again.returncode, None, tb, left, " | ".join(notes))
+
+    scenario("kill", name, expect)(run)
+
+
+for _stage in ("prepare", "mf", "reliability", "rating", "outputs"):
+    kill(f"driver-at-{_stage}", f"driver SIGKILLed while {_stage} runs: resumed to the same metrics",
+         f"{_stage}: running", fresh=True)  # fmt: skip
+kill("worker-at-mf", "a Ray Train worker SIGKILLed in stage 1: the run survives", "mf: training", fresh=True,
+     worker=True)
+kill("driver-at-from-outputs", "driver killed during --from outputs: the old outputs stay readable",
+     "outputs: running", fresh=False, args=("--from", "outputs"))
+kill("driver-at-from-mf", "driver killed during --from mf: everything committed stays readable",
+     "mf: training", fresh=False, args=("--from", "mf"))
+
+
+@scenario("kill", "second-run-same-out", "a second run on the same --out: refused at once naming the holder")
+def _second_run(d: Path, env: dict[str, str]) -> Outcome:
+    import time
+
+    out = d / "run"
+    full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    first = subprocess.Popen([sys.executable, "-m", "recdist", "pipeline", *SMALL_RUN, "--out", str(out), "-q"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full)  # fmt: skip
+    try:
+        while not (out / ".lock").exists() and first.poll() is None:
+            time.sleep(0.1)
+        before = {p.name for p in out.iterdir()}
+        t0 = time.monotonic()
+        second = recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env)
+        took = time.monotonic() - t0
+        ok, tb, line = refused(second)
+        named = f"pid {first.pid}" in second.stderr
+        wrote = {"manifest.json", "config.yaml"} - before & {p.name for p in out.iterdir()}
+    finally:
+        first.kill()
+        first.wait()
+    good = ok and named and not wrote
+    note = f"refused in {took:.1f} s, holder {'named' if named else 'NOT named'}"
+    note += f", wrote {wrote}" if wrote else ""
+    return Outcome("ok" if good else "FAIL", second.returncode, ok, tb, [], f"{note} | {line}")
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 
 

@@ -158,9 +158,7 @@ def run_pipeline(
         raise
 
 
-def _locked_run(
-    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool
-) -> dict[str, Any]:
+def _locked_run(config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool) -> dict[str, Any]:
     """run_pipeline, holding the run directory's lock."""
     from recdist.train.cluster import connect
 

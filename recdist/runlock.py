@@ -181,7 +181,9 @@ def _take(fs: Any, path: str, run: str, me: dict[str, Any], lease_s: float) -> s
     return etag
 
 
-def _renew(fs: Any, path: str, me: dict[str, Any], state: dict[str, str], stop: threading.Event, lease_s: float) -> None:
+def _renew(
+    fs: Any, path: str, me: dict[str, Any], state: dict[str, str], stop: threading.Event, lease_s: float
+) -> None:
     while not stop.wait(lease_s / 3):
         try:
             state["etag"] = _put(fs, path, _body(me, lease_s), IfMatch=state["etag"])

@@ -56,7 +56,9 @@ CORRUPTIONS = {
     "flipped bytes in the footer": lambda d: flip(d / SHARD, at=0.99, n=4),
     "truncated shard": lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes()[:-100]),
     "shard replaced by another of the same size": lambda d: (d / SHARD).write_bytes(
-        (d / "ratings/part-00000.parquet").read_bytes()[: (d / SHARD).stat().st_size].ljust((d / SHARD).stat().st_size, b"\0")
+        (d / "ratings/part-00000.parquet")
+        .read_bytes()[: (d / SHARD).stat().st_size]
+        .ljust((d / SHARD).stat().st_size, b"\0")
     ),
     "extra shard": lambda d: (d / "ratings/part-00002.parquet").write_bytes((d / SHARD).read_bytes()),
     "extra file at the top": lambda d: (d / "users-old.parquet").write_bytes(b"x"),
