@@ -6,9 +6,14 @@ files, so the CLI, jobs/ and the Kubernetes ConfigMap cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import sys
+import typing
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any
 
@@ -90,13 +95,13 @@ def _key(kind: type, key: str, help: str, panel: str | None = None, *decls: str,
 
 
 def _shorthands(command: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """{config key: value} of a command's shorthand flags (_key), from its local `values`."""
-    import typing
-
+    """{config key: value} of a command's shorthand flags (_key), from its local `values` (the common ones, which
+    _command takes, are in `RunOptions.flags`)."""
     hints = typing.get_type_hints(command, include_extras=True)
     return {
         _SHORTHANDS[id(meta)][0]: values[name]
         for name, hint in hints.items()
+        if name in values
         for meta in getattr(hint, "__metadata__", ())
         if id(meta) in _SHORTHANDS
     }
@@ -150,6 +155,59 @@ def _config(path: list[str] | None, sets: list[str] | None, flags: dict[str, Any
     return load_config(path, overrides, nulls=sorted(nulls))
 
 
+_GROUPS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "cluster": {"workers": (WorkersOpt, None), "gpu": (GpuOpt, None), "address": (AddressOpt, None)},
+    "config": {"config": (ConfigOpt, None), "set_": (SetOpt, None), "overwrite": (OverwriteOpt, False)},
+    "logs": {"quiet": (QuietOpt, False), "verbose": (VerboseOpt, False), "log_format": (LogFormatOpt, LogFormat.text)},
+}
+"""The flags several commands share, by group: _command adds them to a command's signature."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a command's shared flags ask for: config files, --set overrides, --overwrite and cluster shorthands."""
+
+    config: list[str] | None = None
+    sets: list[str] | None = None
+    overwrite: bool = False
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """{config key: value} of the shared shorthand flags (cluster.*)."""
+
+    def load(self, flags: dict[str, Any]) -> Config:
+        """The config: files, then --set, then the command's own flags and the shared ones (_config)."""
+        return _config(self.config, self.sets, {**self.flags, **flags})
+
+
+def _command(*groups: str) -> Any:
+    """Register a command whose signature gains the shared flags of `groups` (_GROUPS), after its own; the logs
+    group sets logging up before the body runs, and the body gets the rest as `opts: RunOptions`."""
+
+    def decorate(func: Any) -> Any:
+        hints = typing.get_type_hints(func, include_extras=True)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(func).parameters.values()]
+        own = [p for p in own if p.name != "opts"]
+        shared = {name: spec for group in groups for name, spec in _GROUPS[group].items()}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, (a, d) in
+                 shared.items()]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            common = {name: kwargs.pop(name) for name in shared}
+            if "logs" in groups:
+                _logs(common["quiet"], common["verbose"], common["log_format"])
+            cluster = {k: common[k] for k in _GROUPS["cluster"] if k in common}
+            opts = RunOptions(common.get("config"), common.get("set_"), common.get("overwrite", False),
+                              _shorthands(command, cluster))
+            return func(opts=opts, **kwargs) if "opts" in hints else func(**kwargs)
+
+        del command.__wrapped__  # typer reads the signature below, not the body's
+        command.__signature__ = inspect.Signature([*own, *extra])
+        command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+        return app.command()(command)
+
+    return decorate
+
+
 def _version(show: bool) -> None:
     if show:
         from recdist import __version__
@@ -175,8 +233,9 @@ def _print_json(obj: Any) -> None:
 _SIZE, _MODEL = "Size (defaults: ml-20m's)", "Planted model"
 
 
-@app.command()
+@_command("config", "logs")
 def synth(
+    opts: RunOptions,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
     users: _key(int, "synth.n_users", "Number of users", _SIZE) = None,
     items: _key(int, "synth.n_items", "Number of movies", _SIZE) = None,
@@ -194,12 +253,6 @@ def synth(
         float, "synth.exposure", "Missing not at random: how much taste picks what a user rates; 0 none", _MODEL
     ) = None,
     seed: _key(int, "synth.seed", "Seed: same seed and sizes, same bytes") = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Write synthetic MovieLens-20M-shaped ratings from a planted low-rank model.
 
@@ -216,9 +269,8 @@ def synth(
     """
     from recdist.data.synth import write_synthetic
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _shorthands(synth, locals()))
-    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite))
+    cfg = opts.load(_shorthands(synth, locals()))
+    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=opts.overwrite))
 
 
 @app.command()
@@ -249,27 +301,24 @@ def datasets() -> None:
     )
 
 
-@app.command()
+@_command("logs")
 def download(
     dataset: Annotated[str, typer.Argument(help="Release name, e.g. ml-20m (see `recdist datasets`).")],
     cache_dir: Annotated[
         str | None, typer.Option(help="Cache directory \\[default: $RECDIST_CACHE or ~/.cache/recdist].")
     ] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Download a GroupLens release into the cache and verify its checksum (resumes partial downloads)."""
     from recdist.data.download import fetch
     from recdist.data.registry import get_release
 
-    _logs(quiet, verbose, log_format)
     path = fetch(get_release(dataset), cache_dir=cache_dir)
     out.print(str(path))
 
 
-@app.command()
+@_command("config", "logs")
 def prepare(
+    opts: RunOptions,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
     dataset: DatasetOpt = None,
     path: PathOpt = None,
@@ -296,12 +345,6 @@ def prepare(
     holdout_k: _key(int, "prepare.holdout_k", "user_time: last k per user to test, k before to val", _PREP) = None,
     seed: _key(int, "prepare.seed", "Seed of splits and shards", _PREP) = None,
     shards: _key(int, "prepare.shards", "Number of balanced Parquet shards") = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Validate, de-duplicate, filter, index, split and shard ratings into a prepared dataset.
 
@@ -318,13 +361,13 @@ def prepare(
     """
     from recdist.data.prepare import prepare as run_prepare
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _given_split(_shorthands(prepare, locals())))
-    _print_json(run_prepare(cfg, out_dir, overwrite=overwrite))
+    cfg = opts.load(_given_split(_shorthands(prepare, locals())))
+    _print_json(run_prepare(cfg, out_dir, overwrite=opts.overwrite))
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def train(
+    opts: RunOptions,
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory for the model and metrics.")],
     model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
@@ -334,33 +377,23 @@ def train(
     upstream: Annotated[
         str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
     ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
 
-    _logs(quiet, verbose, log_format)
     if stage not in ("mf", "reliability", "rating", "single"):
         raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
     key = f"stages.{stage}"
-    flags = {**_shorthands(train, locals()), f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
+    flags = {f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
     if model is not None:
         flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(config, set_, key, model)
-    cfg = _config(config, set_, flags)
+        flags[f"{key}.params"] = _params_for(opts.config, opts.sets, key, model)
+    cfg = opts.load(flags)
     metrics = train_stage(
         data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
-        upstream=upstream, overwrite=overwrite,
+        upstream=upstream, overwrite=opts.overwrite,
     )
     _print_json(metrics)
 
@@ -368,8 +401,9 @@ def train(
 _SEARCH = "Search"
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def tune(
+    opts: RunOptions,
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) for the search's outputs.")],
     model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
@@ -406,15 +440,6 @@ def tune(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random search \\[default: 0].",
                                              rich_help_panel=_SEARCH)] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Search a model's settings with Ray Tune (ASHA on validation RMSE), each trial a `recdist train` run.
 
@@ -432,21 +457,19 @@ def tune(
     from recdist.config import DEFAULT_MODELS, TuneBudget
     from recdist.tune.search import tune_stage
 
-    _logs(quiet, verbose, log_format)
     if stage is None:
         stage = next((slot for slot, name in DEFAULT_MODELS.items() if name == model), "single") if model else "mf"
     if stage not in ("mf", "reliability", "rating", "single"):
         raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
     key = f"stages.{stage}"
     flags: dict[str, Any] = {
-        "cluster.workers": workers, "cluster.gpu": gpu, "cluster.address": address,
         f"{key}.tune.trials": trials, f"{key}.tune.time_budget_s": time_budget,
         f"{key}.tune.cpus_per_trial": cpus_per_trial, f"{key}.tune.seed": seed,
     }
     if model is not None:
         flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(config, set_, key, model)
-    cfg = _config(config, set_, flags)
+        flags[f"{key}.params"] = _params_for(opts.config, opts.sets, key, model)
+    cfg = opts.load(flags)
     section = getattr(cfg.stages, stage)
     budget = section.tune or TuneBudget()
     trials_set = section.tune is not None and "trials" in section.tune.model_fields_set
@@ -455,7 +478,7 @@ def tune(
     if space:
         budget = budget.model_copy(update={"space": {**budget.space, **dict(parse_override(s) for s in space)}})
     summary = tune_stage(
-        data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=overwrite
+        data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=opts.overwrite
     )
     _print_json(summary)
 
@@ -472,10 +495,10 @@ def _params_for(config: list[str] | None, sets: list[str] | None, key: str, mode
     return params
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def pipeline(
+    opts: RunOptions,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local or s3://).")],
-    config: ConfigOpt = None,
     data: Annotated[str | None, typer.Option(help="An already prepared dataset to use.")] = None,
     dataset: DatasetOpt = None,
     path: PathOpt = None,
@@ -486,14 +509,6 @@ def pipeline(
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
 
@@ -503,9 +518,8 @@ def pipeline(
     """
     from recdist.pipeline import run_pipeline
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _given_split(_shorthands(pipeline, locals())))
-    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite)
+    cfg = opts.load(_given_split(_shorthands(pipeline, locals())))
+    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=opts.overwrite)
     _print_json(
         {
             "status": result["status"],
@@ -517,23 +531,15 @@ def pipeline(
     )
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def infer(
+    opts: RunOptions,
     model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
     batch_size: Annotated[
         int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
     ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added.
 
@@ -545,17 +551,17 @@ def infer(
     from recdist.infer.session import SessionSpec, SessionStep
     from recdist.models.io import model_class
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, {**_shorthands(infer, locals()), "pipeline.inference.batch_size": batch_size})
+    cfg = opts.load({"pipeline.inference.batch_size": batch_size})
     role = role_of(model_class(model_dir))
     session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
     options = ScoreOptions(
         role=role,
         batch_size=cfg.pipeline.inference.batch_size,
-        actors=cfg.pipeline.inference.actors if workers is None else workers,
+        actors=cfg.pipeline.inference.actors if opts.flags.get("cluster.workers") is None else cfg.cluster.workers,
         cluster=cfg.cluster,
-        gpu=gpu if gpu is not None else (True if cfg.cluster.gpu else None),  # else GPUs where the cluster has them
-        overwrite=overwrite,
+        # --gpu/--cpu as given; else a config's gpu: true, or None: GPUs where the cluster has them
+        gpu=cfg.cluster.gpu if opts.flags.get("cluster.gpu") is not None else cfg.cluster.gpu or None,
+        overwrite=opts.overwrite,
         features=session,
     )
     _print_json(score(model_dir, data, out_dir, options))
