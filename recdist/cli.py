@@ -76,6 +76,11 @@ LogFormatOpt = Annotated[
 ]
 
 
+def _out(help: str) -> Any:
+    """The annotation of a command's required --out/-o."""
+    return Annotated[str, typer.Option("--out", "-o", help=help)]
+
+
 _SHORTHANDS: dict[int, tuple[str, Any]] = {}
 """id(typer OptionInfo) -> (the config key the flag is a shorthand for, the OptionInfo: kept alive, so its id is
 never reused). Filled each time a command's annotations are evaluated (typer, _shorthands)."""
@@ -156,6 +161,10 @@ def _config(path: list[str] | None, sets: list[str] | None, flags: dict[str, Any
 
 
 _GROUPS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "source": {
+        "dataset": (DatasetOpt, None), "path": (PathOpt, None), "train_path": (TrainPathOpt, None),
+        "val_path": (ValPathOpt, None), "test_path": (TestPathOpt, None), "items_path": (ItemsPathOpt, None),
+    },
     "cluster": {"workers": (WorkersOpt, None), "gpu": (GpuOpt, None), "address": (AddressOpt, None)},
     "config": {"config": (ConfigOpt, None), "set_": (SetOpt, None), "overwrite": (OverwriteOpt, False)},
     "logs": {"quiet": (QuietOpt, False), "verbose": (VerboseOpt, False), "log_format": (LogFormatOpt, LogFormat.text)},
@@ -171,11 +180,11 @@ class RunOptions:
     sets: list[str] | None = None
     overwrite: bool = False
     flags: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """{config key: value} of the shared shorthand flags (cluster.*)."""
+    """{config key: value} of the shared shorthand flags (source.*, cluster.*)."""
 
     def load(self, flags: dict[str, Any]) -> Config:
-        """The config: files, then --set, then the command's own flags and the shared ones (_config)."""
-        return _config(self.config, self.sets, {**self.flags, **flags})
+        """The config: files, then --set, then the shared flags and the command's own (_config, _given_split)."""
+        return _config(self.config, self.sets, _given_split({**self.flags, **flags}))
 
 
 def _command(*groups: str) -> Any:
@@ -195,9 +204,8 @@ def _command(*groups: str) -> Any:
             common = {name: kwargs.pop(name) for name in shared}
             if "logs" in groups:
                 _logs(common["quiet"], common["verbose"], common["log_format"])
-            cluster = {k: common[k] for k in _GROUPS["cluster"] if k in common}
             opts = RunOptions(common.get("config"), common.get("set_"), common.get("overwrite", False),
-                              _shorthands(command, cluster))
+                              _shorthands(command, common))
             return func(opts=opts, **kwargs) if "opts" in hints else func(**kwargs)
 
         del command.__wrapped__  # typer reads the signature below, not the body's
@@ -236,7 +244,7 @@ _SIZE, _MODEL = "Size (defaults: ml-20m's)", "Planted model"
 @_command("config", "logs")
 def synth(
     opts: RunOptions,
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
+    out_dir: _out("Directory (or s3:// prefix) to write into."),
     users: _key(int, "synth.n_users", "Number of users", _SIZE) = None,
     items: _key(int, "synth.n_items", "Number of movies", _SIZE) = None,
     ratings: _key(int, "synth.n_ratings", "Number of ratings", _SIZE) = None,
@@ -316,16 +324,10 @@ def download(
     out.print(str(path))
 
 
-@_command("config", "logs")
+@_command("source", "config", "logs")
 def prepare(
     opts: RunOptions,
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
-    dataset: DatasetOpt = None,
-    path: PathOpt = None,
-    train_path: TrainPathOpt = None,
-    val_path: ValPathOpt = None,
-    test_path: TestPathOpt = None,
-    items_path: ItemsPathOpt = None,
+    out_dir: _out("Dataset directory (or s3:// prefix) to write."),
     user_col: _key(str, "source.user_col", "User id column", _COLUMNS) = None,
     item_col: _key(str, "source.item_col", "Item id column", _COLUMNS) = None,
     rating_col: _key(str, "source.rating_col", "Rating column", _COLUMNS) = None,
@@ -361,35 +363,49 @@ def prepare(
     """
     from recdist.data.prepare import prepare as run_prepare
 
-    cfg = opts.load(_given_split(_shorthands(prepare, locals())))
+    cfg = opts.load(_shorthands(prepare, locals()))
     _print_json(run_prepare(cfg, out_dir, overwrite=opts.overwrite))
+
+
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")]
+ModelOpt = Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")]
+UpstreamOpt = Annotated[str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")]
+STAGE_SLOTS = ("mf", "reliability", "rating", "single")
+
+
+def _stage_key(stage: str) -> str:
+    """The config section `stages.<stage>` that train/tune work on, or a clear error for an unknown slot."""
+    if stage not in STAGE_SLOTS:
+        raise RecdistError(f"unknown stage {stage!r}", fix=f"use one of: {', '.join(STAGE_SLOTS)}")
+    return f"stages.{stage}"
+
+
+def _model_flags(opts: RunOptions, key: str, model: str | None) -> dict[str, Any]:
+    """--model as config overrides of the stage section `key`: the model and its params (_params_for)."""
+    if model is None:
+        return {}
+    return {f"{key}.model": model, f"{key}.params": _params_for(opts.config, opts.sets, key, model)}
 
 
 @_command("cluster", "config", "logs")
 def train(
     opts: RunOptions,
-    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory for the model and metrics.")],
-    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    data: DataOpt,
+    out_dir: _out("Run directory for the model and metrics."),
+    model: ModelOpt = None,
     stage: Annotated[
         str, typer.Option(help="Which stages.<name> section of the config to train: mf, reliability, rating, single.")
     ] = "single",
-    upstream: Annotated[
-        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
-    ] = None,
+    upstream: UpstreamOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
 
-    if stage not in ("mf", "reliability", "rating", "single"):
-        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
-    key = f"stages.{stage}"
-    flags = {f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
-    if model is not None:
-        flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(opts.config, opts.sets, key, model)
+    key = _stage_key(stage)
+    flags: dict[str, Any] = {f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
+    flags |= _model_flags(opts, key, model)
     cfg = opts.load(flags)
     metrics = train_stage(
         data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
@@ -404,9 +420,9 @@ _SEARCH = "Search"
 @_command("cluster", "config", "logs")
 def tune(
     opts: RunOptions,
-    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) for the search's outputs.")],
-    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    data: DataOpt,
+    out_dir: _out("Directory (or s3:// prefix) for the search's outputs."),
+    model: ModelOpt = None,
     stage: Annotated[
         str | None,
         typer.Option(
@@ -414,9 +430,7 @@ def tune(
             "default model is --model (biased_mf: mf), else single]."
         ),
     ] = None,
-    upstream: Annotated[
-        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
-    ] = None,
+    upstream: UpstreamOpt = None,
     trials: Annotated[
         int | None,
         typer.Option(help="Most trials \\[default: 20; unlimited with --time-budget alone].", rich_help_panel=_SEARCH),
@@ -459,16 +473,12 @@ def tune(
 
     if stage is None:
         stage = next((slot for slot, name in DEFAULT_MODELS.items() if name == model), "single") if model else "mf"
-    if stage not in ("mf", "reliability", "rating", "single"):
-        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
-    key = f"stages.{stage}"
+    key = _stage_key(stage)
     flags: dict[str, Any] = {
         f"{key}.tune.trials": trials, f"{key}.tune.time_budget_s": time_budget,
         f"{key}.tune.cpus_per_trial": cpus_per_trial, f"{key}.tune.seed": seed,
     }
-    if model is not None:
-        flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(opts.config, opts.sets, key, model)
+    flags |= _model_flags(opts, key, model)
     cfg = opts.load(flags)
     section = getattr(cfg.stages, stage)
     budget = section.tune or TuneBudget()
@@ -495,17 +505,11 @@ def _params_for(config: list[str] | None, sets: list[str] | None, key: str, mode
     return params
 
 
-@_command("cluster", "config", "logs")
+@_command("source", "cluster", "config", "logs")
 def pipeline(
     opts: RunOptions,
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local or s3://).")],
+    out_dir: _out("Run directory (local or s3://)."),
     data: Annotated[str | None, typer.Option(help="An already prepared dataset to use.")] = None,
-    dataset: DatasetOpt = None,
-    path: PathOpt = None,
-    train_path: TrainPathOpt = None,
-    val_path: ValPathOpt = None,
-    test_path: TestPathOpt = None,
-    items_path: ItemsPathOpt = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
@@ -518,7 +522,7 @@ def pipeline(
     """
     from recdist.pipeline import run_pipeline
 
-    cfg = opts.load(_given_split(_shorthands(pipeline, locals())))
+    cfg = opts.load(_shorthands(pipeline, locals()))
     result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=opts.overwrite)
     _print_json(
         {
@@ -536,7 +540,7 @@ def infer(
     opts: RunOptions,
     model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
+    out_dir: _out("Where to write the scored Parquet table."),
     batch_size: Annotated[
         int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
     ] = None,
