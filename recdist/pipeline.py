@@ -5,8 +5,10 @@ hash; hashes chain (a stage's hash includes its upstream's), so a changed upstre
 stage after it. Re-running the same command skips committed stages whose hash matches and resumes an
 incomplete one (its committed parts, e.g. a trained model, are kept when RUN/<stage>/intent.json shows the
 same hash; an uncommitted Ray Train run resumes from its checkpoints). A committed stage of another config
-is never replaced without `overwrite=True` or `from_stage` at or before it. `kind: single` runs one model
-(stages.single) with the same outputs.
+is never replaced without `overwrite=True` or `from_stage` at or before it, and then it is rebuilt beside
+(RUN/<stage>.next) and swapped in whole; the later stages are stale from then on (recdist.integrity) until redone.
+Every committed stage a run skips is verified against its manifest first; one run holds the directory's lock
+(recdist.runlock). `kind: single` runs one model (stages.single) with the same outputs.
 
 RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, logs/ (the driver's
 log, a file per invocation), data/ (when prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/
