@@ -1,7 +1,7 @@
 """`recdist tune` on the real ml-latest-small (biased_mf) against tuned Surprise SVD on the same split.
 
     nice -n 10 .venv/bin/python bench/tune.py                          # 15-minute budget, the goal's setting
-    nice -n 10 .venv/bin/python bench/tune.py --time-budget 300 --trials 30
+    nice -n 10 .venv/bin/python bench/tune.py --time-budget 300 --trials 30 --grace-epochs 3
 
 The split is bench/accuracy.py's (seeded random: 20% test, 8% validation, 72% training). The search runs as a
 user runs it, `recdist tune --data D --model biased_mf --out OUT --time-budget S` in a subprocess (its own
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42, help="split seed")
     ap.add_argument("--time-budget", type=float, default=780.0, help="search budget in s (room to retrain)")
     ap.add_argument("--trials", type=int, default=None, help="most trials (default: as many as the budget allows)")
+    ap.add_argument("--grace-epochs", type=int, default=10,
+                    help="ASHA's grace (tune.grace_epochs): wide, strongly regularised MF starts slowly")  # fmt: skip
     ap.add_argument("--space", action="append", default=[], help="a --space override for recdist tune (repeatable)")
     ap.add_argument("--out", default=None, help="keep the search's outputs here (default: a temporary directory)")
     args = ap.parse_args()
@@ -52,6 +54,7 @@ def main() -> None:
             "tune", "--data", data, "--model", "biased_mf", "--out", out, "--time-budget", str(args.time_budget),
             "--overwrite",
         ]  # fmt: skip
+        command += ["--set", f"stages.mf.tune.grace_epochs={args.grace_epochs}"]
         if args.trials:
             command += ["--trials", str(args.trials)]
         for item in args.space:

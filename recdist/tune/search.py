@@ -292,6 +292,8 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
             ),
             num_samples=budget.trials or -1,
             time_budget_s=budget.time_budget_s,
+            # one-worker trials run in their Tune actor: the next trial reuses it (no process start, no imports)
+            reuse_actors=spec.in_process,
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,

@@ -138,7 +138,8 @@ class TuneRows:
             self.epochs = int(row["epoch"]) + 1
             if row["val_rmse"] < self.best:
                 self.best, self.best_epoch = float(row["val_rmse"]), self.epochs
-        else:  # the final report: the restored best weights
+        else:  # the final report (the restored best weights) follows the last epoch, which reported nothing
+            self.epochs += 1
             self.best = min(self.best, float(row["val_rmse"]))
         row.update(epochs_done=self.epochs, best_val_rmse=self.best, best_epoch=self.best_epoch)
         return row
