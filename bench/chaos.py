@@ -25,6 +25,7 @@ import contextlib
 import gzip
 import io
 import json
+import lzma
 import os
 import shutil
 import signal
@@ -98,12 +99,22 @@ def scenario(section: str, name: str, expect: str, needs: tuple[str, ...] = ()):
 # --- running `recdist` and judging what it did ------------------------------------------------------------------
 
 
-def recdist(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m recdist ARGS` in a fresh interpreter with this checkout first on the path."""
+def recdist(*args: str, env: dict[str, str], max_file_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m recdist ARGS` in a fresh interpreter with this checkout first on the path.
+
+    `max_file_bytes` sets RLIMIT_FSIZE in the child (`ulimit -f`): a write past it fails with EFBIG, as a full
+    disk fails with ENOSPC, without root or a tmpfs (Python ignores SIGXFSZ, so the write returns the error)."""
     full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run(
-        [sys.executable, "-m", "recdist", *args], capture_output=True, text=True, env=full, timeout=TIMEOUT_S
-    )
+        [sys.executable, "-m", "recdist", *args], capture_output=True, text=True, env=full, timeout=TIMEOUT_S,
+        preexec_fn=limit if max_file_bytes else None,
+    )  # fmt: skip
 
 
 def snapshot(path: Path) -> dict[str, bytes] | None:
@@ -209,6 +220,7 @@ def set_flag(data: bytearray, local: int, central: int, value: int) -> None:
 
 
 Files = dict[str, bytes | Callable[[Path], None]]
+Check = Callable[[Path, dict], "str | None"]
 
 
 def bad_input(
@@ -221,11 +233,13 @@ def bad_input(
     needs: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     before: Files | None = None,
+    max_file_bytes: int | None = None,
 ) -> None:
     """Register one `recdist prepare` case. `files` are written under the case directory (bytes, or a function
     of the path that writes it); `args` may hold {d} (the case directory) and {s3} (a fresh bucket's URI).
     `check` None: the input must be refused; else it must be handled and check(out, manifest) return None.
-    `mount` makes the directory --out lives in; `before` files are put in --out before the run."""
+    `mount` makes the directory --out lives in; `before` files are put in --out before the run; `max_file_bytes`
+    limits the size of any file recdist writes (RLIMIT_FSIZE)."""
 
     def run(d: Path, shared_env: dict[str, str]) -> Outcome:
         for rel, content in files.items():
@@ -244,10 +258,27 @@ def bad_input(
             argv = [a.format(d=d, s3=bucket) for a in args]
             if "--out" not in args:
                 argv += ["--out", str(out)]
-            proc = recdist("prepare", *argv, "-q", env={**shared_env, **(env or {})})
+            proc = recdist("prepare", *argv, "-q", env={**shared_env, **(env or {})}, max_file_bytes=max_file_bytes)
             return judge(proc, out, before_state, check)
 
     scenario("bad-input", name, expect, needs)(run)
+
+
+@contextlib.contextmanager
+def read_only(d: Path) -> Iterator[Path]:
+    """A directory recdist may not write: a read-only tmpfs as root (whom permissions do not stop), else d/ro
+    with mode 0555 (EACCES); its mode restored at the end so the temp directory can be removed."""
+    if os.geteuid() == 0:
+        with tmpfs(d, "1m", read_only=True) as where:
+            yield where
+        return
+    where = d / "ro"
+    where.mkdir()
+    where.chmod(0o555)
+    try:
+        yield where
+    finally:
+        where.chmod(0o755)
 
 
 @contextlib.contextmanager
@@ -306,6 +337,32 @@ def carved(share_ok: bool) -> Callable[[Path, dict], str | None]:
     return check
 
 
+def user_ids(*want: int) -> Check:
+    """users.parquet holds exactly these original ids (dictionary codes or float ids read as their values)."""
+
+    def check(out: Path, m: dict) -> str | None:
+        got = sorted(pq.read_table(out / "users.parquet")["user_id"].to_pylist())
+        return None if got == sorted(want) else f"user ids {got}, expected {sorted(want)}"
+
+    return check
+
+
+def null_timestamps(n: int) -> Check:
+    def check(out: Path, m: dict) -> str | None:
+        got = ratings_of(out)["timestamp"].null_count
+        return None if got == n else f"{got} null timestamps, expected {n}"
+
+    return check
+
+
+def genres(want: str) -> Check:
+    def check(out: Path, m: dict) -> str | None:
+        got = set(pq.read_table(out / "items.parquet")["genres"].to_pylist())
+        return None if want in got else f"genres {sorted(map(str, got))}, expected {want!r} among them"
+
+    return check
+
+
 def ids_kept(out: Path, m: dict) -> str | None:
     users = pq.read_table(out / "users.parquet")["user_id"].to_pylist()
     return None if max(users) == 2**63 - 1 else f"largest user id {max(users)}, expected 2^63-1"
@@ -314,8 +371,21 @@ def ids_kept(out: Path, m: dict) -> str | None:
 GOOD = csv()
 """40 valid ratings of 5 users on 8 movies."""
 N = 40
-Check = Callable[[Path, dict], "str | None"]
 MIXED = lines()[:20] + lines(scale=1000)[20:]
+ZSTD = pa.compress(GOOD, "zstd", asbytes=True)
+MOVIES = b"movieId,title,genres\n" + b"".join(f"{i},Movie {i * 7919 % 10007},Comedy|Drama\n".encode()
+                                             for i in range(1, 2000))  # fmt: skip
+"""A movies.csv of 1,999 movies, long enough that damage in its middle hits its compressed bytes."""
+
+
+def table_bytes(**columns: Any) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue()
+
+
+MOVIES_PARQUET = table_bytes(movieId=list(range(1, 9)), title=[f"Movie {i}" for i in range(1, 9)],
+                             genres=[["Comedy", "Drama"]] * 8)  # fmt: skip
 TAGGED = csv(header=HEADER + ",tag", body=[ln + ",caf\xe9" for ln in lines()]).replace(b"caf\xc3\xa9", b"caf\xe9")
 P = pa.array
 
@@ -430,6 +500,64 @@ ONE_FILE: list[tuple[str, str, str, bytes, tuple[str, ...], Check | None]] = [
      parquet(timestamp=[T0 * 1000 + k for k in range(4)]), (), in_seconds),
     ("parquet-decimal-rating", "a decimal128 rating: handled", "r.parquet",
      parquet(rating=P([4, 3, 5, 2], pa.decimal128(3, 1))), (), n_ratings(4)),
+    # added with issue 18 item 4: typed Parquet columns as pandas and Arrow write them
+    ("parquet-dictionary-text-ids", "user ids dictionary-encoded text '10','20' (pandas category): handled, the "
+     "values (not the codes)", "r.parquet", parquet(userId=P(["10", "20", "10", "20"]).dictionary_encode()), (),
+     user_ids(10, 20)),
+    ("parquet-dictionary-word-ids", "user ids dictionary-encoded words 'ann','bob': refused", "r.parquet",
+     parquet(userId=P(["ann", "bob", "ann", "bob"]).dictionary_encode()), (), None),
+    ("parquet-float-whole-ids", "user ids 1.0, 2.0 in a float64 column (pandas, a NaN elsewhere): handled",
+     "r.parquet",
+     parquet(userId=[1.0, 1.0, 2.0, 2.0]), (), user_ids(1, 2)),
+    ("parquet-float-id-nan", "a NaN user id in a float64 column: refused as missing, its row named", "r.parquet",
+     parquet(userId=[1.0, float("nan"), 2.0, 2.0]), (), None),
+    ("parquet-float-id-inf", "an inf user id: refused, its row named", "r.parquet",
+     parquet(userId=[1.0, float("inf"), 2.0, 2.0]), (), None),
+    ("parquet-float-id-2^60", "a float user id 2^60 (beyond a float's exact integers): refused", "r.parquet",
+     parquet(userId=[1.0, 2.0**60, 2.0, 2.0]), (), None),
+    ("parquet-float-ms-timestamps", "float64 millisecond timestamps: converted to seconds", "r.parquet",
+     parquet(timestamp=[T0 * 1000.0] * 4), (), in_seconds),
+    ("parquet-float-timestamp-nan", "a NaN timestamp in a float64 column: a missing timestamp (null)", "r.parquet",
+     parquet(timestamp=[float(T0), float("nan"), float(T0), float(T0)]), (), null_timestamps(1)),
+    ("parquet-float-timestamp-inf", "an inf timestamp: refused, its row named", "r.parquet",
+     parquet(timestamp=[float(T0), float("inf"), float(T0), float(T0)]), (), None),
+    ("parquet-float-timestamp-fraction", "timestamp 1100000000.5: refused, its row named", "r.parquet",
+     parquet(timestamp=[float(T0), T0 + 0.5, float(T0), float(T0)]), (), None),
+    ("parquet-bool-ids", "a boolean user id column: refused", "r.parquet", parquet(userId=[True, False, True, False]),
+     (), None),
+    ("parquet-duration-timestamps", "a duration timestamp column: refused", "r.parquet",
+     parquet(timestamp=P([1, 2, 3, 4], pa.duration("s"))), (), None),
+    # text oddities beyond the single ones above
+    ("utf16-without-bom", "UTF-16 text without a byte-order mark: refused, saying so", "r.csv",
+     GOOD.decode().encode("utf-16-le"), (), None),
+    ("utf8-bom-cr-only", "a UTF-8 BOM and CR-only line ends together: handled", "r.csv",
+     b"\xef\xbb\xbf" + csv(eol="\r"), (), n_ratings(N)),
+    ("utf8-bom-quoted-header", 'a BOM before a quoted header "userId",...: handled', "r.csv",
+     b"\xef\xbb\xbf" + GOOD.replace(b"userId", b'"userId"', 1), (), n_ratings(N)),
+    ("utf8-bom-tsv-no-header", "a BOM on a header-less u.data: handled", "u.data",
+     b"\xef\xbb\xbf" + "\n".join(ln.replace(",", "\t") for ln in lines()).encode() + b"\n", (), n_ratings(N)),
+    ("utf8-bom-dat", "a BOM on a ::-separated ratings.dat: handled", "ratings.dat",
+     b"\xef\xbb\xbf" + "\n".join(ln.replace(",", "::") for ln in lines()).encode() + b"\n", (), n_ratings(N)),
+    ("cr-only-no-final-eol", "CR-only line ends, the last line without one: handled", "r.csv", csv(eol="\r")[:-1],
+     (), n_ratings(N)),
+    ("rating-1e39", "a rating 1e39 (beyond a 32-bit float): refused", "r.csv", csv(f"1,9,1e39,{T0}"), (), None),
+    # truncated inputs
+    ("csv-truncated-mid-line", "a CSV cut short inside its last line: refused, the line named", "r.csv", GOOD[:-14],
+     (), None),
+    ("xz-truncated", "half an xz file: refused", "r.csv.xz", lzma.compress(GOOD)[:80], (), None),
+    ("bzip2-truncated", "half a bzip2 file: refused", "r.csv.bz2", bz2.compress(GOOD)[:80], (), None),
+    ("zstd-truncated", "half a zstd file: refused", "r.csv.zst", ZSTD[: len(ZSTD) // 2], (), None),
+    ("parquet-footer-only-damaged", "a Parquet file whose footer is damaged: refused", "r.parquet",
+     parquet()[:-12] + b"\0" * 8 + b"PAR1", (), None),
+    # zips beyond the single ones above
+    ("zip-bom-cr-member", "a zip whose ratings.csv has a BOM and CR-only ends: handled", "z.zip",
+     zipped({"ratings.csv": b"\xef\xbb\xbf" + csv(eol="\r")}), (), n_ratings(N)),
+    ("zip-corrupt-movies-member", "a zip whose movies.csv is damaged: refused, naming movies.csv", "z.zip",
+     zipped({"movies.csv": MOVIES * 40, "ratings.csv": GOOD}, flip_middle), (), None),
+    ("zip-no-central-directory", "a zip cut before its central directory: refused", "z.zip",
+     (lambda z: z[: z.find(b"PK\x01\x02")])(zipped({"ratings.csv": GOOD})), (), None),
+    ("zip-movies-parquet", "a zip with ratings.csv and a movies.parquet whose genres are lists: handled", "z.zip",
+     zipped({"ratings.csv": GOOD, "movies.parquet": MOVIES_PARQUET}), (), genres("Comedy|Drama")),
 ]  # fmt: skip
 
 
@@ -450,13 +578,28 @@ def _other_cases() -> None:
               {"train.csv": train, "test.csv": test}, *given, check=carved(True))
     bad_input("given-no-val-fraction-0", "... with --val-fraction 0: no validation rows, handled",
               {"train.csv": train, "test.csv": test}, *given, "--val-fraction", "0", check=carved(False))
+    bad_input("given-test-same-as-train", "--test-path the training file again: refused (no training rating left)",
+              {"train.csv": train}, "--train-path", "{d}/train.csv", "--test-path", "{d}/train.csv")
+    bad_input("given-val-header-only", "a val file with a header and no ratings: refused",
+              {"train.csv": train, "test.csv": test, "val.csv": csv(body=[])}, *given, "--val-path", "{d}/val.csv")
+    bad_input("items-path-list-ids", "--items-path a Parquet movies file with list-typed ids: refused",
+              {**r, "m.parquet": table_bytes(movieId=[[1], [2]], title=["A", "B"])},
+              "--path", "{d}/r.csv", "--items-path", "{d}/m.parquet")
+    bad_input("items-path-missing", "--items-path to a missing file: refused", r,
+              "--path", "{d}/r.csv", "--items-path", "{d}/nothing.csv")
+    bad_input("items-path-text-ids", "a movies.csv with a text id: refused, the line named",
+              {**r, "m.csv": b"movieId,title,genres\n1,A,B\nx,C,D\n"},
+              "--path", "{d}/r.csv", "--items-path", "{d}/m.csv")
     bad_input("given-test-missing", "--test-path to a missing file: refused", {"train.csv": train}, *given)
     bad_input("given-test-other-columns", "a test file without the userId column: refused",
               {"train.csv": train, "test.csv": test.replace(b"userId", b"user")}, *given)
     bad_input("given-val-without-train", "--val-path alone: refused", {"v.csv": train},
               "--path", "{d}/v.csv", "--val-path", "{d}/v.csv")
-    bad_input("out-read-only", "--out on a read-only filesystem: refused", r, "--path", "{d}/r.csv",
-              mount=lambda d: tmpfs(d, "1m", read_only=True), needs=("root",))
+    bad_input("out-read-only", "--out on a read-only filesystem (root) or in a 0555 directory: refused", r,
+              "--path", "{d}/r.csv", mount=read_only)
+    bad_input("out-file-size-limit", "a full disk without root: `ulimit -f` 16 KiB (EFBIG): refused, nothing "
+              "half-written", {"r.csv": csv(body=lines(n_users=1000, n_items=50))}, "--path", "{d}/r.csv",
+              max_file_bytes=16 << 10)
     bad_input("out-disk-full", "--out on a full disk (a 64 KiB tmpfs): refused, nothing half-written",
               {"r.csv": csv(body=lines(n_users=1000, n_items=50))}, "--path", "{d}/r.csv",
               mount=lambda d: tmpfs(d, "64k"), needs=("root",))

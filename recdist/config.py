@@ -118,7 +118,10 @@ class PrepareConfig(Section):
     """random: seeded over all ratings; user: per-user stratified random; time: one global timestamp cut;
     user_time: each user's last ratings; given: separate files from source.train_path/test_path."""
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of ratings (or of each user's ratings) for validation."""
+    """Share of ratings (or of each user's ratings) for validation. With split `given` and no val file, this
+    share of the training file (default 0.1, by the random split's seeded pair hash) is carved out for
+    validation, so early stopping has something to watch; 0 keeps it all in train and training runs every epoch
+    without early stopping (prepare and train say so)."""
     test_fraction: float = Field(0.1, ge=0, lt=1)
     """Share of ratings (or of each user's ratings) for test."""
     holdout_k: int = Field(1, ge=1)

@@ -120,6 +120,11 @@ _WRITE_ERRORS = {
         "free space there (`df -h PATH` shows what is left) or choose an output path on a disk with room; "
         "nothing half-written was kept",
     ),
+    errno.EFBIG: (
+        "a file outgrew the largest file allowed (this process's `ulimit -f`, or the filesystem's limit)",
+        "raise the limit (`ulimit -f unlimited`) or choose an output path on a filesystem that takes larger files; "
+        "nothing half-written was kept",
+    ),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or choose an output path elsewhere"),
     errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose an output path under a directory"),
     errno.EEXIST: ("a part of the path is a file, not a directory", "choose an output path under a directory"),

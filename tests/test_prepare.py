@@ -446,6 +446,33 @@ def test_killed_prepare_leaves_nothing_that_looks_like_a_dataset(planted, tmp_pa
     assert run(out, source__path=str(planted))["n_ratings"] == 24_000  # the next run needs no --overwrite
 
 
+
+def test_a_given_split_that_leaves_no_training_rating_is_refused(tmp_path):
+    # the test file repeats every training pair: de-duplication keeps the later (test) line, train is empty
+    train = _write(tmp_path / "train.csv", HEADER + "1,10,4,100\n2,20,3,200\n")
+    test = _write(tmp_path / "test.csv", HEADER + "1,10,4,100\n2,20,3,200\n")
+    with pytest.raises(DataError, match="no training ratings after the split \\(0 train, 0 val, 2 test\\)") as err:
+        run(tmp_path / "ds", source__train_path=str(train), source__test_path=str(test), prepare__split="given")
+    assert err.value.where == "train.csv" and "test/val files" in err.value.fix  # was a pydantic traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv"]
+
+
+def test_a_file_size_limit_stops_prepare_with_the_fix_and_nothing_half_written(planted, tmp_path):
+    """A full disk without root: RLIMIT_FSIZE (`ulimit -f`) makes a write fail with EFBIG as ENOSPC would."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    out = tmp_path / "ds"
+    args = ["prepare", "--path", str(planted / "ratings.csv"), "--out", str(out), "-q"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recdist", *args], capture_output=True, text=True, timeout=300, preexec_fn=limit
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # was exit 1, an OSError traceback
+    assert "ulimit -f" in proc.stderr and "where:" in proc.stderr and "fix:" in proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())  # no staging directory left
+
 # --- S3 in and out -------------------------------------------------------------------------------------------
 
 

@@ -419,3 +419,63 @@ def test_release_from_the_cache_without_network(tmp_path, monkeypatch):
     assert raw.name == "ml-latest-small" and raw.rating_scale == (0.5, 5.0)
     assert raw.checksum.startswith("sha256:")
     assert raw.locate(0) == f"ml-latest-small/ratings.csv in {tmp_path / 'ml-latest-small.zip'}, line 2"
+
+
+# --- typed Parquet columns as pandas and Arrow write them (issue 18 item 4) -----------------------------------
+
+
+def _parquet(path: Path, **columns: object) -> Path:
+    table = {"userId": [1, 1, 2], "movieId": [10, 20, 10], "rating": [4.0, 3.5, 5.0], "timestamp": [100, 200, 300]}
+    pq.write_table(pa.table({**table, **columns}), path)
+    return path
+
+
+def test_dictionary_encoded_text_ids_read_as_their_values_not_their_codes(tmp_path):
+    ids = pa.array(["1", "1", "2"]).dictionary_encode()  # a pandas `category` column; was a ComputeError traceback
+    assert _ratings(_parquet(tmp_path / "r.parquet", userId=ids)).equals(EXPECTED)
+    words = pa.array(["ann", "ann", "bob"]).dictionary_encode()
+    with pytest.raises(DataError, match="user id 'ann' is not an integer") as err:
+        read_ratings(str(_parquet(tmp_path / "w.parquet", userId=words)))
+    assert err.value.where.endswith("row 1")
+
+
+def test_float_id_and_timestamp_columns_take_whole_numbers_and_name_the_row_of_a_bad_one(tmp_path):
+    # pandas writes an integer column holding a missing value as float64; whole numbers are the ids they say
+    floats = _parquet(tmp_path / "f.parquet", userId=[1.0, 1.0, 2.0], timestamp=[100_000.0, 200_000.0, 300_000.0])
+    assert _ratings(floats).equals(EXPECTED.with_columns(pl.col("timestamp") * 1000))  # ms: prepare converts
+    nan_stamp = _ratings(_parquet(tmp_path / "t.parquet", timestamp=[100.0, float("nan"), 300.0]))
+    assert nan_stamp["timestamp"].to_list() == [100, None, 300]  # a missing timestamp, as an empty CSV field
+    for column, values, words in [
+        ("userId", [1.0, float("nan"), 2.0], "user id is missing"),  # was: "user id '1.0' is not an integer", row 1
+        ("userId", [1.0, float("inf"), 2.0], "user id inf is not a finite number"),
+        ("userId", [1.0, 2.0**60, 2.0], "beyond 2\\^53"),
+        ("movieId", [10.0, 20.5, 10.0], "item id 20.5 is not a whole number"),
+        ("timestamp", [100.0, float("-inf"), 300.0], "timestamp -inf is not a finite number"),
+    ]:
+        path = _parquet(tmp_path / "bad.parquet", **{column: values})
+        with pytest.raises(DataError, match=words) as err:
+            read_ratings(str(path))
+        assert err.value.where == f"{path}, row 2", (column, values)
+
+
+def test_parquet_movies_files_are_checked_like_ratings_and_take_list_genres(tmp_path):
+    movies = {"movieId": [10, 20], "title": ["Ten", "Twenty"], "genres": [["Drama"], ["Comedy", "Drama"]]}
+    pq.write_table(pa.table(movies), tmp_path / "movies.parquet")
+    items = read_items(str(tmp_path / "movies.parquet"))
+    assert items.frame.rows() == [(10, "Ten", "Drama"), (20, "Twenty", "Comedy|Drama")]
+    pq.write_table(pa.table({**movies, "movieId": [[10], [20]]}), tmp_path / "nested.parquet")
+    with pytest.raises(DataError, match="column 'movieId' of .* holds List") as err:  # was an InvalidOperationError
+        read_items(str(tmp_path / "nested.parquet"))
+    assert err.value.where.endswith("column movieId")
+    sink = io.BytesIO()
+    pq.write_table(pa.table(movies), sink)
+    path = _write(tmp_path / "ml.zip", _zip({"ratings.csv": CSV.encode(), "movies.parquet": sink.getvalue()}))
+    _, zipped = read_ratings(str(path))  # was parsed as text
+    assert zipped is not None and zipped.frame["genres"].to_list() == ["Drama", "Comedy|Drama"]
+
+
+def test_utf16_without_a_byte_order_mark_is_refused_saying_so(tmp_path):
+    path = _write(tmp_path / "r.csv", CSV.encode("utf-16-le"))  # was: "no user id column 'userId'" and NUL garbage
+    with pytest.raises(DataError, match="NUL bytes: it is UTF-16 or UTF-32 text without a byte-order mark") as err:
+        read_ratings(str(path))
+    assert err.value.where == f"{path}, line 1" and "UTF-8" in err.value.fix

@@ -115,7 +115,7 @@ def test_failed_local_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path,
     assert storage.listdir(str(tmp_path)) == ["f.bin"]
 
 
-@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_refused_writes_are_storage_errors_with_the_path_and_a_fix(tmp_path, monkeypatch, code):
     target = str(tmp_path / "f.bin")
     storage.write_bytes(target, b"old")

@@ -20,7 +20,8 @@ from recdist import storage
 from recdist.config import ClusterConfig, StageConfig, TuneBudget, load_config
 from recdist.errors import ConfigError
 from recdist.models.space import check_space, merge_space, parse_knob
-from recdist.tune.search import trial_plan, tune_stage
+from recdist.train.cluster import WorkerPlan
+from recdist.tune.search import trial_plan, trial_resources, tune_stage
 from recdist.tune.trial import EXIT_AFTER_ENV
 
 #: A space small enough for tiny data and two cores: 2-4 epochs, small ranks.
@@ -95,6 +96,19 @@ def test_trials_are_sized_to_the_cluster() -> None:
         trial_plan(ClusterConfig(workers=2, gpu=True), budget, {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match="needs 4 CPUs"):
         trial_plan(ClusterConfig(), TuneBudget(cpus_per_trial=4), {"CPU": 2.0})
+
+
+def test_a_one_worker_trial_holds_its_worker_share_and_runs_in_process() -> None:
+    from recdist.tune.trial import TrialSpec
+
+    def spec(plan: WorkerPlan) -> TrialSpec:
+        return TrialSpec("data", {}, None, {}, plan, "out/_ray", "search-x", 0)
+
+    one, two = WorkerPlan(1, 0.99, False), WorkerPlan(2, 1, False)  # type: ignore[arg-type]
+    assert spec(one).in_process and not spec(two).in_process
+    assert trial_resources(one).bundles == [{"CPU": 1.0}]  # the worker's 0.99 and the driver's sliver
+    assert trial_resources(WorkerPlan(1, 1, True)).bundles == [{"CPU": 1.01, "GPU": 1.0}]
+    assert trial_resources(two).bundles == [{"CPU": 0.01}]  # its Ray Train workers hold the rest
 
 
 def test_the_cli_refuses_an_unknown_knob_with_a_clear_message(tmp_path) -> None:
@@ -184,7 +198,11 @@ def test_a_killed_search_resumes(ray_cluster, dataset, tmp_path) -> None:
     killed = subprocess.run([sys.executable, "-m", "recdist", *args], env=env, capture_output=True, text=True,
                             timeout=900)  # fmt: skip
     assert killed.returncode == 3, killed.stderr[-3000:]  # died after its first trial, without cleaning up
-    assert not storage.is_committed(str(out)) and list((out / "_ray").glob("search-*"))
+    assert not storage.is_committed(str(out))
+    # one-worker trials ran the worker loop in their own processes: the search's state alone, no Ray Train run
+    # beside it, and the finished trial's checkpoint (its final state) among the search's trials
+    (search,) = (out / "_ray").iterdir()
+    assert search.name.startswith("search-") and list(search.glob("*/checkpoint_*/progress.json"))
 
     from recdist.cli import main
 

@@ -85,6 +85,8 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
     items = _id_table(item_ids, "item", ratings["item_idx"].to_numpy(), train)
     items = _with_titles(items, raw.items)
     counts = np.bincount(code, minlength=len(SPLITS))
+    if counts[0] == 0:
+        _refuse_no_train(raw, cfg, counts)
     mean = ratings.filter(pl.lit(pl.Series(train))).select(pl.col("rating").cast(pl.Float64).mean()).item()
     stats = {
         "n_raw": n_raw,
@@ -96,6 +98,20 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
         "val_carved_from_train": cfg.val_fraction if carved else None,
     }
     return PreparedFrames(ratings=ratings, users=users, items=items, stats=stats)
+
+
+def _refuse_no_train(raw: RawSource, cfg: PrepareConfig, counts: np.ndarray) -> None:
+    """DataError for a split that leaves no training rating: nothing to train on, no mean to start from."""
+    have = ", ".join(f"{int(c):,} {name}" for name, c in zip(SPLITS, counts, strict=True))
+    if cfg.split == "given":
+        why = "every pair of the training file is also in the test or validation file, and a repeated pair keeps " \
+            "its later line (prepare.duplicates)"
+        fix = "remove from the test/val files the pairs the training file holds (or pass the right --train-path)"
+    else:
+        why = f"too few ratings for split {cfg.split} with val_fraction {cfg.val_fraction} and test_fraction " \
+            f"{cfg.test_fraction}"
+        fix = "give more ratings, or lower --val-fraction / --test-fraction"
+    raise DataError(f"no training ratings after the split ({have}): {why}", where=raw.name, fix=fix)
 
 
 def _collect(raw: RawSource) -> pl.DataFrame:

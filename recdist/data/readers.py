@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import io
 import lzma
+import math
 import posixpath
 import zipfile
 import zlib
@@ -172,7 +173,7 @@ def read_items(uri: str, layout: Layout | None = None, item_col: str = "movieId"
     raw = storage.read_bytes(uri)
     data = unpack(raw, uri)
     if layout.format == "parquet":
-        return Parsed(_items_from_frame(_parquet_frame(data, uri), item_col), uri, None, _sha256(raw))
+        return Parsed(parquet_items(_parquet_frame(data, uri), item_col, uri), uri, None, _sha256(raw))
     return parse_items(data, layout, uri, item_col)
 
 
@@ -206,7 +207,11 @@ def read_zip(
         if movies_member and movies_member in names:
             where = f"{movies_member} in {uri}"
             data = _member_bytes(archive, movies_member, uri)
-            items = parse_items(data, movies_layout or layout_for(movies_member), where)
+            movies_layout = movies_layout or layout_for(movies_member)
+            if movies_layout.format == "parquet":
+                items = Parsed(parquet_items(_parquet_frame(data, where), "movieId", where), where, None, _sha256(data))
+            else:
+                items = parse_items(data, movies_layout, where)
     return ratings, items
 
 
@@ -374,21 +379,53 @@ def parse_parquet_ratings(frame: pl.DataFrame, where: str, columns: Columns, *, 
     }
     picked = {role: name for role, name in picked.items() if name is not None}
     frame = _plain_columns(frame, picked, where)
-    problems = [
-        (*found, role, name)
-        for role, name in picked.items()
-        if (found := _first_problem(frame.get_column(name).cast(pl.String), role))
-    ]
+    problems = [(*found, role, name) for role, name in picked.items() if (found := _column_problem(frame, name, role))]
     _raise_first(problems, lambda row: f"{where}, row {row + 1}")
     out = frame.select(
-        pl.col(picked["user"]).cast(pl.Int64).alias("user_id"),
-        pl.col(picked["item"]).cast(pl.Int64).alias("item_id"),
+        _as_id(frame, picked["user"]).alias("user_id"),
+        _as_id(frame, picked["item"]).alias("item_id"),
         pl.col(picked["rating"]).cast(pl.Float32).alias("rating"),
-        (pl.col(picked["timestamp"]).cast(pl.Int64) if "timestamp" in picked else pl.lit(None, pl.Int64)).alias(
-            "timestamp"
-        ),
+        (_as_id(frame, picked["timestamp"]) if "timestamp" in picked else pl.lit(None, pl.Int64)).alias("timestamp"),
     )
     return Parsed(out, where, None, checksum)
+
+
+_EXACT_FLOAT = 2**53
+"""Integers a float64 column holds exactly: beyond this an id read from a float may be another id."""
+
+
+def _column_problem(frame: pl.DataFrame, name: str, role: str) -> tuple[int, str] | None:
+    """(row, what) of the first bad value of a typed (Parquet) column, or None.
+
+    Integer roles (ids, timestamp) in a float column, as pandas writes an integer column with a missing value:
+    whole numbers are taken; NaN is a missing value; a fraction, an infinity or a number beyond 2^53 is refused.
+    """
+    values = frame.get_column(name)
+    if not (values.dtype.is_float() and _ROLES[role][2] == pl.Int64):
+        return _first_problem(values.cast(pl.String), role)
+    label = _ROLES[role][0]
+    missing = values.is_null() | values.is_nan()
+    fine = missing | ((values.abs() < _EXACT_FLOAT) & (values == values.floor()))
+    problem = ~fine if role == "timestamp" else missing | ~fine  # timestamps may be missing
+    if not problem.any():
+        return None
+    row = int(problem.fill_null(True).arg_true()[0])
+    if missing[row]:
+        return row, f"{label} is missing"
+    value = values[row]
+    why = (
+        "not a finite number" if not math.isfinite(value)
+        else "not a whole number" if abs(value) < _EXACT_FLOAT
+        else "beyond 2^53, where a float column loses integers"
+    )  # fmt: skip
+    return row, f"{label} {value!r} is {why} (in a {values.dtype} column)"
+
+
+def _as_id(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """An id or timestamp column as Int64 (a checked float column's NaN as null)."""
+    if frame.schema[name].is_float():
+        return pl.col(name).fill_nan(None).cast(pl.Int64)
+    return pl.col(name).cast(pl.Int64)
 
 
 def _plain_columns(frame: pl.DataFrame, picked: dict[str, str], where: str) -> pl.DataFrame:
@@ -398,6 +435,8 @@ def _plain_columns(frame: pl.DataFrame, picked: dict[str, str], where: str) -> p
         dtype = frame.schema[name]
         if role == "timestamp" and dtype.is_temporal() and dtype != pl.Time and not isinstance(dtype, pl.Duration):
             frame = frame.with_columns(pl.col(name).dt.epoch("s"))
+        elif isinstance(dtype, (pl.Categorical, pl.Enum)):  # dictionary-encoded text: its values, not its codes
+            frame = frame.with_columns(pl.col(name).cast(pl.String))
         elif not (dtype.is_numeric() or dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum))):
             label, flag, want = _ROLES[role]
             kind = "integer" if want == pl.Int64 else "number"
@@ -488,6 +527,26 @@ def _pick_item(names: list[str], item_col: str) -> str:
     return names[0]  # a movies file's id comes first (movieId, MovieID::, u.item)
 
 
+def parquet_items(frame: pl.DataFrame, item_col: str, where: str) -> pl.DataFrame:
+    """A Parquet movies table -> RAW_ITEMS: the id checked as the ratings' ids are (a list or text id refused,
+    naming the column or row); genres written as a list of names joined with '|'; other columns as text."""
+    item = _pick_item(frame.columns, item_col)
+    frame = _plain_columns(frame, {"item": item}, where)
+    _raise_first(
+        [(*found, "item", item)] if (found := _column_problem(frame, item, "item")) else [],
+        lambda row: f"{where}, row {row + 1}",
+    )
+    frame = frame.with_columns(_as_id(frame, item))
+    for name, dtype in frame.schema.items():
+        if name == item:
+            continue
+        if isinstance(dtype, pl.List) and dtype.inner in (pl.String, pl.Categorical):
+            frame = frame.with_columns(pl.col(name).cast(pl.List(pl.String)).list.join("|"))
+        elif isinstance(dtype, (pl.List, pl.Array, pl.Struct, pl.Object)):
+            frame = frame.drop(name)  # nested columns are not titles or genres: as if absent
+    return _items_from_frame(frame, item)
+
+
 def _items_from_frame(frame: pl.DataFrame, item: str) -> pl.DataFrame:
     names = frame.columns
     item = _pick_item(names, item)
@@ -522,6 +581,14 @@ class _Text:
         self.data, self.layout, self.where = data, layout, where
         self.separator = layout.separator
         first = data[: data.find(b"\n")] if b"\n" in data else data
+        if b"\0" in first:  # UTF-16/32 without a byte-order mark reads as NUL-separated garbage
+            raise DataError(
+                f"the first line of {where} holds NUL bytes: it is UTF-16 or UTF-32 text without a byte-order mark, "
+                "or not text at all",
+                where=f"{where}, line 1",
+                fix="save it as UTF-8 text (or as UTF-16 with a byte-order mark, which is read too); "
+                "if it is not a ratings file, check --path",
+            )
         fields = first.decode("utf-8", "replace").rstrip("\r").split(self.separator)
         if layout.has_header:
             self.names = [f.strip().strip('"') for f in fields]

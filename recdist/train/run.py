@@ -71,21 +71,53 @@ def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Te
 # --------------------------------------------------------------------------------------------------- worker
 
 
+class WorkerSession:
+    """What the worker loop asks of whatever runs it: its rank and world size, its device, the checkpoint to
+    resume from, where reports go. This one is Ray Train's worker context (a TorchTrainer's worker);
+    recdist.tune.trial.TrialSession runs the same loop in a Ray Tune trial's own process (one rank)."""
+
+    #: True: every epoch reports its metrics (a Tune scheduler's clock), with a checkpoint only when the policy
+    #: says so. False (Ray Train: each report waits for the controller's next poll): reports only with checkpoints.
+    reports_every_epoch = False
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, gpu: bool) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device() if gpu else torch.device("cpu")
+
+    def latest_checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        """Report `metrics`, with the checkpoint written in `directory` when there is one."""
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one rank's whole training run."""
-    import ray.train
-    import ray.train.torch
+    run_worker(config, WorkerSession())
 
 
+def run_worker(config: dict[str, Any], session: Any) -> None:
+    """One rank's whole training run, reporting through `session` (a WorkerSession or alike)."""
     entered = time.time()  # wall clock: the driver compares it with its own (one machine: the same clock)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     stage = StageConfig.model_validate(config["stage"])
     _seed_rank(stage.train.seed + rank, config["cpus_per_worker"])
-    device = ray.train.torch.get_device() if config["gpu"] else torch.device("cpu")
+    device = session.device(config["gpu"])
     trainer, timings = _rank_trainer(config, stage, rank, world, device)
     clock = time.perf_counter()
-    attempt = _resume(trainer, config, rank, device)
+    attempt = _resume(trainer, config, session, device)
     timings["setup_s"] += time.perf_counter() - clock
     compute = reporting = 0.0
 
@@ -108,9 +140,11 @@ def train_worker(config: dict[str, Any]) -> None:
         if trainer.done:  # the final report below checkpoints the last state
             break
         clock = time.perf_counter()
-        if _agreed(policy.due(row["epoch"] + 1, time.monotonic() - last_checkpoint), device):
-            _report(trainer, rank, row, attempt=attempt)
-            last_checkpoint, checkpoints = time.monotonic(), checkpoints + 1
+        due = _agreed(policy.due(row["epoch"] + 1, time.monotonic() - last_checkpoint), device)
+        if due or session.reports_every_epoch:
+            _report(session, trainer, row, save=due, attempt=attempt)
+            if due:
+                last_checkpoint, checkpoints = time.monotonic(), checkpoints + 1
         reporting += time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -121,7 +155,7 @@ def train_worker(config: dict[str, Any]) -> None:
     timings.update(compute_s=compute, report_s=reporting, checkpoints=checkpoints + 1)
     timings.update(entered=entered, left=time.time(), process_created=_process_created())
     _report(
-        trainer, rank, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
+        session, trainer, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
         timings=timings,
     )  # fmt: skip
 
@@ -161,18 +195,16 @@ def _rank_trainer(
     return trainer, timings
 
 
-def _resume(trainer: Trainer, config: dict[str, Any], rank: int, device: torch.device) -> int:
-    """Load the latest checkpoint into `trainer` if Ray Train has one; this worker group's attempt number."""
-    import ray.train
-
+def _resume(trainer: Trainer, config: dict[str, Any], session: Any, device: torch.device) -> int:
+    """Load the latest checkpoint into `trainer` if the session has one; this worker group's attempt number."""
     attempt = 0
-    resumed = ray.train.get_checkpoint()
+    resumed = session.latest_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as directory:
             state = checkpoint.load_state(directory, device)
         trainer.load_state_dict(state)
         attempt = int(state["progress"].get("attempt", 0)) + 1
-    return _attempt(config, rank, device, attempt)
+    return _attempt(config, session.rank, device, attempt)
 
 
 def _attempt(config: dict[str, Any], rank: int, device: torch.device, from_checkpoint: int) -> int:
@@ -206,16 +238,14 @@ def _agreed(due: bool, device: torch.device) -> bool:
     return bool(dist.all_reduce_sum_(flag).item() > 0)
 
 
-def _report(trainer: Trainer, rank: int, metrics: dict[str, Any], **extra: Any) -> None:
-    """Every rank reports (a barrier); rank 0 alone writes the checkpoint."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+def _report(session: Any, trainer: Trainer, metrics: dict[str, Any], *, save: bool = True, **extra: Any) -> None:
+    """Every rank reports (a barrier under Ray Train); rank 0 alone writes the checkpoint, when `save`."""
+    if session.rank != 0 or not save:
+        session.report(metrics, None)
         return
     with tempfile.TemporaryDirectory(prefix="recdist-ckpt-") as directory:
         checkpoint.save_state(trainer.state_dict(), directory, **extra)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        session.report(metrics, directory)
 
 
 # --------------------------------------------------------------------------------------------------- driver

@@ -1,11 +1,11 @@
-"""`recdist tune`: a Ray Tune search over one stage's settings, every trial a Ray Train run of `recdist train`'s loop.
+"""`recdist tune`: a Ray Tune search over one stage's settings, every trial a run of `recdist train`'s worker loop.
 
 Driver: check everything before any trial (model, search space, data with validation ratings, output, cluster
-fit), then a Tuner over recdist.tune.trial.run_trial (a function trainable that runs the same TorchTrainer and
-worker loop as `recdist train`), random search seeded by the budget, the stage's own settings tried first, and
-ASHA stopping trials that trail on validation RMSE (clock: epochs). The search's state lives in DIR/_ray (local
-or s3://, as training's): running the same command again after a kill resumes it (Tuner.restore), trials
-cut short resuming their Train runs from their checkpoints.
+fit), then a Tuner over recdist.tune.trial.run_trial (a function trainable that runs the same worker loop as
+`recdist train`: in the trial's own process when a trial is one worker, else as a TorchTrainer run), random
+search seeded by the budget, the stage's own settings tried first, and ASHA stopping trials that trail on
+validation RMSE (clock: epochs). The search's state lives in DIR/_ray (local or s3://, as training's): running
+the same command again after a kill resumes it (Tuner.restore), trials cut short resuming from their checkpoints.
 
 DIR: trials.parquet (one row per trial), best.yaml (the best stage as a config fragment for --config),
 val_rmse.png, best/ (the best settings retrained by train_stage: a `recdist train` run), manifest.json last.
@@ -33,7 +33,8 @@ from recdist.train.cluster import WorkerPlan
 
 log = logging.getLogger(__name__)
 
-#: CPU each trial's Ray Tune function holds: it only drives a Ray Train run (whose workers hold the real share).
+#: CPU each trial's Ray Tune function holds beyond its workers' share: a trial of several workers only drives a Ray
+#: Train run (whose workers hold the real share); a one-worker trial is its worker and holds both.
 DRIVER_CPU = 0.01
 RAY_DIR = "_ray"
 
@@ -100,6 +101,8 @@ def tune_stage(
 
 def _search(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
     """_run, then the placement groups of trials ASHA stopped released (Ray 2.60 leaves them without a dashboard)."""
+    if spec.in_process:  # no Ray Train runs: Tune removes its trials' own placement groups
+        return _run(spec, budget, concurrency, max_t)
     before = _placement_groups()
     result = _run(spec, budget, concurrency, max_t)
     _release_stopped_trials(before, spec.plan)
@@ -260,9 +263,7 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
 
     fs, path = storage.arrow_filesystem(spec.storage_uri)
     fs = fs if storage.is_s3(spec.storage_uri) else None
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, spec=spec), ray.tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
-    )
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), trial_resources(spec.plan))
     if not logs.settings().verbose:  # the old output engine at verbose 0 prints nothing (the new one a table)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         logging.getLogger("ray.tune").setLevel(logging.ERROR)  # its slow-step and resource warnings
@@ -291,6 +292,8 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
             ),
             num_samples=budget.trials or -1,
             time_budget_s=budget.time_budget_s,
+            # one-worker trials run in their Tune actor: the next trial reuses it (no process start, no imports)
+            reuse_actors=spec.in_process,
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,
@@ -298,10 +301,22 @@ def _run(spec: Any, budget: TuneBudget, concurrency: int, max_t: int) -> Any:
             storage_filesystem=fs,
             verbose=0,
             callbacks=[SearchProgress(budget.trials, spec.knobs)],
-            failure_config=ray.tune.FailureConfig(max_failures=0),
+            # a one-worker trial that fails restarts from its latest checkpoint, as a Ray Train run's workers do
+            failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures if spec.in_process else 0),
         ),
     )
     return tuner.fit(), False
+
+
+def trial_resources(plan: WorkerPlan) -> Any:
+    """What a trial's Tune function holds: a one-worker trial its worker's share (and GPU) plus the driver's
+    sliver, in one bundle; a trial of several workers the sliver alone (its Ray Train workers hold theirs)."""
+    import ray.tune
+
+    if plan.workers != 1:
+        return ray.tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
+    worker = plan.resources_per_worker()
+    return ray.tune.PlacementGroupFactory([{**worker, "CPU": round(worker["CPU"] + DRIVER_CPU, 4)}])
 
 
 def _placement_groups() -> dict[str, dict[str, Any]]:

@@ -1,8 +1,15 @@
-"""What runs inside Ray Tune: the trial function, the Ray Train callback that feeds Tune, the driver's progress.
+"""What runs inside Ray Tune: the trial function, what feeds Tune the worker loop's reports, the driver's progress.
 
-A trial is one Ray Train run of recdist.train.run's TorchTrainer (train_worker: the loop `recdist train` runs)
-on the stage's config with the trial's sampled knobs. Its Train run is named after the trial and stored beside
-the search, so a trial restarted by Tuner.restore resumes its Train run from the latest checkpoint.
+A trial runs recdist.train.run's worker loop (run_worker: the loop `recdist train` runs) on the stage's config
+with the trial's sampled knobs, in one of two ways:
+
+- one worker (a CPU share or one GPU): in the trial's own process (TrialSession: rank 0 of 1), reporting to Tune
+  every epoch and checkpointing into the trial's Tune checkpoints every CHECKPOINT_EVERY_S seconds; no Ray
+  Train worker group to start, so a trial costs its epochs, not a worker group's start-up. Tuner.restore
+  resumes a cut-short trial from its latest checkpoint.
+- several workers: one Ray Train run of the TorchTrainer (train_worker), named after the trial and stored beside
+  the search, its rank 0's reports passed on to Tune by the ToTune callback; Tuner.restore resumes the Train run
+  from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.tune
+import torch
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -24,6 +32,8 @@ from recdist.train.cluster import WorkerPlan
 
 log = logging.getLogger("recdist.tune")
 
+#: In-process trials: a checkpoint after the first epoch that ends this long after the latest (and the final state).
+CHECKPOINT_EVERY_S = 20.0
 #: Test hook: the search process dies (os._exit, no clean-up) once this many trials have finished.
 EXIT_AFTER_ENV = "RECDIST_TUNE_EXIT_AFTER_TRIALS"
 
@@ -40,6 +50,11 @@ class TrialSpec:
     storage_uri: str
     name: str
     max_failures: int
+
+    @property
+    def in_process(self) -> bool:
+        """One worker: the trial runs the worker loop in its own process (no Ray Train worker group)."""
+        return self.plan.workers == 1
 
 
 def tune_value(knob: Knob) -> Any:
@@ -88,10 +103,10 @@ def stage_of(spec: TrialSpec, config: dict[str, Any]) -> StageConfig:
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The Tune function trainable: one Ray Train run of the stage with this trial's knobs."""
-    from recdist.train.run import _fit, make_trainer
+    """The Tune function trainable: the worker loop on the stage with this trial's knobs, in this process (one
+    worker) or as one Ray Train run (several)."""
+    from recdist.train.run import _fit, make_trainer, run_worker
 
-    trial_id = ray.tune.get_context().get_trial_id()
     stage = stage_of(spec, config)
     loop_config = {
         "data": spec.data,
@@ -101,28 +116,65 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         "gpu": spec.plan.gpu,
         "fail_at_epoch": None,
     }
-    name = f"{spec.name}-{trial_id}"
+    if spec.in_process:
+        run_worker({**loop_config, "checkpoint_every_epochs": 0, "checkpoint_every_seconds": CHECKPOINT_EVERY_S},
+                   TrialSession())  # fmt: skip
+        return
+    name = f"{spec.name}-{ray.tune.get_context().get_trial_id()}"
     _fit(make_trainer(loop_config, spec.plan, spec.storage_uri, name, spec.max_failures, callbacks=[ToTune()]))
 
 
-class ToTune(TuneReportCallback):
-    """Pass rank 0's reports on to Tune: per epoch val_rmse and epochs_done (ASHA's clock), the running best;
-    the last report (the best weights' train/val figures) ends the trial. Test figures never reach the search."""
+class TuneRows:
+    """The worker loop's reports as Tune results: per epoch val_rmse and epochs_done (ASHA's clock), the running
+    best; the last report (the best weights' train/val figures) ends the trial. Test figures never reach the
+    search."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.epochs, self.best, self.best_epoch = 0, math.inf, 0
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        row = {k: v for k, v in metrics[0].items() if not k.startswith("test_")}
+    def row(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {k: v for k, v in metrics.items() if not k.startswith("test_")}
         if "epoch" in row:
             self.epochs = int(row["epoch"]) + 1
             if row["val_rmse"] < self.best:
                 self.best, self.best_epoch = float(row["val_rmse"]), self.epochs
-        else:  # the final report: the restored best weights
+        else:  # the final report (the restored best weights) follows the last epoch, which reported nothing
+            self.epochs += 1
             self.best = min(self.best, float(row["val_rmse"]))
         row.update(epochs_done=self.epochs, best_val_rmse=self.best, best_epoch=self.best_epoch)
-        super().after_report(run_context, [row], None)
+        return row
+
+
+class TrialSession:
+    """recdist.train.run.run_worker's session in a Tune trial's own process: rank 0 of 1, checkpoints and
+    reports through Ray Tune (the Ray Train WorkerSession's counterpart)."""
+
+    rank, world = 0, 1
+    reports_every_epoch = True
+
+    def __init__(self) -> None:
+        self.rows = TuneRows()
+
+    def device(self, gpu: bool) -> torch.device:
+        return torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES to ours
+
+    def latest_checkpoint(self) -> Any:
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        saved = ray.tune.Checkpoint.from_directory(directory) if directory else None
+        ray.tune.report(self.rows.row(metrics), checkpoint=saved)
+
+
+class ToTune(TuneReportCallback):
+    """A Ray Train run's rank-0 reports passed on to Tune (TuneRows), for trials of several workers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = TuneRows()
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        super().after_report(run_context, [self.rows.row(metrics[0])], None)
 
 
 class SearchProgress(Callback):
