@@ -11,7 +11,8 @@ is never replaced without `overwrite=True` or `from_stage` at or before it. `kin
 RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, logs/ (the driver's
 log, a file per invocation), data/ (when prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/
 with mf_pred, error and the session context), reliability/ (model/, scored/ + pred_error), rating/ (model/,
-scored/ + pred_rating), outputs/ (analyst tables, metrics.json, report.md and its figures). With
+scored/ + pred_rating), outputs/ (a folder per analyst table, figures/, metrics.json, report.md, SCHEMA.md,
+manifest.json, then _SUCCESS: recdist.tables). With
 pipeline.train_share.fraction < 1, mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of
 training rows (and the validation rows) that stages 2 and 3 train on. Every manifest is a recdist.manifest model.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import logs, storage
+from recdist import logs, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import OutputsManifest, RunManifest, ScoredManifest, StageManifest, file_entries
@@ -92,10 +93,18 @@ class _Run:
     overwrite: bool
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
+    run_id: str = ""
+    """RUN/manifest.json's run_id: kept across resumes, stamped into every output file."""
     _trained: TrainedOn | None = None
 
     def dir(self, stage: str) -> str:
         return self.data if stage == "prepare" else storage.join(self.out, stage)
+
+    def stamp(self) -> tables.Stamp:
+        """What every output file records about the run (Parquet key-value metadata, the report's head)."""
+        from recdist import __version__
+
+        return tables.Stamp(__version__, self.run_id, self.config.digest(), tables.git_commit())
 
     def trained(self) -> TrainedOn:
         """The dataset's training rows as every model of the run sees them: read once, on first use."""
@@ -125,7 +134,9 @@ def run_pipeline(
 
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
+    run.run_id = previous.get("run_id") or new_run_id()
     summary = RunManifest(
+        run_id=run.run_id,
         pipeline=config.pipeline.kind,
         config_hash=config.digest(),
         data=run.data,
@@ -212,9 +223,10 @@ def _check_run_dir(out: str, overwrite: bool) -> dict[str, Any]:
 
 
 def _state(run: _Run, name: str) -> str | None:
-    """The hash a stage's committed output was made with, or None when it is not committed."""
+    """The hash a stage's committed output was made with, or None when it is not committed (the outputs: no
+    `_SUCCESS`, which outputs written before the folder-per-table layout lack: they are redone)."""
     where = run.dir(name)
-    if not storage.is_committed(where):
+    if not storage.is_committed(where, tables.SUCCESS if name == "outputs" else storage.MANIFEST):
         return None
     manifest = storage.read_json(storage.join(where, storage.MANIFEST))
     if name == "prepare":
@@ -359,10 +371,12 @@ def _outputs(run: _Run) -> dict[str, Any]:
             mf=final if load_model(final).mf_tables() is not None else None,
             histories={"single": final},
         )
-    with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
-        metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed, trained=run.trained())
+    stamp = run.stamp()
+    with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
+        metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
         with logs.timed(log, "outputs: report"):
-            report = write_report(tmp, metrics, models, cfg)
+            report = write_report(tmp, metrics, models, cfg, stamp)
+        storage.write_bytes(storage.join(tmp, tables.SCHEMA_DOC), tables.data_dictionary().encode())
         shown = cfg.pipeline.outputs
         OutputsManifest(
             stage_hash=run.hashes["outputs"],
@@ -376,6 +390,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             report=report,
             files=file_entries(tmp),
         ).write(tmp)
+        storage.write_bytes(storage.join(tmp, tables.SUCCESS), b"")  # last: the outputs are whole
     return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
 
 
@@ -481,6 +496,11 @@ def _check_single_model(config: Config) -> None:
             fix="use pipeline.kind: rncf for reliability_mlp / rating_mlp, or choose a rating model for "
             "stages.single (e.g. mf_residual_mlp, biased_mf, ncf_mlp)",
         )
+
+
+def new_run_id() -> str:
+    """A run's id: its start time (UTC) and 6 random hex digits, e.g. 20261201T135601Z-3fa9c2."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.urandom(3).hex()}"
 
 
 def _digest(obj: Any) -> str:
