@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
-import pandas as pd
-import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from helpers import reader_counts
 
 from recdist import schema, tables
 
@@ -57,17 +54,8 @@ def test_a_partitioned_table_is_one_file_per_split_sorted_stamped_and_read_alike
         assert meta[b"recdist.config_hash"] == b"0123456789abcdef" and meta[b"recdist.version"] == b"9.9.9"
         assert pq.read_schema(f) == schema.OUTPUT_TABLES["predictions"].file_schema()  # no split column inside
         assert pq.read_table(f)["user_id"].to_pylist() == sorted(pq.read_table(f)["user_id"].to_pylist())
-    counts = {
-        "pyarrow": ds.dataset(folder, format="parquet", partitioning="hive").count_rows(),
-        "duckdb": duckdb.sql(f"select count(*) from read_parquet('{folder}/**/*.parquet')").fetchall()[0][0],
-        "polars": pl.scan_parquet(folder).select(pl.len()).collect().item(),
-        "pandas": len(pd.read_parquet(folder)),
-    }
-    assert set(counts.values()) == {24}, counts
-    test = duckdb.sql(f"select count(*) from read_parquet('{folder}/**/*.parquet') where split = 'test'")
-    assert test.fetchall()[0][0] == 8
-    assert pl.scan_parquet(folder).filter(pl.col("split") == "test").select(pl.len()).collect().item() == 8
-
+    assert set(reader_counts(folder).values()) == {24}, reader_counts(folder)
+    assert set(reader_counts(folder, where="test").values()) == {8}
 
 def test_the_stamp_leaves_out_an_unknown_git_commit():
     meta = tables.Stamp("1", "r", "c").metadata("recommendations")
