@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 from recdist import logs, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
-from recdist.manifest import OutputsManifest, RunManifest, ScoredManifest, StageManifest, file_entries
+from recdist.manifest import (
+    OutputsManifest,
+    RunManifest,
+    ScoredManifest,
+    StageManifest,
+    file_entries,
+    relative,
+    resolve,
+)
 from recdist.train.sampling import SAMPLE, TrainShare
 
 if TYPE_CHECKING:
@@ -139,14 +147,14 @@ def run_pipeline(
         run_id=run.run_id,
         pipeline=config.pipeline.kind,
         config_hash=config.digest(),
-        data=run.data,
+        data=_inside(run.data, run.out),
         stages={n: previous.get("stages", {}).get(n) for n in names[:first]},
         created_at=previous.get("created_at") or _now(),
         files=file_entries(run.out, ["config.yaml"]),
     )
     summary.write(run.out)
     with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
-        summary.log = run_log.uri  # in RUN/manifest.json from the first stage's commit on
+        summary.log = _inside(run_log.uri, run.out)  # in RUN/manifest.json from the first stage's commit on
         for name in names[:first]:
             log.info("%s: committed with the same config, skipped", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
@@ -157,10 +165,25 @@ def run_pipeline(
             run_log.sync()
         summary.status = "complete"
         summary.seconds = round(time.perf_counter() - started, 2)
-        summary.report = storage.join(run.out, "outputs", "report.md")
+        summary.report = "outputs/report.md"
         summary.write(run.out)
-        log.info("complete in %.1f s: %s", summary.seconds, summary.report)
-    return summary.model_dump(mode="json")
+        log.info("complete in %.1f s: %s", summary.seconds, storage.join(run.out, summary.report))
+    return _absolute(summary.model_dump(mode="json"), run.out)
+
+
+def _inside(uri: str, out: str) -> str:
+    """`uri` relative to the run directory when it is inside it, else as it is (a dataset given with --data)."""
+    rel = relative(uri, out)
+    return uri if rel == ".." or rel.startswith("../") or "://" in rel or rel.startswith("/") else rel
+
+
+def _absolute(summary: dict[str, Any], out: str) -> dict[str, Any]:
+    """The run summary as callers print it: RUN/manifest.json's paths (relative to the run, so that a run can
+    be moved or copied) resolved against the run directory."""
+    for key in ("data", "log", "report"):
+        if summary.get(key):
+            summary[key] = resolve(summary[key], out)
+    return summary
 
 
 def _plan(
@@ -391,7 +414,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             files=file_entries(tmp),
         ).write(tmp)
         storage.write_bytes(storage.join(tmp, tables.SUCCESS), b"")  # last: the outputs are whole
-    return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
+    return {"metrics": "outputs/metrics.json", "report": f"outputs/{report}"}
 
 
 _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {

@@ -99,7 +99,7 @@ def test_pipeline_on_s3_end_to_end_without_leaking_credentials(
         "rating",
         "outputs",
     ]
-    assert manifest["data"] == out + "/data"
+    assert manifest["data"] == "data" and manifest["log"].startswith("logs/")  # relative: the run can be moved
     # Checkpoints lived in the bucket: stage 1 restarted from one (attempt 2), and they were removed once committed.
     mf_metrics = json.loads(objects[run + "mf/model/metrics.json"])
     assert mf_metrics["attempts"] == 2 and mf_metrics["epochs"] == 2

@@ -69,3 +69,10 @@ def test_readme_prints_the_data_dictionary_of_recdist_schema():
     for spec in schema.OUTPUT_TABLES.values():
         for field in spec.schema:
             assert f"| {field.name} |" in block
+
+
+def test_rows_already_in_order_are_not_sorted_again_and_others_are():
+    ordered = pa.table({"user_id": [1, 1, 2, 3], "movie_id": [5, 9, 1, 1]})
+    assert tables._sorted(ordered, ("user_id", "movie_id"))
+    assert not tables._sorted(ordered.take([1, 0, 2, 3]), ("user_id", "movie_id"))  # a tie out of order
+    assert not tables._sorted(ordered.take([2, 0, 1, 3]), ("user_id", "movie_id"))
