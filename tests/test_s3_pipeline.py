@@ -112,7 +112,9 @@ def test_pipeline_on_s3_end_to_end_without_leaking_credentials(
     recs = pq.read_table(io.BytesIO(objects[run + "outputs/recommendations/part-00000.parquet"]))
     assert recs.num_rows == 200 * 10
     assert {"user_id", "movie_id", "score", "expected_abs_error", "candidate_score"} <= set(recs.column_names)
-    predictions = pl.read_parquet(f"{out}/outputs/predictions/", storage_options=polars_s3_options())
+    predictions = pl.read_parquet(
+        f"{out}/outputs/predictions/**/*.parquet", hive_partitioning=True, storage_options=polars_s3_options()
+    )
     assert predictions.height == 6000 and predictions["expected_abs_error"].null_count() == 0
     assert predictions["split"].unique().sort().to_list() == ["test", "train", "val"]  # from the split=... folders
     report = objects[run + "outputs/report.md"].decode()
