@@ -86,48 +86,35 @@ SETTINGS = [
 FAMILY = [s.name for s in SETTINGS if s.name != "untuned-20m"]
 
 SHIPPED = {"rank": 64, "reg": 0.05, "reg_bias": 0.01}
+def sgd(rank: int, reg: float, lr: float | None, epochs: int = 20, patience: int = 3, **params: Any) -> dict:
+    """A stage-1 candidate trained by SGD (lr None: searched on a sample, see lr_search)."""
+    train = {"solver": "sgd", "epochs": epochs, "patience": patience} | ({"lr": lr} if lr is not None else {})
+    return {"params": {"rank": rank, "reg": reg, "reg_bias": 0.01, **params}, "train": train}
+
+
+def als(rank: int, reg: float) -> dict:
+    """A stage-1 candidate trained by ALS-WR (no learning rate), the bias reg equal to the factors'."""
+    train = {"solver": "als", "epochs": 10, "patience": 2}
+    return {"params": {"rank": rank, "reg": reg, "reg_bias": reg}, "train": train}
+
+
 CANDIDATES: dict[str, dict[str, Any]] = {
     # today's configs/ml20m-cpu.yaml stage 1 (before this bench)
-    "shipped-sgd64": {"params": SHIPPED, "train": {"solver": "sgd", "lr": 0.01, "epochs": 12, "patience": 3}},
+    "shipped-sgd64": sgd(64, 0.05, lr=0.01, epochs=12),
     # README's training bench settings (rank 16, cosine over 4 epochs)
-    "bench-sgd16": {
-        "params": {"rank": 16, "reg": 0.015, "reg_bias": 0.01, "init_std": 0.05},
-        "train": {"solver": "sgd", "lr": 0.04, "epochs": 4, "patience": 0},
-    },
+    "bench-sgd16": sgd(16, 0.015, lr=0.04, epochs=4, patience=0, init_std=0.05),
     # SGD rank 32 with its learning rate from a short search on a sample of the training rows
-    "sgd32-lr-search": {
-        "params": {"rank": 32, "reg": 0.05, "reg_bias": 0.01},
-        "train": {"solver": "sgd", "epochs": 20, "patience": 3},
-        "lr_search": (0.01, 0.02, 0.04, 0.08),
-    },
+    "sgd32-lr-search": {**sgd(32, 0.05, lr=None), "lr_search": (0.01, 0.02, 0.04, 0.08)},
     # the same with the rate the search picked on base-r8's full run (0.04 beat the searched 0.08 there)
-    "sgd32-lr0.04": {
-        "params": {"rank": 32, "reg": 0.05, "reg_bias": 0.01},
-        "train": {"solver": "sgd", "lr": 0.04, "epochs": 20, "patience": 3},
-    },
+    "sgd32-lr0.04": sgd(32, 0.05, lr=0.04),
     # the same with the model's default reg (what ml-latest-small needs)
-    "sgd32-reg0.08-lr0.04": {
-        "params": {"rank": 32, "reg": 0.08, "reg_bias": 0.01},
-        "train": {"solver": "sgd", "lr": 0.04, "epochs": 20, "patience": 3},
-    },
+    "sgd32-reg0.08-lr0.04": sgd(32, 0.08, lr=0.04),
     # the model defaults before this bench (biased_mf: rank 64, reg 0.08; SGD's default lr 0.02; 20 epochs)
-    "defaults-sgd64": {
-        "params": {"rank": 64, "reg": 0.08, "reg_bias": 0.01, "init_std": 0.1},
-        "train": {"solver": "sgd", "lr": 0.02, "epochs": 20, "patience": 3},
-    },
+    "defaults-sgd64": sgd(64, 0.08, lr=0.02, init_std=0.1),
     # ALS-WR (no learning rate): rank 16 and 32, two regularisations
-    "als16-reg0.05": {
-        "params": {"rank": 16, "reg": 0.05, "reg_bias": 0.05},
-        "train": {"solver": "als", "epochs": 10, "patience": 2},
-    },
-    "als16-reg0.1": {
-        "params": {"rank": 16, "reg": 0.1, "reg_bias": 0.1},
-        "train": {"solver": "als", "epochs": 10, "patience": 2},
-    },
-    "als32-reg0.08": {
-        "params": {"rank": 32, "reg": 0.08, "reg_bias": 0.08},
-        "train": {"solver": "als", "epochs": 10, "patience": 2},
-    },
+    "als16-reg0.05": als(16, 0.05),
+    "als16-reg0.1": als(16, 0.1),
+    "als32-reg0.08": als(32, 0.08),
 }
 #: candidates run only when asked for (--candidates): worse than als16-reg0.05 on base-r8, or too slow at 20M
 EXTRA = ("als16-reg0.1", "als32-reg0.08")

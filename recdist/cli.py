@@ -6,9 +6,14 @@ files, so the CLI, jobs/ and the Kubernetes ConfigMap cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import sys
+import typing
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any
 
@@ -71,6 +76,11 @@ LogFormatOpt = Annotated[
 ]
 
 
+def _out(help: str) -> Any:
+    """The annotation of a command's required --out/-o."""
+    return Annotated[str, typer.Option("--out", "-o", help=help)]
+
+
 _SHORTHANDS: dict[int, tuple[str, Any]] = {}
 """id(typer OptionInfo) -> (the config key the flag is a shorthand for, the OptionInfo: kept alive, so its id is
 never reused). Filled each time a command's annotations are evaluated (typer, _shorthands)."""
@@ -90,13 +100,13 @@ def _key(kind: type, key: str, help: str, panel: str | None = None, *decls: str,
 
 
 def _shorthands(command: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """{config key: value} of a command's shorthand flags (_key), from its local `values`."""
-    import typing
-
+    """{config key: value} of a command's shorthand flags (_key), from its local `values` (the common ones, which
+    _command takes, are in `RunOptions.flags`)."""
     hints = typing.get_type_hints(command, include_extras=True)
     return {
         _SHORTHANDS[id(meta)][0]: values[name]
         for name, hint in hints.items()
+        if name in values
         for meta in getattr(hint, "__metadata__", ())
         if id(meta) in _SHORTHANDS
     }
@@ -150,6 +160,62 @@ def _config(path: list[str] | None, sets: list[str] | None, flags: dict[str, Any
     return load_config(path, overrides, nulls=sorted(nulls))
 
 
+_GROUPS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "source": {
+        "dataset": (DatasetOpt, None), "path": (PathOpt, None), "train_path": (TrainPathOpt, None),
+        "val_path": (ValPathOpt, None), "test_path": (TestPathOpt, None), "items_path": (ItemsPathOpt, None),
+    },
+    "cluster": {"workers": (WorkersOpt, None), "gpu": (GpuOpt, None), "address": (AddressOpt, None)},
+    "config": {"config": (ConfigOpt, None), "set_": (SetOpt, None), "overwrite": (OverwriteOpt, False)},
+    "logs": {"quiet": (QuietOpt, False), "verbose": (VerboseOpt, False), "log_format": (LogFormatOpt, LogFormat.text)},
+}
+"""The flags several commands share, by group: _command adds them to a command's signature."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a command's shared flags ask for: config files, --set overrides, --overwrite and cluster shorthands."""
+
+    config: list[str] | None = None
+    sets: list[str] | None = None
+    overwrite: bool = False
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """{config key: value} of the shared shorthand flags (source.*, cluster.*)."""
+
+    def load(self, flags: dict[str, Any]) -> Config:
+        """The config: files, then --set, then the shared flags and the command's own (_config, _given_split)."""
+        return _config(self.config, self.sets, _given_split({**self.flags, **flags}))
+
+
+def _command(*groups: str) -> Any:
+    """Register a command whose signature gains the shared flags of `groups` (_GROUPS), after its own; the logs
+    group sets logging up before the body runs, and the body gets the rest as `opts: RunOptions`."""
+
+    def decorate(func: Any) -> Any:
+        hints = typing.get_type_hints(func, include_extras=True)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(func).parameters.values()]
+        own = [p for p in own if p.name != "opts"]
+        shared = {name: spec for group in groups for name, spec in _GROUPS[group].items()}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, (a, d) in
+                 shared.items()]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            common = {name: kwargs.pop(name) for name in shared}
+            if "logs" in groups:
+                _logs(common["quiet"], common["verbose"], common["log_format"])
+            opts = RunOptions(common.get("config"), common.get("set_"), common.get("overwrite", False),
+                              _shorthands(command, common))
+            return func(opts=opts, **kwargs) if "opts" in hints else func(**kwargs)
+
+        del command.__wrapped__  # typer reads the signature below, not the body's
+        command.__signature__ = inspect.Signature([*own, *extra])
+        command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+        return app.command()(command)
+
+    return decorate
+
+
 def _version(show: bool) -> None:
     if show:
         from recdist import __version__
@@ -175,9 +241,10 @@ def _print_json(obj: Any) -> None:
 _SIZE, _MODEL = "Size (defaults: ml-20m's)", "Planted model"
 
 
-@app.command()
+@_command("config", "logs")
 def synth(
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) to write into.")],
+    opts: RunOptions,
+    out_dir: _out("Directory (or s3:// prefix) to write into."),
     users: _key(int, "synth.n_users", "Number of users", _SIZE) = None,
     items: _key(int, "synth.n_items", "Number of movies", _SIZE) = None,
     ratings: _key(int, "synth.n_ratings", "Number of ratings", _SIZE) = None,
@@ -194,12 +261,6 @@ def synth(
         float, "synth.exposure", "Missing not at random: how much taste picks what a user rates; 0 none", _MODEL
     ) = None,
     seed: _key(int, "synth.seed", "Seed: same seed and sizes, same bytes") = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Write synthetic MovieLens-20M-shaped ratings from a planted low-rank model.
 
@@ -216,9 +277,8 @@ def synth(
     """
     from recdist.data.synth import write_synthetic
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _shorthands(synth, locals()))
-    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=overwrite))
+    cfg = opts.load(_shorthands(synth, locals()))
+    _print_json(write_synthetic(cfg.synth, out_dir, overwrite=opts.overwrite))
 
 
 @app.command()
@@ -249,34 +309,25 @@ def datasets() -> None:
     )
 
 
-@app.command()
+@_command("logs")
 def download(
     dataset: Annotated[str, typer.Argument(help="Release name, e.g. ml-20m (see `recdist datasets`).")],
     cache_dir: Annotated[
         str | None, typer.Option(help="Cache directory \\[default: $RECDIST_CACHE or ~/.cache/recdist].")
     ] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Download a GroupLens release into the cache and verify its checksum (resumes partial downloads)."""
     from recdist.data.download import fetch
     from recdist.data.registry import get_release
 
-    _logs(quiet, verbose, log_format)
     path = fetch(get_release(dataset), cache_dir=cache_dir)
     out.print(str(path))
 
 
-@app.command()
+@_command("source", "config", "logs")
 def prepare(
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Dataset directory (or s3:// prefix) to write.")],
-    dataset: DatasetOpt = None,
-    path: PathOpt = None,
-    train_path: TrainPathOpt = None,
-    val_path: ValPathOpt = None,
-    test_path: TestPathOpt = None,
-    items_path: ItemsPathOpt = None,
+    opts: RunOptions,
+    out_dir: _out("Dataset directory (or s3:// prefix) to write."),
     user_col: _key(str, "source.user_col", "User id column", _COLUMNS) = None,
     item_col: _key(str, "source.item_col", "Item id column", _COLUMNS) = None,
     rating_col: _key(str, "source.rating_col", "Rating column", _COLUMNS) = None,
@@ -296,12 +347,6 @@ def prepare(
     holdout_k: _key(int, "prepare.holdout_k", "user_time: last k per user to test, k before to val", _PREP) = None,
     seed: _key(int, "prepare.seed", "Seed of splits and shards", _PREP) = None,
     shards: _key(int, "prepare.shards", "Number of balanced Parquet shards") = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Validate, de-duplicate, filter, index, split and shard ratings into a prepared dataset.
 
@@ -318,49 +363,53 @@ def prepare(
     """
     from recdist.data.prepare import prepare as run_prepare
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _given_split(_shorthands(prepare, locals())))
-    _print_json(run_prepare(cfg, out_dir, overwrite=overwrite))
+    cfg = opts.load(_shorthands(prepare, locals()))
+    _print_json(run_prepare(cfg, out_dir, overwrite=opts.overwrite))
 
 
-@app.command()
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")]
+ModelOpt = Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")]
+UpstreamOpt = Annotated[str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")]
+STAGE_SLOTS = ("mf", "reliability", "rating", "single")
+
+
+def _stage_key(stage: str) -> str:
+    """The config section `stages.<stage>` that train/tune work on, or a clear error for an unknown slot."""
+    if stage not in STAGE_SLOTS:
+        raise RecdistError(f"unknown stage {stage!r}", fix=f"use one of: {', '.join(STAGE_SLOTS)}")
+    return f"stages.{stage}"
+
+
+def _model_flags(opts: RunOptions, key: str, model: str | None) -> dict[str, Any]:
+    """--model as config overrides of the stage section `key`: the model and its params (_params_for)."""
+    if model is None:
+        return {}
+    return {f"{key}.model": model, f"{key}.params": _params_for(opts.config, opts.sets, key, model)}
+
+
+@_command("cluster", "config", "logs")
 def train(
-    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory for the model and metrics.")],
-    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    opts: RunOptions,
+    data: DataOpt,
+    out_dir: _out("Run directory for the model and metrics."),
+    model: ModelOpt = None,
     stage: Annotated[
         str, typer.Option(help="Which stages.<name> section of the config to train: mf, reliability, rating, single.")
     ] = "single",
-    upstream: Annotated[
-        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
-    ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
+    upstream: UpstreamOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
 
-    _logs(quiet, verbose, log_format)
-    if stage not in ("mf", "reliability", "rating", "single"):
-        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
-    key = f"stages.{stage}"
-    flags = {**_shorthands(train, locals()), f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
-    if model is not None:
-        flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(config, set_, key, model)
-    cfg = _config(config, set_, flags)
+    key = _stage_key(stage)
+    flags: dict[str, Any] = {f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
+    flags |= _model_flags(opts, key, model)
+    cfg = opts.load(flags)
     metrics = train_stage(
         data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
-        upstream=upstream, overwrite=overwrite,
+        upstream=upstream, overwrite=opts.overwrite,
     )
     _print_json(metrics)
 
@@ -368,11 +417,12 @@ def train(
 _SEARCH = "Search"
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def tune(
-    data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset (or a scored stage output).")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Directory (or s3:// prefix) for the search's outputs.")],
-    model: Annotated[str | None, typer.Option(help="Registered model name (see `recdist models`).")] = None,
+    opts: RunOptions,
+    data: DataOpt,
+    out_dir: _out("Directory (or s3:// prefix) for the search's outputs."),
+    model: ModelOpt = None,
     stage: Annotated[
         str | None,
         typer.Option(
@@ -380,9 +430,7 @@ def tune(
             "default model is --model (biased_mf: mf), else single]."
         ),
     ] = None,
-    upstream: Annotated[
-        str | None, typer.Option(help="Trained MF model directory, for the reliability/rating stages.")
-    ] = None,
+    upstream: UpstreamOpt = None,
     trials: Annotated[
         int | None,
         typer.Option(help="Most trials \\[default: 20; unlimited with --time-budget alone].", rich_help_panel=_SEARCH),
@@ -406,15 +454,6 @@ def tune(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random search \\[default: 0].",
                                              rich_help_panel=_SEARCH)] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Search a model's settings with Ray Tune (ASHA on validation RMSE), each trial a `recdist train` run.
 
@@ -432,21 +471,15 @@ def tune(
     from recdist.config import DEFAULT_MODELS, TuneBudget
     from recdist.tune.search import tune_stage
 
-    _logs(quiet, verbose, log_format)
     if stage is None:
         stage = next((slot for slot, name in DEFAULT_MODELS.items() if name == model), "single") if model else "mf"
-    if stage not in ("mf", "reliability", "rating", "single"):
-        raise RecdistError(f"unknown stage {stage!r}", fix="use one of: mf, reliability, rating, single")
-    key = f"stages.{stage}"
+    key = _stage_key(stage)
     flags: dict[str, Any] = {
-        "cluster.workers": workers, "cluster.gpu": gpu, "cluster.address": address,
         f"{key}.tune.trials": trials, f"{key}.tune.time_budget_s": time_budget,
         f"{key}.tune.cpus_per_trial": cpus_per_trial, f"{key}.tune.seed": seed,
     }
-    if model is not None:
-        flags[f"{key}.model"] = model
-        flags[f"{key}.params"] = _params_for(config, set_, key, model)
-    cfg = _config(config, set_, flags)
+    flags |= _model_flags(opts, key, model)
+    cfg = opts.load(flags)
     section = getattr(cfg.stages, stage)
     budget = section.tune or TuneBudget()
     trials_set = section.tune is not None and "trials" in section.tune.model_fields_set
@@ -455,7 +488,7 @@ def tune(
     if space:
         budget = budget.model_copy(update={"space": {**budget.space, **dict(parse_override(s) for s in space)}})
     summary = tune_stage(
-        data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=overwrite
+        data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=opts.overwrite
     )
     _print_json(summary)
 
@@ -472,28 +505,14 @@ def _params_for(config: list[str] | None, sets: list[str] | None, key: str, mode
     return params
 
 
-@app.command()
+@_command("source", "cluster", "config", "logs")
 def pipeline(
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local or s3://).")],
-    config: ConfigOpt = None,
+    opts: RunOptions,
+    out_dir: _out("Run directory (local or s3://)."),
     data: Annotated[str | None, typer.Option(help="An already prepared dataset to use.")] = None,
-    dataset: DatasetOpt = None,
-    path: PathOpt = None,
-    train_path: TrainPathOpt = None,
-    val_path: ValPathOpt = None,
-    test_path: TestPathOpt = None,
-    items_path: ItemsPathOpt = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
 
@@ -503,9 +522,8 @@ def pipeline(
     """
     from recdist.pipeline import run_pipeline
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, _given_split(_shorthands(pipeline, locals())))
-    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=overwrite)
+    cfg = opts.load(_shorthands(pipeline, locals()))
+    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=opts.overwrite)
     _print_json(
         {
             "status": result["status"],
@@ -517,23 +535,15 @@ def pipeline(
     )
 
 
-@app.command()
+@_command("cluster", "config", "logs")
 def infer(
+    opts: RunOptions,
     model_dir: Annotated[str, typer.Option("--model", "-m", help="A trained model directory (train output).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Prepared dataset or scored table to score.")],
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write the scored Parquet table.")],
+    out_dir: _out("Where to write the scored Parquet table."),
     batch_size: Annotated[
         int | None, typer.Option(help=f"Rows per batch \\[default: {INFER_BATCH_SIZE:,}].", show_default=False)
     ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = None,
-    address: AddressOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Batch inference with Ray Data: Parquet in, Parquet out with the model's prediction columns added.
 
@@ -545,17 +555,17 @@ def infer(
     from recdist.infer.session import SessionSpec, SessionStep
     from recdist.models.io import model_class
 
-    _logs(quiet, verbose, log_format)
-    cfg = _config(config, set_, {**_shorthands(infer, locals()), "pipeline.inference.batch_size": batch_size})
+    cfg = opts.load({"pipeline.inference.batch_size": batch_size})
     role = role_of(model_class(model_dir))
     session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
     options = ScoreOptions(
         role=role,
         batch_size=cfg.pipeline.inference.batch_size,
-        actors=cfg.pipeline.inference.actors if workers is None else workers,
+        actors=cfg.pipeline.inference.actors if opts.flags.get("cluster.workers") is None else cfg.cluster.workers,
         cluster=cfg.cluster,
-        gpu=gpu if gpu is not None else (True if cfg.cluster.gpu else None),  # else GPUs where the cluster has them
-        overwrite=overwrite,
+        # --gpu/--cpu as given; else a config's gpu: true, or None: GPUs where the cluster has them
+        gpu=cfg.cluster.gpu if opts.flags.get("cluster.gpu") is not None else cfg.cluster.gpu or None,
+        overwrite=opts.overwrite,
         features=session,
     )
     _print_json(score(model_dir, data, out_dir, options))

@@ -93,14 +93,17 @@ def test_the_inference_batch_size_is_defined_once():
 def test_cli_shorthand_flags_name_keys_of_the_tree():
     """Flags declared with cli._key are checked when cli.py is imported; the config keys written out in cli.py
     (stage flags of `train`, `pipeline`'s, `infer`'s) are checked here."""
-    from collections import defaultdict
+    import typing
 
     from recdist import cli
 
-    flags = {**cli._shorthands(cli.synth, defaultdict(int)), **cli._shorthands(cli.prepare, defaultdict(int))}
+    flags = {}
+    for command in (cli.synth, cli.prepare, cli.pipeline):  # every flag given: all shorthands, the shared ones too
+        flags |= cli._shorthands(command, dict.fromkeys(typing.get_type_hints(command), 0))
     assert {"prepare.val_fraction", "synth.n_users", "synth.popularity_skew", "synth.exposure"} <= set(flags)
+    assert {"cluster.workers", "cluster.gpu", "source.path"} <= set(flags)
     text = (ROOT / "recdist" / "cli.py").read_text()
-    keys = set(re.findall(r'f?"((?:\{key\}|[a-z_]+)(?:\.[a-z_]+)+)":', text)) | set(cli.SOURCE_FILES)
+    keys = set(re.findall(r'f?"((?:\{key\}|[a-z_]+)(?:\.[a-z_]+)+)"[:)]', text)) | set(cli.SOURCE_FILES)
     assert {"cluster.workers", "source.dataset", "pipeline.inference.batch_size"} <= keys
     for key in keys:
         tree_default(key.replace("{key}", "stages.mf"))

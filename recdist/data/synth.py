@@ -400,18 +400,15 @@ def _alias_tables(p):  # pragma: no cover
             else:
                 large[nl] = j
                 nl += 1
-        while ns > 0 and nl > 0:
+        while ns > 0 and nl > 0:  # pop a small column; the large one on top fills it and stays unless now small
             ns -= 1
-            nl -= 1
-            s, b = small[ns], large[nl]
+            s, b = small[ns], large[nl - 1]
             prob[g, s], alias[g, s] = scaled[s], b
             scaled[b] -= 1.0 - scaled[s]
             if scaled[b] < 1.0:
+                nl -= 1
                 small[ns] = b
                 ns += 1
-            else:
-                large[nl] = b
-                nl += 1
     return prob, alias
 
 

@@ -20,7 +20,7 @@ import torch
 
 from recdist.infer.scoring import Predictor
 from recdist.infer.session import empty_session
-from recdist.infer.topn import Csr, popularity_top, top_n
+from recdist.infer.topn import Csr, popularity_top, top_k_of, top_n
 from recdist.models.base import Model
 from recdist.models.implicit import Implicit
 from recdist.schema import SPLIT_TYPE
@@ -87,7 +87,8 @@ class Ranker:
         unseen movies left."""
         if self.retrieval is not None:
             tie = 1e-6 * self.popularity / self.popularity.max().clamp(min=1)  # cold users: the most-rated first
-            return _top_of(lambda u: self.retrieval.scores(u) + tie, users, k, exclude, self.allowed)
+            scores_of = lambda u: self.retrieval.scores(u) + tie  # noqa: E731
+            return top_k_of(scores_of, users, min(k, len(self.allowed)), exclude=exclude, allowed=self.allowed)
         if self.factors is not None:
             return top_n(self.factors, self.global_mean, users, k, exclude=exclude, allowed=self.allowed)
         counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)
@@ -144,24 +145,6 @@ def rank_score(
     spread = torch.sqrt(torch.where(torch.isfinite(error), error, torch.ones_like(error)).clamp(min=1e-3))
     good = torch.special.ndtr((rating - threshold) / spread)
     return (candidate.clamp(min=0) + 1e-6) * good
-
-
-def _top_of(
-    scores_of, users: torch.Tensor, k: int, exclude: Csr | None, allowed: torch.Tensor, chunk: int = 2048
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (score, item) per user of a (U, n_items) scoring function, skipping excluded and not allowed
-    items; -inf scores mark slots with no candidate left."""
-    n = min(k, len(allowed))
-    out_s, out_i = torch.empty(len(users), n), torch.empty(len(users), n, dtype=torch.long)
-    for lo in range(0, len(users), chunk):
-        block = users[lo : lo + chunk].long()
-        scores = scores_of(block).float()
-        scores[:, ~allowed] = -torch.inf
-        if exclude is not None:
-            which, cols = exclude.gather(block)
-            scores[which, cols] = -torch.inf
-        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = torch.topk(scores, n, dim=1)
-    return out_s, out_i
 
 
 def recommendable(n_train_items: np.ndarray, min_ratings: int = 1) -> torch.Tensor:

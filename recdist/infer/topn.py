@@ -5,6 +5,7 @@ Pure PyTorch on (users x items) score blocks, chunked over users so memory stays
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,20 +60,34 @@ def top_n(
 
     Returns (scores, items), both (len(users), n), best first; -inf scores mark slots with no candidate left.
     """
-    n_items = factors["item_factors"].shape[0]
-    n = min(n, n_items)
-    out_s = torch.empty(len(users), n)
-    out_i = torch.empty(len(users), n, dtype=torch.long)
-    for lo in range(0, len(users), chunk):
-        block_users = users[lo : lo + chunk].long()
-        scores = mf_scores(factors, mean, block_users)
+    n = min(n, factors["item_factors"].shape[0])
+    return top_k_of(lambda block: mf_scores(factors, mean, block), users, n, exclude=exclude, allowed=allowed,
+                    chunk=chunk)
+
+
+def top_k_of(
+    scores_of: Callable[[torch.Tensor], torch.Tensor],
+    rows: torch.Tensor,
+    k: int,
+    *,
+    exclude: Csr | None = None,
+    allowed: torch.Tensor | None = None,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, column) per row of a scoring function, `scores_of(block)` -> (len(block), n_cols),
+    called on `chunk` rows at a time (memory: one block); `exclude`d (row, column) pairs and columns not
+    `allowed` are skipped. k <= n_cols. Returns (scores, columns), (len(rows), k) each, best first; -inf scores
+    mark slots with no candidate left."""
+    out_s, out_i = torch.empty(len(rows), k), torch.empty(len(rows), k, dtype=torch.long)
+    for lo in range(0, len(rows), chunk):
+        block = rows[lo : lo + chunk].long()
+        scores = scores_of(block).float()
         if allowed is not None:
             scores[:, ~allowed] = -torch.inf
         if exclude is not None:
-            which, cols = exclude.gather(block_users)
+            which, cols = exclude.gather(block)
             scores[which, cols] = -torch.inf
-        s, i = torch.topk(scores, n, dim=1)
-        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = s, i
+        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = torch.topk(scores, k, dim=1)
     return out_s, out_i
 
 
@@ -111,18 +126,13 @@ def cosine_neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k items nearest to each query item by cosine of factors (the item itself excluded)."""
     unit = torch.nn.functional.normalize(item_factors.float(), dim=1)
-    k = min(k, unit.shape[0] - 1)
-    out_c = torch.empty(len(queries), k)
-    out_i = torch.empty(len(queries), k, dtype=torch.long)
-    for lo in range(0, len(queries), chunk):
-        q = queries[lo : lo + chunk].long()
+
+    def cosines(q: torch.Tensor) -> torch.Tensor:
         cos = unit[q] @ unit.T
-        if allowed is not None:
-            cos[:, ~allowed] = -torch.inf
-        cos[torch.arange(len(q)), q] = -torch.inf
-        c, i = torch.topk(cos, k, dim=1)
-        out_c[lo : lo + chunk], out_i[lo : lo + chunk] = c, i
-    return out_c, out_i
+        cos[torch.arange(len(q)), q] = -torch.inf  # not its own neighbour
+        return cos
+
+    return top_k_of(cosines, queries, min(k, unit.shape[0] - 1), allowed=allowed, chunk=chunk)
 
 
 def fold_in(

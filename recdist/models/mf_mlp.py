@@ -15,7 +15,7 @@ from recdist.models.base import mlp
 from recdist.models.batch import Batch, Dims
 from recdist.models.mf import BiasedMFConfig, MFBase
 from recdist.models.registry import register
-from recdist.models.space import Knob, choice, integer, loguniform, uniform
+from recdist.models.space import Knob, choice, mlp_knobs
 
 
 class MFResidualMLPConfig(BiasedMFConfig):
@@ -30,14 +30,7 @@ class MFResidualMLPConfig(BiasedMFConfig):
     dropout: float = Field(0.2, ge=0, lt=1)
     """Dropout after each hidden layer (training only)."""
 
-    search_space: ClassVar[dict[str, Knob]] = {
-        "params.rank": choice(16, 32, 64, 128),
-        "params.hidden": choice((32,), (64, 32), (128, 64)),
-        "params.dropout": uniform(0.0, 0.5),
-        "params.reg": loguniform(0.001, 0.2),
-        "train.lr": loguniform(0.0005, 0.02),
-        "train.epochs": integer(5, 30),
-    }
+    search_space: ClassVar[dict[str, Knob]] = {"params.rank": choice(16, 32, 64, 128), **mlp_knobs(0.2)}
 
 
 @register("mf_residual_mlp", MFResidualMLPConfig)

@@ -15,7 +15,7 @@ from recdist.config import Section
 from recdist.models.base import Model, embedding, logit_of, mlp, row_l2, scaled_sigmoid
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
-from recdist.models.space import Knob, choice, integer, loguniform, uniform
+from recdist.models.space import Knob, choice, mlp_knobs
 
 
 class NCFConfig(Section):
@@ -36,14 +36,7 @@ class NCFConfig(Section):
     sigmoid_output: bool = False
     """Squash the score with a sigmoid onto [rating_min, rating_max] instead of adding it to the mean."""
 
-    search_space: ClassVar[dict[str, Knob]] = {
-        "params.dim": choice(16, 32, 64, 128),
-        "params.hidden": choice((32,), (64, 32), (128, 64)),
-        "params.dropout": uniform(0.0, 0.5),
-        "params.reg": loguniform(0.001, 0.1),
-        "train.lr": loguniform(0.0005, 0.02),
-        "train.epochs": integer(5, 30),
-    }
+    search_space: ClassVar[dict[str, Knob]] = {"params.dim": choice(16, 32, 64, 128), **mlp_knobs(0.1)}
 
 
 @register("ncf_mlp", NCFConfig)

@@ -103,6 +103,18 @@ def parse_knob(key: str, value: Any) -> Knob:
     return Knob("fixed", values=(value,))
 
 
+def mlp_knobs(reg_high: float) -> dict[str, Knob]:
+    """The search knobs every factors-plus-MLP model shares (hidden widths, dropout, embedding reg, Adam's rate,
+    epochs); a model adds its own size knob (rank or dim)."""
+    return {
+        "params.hidden": choice((32,), (64, 32), (128, 64)),
+        "params.dropout": uniform(0.0, 0.5),
+        "params.reg": loguniform(0.001, reg_high),
+        "train.lr": loguniform(0.0005, 0.02),
+        "train.epochs": integer(5, 30),
+    }
+
+
 def merge_space(base: dict[str, Knob], overrides: dict[str, Any] | None) -> dict[str, Knob]:
     """The base space with the user's knobs (YAML forms) added or replacing; `null` removes a key."""
     space = dict(base)
