@@ -36,6 +36,11 @@ ENV RECDIST_CACHE=/home/ray/.cache/recdist \
     RAY_TRAIN_V2_ENABLED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# The commit the image was built from, stamped into every output file (recdist.git_commit; the image has no .git):
+# docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) ... Empty: outputs say nothing of a commit.
+ARG GIT_COMMIT=""
+ENV RECDIST_GIT_COMMIT=${GIT_COMMIT}
+
 # No HEALTHCHECK: one image serves as Ray head, Ray worker, job submitter and CronJob launcher, so no single
 # probe fits; Kubernetes ignores Docker HEALTHCHECKs anyway, and KubeRay gives head and workers their own
 # liveness/readiness probes. NONE also drops any check inherited from the base image.

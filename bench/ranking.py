@@ -56,11 +56,11 @@ def make_runs(out: Path) -> list[Path]:
     """The two pipeline runs, made with the pipeline command where absent."""
     out.mkdir(parents=True, exist_ok=True)
     mls, syn, synth = out / "mls", out / "syn", out / "synth-data"
-    if not (mls / "outputs" / "manifest.json").exists():
+    if not (mls / "outputs" / "_SUCCESS").exists():
         data = SHARED / "data" / "ml-latest-small"
         cmd = [*RECDIST, "pipeline", "--config", str(ROOT / "configs/ml-latest-small.yaml"), "--path", str(data)]
         subprocess.run([*cmd, "--out", str(mls), "-q", "--overwrite"], check=True)
-    if not (syn / "outputs" / "manifest.json").exists():
+    if not (syn / "outputs" / "_SUCCESS").exists():
         if not (synth / "synth.json").exists():
             subprocess.run(
                 [*RECDIST, "synth", "--out", str(synth), "--users", "4000", "--items", "3000", "--ratings", "300000",

@@ -22,10 +22,11 @@ from typing import Any
 
 from recdist import storage
 from recdist.errors import IntegrityError
+from recdist.tables import SUCCESS
 
 CHUNK = 8 << 20
-IGNORED = frozenset({storage.MANIFEST})
-"""Names never counted as extra files (the manifest itself)."""
+IGNORED = frozenset({storage.MANIFEST, SUCCESS})
+"""Names never counted as extra files: the manifest itself, and the outputs' `_SUCCESS` written after it."""
 
 
 def sha256(uri: str) -> str:

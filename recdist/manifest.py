@@ -143,7 +143,8 @@ class StageManifest(Manifest):
 
 
 class OutputsManifest(Manifest):
-    """RUN/outputs/: the analyst tables, metrics.json and the report."""
+    """RUN/outputs/: the analyst tables (a folder each), metrics.json, the report, SCHEMA.md; `_SUCCESS` follows
+    it (recdist.tables)."""
 
     kind: str = "stage"
     stage: str = "outputs"
@@ -163,6 +164,8 @@ class RunManifest(Manifest):
     """RUN/manifest.json: the stages done, their hashes and times."""
 
     kind: str = "run"
+    run_id: str | None = None
+    """Kept across resumes; stamped into every output file (recdist.tables.Stamp). None: runs before it."""
     pipeline: str
     config_hash: str
     data: str

@@ -13,7 +13,8 @@ Every committed stage a run skips is verified against its manifest first; one ru
 RUN layout: manifest.json (the run: hashes and times of the stages done), config.yaml, logs/ (the driver's
 log, a file per invocation), data/ (when prepared here), mf/ (model/, folds/<k>/ when cross-fitting, scored/
 with mf_pred, error and the session context), reliability/ (model/, scored/ + pred_error), rating/ (model/,
-scored/ + pred_rating), outputs/ (analyst tables, metrics.json, report.md and its figures). With
+scored/ + pred_rating), outputs/ (a folder per analyst table, figures/, metrics.json, report.md, SCHEMA.md,
+manifest.json, then _SUCCESS: recdist.tables). With
 pipeline.train_share.fraction < 1, mf/scored/sample/ and reliability/scored/sample/ hold the seeded share of
 training rows (and the validation rows) that stages 2 and 3 train on. Every manifest is a recdist.manifest model.
 
@@ -34,10 +35,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import integrity, logs, runlock, storage
+from recdist import integrity, logs, runlock, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
-from recdist.manifest import OutputsManifest, RunManifest, ScoredManifest, StageManifest, file_entries
+from recdist.manifest import (
+    OutputsManifest,
+    RunManifest,
+    ScoredManifest,
+    StageManifest,
+    file_entries,
+    relative,
+    resolve,
+)
 from recdist.train.sampling import SAMPLE, TrainShare
 
 if TYPE_CHECKING:
@@ -103,6 +112,8 @@ class _Run:
     """Committed stages with this config's hash made from an upstream stage redone since (recdist.integrity)."""
     building: dict[str, str] = field(default_factory=dict)
     """The stages being rebuilt beside their committed directory (RUN/<stage>.next) in this run."""
+    run_id: str = ""
+    """RUN/manifest.json's run_id: kept across resumes, stamped into every output file."""
     _trained: TrainedOn | None = None
 
     def dir(self, stage: str) -> str:
@@ -123,6 +134,12 @@ class _Run:
         before = self.names[: self.names.index(stage)] if stage in self.names else []
         found = {"prepare": self.data} | {n: self.committed_dir(n) for n in before if n != "prepare"}
         return integrity.pins(found, self.committed_dir(stage))
+
+    def stamp(self) -> tables.Stamp:
+        """What every output file records about the run (Parquet key-value metadata, the report's head)."""
+        from recdist import __version__
+
+        return tables.Stamp(__version__, self.run_id, self.config.digest(), tables.git_commit())
 
     def trained(self) -> TrainedOn:
         """The dataset's training rows as every model of the run sees them: read once, on first use."""
@@ -167,17 +184,19 @@ def _locked_run(config: Config, out: str, data: str | None, from_stage: str | No
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
     _remove_leftovers(run, names[:first])
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
+    run.run_id = previous.get("run_id") or new_run_id()
     summary = RunManifest(
+        run_id=run.run_id,
         pipeline=config.pipeline.kind,
         config_hash=config.digest(),
-        data=run.data,
+        data=_inside(run.data, run.out),
         stages={n: previous.get("stages", {}).get(n) for n in names[:first]},
         created_at=previous.get("created_at") or _now(),
         files=file_entries(run.out, ["config.yaml"]),
     )
     summary.write(run.out)
     with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
-        summary.log = run_log.uri  # in RUN/manifest.json from the first stage's commit on
+        summary.log = _inside(run_log.uri, run.out)  # in RUN/manifest.json from the first stage's commit on
         for name in names[:first]:
             log.info("%s: committed with the same config, skipped", name)
         for name in run.stale:
@@ -190,10 +209,25 @@ def _locked_run(config: Config, out: str, data: str | None, from_stage: str | No
             run_log.sync()
         summary.status = "complete"
         summary.seconds = round(time.perf_counter() - started, 2)
-        summary.report = storage.join(run.out, "outputs", "report.md")
+        summary.report = "outputs/report.md"
         summary.write(run.out)
-        log.info("complete in %.1f s: %s", summary.seconds, summary.report)
-    return summary.model_dump(mode="json")
+        log.info("complete in %.1f s: %s", summary.seconds, storage.join(run.out, summary.report))
+    return _absolute(summary.model_dump(mode="json"), run.out)
+
+
+def _inside(uri: str, out: str) -> str:
+    """`uri` relative to the run directory when it is inside it, else as it is (a dataset given with --data)."""
+    rel = relative(uri, out)
+    return uri if rel == ".." or rel.startswith("../") or "://" in rel or rel.startswith("/") else rel
+
+
+def _absolute(summary: dict[str, Any], out: str) -> dict[str, Any]:
+    """The run summary as callers print it: RUN/manifest.json's paths (relative to the run, so that a run can
+    be moved or copied) resolved against the run directory."""
+    for key in ("data", "log", "report"):
+        if summary.get(key):
+            summary[key] = resolve(summary[key], out)
+    return summary
 
 
 def _plan(
@@ -275,9 +309,10 @@ def _remove_leftovers(run: _Run, skipped: list[str]) -> None:
 
 
 def _state(run: _Run, name: str) -> str | None:
-    """The hash a stage's committed output was made with, or None when it is not committed."""
+    """The hash a stage's committed output was made with, or None when it is not committed (the outputs: no
+    `_SUCCESS`, which outputs written before the folder-per-table layout lack: they are redone)."""
     where = run.dir(name)
-    if not storage.is_committed(where):
+    if not storage.is_committed(where, tables.SUCCESS if name == "outputs" else storage.MANIFEST):
         return None
     manifest = storage.read_json(storage.join(where, storage.MANIFEST))
     if name == "prepare":
@@ -435,10 +470,12 @@ def _outputs(run: _Run) -> dict[str, Any]:
             mf=final if load_model(final).mf_tables() is not None else None,
             histories={"single": final},
         )
-    with storage.staged_output(run.dir("outputs"), overwrite=True) as tmp:
-        metrics = write_outputs(models, tmp, cfg.pipeline, seed=cfg.prepare.seed, trained=run.trained())
+    stamp = run.stamp()
+    with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
+        metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
         with logs.timed(log, "outputs: report"):
-            report = write_report(tmp, metrics, models, cfg)
+            report = write_report(tmp, metrics, models, cfg, stamp)
+        storage.write_bytes(storage.join(tmp, tables.SCHEMA_DOC), tables.data_dictionary().encode())
         shown = cfg.pipeline.outputs
         OutputsManifest(
             stage_hash=run.hashes["outputs"],
@@ -453,7 +490,8 @@ def _outputs(run: _Run) -> dict[str, Any]:
             files=file_entries(tmp),
             inputs=run.inputs("outputs"),
         ).write(tmp)
-    return {"metrics": storage.join(run.dir("outputs"), "metrics.json"), "report": report}
+        storage.write_bytes(storage.join(tmp, tables.SUCCESS), b"")  # last: the outputs are whole
+    return {"metrics": "outputs/metrics.json", "report": f"outputs/{report}"}
 
 
 _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {
@@ -561,6 +599,11 @@ def _check_single_model(config: Config) -> None:
             fix="use pipeline.kind: rncf for reliability_mlp / rating_mlp, or choose a rating model for "
             "stages.single (e.g. mf_residual_mlp, biased_mf, ncf_mlp)",
         )
+
+
+def new_run_id() -> str:
+    """A run's id: its start time (UTC) and 6 random hex digits, e.g. 20261201T135601Z-3fa9c2."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.urandom(3).hex()}"
 
 
 def _digest(obj: Any) -> str:

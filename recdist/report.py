@@ -2,7 +2,7 @@
 metrics, the movie map, learning curves, and where the tables are.
 
 Built from metrics.json and the analyst tables already written in the outputs directory; figures are PNGs
-next to it (matplotlib's object API with the Agg canvas: no global pyplot state).
+in outputs/figures/ (matplotlib's object API with the Agg canvas: no global pyplot state).
 """
 
 from __future__ import annotations
@@ -12,25 +12,28 @@ from typing import Any
 
 import polars as pl
 
-from recdist import storage
+from recdist import storage, tables
 from recdist.config import Config
 from recdist.figures import png_bytes
 
 REPORT = "report.md"
 FIGURES = {
-    "reliability": "reliability_deciles.png",
-    "map": "movie_map.png",
-    "curves": "learning_curves.png",
+    "reliability": f"{tables.FIGURES}/reliability_deciles.png",
+    "map": f"{tables.FIGURES}/movie_map.png",
+    "curves": f"{tables.FIGURES}/learning_curves.png",
 }
+"""The report's figures, relative to the outputs directory (the report links them so)."""
 
 
-def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config) -> str:
+def write_report(
+    out: str, metrics: dict[str, Any], models: Any, config: Config, stamp: tables.Stamp | None = None
+) -> str:
     """Write the figures and report.md into `out`; return the report's file name."""
     figures = {}
     if metrics.get("reliability_deciles"):
         storage.write_bytes(storage.join(out, FIGURES["reliability"]), reliability_png(metrics["reliability_deciles"]))
         figures["reliability"] = FIGURES["reliability"]
-    factors_uri = storage.join(out, "item_factors.parquet")
+    factors_uri = tables.table_dir(out, "item_factors")
     factors = pl.from_arrow(storage.read_parquet(factors_uri)) if storage.exists(factors_uri) else None
     if factors is not None and factors.height >= 2:
         storage.write_bytes(
@@ -41,14 +44,14 @@ def write_report(out: str, metrics: dict[str, Any], models: Any, config: Config)
     if histories:
         storage.write_bytes(storage.join(out, FIGURES["curves"]), learning_curves_png(histories))
         figures["curves"] = FIGURES["curves"]
-    text = render(metrics, figures, factors, config, run_info(models.data, config))
+    text = render(metrics, figures, factors, config, run_info(models.data, config, stamp))
     storage.write_bytes(storage.join(out, REPORT), text.encode())
     return REPORT
 
 
-def run_info(data: str, config: Config) -> dict[str, str]:
+def run_info(data: str, config: Config, stamp: tables.Stamp | None = None) -> dict[str, str]:
     """The report's run metadata: date (UTC, now), data (the prepared dataset's name, size and location),
-    config_hash (RUN/manifest.json's) and recdist version."""
+    config_hash (RUN/manifest.json's) and recdist version; with the run's stamp, its run id and git commit."""
     from datetime import datetime, timezone
 
     from recdist import __version__
@@ -56,12 +59,15 @@ def run_info(data: str, config: Config) -> dict[str, str]:
 
     m = read_manifest(data)
     size = f"{m['n_ratings']:,} ratings, {m['n_users']:,} users, {m['n_items']:,} movies"
-    return {
+    info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": f"{m.get('name') or 'ratings'} ({size}; split {m.get('split_method', '?')}) at {data}",
         "config_hash": config.digest(),
         "version": __version__,
     }
+    if stamp is not None:
+        info.update(run_id=stamp.run_id, git_commit=stamp.git_commit or "unknown")
+    return info
 
 
 def render(
@@ -100,6 +106,8 @@ def _metadata(info: dict[str, str] | None) -> list[str]:
         f"| data | {info.get('data', '')} |",
         f"| config hash | `{info.get('config_hash', '')}` (RUN/manifest.json, RUN/config.yaml) |",
         f"| recdist | {info.get('version', '')} |",
+        *(f"| {label} | `{info[key]}` |" for key, label in (("run_id", "run id"), ("git_commit", "git commit"))
+          if key in info),
         "",
     ]
 
@@ -272,19 +280,23 @@ def _curves_section(figures: dict[str, str]) -> list[str]:
 
 
 def _tables_section(shown: Any) -> list[str]:
+    from recdist.schema import OUTPUT_TABLES
+
+    rows = [
+        f"| {t.name}/ | {t.row}{f' (only {t.only})' if t.only else ''} | {', '.join(t.schema.names)} |"
+        for t in OUTPUT_TABLES.values()
+    ]
     return [
         "",
         "## Tables in this directory",
         "",
-        "| file | one row per |",
-        "|---|---|",
-        "| predictions/part-*.parquet | rating (every split): user_id, movie_id, title, split, rating, "
-        "pred_rating, pred_error, mf_pred, cold |",
-        f"| recommendations.parquet | user x rank (top {shown.top_n} unseen movies): score, reliability |",
-        "| item_factors.parquet | movie: bias, pc1, pc2, factors |",
-        f"| similar_items.parquet | movie x rank ({shown.similar_k} nearest by cosine of factors) |",
-        "| reliability_deciles.parquet | decile of predicted error on test |",
-        "| metrics.json | everything above in numbers |",
+        f"One folder per table (open the folder); every column is described in {tables.SCHEMA_DOC}. top_n "
+        f"{shown.top_n}, similar_k {shown.similar_k}.",
+        "",
+        "| folder | one row per | columns |",
+        "|---|---|---|",
+        *rows,
+        "| metrics.json | everything above in numbers (`rows`: each table's row count) | |",
         "",
     ]
 
@@ -296,25 +308,28 @@ def _reliability_section(metrics: dict[str, Any], figures: dict[str, str]) -> li
     s = metrics.get("reliability_summary", {})
     lines = [
         "",
-        "## Reliability: test error by decile of predicted error",
+        "## Reliability: calibration by decile of expected_abs_error",
         "",
-        "Stage 2 predicts, for every (user, movie), the squared error stage 1 will make. Sorting the test "
-        "ratings by that prediction (decile 1 = lowest predicted error = most reliable) and measuring the "
-        "real error in each decile shows whether the reliability means something: the first deciles should "
-        "have clearly lower error than the last. The test ratings were never used to train any stage.",
+        "Every prediction carries `expected_abs_error`: stage 2's estimate, in stars, of how far the predicted "
+        "rating is from the real one (lower = more reliable; from its predicted squared error as sqrt(2/pi x "
+        "pred_error), the mean absolute value of a normal error of that variance). Sorting the test ratings by it "
+        "(decile 1 = most reliable) and measuring the real error in each decile shows whether it means "
+        "something: the observed error should rise from decile 1 to 10 (the ordering) and sit near the predicted "
+        "one (the calibration). The test ratings were never used to train any stage.",
         "",
     ]
     if "reliability" in figures:
-        lines += [f"![test RMSE by reliability decile]({figures['reliability']})", ""]
+        lines += [f"![predicted vs observed error by reliability decile]({figures['reliability']})", ""]
     lines += [
-        "| decile | rows | mean predicted error | observed MSE | RMSE | MAE | stage-1 RMSE |",
-        "|---|---|---|---|---|---|---|",
+        "| decile | rows | expected_abs_error range | predicted abs error (mean) | observed abs error (MAE) "
+        "| stage-1 MAE | RMSE | stage-1 RMSE |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for d in deciles:
-        mf = d.get("mf_rmse")
         lines.append(
-            f"| {d['decile']} | {d['n']} | {d['mean_pred_error']:.3f} | {d['mse']:.3f} | {d['rmse']:.3f} "
-            f"| {d['mae']:.3f} | {'' if mf is None else f'{mf:.3f}'} |"
+            f"| {d['decile']} | {d['n']} | {_num(d.get('expected_abs_error_min'))}-"
+            f"{_num(d.get('expected_abs_error_max'))} | {_num(d.get('mean_expected_abs_error'))} "
+            f"| {_num(d.get('mae'))} | {_num(d.get('mf_mae'))} | {_num(d.get('rmse'))} | {_num(d.get('mf_rmse'))} |"
         )
     if s:
         lines += [
@@ -405,6 +420,10 @@ def _movies_section(factors: pl.DataFrame | None, figures: dict[str, str], min_r
     return lines
 
 
+def _num(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def _f(row: dict[str, Any], split: str, key: str) -> str:
     value = row.get(split, {}).get(key)
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
@@ -420,25 +439,25 @@ def _histories(paths: dict[str, str]) -> dict[str, pl.DataFrame]:
 
 
 def reliability_png(deciles: list[dict[str, Any]]) -> bytes:
-    """Bars: observed test RMSE per decile of predicted error; line: the RMSE stage 2 predicted."""
+    """Bars: observed test MAE per decile of expected_abs_error; line: the mean expected_abs_error (calibration)."""
     from matplotlib.figure import Figure
 
     x = [d["decile"] for d in deciles]
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     ax = fig.add_subplot()
-    ax.bar(x, [d["rmse"] for d in deciles], color="tab:blue", label="observed test RMSE (final prediction)")
-    if all(d.get("mf_rmse") is not None for d in deciles):
-        ax.plot(x, [d["mf_rmse"] for d in deciles], "s--", color="tab:gray", label="stage-1 RMSE")
+    ax.bar(x, [d["mae"] for d in deciles], color="tab:blue", label="observed abs error (final prediction, MAE)")
+    if all(d.get("mf_mae") is not None for d in deciles):
+        ax.plot(x, [d["mf_mae"] for d in deciles], "s--", color="tab:gray", label="stage-1 MAE")
     ax.plot(
         x,
-        [math.sqrt(max(d["mean_pred_error"], 0)) for d in deciles],
+        [d["mean_expected_abs_error"] for d in deciles],
         "o-",
         color="tab:orange",
-        label="sqrt(mean predicted error)",
+        label="predicted: mean expected_abs_error",
     )
     ax.set_xticks(x)
-    ax.set_xlabel("decile of predicted error (1 = most reliable)")
-    ax.set_ylabel("RMSE")
+    ax.set_xlabel("decile of expected_abs_error (1 = most reliable)")
+    ax.set_ylabel("absolute error (stars)")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Test error by reliability decile")
     return png_bytes(fig, tight_bbox=True)

@@ -8,6 +8,8 @@ original ids (user_id, movie_id) and titles.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -120,68 +122,191 @@ SCORED_EXTRA = pa.schema(
     ]
 )
 
-#: outputs/predictions/part-*.parquet: one row per rating of every split.
+# ------------------------------------------------------------------------------------------ analyst tables
+# RUN/outputs/<table>/: one folder per table (OUTPUT_TABLES), every column described (Arrow field metadata,
+# `description`), the same text in outputs/SCHEMA.md and README (recdist/tables.py renders them).
+
+DESCRIPTION = b"description"
+EXPECTED_ABS_ERROR = "expected_abs_error"
+"""The reliability of a prediction as analysts read it: the expected absolute error in stars (lower = more
+reliable), sqrt(2/pi x pred_error), what |rating - prediction| averages to when the error is normal with stage 2's
+predicted squared error as its variance."""
+
+
+def _col(name: str, kind: pa.DataType, description: str, *, nullable: bool = True) -> pa.Field:
+    return pa.field(name, kind, nullable=nullable, metadata={DESCRIPTION: description.encode()})
+
+
 PREDICTIONS = pa.schema(
     [
-        pa.field("user_id", pa.int64(), nullable=False),
-        pa.field("movie_id", pa.int64(), nullable=False),
-        pa.field("title", pa.string()),
-        pa.field("split", SPLIT_TYPE, nullable=False),
-        pa.field("rating", pa.float32(), nullable=False),
-        pa.field("pred_rating", pa.float32(), nullable=False),
-        pa.field("pred_error", pa.float32()),  # null for a single-model pipeline
-        pa.field("mf_pred", pa.float32()),  # null for a single-model pipeline
-        pa.field("cold", pa.bool_(), nullable=False),
+        _col("user_id", pa.int64(), "original user id (as in the source)", nullable=False),
+        _col("movie_id", pa.int64(), "original movie id (as in the source)", nullable=False),
+        _col("title", pa.string(), "movie title (null without a movies file)"),
+        _col(
+            "split",
+            SPLIT_TYPE,
+            "train / val / test; the partition folder (split=test/), not a column inside the files",
+            nullable=False,
+        ),
+        _col("rated_at", pa.timestamp("ms", tz="UTC"), "when the rating was given (null where the source has none)"),
+        _col("rating", pa.float32(), "the rating given, in stars", nullable=False),
+        _col(
+            "pred_rating",
+            pa.float32(),
+            "final predicted rating (stage 3, or the single model), clipped to the rating scale",
+            nullable=False,
+        ),
+        _col(
+            EXPECTED_ABS_ERROR,
+            pa.float32(),
+            "reliability: expected absolute error of the prediction in stars, lower = more reliable (stage 2; "
+            "null for a single-model run)",
+        ),
+        _col("mf_pred", pa.float32(), "stage 1's predicted rating (null for a single-model run)"),
+        _col(
+            "cold",
+            pa.bool_(),
+            "the user or the movie had no training rating: the predictions are the fallback (global mean + the "
+            "known side's bias)",
+            nullable=False,
+        ),
     ]
 )
 
-#: outputs/recommendations.parquet: top-N movies per user that the user has not rated in any split.
 RECOMMENDATIONS = pa.schema(
     [
-        pa.field("user_id", pa.int64(), nullable=False),
-        pa.field("rank", pa.int16(), nullable=False),  # 1 = best
-        pa.field("movie_id", pa.int64(), nullable=False),
-        pa.field("title", pa.string()),
-        pa.field("score", pa.float32(), nullable=False),  # predicted rating (final stage)
-        pa.field("rank_score", pa.float32()),  # what the list is ordered by (pipeline.rank_order)
-        pa.field("reliability", pa.float32()),  # predicted squared error: lower is more reliable
+        _col("user_id", pa.int64(), "original user id (every user of the data)", nullable=False),
+        _col("rank", pa.int16(), "1 = best: rank_score descending, then candidate_score descending", nullable=False),
+        _col("movie_id", pa.int64(), "original movie id", nullable=False),
+        _col("title", pa.string(), "movie title"),
+        _col("score", pa.float32(), "predicted rating (final stage), clipped to the rating scale", nullable=False),
+        _col(
+            EXPECTED_ABS_ERROR,
+            pa.float32(),
+            "reliability: expected absolute error of the predicted rating in stars, lower = more reliable (null "
+            "for a single-model run)",
+        ),
+        _col(
+            "rank_score",
+            pa.float32(),
+            "what the list is ordered by (pipeline.outputs.rank_order; the blend: P(rated) x P(rating >= "
+            "threshold)), unclipped",
+        ),
+        _col(
+            "candidate_score",
+            pa.float32(),
+            "the candidate model's score (EASE / iALS / stage 1's MF), which breaks ties of rank_score; null for "
+            "popularity candidates",
+        ),
     ]
 )
 
-#: outputs/item_factors.parquet: one row per movie with training ratings.
 ITEM_FACTORS = pa.schema(
     [
-        pa.field("movie_id", pa.int64(), nullable=False),
-        pa.field("title", pa.string()),
-        pa.field("genres", pa.string()),
-        pa.field("n_train", pa.int32(), nullable=False),
-        pa.field("bias", pa.float32(), nullable=False),  # b_i of stage 1: rating above the global mean
-        pa.field("pc1", pa.float32(), nullable=False),  # first principal component of the factors
-        pa.field("pc2", pa.float32(), nullable=False),
-        pa.field("factors", pa.list_(pa.float32()), nullable=False),  # q_i of stage 1
+        _col("movie_id", pa.int64(), "original movie id", nullable=False),
+        _col("title", pa.string(), "movie title"),
+        _col("genres", pa.string(), "pipe-separated genres, as MovieLens writes them"),
+        _col("n_train", pa.int32(), "training ratings of the movie", nullable=False),
+        _col("bias", pa.float32(), "b_i of stage 1: rated above the global mean and users' biases", nullable=False),
+        _col("pc1", pa.float32(), "first principal component of the factors (most-rated movie >= 0)", nullable=False),
+        _col("pc2", pa.float32(), "second principal component of the factors", nullable=False),
+        _col("factors", pa.list_(pa.float32()), "q_i of stage 1 (rank floats)", nullable=False),
     ]
 )
 
-#: outputs/similar_items.parquet: the k nearest movies by cosine of factors, per movie.
+USER_FACTORS = pa.schema(
+    [
+        _col("user_id", pa.int64(), "original user id", nullable=False),
+        _col("n_train", pa.int32(), "training ratings of the user", nullable=False),
+        _col("bias", pa.float32(), "b_u of stage 1: how much above the global mean the user rates", nullable=False),
+        _col("factors", pa.list_(pa.float32()), "p_u of stage 1 (rank floats); rating ~ mean + b_u + b_i + p_u.q_i",
+             nullable=False),
+    ]
+)
+
 SIMILAR_ITEMS = pa.schema(
     [
-        pa.field("movie_id", pa.int64(), nullable=False),
-        pa.field("rank", pa.int16(), nullable=False),
-        pa.field("similar_movie_id", pa.int64(), nullable=False),
-        pa.field("similar_title", pa.string()),
-        pa.field("cosine", pa.float32(), nullable=False),
+        _col("movie_id", pa.int64(), "the movie", nullable=False),
+        _col("rank", pa.int16(), "1 = most similar", nullable=False),
+        _col("similar_movie_id", pa.int64(), "the neighbour", nullable=False),
+        _col("similar_title", pa.string(), "the neighbour's title"),
+        _col("cosine", pa.float32(), "cosine similarity of the two movies' stage-1 factors", nullable=False),
     ]
 )
 
-#: outputs/reliability_deciles.parquet: test error by decile of predicted error (1 = most reliable).
 RELIABILITY_DECILES = pa.schema(
     [
-        pa.field("decile", pa.int8(), nullable=False),
-        pa.field("n", pa.int64(), nullable=False),
-        pa.field("mean_pred_error", pa.float64(), nullable=False),
-        pa.field("mse", pa.float64(), nullable=False),  # observed mean squared error (calibration)
-        pa.field("rmse", pa.float64(), nullable=False),
-        pa.field("mae", pa.float64(), nullable=False),
-        pa.field("mf_rmse", pa.float64()),  # stage 1's test RMSE on the same rows, for comparison
+        _col("decile", pa.int8(), "1 = lowest expected_abs_error (most reliable) ... 10 = highest", nullable=False),
+        _col("n", pa.int64(), "test ratings in the decile", nullable=False),
+        _col("expected_abs_error_min", pa.float64(), "lowest expected_abs_error in the decile", nullable=False),
+        _col("expected_abs_error_max", pa.float64(), "highest expected_abs_error in the decile", nullable=False),
+        _col("mean_expected_abs_error", pa.float64(), "predicted: mean expected_abs_error (stars)", nullable=False),
+        _col("mae", pa.float64(), "observed: mean absolute error of the final prediction (stars)", nullable=False),
+        _col("mf_mae", pa.float64(), "observed: stage 1's mean absolute error on the same ratings"),
+        _col("rmse", pa.float64(), "observed: RMSE of the final prediction", nullable=False),
+        _col("mf_rmse", pa.float64(), "observed: stage 1's RMSE on the same ratings"),
     ]
 )
+
+
+@dataclass(frozen=True)
+class OutputTable:
+    """One analyst table: RUN/outputs/<name>/ holds its Parquet files."""
+
+    name: str
+    schema: pa.Schema
+    row: str
+    """What one row is."""
+    partition_by: tuple[str, ...] = ()
+    """Hive partition columns (folders name=value/; not stored inside the files)."""
+    sort_by: tuple[str, ...] = ()
+    """The order of rows within each file."""
+    only: str = ""
+    """When the table is written only for some runs."""
+
+    def file_schema(self) -> pa.Schema:
+        """The schema inside each file: the partition columns are in the folder names."""
+        drop = [self.schema.get_field_index(c) for c in self.partition_by]
+        out = self.schema
+        for i in sorted(drop, reverse=True):
+            out = out.remove(i)
+        return out
+
+
+OUTPUT_TABLES: dict[str, OutputTable] = {
+    t.name: t
+    for t in (
+        OutputTable(
+            "predictions",
+            PREDICTIONS,
+            "rating of every split",
+            partition_by=("split",),
+            sort_by=("user_id", "movie_id"),
+        ),
+        OutputTable(
+            "recommendations",
+            RECOMMENDATIONS,
+            "user x rank: the top pipeline.outputs.top_n movies the user has not rated",
+            sort_by=("user_id", "rank"),
+        ),
+        OutputTable("item_factors", ITEM_FACTORS, "movie with training ratings", sort_by=("movie_id",),
+                    only="models with factors"),
+        OutputTable("user_factors", USER_FACTORS, "user with training ratings", sort_by=("user_id",),
+                    only="models with factors"),
+        OutputTable(
+            "similar_items",
+            SIMILAR_ITEMS,
+            "movie x rank: the pipeline.outputs.similar_k nearest movies by cosine of factors",
+            sort_by=("movie_id", "rank"),
+            only="models with factors",
+        ),
+        OutputTable(
+            "reliability_deciles",
+            RELIABILITY_DECILES,
+            "decile of expected_abs_error on the test ratings (calibration)",
+            sort_by=("decile",),
+            only="rncf",
+        ),
+    )
+}
+"""Every analyst table, in the order SCHEMA.md lists them."""

@@ -84,3 +84,28 @@ def write_dataset(root, frame: pl.DataFrame, shards: int = 2, extra: dict | None
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return str(root)
+
+
+def reader_counts(folder: Path, where: str | None = None) -> dict[str, int]:
+    """Rows of the table in `folder` as each of the analysts' four readers counts them (pyarrow.dataset, DuckDB,
+    Polars, pandas; hive partitions as columns), all rows or those with `split == where`."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(folder, format="parquet", partitioning="hive")
+    sql = f"select count(*) from read_parquet('{folder}/**/*.parquet')"
+    frame = pl.scan_parquet(folder)
+    if where is None:
+        return {
+            "pyarrow": dataset.count_rows(),
+            "duckdb": duckdb.sql(sql).fetchall()[0][0],
+            "polars": frame.select(pl.len()).collect().item(),
+            "pandas": len(pd.read_parquet(folder)),
+        }
+    return {
+        "pyarrow": dataset.count_rows(filter=ds.field("split") == where),
+        "duckdb": duckdb.sql(f"{sql} where split = '{where}'").fetchall()[0][0],
+        "polars": frame.filter(pl.col("split") == where).select(pl.len()).collect().item(),
+        "pandas": len(pd.read_parquet(folder, filters=[("split", "==", where)])),
+    }

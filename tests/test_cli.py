@@ -265,14 +265,17 @@ def test_similar_names_movies_to_try_when_a_movie_is_unknown_or_rarely_rated(cap
     outputs = tmp_path / "run" / "outputs"
     outputs.mkdir(parents=True)
     (outputs / "manifest.json").write_text(json.dumps({"similar_min_ratings": 20}))
+    (outputs / "_SUCCESS").write_text("")
+    for table in ("item_factors", "similar_items"):
+        (outputs / table).mkdir()
     factors = pl.DataFrame({
         "movie_id": [2, 4, 9, 16], "title": ["Two", "Four", "Nine", "Sixteen"], "n_train": [32, 5, 400, 90],
         "factors": [[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.5, 0.5]],
     })
-    factors.write_parquet(outputs / "item_factors.parquet")
+    factors.write_parquet(outputs / "item_factors" / "part-00000.parquet")
     stored = {"movie_id": pl.Int64, "rank": pl.Int16, "similar_movie_id": pl.Int64, "similar_title": pl.String,
               "cosine": pl.Float32}  # nothing stored: every answer computed from the factors
-    pl.DataFrame(schema=stored).write_parquet(outputs / "similar_items.parquet")
+    pl.DataFrame(schema=stored).write_parquet(outputs / "similar_items" / "part-00000.parquet")
     code, _, stderr = cli(capsys, "similar", str(tmp_path / "run"), "--movie", "1")
     assert code == 2 and "movie 1 is not in this run" in stderr
     assert "9 (Nine, 400 ratings), 16 (Sixteen, 90 ratings)" in stderr  # the most-rated first

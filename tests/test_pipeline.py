@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import reader_counts
 from safetensors.torch import load_file
 
-from recdist import schema, storage
+from recdist import schema, storage, tables
 from recdist.config import Config, load_config
 from recdist.errors import ConfigError, IntegrityError, StorageError
 from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
@@ -125,6 +127,19 @@ def read(path: Path) -> pl.DataFrame:
     return frame
 
 
+def table(outputs: Path, name: str) -> pl.DataFrame:
+    """An analyst table from its folder (hive partitions as columns: predictions' split)."""
+    import pyarrow.dataset as ds
+
+    frame = pl.from_arrow(ds.dataset(outputs / name, format="parquet", partitioning="hive").to_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def file_schema(outputs: Path, name: str) -> pa.Schema:
+    return pq.read_schema(next((outputs / name).rglob("*.parquet")))
+
+
 def read_dir(dataset: Path) -> pl.DataFrame:
     return pl.concat([read(f) for f in sorted((dataset / "ratings").glob("*.parquet"))])
 
@@ -203,31 +218,44 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
         assert scored.field(field.name).type == field.type
 
     o = out / "outputs"
-    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
-    assert predictions.height == n and predictions["pred_error"].null_count() == 0
+    predictions = table(o, "predictions")
+    assert file_schema(o, "predictions") == schema.OUTPUT_TABLES["predictions"].file_schema()  # split: the folder
+    assert sorted(p.name for p in (o / "predictions").iterdir()) == ["split=test", "split=train", "split=val"]
+    assert predictions.height == n and predictions["expected_abs_error"].null_count() == 0
     assert predictions.filter(pl.col("user_id") == user_id(0)).height > 0  # original ids, not indices
-    assert predictions["title"].null_count() == 0
+    assert predictions["title"].null_count() == 0 and predictions["rated_at"].null_count() == 0
+    assert predictions["rated_at"].min().year == 1970  # the planted timestamps: seconds from 1,000,000
     assert predictions["pred_rating"].min() >= 0.5 and predictions["pred_rating"].max() <= 5.0
+    for f in (o / "predictions").rglob("*.parquet"):  # sorted by user within each file
+        users = pq.read_table(f, columns=["user_id"])["user_id"].to_numpy()
+        assert (np.diff(users) >= 0).all(), f
 
-    recs = read(o / "recommendations.parquet")
-    assert pq.read_schema(o / "recommendations.parquet") == schema.RECOMMENDATIONS
+    recs = table(o, "recommendations")
+    assert file_schema(o, "recommendations") == schema.RECOMMENDATIONS
     assert recs.group_by("user_id").len()["len"].max() == 5
     assert recs["user_id"].n_unique() == N_USERS + 1  # the cold user gets popular-by-MF movies too
     seen = predictions.select("user_id", "movie_id")
     assert recs.join(seen, on=["user_id", "movie_id"], how="semi").height == 0  # unseen movies only
     assert (recs.group_by("user_id").agg(pl.col("rank_score").diff().max())["rank_score"].fill_null(0) <= 1e-6).all()
+    # the order is explained by (rank_score, candidate_score) descending: ties of rank_score fall to the candidates
+    ranked = recs.sort("user_id", "rank")
+    by = ranked.sort(["user_id", "rank_score", "candidate_score"], descending=[False, True, True], maintain_order=True)
+    assert by["movie_id"].equals(ranked["movie_id"])
 
-    factors = read(o / "item_factors.parquet")
-    assert pq.read_schema(o / "item_factors.parquet") == schema.ITEM_FACTORS
+    factors = table(o, "item_factors")
+    assert file_schema(o, "item_factors") == schema.ITEM_FACTORS
     assert factors.height == N_ITEMS and COLD_MOVIE not in factors["movie_id"].to_list()
     assert factors["factors"].list.len().unique().to_list() == [8]
-    similar = read(o / "similar_items.parquet")
-    assert pq.read_schema(o / "similar_items.parquet") == schema.SIMILAR_ITEMS
+    users = table(o, "user_factors")
+    assert file_schema(o, "user_factors") == schema.USER_FACTORS
+    assert users.height == N_USERS and COLD_USER not in users["user_id"].to_list()
+    assert users["factors"].list.len().unique().to_list() == [8]
+    similar = table(o, "similar_items")
+    assert file_schema(o, "similar_items") == schema.SIMILAR_ITEMS
     assert similar.group_by("movie_id").len()["len"].unique().to_list() == [4]
     assert similar.filter(pl.col("movie_id") == pl.col("similar_movie_id")).height == 0
-    deciles = read(o / "reliability_deciles.parquet")
-    assert pq.read_schema(o / "reliability_deciles.parquet") == schema.RELIABILITY_DECILES
+    deciles = table(o, "reliability_deciles")
+    assert file_schema(o, "reliability_deciles") == schema.RELIABILITY_DECILES
     assert deciles["decile"].to_list() == list(range(1, 11))
     assert deciles["n"].sum() == predictions.filter(pl.col("split") == "test").height
 
@@ -242,6 +270,59 @@ def test_a_whole_run_writes_every_output_with_its_schema_and_row_counts(full_run
     assert metrics["ranking"]["rank_candidates"] == "ease" and "popularity (most-rated movies)" in (
         o / "report.md"
     ).read_text()
+
+
+def test_every_output_table_opens_from_its_folder_in_four_readers_with_metrics_row_counts(full_run):
+    """pyarrow.dataset, DuckDB, Polars and pandas each open every table from its folder (predictions with its
+    split partitions as a column) with the row counts metrics.json gives; nothing else in a table's folder."""
+    import pyarrow.dataset as ds
+
+    o = full_run[0] / "outputs"
+    metrics = json.loads((o / "metrics.json").read_text())
+    assert set(metrics["rows"]) == set(schema.OUTPUT_TABLES)  # an RNCF run writes every table
+    for name, n in metrics["rows"].items():
+        folder = o / name
+        assert {f.suffix for f in folder.rglob("*") if f.is_file()} == {".parquet"}, name
+        assert set(reader_counts(folder).values()) == {n}, (name, reader_counts(folder))
+    # a filter on the partition column reads only that split's files, and every reader sees the column
+    test_rows = metrics["cold"]["test"]["rows"]
+    assert set(reader_counts(o / "predictions", where="test").values()) == {test_rows}
+    dataset = ds.dataset(o / "predictions", format="parquet", partitioning="hive")
+    fragments = list(dataset.get_fragments(filter=ds.field("split") == "test"))
+    assert fragments and all("/split=test/" in f.path for f in fragments)
+
+def test_every_output_file_is_stamped_with_the_run_and_describes_its_columns(full_run):
+    out, summary = full_run
+    run = manifest(out)
+    files = sorted((out / "outputs").rglob("*.parquet"))
+    assert len(files) >= 3 + len(schema.OUTPUT_TABLES)  # predictions: one file per shard and split
+    for f in files:
+        meta = pq.read_metadata(f).metadata
+        assert meta[b"recdist.run_id"].decode() == run["run_id"] == summary["run_id"]
+        assert meta[b"recdist.config_hash"].decode() == run["config_hash"]
+        assert meta[b"recdist.version"].decode() == recdist_version()
+        assert (b"recdist.git_commit" in meta) == (tables.git_commit() is not None)
+        assert meta[b"recdist.table"].decode() == f.relative_to(out / "outputs").parts[0]
+        for field in pq.read_schema(f):
+            assert field.metadata and field.metadata[b"description"], (f, field.name)
+    assert (out / "outputs" / "SCHEMA.md").read_text() == tables.data_dictionary()
+    listed = {e["path"] for e in manifest(out, "outputs")["files"]}
+    assert {str(f.relative_to(out / "outputs")) for f in files} <= listed and "SCHEMA.md" in listed
+    # _SUCCESS is written last, and no table folder holds anything but Parquet
+    success = (out / "outputs" / tables.SUCCESS).stat().st_mtime_ns
+    assert all(f.stat().st_mtime_ns <= success for f in (out / "outputs").rglob("*") if f.is_file())
+    assert {p.name for p in (out / "outputs").iterdir() if p.is_file()} == {
+        "metrics.json", "report.md", "SCHEMA.md", "manifest.json", tables.SUCCESS
+    }
+    assert sorted(p.name for p in (out / "outputs" / "figures").iterdir()) == [
+        "learning_curves.png", "movie_map.png", "reliability_deciles.png"
+    ]
+
+
+def recdist_version() -> str:
+    from recdist import __version__
+
+    return __version__
 
 
 def test_stages_2_and_3_train_on_the_seeded_share_and_score_every_row(full_run):
@@ -295,18 +376,19 @@ def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path
 
 def test_reliability_finds_the_planted_noisy_users(full_run):
     out, _ = full_run
-    predictions = pl.concat([read(f) for f in (out / "outputs" / "predictions").glob("*.parquet")])
-    deciles = read(out / "outputs" / "reliability_deciles.parquet")
+    predictions = table(out / "outputs", "predictions")
+    deciles = table(out / "outputs", "reliability_deciles")
     assert deciles["rmse"][0] < 0.7 * deciles["rmse"][9]  # most reliable decile clearly beats the least
+    assert deciles["mae"][0] < 0.7 * deciles["mae"][9]
     known = predictions.filter(~pl.col("cold"))
     noisy = ((pl.col("user_id") - 10) // 3) % 2 == 1
-    by_group = known.group_by(noisy.alias("noisy")).agg(pl.col("pred_error").mean()).sort("noisy")
-    assert by_group["pred_error"][1] > 2 * by_group["pred_error"][0]
+    by_group = known.group_by(noisy.alias("noisy")).agg(pl.col("expected_abs_error").mean()).sort("noisy")
+    assert by_group["expected_abs_error"][1] > 1.4 * by_group["expected_abs_error"][0]  # in stars, lower = reliable
 
 
 def test_cold_rows_get_the_mean_plus_known_bias_and_the_flag(full_run):
     out, _ = full_run
-    predictions = pl.concat([read(f) for f in (out / "outputs" / "predictions").glob("*.parquet")])
+    predictions = table(out / "outputs", "predictions")
     cold = predictions.filter(pl.col("cold"))
     assert set(cold["user_id"].to_list()) >= {COLD_USER} and cold.height == 9
     assert set(cold.filter(pl.col("user_id") != COLD_USER)["movie_id"].to_list()) == {COLD_MOVIE}
@@ -326,14 +408,15 @@ def test_cold_rows_get_the_mean_plus_known_bias_and_the_flag(full_run):
         assert row["pred_rating"] == pytest.approx(expect, abs=1e-5)  # stages 2-3 fall back to the same
     spread = manifest(out, "reliability")  # cold rows are the least reliable of all
     assert spread["stage"] == "reliability"
-    assert cold["pred_error"].min() >= predictions.filter(~pl.col("cold"))["pred_error"].median()
+    error = "expected_abs_error"
+    assert cold[error].min() >= predictions.filter(~pl.col("cold"))[error].median()
 
 
 def test_the_test_split_feeds_no_training_and_a_stopped_run_resumes_at_stage_3(full_run, stopped_run):
     full, _ = full_run
     out, at_stop, summary = stopped_run
     # killed after stage 2: stages 1-2 committed, stage 3 not started, the run marked running
-    assert not at_stop["rating_exists"] and not at_stop["outputs_exists"]
+    assert not at_stop["rating_exists"] and not at_stop["outputs_exists"]  # no outputs/_SUCCESS either
     assert at_stop["run"]["status"] == "running" and "rating" not in at_stop["run"]["stages"]
     # resumed: 1 and 2 were not redone (same files, same commit times), 3 and the outputs ran
     for f, mtime in at_stop["files"].items():
@@ -341,9 +424,10 @@ def test_the_test_split_feeds_no_training_and_a_stopped_run_resumes_at_stage_3(f
     for stage in ("prepare", "mf", "reliability"):
         assert summary["stages"][stage] == at_stop["run"]["stages"][stage]
     assert summary["status"] == "complete" and manifest(out, "rating")["stage"] == "rating"
+    assert (out / "outputs" / tables.SUCCESS).exists() and summary["run_id"] == at_stop["run"]["run_id"]
     # every test rating was mirrored (r -> 5.5 - r), yet every trained model is bit for bit the same
-    test_full = read(full / "outputs" / "reliability_deciles.parquet")
-    test_flip = read(out / "outputs" / "reliability_deciles.parquet")
+    test_full = table(full / "outputs", "reliability_deciles")
+    test_flip = table(out / "outputs", "reliability_deciles")
     assert not test_full["rmse"].equals(test_flip["rmse"])  # the test ratings did change
     for stage in ("mf", "reliability", "rating"):
         a, b = tensors(full, stage), tensors(out, stage)
@@ -384,12 +468,12 @@ def test_changed_config_refuses_stale_stages_and_from_redoes_only_what_follows(f
     # changed output settings with --from outputs: only the outputs are redone, with the new settings
     n_train = read(out / "data" / "items.parquet").select(movie_id="item_id", n="n_train")
     floor = int(n_train["n"].median())  # half the movies are too rarely rated to be recommended
-    assert read(out / "outputs" / "recommendations.parquet").join(n_train, on="movie_id")["n"].min() < floor
+    assert table(out / "outputs", "recommendations").join(n_train, on="movie_id")["n"].min() < floor
     more = config(planted["same"], **{"pipeline.outputs.top_n": 7, "pipeline.outputs.recommend_min_ratings": floor})
     redone = run_pipeline(more, str(out), from_stage="outputs")
     assert {s: manifest(out, s)["created_at"] for s in before} == before
     assert redone["stages"]["outputs"]["hash"] != summary["stages"]["outputs"]["hash"]
-    recs = read(out / "outputs" / "recommendations.parquet")
+    recs = table(out / "outputs", "recommendations")
     assert recs.group_by("user_id").len()["len"].max() == 7
     assert recs.join(n_train, on="movie_id")["n"].min() >= floor
     asked = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "12")  # beyond top_n: recomputed
@@ -416,14 +500,16 @@ def test_the_report_names_its_figures_and_they_exist(full_run):
     out, _ = full_run
     report = (out / "outputs" / "report.md").read_text()
     for png in ("reliability_deciles.png", "movie_map.png", "learning_curves.png"):
-        assert f"]({png})" in report
-        assert (out / "outputs" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](figures/{png})" in report
+        assert (out / "outputs" / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Stage 3 changes test RMSE" in report and "| 10 |" in report  # accuracy and the decile table
+    assert "predicted abs error (mean) | observed abs error (MAE)" in report  # the calibration table
+    assert f"| run id | `{manifest(out)['run_id']}` |" in report
 
 
 def test_recommend_and_similar_from_the_command_line(full_run, tmp_path):
     out, _ = full_run
-    stored = read(out / "outputs" / "recommendations.parquet").filter(pl.col("user_id") == user_id(1))
+    stored = table(out / "outputs", "recommendations").filter(pl.col("user_id") == user_id(1))
     result = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "3")
     assert result.returncode == 0, result.stderr
     for movie in stored.sort("rank")["movie_id"].head(3).to_list():
@@ -437,7 +523,7 @@ def test_recommend_and_similar_from_the_command_line(full_run, tmp_path):
     assert "Planted" in result.stdout
     assert not any(f" {m} " in result.stdout for m in liked)  # rated movies are not recommended back
 
-    similar = read(out / "outputs" / "similar_items.parquet").filter(pl.col("movie_id") == movie_id(5))
+    similar = table(out / "outputs", "similar_items").filter(pl.col("movie_id") == movie_id(5))
     result = recdist("similar", str(out), "--movie", str(movie_id(5)), "-k", "3")
     assert result.returncode == 0, result.stderr
     assert str(similar.sort("rank")["similar_movie_id"][0]) in result.stdout
@@ -467,19 +553,21 @@ def test_a_single_model_pipeline_gives_the_same_outputs(full_run, tmp_path):
     summary = run_pipeline(cfg, str(out), data=str(full / "data"))
     assert list(summary["stages"]) == ["single", "outputs"]
     o = out / "outputs"
-    predictions = pl.concat([read(f) for f in sorted((o / "predictions").glob("*.parquet"))])
-    assert pq.read_schema(next((o / "predictions").glob("*.parquet"))) == schema.PREDICTIONS
+    predictions = table(o, "predictions")
+    assert file_schema(o, "predictions") == schema.OUTPUT_TABLES["predictions"].file_schema()
     assert predictions.height == manifest(full, "data")["n_ratings"]
-    assert predictions["pred_error"].null_count() == predictions.height  # no reliability stage
+    assert predictions["expected_abs_error"].null_count() == predictions.height  # no reliability stage
     for name, expected in (
         ("recommendations", schema.RECOMMENDATIONS),
         ("item_factors", schema.ITEM_FACTORS),
+        ("user_factors", schema.USER_FACTORS),
         ("similar_items", schema.SIMILAR_ITEMS),
     ):
-        assert pq.read_schema(o / f"{name}.parquet") == expected
+        assert file_schema(o, name) == expected
     metrics = json.loads((o / "metrics.json").read_text())
     assert metrics["single"]["test"]["rmse"] < 1.0 and "mf" not in metrics
-    assert not (o / "reliability_deciles.parquet").exists()
+    assert not (o / "reliability_deciles").exists() and "reliability_deciles" not in metrics["rows"]
+    assert (o / tables.SUCCESS).exists()
     assert "mf_residual_mlp" in (o / "report.md").read_text()
     assert storage.is_committed(str(o))
     stage_2_alone = load_config(None, {"pipeline.kind": "single", "stages.single.model": "reliability_mlp"})

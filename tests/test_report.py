@@ -17,8 +17,9 @@ from recdist.report import decile_order, render, verdicts
 def deciles(first: float, last: float) -> list[dict]:
     step = (last - first) / 9
     return [
-        {"decile": d, "n": 100, "mean_pred_error": 0.4 + 0.04 * d, "mse": (first + step * (d - 1)) ** 2,
-         "rmse": first + step * (d - 1), "mae": 0.7 * (first + step * (d - 1)), "mf_rmse": first + step * (d - 1)}
+        {"decile": d, "n": 100, "expected_abs_error_min": 0.3 + 0.05 * d, "expected_abs_error_max": 0.35 + 0.05 * d,
+         "mean_expected_abs_error": 0.32 + 0.05 * d, "mae": 0.7 * (first + step * (d - 1)),
+         "mf_mae": 0.71 * (first + step * (d - 1)), "rmse": first + step * (d - 1), "mf_rmse": first + step * (d - 1)}
         for d in range(1, 11)
     ]
 
@@ -130,3 +131,12 @@ def test_report_functions_stay_short():
     long = [f"{n.name}: {n.end_lineno - n.lineno + 1}" for n in ast.walk(ast.parse(source))
             if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 >= 60]
     assert long == []
+
+
+def test_the_reliability_section_is_a_calibration_table_in_stars():
+    text = report(METRICS)
+    section = text[text.index("## Reliability"):text.index("## Ranking")]
+    assert "expected_abs_error" in section and "lower = more reliable" in section
+    header = "| decile | rows | expected_abs_error range | predicted abs error (mean) | observed abs error (MAE) "
+    assert header in section
+    assert "| 1 | 100 | 0.350-0.400 | 0.370 | 0.420 | 0.426 | 0.600 | 0.600 |" in section

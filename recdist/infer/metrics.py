@@ -67,36 +67,33 @@ def mean_baselines(sums: pl.DataFrame, test: pl.DataFrame) -> dict[str, dict[str
 def reliability_deciles(
     frame: pl.DataFrame, *, pred: str = "pred_rating", reliability: str = "pred_error", bins: int = 10
 ) -> pl.DataFrame:
-    """Rows grouped into equal-count bins by predicted error (1 = lowest = most reliable) with their errors.
+    """Rows grouped into equal-count bins by predicted error (1 = lowest = most reliable) with their errors:
+    decile, n, `<reliability>_min`, `<reliability>_max`, `mean_<reliability>` (what was predicted), mse, rmse,
+    mae (what was observed).
 
     Bins are by rank, so ties never make them unequal by more than one row.
     """
     frame = frame.filter(pl.col(reliability).is_not_null())
+    names = (f"{reliability}_min", f"{reliability}_max", f"mean_{reliability}", "mse", "rmse", "mae")
+    if frame.height == 0:
+        return pl.DataFrame(schema={"decile": pl.Int8, "n": pl.Int64, **dict.fromkeys(names, pl.Float64)})
     n = frame.height
-    if n == 0:
-        return pl.DataFrame(
-            schema={
-                "decile": pl.Int8,
-                "n": pl.Int64,
-                "mean_pred_error": pl.Float64,
-                "mse": pl.Float64,
-                "rmse": pl.Float64,
-                "mae": pl.Float64,
-            }
-        )
     diff = pl.col("rating").cast(pl.Float64) - pl.col(pred).cast(pl.Float64)
     rank = pl.col(reliability).rank("ordinal").cast(pl.Int64) - 1
+    value = pl.col(reliability).cast(pl.Float64)
     return (
         frame.with_columns(decile=(rank * bins // n + 1).cast(pl.Int8))
         .group_by("decile")
         .agg(
+            value.min().alias(names[0]),
+            value.max().alias(names[1]),
+            value.mean().alias(names[2]),
             n=pl.len().cast(pl.Int64),
-            mean_pred_error=pl.col(reliability).cast(pl.Float64).mean(),
             mse=(diff**2).mean(),
             mae=diff.abs().mean(),
         )
         .with_columns(rmse=pl.col("mse").sqrt())
-        .select("decile", "n", "mean_pred_error", "mse", "rmse", "mae")
+        .select("decile", "n", *names)
         .sort("decile")
     )
 

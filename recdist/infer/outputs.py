@@ -1,5 +1,5 @@
-"""The analyst tables of a run (RUN/outputs/): predictions, recommendations, item factors, similar movies,
-reliability deciles and metrics.json, all with original ids and titles.
+"""The analyst tables of a run (RUN/outputs/<table>/, recdist.tables): predictions, recommendations, item and
+user factors, similar movies, reliability deciles, and metrics.json, all with original ids and titles.
 
 Reads the final scored table shard by shard (memory: one shard plus the index columns), so it scales to
 ML-20M; the evaluation uses the test split only for measuring, never for choosing anything.
@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recdist import logs, storage
+from recdist import logs, storage, tables
 from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
@@ -24,7 +24,16 @@ from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.scoring import one_thread
 from recdist.infer.topn import Csr, cosine_neighbours, popularity_top, top_n
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
-from recdist.schema import ITEM_FACTORS, PREDICTIONS, RECOMMENDATIONS, RELIABILITY_DECILES, SIMILAR_ITEMS
+from recdist.schema import (
+    EXPECTED_ABS_ERROR,
+    ITEM_FACTORS,
+    PREDICTIONS,
+    RECOMMENDATIONS,
+    RELIABILITY_DECILES,
+    SIMILAR_ITEMS,
+    USER_FACTORS,
+)
+from recdist.tables import Stamp
 
 log = logging.getLogger(__name__)
 
@@ -123,55 +132,75 @@ def fit_candidates(
 
 
 def write_outputs(
-    models: RunModels, out: str, cfg: PipelineConfig, *, seed: int = 0, trained: TrainedOn | None = None
+    models: RunModels,
+    out: str,
+    cfg: PipelineConfig,
+    stamp: Stamp,
+    *,
+    seed: int = 0,
+    trained: TrainedOn | None = None,
 ) -> dict[str, Any]:
-    """Write every analyst table under `out` (a staging directory); return metrics.json's content. trained: the
-    run's view of the dataset's training rows (read here when not given)."""
+    """Write every analyst table under `out` (a staging directory), each file stamped with `stamp`; return
+    metrics.json's content (`rows`: the rows of every table written). trained: the run's view of the dataset's
+    training rows (read here when not given)."""
     with one_thread():
-        return _write_outputs(models, out, cfg, seed, trained)
+        return _write_outputs(models, out, cfg, stamp, seed, trained)
 
 
 def _write_outputs(
-    models: RunModels, out: str, cfg: PipelineConfig, seed: int, trained: TrainedOn | None
+    models: RunModels, out: str, cfg: PipelineConfig, stamp: Stamp, seed: int, trained: TrainedOn | None
 ) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
-    users = read_users(models.data).select("user_idx", "user_id")
+    users = read_users(models.data).select("user_idx", "user_id", "n_train")
     items = read_items(models.data).select("item_idx", "item_id", "title", "genres", "n_train")
+    rows: dict[str, int] = {}
     with logs.timed(log, "predictions and accuracy"):
-        result, test, pairs, cold = _prediction_tables(models, out, users, items)
+        result, test, pairs, cold = _prediction_tables(models, out, stamp, users, items)
+    rows["predictions"] = int(pairs.height)
     final_name = "rating" if models.reliability is not None else "single"
     with logs.timed(log, "ranking metrics"):
         ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking_settings(cfg))
         result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
-        deciles = _deciles(test)
-        deciles_uri = storage.join(out, "reliability_deciles.parquet")
-        storage.write_parquet(_to_schema(deciles, RELIABILITY_DECILES), deciles_uri)
-        result["reliability_deciles"] = deciles.to_dicts()
-        result["reliability_summary"] = _reliability_summary(deciles, test)
+        deciles = _to_schema(_deciles(test), RELIABILITY_DECILES)
+        rows["reliability_deciles"] = _write(deciles, out, "reliability_deciles", stamp)
+        result["reliability_deciles"] = deciles.to_pylist()
+        result["reliability_summary"] = _reliability_summary(pl.from_arrow(deciles), test)
 
     with logs.timed(log, "recommendations"):
         shown = cfg.outputs
         recs = ranker.rank(
             torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=_csr(pairs, n_users)
         )
-        storage.write_parquet(_recommendations(recs, users, items), storage.join(out, "recommendations.parquet"))
+        rows["recommendations"] = _write(_recommendations(recs, users, items), out, "recommendations", stamp)
 
     if ranker.factors is not None:
-        with logs.timed(log, "item factors and similar movies"):
-            factors_table = _item_factors(ranker.factors, items, cfg)
-            storage.write_parquet(factors_table, storage.join(out, "item_factors.parquet"))
-            storage.write_parquet(_similar(ranker.factors, items, cfg), storage.join(out, "similar_items.parquet"))
-    result["rows"] = {"predictions": int(pairs.height), "test": int(test.height), "recommendations": recs.height}
+        with logs.timed(log, "item and user factors, similar movies"):
+            rows["item_factors"] = _write(_item_factors(ranker.factors, items, cfg), out, "item_factors", stamp)
+            rows["user_factors"] = _write(_user_factors(ranker.factors, users), out, "user_factors", stamp)
+            rows["similar_items"] = _write(_similar(ranker.factors, items, cfg), out, "similar_items", stamp)
+    result["rows"] = rows
     result["cold"] = cold
     storage.write_json(storage.join(out, "metrics.json"), result)
     return result
 
 
+def _write(table: pa.Table, out: str, name: str, stamp: Stamp) -> int:
+    """Write a whole table as its folder's one part; its rows."""
+    tables.write_table(table, out, name, stamp)
+    return table.num_rows
+
+
+def expected_abs_error(pred_error: pl.Expr) -> pl.Expr:
+    """Stage 2's predicted squared error as the expected absolute error in stars, sqrt(2/pi x pred_error): the mean
+    of |e| for a normal error e of that variance (schema.EXPECTED_ABS_ERROR)."""
+    return (pred_error.cast(pl.Float64).clip(lower_bound=0.0) * (2.0 / np.pi)).sqrt()
+
+
 def _prediction_tables(
-    models: RunModels, out: str, users: pl.DataFrame, items: pl.DataFrame
+    models: RunModels, out: str, stamp: Stamp, users: pl.DataFrame, items: pl.DataFrame
 ) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """One pass over the final scored table, shard by shard: the predictions table and the accuracy of each stage.
 
@@ -187,8 +216,7 @@ def _prediction_tables(
         for n, uri in enumerate(shards):
             frame = pl.from_arrow(storage.read_parquet(uri))
             assert isinstance(frame, pl.DataFrame)
-            part = storage.join(out, "predictions", f"part-{n:05d}.parquet")
-            storage.write_parquet(_predictions(frame, users, items), part)
+            tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)
             by_split = frame.group_by(split=pl.col("split").cast(pl.String))
             colds.append(by_split.agg(n=pl.len(), cold=pl.col("cold").sum()))
             if "mf_pred" in frame.columns:
@@ -212,15 +240,20 @@ def _prediction_tables(
 
 
 def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
-    """One scored shard as the analyst table: original ids, title, split, rating and the predictions."""
+    """One scored shard as the analyst table: original ids, title, split, rating time, rating and the
+    predictions (stage 2's as the expected absolute error)."""
     for name in ("pred_error", "mf_pred"):
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, pl.Float32).alias(name))
     if "cold" not in frame.columns:
         frame = frame.with_columns(cold=pl.lit(False))
     joined = (
-        frame.join(users, on="user_idx", how="left")
+        frame.join(users.select("user_idx", "user_id"), on="user_idx", how="left")
         .join(items.select("item_idx", "item_id", "title"), on="item_idx", how="left")
+        .with_columns(
+            expected_abs_error(pl.col("pred_error")).alias(EXPECTED_ABS_ERROR),
+            rated_at=pl.from_epoch(pl.col("timestamp"), time_unit="s"),
+        )
         .rename({"item_id": "movie_id"})
         .select(PREDICTIONS.names)
     )
@@ -340,12 +373,14 @@ def _top_matrix(ranked: pl.DataFrame, row_of: np.ndarray, n_rows: int, k: int) -
 
 
 def _deciles(test: pl.DataFrame) -> pl.DataFrame:
-    """Test error of the final and of the MF prediction by decile of stage 2's predicted error."""
-    final = m.reliability_deciles(test, pred="pred_rating")
+    """The calibration table: by decile of stage 2's predicted error, the expected absolute error (range and
+    mean) against the observed errors of the final and of the MF prediction on test."""
+    test = test.with_columns(expected_abs_error(pl.col("pred_error")).alias(EXPECTED_ABS_ERROR))
+    final = m.reliability_deciles(test, pred="pred_rating", reliability=EXPECTED_ABS_ERROR)
     if "mf_pred" in test.columns:
-        mf = m.reliability_deciles(test, pred="mf_pred").select("decile", mf_rmse="rmse")
-        return final.join(mf, on="decile")
-    return final.with_columns(mf_rmse=pl.lit(None, pl.Float64))
+        mf = m.reliability_deciles(test, pred="mf_pred", reliability=EXPECTED_ABS_ERROR)
+        return final.join(mf.select("decile", mf_mae="mae", mf_rmse="rmse"), on="decile")
+    return final.with_columns(mf_mae=pl.lit(None, pl.Float64), mf_rmse=pl.lit(None, pl.Float64))
 
 
 def _reliability_summary(deciles: pl.DataFrame, test: pl.DataFrame) -> dict[str, float]:
@@ -364,13 +399,31 @@ def _reliability_summary(deciles: pl.DataFrame, test: pl.DataFrame) -> dict[str,
 
 def _recommendations(recs: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
     joined = (
-        recs.join(users, on="user_idx", how="left")
+        analyst_recommendations(recs)
+        .join(users.select("user_idx", "user_id"), on="user_idx", how="left")
         .join(items.select("item_idx", "item_id", "title"), on="item_idx", how="left")
         .rename({"item_id": "movie_id"})
         .sort("user_id", "rank")
         .select(RECOMMENDATIONS.names)
     )
     return _to_schema(joined, RECOMMENDATIONS)
+
+
+def analyst_recommendations(ranked: pl.DataFrame) -> pl.DataFrame:
+    """A Ranker.rank() frame in the analysts' names: reliability as the expected absolute error, the candidate
+    score that breaks ties of rank_score."""
+    error = expected_abs_error(pl.col("reliability")).cast(pl.Float32).alias(EXPECTED_ABS_ERROR)
+    return ranked.with_columns(error).rename({"mf_score": "candidate_score"})
+
+
+def _user_factors(factors: dict[str, torch.Tensor], users: pl.DataFrame) -> pa.Table:
+    """Users with training ratings: stage 1's bias and factors (cold users have none)."""
+    known = users["n_train"].to_numpy() > 0
+    frame = users.filter(pl.Series(known)).select("user_id", "n_train").with_columns(
+        bias=pl.Series(factors["user_bias"].reshape(-1).numpy()[known]),
+        factors=pl.Series(list(factors["user_factors"].numpy()[known]), dtype=pl.List(pl.Float32)),
+    )
+    return _to_schema(frame, USER_FACTORS)
 
 
 def _item_factors(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: PipelineConfig) -> pa.Table:

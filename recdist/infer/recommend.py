@@ -1,8 +1,8 @@
 """Answers from a finished run: top-N movies for a known user, for a new user given a few ratings (folded into
 the MF), and the movies most similar to a movie.
 
-Known users and movies are answered from the run's tables (outputs/recommendations.parquet,
-outputs/similar_items.parquet); asking for more rows than were stored recomputes with the run's models.
+Known users and movies are answered from the run's tables (outputs/recommendations/, outputs/similar_items/);
+asking for more rows than were stored recomputes with the run's models.
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ import polars as pl
 import pyarrow.compute as pc
 import torch
 
-from recdist import integrity, storage
+from recdist import integrity, storage, tables
 from recdist.errors import DataError, RecdistError, StorageError
-from recdist.infer.outputs import RunModels, ranker_for
+from recdist.infer.outputs import RunModels, analyst_recommendations, ranker_for
 from recdist.infer.ranker import recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, fold_in, top_n
 
-COLUMNS = ["rank", "movie_id", "title", "score", "rank_score", "reliability"]
+COLUMNS = ["rank", "movie_id", "title", "score", "expected_abs_error", "rank_score", "candidate_score"]
 
 
 def recommend(run: str, *, user_id: int | None = None, ratings: str | None = None, n: int = 10) -> pl.DataFrame:
     """Top-n unseen movies for the user `user_id` of the run, or for a new user from a ratings file.
 
-    Columns: rank, movie_id, title, score (predicted rating), reliability (predicted squared error; lower
-    is more reliable; empty for a folded-in user, whom stage 2 has never seen).
+    Columns: rank, movie_id, title, score (predicted rating), expected_abs_error (in stars; lower is more
+    reliable; empty for a folded-in user, whom stage 2 has never seen), rank_score, candidate_score.
     """
     if (user_id is None) == (ratings is None):
         raise RecdistError("give exactly one of a user id or a ratings file")
@@ -42,7 +42,7 @@ def recommend(run: str, *, user_id: int | None = None, ratings: str | None = Non
 def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
     """The k movies nearest to `movie_id` by cosine of the stage-1 item factors: rank, movie_id, title, cosine."""
     outputs, manifest = _outputs(run)
-    stored_uri = storage.join(outputs, "similar_items.parquet")
+    stored_uri = tables.table_dir(outputs, "similar_items")
     if not storage.exists(stored_uri):
         raise DataError(
             "this run has no item factors (its model has no mf_tables())",
@@ -53,7 +53,7 @@ def similar(run: str, movie_id: int, k: int = 10) -> pl.DataFrame:
     if stored.num_rows >= k:
         frame = pl.from_arrow(stored).sort("rank").head(k)
         return frame.select("rank", movie_id="similar_movie_id", title="similar_title", cosine="cosine")
-    factors = pl.from_arrow(storage.read_parquet(storage.join(outputs, "item_factors.parquet")))
+    factors = pl.from_arrow(storage.read_parquet(tables.table_dir(outputs, "item_factors")))
     hit = factors.with_row_index("row").filter(pl.col("movie_id") == movie_id)
     min_ratings = int(manifest.get("similar_min_ratings", 1))
     _check_movie(run, movie_id, factors, hit, min_ratings)
@@ -82,7 +82,7 @@ def _check_movie(run: str, movie_id: int, factors: pl.DataFrame, hit: pl.DataFra
     names = ", ".join(
         f"{r['movie_id']} ({r['title'] or 'untitled'}, {r['n_train']:,} ratings)" for r in top.iter_rows(named=True)
     )
-    fix = f"pick a movie with >= {min_ratings} training ratings (outputs/item_factors.parquet), e.g. {names}"
+    fix = f"pick a movie with >= {min_ratings} training ratings (outputs/item_factors/), e.g. {names}"
     if not hit.height:
         raise DataError(f"movie {movie_id} is not in this run: no training rating (or no such id)", where=run, fix=fix)
     raise DataError(
@@ -95,10 +95,11 @@ def _check_movie(run: str, movie_id: int, factors: pl.DataFrame, hit: pl.DataFra
 
 def _outputs(run: str) -> tuple[str, dict[str, Any]]:
     outputs = storage.join(run, "outputs")
-    if not storage.is_committed(outputs):
+    if not storage.is_committed(outputs, tables.SUCCESS):
         raise StorageError(
-            f"{run} has no finished outputs (outputs/manifest.json missing)",
-            fix="run `recdist pipeline` to the end first (re-running resumes where it stopped)",
+            f"{run} has no finished outputs (outputs/{tables.SUCCESS} missing; outputs written before the "
+            "folder-per-table layout have none)",
+            fix="run `recdist pipeline` to the end first (re-running resumes where it stopped and redoes old outputs)",
         )
     manifest = storage.read_json(storage.join(outputs, storage.MANIFEST))
     redo = f"recdist pipeline --config CONFIG --out {run}"
@@ -133,9 +134,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     from recdist.data.dataset import read_users
 
     models = run_models(run, manifest)
-    stored = storage.read_parquet(
-        storage.join(outputs, "recommendations.parquet"), filters=pc.field("user_id") == user_id
-    )
+    stored = storage.read_parquet(tables.table_dir(outputs, "recommendations"), filters=pc.field("user_id") == user_id)
     if stored.num_rows and n <= int(manifest.get("top_n", 0)):
         return pl.from_arrow(stored).sort("rank").head(n).select([c for c in COLUMNS if c in stored.column_names])
     users = read_users(models.data).filter(pl.col("user_id") == user_id)
@@ -155,7 +154,7 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
         candidates=max(n, int(manifest.get("candidates", 100))),
         exclude=_shift(exclude, user_idx),
     )
-    return _titled(frame, models.data)
+    return _titled(analyst_recommendations(frame), models.data)
 
 
 def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.DataFrame:
@@ -179,7 +178,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
         raise DataError(
             "none of the rated movies is known to this run",
             where=ratings,
-            fix="use MovieLens movieIds that appear in the run's data (outputs/item_factors.parquet)",
+            fix="use MovieLens movieIds that appear in the run's data (outputs/item_factors/)",
         )
     f = {k: v.float() for k, v in tables.tensors().items()}
     mean = tables.mu
@@ -209,7 +208,8 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
             "item_idx": top[0][keep].numpy().astype(np.int32),
             "score": scores[0][keep].clamp(lo, hi).numpy(),
             "rank_score": scores[0][keep].numpy(),  # a new user: ranked by stage 1's score
-            "reliability": pl.Series([None] * int(keep.sum()), dtype=pl.Float32),
+            "candidate_score": scores[0][keep].numpy(),
+            "expected_abs_error": pl.Series([None] * int(keep.sum()), dtype=pl.Float32),
         }
     )
     return _titled(frame, models.data)
