@@ -347,6 +347,9 @@ def prepare(
     holdout_k: _key(int, "prepare.holdout_k", "user_time: last k per user to test, k before to val", _PREP) = None,
     seed: _key(int, "prepare.seed", "Seed of splits and shards", _PREP) = None,
     shards: _key(int, "prepare.shards", "Number of balanced Parquet shards") = None,
+    previous: _key(
+        str, "prepare.previous", "A previous dataset of this source: keep its id indices and rating splits"
+    ) = None,
 ) -> None:
     """Validate, de-duplicate, filter, index, split and shard ratings into a prepared dataset.
 
@@ -360,6 +363,7 @@ def prepare(
       recdist prepare --path s3://bucket/ratings.parquet --out data/mine \\
           --user-col uid --item-col iid --rating-col stars --timestamp-col ''
       recdist prepare --train-path train.csv --test-path test.csv --out data/given
+      recdist prepare --path day2.csv --out data/day2 --previous data/day1
     """
     from recdist.data.prepare import prepare as run_prepare
 

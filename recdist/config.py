@@ -130,6 +130,10 @@ class PrepareConfig(Section):
     """Number of balanced Parquet shards (training ranks read shards r, r+W, ...)."""
     seed: int = 42
     """Seed for the random splits and the shard assignment."""
+    previous: str | None = Field(None, exclude=True)
+    """A previous dataset of the same source (local or s3://): its users and items keep their indices (new ones
+    are appended, gone ones keep theirs with no ratings) and its ratings keep their split. Left out of the
+    section dumps (so configs without it hash as before) and added to dataset_hash when set."""
 
     @model_validator(mode="after")
     def _fractions(self) -> PrepareConfig:
@@ -442,7 +446,10 @@ class Config(Section):
         """The hash of what a prepared dataset is made from (its manifest's config_hash): the source and prepare
         sections, and synth for synthetic ratings."""
         synthetic = self.source.dataset == "synthetic"
-        return self.section_hash(*(("source", "synth", "prepare") if synthetic else ("source", "prepare")))
+        digest = self.section_hash(*(("source", "synth", "prepare") if synthetic else ("source", "prepare")))
+        if self.prepare.previous:  # excluded from the dump: hashed here, so datasets without it hash as before
+            digest = hashlib.sha256(f"{digest}|previous={self.prepare.previous}".encode()).hexdigest()[:16]
+        return digest
 
 
 def _get(data: dict[str, Any], dotted: str) -> Any:

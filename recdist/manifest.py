@@ -90,6 +90,8 @@ class DatasetManifest(Manifest):
     shards: int = 1
     shard_rows: list[int] | None = None
     split_method: str | None = None
+    previous: str | None = None
+    """The dataset whose id maps and splits this one kept (prepare --previous), if any."""
     n_raw: int | None = None
     duplicates_resolved: int | None = None
     filtered: dict[str, Any] | None = None

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
+from recdist.data.idmaps import PreviousMaps, keep_splits, read_previous, restable
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split
 from recdist.errors import ConfigError, DataError, StorageError
@@ -48,11 +49,14 @@ class PreparedFrames:
     """n_raw, duplicates_resolved, filtered, splits, global_mean: what the manifest reports."""
 
 
-def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float, float]) -> PreparedFrames:
+def prepare_frame(
+    raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float, float], previous: PreviousMaps | None = None
+) -> PreparedFrames:
     """Validate -> de-duplicate -> filter -> encode ids -> split, all in memory (each step timed in the log).
 
     Users and items get contiguous int32 indices in the order of their sorted original ids, so the same
-    ratings always give the same indices whatever the file order.
+    ratings always give the same indices whatever the file order. With `previous` (recdist.data.idmaps), the
+    previous dataset's ids keep their indices, new ids follow, and its ratings keep their split.
     """
     with logs.timed(log, "read"):
         df = _collect(raw)
@@ -76,6 +80,18 @@ def prepare_frame(raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float,
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
     with logs.timed(log, "split"):
         df = assign_split(df, cfg, user="user_id", item="item_id")
+    if previous is not None:
+        with logs.timed(log, "stable ids"):
+            df, changed = keep_splits(df, previous.splits)
+            n_before = len(user_ids), len(item_ids)
+            df, user_ids, item_ids = restable(df, user_ids, item_ids, previous)
+            log.info(
+                "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; "
+                "%s ratings kept a previous split other than today's", f"{len(previous.user_ids):,}",
+                f"{len(previous.item_ids):,}", f"{len(user_ids) - len(previous.user_ids):,}",
+                f"{len(item_ids) - len(previous.item_ids):,}", f"{len(user_ids) - n_before[0]:,}",
+                f"{len(item_ids) - n_before[1]:,}", f"{changed:,}",
+            )  # fmt: skip
     if cfg.split == "given":
         _log_given(df, cfg, carved)
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
@@ -483,7 +499,8 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
         with logs.timed(log, "load source"):
             raw = load_source(config.source, config.synth)
         scale = tuple(float(x) for x in (config.source.rating_scale or raw.rating_scale))
-        frames = prepare_frame(raw, cfg, scale)
+        previous = read_previous(cfg.previous) if cfg.previous else None
+        frames = prepare_frame(raw, cfg, scale, previous)
         with logs.timed(log, "write"):
             shard_sizes = write_dataset(frames, stage, cfg.shards, cfg.seed)
         stats = frames.stats
@@ -502,6 +519,7 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
             shards=cfg.shards,
             shard_rows=shard_sizes,
             split_method=cfg.split,
+            previous=cfg.previous,
             n_raw=stats["n_raw"],
             duplicates_resolved=stats["duplicates_resolved"],
             filtered=stats["filtered"],

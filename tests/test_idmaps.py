@@ -1,0 +1,88 @@
+"""Stable id maps across two days of the same source (prepare --previous): recdist.data.idmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recdist.config import load_config
+from recdist.data import dataset
+from recdist.data.idmaps import stable_ids
+from recdist.data.prepare import prepare
+
+HEADER = "userId,movieId,rating,timestamp\n"
+
+
+def _day(tmp: Path, name: str, lines: list[tuple[int, int, float, int]], **keys: object) -> str:
+    src = tmp / f"{name}.csv"
+    src.write_text(HEADER + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in lines))
+    out = tmp / name
+    prepare(load_config(None, {"source.path": str(src), "prepare.shards": 2, **keys}), str(out))
+    return str(out)
+
+
+def _ratings(uri: str) -> pl.DataFrame:
+    users, items = dataset.read_users(uri), dataset.read_items(uri)
+    return (
+        dataset.read_rank(uri)
+        .join(users.select("user_idx", "user_id"), on="user_idx")
+        .join(items.select("item_idx", "item_id"), on="item_idx")
+        .select("user_id", "item_id", "user_idx", "item_idx", pl.col("split").cast(pl.String))
+    )
+
+
+def _lines(users: range, items: range, seed: int) -> list[tuple[int, int, float, int]]:
+    rng = np.random.default_rng(seed)
+    return [(u, i, float(rng.integers(1, 6)), 1000 + 7 * u + i) for u in users for i in items if rng.random() < 0.6]
+
+
+def test_stable_ids_keep_known_append_new_in_id_order():
+    every, idx = stable_ids(pl.Series([30, 10, 20]), pl.Series("user_id", [5, 10, 30, 40]))
+    assert every.to_list() == [30, 10, 20, 5, 40]  # 20 is gone: it keeps its index
+    assert idx.tolist() == [3, 1, 0, 4]
+
+
+@pytest.mark.parametrize("split", ["random", "user", "time"])
+def test_id_maps_and_splits_stable_across_two_days(tmp_path, split):
+    # day 1: users 1..40, items 100..129; day 2: users 1-5 and items 100-102 gone, users 41..50 and
+    # items 130..134 new
+    day1 = _lines(range(1, 41), range(100, 130), seed=1)
+    day2 = [r for r in day1 if r[0] > 5 and r[1] > 102] + _lines(range(41, 51), range(103, 135), seed=2)
+    day2 += [(u, i, 3.0, 9000 + u) for u in range(6, 41) for i in range(130, 135) if (u + i) % 3 == 0]
+    d1 = _day(tmp_path, "d1", day1, **{"prepare.split": split})
+    d2 = _day(tmp_path, "d2", day2, **{"prepare.split": split, "prepare.previous": d1})
+
+    u1, u2 = dataset.read_users(d1), dataset.read_users(d2)
+    i1, i2 = dataset.read_items(d1), dataset.read_items(d2)
+    # every id of day 1 keeps its index, gone ones included (with no training ratings)
+    assert u2.head(u1.height)["user_id"].to_list() == u1["user_id"].to_list()
+    assert i2.head(i1.height)["item_id"].to_list() == i1["item_id"].to_list()
+    assert u2.filter(pl.col("user_id") <= 5)["n_train"].to_list() == [0] * 5
+    assert i2.filter(pl.col("item_id") <= 102)["n_train"].to_list() == [0] * 3
+    # new ones appended after, in id order; indices contiguous
+    assert u2["user_id"].to_list()[u1.height :] == list(range(41, 51))
+    assert i2["item_id"].to_list()[i1.height :] == list(range(130, 135))
+    assert u2["user_idx"].to_list() == list(range(u2.height))
+    m2 = dataset.read_manifest(d2)
+    assert (m2["n_users"], m2["n_items"], m2["previous"]) == (50, 35, d1)
+
+    # a rating's split never changes once made
+    r1, r2 = _ratings(d1), _ratings(d2)
+    both = r1.join(r2, on=["user_id", "item_id"], suffix="_2")
+    assert both.height == len([r for r in day1 if r[0] > 5 and r[1] > 102])
+    assert (both["split"] == both["split_2"]).all()
+    assert (both["user_idx"] == both["user_idx_2"]).all() and (both["item_idx"] == both["item_idx_2"]).all()
+    # shards sorted by (user_idx, item_idx) as without --previous
+    whole = dataset.read_rank(d2).sort("user_idx", "item_idx")
+    assert whole.height == len(day2)
+
+
+def test_without_previous_the_random_split_already_hashes_original_ids(tmp_path):
+    day1 = _lines(range(1, 41), range(100, 130), seed=1)
+    day2 = [r for r in day1 if r[0] > 5] + _lines(range(41, 51), range(100, 135), seed=2)
+    r1, r2 = _ratings(_day(tmp_path, "d1", day1)), _ratings(_day(tmp_path, "d2", day2))
+    both = r1.join(r2, on=["user_id", "item_id"], suffix="_2")
+    assert both.height > 0 and (both["split"] == both["split_2"]).all()
