@@ -517,6 +517,13 @@ def pipeline(
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
+    warm_start: Annotated[
+        str | None,
+        typer.Option(
+            help="A previous run directory (local or s3://): stage 1 starts from its factors and biases, mapped by "
+            "original ids."
+        ),
+    ] = None,
 ) -> None:
     """The main job: prepare -> stage 1 MF -> stage 2 reliability -> stage 3 rating -> outputs and report.
 
@@ -527,7 +534,9 @@ def pipeline(
     from recdist.pipeline import run_pipeline
 
     cfg = opts.load(_shorthands(pipeline, locals()))
-    result = run_pipeline(cfg, out_dir, data=data, from_stage=from_stage, overwrite=opts.overwrite)
+    result = run_pipeline(
+        cfg, out_dir, data=data, from_stage=from_stage, overwrite=opts.overwrite, warm_start=warm_start
+    )
     _print_json(
         {
             "status": result["status"],

@@ -142,6 +142,8 @@ class StageManifest(Manifest):
     train: dict[str, Any] = {}
     scoring: dict[str, Any] = {}
     crossfit_folds: int | None = None
+    warm_start: dict[str, Any] | None = None
+    """Stage 1's warm start (recdist.train.warm.WarmStart), if any: the previous run its model started from."""
 
 
 class OutputsManifest(Manifest):

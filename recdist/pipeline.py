@@ -48,6 +48,8 @@ from recdist.manifest import (
     resolve,
 )
 from recdist.train.sampling import SAMPLE, TrainShare
+from recdist.train.warm import WarmStart
+from recdist.train.warm import resolve as resolve_warm_start
 
 if TYPE_CHECKING:
     from recdist.infer.plan import TrainedOn
@@ -87,12 +89,15 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 inference goes (pipeline.inference) are in none: they do not change what a stage computes."""
 
 
-def stage_hashes(config: Config, data_id: str) -> dict[str, str]:
-    """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain)."""
+def stage_hashes(config: Config, data_id: str, warm: WarmStart | None = None) -> dict[str, str]:
+    """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain); a
+    stage-1 warm start (its source run and that run's stage-1 hash) is part of stage 1's."""
     hashes: dict[str, str] = {"prepare": data_id}
     upstream = data_id
     for name in stage_names(config, prepared=False):
         hashes[name] = upstream = _digest([upstream, config.section_hash(*STAGE_SECTIONS[name])])
+        if warm is not None and name == "mf":
+            hashes[name] = upstream = _digest([upstream, warm.to_json()])
     return hashes
 
 
@@ -106,6 +111,8 @@ class _Run:
     hashes: dict[str, str]
     overwrite: bool
     names: list[str] = field(default_factory=list)
+    warm: WarmStart | None = None
+    """Stage 1's warm start (--warm-start): the previous run it starts from."""
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
     stale: list[str] = field(default_factory=list)
@@ -158,8 +165,11 @@ def run_pipeline(
     data: str | None = None,
     from_stage: str | None = None,
     overwrite: bool = False,
+    warm_start: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the pipeline into the run directory `out`; return the run summary.
+
+    warm_start: a previous run directory whose stage-1 factors and biases stage 1 starts from (recdist.train.warm).
 
     data: an already prepared dataset URI (else config.source is prepared into RUN/data). from_stage: redo
     from this stage on. overwrite: replace committed stages made by another config. One line per stage and
@@ -170,18 +180,20 @@ def run_pipeline(
     created = not storage.exists(out) or not storage.listdir(out)
     try:
         with runlock.locked(out):
-            return _locked_run(config, out, data, from_stage, overwrite)
+            return _locked_run(config, out, data, from_stage, overwrite, warm_start)
     except BaseException:
         if created and not storage.listdir(out):  # a refused run leaves no empty directory behind
             storage.remove(out)
         raise
 
 
-def _locked_run(config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool) -> dict[str, Any]:
+def _locked_run(
+    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool, warm_start: str | None = None
+) -> dict[str, Any]:
     """run_pipeline, holding the run directory's lock."""
     from recdist.train.cluster import connect
 
-    run, names, first, previous = _plan(config, out, data, from_stage, overwrite)
+    run, names, first, previous = _plan(config, out, data, from_stage, overwrite, warm_start)
     _remove_leftovers(run, names[:first])
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
     run.run_id = previous.get("run_id") or new_run_id()
@@ -231,7 +243,7 @@ def _absolute(summary: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _plan(
-    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool
+    config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool, warm_start: str | None = None
 ) -> tuple[_Run, list[str], int, dict[str, Any]]:
     """Check everything cheap before any work: the run, its stages, the first to run, the previous manifest."""
     from recdist.data.dataset import read_manifest
@@ -247,7 +259,8 @@ def _plan(
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    run = _Run(config, out, data_uri, stage_hashes(config, data_id), overwrite, names=names)
+    warm = resolve_warm_start(warm_start) if warm_start else None
+    run = _Run(config, out, data_uri, stage_hashes(config, data_id, warm), overwrite, names=names, warm=warm)
     states = {name: _state(run, name) for name in names}
     run.stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
     first = _first_to_run(names, {**states, **{n: None for n in run.stale}}, run.hashes, from_stage)
@@ -389,7 +402,7 @@ def _mf(run: _Run) -> dict[str, Any]:
     from recdist.train.sampling import write_fold_dataset
 
     cfg, where = run.config, run.dir("mf")
-    model = _train(run, "mf", run.data, storage.join(where, "model"))
+    model = _train(run, "mf", run.data, storage.join(where, "model"), warm=run.warm)  # fold models: cold
     folds, seed = cfg.pipeline.crossfit.folds, cfg.stages.mf.train.seed
     fold_models = []
     for k in range(folds):
@@ -402,7 +415,8 @@ def _mf(run: _Run) -> dict[str, Any]:
     scoring = _score(
         run, "mf", model, run.data, "mf", fold_models=tuple(fold_models), features=(session,), share=_share(run)
     )
-    return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
+    warm = {"warm_start": run.warm.to_json()} if run.warm else {}
+    return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds, **warm)
 
 
 def _reliability(run: _Run) -> dict[str, Any]:
@@ -507,7 +521,16 @@ _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None = None, label: str = "") -> str:
+def _train(
+    run: _Run,
+    stage: str,
+    data: str,
+    out: str,
+    *,
+    upstream: str | None = None,
+    label: str = "",
+    warm: WarmStart | None = None,
+) -> str:
     """train_stage into `out` unless it is already committed (a resumed stage); returns `out`."""
     from recdist.train.run import train_stage
 
@@ -523,7 +546,7 @@ def _train(run: _Run, stage: str, data: str, out: str, *, upstream: str | None =
         return out
     section = run.config.stages.slot(stage)
     log.info("%s: training %s", name, section.model)
-    train_stage(data, section, run.config.cluster, out, upstream=upstream)
+    train_stage(data, section, run.config.cluster, out, upstream=upstream, warm_start=warm.to_json() if warm else None)
     return out
 
 

@@ -190,6 +190,12 @@ def _rank_trainer(
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
+    if config.get("warm_start"):  # before _resume: a checkpoint of this run, when there is one, wins
+        from recdist.train import warm
+
+        counts = warm.apply(model, config["warm_start"], config["data"])
+        if rank == 0:
+            log.info("warm start from %s: %s", config["warm_start"]["model"], counts)
     trainer = Trainer(model, stage.train, data, device)
     timings["setup_s"] = time.perf_counter() - clock
     return trainer, timings
@@ -259,10 +265,12 @@ def train_stage(
     *,
     upstream: str | None = None,
     overwrite: bool = False,
+    warm_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`; return
-    metrics.json's content. Problems the driver can see raise before any worker starts; a worker's RecdistError
-    is raised as it was."""
+    metrics.json's content. warm_start (recdist.train.warm.WarmStart.to_json()): start the MF tables from that
+    previous model, mapped by original ids. Problems the driver can see raise before any worker starts; a
+    worker's RecdistError is raised as it was."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
     data, out = storage.absolute(data), storage.absolute(out)  # the workers' working directory is not ours
@@ -276,7 +284,7 @@ def train_stage(
     _say_without_validation(data, manifest, stage.train.epochs)
     plan = connect(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
-    name = run_name(data, stage, out, upstream, plan)
+    name = run_name(data, stage, out, upstream, plan, warm_start)
     run_dir = storage.join(storage_uri, name)
     if committed:  # retraining a committed output: start afresh, not from its old run's checkpoints
         storage.remove(run_dir)
@@ -292,6 +300,7 @@ def train_stage(
         "attempts_file": storage.join(run_dir, "attempts.json"),
         "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
         "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
+        "warm_start": warm_start,
     }
     started, fit_started = time.perf_counter(), time.time()
     with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
@@ -304,6 +313,8 @@ def train_stage(
         state = checkpoint.load_state(directory)
     metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
     metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
+    if warm_start:
+        metrics["warm_start"] = warm_start
     write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
     try:
         storage.remove(run_dir)  # committed: the run's checkpoints are no longer needed
@@ -345,19 +356,19 @@ def check_inputs(data: str, model_cls: type[Model], upstream: str | None) -> dic
     return manifest
 
 
-def run_name(data: str, stage: StageConfig, out: str, upstream: str | None, plan: WorkerPlan) -> str:
+def run_name(
+    data: str, stage: StageConfig, out: str, upstream: str | None, plan: WorkerPlan, warm: dict[str, Any] | None = None
+) -> str:
     """A Ray Train run name fixed by everything that shapes the run: re-running resumes the same run."""
-    key = json.dumps(
-        [
-            storage.absolute(data),
-            stage.model_dump(mode="json"),
-            storage.absolute(out),
-            upstream and storage.absolute(upstream),
-            plan.workers,
-            plan.gpu,
-        ],
-        sort_keys=True,
-    )
+    parts = [
+        storage.absolute(data),
+        stage.model_dump(mode="json"),
+        storage.absolute(out),
+        upstream and storage.absolute(upstream),
+        plan.workers,
+        plan.gpu,
+    ]
+    key = json.dumps(parts + [warm] if warm else parts, sort_keys=True)  # a cold run keeps its old name
     base = posixpath.basename(str(out).rstrip("/")) or "stage"
     return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -484,6 +495,7 @@ def write_output(
                 "data": data,
                 "data_config_hash": manifest.get("config_hash"),
                 "upstream": upstream,
+                **({"warm_start": metrics["warm_start"]} if metrics.get("warm_start") else {}),
                 "metrics": {k: metrics[k] for k in ("train", "val", "test", "best_epoch", "epochs")},
                 "created_at": datetime.now(timezone.utc).isoformat(),
                 "files": [entry.model_dump() for entry in file_entries(staging)],

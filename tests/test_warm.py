@@ -1,0 +1,62 @@
+"""Stage-1 warm start (recdist.train.warm): the mapping by original ids, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recdist.config import StageConfig
+from recdist.errors import ConfigError
+from recdist.models import Dims
+from recdist.train import warm
+from recdist.train.run import build_model
+
+
+def _mf(n_users: int, n_items: int, seed: int) -> torch.nn.Module:
+    stage = StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 4}, "train": {"seed": seed}})
+    return build_model(stage, Dims(n_users=n_users, n_items=n_items, global_mean=3.5, rating_min=1, rating_max=5))
+
+
+def test_previous_rows_maps_by_original_id():
+    rows = warm.previous_rows(np.array([30, 10, 20]), np.array([10, 5, 30, 40]))
+    assert rows.tolist() == [1, -1, 0, -1]
+
+
+def test_a_known_users_factors_start_equal_to_yesterdays():
+    yesterday = _mf(3, 2, seed=1)
+    with torch.no_grad():
+        yesterday.user_bias.weight.copy_(torch.tensor([[0.1], [0.2], [0.3]]))
+        yesterday.item_bias.weight.copy_(torch.tensor([[-0.5], [0.5]]))
+    # yesterday: users 30, 10, 20 and items 7, 8; today: user 20 gone, 5 and 40 new; item 7 gone, 9 new
+    users = warm.previous_rows(np.array([30, 10, 20]), np.array([5, 10, 30, 40]))
+    items = warm.previous_rows(np.array([7, 8]), np.array([8, 9]))
+    today = _mf(4, 2, seed=2)
+    cold = {k: v.clone() for k, v in today.state_dict().items()}
+    state, skipped = warm.warm_state(today.state_dict(), yesterday.state_dict(), users, items)
+    today.load_state_dict(state)
+    assert skipped == []
+    t, y = today.mf_tables(), yesterday.mf_tables()
+    assert torch.equal(t.user_factors[1], y.user_factors[1]) and torch.equal(t.user_factors[2], y.user_factors[0])
+    assert t.user_bias[1:3].tolist() == pytest.approx([0.2, 0.1])
+    assert torch.equal(t.item_factors[0], y.item_factors[1]) and t.item_bias[0].item() == pytest.approx(0.5)
+    # new users and items keep the cold initialisation, as a cold run draws it
+    for name, row in (("user_factors.weight", 0), ("user_factors.weight", 3), ("item_factors.weight", 1)):
+        assert torch.equal(state[name][row], cold[name][row])
+    assert state["item_bias.weight"][1].item() == 0.0
+    assert torch.equal(state["global_mean"], cold["global_mean"])  # today's mean
+
+
+def test_a_different_rank_stays_cold_and_is_named():
+    state, skipped = warm.warm_state(
+        _mf(2, 2, 1).state_dict(), _mf(2, 2, 2).state_dict() | {"user_factors.weight": torch.zeros(2, 8)},
+        np.array([0, 1]), np.array([0, 1]),
+    )  # fmt: skip
+    assert skipped == ["user_factors.weight"]
+
+
+def test_warm_start_needs_a_committed_stage_1(tmp_path):
+    with pytest.raises(ConfigError, match="no committed stage 1"):
+        warm.resolve(str(tmp_path))
+    with pytest.raises(ConfigError, match="auto"):
+        warm.resolve("auto")
