@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +62,16 @@ def test_warm_start_needs_a_committed_stage_1(tmp_path):
         warm.resolve(str(tmp_path))
     with pytest.raises(ConfigError, match="auto"):
         warm.resolve("auto")
+
+
+def test_a_warm_start_is_part_of_stage_1s_hash_and_so_of_every_later_one():
+    from recdist.config import load_config
+    from recdist.pipeline import stage_hashes
+
+    cfg = load_config(None, {})
+    cold = stage_hashes(cfg, "data")
+    first = warm.WarmStart(run="runs/d1", model="runs/d1/mf/model", data="data/d1", stage_hash="abc")
+    hot, redone = stage_hashes(cfg, "data", first), stage_hashes(cfg, "data", replace(first, stage_hash="abd"))
+    assert cold["prepare"] == hot["prepare"]
+    assert all(cold[n] != hot[n] != redone[n] for n in ("mf", "reliability", "rating", "outputs"))
+    assert stage_hashes(cfg, "data") == cold  # without a warm start: as before
