@@ -13,6 +13,7 @@ worker. Goals (issue 16): warm epochs <= 1/3 of cold's, warm test RMSE within 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--ratings", type=int, default=100_000)
     ap.add_argument("--latest", type=float, default=0.02, help="share of the latest ratings day 1 lacks")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", action="store_true", help="reuse the day-1 and cold models already in --workdir")
     args = ap.parse_args()
 
     import polars as pl
@@ -47,22 +49,26 @@ def main() -> None:
     ratings, _ = generate(SynthConfig(n_users=args.users, n_items=args.items, n_ratings=args.ratings, seed=0))
     cut = ratings["timestamp"].sort()[int(ratings.height * (1 - args.latest))]
     days = {"day1": ratings.filter(pl.col("timestamp") < cut), "day2": ratings}
-    data: dict[str, str] = {}
+    data = {day: str(work / f"{day}-ds") for day in days}
     for day, frame in days.items():
+        if args.keep and (work / f"{day}-ds").exists():
+            continue
         frame.write_csv(work / f"{day}.csv")
         keys = {"source.path": str(work / f"{day}.csv"), "prepare.shards": 2}
         if day == "day2":
             keys["prepare.previous"] = data["day1"]
-        data[day] = str(work / f"{day}-ds")
         manifest = prepare(load_config(None, keys), data[day], overwrite=True)
         sizes = f"{manifest['n_ratings']:,} ratings, {manifest['n_users']:,} users, {manifest['n_items']:,} movies"
         print(f"{day}: {sizes}")
 
     stage = load_config(str(ROOT / "configs" / "ml20m-cpu.yaml"), {}).stages.mf
     cluster = ClusterConfig(workers=1)
-    train = lambda day, out, warm=None: train_stage(  # noqa: E731
-        data[day], stage, cluster, str(work / out), overwrite=True, warm_start=warm
-    )
+
+    def train(day: str, out: str, warm: dict | None = None) -> dict:
+        if args.keep and (work / out / "metrics.json").exists():
+            return json.loads((work / out / "metrics.json").read_text())
+        return train_stage(data[day], stage, cluster, str(work / out), overwrite=True, warm_start=warm)
+
     train("day1", "day1-mf")
     cold = train("day2", "day2-cold")
     warm_from = WarmStart(run=str(work), model=str(work / "day1-mf"), data=data["day1"], stage_hash="bench")

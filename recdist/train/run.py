@@ -281,6 +281,11 @@ def train_stage(
             f"output already exists: {out}", fix="pass --overwrite to retrain it, or choose another output path"
         )
     manifest = check_inputs(data, model_cls, upstream)
+    if warm_start:
+        from recdist.train.warm import warm_train
+
+        stage = warm_train(stage, warm_start["model"])
+        log.info("warm start from %s: peak learning rate %s", warm_start["model"], stage.train.lr)
     _say_without_validation(data, manifest, stage.train.epochs)
     plan = connect(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))

@@ -20,6 +20,7 @@ from recdist.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from recdist.config import StageConfig
     from recdist.models.base import Model
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,22 @@ def resolve(spec: str) -> WarmStart:
     model = storage.join(stage_dir, stage.get("model") or "model")
     trained_on = storage.read_json(storage.join(model, storage.MANIFEST))["data"]
     return WarmStart(run=run, model=model, data=trained_on, stage_hash=stage["stage_hash"])
+
+
+def warm_train(stage: StageConfig, previous_model: str) -> StageConfig:
+    """`stage` with the peak learning rate the previous model's best epoch trained at (from its history): a
+    cold run's peak would throw the warm factors out of the minimum they start in. The schedule then goes on
+    over this run's epochs as configured; a previous model without a history keeps `stage` as it is."""
+    history_uri = storage.join(previous_model, "history.parquet")
+    if not storage.exists(history_uri):
+        return stage
+    best = storage.read_json(storage.join(previous_model, "metrics.json")).get("best_epoch")
+    rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"]))
+    at = rows.filter(pl.col("epoch") == best)["lr"] if best is not None else rows["lr"].tail(1)
+    if not len(at) or not at[0] or at[0] != at[0]:  # ALS: no learning rate
+        return stage
+    train = stage.train.model_copy(update={"lr": float(at[0])})
+    return stage.model_copy(update={"train": train})
 
 
 def previous_rows(previous_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
