@@ -77,14 +77,11 @@ def test_a_warm_start_is_part_of_stage_1s_hash_and_so_of_every_later_one():
     assert stage_hashes(cfg, "data") == cold  # without a warm start: as before
 
 
-def test_a_warm_run_trains_at_the_rate_the_previous_best_epoch_did(tmp_path):
-    import json
-
+def test_a_warm_run_trains_at_the_rate_the_previous_run_ended_at(tmp_path):
     import polars as pl
 
     pl.DataFrame({"epoch": [0, 1, 2], "lr": [0.04, 0.02, 0.01]}).write_parquet(tmp_path / "history.parquet")
-    (tmp_path / "metrics.json").write_text(json.dumps({"best_epoch": 1}))
     stage = StageConfig.model_validate({"model": "biased_mf", "train": {"lr": 0.04, "epochs": 20}})
     warmed = warm.warm_train(stage, str(tmp_path))
-    assert (warmed.train.lr, warmed.train.epochs, stage.train.lr) == (0.02, 20, 0.04)
+    assert (warmed.train.lr, warmed.train.epochs, stage.train.lr) == (0.01, 20, 0.04)
     assert warm.warm_train(stage, str(tmp_path / "none")) is stage

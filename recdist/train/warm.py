@@ -73,15 +73,14 @@ def resolve(spec: str) -> WarmStart:
 
 
 def warm_train(stage: StageConfig, previous_model: str) -> StageConfig:
-    """`stage` with the peak learning rate the previous model's best epoch trained at (from its history): a
+    """`stage` with the peak learning rate the previous model last trained at (its history's last epoch): a
     cold run's peak would throw the warm factors out of the minimum they start in. The schedule then goes on
     over this run's epochs as configured; a previous model without a history keeps `stage` as it is."""
     history_uri = storage.join(previous_model, "history.parquet")
     if not storage.exists(history_uri):
         return stage
-    best = storage.read_json(storage.join(previous_model, "metrics.json")).get("best_epoch")
-    rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"]))
-    at = rows.filter(pl.col("epoch") == best)["lr"] if best is not None else rows["lr"].tail(1)
+    rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"])).sort("epoch")
+    at = rows["lr"].tail(1)
     if not len(at) or not at[0] or at[0] != at[0]:  # ALS: no learning rate
         return stage
     train = stage.train.model_copy(update={"lr": float(at[0])})
