@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import integrity, logs, runlock, storage, tables
+from recdist import drift, integrity, logs, runlock, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import (
@@ -473,6 +473,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
     stamp = run.stamp()
     with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
         metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
+        metrics = drift.attach(tmp, metrics, run.out, cfg.pipeline.drift)  # pipeline.drift.against: unset = none
         with logs.timed(log, "outputs: report"):
             report = write_report(tmp, metrics, models, cfg, stamp)
         storage.write_bytes(storage.join(tmp, tables.SCHEMA_DOC), tables.data_dictionary().encode())
