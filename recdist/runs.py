@@ -127,7 +127,10 @@ def after_run(run: str, keep: int | None, *, fail_on_drift: bool = False) -> int
         protect = [run, drift.get("against") or "", *_warm_sources(run)]
         deleted = keep_last(parent_of(run), keep, protect=protect)
         log.info("retention: kept the last %d complete runs, deleted %d", keep, len(deleted))
-    return DRIFT_EXIT if fail_on_drift and drift.get("exceeded") else 0
+    if fail_on_drift and drift.get("exceeded"):
+        log.error("the drift crossed a threshold and pipeline.drift.fail is set: exit status %d", DRIFT_EXIT)
+        return DRIFT_EXIT
+    return 0
 
 
 def _warm_sources(run: str) -> list[str]:
