@@ -125,6 +125,13 @@ ItemsPathOpt = _key(str, "source.items_path", "Movies file (id, title, genres) f
 """A source flag replaces the config file's source (_config): `--path mine.csv` over a config naming a dataset."""
 WorkersOpt = _key(int, "cluster.workers", "Ray Train workers (infer: Ray Data scoring actors)", _CLUSTER)
 GpuOpt = _key(bool, "cluster.gpu", "One GPU per worker", _CLUSTER, "--gpu/--cpu", shown="--cpu; infer: GPUs if any")
+_NIGHTLY = "Nightly runs"
+DriftAgainstOpt = _key(
+    str, "pipeline.drift.against", "Drift against a run (local or s3://) or `auto` (the latest complete run beside "
+    "--out): metrics.json's `drift` and a report table", _NIGHTLY, "--drift-against", shown="none",
+)
+KeepLastOpt = _key(int, "pipeline.retention.keep_last", "After a complete run, keep the newest N complete runs "
+                   "beside it and delete older ones", _NIGHTLY, "--keep-last", shown="keep all")
 AddressOpt = _key(str, "cluster.address", "Ray cluster address", _CLUSTER, shown="$RAY_ADDRESS or local")
 
 
@@ -517,6 +524,8 @@ def pipeline(
     from_stage: Annotated[
         str | None, typer.Option("--from", help="Force a restart at this stage: prepare, mf, reliability, rating, ...")
     ] = None,
+    drift_against: DriftAgainstOpt = None,
+    keep_last: KeepLastOpt = None,
     warm_start: Annotated[
         str | None,
         typer.Option(
@@ -531,6 +540,7 @@ def pipeline(
     A source flag (--path, --dataset, --train-path ...) replaces the config's source:
       recdist pipeline --config configs/ml20m-cpu.yaml --path my/ratings.csv --out runs/mine
     """
+    from recdist import runs
     from recdist.pipeline import run_pipeline
 
     cfg = opts.load(_shorthands(pipeline, locals()))
@@ -546,6 +556,10 @@ def pipeline(
             "log": result["log"],
         }
     )
+    after = cfg.pipeline
+    status = runs.after_run(out_dir, after.retention.keep_last, fail_on_drift=after.drift.fail)
+    if status:
+        raise typer.Exit(status)
 
 
 @_command("cluster", "config", "logs")

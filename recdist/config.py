@@ -363,6 +363,26 @@ class EvaluationConfig(Section):
     """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
 
 
+class DriftConfig(Section):
+    """Drift against the previous run: a `drift` section in outputs/metrics.json and a table in the report."""
+
+    against: str | None = None
+    """`auto` = the latest complete run beside this one (same parent), or a run directory (local or s3://);
+    unset = no drift section. `recdist pipeline --drift-against RUN|auto` sets it."""
+    max_top10_change: float | None = Field(0.5, ge=0, le=1)
+    """Warn when more than this share of the users' top-10 changed (1 - mean overlap@10); null = never."""
+    fail: bool = False
+    """Exit non-zero (status 4) after a complete run whose drift crossed a threshold."""
+
+
+class RetentionConfig(Section):
+    """Old runs under the run's parent, deleted after a successful run."""
+
+    keep_last: int | None = Field(None, ge=1)
+    """Keep the newest N complete runs beside this one (this run included), delete older complete runs; never
+    the run a warm start or the drift read, an incomplete run or one whose lock is live. Unset = keep all."""
+
+
 MOVED_KEYS: dict[str, str] = {
     "crossfit_folds": "crossfit.folds",
     "session_windows": "session.windows",
@@ -401,6 +421,10 @@ class PipelineConfig(Section):
     """The analyst tables (in the outputs stage's hash)."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """The test ranking metrics (in the outputs stage's hash)."""
+    drift: DriftConfig = DriftConfig()
+    """Drift against the previous run (in no hash: it names another run)."""
+    retention: RetentionConfig = RetentionConfig()
+    """Old runs deleted after a successful run (in no hash)."""
 
     @model_validator(mode="before")
     @classmethod

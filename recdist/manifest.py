@@ -178,6 +178,8 @@ class RunManifest(Manifest):
     log: str | None = None
     seconds: float | None = None
     report: str | None = None
+    warm_start: dict[str, Any] | None = None
+    """Stage 1's warm start (recdist.train.warm.WarmStart), if any: retention never deletes its source run."""
 
 
 def file_entries(folder: str, names: list[str] | None = None) -> list[FileEntry]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import integrity, logs, runlock, storage, tables
+from recdist import drift, integrity, logs, runlock, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import (
@@ -205,6 +205,7 @@ def _locked_run(
         stages={n: previous.get("stages", {}).get(n) for n in names[:first]},
         created_at=previous.get("created_at") or _now(),
         files=file_entries(run.out, ["config.yaml"]),
+        warm_start=run.warm.to_json() if run.warm else None,
     )
     summary.write(run.out)
     with logs.run_log(storage.join(run.out, "logs"), "pipeline") as run_log:
@@ -259,7 +260,7 @@ def _plan(
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    warm = resolve_warm_start(warm_start) if warm_start else None
+    warm = resolve_warm_start(warm_start, beside=out) if warm_start else None
     run = _Run(config, out, data_uri, stage_hashes(config, data_id, warm), overwrite, names=names, warm=warm)
     states = {name: _state(run, name) for name in names}
     run.stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
@@ -487,6 +488,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
     stamp = run.stamp()
     with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
         metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
+        metrics = drift.attach(tmp, metrics, run.out, cfg.pipeline.drift)  # pipeline.drift.against: unset = none
         with logs.timed(log, "outputs: report"):
             report = write_report(tmp, metrics, models, cfg, stamp)
         storage.write_bytes(storage.join(tmp, tables.SCHEMA_DOC), tables.data_dictionary().encode())

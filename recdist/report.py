@@ -14,6 +14,7 @@ import polars as pl
 
 from recdist import storage, tables
 from recdist.config import Config
+from recdist.drift import markdown as drift_markdown
 from recdist.figures import png_bytes
 
 REPORT = "report.md"
@@ -88,6 +89,7 @@ def render(
     lines += verdicts(metrics)
     lines += _cold_line(metrics.get("cold", {}))
     lines += _accuracy_section(metrics)
+    lines += drift_markdown(metrics.get("drift", {}))
     lines += _reliability_section(metrics, figures)
     lines += _ranking_section(metrics.get("ranking", {}))
     lines += _movies_section(factors, figures, p.outputs.similar_min_ratings)

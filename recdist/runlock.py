@@ -209,3 +209,21 @@ def _put(fs: Any, path: str, body: bytes, **conditions: str) -> str:
 def _head(fs: Any, path: str) -> dict[str, Any]:
     bucket, key = path.split("/", 1)
     return fs.call_s3("head_object", Bucket=bucket, Key=key)
+
+
+def live_holder(run: str) -> dict[str, Any] | None:
+    """Who holds the lock of `run` when its holder may be alive (None: no lock, or a dead holder's lock). A lock
+    that cannot be read counts as held; another host's local lock is never judged dead."""
+    where = storage.join(run, LOCK)
+    if not storage.is_s3(run):
+        if not os.path.exists(storage.absolute(where)):
+            return None
+        other = _read_local(storage.absolute(where))
+        return {} if other is None else (None if _dead_here(other) else other)
+    try:
+        other = storage.read_json(where)
+    except StorageError as e:
+        return None if isinstance(e.__cause__, FileNotFoundError) else {}
+    except ValueError:
+        return {}
+    return other if float(other.get("expires_at", 0)) > time.time() else None

@@ -60,8 +60,7 @@ def test_a_different_rank_stays_cold_and_is_named():
 def test_warm_start_needs_a_committed_stage_1(tmp_path):
     with pytest.raises(ConfigError, match="no committed stage 1"):
         warm.resolve(str(tmp_path))
-    with pytest.raises(ConfigError, match="auto"):
-        warm.resolve("auto")
+    assert warm.resolve("auto", beside=str(tmp_path / "date=2026-12-02")) is None  # none beside it: cold
 
 
 def test_a_warm_start_is_part_of_stage_1s_hash_and_so_of_every_later_one():

@@ -47,17 +47,21 @@ class WarmStart:
         return asdict(self)
 
 
-def resolve(spec: str) -> WarmStart:
+def resolve(spec: str, beside: str | None = None) -> WarmStart | None:
     """The WarmStart of `--warm-start PREVIOUS_RUN`: its committed stage 1 and the dataset it trained on.
 
-    `auto` (the latest complete run beside this one) is run discovery's job (issue 16, item 4), not built here:
-    resolve the run it finds, then call this with its path.
+    `auto`: the latest complete run beside the run directory `beside` (recdist.runs.latest_complete); None (a
+    cold run, said in the log) when there is none.
     """
     if spec == "auto":
-        raise ConfigError(
-            "--warm-start auto is not available yet: it needs run discovery (the latest complete run)",
-            fix="pass the previous run directory: --warm-start runs/date=YYYY-MM-DD",
-        )
+        from recdist.runs import latest_complete
+
+        found = latest_complete(beside) if beside else None
+        if found is None:
+            log.info("--warm-start auto: no complete run beside %s, a cold run", beside)
+            return None
+        log.info("--warm-start auto: %s", found)
+        spec = found
     run = storage.absolute(spec)
     stage_dir = storage.join(run, "mf")
     if not storage.is_committed(stage_dir):
