@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -164,3 +165,26 @@ def test_quickstart_console_fits_the_budget_with_no_ray_train_internals(ray_clus
         assert f"recdist.pipeline: {stage}: committed in" in kept
     assert all(line in kept for line in epochs)
     assert json.loads(result.stdout)["log"] == str(run_log)
+    readme_quick_path_commands_run_on(out, env)
+
+
+def readme_quick_path_commands_run_on(run: Path, env: dict[str, str]) -> None:
+    """README's "Recommending and finding similar movies" commands, verbatim but for the run directory (and the
+    movie, when the smaller data has no training rating of README's): exit 0 with an answer."""
+    import polars as pl
+
+    movies = pl.read_parquet(run / "outputs" / "item_factors").sort("n_train", descending=True)["movie_id"]
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Recommending and finding similar movies", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.startswith(".venv/bin/recdist")]
+    assert len(commands) == 3, block
+    (run.parent / "me.csv").write_text("movieId,rating\n1,5\n2,4\n3,1\n")
+    for command in commands:
+        args = [str(run) if a == "runs/quickstart" else a for a in command[1:]]
+        if "--movie" in args and int(args[args.index("--movie") + 1]) not in movies:
+            args[args.index("--movie") + 1] = str(movies[0])
+        done = subprocess.run(
+            [sys.executable, "-m", "recdist", *args], capture_output=True, text=True, cwd=run.parent, env=env
+        )
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+        assert done.stdout.strip(), command
