@@ -671,7 +671,7 @@ def copy_run(d: Path, env: dict[str, str]) -> Path:
 
 
 def any_user(run: Path) -> str:
-    return str(pq.read_table(run / "outputs" / "recommendations.parquet", columns=["user_id"])["user_id"][0])
+    return str(pq.read_table(run / "outputs" / "recommendations", columns=["user_id"])["user_id"][0])
 
 
 def refused(proc: subprocess.CompletedProcess[str]) -> tuple[bool, bool, str]:
@@ -714,10 +714,10 @@ CORRUPTIONS: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("edited-scored-manifest", "stage 2's scored/manifest.json with n_ratings edited",
      lambda r: (p := r / "reliability/scored/manifest.json").write_text(
          p.read_text().replace('"n_ratings": ', '"n_ratings": 1', 1)), ("rerun", "from-outputs")),
-    ("flipped-recommendations", "outputs/recommendations.parquet with 16 bytes flipped",
-     lambda r: _flip(r / "outputs/recommendations.parquet"), ("rerun", "recommend")),
+    ("flipped-recommendations", "an outputs/recommendations part with 16 bytes flipped",
+     lambda r: _flip(_first(r, "outputs/recommendations/*.parquet")), ("rerun", "recommend")),
     ("deleted-predictions-part", "an outputs/predictions part deleted",
-     lambda r: _first(r, "outputs/predictions/*.parquet").unlink(), ("rerun", "recommend")),
+     lambda r: _first(r, "outputs/predictions/**/*.parquet").unlink(), ("rerun", "recommend")),
     ("truncated-users", "the dataset's users.parquet cut short (recommend reads it)",
      lambda r: (p := r / "data/users.parquet").write_bytes(p.read_bytes()[:-50]), ("rerun", "recommend")),
 ]  # fmt: skip
