@@ -123,7 +123,7 @@ ValPathOpt = _key(str, "source.val_path", "Your own split: an optional validatio
 TestPathOpt = _key(str, "source.test_path", "Your own split: the test file", _SOURCE)
 ItemsPathOpt = _key(str, "source.items_path", "Movies file (id, title, genres) for --path / --train-path", _SOURCE)
 """A source flag replaces the config file's source (_config): `--path mine.csv` over a config naming a dataset."""
-WorkersOpt = _key(int, "cluster.workers", "Ray Train workers (infer: Ray Data scoring actors)", _CLUSTER)
+WorkersOpt = _key(int, "cluster.workers", "Ray Train workers (infer: Ray Data scoring tasks at a time)", _CLUSTER)
 GpuOpt = _key(bool, "cluster.gpu", "One GPU per worker", _CLUSTER, "--gpu/--cpu", shown="--cpu; infer: GPUs if any")
 _NIGHTLY = "Nightly runs"
 DriftAgainstOpt = _key(

@@ -312,7 +312,7 @@ class InferenceConfig(Section):
     batch_size: int = Field(INFER_BATCH_SIZE, ge=1)
     """Rows per batch in batch inference."""
     actors: int | None = Field(None, ge=1)
-    """Ray Data scoring actors; default one per GPU, else one per 4 CPUs of the cluster (at least 1)."""
+    """Ray Data scoring tasks at a time; default one per GPU, else one per 4 CPUs of the cluster (at least 1)."""
 
 
 class OutputsConfig(Section):

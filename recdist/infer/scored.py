@@ -1,7 +1,7 @@
 """Writing a scored table: a prepared or scored Parquet table in, the same rows out with prediction columns added.
 
 The work of one pass, whatever runs it: `score_shard` turns input shard n into output shard n, `score_local` runs
-it over every shard in this process (the bench's baseline), `recdist.infer.ray_data.score` on Ray Data actors.
+it over every shard in this process (the bench's baseline), `recdist.infer.ray_data.score` on Ray Data tasks.
 Both then `commit`: the feature steps asked for (the pipeline's session context) run over the written table,
 users/items are copied, rows are counted, and the typed manifest is written last. The output is a "scored"
 dataset (manifest.json + ratings/part-*.parquet + users/items), so the next stage trains on it directly.
@@ -62,7 +62,7 @@ class ScoreOptions:
     """Passes over the whole written table before the commit (the pipeline's stage 1: the session context),
     each timed apart (<name>_seconds; `seconds` and `rows_per_s` are the scoring pass's)."""
     actors: int | None = None
-    """Ray Data: scoring actors (default one per GPU, else one per CPU)."""
+    """Ray Data: shards scored at a time, one task each (default one per GPU, else one per CPU)."""
     gpu: bool | None = None
     """Ray Data: score on GPUs (default: when the cluster has some)."""
     cluster: ClusterConfig | None = None
@@ -84,7 +84,7 @@ def score_shard(
 ) -> int:
     """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
     OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
-    `share`); returns the rows written. The work of one actor call."""
+    `share`); returns the rows written. The work of one Ray Data task."""
     table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
     schema = _scored_schema(_file_schema(source), predictor.plan.role)
     parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [

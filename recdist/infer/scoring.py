@@ -1,6 +1,6 @@
 """The scoring core: a whole Arrow batch of ratings through a model, prediction columns appended.
 
-Shared by the Ray Data actors (ray_data.py) and the plain scorer (scored.score_local), so both do the same work.
+Shared by the Ray Data tasks (ray_data.py) and the plain scorer (scored.score_local), so both do the same work.
 Cold-start rows (a user or movie without training ratings, or an index the model does not know) get the
 fallback global mean + the known biases (and, for the reliability role, a fixed high expected error) and
 are flagged in the `cold` column instead of being pushed through untrained embeddings.
@@ -29,7 +29,7 @@ ROLES = tuple(ROLE_COLUMNS)
 
 @dataclass(frozen=True)
 class ScoringPlan:
-    """What an inference actor needs, all picklable: models, role, and the cold-start fallback."""
+    """What a scoring task needs, all picklable: models, role, and the cold-start fallback."""
 
     models: tuple[str, ...]
     """Model URIs: [0] scores every row; with cross-fitting, [1 + k] scores the train rows of fold k."""
