@@ -19,7 +19,8 @@ import subprocess, sys, time
 from recdist.train import watchdog
 watchdog.start()
 # a child that starts a grandchild, as the raylet starts Ray's agents: both outlive a killed driver on their own
-child = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"])
+GRANDCHILD = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", GRANDCHILD])
 time.sleep(1.5)  # the watchdog has noted them
 print("READY", flush=True)
 time.sleep(600)
