@@ -44,7 +44,9 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
+sys.path.insert(0, str(ROOT))
 
+from recdist.train.watchdog import alive, descendants  # noqa: E402  (this checkout's recdist)
 
 # --- the registry ---------------------------------------------------------------------------------------------
 
@@ -635,7 +637,8 @@ _other_cases()
 # notice: a plain re-run (the skip decision), `--from outputs`, `recdist recommend`; each must exit 2 with
 # what/where/fix and no traceback. A kill case SIGKILLs the driver (or a Ray Train worker) at a stage, then
 # checks what the issue asked: the previous outputs readable, the resumed run exiting 0 with the reference's
-# metrics, no leftovers, and how long the killed driver's Ray processes outlived it (printed, not judged).
+# metrics, no leftovers, and no process of the killed driver's Ray cluster alive 10 s after it (counted at 1, 5
+# and 10 s).
 
 SECTIONS["corruption"] = Section("corruptions of a finished run", "detected before use")
 SECTIONS["kill"] = Section("kills", "survived (resumed to the same metrics, nothing left)")
@@ -754,31 +757,12 @@ for _c in CORRUPTIONS:
     corruption(*_c)
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc), e.g. the Ray processes a driver started."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    return {p for p in pids if Path(f"/proc/{p}").exists()}
-
-
-def _kill_at(out: Path, env: dict[str, str], args: tuple[str, ...], line: str, worker: bool = False) -> str:
+def _kill_at(
+    out: Path, env: dict[str, str], args: tuple[str, ...], line: str, worker: bool = False
+) -> tuple[str, int | None]:
     """Start a pipeline, SIGKILL its driver (or with `worker`, one Ray Train worker) once its log holds `line`;
-    wait for it; return how long the driver's Ray processes outlived it."""
+    wait for it; return a note and how many of the driver's Ray processes were alive RAY_GONE_AT_S[-1] s after it
+    (None: the run ended before `line`, nothing was killed)."""
     import time
 
     full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -791,28 +775,33 @@ def _kill_at(out: Path, env: dict[str, str], args: tuple[str, ...], line: str, w
             break
         time.sleep(0.2)
     if proc.poll() is not None:
-        return f"finished before `{line}`"
+        return f"finished before `{line}`", None
     time.sleep(1.0)
-    ray = _descendants(proc.pid)
+    ray = descendants(proc.pid)  # pid -> start time: a reused pid is not counted
     if worker:
-        names = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in _alive(ray)}
+        names = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in alive(ray)}
         victims = [p for p, cmd in names.items() if b"RayTrainWorker" in cmd or b"TrainWorker" in cmd]
         if not victims:
             proc.kill()
             proc.wait()
-            return "no Ray Train worker found"
+            return "no Ray Train worker found", 0
         os.kill(victims[0], signal.SIGKILL)
         proc.wait(timeout=TIMEOUT_S)
-        return f"worker killed, driver exit {proc.returncode}"
+        return f"worker killed, driver exit {proc.returncode}", 0
     proc.kill()
     proc.wait()
-    t0 = time.monotonic()
-    while _alive(ray) and time.monotonic() - t0 < 150:
-        time.sleep(0.5)
-    left = len(_alive(ray))
-    return f"{len(ray)} Ray processes outlived the driver by {time.monotonic() - t0:.1f} s" + (
-        f" ({left} still alive)" if left else ""
-    )
+    t0, counts = time.monotonic(), []
+    for at in RAY_GONE_AT_S:
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        counts.append(len(alive(ray)))
+    for pid in alive(ray):  # the run's own processes, past the goal: not left to load the next cases
+        os.kill(pid, signal.SIGKILL)
+    at = "/".join(map(str, RAY_GONE_AT_S))
+    return f"{'/'.join(map(str, counts))} of {len(ray)} Ray processes alive {at} s after the driver", counts[-1]
+
+
+RAY_GONE_AT_S = (1, 5, 10)
+"""When the killed driver's processes are counted; the issue's goal: none alive at the last."""
 
 
 def _metrics(run: Path) -> dict[str, Any]:
@@ -826,7 +815,7 @@ def kill(name: str, expect: str, line: str, *, fresh: bool, worker: bool = False
     def run(d: Path, env: dict[str, str]) -> Outcome:
         reference = base_run(env)
         out = d / "run" if fresh else copy_run(d, env)
-        ray_note = _kill_at(out, env, args, line, worker)
+        ray_note, ray_left = _kill_at(out, env, args, line, worker)
         notes = [ray_note]
         readable = ""
         if not fresh:  # the committed outputs must stay readable after a kill mid-rebuild
@@ -835,6 +824,10 @@ def kill(name: str, expect: str, line: str, *, fresh: bool, worker: bool = False
         again = recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env)
         _, tb, line_ = refused(again)
         problems = [readable] if readable else []
+        if ray_left is None:
+            problems.append("not killed")
+        elif ray_left:
+            problems.append(f"{ray_left} Ray processes alive {RAY_GONE_AT_S[-1]} s after the driver")
         if again.returncode != 0:
             problems.append(f"resume exit {again.returncode}: {line_}")
         elif _metrics(out) != _metrics(reference):
