@@ -218,8 +218,10 @@ def _locked_run(
             connect(config.cluster)
         started = time.perf_counter()
         for name in names[first:]:
+            runlock.check(run.out)  # an s3:// lease taken over by another run: commit nothing more
             _run_stage(run, name, summary)
             run_log.sync()
+        runlock.check(run.out)
         summary.status = "complete"
         summary.seconds = round(time.perf_counter() - started, 2)
         summary.report = "outputs/report.md"

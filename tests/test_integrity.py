@@ -270,3 +270,23 @@ def test_an_s3_lease_refuses_a_second_run_and_an_expired_one_is_taken_over(s3_bu
     with caplog.at_level("WARNING"), runlock.locked(run) as me:
         assert storage.read_json(f"{run}/{runlock.LOCK}")["pid"] == me["pid"]
     assert "taking over the lease" in caplog.text
+
+
+@pytest.mark.s3
+def test_a_run_whose_lease_is_taken_over_stops_naming_the_new_holder(s3_bucket, caplog):
+    """Issue 18: a lost s3:// lease only logged, and the run went on committing beside the run that took it over.
+    Now the holder's main thread is interrupted at once, and `check` (between stages) refuses as well."""
+    run = f"{s3_bucket}/runs/lost"
+    other = {"pid": 4242, "host": "elsewhere", "started_at": "now", "expires_at": time.time() + 600}
+    with pytest.raises(StorageError, match=r"lost its lease .* \(pid 4242 on elsewhere") as caught:
+        with runlock.locked(run, lease_s=0.6):
+            storage.write_json(f"{run}/{runlock.LOCK}", other)  # taken over while this run could not renew
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a stage at work: interrupted at the next renewal (0.2 s)
+                time.sleep(0.05)
+    assert "fix:" in str(caught.value)
+    assert storage.read_json(f"{run}/{runlock.LOCK}")["pid"] == 4242  # the new holder's lease is left alone
+    with runlock.locked(f"{s3_bucket}/runs/kept", lease_s=0.6):
+        runlock._lost[f"{s3_bucket}/runs/kept"] = other  # as the renewer records it where no interrupt arrives
+        with pytest.raises(StorageError, match="lost its lease"):
+            runlock.check(f"{s3_bucket}/runs/kept")
