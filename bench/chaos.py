@@ -966,9 +966,11 @@ def main() -> None:
                     outcomes.append((s, o))
     finally:
         if args.keep:
-            print(f"kept {base}")
+            print(f"kept {base}" + "".join(f" and {run}" for run in _BASE.values()))
         else:
             shutil.rmtree(base, ignore_errors=True)
+            for run in _BASE.values():  # the reference run of the corruption and kill sections
+                shutil.rmtree(run.parent, ignore_errors=True)
     summarize(outcomes)
 
 
