@@ -27,7 +27,8 @@ SNAPSHOT_S = 0.5
 """How often the driver's descendants are noted: a process born after the last note is not killed (the workers a
 raylet starts exit on their own within about 2 s of it)."""
 
-_started: set[int] = set()
+_started: dict[int, subprocess.Popen] = {}
+"""This process's watchdog, by our pid (kept: a dropped Popen of a running process warns when collected)."""
 
 
 def start() -> None:
@@ -35,12 +36,11 @@ def start() -> None:
     me = os.getpid()
     if me in _started or not sys.platform.startswith("linux"):
         return
-    subprocess.Popen(
+    _started[me] = subprocess.Popen(
         [sys.executable, "-I", str(Path(__file__).resolve()), str(me)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C or a kill of the driver's process group leaves it to clean up
     )  # fmt: skip
-    _started.add(me)
 
 
 def descendants(pid: int) -> dict[int, int]:
