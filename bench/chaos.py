@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
+"""Seconds one `recdist` process may take (--timeout: a loaded machine needs more for the pipeline runs)."""
 sys.path.insert(0, str(ROOT))
 
 from recdist.train.watchdog import alive, descendants  # noqa: E402  (this checkout's recdist)
@@ -944,8 +945,10 @@ def main() -> None:
     ap.add_argument("-k", action="append", default=[], metavar="TEXT", help="only cases whose name holds TEXT")
     ap.add_argument("--jobs", type=int, default=2, help="cases run at once (each one a recdist process)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory and print it")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds one recdist process may take")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args()
+    globals()["TIMEOUT_S"] = args.timeout  # read by the helpers as they run
     chosen = [
         s for s in SCENARIOS
         if (not args.section or s.section in args.section) and (not args.k or any(k in s.name for k in args.k))
