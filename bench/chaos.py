@@ -1,6 +1,8 @@
-"""Chaos bench: bad inputs through the real `recdist prepare` (a subprocess on real files), one verdict per case.
+"""Chaos bench: bad inputs through the real `recdist prepare` (a subprocess on real files), corruptions of a finished
+run and kills of its driver and workers (real `recdist pipeline` processes), one verdict per case.
 
-    .venv/bin/python bench/chaos.py                    # every section (today: bad-input)
+    .venv/bin/python bench/chaos.py                    # every section: bad-input, corruption, kill
+    .venv/bin/python bench/chaos.py --section kill --jobs 1 --timeout 1800   # the kills, on a loaded machine
     .venv/bin/python bench/chaos.py -k zip -k bom      # the cases whose name holds `zip` or `bom`
     .venv/bin/python bench/chaos.py --list             # the cases and what each one expects
     .venv/bin/python bench/chaos.py --jobs 1 --keep    # one at a time; keep the temp directory
