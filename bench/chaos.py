@@ -763,34 +763,41 @@ for _c in CORRUPTIONS:
 def _kill_at(
     out: Path, env: dict[str, str], args: tuple[str, ...], line: str, worker: bool = False
 ) -> tuple[str, int | None]:
-    """Start a pipeline, SIGKILL its driver (or with `worker`, one Ray Train worker) once its log holds `line`;
-    wait for it; return a note and how many of the driver's Ray processes were alive RAY_GONE_AT_S[-1] s after it
-    (None: the run ended before `line`, nothing was killed)."""
+    """Start a pipeline, SIGKILL its driver (or with `worker`, one Ray Train worker) once its own log (not an older
+    run's in the same directory) holds `line`; wait for it; return a note and how many of the driver's Ray
+    processes were alive RAY_GONE_AT_S[-1] s after it (None: nothing was killed).
+
+    A worker is killed while it hangs after its second epoch of stage 1 (RECDIST_INJECT_FAILURE_*, first attempt
+    only), in a run that stops after stage 1: the restarted worker group finishes the stage, the resume the rest."""
     import time
 
+    from recdist.pipeline import STOP_AFTER_ENV
+    from recdist.train.run import FAIL_AT_EPOCH_ENV, FAIL_KIND_ENV
+
     full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if worker:
+        full |= {FAIL_AT_EPOCH_ENV: "1", FAIL_KIND_ENV: "hang", STOP_AFTER_ENV: "mf"}
+    older = set((out / "logs").glob("*.log")) if (out / "logs").exists() else set()
     proc = subprocess.Popen([sys.executable, "-m", "recdist", "pipeline", *SMALL_RUN, "--out", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full)  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        logs = sorted((out / "logs").glob("*.log")) if (out / "logs").exists() else []
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full)  # fmt: skip
+    deadline, victim = time.monotonic() + TIMEOUT_S, None
+    while time.monotonic() < deadline and proc.poll() is None and victim is None:
+        logs = sorted(set((out / "logs").glob("*.log")) - older) if (out / "logs").exists() else []
         if logs and line in logs[-1].read_text():
-            break
+            if not worker:
+                break
+            victim = next((p for p in alive(descendants(proc.pid)) if _is_train_worker(p)), None)
         time.sleep(0.2)
-    if proc.poll() is not None:
-        return f"finished before `{line}`", None
+    if proc.poll() is not None or (worker and victim is None):
+        proc.kill()
+        proc.wait()
+        return f"not killed: the run ended (exit {proc.returncode}) or timed out before `{line}`", None
+    if worker:
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT_S)
+        return f"Ray Train worker {victim} killed, the driver went on (exit {proc.returncode})", 0
     time.sleep(1.0)
     ray = descendants(proc.pid)  # pid -> start time: a reused pid is not counted
-    if worker:
-        names = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in alive(ray)}
-        victims = [p for p, cmd in names.items() if b"RayTrainWorker" in cmd or b"TrainWorker" in cmd]
-        if not victims:
-            proc.kill()
-            proc.wait()
-            return "no Ray Train worker found", 0
-        os.kill(victims[0], signal.SIGKILL)
-        proc.wait(timeout=TIMEOUT_S)
-        return f"worker killed, driver exit {proc.returncode}", 0
     proc.kill()
     proc.wait()
     t0, counts = time.monotonic(), []
@@ -801,6 +808,13 @@ def _kill_at(
         os.kill(pid, signal.SIGKILL)
     at = "/".join(map(str, RAY_GONE_AT_S))
     return f"{'/'.join(map(str, counts))} of {len(ray)} Ray processes alive {at} s after the driver", counts[-1]
+
+
+def _is_train_worker(pid: int) -> bool:
+    try:
+        return b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 RAY_GONE_AT_S = (1, 5, 10)
@@ -847,7 +861,7 @@ def kill(name: str, expect: str, line: str, *, fresh: bool, worker: bool = False
 for _stage in ("prepare", "mf", "reliability", "rating", "outputs"):
     kill(f"driver-at-{_stage}", f"driver SIGKILLed while {_stage} runs: resumed to the same metrics",
          f"{_stage}: running", fresh=True)  # fmt: skip
-kill("worker-at-mf", "a Ray Train worker SIGKILLed in stage 1: the run survives", "mf: training", fresh=True,
+kill("worker-at-mf", "a Ray Train worker SIGKILLed in stage 1: the run survives", "epoch 1/", fresh=True,
      worker=True)
 kill("driver-at-from-outputs", "driver killed during --from outputs: the old outputs stay readable",
      "outputs: running", fresh=False, args=("--from", "outputs"))
