@@ -795,7 +795,9 @@ def _kill_at(
     if worker:
         os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=TIMEOUT_S)
-        return f"Ray Train worker {victim} killed, the driver went on (exit {proc.returncode})", 0
+        if not (out / "mf" / "manifest.json").exists():  # the restarted worker group did not finish stage 1
+            return f"Ray Train worker {victim} killed: stage 1 not committed (driver exit {proc.returncode})", None
+        return f"Ray Train worker {victim} killed, stage 1 committed all the same", 0
     time.sleep(1.0)
     ray = descendants(proc.pid)  # pid -> start time: a reused pid is not counted
     proc.kill()
@@ -842,7 +844,7 @@ def kill(name: str, expect: str, line: str, *, fresh: bool, worker: bool = False
         _, tb, line_ = refused(again)
         problems = [readable] if readable else []
         if ray_left is None:
-            problems.append("not killed")
+            problems.append("not killed, or the run did not survive it")
         elif ray_left:
             problems.append(f"{ray_left} Ray processes alive {RAY_GONE_AT_S[-1]} s after the driver")
         if again.returncode != 0:
