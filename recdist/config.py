@@ -383,6 +383,24 @@ class RetentionConfig(Section):
     the run a warm start or the drift read, an incomplete run or one whose lock is live. Unset = keep all."""
 
 
+class WarmConfig(Section):
+    """How a stage that starts from the previous run's weights trains (`recdist pipeline --warm-start`): in the hash
+    of each stage that starts warm, in no other (a cold run hashes as before)."""
+
+    patience: int = Field(1, ge=0)
+    """Early stopping of a warm stage (its train.patience): the previous weights start at the minimum a cold run
+    descends to, so the first epoch without a validation improvement ends it; a cold run's patience waits through
+    the plateaus of a descent a warm run does not have (0 = never stop early)."""
+    epochs: int | None = Field(None, ge=1)
+    """Most epochs of a warm stage (its train.epochs: the learning-rate schedule spans them); empty: the stage's
+    own train.epochs."""
+    tolerance: float = 0.005
+    """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this is refit
+    cold, said in the log and recorded as `warm_fallback` in its metrics and manifests. The validation sets of
+    two days differ by the new day's ratings (bench/warm.py: warm minus previous within 0.001 on a 2% day).
+    Negative: the warm stage must beat the previous run's by that much (tests force the fallback with it)."""
+
+
 MOVED_KEYS: dict[str, str] = {
     "crossfit_folds": "crossfit.folds",
     "session_windows": "session.windows",
@@ -425,6 +443,8 @@ class PipelineConfig(Section):
     """Drift against the previous run (in no hash: it names another run)."""
     retention: RetentionConfig = RetentionConfig()
     """Old runs deleted after a successful run (in no hash)."""
+    warm: WarmConfig = WarmConfig()
+    """How stages started from the previous run (`--warm-start`) train (in the hash of those stages only)."""
 
     @model_validator(mode="before")
     @classmethod
