@@ -392,8 +392,12 @@ class WarmConfig(Section):
     descends to, so the first epoch without a validation improvement ends it; a cold run's patience waits through
     the plateaus of a descent a warm run does not have (0 = never stop early)."""
     epochs: int | None = Field(None, ge=1)
-    """Most epochs of a warm stage (its train.epochs: the learning-rate schedule spans them); empty: the stage's
-    own train.epochs."""
+    """Most epochs of a warm stage (its train.epochs, the learning-rate schedule spanning them), never more than
+    the stage's own train.epochs; empty: the stage's own."""
+    lr_share: float | None = Field(None, gt=0, le=1)
+    """A warm stage's peak learning rate as a share of the stage's own (train.lr, else its solver's default), its
+    schedule then running over the warm epochs (a restart at a lower peak, shorter: SGDR); empty: the rate the
+    previous model ended at."""
     tolerance: float = 0.005
     """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this is refit
     cold, said in the log and recorded as `warm_fallback` in its metrics and manifests. The validation sets of

@@ -47,8 +47,8 @@ from recdist.manifest import (
     relative,
     resolve,
 )
-from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train import warm as warm_rules
+from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train.warm import WarmStart
 
 if TYPE_CHECKING:
@@ -89,9 +89,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 inference goes (pipeline.inference) are in none: they do not change what a stage computes."""
 
 
-def stage_hashes(
-    config: Config, data_id: str, warm: WarmStart | dict[str, WarmStart] | None = None
-) -> dict[str, str]:
+def stage_hashes(config: Config, data_id: str, warm: WarmStart | dict[str, WarmStart] | None = None) -> dict[str, str]:
     """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain); a
     stage's warm start (its source run, model and that run's stage hash: a WarmStart per stage name, or stage
     1's alone) and pipeline.warm are part of that stage's hash (so of every later one's)."""

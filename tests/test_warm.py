@@ -117,7 +117,8 @@ def test_a_warm_stage_worse_than_the_previous_run_by_more_than_the_tolerance_fal
 
 def test_stage_2_weights_carry_over_only_when_every_parameter_fits():
     cold = {"net.0.weight": torch.zeros(3, 4), "net.0.bias": torch.zeros(3), "frozen.user_factors": torch.ones(2, 2)}
-    previous = {"net.0.weight": torch.full((3, 4), 2.0), "net.0.bias": torch.ones(3), "frozen.user_factors": torch.zeros(5, 2)}
+    previous = {"net.0.weight": torch.full((3, 4), 2.0), "net.0.bias": torch.ones(3)}
+    previous["frozen.user_factors"] = torch.zeros(5, 2)  # yesterday's stage 1
     state, misfits = warm.same_weights(cold, previous, ["net.0.weight", "net.0.bias"])
     assert misfits == [] and torch.equal(state["net.0.weight"], previous["net.0.weight"])
     assert torch.equal(state["frozen.user_factors"], cold["frozen.user_factors"])  # today's frozen tables
@@ -141,3 +142,31 @@ def test_stage_2_starts_cold_when_its_model_params_or_input_width_changed(tmp_pa
     assert "params differ" in warm.misfit(before, today.model_copy(update={"params": {"hidden": [16]}}), rank4)
     assert "rank went from 4 to 8" in warm.misfit(before, today, rank4.model_copy(update={"params": {"rank": 8}}))
     assert "this stage trains rating_mlp" in warm.misfit(before, StageConfig(model="rating_mlp"), rank4)
+
+
+def test_a_warm_stage_2_model_starts_equal_to_yesterdays_weights_on_todays_frozen_tables(tmp_path):
+    from recdist.models.io import save_model
+
+    stage = StageConfig.model_validate({"model": "reliability_mlp", "params": {"hidden": [8]}, "train": {"seed": 0}})
+    dims = Dims(n_users=3, n_items=2, global_mean=3.5, rating_min=1, rating_max=5)
+
+    def reliability(mf_seed: int, seed: int) -> torch.nn.Module:
+        model = build_model(stage.model_copy(update={"train": stage.train.model_copy(update={"seed": seed})}), dims)
+        model.attach(_mf(3, 2, seed=mf_seed))
+        return model
+
+    yesterday = reliability(mf_seed=1, seed=1)
+    with torch.no_grad():
+        for p in yesterday.net.parameters():
+            p.add_(1.0)  # trained: not what any seed draws
+    save_model(yesterday, str(tmp_path / "reliability"))
+    today = reliability(mf_seed=2, seed=2)
+    todays_tables = today.frozen.user_factors.clone()
+    counts = warm.apply(today, {"model": str(tmp_path / "reliability")}, data="unused")
+    assert counts == {"parameters": len(list(today.parameters()))} and counts["parameters"] > 0
+    for (name, p), (_, q) in zip(today.named_parameters(), yesterday.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(today.frozen.user_factors, todays_tables)  # today's stage 1, not yesterday's
+    wider = reliability(mf_seed=2, seed=2)
+    wider.attach(build_model(StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 8}}), dims))
+    assert warm.apply(wider, {"model": str(tmp_path / "reliability")}, data="unused") == {"parameters": 0}

@@ -105,6 +105,14 @@ def misfit(previous_model: str, stage: StageConfig, upstream: StageConfig | None
     return None
 
 
+def _default_lr(stage: StageConfig) -> float | None:
+    """The learning rate `stage` trains at when train.lr is empty (recdist.train.solvers.default_lr)."""
+    from recdist.models import registry
+    from recdist.train.solvers import default_lr
+
+    return default_lr(registry.get(stage.model).module, stage.train.solver)
+
+
 def _rank(model: str, params: dict[str, Any]) -> Any:
     from recdist.models import registry
 
@@ -119,9 +127,14 @@ def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | N
     from recdist.config import WarmConfig
 
     settings = settings or WarmConfig()
-    update: dict[str, Any] = {"patience": settings.patience, "epochs": settings.epochs or stage.train.epochs}
+    epochs = min(settings.epochs or stage.train.epochs, stage.train.epochs)
+    update: dict[str, Any] = {"patience": settings.patience, "epochs": epochs}
     history_uri = storage.join(previous_model, "history.parquet")
-    if storage.exists(history_uri):
+    if settings.lr_share is not None:
+        peak = stage.train.lr if stage.train.lr is not None else _default_lr(stage)
+        if peak is not None:
+            update["lr"] = peak * settings.lr_share
+    elif storage.exists(history_uri):
         rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"])).sort("epoch")
         at = rows["lr"].tail(1)
         if len(at) and at[0] and at[0] == at[0]:  # ALS: no learning rate (null or NaN)
