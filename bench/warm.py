@@ -86,9 +86,10 @@ def main() -> None:
           f"{cold['seconds']:.1f} s")  # fmt: skip
     print(f"  warm: {warm['epochs']} epochs (best {warm['best_epoch']}), test RMSE {warm['test']['rmse']:.4f}, "
           f"{warm['seconds']:.1f} s")  # fmt: skip
-    print(f"  warm: val RMSE {warm['val']['rmse']:.4f}, day 1's {day1['val']['rmse']:.4f} "
-          f"(fallback to cold past +{settings.tolerance}): "
-          f"{'REFIT COLD' if warm.get('warm_fallback') else 'kept'}")  # fmt: skip
+    fell = warm.get("warm_fallback")
+    verdict = f"REFIT COLD after {fell['warm_epochs']} warm epochs (the line above: the refit)" if fell else "kept"
+    print(f"  warm: val RMSE {fell['warm_val_rmse'] if fell else warm['val']['rmse']:.4f}, day 1's "
+          f"{day1['val']['rmse']:.4f} (refit cold past +{settings.tolerance}): {verdict}")  # fmt: skip
     print(f"  epochs warm/cold {ratio:.3f} (goal <= {GOALS['epochs_ratio']:.3f}): "
           f"{'met' if ratio <= GOALS['epochs_ratio'] else 'MISSED'}")  # fmt: skip
     met = "met" if abs(delta) <= GOALS["rmse_delta"] else "MISSED"

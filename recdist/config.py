@@ -384,25 +384,28 @@ class RetentionConfig(Section):
 
 
 class WarmConfig(Section):
-    """How a stage that starts from the previous run's weights trains (`recdist pipeline --warm-start`): in the hash
-    of each stage that starts warm, in no other (a cold run hashes as before)."""
+    """How a stage that starts from the previous run's weights trains (`recdist pipeline --warm-start`): a short
+    restart of its schedule at a lower peak (SGDR), ended by early stopping, and refit cold when it comes out
+    worse than the previous run. In the hash of each stage that starts warm, in no other (a cold run hashes as
+    before). bench/warm.py measures it (README, issue 16)."""
 
-    patience: int = Field(1, ge=0)
-    """Early stopping of a warm stage (its train.patience): the previous weights start at the minimum a cold run
-    descends to, so the first epoch without a validation improvement ends it; a cold run's patience waits through
-    the plateaus of a descent a warm run does not have (0 = never stop early)."""
-    epochs: int | None = Field(None, ge=1)
+    lr_share: float | None = Field(0.25, gt=0, le=1)
+    """A warm stage's peak learning rate as a share of the stage's own (train.lr, else its solver's default): the
+    weights start at a minimum, which a cold peak throws them out of; the new users' and movies' rows still
+    have to learn. Empty: the rate the previous model ended at (too low after a fully annealed previous run:
+    the new rows barely move)."""
+    epochs: int | None = Field(5, ge=1)
     """Most epochs of a warm stage (its train.epochs, the learning-rate schedule spanning them), never more than
     the stage's own train.epochs; empty: the stage's own."""
-    lr_share: float | None = Field(None, gt=0, le=1)
-    """A warm stage's peak learning rate as a share of the stage's own (train.lr, else its solver's default), its
-    schedule then running over the warm epochs (a restart at a lower peak, shorter: SGDR); empty: the rate the
-    previous model ended at."""
+    patience: int = Field(1, ge=0)
+    """Early stopping of a warm stage (its train.patience): the previous weights start near a minimum, so the
+    first epoch without a validation improvement ends it; a cold run's patience waits through the plateaus of a
+    descent a warm run does not have (0 = never stop early)."""
     tolerance: float = 0.005
     """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this is refit
     cold, said in the log and recorded as `warm_fallback` in its metrics and manifests. The validation sets of
-    two days differ by the new day's ratings (bench/warm.py: warm minus previous within 0.001 on a 2% day).
-    Negative: the warm stage must beat the previous run's by that much (tests force the fallback with it)."""
+    two days differ by the new day's ratings (bench/warm.py: warm minus previous -0.0004 and +0.0020 on a 2%
+    day). Negative: the warm stage must beat the previous run's by that much (tests force the fallback with it)."""
 
 
 MOVED_KEYS: dict[str, str] = {

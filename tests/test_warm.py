@@ -87,16 +87,23 @@ def test_a_warm_run_trains_at_the_rate_the_previous_run_ended_at(tmp_path):
 
     pl.DataFrame({"epoch": [0, 1, 2], "lr": [0.04, 0.02, 0.01]}).write_parquet(tmp_path / "history.parquet")
     stage = StageConfig.model_validate({"model": "biased_mf", "train": {"lr": 0.04, "epochs": 20}})
-    warmed = warm.warm_train(stage, str(tmp_path))
+    ended = WarmConfig(lr_share=None, epochs=None)
+    warmed = warm.warm_train(stage, str(tmp_path), ended)
     assert (warmed.train.lr, warmed.train.epochs, stage.train.lr) == (0.01, 20, 0.04)
-    assert warm.warm_train(stage, str(tmp_path / "none")).train.lr == 0.04  # no history: the stage's rate
+    assert warm.warm_train(stage, str(tmp_path / "none"), ended).train.lr == 0.04  # no history: the stage's rate
 
 
-def test_a_warm_stage_trains_with_pipeline_warms_patience_and_epochs(tmp_path):
-    stage = StageConfig.model_validate({"model": "biased_mf", "train": {"epochs": 20, "patience": 3}})
-    assert (warm.warm_train(stage, str(tmp_path)).train.patience, stage.train.patience) == (1, 3)
-    short = warm.warm_train(stage, str(tmp_path), WarmConfig(patience=0, epochs=5)).train
-    assert (short.patience, short.epochs) == (0, 5)
+def test_a_warm_stage_restarts_shorter_at_a_share_of_the_stages_peak(tmp_path):
+    stage = StageConfig.model_validate({"model": "biased_mf", "train": {"lr": 0.04, "epochs": 20, "patience": 3}})
+    warmed = warm.warm_train(stage, str(tmp_path)).train  # WarmConfig's defaults
+    assert (warmed.lr, warmed.epochs, warmed.patience) == (0.01, 5, 1)
+    assert (stage.train.lr, stage.train.epochs, stage.train.patience) == (0.04, 20, 3)
+    short = warm.warm_train(stage, str(tmp_path), WarmConfig(patience=0, epochs=3, lr_share=0.5)).train
+    assert (short.lr, short.epochs, short.patience) == (0.02, 3, 0)
+    sgd_default = StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}})
+    assert warm.warm_train(sgd_default, str(tmp_path)).train.lr == pytest.approx(0.01)  # 0.25 x SGD_LR
+    one_epoch = StageConfig.model_validate({"model": "reliability_mlp", "train": {"epochs": 1, "lr": 0.004}})
+    assert warm.warm_train(one_epoch, str(tmp_path)).train.epochs == 1  # never more than the stage's own
 
 
 def _metrics(model_dir, val_rmse):

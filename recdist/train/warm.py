@@ -120,10 +120,10 @@ def _rank(model: str, params: dict[str, Any]) -> Any:
 
 
 def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | None = None) -> StageConfig:
-    """`stage` as a warm stage trains it: the peak learning rate the previous model last trained at (its
-    history's last epoch: a cold run's peak would throw the warm weights out of the minimum they start in), and
-    `settings`' patience and epochs (recdist.config.WarmConfig; default: its defaults). A previous model without
-    a learning rate in its history (ALS) keeps the stage's rate."""
+    """`stage` as a warm stage trains it (recdist.config.WarmConfig `settings`, default its defaults): at most
+    settings.epochs, patience settings.patience, its peak learning rate settings.lr_share of the stage's own, or
+    (lr_share empty) the rate the previous model last trained at (its history's last epoch). A stage without a
+    learning rate (ALS) keeps none."""
     from recdist.config import WarmConfig
 
     settings = settings or WarmConfig()
