@@ -89,7 +89,7 @@ def main() -> None:
     fell = warm.get("warm_fallback")
     verdict = f"REFIT COLD after {fell['warm_epochs']} warm epochs (the line above: the refit)" if fell else "kept"
     print(f"  warm: val RMSE {fell['warm_val_rmse'] if fell else warm['val']['rmse']:.4f}, day 1's "
-          f"{day1['val']['rmse']:.4f} (refit cold past +{settings.tolerance}): {verdict}")  # fmt: skip
+          f"{day1['val']['rmse']:.4f} (refit cold past +{settings.tolerance:.1%}): {verdict}")  # fmt: skip
     print(f"  epochs warm/cold {ratio:.3f} (goal <= {GOALS['epochs_ratio']:.3f}): "
           f"{'met' if ratio <= GOALS['epochs_ratio'] else 'MISSED'}")  # fmt: skip
     met = "met" if abs(delta) <= GOALS["rmse_delta"] else "MISSED"

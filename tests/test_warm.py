@@ -114,10 +114,11 @@ def _metrics(model_dir, val_rmse):
 
 def test_a_warm_stage_worse_than_the_previous_run_by_more_than_the_tolerance_falls_back(tmp_path):
     previous = _metrics(tmp_path / "before", 0.80)
-    assert warm.fallback({"val": {"rmse": 0.804}}, previous, 0.005) is None
-    worse = warm.fallback({"val": {"rmse": 0.81}, "epochs": 2}, previous, 0.005)
-    assert worse == {"warm_val_rmse": 0.81, "previous_val_rmse": 0.80, "tolerance": 0.005, "warm_epochs": 2}
+    assert warm.fallback({"val": {"rmse": 0.8039}}, previous, 0.005) is None  # within 0.5% of 0.80
+    worse = warm.fallback({"val": {"rmse": 0.805}, "epochs": 2}, previous, 0.005)
+    assert worse == {"warm_val_rmse": 0.805, "previous_val_rmse": 0.80, "tolerance": 0.005, "warm_epochs": 2}
     assert warm.fallback({"val": {"rmse": 0.79}}, previous, -0.02) is not None  # a negative tolerance forces it
+    assert warm.fallback({"val": {"rmse": 0.78}}, previous, -0.02) is None  # beat it by 2.5%
     assert warm.fallback({"val": {"rmse": None}}, previous, -1) is None  # no validation: nothing to compare
     assert warm.fallback({"val": {"rmse": 0.9}}, _metrics(tmp_path / "no-val", None), 0.0) is None
 

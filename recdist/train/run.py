@@ -303,7 +303,7 @@ def train_stage(
             stage = warm_stage
         else:
             log.warning(
-                "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g "
+                "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "
                 "(pipeline.warm.tolerance): refitting cold",
                 worse["warm_val_rmse"], worse["previous_val_rmse"], settings.tolerance,
             )  # fmt: skip

@@ -144,10 +144,11 @@ def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | N
 
 def fallback(metrics: dict[str, Any], previous_model: str, tolerance: float) -> dict[str, Any] | None:
     """Why a warm stage's result (its metrics.json content) is refit cold: its validation RMSE is worse than the
-    previous model's by more than `tolerance`; None when it is not (or either has no validation RMSE)."""
+    previous model's by more than `tolerance` times the previous one; None when it is not (or either has no
+    validation RMSE)."""
     previous = storage.read_json(storage.join(previous_model, "metrics.json")).get("val", {}).get("rmse")
     warm = (metrics.get("val") or {}).get("rmse")
-    if previous is None or warm is None or warm - previous <= tolerance:
+    if previous is None or warm is None or warm - previous <= tolerance * previous:
         return None
     return {
         "warm_val_rmse": warm,
