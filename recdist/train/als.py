@@ -19,11 +19,8 @@ from typing import Any
 
 import torch
 
-from recdist.config import TrainConfig
-from recdist.models.base import Model
 from recdist.train import dist
-from recdist.train.data import RankData
-from recdist.train.solvers import rank_counts, trained_tables
+from recdist.train.solvers import Problem, rank_counts, trained_tables
 
 
 @dataclass
@@ -59,18 +56,10 @@ class ALSSolver:
     `lr` and the schedule do not apply (each half-step is an exact minimisation).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        cfg: TrainConfig,
-        data: RankData,
-        device: torch.device | str = "cpu",
-        *,
-        solve_dtype: torch.dtype = torch.float64,
-    ) -> None:
-        self.cfg, self.device, self.solve_dtype = cfg, torch.device(device), solve_dtype
-        self.t = t = trained_tables(model, "als")
-        train = data.train
+    def __init__(self, p: Problem, *, solve_dtype: torch.dtype = torch.float64) -> None:
+        self.cfg, self.device, self.solve_dtype = p.cfg, p.device, solve_dtype
+        self.t = t = trained_tables(p.model, "als")
+        train = p.data.train
         user, item = train.user.to(self.device), train.item.to(self.device)
         target = train.target.to(self.device, torch.float32) - t.mu
         n_users, n_items = t.user_factors.shape[0], t.item_factors.shape[0]
