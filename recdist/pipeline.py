@@ -113,7 +113,7 @@ def warm_sources(config: Config, warm: WarmStart | None) -> dict[str, WarmStart]
     for name in RNCF_STAGES[1:] if config.pipeline.kind == "rncf" else ():
         source = warm_rules.stage_source(warm.run, name)
         why = "no committed stage there" if source is None else None
-        why = why or warm_rules.misfit(source.model, config.stages.slot(name), config.stages.mf)
+        why = why or warm_rules.misfit(source.model, config.stages.slot(name), config.stages.mf, warm.model)
         if why:
             log.info("%s: starts cold, not from %s: %s", name, warm.run, why)
         else:

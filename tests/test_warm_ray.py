@@ -78,7 +78,9 @@ def test_a_warm_start_through_s3(ray_cluster, s3_server, s3_bucket):
 
     day1, day2 = f"{s3_bucket}/runs/date=2026-12-01", f"{s3_bucket}/runs/date=2026-12-02"
     run_pipeline(_config(), day1)
-    run_pipeline(_config(), day2, warm_start="auto")  # found by listing the bucket's runs/ prefix
+    loose = _config()  # keep every warm fit (tiny data)
+    loose.pipeline.warm = WarmConfig(tolerance=1.0)
+    run_pipeline(loose, day2, warm_start="auto")  # found by listing the bucket's runs/ prefix
 
     run = storage.read_json(f"{day2}/manifest.json")
     assert run["status"] == "complete" and run["warm_start"]["run"] == day1

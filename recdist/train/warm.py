@@ -88,17 +88,21 @@ def stage_source(run: str, stage: str) -> WarmStart | None:
     return WarmStart(run=run, model=model, data=trained_on, stage_hash=manifest["stage_hash"])
 
 
-def misfit(previous_model: str, stage: StageConfig, upstream: StageConfig | None = None) -> str | None:
+def misfit(
+    previous_model: str, stage: StageConfig, upstream: StageConfig | None = None, previous_upstream: str | None = None
+) -> str | None:
     """Why a stage 2/3 `stage` cannot start from `previous_model` (a model name, params or stage-1 rank that
     differs: another architecture or input width), or None when its weights fit. `upstream`: today's stage-1
-    config (its rank sets the input width)."""
+    config (its rank sets the input width); `previous_upstream`: the stage-1 model `previous_model` was trained
+    on (default: the one its manifest names, where it was then)."""
     before = storage.read_json(storage.join(previous_model, storage.MANIFEST))
     if before.get("model") != stage.model:
         return f"the previous model is {before.get('model')}, this stage trains {stage.model}"
     if before.get("stage", {}).get("params", {}) != stage.model_dump(mode="json")["params"]:
         return "its params differ from the previous model's"
-    if upstream is not None and before.get("upstream"):
-        previous = storage.read_json(storage.join(before["upstream"], storage.MANIFEST))
+    previous_upstream = previous_upstream or before.get("upstream")
+    if upstream is not None and previous_upstream:
+        previous = storage.read_json(storage.join(previous_upstream, storage.MANIFEST))
         ranks = (_rank(previous["model"], previous["stage"].get("params", {})), _rank(upstream.model, upstream.params))
         if ranks[0] != ranks[1]:
             return f"stage 1's rank went from {ranks[0]} to {ranks[1]} (another input width)"
