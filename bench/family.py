@@ -86,6 +86,8 @@ SETTINGS = [
 FAMILY = [s.name for s in SETTINGS if s.name != "untuned-20m"]
 
 SHIPPED = {"rank": 64, "reg": 0.05, "reg_bias": 0.01}
+
+
 def sgd(rank: int, reg: float, lr: float | None, epochs: int = 20, patience: int = 3, **params: Any) -> dict:
     """A stage-1 candidate trained by SGD (lr None: searched on a sample, see lr_search)."""
     train = {"solver": "sgd", "epochs": epochs, "patience": patience} | ({"lr": lr} if lr is not None else {})

@@ -270,12 +270,12 @@ def make(solver: str, data, rank: int, threads: int = 1):
 
     from recdist.config import StageConfig, TrainConfig
     from recdist.train.run import build_model
-    from recdist.train.solvers import make_solver
+    from recdist.train.solvers import Problem, make_solver
 
     torch.set_num_threads(threads)
     stage = StageConfig(model="biased_mf", params={"rank": rank}, train=TrainConfig(solver=solver, lr=0.01))
     model = build_model(stage, data.dims)
-    return model, make_solver(model, stage.train, data, "cpu")
+    return model, make_solver(Problem(model, stage.train, data))
 
 
 def time_sgd(rank: int, n_ratings: int, repeats: int) -> float:

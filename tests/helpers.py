@@ -24,6 +24,18 @@ FAKE_AWS_ACCESS_KEY_ID = "RECDISTTESTFAKEKEYID"
 """Fake credentials, recognisable so a leak check can grep logs, messages and outputs for them."""
 FAKE_AWS_SECRET_ACCESS_KEY = "recdist-test-fake-secret-must-never-be-printed"
 
+SMALL_RUN = {
+    "prepare.shards": 2,
+    "cluster.workers": 1,
+    "pipeline.outputs.top_n": 5,
+    "pipeline.outputs.candidates": 30,
+    "pipeline.outputs.similar_k": 4,
+    "pipeline.outputs.similar_min_ratings": 5,
+    "pipeline.outputs.map_items": 40,
+    "pipeline.inference.actors": 1,
+}
+"""Config keys that size a pipeline run for a few hundred users: 2 shards, 1 worker, short output lists."""
+
 N_USERS, N_ITEMS = 80, 50
 """The planted_frame catalog."""
 

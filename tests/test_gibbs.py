@@ -76,9 +76,7 @@ def test_saved_model_predicts_the_average_of_the_kept_samples(planted: RankData,
     user, item = torch.meshgrid(torch.arange(N_USERS), torch.arange(N_ITEMS), indexing="ij")
     user, item = user.reshape(-1), item.reshape(-1)
     mu = planted.dims.global_mean
-    average = torch.stack(
-        [mu + u[user, 3] + v[item, 3] + (u[user, :3] * v[item, :3]).sum(1) for u, v in kept]
-    ).mean(0)
+    average = torch.stack([mu + u[user, 3] + v[item, 3] + (u[user, :3] * v[item, :3]).sum(1) for u, v in kept]).mean(0)
     model = trainer.model
     assert model.user_factors.weight.shape == (N_USERS, 3 * len(kept))
     assert model.config.rank == 3 * len(kept)

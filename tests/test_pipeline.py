@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import reader_counts
+from helpers import SMALL_RUN, reader_counts
 from safetensors.torch import load_file
 
 from recdist import schema, storage, tables
@@ -104,15 +104,8 @@ def config(paths: dict[str, str], **overrides) -> Config:
         "source.test_path": paths["test"],
         "source.items_path": paths["items"],
         "prepare.split": "given",
-        "prepare.shards": 2,
-        "cluster.workers": 1,
-        "pipeline.outputs.top_n": 5,
-        "pipeline.outputs.candidates": 30,
-        "pipeline.outputs.similar_k": 4,
-        "pipeline.outputs.similar_min_ratings": 5,
-        "pipeline.outputs.map_items": 40,
+        **SMALL_RUN,
         "pipeline.train_share.fraction": 0.5,  # stages 2 and 3 train on a seeded half of the training rows
-        "pipeline.inference.actors": 1,
         # few epochs of many small steps (the checkpoint policy writes the final state only: epochs are short)
         "stages.mf": {"model": "biased_mf", "params": {"rank": 8}, "train": {"epochs": 10, "solver": "sgd"}},
         "stages.reliability.train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "patience": 0},

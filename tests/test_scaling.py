@@ -35,12 +35,12 @@ def _solver(name: str, rank: int, biased: bool, data=None):
     """The real solver as training builds it, on (this rank's share of) the sample ratings."""
     from recdist.config import StageConfig, TrainConfig
     from recdist.train.run import build_model
-    from recdist.train.solvers import make_solver
+    from recdist.train.solvers import Problem, make_solver
 
     data = data or scaling.sample_data(USERS, ITEMS, RATINGS, seed=3)
     model = "biased_mf" if biased else "mf"
     stage = StageConfig(model=model, params={"rank": rank}, train=TrainConfig(solver=name, lr=0.01))
-    return make_solver(build_model(stage, data.dims), stage.train, data, "cpu")
+    return make_solver(Problem(build_model(stage, data.dims), stage.train, data))
 
 
 @pytest.mark.parametrize("workers", [2, 3, 4])

@@ -21,7 +21,7 @@ from recdist.train.cluster import plan
 from recdist.train.data import RankData, load_rank_data, split_batches
 from recdist.train.loop import Trainer
 from recdist.train.run import build_model, model_from_state
-from recdist.train.solvers import AutogradSolver, make_solver
+from recdist.train.solvers import AutogradSolver, Problem, make_solver
 
 
 def rank_data(frame: pl.DataFrame) -> RankData:
@@ -126,11 +126,11 @@ def test_auto_solver_choice(planted: RankData) -> None:
     sgd = pytest.importorskip("recdist.train.sgd")
     cfg = TrainConfig(solver="auto")
     mf = build_model(StageConfig(model="biased_mf"), planted.dims)
-    assert isinstance(make_solver(mf, cfg, planted, "cpu"), sgd.SGDSolver)
+    assert isinstance(make_solver(Problem(mf, cfg, planted)), sgd.SGDSolver)
     ncf = build_model(StageConfig(model="ncf_mlp"), planted.dims)
-    assert isinstance(make_solver(ncf, cfg, planted, "cpu"), AutogradSolver)
+    assert isinstance(make_solver(Problem(ncf, cfg, planted)), AutogradSolver)
     with pytest.raises(ConfigError, match="cannot train"):
-        make_solver(ncf, TrainConfig(solver="sgd"), planted, "cpu")
+        make_solver(Problem(ncf, TrainConfig(solver="sgd"), planted))
 
 
 def test_torch_sgd_kernel_learns_the_planted_ratings(planted: RankData) -> None:
@@ -139,7 +139,8 @@ def test_torch_sgd_kernel_learns_the_planted_ratings(planted: RankData) -> None:
 
     stage = StageConfig(model="biased_mf", params={"rank": 8}, train=TrainConfig(epochs=12, batch_size=256, lr=0.05))
     model = build_model(stage, planted.dims)
-    trainer = Trainer(model, stage.train, planted, solver=SGDSolver(model, stage.train, planted, kernel="torch"))
+    solver = SGDSolver(Problem(model, stage.train, planted), kernel="torch")
+    trainer = Trainer(model, stage.train, planted, solver=solver)
     rows = trainer.fit()
     mean_rmse = float((planted.val.target - planted.train.target.mean()).square().mean().sqrt())
     assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
@@ -259,7 +260,11 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-TWO_RANKS = {"autograd": {"solver": "autograd"}, "sgd": {"solver": "sgd", "lr": 0.02, "lr_schedule": "cosine"}}
+TWO_RANKS = {
+    "autograd": {"solver": "autograd"},
+    "sgd": {"solver": "sgd", "lr": 0.02, "lr_schedule": "cosine"},
+    "gibbs": {"solver": "gibbs", "gibbs": {"rank": 3, "burn_in": 1, "thin": 1}},  # every rank draws the same sample
+}
 
 
 def _ddp_rank(rank: int, world: int, init: str, out: str, solver: str) -> None:
@@ -281,7 +286,7 @@ def _ddp_rank(rank: int, world: int, init: str, out: str, solver: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["autograd", "sgd"])
+@pytest.mark.parametrize("solver", ["autograd", "sgd", "gibbs"])
 def test_two_gloo_ranks_with_uneven_shards_stay_in_step(tmp_path, solver: str) -> None:
     import torch.multiprocessing as mp
 

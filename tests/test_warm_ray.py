@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import SMALL_RUN
 
 from recdist.config import load_config
 from recdist.pipeline import run_pipeline
@@ -19,14 +20,7 @@ def _config():
         {
             "source.dataset": "synthetic",
             "synth": {"n_users": 200, "n_items": 80, "n_ratings": 5000, "min_user_ratings": 5, "seed": 1},
-            "prepare.shards": 2,
-            "cluster.workers": 1,
-            "pipeline.outputs.top_n": 5,
-            "pipeline.outputs.candidates": 30,
-            "pipeline.outputs.similar_k": 4,
-            "pipeline.outputs.similar_min_ratings": 5,
-            "pipeline.outputs.map_items": 40,
-            "pipeline.inference.actors": 1,
+            **SMALL_RUN,
             "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 4, "solver": "sgd"}},
             "stages.reliability.train": {"epochs": 1, "batch_size": 512, "patience": 0},
             "stages.rating.train": {"epochs": 1, "batch_size": 512, "patience": 0},

@@ -54,10 +54,11 @@ class BiasedMFConfig(MFConfig):
         "train.lr": loguniform(0.003, 0.03),
         "train.lr_schedule": choice("constant", "cosine"),
         "train.epochs": integer(20, 120),
-        "train.solver": choice("sgd", "gibbs"),
+        "train.solver": choice("auto", "gibbs"),
     }
     """On ml-latest-small (bench/tune.py) the best SGD settings are wide and strongly regularised, trained long at
-    a constant rate (rank 256-512, reg 0.1, lr 0.01, 60-70 epochs): the space reaches them. The gibbs solver
+    a constant rate (rank 256-512, reg 0.1, lr 0.01, 60-70 epochs): the space reaches them. train.solver: auto
+    (SGD, the stage's own, so the first trial is its settings) or gibbs. The gibbs solver
     (Bayesian MF: train.gibbs's defaults, rank 10 per sample) reads only train.epochs of these knobs (more sweeps,
     more samples averaged); it beat tuned SGD there and on bench/family.py's data (README, Bayesian MF)."""
 

@@ -2,10 +2,10 @@
 
 The model: r_ui ~ N(mu + b_u + c_i + p_u . q_i, 1/alpha); each user's row z_u = (p_u, b_u) ~ N(m_U, Lambda_U^-1) and
 each item's (q_i, c_i) ~ N(m_I, Lambda_I^-1), (m, Lambda) of each side under a Normal-Wishart hyperprior (m0 = 0,
-beta0 = BETA0, W0 = I, nu0 = k + 1, k = train.gibbs.rank) and the noise precision alpha under Gamma(ALPHA_SHAPE, ALPHA_RATE). One epoch is
-one sweep: the users' hyperparameters given their rows, every user's row given the items (per row the (k+1)-square
-normal system of ALS, als.py, then a draw instead of its solution), the same for the items, then alpha given the
-training residuals. Plain `mf` samples the factors alone (its bias tables stay zero).
+beta0 = BETA0, W0 = I, nu0 = k + 1, k = train.gibbs.rank) and the noise precision alpha under Gamma(ALPHA_SHAPE,
+ALPHA_RATE). One epoch is one sweep: the users' hyperparameters given their rows, every user's row given the items
+(per row the (k+1)-square normal system of ALS, als.py, then a draw instead of its solution), the same for the
+items, then alpha given the training residuals. Plain `mf` samples the factors alone (its bias tables stay zero).
 
 What the model holds: during the first gibbs.burn_in sweeps the current sample; after, every gibbs.thin-th sweep's
 sample is kept and the model holds the average predictor of the s samples kept so far, mean_s(b_u^s + c_i^s +
@@ -29,12 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from recdist.config import TrainConfig
-from recdist.models.base import Model
-from recdist.train import dist
-from recdist.train.als import _Side
-from recdist.train.data import RankData
-from recdist.train.solvers import epoch_seed, rank_counts, trained_tables
+from recdist.train.als import _Side, rating_sides
+from recdist.train.solvers import Problem, epoch_seed, trained_tables
 
 #: Normal-Wishart prior: pseudo-count of the mean m0 = 0 (the paper's beta0 = 2).
 BETA0 = 2.0
@@ -50,24 +46,19 @@ class GibbsSolver:
     `lr`, the schedule and the model's reg/reg_bias do not apply: the priors' precisions are sampled.
     """
 
-    def __init__(self, model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str = "cpu") -> None:
-        self.model, self.cfg, self.device = model, cfg, torch.device(device)
-        t = trained_tables(model, "gibbs")
+    def __init__(self, p: Problem) -> None:
+        self.model, self.cfg, self.device = p.model, p.cfg, p.device
+        t = trained_tables(p.model, "gibbs")
         self.biased = t.biased
-        train = data.train
-        user, item = train.user.to(self.device), train.item.to(self.device)
-        target = train.target.to(self.device, torch.float32) - t.mu
+        self.users, self.items, self.n_global = rating_sides(p, t)
         n_users, n_items = t.user_factors.shape[0], t.item_factors.shape[0]
-        self.users = _Side.build(user, item, target, n_users, n_items)
-        self.items = _Side.build(item, user, target, n_items, n_users)
-        self.n_global = float(sum(rank_counts(len(train), self.device)))
-        self.k = cfg.gibbs.rank
+        self.k = p.cfg.gibbs.rank
         self.dim = self.k + 1 if self.biased else self.k
         self.triu = torch.triu_indices(self.dim, self.dim, device=self.device)
         # the current sample (float64 rows: factors, then the bias), alpha, and how many samples the model averages;
         # the start: N(0, init_std^2) factors and zero biases, drawn from train.seed (as a model's initial weights)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        std = float(getattr(model.config, "init_std", 0.1))
+        gen = torch.Generator().manual_seed(p.cfg.seed)
+        std = float(getattr(p.model.config, "init_std", 0.1))
         self.user, self.item = (
             torch.cat([torch.randn(n, self.k, generator=gen, dtype=torch.float64) * std,
                        torch.zeros(n, self.dim - self.k, dtype=torch.float64)], 1).to(self.device)
@@ -123,12 +114,7 @@ class GibbsSolver:
             x = torch.cat([x[:, :-1], torch.ones_like(x[:, :1])], 1)
         else:
             y = side.target
-        outer = x[:, self.triu[0]] * x[:, self.triu[1]]  # (n_cols, T) upper triangles of x x^T
-        gram = side.matrix(torch.ones_like(y)) @ outer  # (n_rows, T)
-        rhs = side.matrix(y) @ x  # (n_rows, d)
-        yy = torch.dot(y.double(), y.double()).reshape(1)
-        for tensor in (gram, rhs, yy):
-            dist.all_reduce_sum_(tensor)
+        gram, rhs, yy = side.normal_equations(x, y, self.triu)
         g = unpack(gram, self.triu, self.dim)
         b = rhs.to(torch.float64)
         mean, precision = normal_wishart(own, rng)

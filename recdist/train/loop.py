@@ -17,7 +17,7 @@ from recdist.config import TrainConfig
 from recdist.models.base import Model
 from recdist.train import dist
 from recdist.train.data import RankData
-from recdist.train.solvers import Solver, make_solver
+from recdist.train.solvers import Problem, Solver, make_solver
 
 #: Rows per forward pass when evaluating (predictions only, no graph).
 EVAL_CHUNK = 1 << 18
@@ -48,7 +48,7 @@ class Trainer:
     ):
         self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
         prepare_model(model, data)
-        self.solver = solver if solver is not None else make_solver(model, cfg, data, self.device)
+        self.solver = solver if solver is not None else make_solver(Problem(model, cfg, data, self.device))
         self.rating_target = model.target == "rating"
         self.epoch = 0  # the next epoch to train
         self.best_rmse = math.inf

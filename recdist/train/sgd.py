@@ -29,13 +29,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from recdist.config import TrainConfig
 from recdist.errors import ConfigError
-from recdist.models.base import Model
 from recdist.models.batch import Batch
 from recdist.train import dist
-from recdist.train.data import RankData
-from recdist.train.solvers import Schedule, default_lr, epoch_generator, rank_counts, trained_tables
+from recdist.train.solvers import Problem, Schedule, default_lr, epoch_generator, rank_counts, trained_tables
 
 # ---------------------------------------------------------------------------------------------- numba kernel
 
@@ -136,18 +133,9 @@ class SGDSolver:
     thread has a block). `threads`: numba threads (default: torch's, which the worker sets to its CPU share).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        cfg: TrainConfig,
-        data: RankData,
-        device: torch.device | str = "cpu",
-        *,
-        kernel: str | None = None,
-        strata: int = 8,
-        threads: int | None = None,
-    ) -> None:
-        self.cfg, self.device = cfg, torch.device(device)
+    def __init__(self, p: Problem, *, kernel: str | None = None, strata: int = 8, threads: int | None = None) -> None:
+        model, cfg, data = p.model, p.cfg, p.data
+        self.cfg, self.device = cfg, p.device
         self.kernel = kernel or ("numba" if self.device.type == "cpu" else "torch")
         if self.kernel not in ("numba", "torch"):
             raise ConfigError(f"unknown SGD kernel {self.kernel!r}", fix="use 'numba' (CPU) or 'torch'")

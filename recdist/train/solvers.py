@@ -1,14 +1,15 @@
-"""Solvers: what one epoch of training means for a model. The autograd solver here; fast MF ones in sgd/als/gibbs.py.
+"""Solvers: what one epoch of training means for a model. The autograd solver here; MF ones in sgd/als/gibbs.py.
 
-Every solver takes (model, train_cfg, data: RankData, device), updates the model in place, and returns the
-epoch's metrics. With several ranks the autograd solver wraps the model in DistributedDataParallel (gloo on
-CPU, NCCL on CUDA; the same code path), so gradients are averaged across ranks each step.
+Every solver takes a `Problem` (model, train config, this rank's RankData, device), updates the model in place,
+and returns each epoch's metrics. With several ranks the autograd solver wraps the model in DistributedDataParallel
+(gloo on CPU, NCCL on CUDA; the same code path), so gradients are averaged across ranks each step.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +36,19 @@ SOLVERS: dict[SolverFamily, tuple[str, ...]] = {
     "autograd": ("autograd",),
     "explicit_mf": ("sgd", "als", "gibbs", "autograd"),
 }
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a solver trains: one model under a TrainConfig on this rank's rows, on a device (a name is taken)."""
+
+    model: Model
+    cfg: TrainConfig
+    data: RankData
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
 
 
 class Solver(Protocol):
@@ -121,8 +135,9 @@ class AutogradSolver:
     step covers about batch_size rows whatever the number of workers (1 and N workers train alike).
     """
 
-    def __init__(self, model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str):
-        self.model, self.cfg, self.data, self.device = model, cfg, data, torch.device(device)
+    def __init__(self, p: Problem):
+        model, cfg, data = p.model, p.cfg, p.data
+        self.model, self.cfg, self.data, self.device = model, cfg, data, p.device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
@@ -246,15 +261,14 @@ def default_lr(model: Model | type[Model], solver: str) -> float | None:
     return model.default_lr or DEFAULT_LR
 
 
-def make_solver(model: Model, cfg: TrainConfig, data: RankData, device: torch.device | str) -> Solver:
-    """The solver cfg.solver names (solver_name). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
+def make_solver(p: Problem) -> Solver:
+    """The solver p.cfg.solver names (solver_name). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
     from recdist.train import als, gibbs, sgd  # they import this module
 
-    choice = solver_name(model, cfg.solver)
+    choice = solver_name(p.model, p.cfg.solver)
     if choice == "autograd":
-        return AutogradSolver(model, cfg, data, device)
-    cls = {"sgd": sgd.SGDSolver, "als": als.ALSSolver, "gibbs": gibbs.GibbsSolver}[choice]
-    return cls(model, cfg, data, device)
+        return AutogradSolver(p)
+    return {"sgd": sgd.SGDSolver, "als": als.ALSSolver, "gibbs": gibbs.GibbsSolver}[choice](p)
 
 
 def trained_tables(model: Model, solver: str) -> MFTables:
