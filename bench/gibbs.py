@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from accuracy import DEFAULT_DATA, prepare, run_surprise  # noqa: E402
-from tune import GOAL_GAIN, GOAL_SECONDS  # noqa: E402
+from tune import print_goal  # noqa: E402
 
 
 def main() -> None:
@@ -67,12 +67,8 @@ def main() -> None:
     for label, value in surprise.items():
         if "SVD (tuned)" in label:
             print(f"| {label} | {value:.4f} | {value / svd:.4f} | | | | |")
-    gain = (svd - rmse) / svd
-    ok = gain >= GOAL_GAIN and wall <= GOAL_SECONDS
-    print(
-        f"\ngoal (>= {GOAL_GAIN:.0%} below tuned SVD on train, <= {GOAL_SECONDS / 60:.0f} min): "
-        f"{'met' if ok else 'not met'} (test RMSE {-gain:+.2%} against it, {wall / 60:.1f} min)"
-    )
+    print()
+    print_goal((svd - rmse) / svd, wall)
 
 
 if __name__ == "__main__":
