@@ -131,8 +131,9 @@ class MFBase(Model):
     ) -> None:
         """Replace the four tables (biases (n,)); the factors may change width (a Gibbs sample average is s * rank
         wide, recdist.train.gibbs) and config.rank follows it, so model.json describes the stored tensors."""
-        for name, value in (("user_factors", user_factors), ("item_factors", item_factors)):
-            getattr(self, name).weight.data = value.detach().contiguous()
+        for table, value in ((self.user_factors, user_factors), (self.item_factors, item_factors)):
+            table.weight.data = value.detach().contiguous()
+            table.embedding_dim = int(value.shape[1])
         self.user_bias.weight.data = user_bias.detach().reshape(-1, 1).contiguous()
         self.item_bias.weight.data = item_bias.detach().reshape(-1, 1).contiguous()
         width = int(user_factors.shape[1])
