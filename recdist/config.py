@@ -167,6 +167,22 @@ class ClusterConfig(Section):
     epochs only): long epochs are checkpointed each, short ones every T seconds."""
 
 
+class GibbsConfig(Section):
+    """Bayesian MF by Gibbs sampling (train.solver = gibbs; recdist.train.gibbs): one epoch is one sweep. After
+    burn_in sweeps every thin-th sweep's sample is kept and the model is their average predictor, stored as a plain
+    MF of width rank x samples, samples = (epochs - burn_in) / thin at most (early stopping may end sooner). The
+    defaults hold on ml-latest-small and bench/family.py's synthetic data (README, Bayesian MF)."""
+
+    rank: int = Field(10, ge=1)
+    """Length of each sample's user and item factor vectors (the model's params.rank does not apply: its stored
+    width is rank x samples)."""
+    burn_in: int = Field(10, ge=0)
+    """Sweeps whose samples are discarded (the chain leaves its random start)."""
+    thin: int = Field(2, ge=1)
+    """Keep every thin-th sweep's sample after burn-in: neighbouring sweeps are alike, so thinning saves width,
+    memory and scoring time for little accuracy."""
+
+
 class TrainConfig(Section):
     """How one model is trained."""
 
@@ -182,8 +198,11 @@ class TrainConfig(Section):
     """Optimiser for the autograd solver."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay (AdamW); models carry their own L2 on embeddings."""
-    solver: Literal["auto", "autograd", "sgd", "als"] = "auto"
-    """MF solvers: compiled per-rating SGD, ALS, or autograd; `auto` picks sgd for MF models, autograd else."""
+    solver: Literal["auto", "autograd", "sgd", "als", "gibbs"] = "auto"
+    """MF solvers: compiled per-rating SGD, ALS, Gibbs sampling (Bayesian MF), or autograd; `auto` picks sgd for
+    MF models, autograd else."""
+    gibbs: GibbsConfig = Field(default_factory=lambda: GibbsConfig())
+    """The gibbs solver's settings (no learning rate, no reg: its priors' precisions are sampled)."""
     lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
     """Learning-rate schedule over epochs."""
     patience: int = Field(3, ge=0)
@@ -194,6 +213,13 @@ class TrainConfig(Section):
     """bf16 autocast on CUDA (ignored on CPU)."""
     seed: int = 0
     """Base seed; rank r uses seed + r."""
+
+    @model_validator(mode="after")
+    def _samples(self) -> TrainConfig:
+        if self.solver == "gibbs" and self.epochs <= self.gibbs.burn_in:
+            raise ValueError(f"the gibbs solver keeps no sample: epochs ({self.epochs}) must exceed gibbs.burn_in "
+                             f"({self.gibbs.burn_in})")  # fmt: skip
+        return self
 
 
 class TuneBudget(Section):
