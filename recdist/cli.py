@@ -420,7 +420,7 @@ def train(
     ] = "single",
     upstream: UpstreamOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
+    solver: Annotated[str | None, typer.Option(help="auto | sgd | als | gibbs | autograd.")] = None,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
