@@ -665,6 +665,7 @@ def base_run(env: dict[str, str]) -> Path:
             out = Path(tempfile.mkdtemp(prefix="recdist-chaos-base-")) / "run"
             proc = recdist("pipeline", *SMALL_RUN, "--out", str(out), "-q", env=env)
             if proc.returncode != 0:
+                shutil.rmtree(out.parent, ignore_errors=True)
                 raise RuntimeError(f"the reference run failed: {proc.stderr[-500:]}")
             _BASE["run"] = out
         return _BASE["run"]
