@@ -289,28 +289,7 @@ def train_stage(
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed)
     if warm_start:
-        from recdist.train import warm as warm_rules
-
-        settings = warm or WarmConfig()
-        warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
-        log.info(
-            "warm start from %s: peak learning rate %s, at most %d epochs, patience %d",
-            warm_start["model"], warm_stage.train.lr, warm_stage.train.epochs, warm_stage.train.patience,
-        )  # fmt: skip
-        state, metrics = fit(warm_stage, warm_start)
-        worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
-        if worse is None:
-            stage = warm_stage
-        else:
-            log.warning(
-                "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "
-                "(pipeline.warm.tolerance): refitting cold",
-                worse["warm_val_rmse"], worse["previous_val_rmse"], settings.tolerance,
-            )  # fmt: skip
-            worse["warm_seconds"] = metrics["seconds"]
-            state, metrics = fit(stage, None)
-            metrics["warm_fallback"] = worse
-        metrics["warm_start"] = warm_start
+        stage, state, metrics = _fit_warm(fit, stage, warm_start, warm or WarmConfig())
     else:
         state, metrics = fit(stage, None)
     write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
@@ -320,6 +299,35 @@ def train_stage(
         except OSError:
             pass
     return metrics
+
+
+def _fit_warm(
+    fit: _StageFit, stage: StageConfig, warm_start: dict[str, Any], settings: WarmConfig
+) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
+    """A warm fit of `stage` from warm_start's model, refit cold when its validation RMSE is worse than the previous
+    model's by more than settings.tolerance; returns the stage as trained, its final state and its metrics."""
+    from recdist.train import warm as warm_rules
+
+    warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
+    log.info(
+        "warm start from %s: peak learning rate %s, at most %d epochs, patience %d",
+        warm_start["model"], warm_stage.train.lr, warm_stage.train.epochs, warm_stage.train.patience,
+    )  # fmt: skip
+    state, metrics = fit(warm_stage, warm_start)
+    worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
+    if worse is None:
+        stage = warm_stage
+    else:
+        log.warning(
+            "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "
+            "(pipeline.warm.tolerance): refitting cold",
+            worse["warm_val_rmse"], worse["previous_val_rmse"], settings.tolerance,
+        )  # fmt: skip
+        worse["warm_seconds"] = metrics["seconds"]
+        state, metrics = fit(stage, None)
+        metrics["warm_fallback"] = worse
+    metrics["warm_start"] = warm_start
+    return stage, state, metrics
 
 
 class _StageFit:
