@@ -1,4 +1,4 @@
-"""Stage-1 candidates (biased MF: ALS and the SGD/DSGD solver) over a family of data, beside Spark ALS.
+"""Stage-1 candidates (biased MF: ALS, Gibbs and the SGD/DSGD solver) over a family of data, beside Spark ALS.
 
     .venv/bin/python bench/family.py                          # the small family + ml-latest-small (minutes)
     .venv/bin/python bench/family.py --settings untuned-20m   # the 20M setting no default was chosen on
@@ -86,6 +86,8 @@ SETTINGS = [
 FAMILY = [s.name for s in SETTINGS if s.name != "untuned-20m"]
 
 SHIPPED = {"rank": 64, "reg": 0.05, "reg_bias": 0.01}
+
+
 def sgd(rank: int, reg: float, lr: float | None, epochs: int = 20, patience: int = 3, **params: Any) -> dict:
     """A stage-1 candidate trained by SGD (lr None: searched on a sample, see lr_search)."""
     train = {"solver": "sgd", "epochs": epochs, "patience": patience} | ({"lr": lr} if lr is not None else {})
@@ -96,6 +98,11 @@ def als(rank: int, reg: float) -> dict:
     """A stage-1 candidate trained by ALS-WR (no learning rate), the bias reg equal to the factors'."""
     train = {"solver": "als", "epochs": 10, "patience": 2}
     return {"params": {"rank": rank, "reg": reg, "reg_bias": reg}, "train": train}
+
+
+def gibbs(rank: int, epochs: int = 110) -> dict:
+    """A stage-1 candidate sampled by Gibbs (Bayesian MF: no learning rate, no reg), the solver's other defaults."""
+    return {"params": {}, "train": {"solver": "gibbs", "epochs": epochs, "gibbs": {"rank": rank}}}
 
 
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -115,9 +122,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "als16-reg0.05": als(16, 0.05),
     "als16-reg0.1": als(16, 0.1),
     "als32-reg0.08": als(32, 0.08),
+    # Bayesian MF by Gibbs sampling: rank 10 per sample (the default), 5 and 16; 110 sweeps, burn-in 10, thin 2
+    "gibbs10": gibbs(10),
+    "gibbs5": gibbs(5),
+    "gibbs16": gibbs(16),
 }
 #: candidates run only when asked for (--candidates): worse than als16-reg0.05 on base-r8, or too slow at 20M
-EXTRA = ("als16-reg0.1", "als32-reg0.08")
+EXTRA = ("als16-reg0.1", "als32-reg0.08", "gibbs5", "gibbs16")
 #: a sample's share of the training rows and its epochs, for the SGD learning-rate search
 SEARCH_SHARE, SEARCH_EPOCHS = 0.25, 3
 

@@ -398,6 +398,17 @@ def _model_flags(opts: RunOptions, key: str, model: str | None) -> dict[str, Any
     return {f"{key}.model": model, f"{key}.params": _params_for(opts.config, opts.sets, key, model)}
 
 
+def _verified(*given: str | None) -> None:
+    """Check the committed directories a command reads (dataset, scored table, model) against their manifests
+    before anything is read from them, as `recdist pipeline` does: a damaged one stops it with the file, the damage
+    and how to rebuild it (recdist.integrity)."""
+    from recdist import integrity
+
+    for folder in given:
+        if folder:
+            integrity.verify_given(folder)
+
+
 @_command("cluster", "config", "logs")
 def train(
     opts: RunOptions,
@@ -409,7 +420,7 @@ def train(
     ] = "single",
     upstream: UpstreamOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    solver: Annotated[str | None, typer.Option(help="auto | sgd | als | autograd.")] = None,
+    solver: Annotated[str | None, typer.Option(help="auto | sgd | als | gibbs | autograd.")] = None,
 ) -> None:
     """Train one model data-parallel on Ray Train; write model, history, learning curve and metrics.json."""
     from recdist.train.run import train_stage
@@ -418,6 +429,7 @@ def train(
     flags: dict[str, Any] = {f"{key}.train.epochs": epochs, f"{key}.train.solver": solver}
     flags |= _model_flags(opts, key, model)
     cfg = opts.load(flags)
+    _verified(data, upstream)
     metrics = train_stage(
         data, getattr(cfg.stages, stage), cfg.cluster, out_dir,
         upstream=upstream, overwrite=opts.overwrite,
@@ -498,6 +510,7 @@ def tune(
         budget = budget.model_copy(update={"trials": None})
     if space:
         budget = budget.model_copy(update={"space": {**budget.space, **dict(parse_override(s) for s in space)}})
+    _verified(data, upstream)
     summary = tune_stage(
         data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=opts.overwrite
     )
@@ -583,6 +596,7 @@ def infer(
     from recdist.models.io import model_class
 
     cfg = opts.load({"pipeline.inference.batch_size": batch_size})
+    _verified(model_dir, data)
     role = role_of(model_class(model_dir))
     session = (SessionStep(SessionSpec.of(cfg.pipeline.session)),) if role == "mf" else ()
     options = ScoreOptions(

@@ -167,6 +167,22 @@ class ClusterConfig(Section):
     epochs only): long epochs are checkpointed each, short ones every T seconds."""
 
 
+class GibbsConfig(Section):
+    """Bayesian MF by Gibbs sampling (train.solver = gibbs; recdist.train.gibbs): one epoch is one sweep. After
+    burn_in sweeps every thin-th sweep's sample is kept and the model is their average predictor, stored as a plain
+    MF of width rank x samples, samples = (epochs - burn_in) / thin at most (early stopping may end sooner). The
+    defaults hold on ml-latest-small and bench/family.py's synthetic data (README, Bayesian MF)."""
+
+    rank: int = Field(10, ge=1)
+    """Length of each sample's user and item factor vectors (the model's params.rank does not apply: its stored
+    width is rank x samples)."""
+    burn_in: int = Field(10, ge=0)
+    """Sweeps whose samples are discarded (the chain leaves its random start)."""
+    thin: int = Field(2, ge=1)
+    """Keep every thin-th sweep's sample after burn-in: neighbouring sweeps are alike, so thinning saves width,
+    memory and scoring time for little accuracy."""
+
+
 class TrainConfig(Section):
     """How one model is trained."""
 
@@ -182,8 +198,11 @@ class TrainConfig(Section):
     """Optimiser for the autograd solver."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay (AdamW); models carry their own L2 on embeddings."""
-    solver: Literal["auto", "autograd", "sgd", "als"] = "auto"
-    """MF solvers: compiled per-rating SGD, ALS, or autograd; `auto` picks sgd for MF models, autograd else."""
+    solver: Literal["auto", "autograd", "sgd", "als", "gibbs"] = "auto"
+    """MF solvers: compiled per-rating SGD, ALS, Gibbs sampling (Bayesian MF), or autograd; `auto` picks sgd for
+    MF models, autograd else."""
+    gibbs: GibbsConfig = Field(default_factory=lambda: GibbsConfig())
+    """The gibbs solver's settings (no learning rate, no reg: its priors' precisions are sampled)."""
     lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
     """Learning-rate schedule over epochs."""
     patience: int = Field(3, ge=0)
@@ -194,6 +213,13 @@ class TrainConfig(Section):
     """bf16 autocast on CUDA (ignored on CPU)."""
     seed: int = 0
     """Base seed; rank r uses seed + r."""
+
+    @model_validator(mode="after")
+    def _samples(self) -> TrainConfig:
+        if self.solver == "gibbs" and self.epochs <= self.gibbs.burn_in:
+            raise ValueError(f"the gibbs solver keeps no sample: epochs ({self.epochs}) must exceed gibbs.burn_in "
+                             f"({self.gibbs.burn_in})")  # fmt: skip
+        return self
 
 
 class TuneBudget(Section):
@@ -383,6 +409,32 @@ class RetentionConfig(Section):
     the run a warm start or the drift read, an incomplete run or one whose lock is live. Unset = keep all."""
 
 
+class WarmConfig(Section):
+    """How a stage that starts from the previous run's weights trains (`recdist pipeline --warm-start`): a short
+    restart of its schedule at a lower peak (SGDR), ended by early stopping, and refit cold when it comes out
+    worse than the previous run. In the hash of each stage that starts warm, in no other (a cold run hashes as
+    before). bench/warm.py measures it (README, issue 16)."""
+
+    lr_share: float | None = Field(0.25, gt=0, le=1)
+    """A warm stage's peak learning rate as a share of the stage's own (train.lr, else its solver's default): the
+    weights start at a minimum, which a cold peak throws them out of; the new users' and movies' rows still
+    have to learn. Empty: the rate the previous model ended at (too low after a fully annealed previous run:
+    the new rows barely move)."""
+    epochs: int | None = Field(5, ge=1)
+    """Most epochs of a warm stage (its train.epochs, the learning-rate schedule spanning them), never more than
+    the stage's own train.epochs; empty: the stage's own."""
+    patience: int = Field(1, ge=0)
+    """Early stopping of a warm stage (its train.patience): the previous weights start near a minimum, so the
+    first epoch without a validation improvement ends it; a cold run's patience waits through the plateaus of a
+    descent a warm run does not have (0 = never stop early)."""
+    tolerance: float = 0.005
+    """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this share of
+    the previous one (0.005: 0.5%; a share, as the stages' targets differ in scale: ratings, squared errors) is
+    refit cold, said in the log and recorded as `warm_fallback` in its metrics and manifests. The validation sets
+    of two days differ by the new day's ratings (bench/warm.py, stage 1: warm minus previous -0.05% and +0.28% on
+    a 2% day). Negative: the warm stage must beat the previous run's by that share (tests force the refit so)."""
+
+
 MOVED_KEYS: dict[str, str] = {
     "crossfit_folds": "crossfit.folds",
     "session_windows": "session.windows",
@@ -425,6 +477,8 @@ class PipelineConfig(Section):
     """Drift against the previous run (in no hash: it names another run)."""
     retention: RetentionConfig = RetentionConfig()
     """Old runs deleted after a successful run (in no hash)."""
+    warm: WarmConfig = WarmConfig()
+    """How stages started from the previous run (`--warm-start`) train (in the hash of those stages only)."""
 
     @model_validator(mode="before")
     @classmethod

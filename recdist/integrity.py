@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recdist import storage
-from recdist.errors import IntegrityError
+from recdist.errors import IntegrityError, StorageError
 from recdist.tables import SUCCESS
 
 CHUNK = 8 << 20
@@ -148,3 +148,40 @@ def _extra(folder: str, sub: str, listed: set[str]) -> list[Damage]:
             continue
         damages.append(Damage(storage.join(folder, rel), "a file not listed in the manifest is in a committed folder"))
     return damages
+
+
+def verify_given(folder: str) -> None:
+    """verify() for a directory a command was given (`recdist train --data/--upstream`, `recdist infer
+    --model/--data`), with the fix that rebuilds it (`redo`). A path that does not exist is left to the command's
+    own checks (which name what is missing)."""
+    if storage.exists(folder):
+        verify(folder, fix=redo(folder))
+
+
+REBUILD = {
+    "dataset": "prepare it again: recdist prepare ... --out {folder} --overwrite",
+    "scored": "score it again: recdist infer --model MODEL --data DATA --out {folder} --overwrite",
+    "model": "train it again: recdist train --data DATA --out {folder} --overwrite",
+}
+
+
+def redo(folder: str) -> str:
+    """How to rebuild a damaged committed directory: the pipeline stage it belongs to (RUN/<stage>/model, RUN/data),
+    else the command that makes its kind of directory."""
+    folder = storage.absolute(folder)
+    parent = posixpath.dirname(folder.rstrip("/"))
+    parent_kind, kind = _kind(parent), _kind(folder)
+    if parent_kind == "stage":
+        run, stage = posixpath.dirname(parent), posixpath.basename(parent)
+        return f"redo that stage of its run: recdist pipeline --config CONFIG --out {run} --from {stage}"
+    if parent_kind == "run" and kind == "dataset":
+        return f"redo its run's dataset: recdist pipeline --config CONFIG --out {parent} --from prepare"
+    return REBUILD.get(kind or "", "rebuild it with the command that wrote it (--overwrite)").format(folder=folder)
+
+
+def _kind(folder: str) -> str | None:
+    """The `kind` of FOLDER/manifest.json (dataset, scored, model, stage, run), None when unreadable."""
+    try:
+        return storage.read_json(storage.join(folder, storage.MANIFEST)).get("kind")
+    except (StorageError, OSError, ValueError, AttributeError):  # missing, damaged, not JSON, not an object
+        return None

@@ -143,7 +143,10 @@ class StageManifest(Manifest):
     scoring: dict[str, Any] = {}
     crossfit_folds: int | None = None
     warm_start: dict[str, Any] | None = None
-    """Stage 1's warm start (recdist.train.warm.WarmStart), if any: the previous run its model started from."""
+    """The stage's warm start (recdist.train.warm.WarmStart), if any: the previous run's model it started from."""
+    warm_fallback: dict[str, Any] | None = None
+    """Set when the warm fit came out worse than the previous model (pipeline.warm.tolerance) and the stage was
+    refit cold: both validation RMSEs, the tolerance, the warm fit's epochs and seconds."""
 
 
 class OutputsManifest(Manifest):

@@ -47,9 +47,9 @@ from recdist.manifest import (
     relative,
     resolve,
 )
+from recdist.train import warm as warm_rules
 from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train.warm import WarmStart
-from recdist.train.warm import resolve as resolve_warm_start
 
 if TYPE_CHECKING:
     from recdist.infer.plan import TrainedOn
@@ -89,16 +89,36 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 inference goes (pipeline.inference) are in none: they do not change what a stage computes."""
 
 
-def stage_hashes(config: Config, data_id: str, warm: WarmStart | None = None) -> dict[str, str]:
+def stage_hashes(config: Config, data_id: str, warm: WarmStart | dict[str, WarmStart] | None = None) -> dict[str, str]:
     """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain); a
-    stage-1 warm start (its source run and that run's stage-1 hash) is part of stage 1's."""
+    stage's warm start (its source run, model and that run's stage hash: a WarmStart per stage name, or stage
+    1's alone) and pipeline.warm are part of that stage's hash (so of every later one's)."""
+    sources = {"mf": warm} if isinstance(warm, WarmStart) else dict(warm or {})
     hashes: dict[str, str] = {"prepare": data_id}
     upstream = data_id
     for name in stage_names(config, prepared=False):
         hashes[name] = upstream = _digest([upstream, config.section_hash(*STAGE_SECTIONS[name])])
-        if warm is not None and name == "mf":
-            hashes[name] = upstream = _digest([upstream, warm.to_json()])
+        if sources.get(name) is not None:
+            source = [sources[name].to_json(), config.section_hash("pipeline.warm")]
+            hashes[name] = upstream = _digest([upstream, source])
     return hashes
+
+
+def warm_sources(config: Config, warm: WarmStart | None) -> dict[str, WarmStart]:
+    """The warm start of each stage that starts warm: stage 1 from `warm`, stages 2 and 3 from the same run's
+    models where their inputs still fit (recdist.train.warm.misfit); the others cold, said in the log."""
+    if warm is None:
+        return {}
+    sources = {"mf": warm}
+    for name in RNCF_STAGES[1:] if config.pipeline.kind == "rncf" else ():
+        source = warm_rules.stage_source(warm.run, name)
+        why = "no committed stage there" if source is None else None
+        why = why or warm_rules.misfit(source.model, config.stages.slot(name), config.stages.mf, warm.model)
+        if why:
+            log.info("%s: starts cold, not from %s: %s", name, warm.run, why)
+        else:
+            sources[name] = source
+    return sources
 
 
 @dataclass
@@ -113,6 +133,8 @@ class _Run:
     names: list[str] = field(default_factory=list)
     warm: WarmStart | None = None
     """Stage 1's warm start (--warm-start): the previous run it starts from."""
+    warm_stages: dict[str, WarmStart] = field(default_factory=dict)
+    """Each stage that starts warm and its source (warm_sources): stage 1's is `warm`."""
     states: dict[str, str | None] = field(default_factory=dict)
     """Each stage's committed hash (None: not committed) when the run started."""
     stale: list[str] = field(default_factory=list)
@@ -169,7 +191,9 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or resume) the pipeline into the run directory `out`; return the run summary.
 
-    warm_start: a previous run directory whose stage-1 factors and biases stage 1 starts from (recdist.train.warm).
+    warm_start: a previous run directory (or `auto`) whose models the stages start from (recdist.train.warm):
+    stage 1 its factors and biases by original ids, stages 2 and 3 its weights where their inputs still fit
+    (warm_sources); trained as config.pipeline.warm says, refit cold when worse than the previous run's.
 
     data: an already prepared dataset URI (else config.source is prepared into RUN/data). from_stage: redo
     from this stage on. overwrite: replace committed stages made by another config. One line per stage and
@@ -218,8 +242,10 @@ def _locked_run(
             connect(config.cluster)
         started = time.perf_counter()
         for name in names[first:]:
+            runlock.check(run.out)  # an s3:// lease taken over by another run: commit nothing more
             _run_stage(run, name, summary)
             run_log.sync()
+        runlock.check(run.out)
         summary.status = "complete"
         summary.seconds = round(time.perf_counter() - started, 2)
         summary.report = "outputs/report.md"
@@ -260,8 +286,10 @@ def _plan(
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    warm = resolve_warm_start(warm_start, beside=out) if warm_start else None
-    run = _Run(config, out, data_uri, stage_hashes(config, data_id, warm), overwrite, names=names, warm=warm)
+    warm = warm_rules.resolve(warm_start, beside=out) if warm_start else None
+    sources = warm_sources(config, warm)
+    run = _Run(config, out, data_uri, stage_hashes(config, data_id, sources), overwrite, names=names, warm=warm)
+    run.warm_stages = sources
     states = {name: _state(run, name) for name in names}
     run.stale = [n for n in names if states[n] == run.hashes[n] and integrity.is_stale(run.dir(n))]
     first = _first_to_run(names, {**states, **{n: None for n in run.stale}}, run.hashes, from_stage)
@@ -416,8 +444,7 @@ def _mf(run: _Run) -> dict[str, Any]:
     scoring = _score(
         run, "mf", model, run.data, "mf", fold_models=tuple(fold_models), features=(session,), share=_share(run)
     )
-    warm = {"warm_start": run.warm.to_json()} if run.warm else {}
-    return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds, **warm)
+    return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
 
 
 def _reliability(run: _Run) -> dict[str, Any]:
@@ -437,9 +464,23 @@ def _mlp_stage(run: _Run, name: str, *, upstream_stage: str, share: TrainShare |
     mf_model = storage.join(run.dir("mf"), "model")
     upstream = storage.join(run.dir(upstream_stage), "scored")
     out = storage.join(run.dir(name), "model")
-    model = _train(run, name, _training_rows(run, upstream), out, upstream=mf_model)
+    warm = _warm_after(run, name)
+    model = _train(run, name, _training_rows(run, upstream), out, upstream=mf_model, warm=warm)
     scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share)
     return _commit_stage(run, name, model, scoring)
+
+
+def _warm_after(run: _Run, name: str) -> WarmStart | None:
+    """Stage `name`'s warm start, unless a stage before it was refit cold (its weights learnt on inputs that
+    moved since: then cold too, said in the log)."""
+    warm = run.warm_stages.get(name)
+    if warm is None:
+        return None
+    for before in RNCF_STAGES[: RNCF_STAGES.index(name)]:
+        if storage.read_json(storage.join(run.dir(before), "model", "metrics.json")).get("warm_fallback"):
+            log.info("%s: starts cold: %s was refit cold, its outputs moved from the previous run's", name, before)
+            return None
+    return warm
 
 
 def _share(run: _Run) -> TrainShare | None:
@@ -548,7 +589,10 @@ def _train(
         return out
     section = run.config.stages.slot(stage)
     log.info("%s: training %s", name, section.model)
-    train_stage(data, section, run.config.cluster, out, upstream=upstream, warm_start=warm.to_json() if warm else None)
+    train_stage(
+        data, section, run.config.cluster, out, upstream=upstream, warm_start=warm.to_json() if warm else None,
+        warm=run.config.pipeline.warm,
+    )  # fmt: skip
     return out
 
 
@@ -583,7 +627,8 @@ def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **e
     """Write RUN/<stage>/manifest.json last: the stage now counts as done."""
     train_metrics = storage.read_json(storage.join(model, "metrics.json"))
     figures = {k: train_metrics.get(k) for k in ("train", "val", "test", "epochs", "best_epoch", "seconds")}
-    result = {"train": figures, "scoring": scoring, **extra}
+    warm = {k: train_metrics[k] for k in ("warm_start", "warm_fallback") if train_metrics.get(k)}
+    result = {"train": figures, "scoring": scoring, **warm, **extra}
     where = run.dir(name)
     StageManifest(
         stage=name,

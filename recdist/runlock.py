@@ -4,11 +4,15 @@ Locally the lock is created with O_EXCL (one winner) and held until the run ends
 (same host, pid not alive) is taken over with a message. On S3, which has no O_EXCL, the lock is a lease: a PUT
 with If-None-Match: * (one winner), renewed by a thread every LEASE_S / 3 with If-Match on its ETag; a lease not
 renewed for LEASE_S (its holder died or lost the network) is taken over with If-Match on the expired lease's
-ETag, so of two runs taking it over only one wins. A run refused here has written nothing.
+ETag, so of two runs taking it over only one wins. A run refused here has written nothing. A run whose lease was
+taken over (it could not renew it for LEASE_S) stops: its main thread is interrupted as by Ctrl-C, and `check()`
+between stages catches it where no interrupt can be delivered (SIGINT ignored, as under nohup); either way it ends
+with StorageError naming the new holder, and commits nothing more.
 """
 
 from __future__ import annotations
 
+import _thread
 import errno
 import json
 import logging
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 LEASE_S = 120.0
 """Seconds an S3 lease lasts unless renewed (its holder renews it every LEASE_S / 3)."""
+
+_lost: dict[str, dict[str, Any]] = {}
+"""Runs of this process whose lease another run took over -> that run's lease (what it says of its holder)."""
 
 
 def holder() -> dict[str, Any]:
@@ -137,12 +144,18 @@ def _lease(run: str, lease_s: float) -> Iterator[dict[str, Any]]:
     me = {**holder(), "lease_s": lease_s}
     etag = _take(fs, path, run, me, lease_s)
     stop = threading.Event()
-    state = {"etag": etag}
+    # the renewer interrupts the holder only where the holder is the main thread (interrupt_main's target)
+    state = {"etag": etag, "run": run, "interrupt": threading.current_thread() is threading.main_thread()}
     renewer = threading.Thread(target=_renew, args=(fs, path, me, state, stop, lease_s), daemon=True)
     renewer.start()
     try:
         yield me
+    except BaseException as e:
+        if run in _lost:  # the renewer's interrupt (or whatever it became on its way up): say why
+            raise _taken(run) from None if isinstance(e, KeyboardInterrupt) else e
+        raise
     finally:
+        _lost.pop(run, None)
         stop.set()
         renewer.join(timeout=10)
         try:
@@ -182,16 +195,42 @@ def _take(fs: Any, path: str, run: str, me: dict[str, Any], lease_s: float) -> s
 
 
 def _renew(
-    fs: Any, path: str, me: dict[str, Any], state: dict[str, str], stop: threading.Event, lease_s: float
+    fs: Any, path: str, me: dict[str, Any], state: dict[str, Any], stop: threading.Event, lease_s: float
 ) -> None:
     while not stop.wait(lease_s / 3):
         try:
             state["etag"] = _put(fs, path, _body(me, lease_s), IfMatch=state["etag"])
         except FileExistsError:
-            log.error("lost the lease of %s to another run: stop this run", path)
+            try:
+                other = json.loads(fs.cat_file(path))
+            except Exception:  # gone or unreadable meanwhile: still not ours
+                other = {}
+            _lost[state["run"]] = other if isinstance(other, dict) else {}
+            log.error("lost the lease of %s to another run (pid %s on %s): stopping this run", path,
+                      _lost[state["run"]].get("pid"), _lost[state["run"]].get("host"))  # fmt: skip
+            if state["interrupt"] and not stop.is_set():
+                _thread.interrupt_main()
             return
         except Exception as e:  # a network blip: try again at the next turn (the lease is still valid)
             log.warning("could not renew the lease %s: %s", path, e)
+
+
+def check(run: str) -> None:
+    """Raise StorageError when this process held the lease of `run` and another run took it over (call it before
+    committing anything: between stages)."""
+    if run in _lost:
+        raise _taken(run)
+
+
+def _taken(run: str) -> StorageError:
+    other = _lost[run]
+    return StorageError(
+        f"this run lost its lease of {run} to another run (pid {other.get('pid')} on {other.get('host')}, started "
+        f"{other.get('started_at', '?')}): it could not renew it in time (network?) and stopped before committing "
+        "anything more",
+        where=storage.join(run, LOCK),
+        fix="let the other run finish; then re-run this command if needed (it resumes from the committed stages)",
+    )
 
 
 def _put(fs: Any, path: str, body: bytes, **conditions: str) -> str:

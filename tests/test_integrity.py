@@ -127,6 +127,61 @@ def test_a_directory_made_from_an_input_redone_since_is_stale(tmp_path):
     assert "redo the stale stages" in str(caught.value)
 
 
+def committed_model(folder: Path, stage_of: Path | None = None) -> str:
+    """A model directory committed as `recdist train` commits one (manifest kind model, its files with checksums);
+    with `stage_of`, inside a pipeline stage directory (RUN/<stage>/model, the stage's manifest beside it)."""
+    (folder / "model.safetensors").parent.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "model.json").write_text('{"name": "biased_mf"}')
+    entries = [e.model_dump() for e in file_entries(str(folder))]
+    storage.write_json(str(folder / "manifest.json"), {"kind": "model", "files": entries})
+    if stage_of is not None:
+        storage.write_json(str(stage_of / "manifest.json"), {"kind": "stage", "files": []})
+    return str(folder)
+
+
+def test_train_tune_and_infer_verify_what_they_are_given_before_reading_it(tmp_path, capsys, monkeypatch):
+    """Issue 18: `recdist pipeline` verified its inputs, `recdist train`/`tune`/`infer` read a damaged dataset or
+    model as it was. Now each stops at once (exit 2, nothing run) naming the file and how to rebuild it."""
+    from test_cli import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("ran on damaged input")
+
+    monkeypatch.setattr("recdist.train.run.train_stage", never)
+    monkeypatch.setattr("recdist.tune.search.tune_stage", never)
+    monkeypatch.setattr("recdist.infer.ray_data.score", never)
+    data = Path(committed_dataset(tmp_path / "data"))
+    model = Path(committed_model(tmp_path / "model"))
+    flip(data / SHARD)
+    for args in (("train", "--data", str(data), "--out", str(tmp_path / "out")),
+                 ("tune", "--data", str(data), "--out", str(tmp_path / "out")),
+                 ("infer", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"))):  # fmt: skip
+        code, _, err = cli(capsys, *args, "-q")
+        assert code == 2 and str(data / SHARD) in err and "sha256 differs" in err, (args, err)
+        assert f"recdist prepare ... --out {data} --overwrite" in err
+    (data / SHARD).unlink()
+    committed_dataset(tmp_path / "data2")
+    (model / "model.safetensors").write_bytes(b"short")
+    code, _, err = cli(capsys, "infer", "--model", str(model), "--data", str(tmp_path / "data2"), "--out", "o", "-q")
+    assert code == 2 and "truncated" in err and f"recdist train --data DATA --out {model} --overwrite" in err
+    code, _, err = cli(capsys, "train", "--data", str(tmp_path / "data2"), "--stage", "reliability",
+                       "--upstream", str(model), "--out", str(tmp_path / "out"), "-q")  # fmt: skip
+    assert code == 2 and str(model / "model.safetensors") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fix_for_a_damaged_input_of_a_pipeline_run_redoes_its_stage(tmp_path):
+    run = tmp_path / "run"
+    model = committed_model(run / "mf" / "model", stage_of=run / "mf")
+    redo = f"redo that stage of its run: recdist pipeline --config CONFIG --out {run} --from mf"
+    assert integrity.redo(model) == redo
+    data = committed_dataset(run / "data")
+    storage.write_json(str(run / "manifest.json"), {"kind": "run"})
+    assert integrity.redo(data).endswith(f"--out {run} --from prepare")
+    assert integrity.redo(str(tmp_path / "elsewhere")).startswith("rebuild it with the command that wrote it")
+
+
 def test_a_rebuilt_directory_is_swapped_in_whole(tmp_path):
     old, new = tmp_path / "mf", tmp_path / "mf.next"
     for where, text in ((old, "old"), (new, "new")):
@@ -215,3 +270,23 @@ def test_an_s3_lease_refuses_a_second_run_and_an_expired_one_is_taken_over(s3_bu
     with caplog.at_level("WARNING"), runlock.locked(run) as me:
         assert storage.read_json(f"{run}/{runlock.LOCK}")["pid"] == me["pid"]
     assert "taking over the lease" in caplog.text
+
+
+@pytest.mark.s3
+def test_a_run_whose_lease_is_taken_over_stops_naming_the_new_holder(s3_bucket, caplog):
+    """Issue 18: a lost s3:// lease only logged, and the run went on committing beside the run that took it over.
+    Now the holder's main thread is interrupted at once, and `check` (between stages) refuses as well."""
+    run = f"{s3_bucket}/runs/lost"
+    other = {"pid": 4242, "host": "elsewhere", "started_at": "now", "expires_at": time.time() + 600}
+    with pytest.raises(StorageError, match=r"lost its lease .* \(pid 4242 on elsewhere") as caught:
+        with runlock.locked(run, lease_s=0.6):
+            storage.write_json(f"{run}/{runlock.LOCK}", other)  # taken over while this run could not renew
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a stage at work: interrupted at the next renewal (0.2 s)
+                time.sleep(0.05)
+    assert "fix:" in str(caught.value)
+    assert storage.read_json(f"{run}/{runlock.LOCK}")["pid"] == 4242  # the new holder's lease is left alone
+    with runlock.locked(f"{s3_bucket}/runs/kept", lease_s=0.6):
+        runlock._lost[f"{s3_bucket}/runs/kept"] = other  # as the renewer records it where no interrupt arrives
+        with pytest.raises(StorageError, match="lost its lease"):
+            runlock.check(f"{s3_bucket}/runs/kept")

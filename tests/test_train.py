@@ -260,7 +260,11 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-TWO_RANKS = {"autograd": {"solver": "autograd"}, "sgd": {"solver": "sgd", "lr": 0.02, "lr_schedule": "cosine"}}
+TWO_RANKS = {
+    "autograd": {"solver": "autograd"},
+    "sgd": {"solver": "sgd", "lr": 0.02, "lr_schedule": "cosine"},
+    "gibbs": {"solver": "gibbs", "gibbs": {"rank": 3, "burn_in": 1, "thin": 1}},  # every rank draws the same sample
+}
 
 
 def _ddp_rank(rank: int, world: int, init: str, out: str, solver: str) -> None:
@@ -282,7 +286,7 @@ def _ddp_rank(rank: int, world: int, init: str, out: str, solver: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["autograd", "sgd"])
+@pytest.mark.parametrize("solver", ["autograd", "sgd", "gibbs"])
 def test_two_gloo_ranks_with_uneven_shards_stay_in_step(tmp_path, solver: str) -> None:
     import torch.multiprocessing as mp
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from recdist.config import StageConfig
+from recdist.config import StageConfig, WarmConfig
 from recdist.errors import ConfigError
 from recdist.models import Dims
 from recdist.train import warm
@@ -74,6 +75,11 @@ def test_a_warm_start_is_part_of_stage_1s_hash_and_so_of_every_later_one():
     assert cold["prepare"] == hot["prepare"]
     assert all(cold[n] != hot[n] != redone[n] for n in ("mf", "reliability", "rating", "outputs"))
     assert stage_hashes(cfg, "data") == cold  # without a warm start: as before
+    # warm stages 2 and 3: their own source joins their hash; pipeline.warm counts only where a stage starts warm
+    both = stage_hashes(cfg, "data", {"mf": first, "reliability": replace(first, model="runs/d1/reliability/model")})
+    assert both["mf"] == hot["mf"] and both["reliability"] != hot["reliability"]
+    tighter = load_config(None, {"pipeline.warm.tolerance": 0.001})
+    assert stage_hashes(tighter, "data") == cold and stage_hashes(tighter, "data", first)["mf"] != hot["mf"]
 
 
 def test_a_warm_run_trains_at_the_rate_the_previous_run_ended_at(tmp_path):
@@ -81,6 +87,94 @@ def test_a_warm_run_trains_at_the_rate_the_previous_run_ended_at(tmp_path):
 
     pl.DataFrame({"epoch": [0, 1, 2], "lr": [0.04, 0.02, 0.01]}).write_parquet(tmp_path / "history.parquet")
     stage = StageConfig.model_validate({"model": "biased_mf", "train": {"lr": 0.04, "epochs": 20}})
-    warmed = warm.warm_train(stage, str(tmp_path))
+    ended = WarmConfig(lr_share=None, epochs=None)
+    warmed = warm.warm_train(stage, str(tmp_path), ended)
     assert (warmed.train.lr, warmed.train.epochs, stage.train.lr) == (0.01, 20, 0.04)
-    assert warm.warm_train(stage, str(tmp_path / "none")) is stage
+    assert warm.warm_train(stage, str(tmp_path / "none"), ended).train.lr == 0.04  # no history: the stage's rate
+
+
+def test_a_warm_stage_restarts_shorter_at_a_share_of_the_stages_peak(tmp_path):
+    stage = StageConfig.model_validate({"model": "biased_mf", "train": {"lr": 0.04, "epochs": 20, "patience": 3}})
+    warmed = warm.warm_train(stage, str(tmp_path)).train  # WarmConfig's defaults
+    assert (warmed.lr, warmed.epochs, warmed.patience) == (0.01, 5, 1)
+    assert (stage.train.lr, stage.train.epochs, stage.train.patience) == (0.04, 20, 3)
+    short = warm.warm_train(stage, str(tmp_path), WarmConfig(patience=0, epochs=3, lr_share=0.5)).train
+    assert (short.lr, short.epochs, short.patience) == (0.02, 3, 0)
+    sgd_default = StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}})
+    assert warm.warm_train(sgd_default, str(tmp_path)).train.lr == pytest.approx(0.01)  # 0.25 x SGD_LR
+    one_epoch = StageConfig.model_validate({"model": "reliability_mlp", "train": {"epochs": 1, "lr": 0.004}})
+    assert warm.warm_train(one_epoch, str(tmp_path)).train.epochs == 1  # never more than the stage's own
+
+
+def _metrics(model_dir, val_rmse):
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "metrics.json").write_text(json.dumps({"val": {"rmse": val_rmse}, "epochs": 3}))
+    return str(model_dir)
+
+
+def test_a_warm_stage_worse_than_the_previous_run_by_more_than_the_tolerance_falls_back(tmp_path):
+    previous = _metrics(tmp_path / "before", 0.80)
+    assert warm.fallback({"val": {"rmse": 0.8039}}, previous, 0.005) is None  # within 0.5% of 0.80
+    worse = warm.fallback({"val": {"rmse": 0.805}, "epochs": 2}, previous, 0.005)
+    assert worse == {"warm_val_rmse": 0.805, "previous_val_rmse": 0.80, "tolerance": 0.005, "warm_epochs": 2}
+    assert warm.fallback({"val": {"rmse": 0.79}}, previous, -0.02) is not None  # a negative tolerance forces it
+    assert warm.fallback({"val": {"rmse": 0.78}}, previous, -0.02) is None  # beat it by 2.5%
+    assert warm.fallback({"val": {"rmse": None}}, previous, -1) is None  # no validation: nothing to compare
+    assert warm.fallback({"val": {"rmse": 0.9}}, _metrics(tmp_path / "no-val", None), 0.0) is None
+
+
+def test_stage_2_weights_carry_over_only_when_every_parameter_fits():
+    cold = {"net.0.weight": torch.zeros(3, 4), "net.0.bias": torch.zeros(3), "frozen.user_factors": torch.ones(2, 2)}
+    previous = {"net.0.weight": torch.full((3, 4), 2.0), "net.0.bias": torch.ones(3)}
+    previous["frozen.user_factors"] = torch.zeros(5, 2)  # yesterday's stage 1
+    state, misfits = warm.same_weights(cold, previous, ["net.0.weight", "net.0.bias"])
+    assert misfits == [] and torch.equal(state["net.0.weight"], previous["net.0.weight"])
+    assert torch.equal(state["frozen.user_factors"], cold["frozen.user_factors"])  # today's frozen tables
+    wider = previous | {"net.0.weight": torch.zeros(3, 6)}
+    state, misfits = warm.same_weights(cold, wider, ["net.0.weight", "net.0.bias"])
+    assert misfits == ["net.0.weight"] and state is cold  # all or nothing
+
+
+def test_stage_2_starts_cold_when_its_model_params_or_input_width_changed(tmp_path):
+    def manifest(where, model, params, upstream=None):
+        where.mkdir(parents=True)
+        body = {"model": model, "stage": {"params": params}, "upstream": upstream and str(upstream)}
+        (where / "manifest.json").write_text(json.dumps(body))
+        return where
+
+    mf = manifest(tmp_path / "mf", "biased_mf", {"rank": 4})
+    before = str(manifest(tmp_path / "rel", "reliability_mlp", {"hidden": [8]}, upstream=mf))
+    today = StageConfig.model_validate({"model": "reliability_mlp", "params": {"hidden": [8]}})
+    rank4 = StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 4}})
+    assert warm.misfit(before, today, rank4) is None
+    assert "params differ" in warm.misfit(before, today.model_copy(update={"params": {"hidden": [16]}}), rank4)
+    assert "rank went from 4 to 8" in warm.misfit(before, today, rank4.model_copy(update={"params": {"rank": 8}}))
+    assert "this stage trains rating_mlp" in warm.misfit(before, StageConfig(model="rating_mlp"), rank4)
+
+
+def test_a_warm_stage_2_model_starts_equal_to_yesterdays_weights_on_todays_frozen_tables(tmp_path):
+    from recdist.models.io import save_model
+
+    stage = StageConfig.model_validate({"model": "reliability_mlp", "params": {"hidden": [8]}, "train": {"seed": 0}})
+    dims = Dims(n_users=3, n_items=2, global_mean=3.5, rating_min=1, rating_max=5)
+
+    def reliability(mf_seed: int, seed: int) -> torch.nn.Module:
+        model = build_model(stage.model_copy(update={"train": stage.train.model_copy(update={"seed": seed})}), dims)
+        model.attach(_mf(3, 2, seed=mf_seed))
+        return model
+
+    yesterday = reliability(mf_seed=1, seed=1)
+    with torch.no_grad():
+        for p in yesterday.net.parameters():
+            p.add_(1.0)  # trained: not what any seed draws
+    save_model(yesterday, str(tmp_path / "reliability"))
+    today = reliability(mf_seed=2, seed=2)
+    todays_tables = today.frozen.user_factors.clone()
+    counts = warm.apply(today, {"model": str(tmp_path / "reliability")}, data="unused")
+    assert counts == {"parameters": len(list(today.parameters()))} and counts["parameters"] > 0
+    for (name, p), (_, q) in zip(today.named_parameters(), yesterday.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(today.frozen.user_factors, todays_tables)  # today's stage 1, not yesterday's
+    wider = reliability(mf_seed=2, seed=2)
+    wider.attach(build_model(StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 8}}), dims))
+    assert warm.apply(wider, {"model": str(tmp_path / "reliability")}, data="unused") == {"parameters": 0}

@@ -49,6 +49,23 @@ class PreparedFrames:
     """n_raw, duplicates_resolved, filtered, splits, global_mean: what the manifest reports."""
 
 
+def _keep_previous(
+    df: pl.DataFrame, user_ids: pl.Series, item_ids: pl.Series, previous: PreviousMaps
+) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """The previous dataset's splits and indices kept (recdist.data.idmaps), with a log line of what changed."""
+    df, changed = keep_splits(df, previous.splits)
+    n_before = len(user_ids), len(item_ids)
+    df, user_ids, item_ids = restable(df, user_ids, item_ids, previous)
+    log.info(
+        "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; "
+        "%s ratings kept a previous split other than today's", f"{len(previous.user_ids):,}",
+        f"{len(previous.item_ids):,}", f"{len(user_ids) - len(previous.user_ids):,}",
+        f"{len(item_ids) - len(previous.item_ids):,}", f"{len(user_ids) - n_before[0]:,}",
+        f"{len(item_ids) - n_before[1]:,}", f"{changed:,}",
+    )  # fmt: skip
+    return df, user_ids, item_ids
+
+
 def prepare_frame(
     raw: RawSource, cfg: PrepareConfig, rating_scale: tuple[float, float], previous: PreviousMaps | None = None
 ) -> PreparedFrames:
@@ -82,16 +99,7 @@ def prepare_frame(
         df = assign_split(df, cfg, user="user_id", item="item_id")
     if previous is not None:
         with logs.timed(log, "stable ids"):
-            df, changed = keep_splits(df, previous.splits)
-            n_before = len(user_ids), len(item_ids)
-            df, user_ids, item_ids = restable(df, user_ids, item_ids, previous)
-            log.info(
-                "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; "
-                "%s ratings kept a previous split other than today's", f"{len(previous.user_ids):,}",
-                f"{len(previous.item_ids):,}", f"{len(user_ids) - len(previous.user_ids):,}",
-                f"{len(item_ids) - len(previous.item_ids):,}", f"{len(user_ids) - n_before[0]:,}",
-                f"{len(item_ids) - n_before[1]:,}", f"{changed:,}",
-            )  # fmt: skip
+            df, user_ids, item_ids = _keep_previous(df, user_ids, item_ids, previous)
     if cfg.split == "given":
         _log_given(df, cfg, carved)
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")

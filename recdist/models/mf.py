@@ -54,9 +54,13 @@ class BiasedMFConfig(MFConfig):
         "train.lr": loguniform(0.003, 0.03),
         "train.lr_schedule": choice("constant", "cosine"),
         "train.epochs": integer(20, 120),
+        "train.solver": choice("auto", "gibbs"),
     }
-    """On ml-latest-small (bench/tune.py) the best settings are wide and strongly regularised, trained long at
-    a constant rate (rank 256-512, reg 0.1, lr 0.01, 60-70 epochs): the space reaches them."""
+    """On ml-latest-small (bench/tune.py) the best SGD settings are wide and strongly regularised, trained long at
+    a constant rate (rank 256-512, reg 0.1, lr 0.01, 60-70 epochs): the space reaches them. train.solver: auto
+    (SGD, the stage's own, so the first trial is its settings) or gibbs. The gibbs solver
+    (Bayesian MF: train.gibbs's defaults, rank 10 per sample) reads only train.epochs of these knobs (more sweeps,
+    more samples averaged); it beat tuned SGD there and on bench/family.py's data (README, Bayesian MF)."""
 
 
 class SigmoidMFConfig(BiasedMFConfig):
@@ -117,6 +121,33 @@ class MFBase(Model):
         if self.use_bias:
             loss = loss + cfg.reg_bias * row_l2(self.user_bias(batch.user), self.item_bias(batch.item))
         return loss
+
+    def set_tables(
+        self,
+        user_factors: torch.Tensor,
+        item_factors: torch.Tensor,
+        user_bias: torch.Tensor,
+        item_bias: torch.Tensor,
+    ) -> None:
+        """Replace the four tables (biases (n,)); the factors may change width (a Gibbs sample average is s * rank
+        wide, recdist.train.gibbs) and config.rank follows it, so model.json describes the stored tensors."""
+        for table, value in ((self.user_factors, user_factors), (self.item_factors, item_factors)):
+            table.weight.data = value.detach().contiguous()
+            table.embedding_dim = int(value.shape[1])
+        self.user_bias.weight.data = user_bias.detach().reshape(-1, 1).contiguous()
+        self.item_bias.weight.data = item_bias.detach().reshape(-1, 1).contiguous()
+        width = int(user_factors.shape[1])
+        if width != self.config.rank:
+            self.config = self.config.model_copy(update={"rank": width})
+
+    def resize_for(self, state: dict[str, torch.Tensor]) -> None:
+        """Factor tables as wide as the saved ones (a Gibbs sample average is wider than its rank)."""
+        saved = state.get("user_factors.weight")
+        if saved is not None and saved.shape[1] != self.user_factors.weight.shape[1]:
+            t = self.mf_tables()
+            width = saved.shape[1]
+            zeros = [t.user_factors.new_zeros(len(f), width) for f in (t.user_factors, t.item_factors)]
+            self.set_tables(*zeros, t.user_bias, t.item_bias)
 
     def mf_tables(self) -> MFTables:
         """Views of the weights (no copy): in-place updates to them update the model. Biases are (n,)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from recdist.models.base import MFTables
 from recdist.train import dist
 from recdist.train.solvers import Problem, rank_counts, trained_tables
 
@@ -42,12 +43,35 @@ class _Side:
         counts = dist.all_reduce_sum_(local.clone())
         return cls(crow, cols[order], target[order], counts, n_cols)
 
+    def normal_equations(
+        self, x: torch.Tensor, y: torch.Tensor, triu: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row, over all ranks: the upper triangle of sum_j x_j x_j^T (n_rows, T), sum_j y_j x_j (n_rows, d);
+        and sum y^2 (1,), for the other side's rows x and the targets y in CSR order."""
+        outer = x[:, triu[0]] * x[:, triu[1]]  # (n_cols, T) upper triangles of x x^T
+        gram = self.matrix(torch.ones_like(y)) @ outer
+        rhs = self.matrix(y) @ x
+        yy = torch.dot(y.double(), y.double()).reshape(1)
+        for tensor in (gram, rhs, yy):
+            dist.all_reduce_sum_(tensor)
+        return gram, rhs, yy
+
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
                 self.crow, self.col, values, (len(self.crow) - 1, self.n_cols), check_invariants=False
             )
+
+
+def rating_sides(p: Problem, t: MFTables) -> tuple[_Side, _Side, float]:
+    """This rank's training ratings minus mu by user and by item (_Side), and the rating count over all ranks."""
+    train = p.data.train
+    user, item = train.user.to(p.device), train.item.to(p.device)
+    target = train.target.to(p.device, torch.float32) - t.mu
+    n_users, n_items = t.user_factors.shape[0], t.item_factors.shape[0]
+    users, items = _Side.build(user, item, target, n_users, n_items), _Side.build(item, user, target, n_items, n_users)
+    return users, items, float(sum(rank_counts(len(train), p.device)))
 
 
 class ALSSolver:
@@ -59,13 +83,7 @@ class ALSSolver:
     def __init__(self, p: Problem, *, solve_dtype: torch.dtype = torch.float64) -> None:
         self.cfg, self.device, self.solve_dtype = p.cfg, p.device, solve_dtype
         self.t = t = trained_tables(p.model, "als")
-        train = p.data.train
-        user, item = train.user.to(self.device), train.item.to(self.device)
-        target = train.target.to(self.device, torch.float32) - t.mu
-        n_users, n_items = t.user_factors.shape[0], t.item_factors.shape[0]
-        self.users = _Side.build(user, item, target, n_users, n_items)
-        self.items = _Side.build(item, user, target, n_items, n_users)
-        self.n_global = float(sum(rank_counts(len(train), self.device)))
+        self.users, self.items, self.n_global = rating_sides(p, t)
         k = t.user_factors.shape[1]
         self.dim = k + 1 if t.biased else k
         self.triu = torch.triu_indices(self.dim, self.dim, device=self.device)
@@ -102,12 +120,7 @@ class ALSSolver:
         biased = self.t.biased
         x = torch.cat([other, torch.ones_like(other[:, :1])], 1) if biased else other
         y = side.target - other_bias[side.col] if biased else side.target
-        outer = x[:, self.triu[0]] * x[:, self.triu[1]]  # (n_cols, T) upper triangles of x x^T
-        gram = side.matrix(torch.ones_like(y)) @ outer  # (n_rows, T)
-        rhs = side.matrix(y) @ x  # (n_rows, d)
-        yy = torch.dot(y.double(), y.double()).reshape(1)
-        for tensor in (gram, rhs, yy):
-            dist.all_reduce_sum_(tensor)
+        gram, rhs, yy = side.normal_equations(x, y, self.triu)
         g = self._unpack(gram)
         b = rhs.to(self.solve_dtype)
         a = g + torch.diag_embed(side.counts.to(self.solve_dtype)[:, None] * self.reg)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from recdist import logs
 from recdist.config import ClusterConfig
 from recdist.errors import ConfigError
+from recdist.train import watchdog
 
 LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
@@ -42,7 +43,8 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     """Join the configured cluster ($RAY_ADDRESS or cluster.address), else start a local one; check the fit.
 
     An already initialised Ray (a test session, a `ray job` driver) is used as it is. A local cluster is
-    checked against this machine's CPUs and CUDA devices before it is started, so a bad request costs nothing.
+    checked against this machine's CPUs and CUDA devices before it is started, so a bad request costs nothing;
+    its processes die with this one, even on kill -9 (recdist.train.watchdog).
     Ray's logging follows recdist.logs (quiet unless verbose).
     """
     import ray
@@ -57,6 +59,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
     for key, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
+    watchdog.start()  # before ray.init: a driver killed while the cluster starts leaves nothing either
     # The dashboard serves the State API, which Ray Train's placement-group cleaner polls (without it, it warns
     # every second); it binds to loopback, on 8265 or the next free port.
     ray.init(

@@ -69,7 +69,8 @@ class Trainer:
         val = self.evaluate("val")
         if not math.isnan(val["rmse"]):
             self.solver.observe(val["rmse"])
-        self._track(val["rmse"])
+        if not stats.get("provisional"):  # e.g. a sampler's burn-in: no result, neither best nor bad
+            self._track(val["rmse"])
         row = {
             "epoch": self.epoch,
             "train_loss": float(stats["train_loss"]),
@@ -103,6 +104,7 @@ class Trainer:
     def finish(self) -> None:
         """Restore the best epoch's weights (a no-op when the last epoch was the best)."""
         if self.best_state is not None:
+            self.model.resize_for(self.best_state)  # a Gibbs average grows wider with each sample
             self.model.load_state_dict(self.best_state)
 
     @torch.no_grad()
@@ -147,6 +149,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.resize_for(state["model"])
         self.model.load_state_dict(state["model"])
         self.best_state = state.get("best_model")
         self.solver.load_state_dict(state["solver"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from recdist import logs, storage
-from recdist.config import ClusterConfig, StageConfig
+from recdist.config import ClusterConfig, StageConfig, WarmConfig
 from recdist.errors import ConfigError, DataError, RecdistError, StorageError
 from recdist.models import registry
 from recdist.models.base import Model
@@ -190,13 +190,13 @@ def _rank_trainer(
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
-    if config.get("warm_start"):  # before _resume: a checkpoint of this run, when there is one, wins
+    trainer = Trainer(model, stage.train, data, device)
+    if config.get("warm_start"):  # after the model's data-dependent set-up; before _resume: a checkpoint wins
         from recdist.train import warm
 
         counts = warm.apply(model, config["warm_start"], config["data"])
         if rank == 0:
             log.info("warm start from %s: %s", config["warm_start"]["model"], counts)
-    trainer = Trainer(model, stage.train, data, device)
     timings["setup_s"] = time.perf_counter() - clock
     return trainer, timings
 
@@ -266,10 +266,13 @@ def train_stage(
     upstream: str | None = None,
     overwrite: bool = False,
     warm_start: dict[str, Any] | None = None,
+    warm: WarmConfig | None = None,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`; return
-    metrics.json's content. warm_start (recdist.train.warm.WarmStart.to_json()): start the MF tables from that
-    previous model, mapped by original ids. Problems the driver can see raise before any worker starts; a
+    metrics.json's content. warm_start (recdist.train.warm.WarmStart.to_json()): start from that previous model
+    (MF tables mapped by original ids, other models' weights as they were), trained as `warm` says (default
+    WarmConfig()); a warm fit whose validation RMSE is worse than the previous model's by more than warm.tolerance
+    is refit cold (`warm_fallback` in the metrics). Problems the driver can see raise before any worker starts; a
     worker's RecdistError is raised as it was."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
@@ -281,51 +284,98 @@ def train_stage(
             f"output already exists: {out}", fix="pass --overwrite to retrain it, or choose another output path"
         )
     manifest = check_inputs(data, model_cls, upstream)
-    if warm_start:
-        from recdist.train.warm import warm_train
-
-        stage = warm_train(stage, warm_start["model"])
-        log.info("warm start from %s: peak learning rate %s", warm_start["model"], stage.train.lr)
     _say_without_validation(data, manifest, stage.train.epochs)
     plan = connect(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
-    name = run_name(data, stage, out, upstream, plan, warm_start)
-    run_dir = storage.join(storage_uri, name)
-    if committed:  # retraining a committed output: start afresh, not from its old run's checkpoints
-        storage.remove(run_dir)
-
-    loop_config: dict[str, Any] = {
-        "data": data,
-        "stage": stage.model_dump(mode="json"),
-        "upstream": upstream,
-        "cpus_per_worker": plan.cpus_per_worker,
-        "gpu": plan.gpu,
-        "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
-        "fail_kind": os.environ.get(FAIL_KIND_ENV, "raise"),
-        "attempts_file": storage.join(run_dir, "attempts.json"),
-        "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
-        "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
-        "warm_start": warm_start,
-    }
-    started, fit_started = time.perf_counter(), time.time()
-    with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
-        loop_config["progress_queue"] = bar.queue
-        result = _fit(make_trainer(loop_config, plan, storage_uri, name, cluster.max_failures))
-    fit_ended = time.time()
-    if result.checkpoint is None:
-        raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
-    with result.checkpoint.as_directory() as directory:
-        state = checkpoint.load_state(directory)
-    metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
-    metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
+    fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed)
     if warm_start:
-        metrics["warm_start"] = warm_start
+        stage, state, metrics = _fit_warm(fit, stage, warm_start, warm or WarmConfig())
+    else:
+        state, metrics = fit(stage, None)
     write_output(out, state, stage, manifest, metrics, data=data, upstream=upstream, overwrite=overwrite)
-    try:
-        storage.remove(run_dir)  # committed: the run's checkpoints are no longer needed
-    except OSError:
-        pass
+    for run_dir in fit.run_dirs:  # committed: the runs' checkpoints are no longer needed
+        try:
+            storage.remove(run_dir)
+        except OSError:
+            pass
     return metrics
+
+
+def _fit_warm(
+    fit: _StageFit, stage: StageConfig, warm_start: dict[str, Any], settings: WarmConfig
+) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
+    """A warm fit of `stage` from warm_start's model, refit cold when its validation RMSE is worse than the previous
+    model's by more than settings.tolerance; returns the stage as trained, its final state and its metrics."""
+    from recdist.train import warm as warm_rules
+
+    warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
+    log.info(
+        "warm start from %s: peak learning rate %s, at most %d epochs, patience %d",
+        warm_start["model"], warm_stage.train.lr, warm_stage.train.epochs, warm_stage.train.patience,
+    )  # fmt: skip
+    state, metrics = fit(warm_stage, warm_start)
+    worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
+    if worse is None:
+        stage = warm_stage
+    else:
+        log.warning(
+            "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "
+            "(pipeline.warm.tolerance): refitting cold",
+            worse["warm_val_rmse"], worse["previous_val_rmse"], settings.tolerance,
+        )  # fmt: skip
+        worse["warm_seconds"] = metrics["seconds"]
+        state, metrics = fit(stage, None)
+        metrics["warm_fallback"] = worse
+    metrics["warm_start"] = warm_start
+    return stage, state, metrics
+
+
+class _StageFit:
+    """One Ray Train fit of a stage's model into `out` (called once, or twice when a warm fit is refit cold):
+    the final checkpoint's state and metrics.json's content. Its Ray Train run directories are removed by the
+    caller after the commit (a re-run before it resumes them)."""
+
+    def __init__(
+        self, data: str, out: str, upstream: str | None, cluster: ClusterConfig, plan: WorkerPlan, storage_uri: str,
+        *, fresh: bool,
+    ) -> None:  # fmt: skip
+        self.data, self.out, self.upstream, self.cluster, self.plan = data, out, upstream, cluster, plan
+        self.storage_uri, self.fresh = storage_uri, fresh
+        self.run_dirs: list[str] = []
+
+    def __call__(self, stage: StageConfig, warm_start: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        model_cls = registry.get(stage.model).module
+        cluster, plan = self.cluster, self.plan
+        name = run_name(self.data, stage, self.out, self.upstream, plan, warm_start)
+        run_dir = storage.join(self.storage_uri, name)
+        self.run_dirs.append(run_dir)
+        if self.fresh:  # retraining a committed output: start afresh, not from its old run's checkpoints
+            storage.remove(run_dir)
+        loop_config: dict[str, Any] = {
+            "data": self.data,
+            "stage": stage.model_dump(mode="json"),
+            "upstream": self.upstream,
+            "cpus_per_worker": plan.cpus_per_worker,
+            "gpu": plan.gpu,
+            "fail_at_epoch": int(os.environ[FAIL_AT_EPOCH_ENV]) if os.environ.get(FAIL_AT_EPOCH_ENV) else None,
+            "fail_kind": os.environ.get(FAIL_KIND_ENV, "raise"),
+            "attempts_file": storage.join(run_dir, "attempts.json"),
+            "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
+            "checkpoint_every_seconds": cluster.checkpoint_every_seconds,
+            "warm_start": warm_start,
+        }
+        started, fit_started = time.perf_counter(), time.time()
+        with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
+            loop_config["progress_queue"] = bar.queue
+            result = _fit(make_trainer(loop_config, plan, self.storage_uri, name, cluster.max_failures))
+        fit_ended = time.time()
+        if result.checkpoint is None:
+            raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
+        with result.checkpoint.as_directory() as directory:
+            state = checkpoint.load_state(directory)
+        metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
+        metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
+        return state, metrics
 
 
 def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
@@ -500,7 +550,7 @@ def write_output(
                 "data": data,
                 "data_config_hash": manifest.get("config_hash"),
                 "upstream": upstream,
-                **({"warm_start": metrics["warm_start"]} if metrics.get("warm_start") else {}),
+                **{key: metrics[key] for key in ("warm_start", "warm_fallback") if metrics.get(key)},
                 "metrics": {k: metrics[k] for k in ("train", "val", "test", "best_epoch", "epochs")},
                 "created_at": datetime.now(timezone.utc).isoformat(),
                 "files": [entry.model_dump() for entry in file_entries(staging)],

@@ -1,4 +1,4 @@
-"""Solvers: what one epoch of training means for a model. The autograd solver here; fast MF ones in sgd/als.py.
+"""Solvers: what one epoch of training means for a model. The autograd solver here; MF ones in sgd/als/gibbs.py.
 
 Every solver takes a `Problem` (model, train config, this rank's RankData, device), updates the model in place,
 and returns each epoch's metrics. With several ranks the autograd solver wraps the model in DistributedDataParallel
@@ -32,7 +32,10 @@ COSINE_FLOOR = 0.05
 #: Plateau schedule: halve the learning rate after each epoch whose validation RMSE did not improve.
 PLATEAU_FACTOR = 0.5
 #: The solvers that can train each Model.solver_family, `auto`'s choice first.
-SOLVERS: dict[SolverFamily, tuple[str, ...]] = {"autograd": ("autograd",), "explicit_mf": ("sgd", "als", "autograd")}
+SOLVERS: dict[SolverFamily, tuple[str, ...]] = {
+    "autograd": ("autograd",),
+    "explicit_mf": ("sgd", "als", "gibbs", "autograd"),
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class Solver(Protocol):
     """One epoch at a time; resumable from its state; told each epoch's validation RMSE (observe)."""
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one pass over this rank's rows; at least train_loss, rows (all ranks), seconds, lr."""
+        """Train one pass over this rank's rows; at least train_loss, rows (all ranks), seconds, lr. provisional:
+        1.0 when the weights after it are no result (Gibbs burn-in, thinned-out sweeps): early stopping skips it."""
         ...
 
     def observe(self, val_rmse: float) -> None:
@@ -248,9 +252,9 @@ def solver_name(model: Model | type[Model], solver: str) -> str:
 
 def default_lr(model: Model | type[Model], solver: str) -> float | None:
     """The learning rate when train.lr is empty, the one rule (training and `recdist models`): per-rating SGD
-    SGD_LR; autograd the model's own default_lr, else DEFAULT_LR; ALS none (exact solves)."""
+    SGD_LR; autograd the model's own default_lr, else DEFAULT_LR; ALS (exact solves) and Gibbs (draws) none."""
     name = solver_name(model, solver)
-    if name == "als":
+    if name in ("als", "gibbs"):
         return None
     if name == "sgd":
         return SGD_LR
@@ -259,12 +263,12 @@ def default_lr(model: Model | type[Model], solver: str) -> float | None:
 
 def make_solver(p: Problem) -> Solver:
     """The solver p.cfg.solver names (solver_name). (SGD runs the compiled kernel on CPU, tensor steps on CUDA.)"""
-    from recdist.train import als, sgd  # they import this module
+    from recdist.train import als, gibbs, sgd  # they import this module
 
     choice = solver_name(p.model, p.cfg.solver)
     if choice == "autograd":
         return AutogradSolver(p)
-    return (sgd.SGDSolver if choice == "sgd" else als.ALSSolver)(p)
+    return {"sgd": sgd.SGDSolver, "als": als.ALSSolver, "gibbs": gibbs.GibbsSolver}[choice](p)
 
 
 def trained_tables(model: Model, solver: str) -> MFTables:

@@ -1,8 +1,12 @@
-"""Stage-1 warm start: begin MF training from a previous run's factors and biases, mapped by original ids.
+"""Warm start: begin a stage's training from the previous run's model of the same stage.
 
-`previous_rows` and `warm_state` are pure (ids and tensors in, tensors out): known users and items keep the
-previous rows, new ones keep the cold initialisation (the rows a cold run draws), gone ones are dropped.
-`resolve` reads a previous pipeline run's stage 1 (local or s3://); `apply` is what a training worker calls.
+Stage 1 (MF): the factors and biases, mapped by original ids: `previous_rows` and `warm_state` are pure (ids and
+tensors in, tensors out): known users and items keep the previous rows, new ones keep the cold initialisation (the
+rows a cold run draws), gone ones are dropped. Stages 2 and 3 (MLPs on the frozen stage-1 tables): the trained
+weights as they were, when the model, its params and its input width are the same (`same_weights`); their
+frozen tables and standardisations stay today's. `resolve` and `stage_source` read a previous pipeline run
+(local or s3://); `warm_train` is the warm stage's training settings (recdist.config.WarmConfig); `fallback`
+tells when a warm stage came out worse than the previous run's; `apply` is what a training worker calls.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from recdist.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from recdist.config import StageConfig
+    from recdist.config import StageConfig, WarmConfig
     from recdist.models.base import Model
 
 log = logging.getLogger(__name__)
@@ -32,16 +36,16 @@ ITEM_TABLES = ("item_factors.weight", "item_bias.weight")
 
 @dataclass(frozen=True)
 class WarmStart:
-    """Where a warm start reads from: recorded in the stage manifest, hashed into the stage's hash."""
+    """Where a stage's warm start reads from: recorded in the stage manifest, hashed into the stage's hash."""
 
     run: str
     """The previous pipeline run directory."""
     model: str
-    """Its stage-1 model (RUN/mf/model)."""
+    """Its model of the same stage (RUN/<stage>/model)."""
     data: str
-    """The dataset that model was trained on (its id maps say which row is which original id)."""
+    """What that model was trained on (stage 1: the dataset, whose id maps say which row is which original id)."""
     stage_hash: str
-    """The previous stage 1's hash: a previous run redone under the same path is another warm start."""
+    """The previous stage's hash: a previous run redone under the same path is another warm start."""
 
     def to_json(self) -> dict[str, str]:
         return asdict(self)
@@ -62,33 +66,100 @@ def resolve(spec: str, beside: str | None = None) -> WarmStart | None:
             return None
         log.info("--warm-start auto: %s", found)
         spec = found
-    run = storage.absolute(spec)
-    stage_dir = storage.join(run, "mf")
-    if not storage.is_committed(stage_dir):
+    found = stage_source(storage.absolute(spec), "mf")
+    if found is None:
         raise ConfigError(
-            f"{run} has no committed stage 1 (mf/manifest.json) to warm-start from",
+            f"{storage.absolute(spec)} has no committed stage 1 (mf/manifest.json) to warm-start from",
             where="--warm-start",
             fix="point at a pipeline run directory whose mf stage finished, or drop --warm-start for a cold run",
         )
-    stage = storage.read_json(storage.join(stage_dir, storage.MANIFEST))
-    model = storage.join(stage_dir, stage.get("model") or "model")
+    return found
+
+
+def stage_source(run: str, stage: str) -> WarmStart | None:
+    """The WarmStart of the previous run `run`'s stage `stage` (mf, reliability, rating); None when that stage is
+    not committed there."""
+    stage_dir = storage.join(run, stage)
+    if not storage.is_committed(stage_dir):
+        return None
+    manifest = storage.read_json(storage.join(stage_dir, storage.MANIFEST))
+    model = storage.join(stage_dir, manifest.get("model") or "model")
     trained_on = storage.read_json(storage.join(model, storage.MANIFEST))["data"]
-    return WarmStart(run=run, model=model, data=trained_on, stage_hash=stage["stage_hash"])
+    return WarmStart(run=run, model=model, data=trained_on, stage_hash=manifest["stage_hash"])
 
 
-def warm_train(stage: StageConfig, previous_model: str) -> StageConfig:
-    """`stage` with the peak learning rate the previous model last trained at (its history's last epoch): a
-    cold run's peak would throw the warm factors out of the minimum they start in. The schedule then goes on
-    over this run's epochs as configured; a previous model without a history keeps `stage` as it is."""
+def misfit(
+    previous_model: str, stage: StageConfig, upstream: StageConfig | None = None, previous_upstream: str | None = None
+) -> str | None:
+    """Why a stage 2/3 `stage` cannot start from `previous_model` (a model name, params or stage-1 rank that
+    differs: another architecture or input width), or None when its weights fit. `upstream`: today's stage-1
+    config (its rank sets the input width); `previous_upstream`: the stage-1 model `previous_model` was trained
+    on (default: the one its manifest names, where it was then)."""
+    before = storage.read_json(storage.join(previous_model, storage.MANIFEST))
+    if before.get("model") != stage.model:
+        return f"the previous model is {before.get('model')}, this stage trains {stage.model}"
+    if before.get("stage", {}).get("params", {}) != stage.model_dump(mode="json")["params"]:
+        return "its params differ from the previous model's"
+    previous_upstream = previous_upstream or before.get("upstream")
+    if upstream is not None and previous_upstream:
+        previous = storage.read_json(storage.join(previous_upstream, storage.MANIFEST))
+        ranks = (_rank(previous["model"], previous["stage"].get("params", {})), _rank(upstream.model, upstream.params))
+        if ranks[0] != ranks[1]:
+            return f"stage 1's rank went from {ranks[0]} to {ranks[1]} (another input width)"
+    return None
+
+
+def _default_lr(stage: StageConfig) -> float | None:
+    """The learning rate `stage` trains at when train.lr is empty (recdist.train.solvers.default_lr)."""
+    from recdist.models import registry
+    from recdist.train.solvers import default_lr
+
+    return default_lr(registry.get(stage.model).module, stage.train.solver)
+
+
+def _rank(model: str, params: dict[str, Any]) -> Any:
+    from recdist.models import registry
+
+    return getattr(registry.validate(model, params), "rank", None)
+
+
+def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | None = None) -> StageConfig:
+    """`stage` as a warm stage trains it (recdist.config.WarmConfig `settings`, default its defaults): at most
+    settings.epochs, patience settings.patience, its peak learning rate settings.lr_share of the stage's own, or
+    (lr_share empty) the rate the previous model last trained at (its history's last epoch). A stage without a
+    learning rate (ALS) keeps none."""
+    from recdist.config import WarmConfig
+
+    settings = settings or WarmConfig()
+    epochs = min(settings.epochs or stage.train.epochs, stage.train.epochs)
+    update: dict[str, Any] = {"patience": settings.patience, "epochs": epochs}
     history_uri = storage.join(previous_model, "history.parquet")
-    if not storage.exists(history_uri):
-        return stage
-    rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"])).sort("epoch")
-    at = rows["lr"].tail(1)
-    if not len(at) or not at[0] or at[0] != at[0]:  # ALS: no learning rate
-        return stage
-    train = stage.train.model_copy(update={"lr": float(at[0])})
-    return stage.model_copy(update={"train": train})
+    if settings.lr_share is not None:
+        peak = stage.train.lr if stage.train.lr is not None else _default_lr(stage)
+        if peak is not None:
+            update["lr"] = peak * settings.lr_share
+    elif storage.exists(history_uri):
+        rows = pl.from_arrow(storage.read_parquet(history_uri, columns=["epoch", "lr"])).sort("epoch")
+        at = rows["lr"].tail(1)
+        if len(at) and at[0] and at[0] == at[0]:  # ALS: no learning rate (null or NaN)
+            update["lr"] = float(at[0])
+    return stage.model_copy(update={"train": stage.train.model_copy(update=update)})
+
+
+def fallback(metrics: dict[str, Any], previous_model: str, tolerance: float) -> dict[str, Any] | None:
+    """Why a warm stage's result (its metrics.json content) is refit cold: its validation RMSE is worse than the
+    previous model's by more than `tolerance` times the previous one; None when it is not (or either has no
+    validation RMSE)."""
+    previous = storage.read_json(storage.join(previous_model, "metrics.json")).get("val", {}).get("rmse")
+    warm = (metrics.get("val") or {}).get("rmse")
+    if previous is None or warm is None or warm - previous <= tolerance * previous:
+        return None
+    return {
+        "warm_val_rmse": warm,
+        "previous_val_rmse": previous,
+        "tolerance": tolerance,
+        "warm_epochs": metrics.get("epochs"),
+    }
 
 
 def previous_rows(previous_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -123,13 +194,36 @@ def warm_state(
     return out, skipped
 
 
-def apply(model: Model, warm: dict[str, Any], data: str) -> dict[str, int]:
-    """Load the previous model named by `warm` (WarmStart.to_json) into `model`, which trains on `data`;
-    counts of known and new users and items."""
-    from recdist.data.dataset import read_items, read_users
+def same_weights(
+    cold: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], names: list[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`cold` with the entries `names` (a model's trainable parameters) taken from `previous` when every one of
+    them is there with the same shape; else `cold` as it is and the names that do not fit (all or nothing: half
+    a network from yesterday is no warm start)."""
+    misfits = [n for n in names if n not in previous or previous[n].shape != cold[n].shape]
+    if misfits:
+        return cold, misfits
+    return {**cold, **{n: previous[n].to(cold[n]) for n in names}}, []
+
+
+def apply(model: Model, warm: dict[str, Any], data: str) -> dict[str, Any]:
+    """Load the previous model named by `warm` (WarmStart.to_json) into `model`, which trains on `data`, after
+    the model's data-dependent set-up (Trainer's prepare_model); what was carried over. An MF-family model:
+    counts of known and new users and items; another: the parameters taken (0 and a warning when they do not
+    fit: a cold start)."""
     from recdist.models.io import load_model
 
     previous = load_model(warm["model"]).state_dict()
+    if model.mf_tables() is None:
+        names = [name for name, _ in model.named_parameters()]
+        state, misfits = same_weights(model.state_dict(), previous, names)
+        if misfits:
+            log.warning("warm start: %s do not fit the previous model, trained cold", ", ".join(misfits[:4]))
+            return {"parameters": 0}
+        model.load_state_dict(state)
+        return {"parameters": len(names)}
+    from recdist.data.dataset import read_items, read_users
+
     users = previous_rows(read_users(warm["data"]).sort("user_idx")["user_id"].to_numpy(),
                           read_users(data).sort("user_idx")["user_id"].to_numpy())  # fmt: skip
     items = previous_rows(read_items(warm["data"]).sort("item_idx")["item_id"].to_numpy(),
