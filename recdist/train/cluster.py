@@ -24,6 +24,10 @@ end of a run is seen at a poll: about 8 s per stage on a laptop at 2 s), and no 
 machine is not preempted)."""
 
 
+IDLE_WORKERS_KEPT = 8
+"""Worker processes a local cluster keeps beyond one per CPU (RAY_num_workers_soft_limit; a user's value wins)."""
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """What each Ray Train worker gets: the resolved cluster section."""
@@ -59,6 +63,10 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
     for key, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
+    # Keep idle worker processes (the scoring tasks', PyTorch imported) while a stage trains: Ray kills idle ones
+    # beyond a soft limit of one per CPU, and Ray Train's controller and helper actors alone reach it on 2 cores,
+    # so each scoring pass would start new processes (7-9 s per quickstart stage).
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(int(here["CPU"]) + IDLE_WORKERS_KEPT))
     watchdog.start()  # before ray.init: a driver killed while the cluster starts leaves nothing either
     # The dashboard serves the State API, which Ray Train's placement-group cleaner polls (without it, it warns
     # every second); it binds to loopback, on 8265 or the next free port.
