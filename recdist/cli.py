@@ -492,7 +492,7 @@ def tune(
           --time-budget 600 --space params.rank='[64, 128, 256]'
     """
     from recdist.config import DEFAULT_MODELS, TuneBudget
-    from recdist.tune.search import tune_stage
+    from recdist.tune.search import checked_space, tune_stage
 
     if stage is None:
         stage = next((slot for slot, name in DEFAULT_MODELS.items() if name == model), "single") if model else "mf"
@@ -510,6 +510,7 @@ def tune(
         budget = budget.model_copy(update={"trials": None})
     if space:
         budget = budget.model_copy(update={"space": {**budget.space, **dict(parse_override(s) for s in space)}})
+    checked_space(section, budget)  # a bad knob is refused before the inputs are read
     _verified(data, upstream)
     summary = tune_stage(
         data, section, cfg.cluster, out_dir, budget=budget, slot=stage, upstream=upstream, overwrite=opts.overwrite

@@ -39,6 +39,14 @@ DRIVER_CPU = 0.01
 RAY_DIR = "_ray"
 
 
+def checked_space(stage: StageConfig, budget: TuneBudget) -> dict[str, Knob]:
+    """The knobs a search of `stage` explores (the model's space, changed by budget.space); ConfigError on an unknown
+    knob or a bad range, before anything is read or started."""
+    knobs = merge_space(registry.get(stage.model).config.search_space, budget.space)
+    check_space(knobs, stage.model_copy(update={"tune": None}))
+    return knobs
+
+
 def tune_stage(
     data: str,
     stage: StageConfig,
@@ -57,8 +65,7 @@ def tune_stage(
     base = stage.model_copy(update={"tune": None})
     data, out = storage.absolute(data), storage.absolute(out)
     upstream = storage.absolute(upstream) if upstream else None
-    knobs = merge_space(registry.get(stage.model).config.search_space, budget.space)
-    check_space(knobs, base)
+    knobs = checked_space(base, budget)
     name = search_name(data, base, knobs, budget, upstream)
     if (kept := _committed_search(out, name, overwrite)) is not None:
         return kept
