@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +49,9 @@ TIMEOUT_S = 600
 sys.path.insert(0, str(ROOT))
 
 from recdist.train.watchdog import alive, descendants  # noqa: E402  (this checkout's recdist)
+
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import damage_first_member, set_zip_field, zipped  # noqa: E402  (the tests' zip builders)
 
 # --- the registry ---------------------------------------------------------------------------------------------
 
@@ -196,32 +198,6 @@ def parquet(**columns: Any) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
-
-
-def zipped(members: dict[str, bytes], patch: Callable[[bytearray], None] | None = None) -> bytes:
-    """A zip of `members` (deflated), optionally damaged by `patch`."""
-    sink = io.BytesIO()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    data = bytearray(sink.getvalue())
-    if patch:
-        patch(data)
-    return bytes(data)
-
-
-def flip_middle(data: bytearray) -> None:
-    """Damage the first member's compressed bytes (its CRC no longer matches)."""
-    mid = 30 + len("ratings.csv") + 40
-    for k in range(mid, mid + 16):
-        data[k] ^= 0xFF
-
-
-def set_flag(data: bytearray, local: int, central: int, value: int) -> None:
-    """Set a 2-byte field of the first member's local header (offset `local`) and central record (`central`)."""
-    at = data.find(b"PK\x01\x02")
-    data[local : local + 2] = value.to_bytes(2, "little")
-    data[at + central : at + central + 2] = value.to_bytes(2, "little")
 
 
 Files = dict[str, bytes | Callable[[Path], None]]
@@ -468,14 +444,14 @@ ONE_FILE: list[tuple[str, str, str, bytes, tuple[str, ...], Check | None]] = [
      ("--val-fraction", "0.5", "--test-fraction", "0.5"), None),
     ("shards-0", "--shards 0: refused", "r.csv", GOOD, ("--shards", "0"), None),
     ("zip-corrupt-member", "a zip whose ratings.csv is damaged: refused", "z.zip",
-     zipped({"ratings.csv": GOOD * 20}, flip_middle), (), None),
+     zipped({"ratings.csv": GOOD * 20}, damage_first_member), (), None),
     ("zip-truncated", "the first half of a zip: refused", "z.zip", zipped({"ratings.csv": GOOD})[:200], (), None),
     ("zip-empty", "a zip with no members: refused", "z.zip", zipped({}), (), None),
     ("zip-no-ratings", "a zip without a ratings file: refused", "z.zip", zipped({"README.txt": b"hi"}), (), None),
     ("zip-encrypted", "a zip whose ratings.csv is encrypted: refused", "z.zip",
-     zipped({"ratings.csv": GOOD}, lambda b: set_flag(b, 6, 8, 1)), (), None),
+     zipped({"ratings.csv": GOOD}, lambda b: set_zip_field(b, 6, 8, 1)), (), None),
     ("zip-unsupported-method", "a zip member compressed by an unknown method (AES, 99): refused", "z.zip",
-     zipped({"ratings.csv": GOOD}, lambda b: set_flag(b, 8, 10, 99)), (), None),
+     zipped({"ratings.csv": GOOD}, lambda b: set_zip_field(b, 8, 10, 99)), (), None),
     ("zip-nested-folder", "a zip holding ml-x/ratings.csv: handled", "z.zip", zipped({"ml-x/ratings.csv": GOOD}), (),
      n_ratings(N)),
     ("zip-header-only-member", "a zip whose ratings.csv has only a header: refused", "z.zip",
@@ -558,7 +534,7 @@ ONE_FILE: list[tuple[str, str, str, bytes, tuple[str, ...], Check | None]] = [
     ("zip-bom-cr-member", "a zip whose ratings.csv has a BOM and CR-only ends: handled", "z.zip",
      zipped({"ratings.csv": b"\xef\xbb\xbf" + csv(eol="\r")}), (), n_ratings(N)),
     ("zip-corrupt-movies-member", "a zip whose movies.csv is damaged: refused, naming movies.csv", "z.zip",
-     zipped({"movies.csv": MOVIES * 40, "ratings.csv": GOOD}, flip_middle), (), None),
+     zipped({"movies.csv": MOVIES * 40, "ratings.csv": GOOD}, damage_first_member), (), None),
     ("zip-no-central-directory", "a zip cut before its central directory: refused", "z.zip",
      (lambda z: z[: z.find(b"PK\x01\x02")])(zipped({"ratings.csv": GOOD})), (), None),
     ("zip-movies-parquet", "a zip with ratings.csv and a movies.parquet whose genres are lists: handled", "z.zip",

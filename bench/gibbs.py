@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from accuracy import DEFAULT_DATA, prepare, run_surprise  # noqa: E402
-from tune import print_goal  # noqa: E402
+from tune import print_beside_svd, print_goal  # noqa: E402
 
 
 def main() -> None:
@@ -56,18 +56,13 @@ def main() -> None:
     rmse = metrics["test"]["rmse"]
     svd = surprise["surprise SVD (tuned) (fitted on train)"]
     gibbs = metrics["train_config"]["gibbs"]
-    print()
-    print("| model | test RMSE | x tuned SVD (train) | val RMSE | epochs (best) | stored width | wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| recdist train biased_mf, gibbs (rank {gibbs['rank']}, burn-in {gibbs['burn_in']}, thin {gibbs['thin']}) "
-        f"| {rmse:.4f} | {rmse / svd:.4f} | {metrics['val']['rmse']:.4f} | {metrics['epochs']} "
-        f"({metrics['best_epoch'] + 1}) | {width} ({size:.0f} MB) | {wall:.0f} |"
+    label = f"recdist train biased_mf, gibbs (rank {gibbs['rank']}, burn-in {gibbs['burn_in']}, thin {gibbs['thin']})"
+    print_beside_svd(
+        ["epochs (best)", "stored width", "wall s"],
+        [label, rmse, metrics["val"]["rmse"], f"{metrics['epochs']} ({metrics['best_epoch'] + 1})",
+         f"{width} ({size:.0f} MB)", f"{wall:.0f}"],
+        surprise,
     )
-    for label, value in surprise.items():
-        if "SVD (tuned)" in label:
-            print(f"| {label} | {value:.4f} | {value / svd:.4f} | | | | |")
-    print()
     print_goal((svd - rmse) / svd, wall)
 
 

@@ -70,19 +70,14 @@ def main() -> None:
     best = summary["best_run"]
     tuned_rmse = best["test"]["rmse"]
     reference = "surprise SVD (tuned) (fitted on train)"
-    print()
-    print("| model | test RMSE | x tuned SVD (train) | val RMSE | trials | wall s |")
-    print("|---|---:|---:|---:|---:|---:|")
     svd = surprise.get(reference)
     gain = (svd - tuned_rmse) / svd if svd else float("nan")
-    print(
-        f"| recdist tune biased_mf (best/) | {tuned_rmse:.4f} | {tuned_rmse / svd:.4f} | {best['val']['rmse']:.4f} | "
-        f"{summary['trials']} ({summary['finished']} finished, {summary['stopped']} stopped) | {wall:.0f} |"
+    trials_done = f"{summary['trials']} ({summary['finished']} finished, {summary['stopped']} stopped)"
+    print_beside_svd(
+        ["trials", "wall s"],
+        ["recdist tune biased_mf (best/)", tuned_rmse, best["val"]["rmse"], trials_done, f"{wall:.0f}"],
+        surprise,
     )
-    for label, rmse in surprise.items():
-        if "SVD (tuned)" in label:
-            print(f"| {label} | {rmse:.4f} | {rmse / svd:.4f} | | | |")
-    print()
     print("best settings:", json.dumps(summary["best_values"]))
     seconds, epochs = trials["seconds"], trials["epochs"]
     print(
@@ -90,6 +85,21 @@ def main() -> None:
         f"{(seconds / epochs.clip(1)).median():.2f} s per epoch trained; {epochs.sum()} epochs in {len(trials)} trials"
     )
     print_goal(gain, wall)
+
+
+def print_beside_svd(extra: list[str], row: list, surprise: dict[str, float]) -> None:
+    """A markdown table: the model's `row` (label, test RMSE, val RMSE, then the `extra` columns' values) above
+    the tuned Surprise SVD rows, each test RMSE also as a ratio of SVD's fitted on train."""
+    svd = surprise["surprise SVD (tuned) (fitted on train)"]
+    label, rmse, val, *rest = row
+    print()
+    print("| " + " | ".join(["model", "test RMSE", "x tuned SVD (train)", "val RMSE", *extra]) + " |")
+    print("|---|" + "---:|" * (3 + len(extra)))
+    print("| " + " | ".join([label, f"{rmse:.4f}", f"{rmse / svd:.4f}", f"{val:.4f}", *map(str, rest)]) + " |")
+    for name, value in surprise.items():
+        if "SVD (tuned)" in name:
+            print(f"| {name} | {value:.4f} | {value / svd:.4f} |" + " |" * (1 + len(extra)))
+    print()
 
 
 def print_goal(gain: float, wall: float) -> None:

@@ -77,24 +77,41 @@ class DatasetManifest(Manifest):
 
     kind: str = "dataset"
     name: str | None = None
+    """The source's release name (e.g. ml-20m, synthetic), if it has one."""
     n_users: int
+    """Users after filtering: user_idx runs 0..n_users-1 (users.parquet)."""
     n_items: int
+    """Movies after filtering: item_idx runs 0..n_items-1 (items.parquet)."""
     n_ratings: int
+    """Ratings in all shards, every split."""
     splits: dict[str, int]
+    """Ratings per split (train, val, test)."""
     rating_scale: tuple[float, float]
+    """(lowest, highest) rating the source allows: predictions are clipped to it."""
     global_mean: float
+    """Mean training rating: every model's starting point."""
     timestamp_unit: str | None = None
+    """The unit the source's timestamps were found in (s, ms, us, ns; stored as seconds); None without them."""
     val_carved_from_train: float | None = None
+    """The share of a given training file carved out as validation (split `given` without a val file)."""
     source_checksum: str | None = None
+    """md5: of a release zip GroupLens publishes one for, else sha256: of the input files; synth: for synthetic."""
     config_hash: str | None = None
+    """`Config.dataset_hash()`: of the source, prepare and (synthetic) synth sections the data was made from."""
     shards: int = 1
+    """Number of ratings/part-NNNNN.parquet files."""
     shard_rows: list[int] | None = None
+    """Rows of each shard, in shard order."""
     split_method: str | None = None
+    """prepare.split: random, user, time, user_time or given."""
     previous: str | None = None
     """The dataset whose id maps and splits this one kept (prepare --previous), if any."""
     n_raw: int | None = None
+    """Rows read from the source, before de-duplication and filtering."""
     duplicates_resolved: int | None = None
+    """Repeated (user, movie) ratings collapsed into one."""
     filtered: dict[str, Any] | None = None
+    """Rows, users and movies removed by each filter."""
     crossfit: Crossfit | None = None
     """Set on a fold model's training set: the dataset it was cut from and the fold held out."""
 

@@ -137,6 +137,19 @@ def _col(name: str, kind: pa.DataType, description: str, *, nullable: bool = Tru
     return pa.field(name, kind, nullable=nullable, metadata={DESCRIPTION: description.encode()})
 
 
+def _ranked_list(
+    owner: tuple[str, str], rank: str, movie: tuple[str, str], title: tuple[str, str]
+) -> list[pa.Field]:
+    """The first columns of a top-N table, each (name, description) but `rank`'s: whom the list is for, the
+    position in it (1 first), the movie there and its title."""
+    return [
+        _col(owner[0], pa.int64(), owner[1], nullable=False),
+        _col("rank", pa.int16(), rank, nullable=False),
+        _col(movie[0], pa.int64(), movie[1], nullable=False),
+        _col(title[0], pa.string(), title[1]),
+    ]
+
+
 PREDICTIONS = pa.schema(
     [
         _col("user_id", pa.int64(), "original user id (as in the source)", nullable=False),
@@ -175,10 +188,12 @@ PREDICTIONS = pa.schema(
 
 RECOMMENDATIONS = pa.schema(
     [
-        _col("user_id", pa.int64(), "original user id (every user of the data)", nullable=False),
-        _col("rank", pa.int16(), "1 = best: rank_score descending, then candidate_score descending", nullable=False),
-        _col("movie_id", pa.int64(), "original movie id", nullable=False),
-        _col("title", pa.string(), "movie title"),
+        *_ranked_list(
+            ("user_id", "original user id (every user of the data)"),
+            "1 = best: rank_score descending, then candidate_score descending",
+            ("movie_id", "original movie id"),
+            ("title", "movie title"),
+        ),
         _col("score", pa.float32(), "predicted rating (final stage), clipped to the rating scale", nullable=False),
         _col(
             EXPECTED_ABS_ERROR,
@@ -226,10 +241,10 @@ USER_FACTORS = pa.schema(
 
 SIMILAR_ITEMS = pa.schema(
     [
-        _col("movie_id", pa.int64(), "the movie", nullable=False),
-        _col("rank", pa.int16(), "1 = most similar", nullable=False),
-        _col("similar_movie_id", pa.int64(), "the neighbour", nullable=False),
-        _col("similar_title", pa.string(), "the neighbour's title"),
+        *_ranked_list(
+            ("movie_id", "the movie"), "1 = most similar", ("similar_movie_id", "the neighbour"),
+            ("similar_title", "the neighbour's title"),
+        ),
         _col("cosine", pa.float32(), "cosine similarity of the two movies' stage-1 factors", nullable=False),
     ]
 )

@@ -34,9 +34,13 @@ class Stamp:
     """What every output file says about the run that wrote it (Parquet key-value metadata `recdist.<key>`)."""
 
     version: str
+    """recdist's version."""
     run_id: str
+    """The run's id, kept across resumes (RunManifest.run_id)."""
     config_hash: str
+    """Hash of the run's whole config."""
     git_commit: str | None = None
+    """The commit the code came from (`git_commit()`), when known."""
 
     def metadata(self, table: str) -> dict[bytes, bytes]:
         keys = {"version": self.version, "run_id": self.run_id, "config_hash": self.config_hash}

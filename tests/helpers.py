@@ -5,9 +5,12 @@ Test modules never import each other; fixtures live in conftest.py, plain functi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -121,3 +124,29 @@ def reader_counts(folder: Path, where: str | None = None) -> dict[str, int]:
         "polars": frame.filter(pl.col("split") == where).select(pl.len()).collect().item(),
         "pandas": len(pd.read_parquet(folder, filters=[("split", "==", where)])),
     }
+
+
+def zipped(members: dict[str, bytes], patch: Callable[[bytearray], None] | None = None) -> bytes:
+    """A zip of `members` (deflated), optionally damaged in place by `patch` (tests and bench/chaos.py)."""
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    data = bytearray(sink.getvalue())
+    if patch:
+        patch(data)
+    return bytes(data)
+
+
+def damage_first_member(data: bytearray) -> None:
+    """Flip 16 bytes inside a zip's first member's compressed data (its CRC no longer matches)."""
+    start = 30 + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little") + 20
+    for k in range(start, start + 16):
+        data[k] ^= 0xFF
+
+
+def set_zip_field(data: bytearray, local: int, central: int, value: int) -> None:
+    """Set a 2-byte field of a zip's first member in its local header (offset `local`) and its central record
+    (`central`): the flags are 6/8, the compression method 8/10."""
+    at = data.find(b"PK\x01\x02")
+    data[local : local + 2] = data[at + central : at + central + 2] = value.to_bytes(2, "little")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -208,11 +209,12 @@ def test_ranking_metrics_on_a_hand_counted_case():
     assert m["ndcg@3"] == pytest.approx((ndcg0 + ndcg1) / 2)
 
 
-def test_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
+def test_mf_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
     f = mf.mf_tables().tensors()
     seen = topn.Csr.build(torch.tensor([0, 0, 2]), torch.tensor([3, 1, 0]), 3)
     allowed = torch.tensor([True, True, False, True])
-    scores, items = topn.top_n(f, 3.0, torch.arange(3), 2, exclude=seen, allowed=allowed, chunk=2)
+    mf = partial(topn.mf_scores, f, 3.0)
+    scores, items = topn.top_k_of(mf, torch.arange(3), 2, exclude=seen, allowed=allowed, chunk=2)
     full = 3.0 + f["user_bias"][:, None] + f["item_bias"][None, :] + f["user_factors"] @ f["item_factors"].T
     for u, banned in enumerate([{3, 1, 2}, {2}, {0, 2}]):
         ok = [i for i in range(4) if i not in banned]

@@ -14,6 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import damage_first_member, set_zip_field, zipped
 
 from recdist.config import SourceConfig, SynthConfig
 from recdist.data.readers import Columns, layout_for, read_items, read_ratings, read_zip
@@ -87,12 +88,8 @@ def test_directory_with_ratings_and_movies(tmp_path):
 
 
 def test_zip_with_ml100k_layout_latin1_titles_and_genre_flags(tmp_path):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("ml-100k/u.data", "1\t10\t4\t100\n1\t20\t3.5\t200\n2\t10\t5\t300\n")
-        z.writestr("ml-100k/u.item", U_ITEM)
-        z.writestr("ml-100k/README", "x")
-    path = _write(tmp_path / "ml-100k.zip", buf.getvalue())
+    members = {"ml-100k/u.data": b"1\t10\t4\t100\n1\t20\t3.5\t200\n2\t10\t5\t300\n", "ml-100k/README": b"x"}
+    path = _write(tmp_path / "ml-100k.zip", zipped({**members, "ml-100k/u.item": U_ITEM}))
     ratings, items = read_ratings(str(path))
     assert ratings.frame.equals(EXPECTED)
     assert ratings.locate(1) == f"ml-100k/u.data in {path}, line 2"
@@ -104,11 +101,9 @@ def test_zip_with_ml100k_layout_latin1_titles_and_genre_flags(tmp_path):
 
 
 def test_zip_with_ml1m_layout_and_latin1_movies_dat(tmp_path):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("ml-1m/ratings.dat", "1::10::4::100\n1::20::3.5::200\n2::10::5::300\n")
-        z.writestr("ml-1m/movies.dat", "10::Héroes: \"Quoted\" (1999)::Action|Drama\n".encode("latin-1"))
-    path = _write(tmp_path / "ml-1m.zip", buf.getvalue())
+    movies = "10::Héroes: \"Quoted\" (1999)::Action|Drama\n".encode("latin-1")
+    members = {"ml-1m/ratings.dat": b"1::10::4::100\n1::20::3.5::200\n2::10::5::300\n", "ml-1m/movies.dat": movies}
+    path = _write(tmp_path / "ml-1m.zip", zipped(members))
     ratings, items = read_zip(str(path), "ml-1m/ratings.dat", "ml-1m/movies.dat")
     assert ratings.frame.equals(EXPECTED)
     assert items.frame.row(0) == (10, 'Héroes: "Quoted" (1999)', "Action|Drama")
@@ -259,36 +254,14 @@ def test_a_bad_line_of_a_cr_only_file_is_named_by_its_line(tmp_path):
     assert err.value.where == f"{path}, line 3"
 
 
-def _zip(members: dict[str, bytes], field: tuple[int, int, int] | None = None) -> bytes:
-    """A deflated zip; `field` (local offset, central offset, value) overwrites a 2-byte header field of the
-    first member (the flags: 6/8, the compression method: 8/10)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    data = bytearray(buf.getvalue())
-    if field:
-        local, central, value = field
-        at = data.find(b"PK\x01\x02")
-        data[local : local + 2] = data[at + central : at + central + 2] = value.to_bytes(2, "little")
-    return bytes(data)
-
-
-def _damaged(members: dict[str, bytes]) -> bytes:
-    data = bytearray(_zip(members))
-    for k in range(60, 76):  # inside the first member's compressed bytes
-        data[k] ^= 0xFF
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     ("data", "words"),
     [
-        (_damaged({"ratings.csv": CSV.encode() * 50}), "cannot read ratings.csv from"),
-        (_zip({"ratings.csv": CSV.encode()}, (6, 8, 1)), "encrypted"),
-        (_zip({"ratings.csv": CSV.encode()}, (8, 10, 99)), "compression method"),
-        (_zip({}), "no ratings file"),
-        (_zip({"ratings.csv": CSV.encode()})[:100], "not a readable zip file"),
+        (zipped({"ratings.csv": CSV.encode() * 50}, damage_first_member), "cannot read ratings.csv from"),
+        (zipped({"ratings.csv": CSV.encode()}, lambda b: set_zip_field(b, 6, 8, 1)), "encrypted"),
+        (zipped({"ratings.csv": CSV.encode()}, lambda b: set_zip_field(b, 8, 10, 99)), "compression method"),
+        (zipped({}), "no ratings file"),
+        (zipped({"ratings.csv": CSV.encode()})[:100], "not a readable zip file"),
     ],
     ids=["bad-crc", "encrypted", "aes-method", "empty", "truncated"],
 )
@@ -469,9 +442,9 @@ def test_parquet_movies_files_are_checked_like_ratings_and_take_list_genres(tmp_
     assert err.value.where.endswith("column movieId")
     sink = io.BytesIO()
     pq.write_table(pa.table(movies), sink)
-    path = _write(tmp_path / "ml.zip", _zip({"ratings.csv": CSV.encode(), "movies.parquet": sink.getvalue()}))
-    _, zipped = read_ratings(str(path))  # was parsed as text
-    assert zipped is not None and zipped.frame["genres"].to_list() == ["Drama", "Comedy|Drama"]
+    path = _write(tmp_path / "ml.zip", zipped({"ratings.csv": CSV.encode(), "movies.parquet": sink.getvalue()}))
+    _, items = read_ratings(str(path))  # was parsed as text
+    assert items is not None and items.frame["genres"].to_list() == ["Drama", "Comedy|Drama"]
 
 
 def test_utf16_without_a_byte_order_mark_is_refused_saying_so(tmp_path):

@@ -96,7 +96,7 @@ def prepare_frame(
         df, user_ids, item_ids = reindex(df, user_ids, item_ids)
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
     with logs.timed(log, "split"):
-        df = assign_split(df, cfg, user="user_id", item="item_id")
+        df = assign_split(df, cfg)
     if previous is not None:
         with logs.timed(log, "stable ids"):
             df, user_ids, item_ids = _keep_previous(df, user_ids, item_ids, previous)

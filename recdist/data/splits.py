@@ -16,6 +16,10 @@ from recdist.schema import SPLITS
 SPLIT = pl.Enum(list(SPLITS))
 """The dtype of the `split` column."""
 
+USER, ITEM, TIMESTAMP = "user_id", "item_id", "timestamp"
+"""The columns (recdist.schema.RAW_RATINGS') the splits read: hashing original ids keeps a rating's split across
+datasets that index users and movies differently."""
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -72,20 +76,12 @@ def _count(n: pl.Expr, fraction: float) -> pl.Expr:
     return (n * fraction + 0.5).floor().cast(pl.Int64)
 
 
-def random_split(
-    df: pl.DataFrame,
-    *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    user: str = "user_id",
-    item: str = "item_id",
-) -> pl.DataFrame:
+def random_split(df: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> pl.DataFrame:
     """Each rating independently: test with probability test_fraction, val with val_fraction.
 
     A row's split depends only on (seed, user, item) through `row_hash`, so adding rows moves no others.
     """
-    h = pl.Series("_h", row_hash(df[user], df[item], seed))
+    h = pl.Series("_h", row_hash(df[USER], df[ITEM], seed))
     t_test = _threshold(test_fraction)
     t_val = _threshold(test_fraction + val_fraction)
     return df.with_columns(_label(pl.lit(h) < t_test, pl.lit(h) < t_val))
@@ -95,25 +91,17 @@ def _threshold(fraction: float) -> pl.Expr:
     return pl.lit(min(int(fraction * 2.0**64), 2**64 - 1), dtype=pl.UInt64)
 
 
-def user_split(
-    df: pl.DataFrame,
-    *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    user: str = "user_id",
-    item: str = "item_id",
-) -> pl.DataFrame:
+def user_split(df: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int) -> pl.DataFrame:
     """Per user: round(n * test_fraction) of each user's n ratings to test and round(n * val_fraction) to
     val, chosen by `row_hash` order. Users for whom a non-zero fraction rounds to no rating, or who would
     keep no training rating, keep all their ratings in train.
     """
-    h = pl.Series("_h", row_hash(df[user], df[item], seed))
+    h = pl.Series("_h", row_hash(df[USER], df[ITEM], seed))
     tmp = (
-        pl.DataFrame([df[user], h])
+        pl.DataFrame([df[USER], h])
         .select(
-            _n=pl.len().over(user),
-            _r=pl.col("_h").rank("ordinal").over(user),  # 1..n in hash order within each user
+            _n=pl.len().over(USER),
+            _r=pl.col("_h").rank("ordinal").over(USER),  # 1..n in hash order within each user
         )
         .with_columns(
             _test=_count(pl.col("_n"), test_fraction),
@@ -126,50 +114,44 @@ def user_split(
     return df.with_columns(split.to_series())
 
 
-def time_split(
-    df: pl.DataFrame, *, val_fraction: float, test_fraction: float, timestamp: str = "timestamp"
-) -> pl.DataFrame:
+def time_split(df: pl.DataFrame, *, val_fraction: float, test_fraction: float) -> pl.DataFrame:
     """One global cut in time: the latest round(N * test_fraction) ratings are test, the
     round(N * val_fraction) before them val. Equal timestamps are ordered by frame position."""
-    _need_timestamps(df, timestamp, "time")
+    _need_timestamps(df, "time")
     n = df.height
-    ordered = df[timestamp].sort()  # sorting the values alone is far cheaper than a rank over the frame
+    ordered = df[TIMESTAMP].sort()  # sorting the values alone is far cheaper than a rank over the frame
     n_test = int(n * test_fraction + 0.5)
     n_val = int(n * val_fraction + 0.5)
-    return df.with_columns(_label(_latest(ordered, n_test, timestamp), _latest(ordered, n_test + n_val, timestamp)))
+    return df.with_columns(_label(_latest(ordered, n_test), _latest(ordered, n_test + n_val)))
 
 
-def _latest(ordered: pl.Series, m: int, timestamp: str) -> pl.Expr:
+def _latest(ordered: pl.Series, m: int) -> pl.Expr:
     """True on the latest m rows by (timestamp, frame position), given the sorted timestamps."""
     if m == 0:
         return pl.lit(False)
     cut = ordered[len(ordered) - m]
     above = len(ordered) - int(ordered.search_sorted(cut, "right"))
     n_cut = len(ordered) - above - int(ordered.search_sorted(cut, "left"))
-    at_cut = pl.col(timestamp) == cut
+    at_cut = pl.col(TIMESTAMP) == cut
     # of the rows at the cut timestamp, the last (m - above) in frame order are among the latest m
-    return (pl.col(timestamp) > cut) | (at_cut & (at_cut.cum_sum() > n_cut - (m - above)))
+    return (pl.col(TIMESTAMP) > cut) | (at_cut & (at_cut.cum_sum() > n_cut - (m - above)))
 
 
-def user_time_split(
-    df: pl.DataFrame, *, holdout_k: int, val: bool = True, user: str = "user_id", timestamp: str = "timestamp"
-) -> pl.DataFrame:
+def user_time_split(df: pl.DataFrame, *, holdout_k: int, val: bool = True) -> pl.DataFrame:
     """Leave-last-k-out: each user's latest holdout_k ratings are test and the holdout_k before them val
     (no val band when `val` is False). Users with too few ratings to keep one in train keep all in train.
     Equal timestamps are ordered by frame position (the later row counts as later)."""
-    _need_timestamps(df, timestamp, "user_time")
+    _need_timestamps(df, "user_time")
     k = holdout_k
-    n = pl.len().over(user)
+    n = pl.len().over(USER)
     # 1 = a user's latest; "ordinal" ranks equal timestamps by position, so the later row is later
-    r = n + 1 - pl.col(timestamp).rank("ordinal").over(user)
+    r = n + 1 - pl.col(TIMESTAMP).rank("ordinal").over(USER)
     band = 2 * k if val else k
     eligible = n > band
     return df.with_columns(_label(eligible & (r <= k), (eligible & (r <= band)) if val else pl.lit(False)))
 
 
-def given_split(
-    df: pl.DataFrame, *, val_fraction: float = 0.0, seed: int = 0, user: str = "user_id", item: str = "item_id"
-) -> pl.DataFrame:
+def given_split(df: pl.DataFrame, *, val_fraction: float = 0.0, seed: int = 0) -> pl.DataFrame:
     """Keep the source's own `split` column (train/val/test files), checked and cast to the split Enum.
 
     Without validation rows (no val file), `val_fraction` of the training rows become validation rows, chosen
@@ -191,32 +173,28 @@ def given_split(
             fix="label every row train, val or test",
         )
     if val_fraction > 0 and not (col == "val").any():
-        pairs = pl.DataFrame({"split": col, "_h": row_hash(df[user], df[item], seed)})
+        pairs = pl.DataFrame({"split": col, "_h": row_hash(df[USER], df[ITEM], seed)})
         carve = (pl.col("_h") < _threshold(val_fraction)) & (pl.col("split") == "train")
         col = pairs.select(pl.when(carve).then(pl.lit("val")).otherwise(pl.col("split"))).to_series()
     return df.with_columns(col.cast(SPLIT).alias("split"))
 
 
-def assign_split(df: pl.DataFrame, cfg: PrepareConfig, *, user: str = "user_id", item: str = "item_id") -> pl.DataFrame:
-    """Dispatch on cfg.split; `user`/`item` name the id columns the hashes and per-user windows use."""
+def assign_split(df: pl.DataFrame, cfg: PrepareConfig) -> pl.DataFrame:
+    """Dispatch on cfg.split."""
     if cfg.split == "random":
-        return random_split(
-            df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed, user=user, item=item
-        )
+        return random_split(df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     if cfg.split == "user":
-        return user_split(
-            df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed, user=user, item=item
-        )
+        return user_split(df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     if cfg.split == "time":
         return time_split(df, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     if cfg.split == "user_time":
-        return user_time_split(df, holdout_k=cfg.holdout_k, val=cfg.val_fraction > 0, user=user)
-    return given_split(df, val_fraction=cfg.val_fraction, seed=cfg.seed, user=user, item=item)
+        return user_time_split(df, holdout_k=cfg.holdout_k, val=cfg.val_fraction > 0)
+    return given_split(df, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def _need_timestamps(df: pl.DataFrame, timestamp: str, method: str) -> None:
-    if timestamp not in df.columns or df[timestamp].null_count():
-        missing = df[timestamp].null_count() if timestamp in df.columns else df.height
+def _need_timestamps(df: pl.DataFrame, method: str) -> None:
+    if TIMESTAMP not in df.columns or df[TIMESTAMP].null_count():
+        missing = df[TIMESTAMP].null_count() if TIMESTAMP in df.columns else df.height
         raise DataError(
             f"prepare.split `{method}` needs a timestamp on every rating, and some are missing",
             where=f"the timestamp column (source.timestamp_col): {missing:,} of {df.height:,} ratings have none",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.scoring import one_thread
-from recdist.infer.topn import Csr, cosine_neighbours, popularity_top, top_n
+from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
 from recdist.schema import (
     EXPECTED_ABS_ERROR,
@@ -287,9 +288,8 @@ def _ranking(
         "popularity": protocol.popularity(ranker.popularity, ranker.allowed),
     }
     if ranker.factors is not None:
-        mf_score, mf_items = top_n(
-            ranker.factors, ranker.global_mean, protocol.users, k, exclude=protocol.exclude, allowed=ranker.allowed
-        )
+        mf = partial(mf_scores, ranker.factors, ranker.global_mean)
+        mf_score, mf_items = top_k_of(mf, protocol.users, k, exclude=protocol.exclude, allowed=ranker.allowed)
         out["mf"] = protocol.score(torch.where(mf_score > -torch.inf, mf_items, -1))
     ranked = ranker.rank(protocol.users, k, candidates=shown.candidates, exclude=protocol.exclude)
     out[name] = protocol.score(_top_matrix(ranked, protocol.row_of, len(protocol.users), k))

@@ -12,6 +12,7 @@ the relevance threshold given the predicted rating and its predicted squared err
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -20,7 +21,7 @@ import torch
 
 from recdist.infer.scoring import Predictor
 from recdist.infer.session import empty_session
-from recdist.infer.topn import Csr, popularity_top, top_k_of, top_n
+from recdist.infer.topn import Csr, mf_scores, popularity_top, top_k_of
 from recdist.models.base import Model
 from recdist.models.implicit import Implicit
 from recdist.schema import SPLIT_TYPE
@@ -88,11 +89,12 @@ class Ranker:
         if self.retrieval is not None:
             tie = 1e-6 * self.popularity / self.popularity.max().clamp(min=1)  # cold users: the most-rated first
             scores_of = lambda u: self.retrieval.scores(u) + tie  # noqa: E731
-            return top_k_of(scores_of, users, min(k, len(self.allowed)), exclude=exclude, allowed=self.allowed)
-        if self.factors is not None:
-            return top_n(self.factors, self.global_mean, users, k, exclude=exclude, allowed=self.allowed)
-        counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)
-        return torch.where(torch.isfinite(counts), torch.nan, -torch.inf), items
+        elif self.factors is not None:
+            scores_of = partial(mf_scores, self.factors, self.global_mean)
+        else:
+            counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)
+            return torch.where(torch.isfinite(counts), torch.nan, -torch.inf), items
+        return top_k_of(scores_of, users, k, exclude=exclude, allowed=self.allowed)
 
     def rank(
         self, users: torch.Tensor, n: int, *, candidates: int, exclude: Csr | None = None, chunk: int = 8192

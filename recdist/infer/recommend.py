@@ -7,6 +7,7 @@ asking for more rows than were stored recomputes with the run's models.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from recdist import integrity, storage, tables
 from recdist.errors import DataError, RecdistError, StorageError
 from recdist.infer.outputs import RunModels, analyst_recommendations, ranker_for
 from recdist.infer.ranker import recommendable
-from recdist.infer.topn import Csr, cosine_neighbours, fold_in, top_n
+from recdist.infer.topn import Csr, cosine_neighbours, fold_in, mf_scores, top_k_of
 
 COLUMNS = ["rank", "movie_id", "title", "score", "expected_abs_error", "rank_score", "candidate_score"]
 
@@ -199,7 +200,7 @@ def _new_user(run: str, manifest: dict[str, Any], ratings: str, n: int) -> pl.Da
     }
     exclude = Csr.build(torch.zeros(len(item_idx), dtype=torch.long), item_idx, 1)
     allowed = recommendable(items["n_train"].to_numpy(), _min_ratings(manifest))
-    scores, top = top_n(user, mean, torch.tensor([0]), n, exclude=exclude, allowed=allowed)
+    scores, top = top_k_of(partial(mf_scores, user, mean), torch.tensor([0]), n, exclude=exclude, allowed=allowed)
     lo, hi = mf.dims.rating_min, mf.dims.rating_max
     keep = torch.isfinite(scores[0])
     frame = pl.DataFrame(

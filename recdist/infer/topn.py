@@ -46,25 +46,6 @@ def mf_scores(factors: dict[str, torch.Tensor], mean: float, users: torch.Tensor
     return scores
 
 
-def top_n(
-    factors: dict[str, torch.Tensor],
-    mean: float,
-    users: torch.Tensor,
-    n: int,
-    *,
-    exclude: Csr | None = None,
-    allowed: torch.Tensor | None = None,
-    chunk: int = 2048,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n best-scoring items per user by the MF score, skipping `exclude`d (seen) and not `allowed` items.
-
-    Returns (scores, items), both (len(users), n), best first; -inf scores mark slots with no candidate left.
-    """
-    n = min(n, factors["item_factors"].shape[0])
-    return top_k_of(lambda block: mf_scores(factors, mean, block), users, n, exclude=exclude, allowed=allowed,
-                    chunk=chunk)
-
-
 def top_k_of(
     scores_of: Callable[[torch.Tensor], torch.Tensor],
     rows: torch.Tensor,
@@ -76,12 +57,14 @@ def top_k_of(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best (score, column) per row of a scoring function, `scores_of(block)` -> (len(block), n_cols),
     called on `chunk` rows at a time (memory: one block); `exclude`d (row, column) pairs and columns not
-    `allowed` are skipped. k <= n_cols. Returns (scores, columns), (len(rows), k) each, best first; -inf scores
-    mark slots with no candidate left."""
+    `allowed` are skipped; k is cut to n_cols. Returns (scores, columns), (len(rows), k) each, best first; -inf
+    scores mark slots with no candidate left. MF's top-N: `top_k_of(partial(mf_scores, factors, mean), ...)`."""
     out_s, out_i = torch.empty(len(rows), k), torch.empty(len(rows), k, dtype=torch.long)
     for lo in range(0, len(rows), chunk):
         block = rows[lo : lo + chunk].long()
         scores = scores_of(block).float()
+        if scores.shape[1] < out_s.shape[1]:
+            out_s, out_i = out_s[:, : scores.shape[1]], out_i[:, : scores.shape[1]]
         if allowed is not None:
             scores[:, ~allowed] = -torch.inf
         if exclude is not None:
@@ -100,18 +83,12 @@ def popularity_top(
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The popularity baseline: the n most-rated items (training ratings) per user, skipping `exclude`d (seen)
-    and not `allowed` items; equal counts in item order. Returns (training ratings, items) as top_n does."""
+    and not `allowed` items; equal counts in item order. Returns (training ratings, items) as top_k_of does."""
     order = torch.argsort(-n_train.double(), stable=True)
     position = torch.empty(len(n_train))
-    position[order] = torch.arange(len(n_train), dtype=torch.float32)
-    rows = int(users.max()) + 1 if len(users) else 1
-    table = {
-        "user_factors": torch.zeros(rows, 1),
-        "item_factors": torch.zeros(len(n_train), 1),
-        "user_bias": torch.zeros(rows),
-        "item_bias": -position,  # exact in float32 below 2^24 items
-    }
-    scores, items = top_n(table, 0.0, users, n, exclude=exclude, allowed=allowed)
+    position[order] = -torch.arange(len(n_train), dtype=torch.float32)  # exact in float32 below 2^24 items
+    scores, items = top_k_of(lambda block: position.expand(len(block), -1).clone(), users, n, exclude=exclude,
+                             allowed=allowed)
     counts = n_train.float()[items]
     return torch.where(torch.isfinite(scores), counts, -torch.inf), items
 
