@@ -12,7 +12,7 @@ import torch
 
 from recdist.infer.outputs import RankingProtocol, vs_popularity
 from recdist.infer.ranker import rank_score, recommendable
-from recdist.infer.topn import popularity_top
+from recdist.infer.topn import Csr, popularity_top, top_k_of
 from recdist.models.implicit import fit_ease, fit_ials
 
 # 5 users x 6 movies. Training ratings per user, validation ratings, test ratings (rating given).
@@ -100,6 +100,35 @@ def test_ease_scores_only_the_modelled_movies() -> None:
     modelled[:6] = True
     scores = fit_ease(users, items, *x.shape, reg=0.5, modelled=modelled).scores(torch.arange(3))
     assert torch.isinf(scores[:, 6:]).all() and torch.isfinite(scores[:, :6]).all()
+
+
+def test_top_k_over_the_modelled_columns_equals_the_full_width_ranking() -> None:
+    """EASE's candidates ranked on its modelled columns alone (`columns`) are the full-width ranking's, with seen
+    and not-allowed movies skipped by item id."""
+    users, items, x = _pairs(4, n_users=30)
+    modelled = torch.zeros(x.shape[1], dtype=torch.bool)
+    modelled[[1, 3, 4, 6, 8, 9]] = True
+    model = fit_ease(users, items, *x.shape, reg=0.5, modelled=modelled)
+    seen = Csr.build(users[:40], items[:40], x.shape[0])
+    allowed = torch.ones(x.shape[1], dtype=torch.bool)
+    allowed[[3, 5]] = False
+    rows = torch.arange(x.shape[0])
+    full_s, full_i = top_k_of(model.scores, rows, 4, exclude=seen, allowed=allowed, chunk=7)
+    s, i = top_k_of(model.column_scores, rows, 4, exclude=seen, allowed=allowed, chunk=7, columns=model.columns)
+    assert torch.allclose(s, full_s)  # the same best scores; among equal ones either item may come first
+    finite = torch.isfinite(s)
+    assert finite.sum() > 30 and torch.allclose(model.scores(rows).gather(1, i)[finite], s[finite])
+    assert not seen_pairs(seen, i, finite)
+    unmasked = top_k_of(model.column_scores, rows, 4, columns=model.columns)[1]
+    assert seen_pairs(seen, unmasked, torch.ones_like(finite))  # the check above can fail
+    assert not torch.isin(i[finite], torch.tensor([0, 2, 3, 5, 7])).any()
+
+
+def seen_pairs(seen: Csr, items: torch.Tensor, finite: torch.Tensor) -> set[tuple[int, int]]:
+    """The (row, item) pairs of a top-k result that `seen` holds."""
+    which, cols = seen.gather(torch.arange(len(items)))
+    ranked = {(int(r), int(items[r, j])) for r, j in zip(*torch.nonzero(finite, as_tuple=True), strict=True)}
+    return ranked & set(zip(which.tolist(), cols.tolist(), strict=True))
 
 
 def test_ials_last_half_step_is_exact() -> None:

@@ -87,14 +87,15 @@ class Ranker:
         movies, else the most-rated unseen ones (score NaN). -inf marks padding slots: the user had fewer than k
         unseen movies left."""
         if self.retrieval is not None:
-            tie = 1e-6 * self.popularity / self.popularity.max().clamp(min=1)  # cold users: the most-rated first
-            scores_of = lambda u: self.retrieval.scores(u) + tie  # noqa: E731
-        elif self.factors is not None:
-            scores_of = partial(mf_scores, self.factors, self.global_mean)
-        else:
+            columns = self.retrieval.columns
+            tie = 1e-6 * self.popularity[columns] / self.popularity.max().clamp(min=1)  # cold users: most-rated first
+            scores_of = lambda u: self.retrieval.column_scores(u) + tie  # noqa: E731
+            return top_k_of(scores_of, users, k, exclude=exclude, allowed=self.allowed, columns=columns)
+        if self.factors is None:
             counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)
             return torch.where(torch.isfinite(counts), torch.nan, -torch.inf), items
-        return top_k_of(scores_of, users, k, exclude=exclude, allowed=self.allowed)
+        mf = partial(mf_scores, self.factors, self.global_mean)
+        return top_k_of(mf, users, k, exclude=exclude, allowed=self.allowed)
 
     def rank(
         self, users: torch.Tensor, n: int, *, candidates: int, exclude: Csr | None = None, chunk: int = 8192

@@ -54,11 +54,19 @@ def top_k_of(
     exclude: Csr | None = None,
     allowed: torch.Tensor | None = None,
     chunk: int = 2048,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (score, column) per row of a scoring function, `scores_of(block)` -> (len(block), n_cols),
-    called on `chunk` rows at a time (memory: one block); `exclude`d (row, column) pairs and columns not
-    `allowed` are skipped; k is cut to n_cols. Returns (scores, columns), (len(rows), k) each, best first; -inf
-    scores mark slots with no candidate left. MF's top-N: `top_k_of(partial(mf_scores, factors, mean), ...)`."""
+    """The k best (score, item) per row of a scoring function, `scores_of(block)` -> (len(block), n_cols),
+    called on `chunk` rows at a time (memory: one block); `exclude`d (row, item) pairs and items not `allowed`
+    are skipped; k is cut to n_cols. `columns` (int64, n_cols): the item of each score column when scores_of
+    scores a subset of the items (default: column j is item j). Returns (scores, items), (len(rows), k) each,
+    best first; -inf scores mark slots with no candidate left. MF's top-N:
+    `top_k_of(partial(mf_scores, factors, mean), ...)`."""
+    position = None
+    if columns is not None:
+        position = torch.full((int(columns.max()) + 1 if len(columns) else 0,), -1, dtype=torch.long)
+        position[columns] = torch.arange(len(columns))
+        allowed = allowed[columns] if allowed is not None else None
     out_s, out_i = torch.empty(len(rows), k), torch.empty(len(rows), k, dtype=torch.long)
     for lo in range(0, len(rows), chunk):
         block = rows[lo : lo + chunk].long()
@@ -69,9 +77,13 @@ def top_k_of(
             scores[:, ~allowed] = -torch.inf
         if exclude is not None:
             which, cols = exclude.gather(block)
+            if position is not None:
+                inside = cols < len(position)
+                which, cols = which[inside], position[cols[inside]]
+                which, cols = which[cols >= 0], cols[cols >= 0]
             scores[which, cols] = -torch.inf
         out_s[lo : lo + chunk], out_i[lo : lo + chunk] = torch.topk(scores, k, dim=1)
-    return out_s, out_i
+    return out_s, (columns[out_i] if columns is not None else out_i)
 
 
 def popularity_top(

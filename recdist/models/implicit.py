@@ -37,7 +37,17 @@ class Implicit:
     item_factors: torch.Tensor | None = None
     """iALS: (n_users, rank) and (n_items, rank)."""
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
+    @property
+    def columns(self) -> torch.Tensor:
+        """int64 (m,): the item of each column of `column_scores` (EASE: the modelled items; iALS: all)."""
+        if self.kind == "ials":
+            return torch.arange(self.n_items)
+        assert self.items is not None
+        return self.items
+
+    def column_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(U, m) scores of the `columns` items: EASE sums the weight rows of the modelled items each user rated
+        (a sparse product: embedding_bag, about 3x a dense one at ML-20M's density)."""
         users = users.long()
         if self.kind == "ials":
             assert self.user_factors is not None and self.item_factors is not None
@@ -47,10 +57,14 @@ class Implicit:
         column[self.items] = torch.arange(len(self.items))
         which, cols = self.history.gather(users)
         keep = column[cols] >= 0
-        x = torch.zeros(len(users), len(self.items))
-        x[which[keep], column[cols[keep]]] = 1.0
+        offsets = torch.cumsum(torch.bincount(which[keep], minlength=len(users)), 0)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), offsets[:-1]])
+        return torch.nn.functional.embedding_bag(column[cols[keep]], self.weights, offsets, mode="sum")
+
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(U, n_items) scores, -inf for the items the model does not score."""
         out = torch.full((len(users), self.n_items), -torch.inf)
-        out[:, self.items] = x @ self.weights
+        out[:, self.columns] = self.column_scores(users)
         return out
 
 
@@ -104,7 +118,8 @@ def fit_ease(
     p = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     b = -p / p.diagonal().unsqueeze(0)
     b.diagonal().zero_()
-    return Implicit("ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=b.float())
+    weights = b.float().contiguous()  # row-major: column_scores reads whole rows
+    return Implicit("ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=weights)
 
 
 def fit_ials(
