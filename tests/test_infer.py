@@ -215,6 +215,9 @@ def test_mf_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
     allowed = torch.tensor([True, True, False, True])
     mf = partial(topn.mf_scores, f, 3.0)
     scores, items = topn.top_k_of(mf, torch.arange(3), 2, exclude=seen, allowed=allowed, chunk=2)
+    wide_scores, wide_items = topn.top_k_of(mf, torch.arange(3), 9, exclude=seen, allowed=allowed, chunk=2)
+    assert wide_items.shape == (3, 4)  # k is cut to the 4 items
+    assert torch.equal(wide_items[:, :2], items) and torch.equal(wide_scores[:, :2], scores)
     full = 3.0 + f["user_bias"][:, None] + f["item_bias"][None, :] + f["user_factors"] @ f["item_factors"].T
     for u, banned in enumerate([{3, 1, 2}, {2}, {0, 2}]):
         ok = [i for i in range(4) if i not in banned]

@@ -71,8 +71,9 @@ def top_k_of(
     for lo in range(0, len(rows), chunk):
         block = rows[lo : lo + chunk].long()
         scores = scores_of(block).float()
-        if scores.shape[1] < out_s.shape[1]:
-            out_s, out_i = out_s[:, : scores.shape[1]], out_i[:, : scores.shape[1]]
+        if scores.shape[1] < k:
+            k = scores.shape[1]
+            out_s, out_i = out_s[:, :k], out_i[:, :k]
         if allowed is not None:
             scores[:, ~allowed] = -torch.inf
         if exclude is not None:
