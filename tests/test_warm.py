@@ -104,6 +104,11 @@ def test_a_warm_stage_restarts_shorter_at_a_share_of_the_stages_peak(tmp_path):
     assert warm.warm_train(sgd_default, str(tmp_path)).train.lr == pytest.approx(0.01)  # 0.25 x SGD_LR
     one_epoch = StageConfig.model_validate({"model": "reliability_mlp", "train": {"epochs": 1, "lr": 0.004}})
     assert warm.warm_train(one_epoch, str(tmp_path)).train.epochs == 1  # never more than the stage's own
+    # new users and movies train at the stage's own peak: 4x the warm rate (0.25 x peak), 1x without a rate
+    assert warm.new_row_rate(stage, warm.warm_train(stage, str(tmp_path))) == pytest.approx(4.0)
+    assert warm.new_row_rate(sgd_default, warm.warm_train(sgd_default, str(tmp_path))) == pytest.approx(4.0)
+    als = StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "als"}})
+    assert warm.new_row_rate(als, warm.warm_train(als, str(tmp_path))) == 1.0
 
 
 def _metrics(model_dir, val_rmse):

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from recdist.models.base import MFTables
@@ -111,6 +112,9 @@ class ALSSolver:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+        """No per-row learning rates here: new rows train as the others do."""
 
     @torch.no_grad()
     def _half(

@@ -103,6 +103,9 @@ class GibbsSolver:
         self.item = state["item"].to(self.device, torch.float64)
         self.alpha, self.kept = float(state["alpha"]), int(state["kept"])
 
+    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+        """No per-row learning rates here: new rows train as the others do."""
+
     @torch.no_grad()
     def _half(
         self, side: _Side, own: torch.Tensor, other: torch.Tensor, gen: torch.Generator, rng: np.random.Generator

@@ -194,7 +194,7 @@ def _rank_trainer(
     if config.get("warm_start"):  # after the model's data-dependent set-up; before _resume: a checkpoint wins
         from recdist.train import warm
 
-        counts = warm.apply(model, config["warm_start"], config["data"])
+        counts = warm.apply(model, config["warm_start"], config["data"], trainer.solver)
         if rank == 0:
             log.info("warm start from %s: %s", config["warm_start"]["model"], counts)
     timings["setup_s"] = time.perf_counter() - clock
@@ -310,10 +310,12 @@ def _fit_warm(
 
     warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
     log.info(
-        "warm start from %s: peak learning rate %s, at most %d epochs, patience %d",
-        warm_start["model"], warm_stage.train.lr, warm_stage.train.epochs, warm_stage.train.patience,
+        "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d",
+        warm_start["model"], warm_stage.train.lr, warm_rules.new_row_rate(stage, warm_stage), warm_stage.train.epochs,
+        warm_stage.train.patience,
     )  # fmt: skip
-    state, metrics = fit(warm_stage, warm_start)
+    rate = warm_rules.new_row_rate(stage, warm_stage)
+    state, metrics = fit(warm_stage, {**warm_start, "new_row_rate": rate} if rate != 1.0 else warm_start)
     worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
     if worse is None:
         stage = warm_stage

@@ -38,8 +38,9 @@ from recdist.train.solvers import Problem, Schedule, default_lr, epoch_generator
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, reg, reg_b, biased):
-    """SGD over ratings[lo:hi] in a fresh random order (Fisher-Yates fused in); returns the sum of squared errors."""
+def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, ru, ri, reg, reg_b, biased):
+    """SGD over ratings[lo:hi] in a fresh random order (Fisher-Yates fused in); returns the sum of squared errors.
+    A user's rows move at lr x ru[u], an item's at lr x ri[i] (per-row rates: 1, or more for a warm fit's new rows)."""
     k = P.shape[1]
     state = np.uint64(seed) | np.uint64(1)
     sse = 0.0
@@ -65,24 +66,27 @@ def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, reg, 
             pred += P[u, f] * Q[i, f]
         e = r - pred
         sse += e * e
+        lu = lr * ru[u]
+        li = lr * ri[i]
         if biased:
-            bu[u] += lr * (e - reg_b * bu[u])
-            bi[i] += lr * (e - reg_b * bi[i])
+            bu[u] += lu * (e - reg_b * bu[u])
+            bi[i] += li * (e - reg_b * bi[i])
         for f in range(k):
             p = P[u, f]
             q = Q[i, f]
-            P[u, f] = p + lr * (e * q - reg * p)
-            Q[i, f] = q + lr * (e * p - reg * q)
+            P[u, f] = p + lu * (e * q - reg * p)
+            Q[i, f] = q + li * (e * p - reg * q)
     return sse
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, reg, reg_b, biased, sse):
+def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, ru, ri, reg, reg_b, biased, sse):
     """Run `blocks` (disjoint in users and items) in parallel; each block's squared errors go to sse[block]."""
     for b in prange(blocks.shape[0]):
         blk = blocks[b]
         sse[blk] = _block_pass(
-            users, items, ratings, offsets[blk], offsets[blk + 1], seeds[blk], P, Q, bu, bi, mu, lr, reg, reg_b, biased
+            users, items, ratings, offsets[blk], offsets[blk + 1], seeds[blk], P, Q, bu, bi, mu, lr, ru, ri, reg, reg_b,
+            biased,
         )
 
 
@@ -142,6 +146,10 @@ class SGDSolver:
         if self.kernel == "numba" and self.device.type != "cpu":
             raise ConfigError("the numba SGD kernel runs on CPU only", fix="use kernel='torch' on CUDA")
         self.t = trained_tables(model, "sgd")
+        # per user and per item: a multiple of the schedule's rate (warm_rows), 1 by default
+        self.row_rate = tuple(
+            torch.ones(n, dtype=torch.float32, device=self.device) for n in (data.dims.n_users, data.dims.n_items)
+        )
         self.schedule = Schedule(cfg, default_lr(model, "sgd"))
         self.rank, self.world = dist.rank(), dist.world_size()
         self.threads = threads or torch.get_num_threads()
@@ -203,6 +211,12 @@ class SGDSolver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
 
+    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+        """A warm fit's new users and items (bool masks) train at `rate` x the schedule's rate: they start as a
+        cold fit's rows do, so they take its rate where the known rows take the warm one's lower rate."""
+        for table, new in zip(self.row_rate, (new_users, new_items), strict=True):
+            table[torch.from_numpy(np.asarray(new, dtype=bool)).to(self.device)] = rate
+
     # -------------------------------------------------------------------------------------------- kernels
 
     def _numba_sweep(self, blocks: np.ndarray, seeds: np.ndarray, lr: float, sse: np.ndarray) -> None:
@@ -210,7 +224,8 @@ class SGDSolver:
         _sweep(
             self.users, self.items, self.ratings, self.offsets, blocks, seeds,
             t.user_factors.numpy(), t.item_factors.numpy(), t.user_bias.numpy(), t.item_bias.numpy(),
-            np.float32(t.mu), np.float32(lr), np.float32(t.reg), np.float32(t.reg_bias), t.biased, sse,
+            np.float32(t.mu), np.float32(lr), self.row_rate[0].numpy(), self.row_rate[1].numpy(), np.float32(t.reg),
+            np.float32(t.reg_bias), t.biased, sse,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -229,8 +244,8 @@ class SGDSolver:
         u, i, r = self.users[idx], self.items[idx], self.ratings[idx]
         pu, qi = t.user_factors[u], t.item_factors[i]
         e = r - (t.mu + t.user_bias[u] + t.item_bias[i] + (pu * qi).sum(1))
-        step_u = lr / torch.bincount(u, minlength=t.user_factors.shape[0])[u].to(e.dtype)
-        step_i = lr / torch.bincount(i, minlength=t.item_factors.shape[0])[i].to(e.dtype)
+        step_u = lr * self.row_rate[0][u] / torch.bincount(u, minlength=t.user_factors.shape[0])[u].to(e.dtype)
+        step_i = lr * self.row_rate[1][i] / torch.bincount(i, minlength=t.item_factors.shape[0])[i].to(e.dtype)
         t.user_factors.index_add_(0, u, (e[:, None] * qi - t.reg * pu) * step_u[:, None])
         t.item_factors.index_add_(0, i, (e[:, None] * pu - t.reg * qi) * step_i[:, None])
         if t.biased:

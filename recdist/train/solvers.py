@@ -67,6 +67,11 @@ class Solver(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+        """A warm fit's new users and items (bool masks, which start as a cold fit's rows) train at `rate` x the
+        schedule's learning rate; solvers without per-row learning rates ignore it."""
+        ...
+
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of (seed, rank, epoch): independent streams, no collisions between them."""
@@ -210,6 +215,9 @@ class AutogradSolver:
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         self.schedule.load_state_dict(state["schedule"])
+
+    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+        """No per-row learning rates here: new rows train as the others do."""
 
 
 def sparse_tables(model: Model, cfg: TrainConfig, device: torch.device) -> list[nn.Embedding]:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from recdist.config import StageConfig, WarmConfig
     from recdist.models.base import Model
+    from recdist.train.solvers import Solver
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +207,18 @@ def same_weights(
     return {**cold, **{n: previous[n].to(cold[n]) for n in names}}, []
 
 
-def apply(model: Model, warm: dict[str, Any], data: str) -> dict[str, Any]:
+def new_row_rate(stage: StageConfig, warm_stage: StageConfig) -> float:
+    """How many times the warm stage's learning rate its new users and items train at: the cold stage's peak over
+    the warm one's (new rows start as a cold fit's do), 1 without a learning rate."""
+    cold, warm = stage.train.lr or _default_lr(stage), warm_stage.train.lr
+    return float(cold / warm) if cold and warm else 1.0
+
+
+def apply(model: Model, warm: dict[str, Any], data: str, solver: Solver | None = None) -> dict[str, Any]:
     """Load the previous model named by `warm` (WarmStart.to_json) into `model`, which trains on `data`, after
     the model's data-dependent set-up (Trainer's prepare_model); what was carried over. An MF-family model:
-    counts of known and new users and items; another: the parameters taken (0 and a warning when they do not
-    fit: a cold start)."""
+    counts of known and new users and items, the new ones trained at warm['new_row_rate'] x the rate (`solver`'s
+    warm_rows); another: the parameters taken (0 and a warning when they do not fit: a cold start)."""
     from recdist.models.io import load_model
 
     previous = load_model(warm["model"]).state_dict()
@@ -232,6 +240,8 @@ def apply(model: Model, warm: dict[str, Any], data: str) -> dict[str, Any]:
     if skipped:
         log.warning("warm start: %s differ in width from the previous model, initialised cold", ", ".join(skipped))
     model.load_state_dict(state)
+    if solver is not None:
+        solver.warm_rows(users < 0, items < 0, float(warm.get("new_row_rate", 1.0)))
     return {
         "known_users": int((users >= 0).sum()),
         "new_users": int((users < 0).sum()),
