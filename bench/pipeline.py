@@ -8,8 +8,9 @@ batch inference Parquet -> Parquet through Ray Data beside the same work in plai
 The synthetic data is generated and prepared by the pipeline's own prepare stage (counted in the total; the
 table also gives the total without it). Peak memory is the largest sum over the bench process and all its
 descendants (the local Ray cluster's raylet, object store and workers) of each process's proportional set size
-(PSS: shared pages counted once), sampled every second (reading every process's smaps_rollup costs kernel time: at 0.25 s it took a visible share of a core). Goals (issue 8): under 5 minutes end to end, under
-12 GiB, Ray Data >= 10M ratings/s and at most 2x the plain baseline. On a shared machine every figure is
+(PSS: shared pages counted once), sampled every second (reading every process's smaps_rollup costs kernel
+time: at 0.25 s it took a visible share of a core). Goals (issue 8): under 5 minutes end to end, under 12 GiB,
+Ray Data >= 10M ratings/s and at most 2x the plain baseline. On a shared machine every figure is
 pessimistic: the load average is printed beside them.
 """
 
