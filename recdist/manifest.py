@@ -13,6 +13,7 @@ since has a default, and keys a model does not declare are kept as they are (`ex
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -166,6 +167,38 @@ class StageManifest(Manifest):
     refit cold: both validation RMSEs, the tolerance, the warm fit's epochs and seconds."""
 
 
+class RunModels(BaseModel):
+    """What a run's outputs are built from: the prepared data, the final scored table and the models (URIs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data: str
+    """The prepared dataset (users.parquet / items.parquet hold the original ids and titles)."""
+    scored: str
+    """The final scored table: every rating with all prediction columns."""
+    final: str
+    """The model whose pred_rating is final: stage 3, or the single model."""
+    mf: str | None = None
+    """The stage-1 MF (RNCF), or the single model when it has factors (candidates, item factors, fold-in)."""
+    reliability: str | None = None
+    """Stage 2 (RNCF only)."""
+    histories: dict[str, str] = {}
+    """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
+
+    def relative_to(self, run: str) -> RunModels:
+        """Paths inside the run directory `run` relative to it, the rest as they are (the run can be moved)."""
+        inside = storage.absolute(run).rstrip("/") + "/"
+        return self._mapped(lambda uri: relative(uri, run) if storage.absolute(uri).startswith(inside) else uri)
+
+    def resolved(self, run: str) -> RunModels:
+        """The inverse of `relative_to`: relative paths as URIs under the run directory `run`."""
+        return self._mapped(lambda path: resolve(path, run))
+
+    def _mapped(self, path: Callable[[str], str]) -> RunModels:
+        fields = {k: v if v is None or k == "histories" else path(v) for k, v in self.model_dump().items()}
+        return RunModels(**{**fields, "histories": {k: path(v) for k, v in self.histories.items()}})
+
+
 class OutputsManifest(Manifest):
     """RUN/outputs/: the analyst tables (a folder each), metrics.json, the report, SCHEMA.md; `_SUCCESS` follows
     it (recdist.tables)."""
@@ -173,7 +206,8 @@ class OutputsManifest(Manifest):
     kind: str = "stage"
     stage: str = "outputs"
     stage_hash: str
-    models: dict[str, Any]
+    models: RunModels
+    """Paths inside the run relative to it (`RunModels.relative_to`)."""
     top_n: int
     candidates: int
     recommend_min_ratings: int = 1

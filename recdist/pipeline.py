@@ -24,7 +24,6 @@ stage's scoring pass; the session context is a feature step the pipeline adds to
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ from recdist.errors import ConfigError, StorageError
 from recdist.manifest import (
     OutputsManifest,
     RunManifest,
+    RunModels,
     ScoredManifest,
     StageManifest,
     file_entries,
@@ -503,7 +503,7 @@ def _single(run: _Run) -> dict[str, Any]:
 
 def _outputs(run: _Run) -> dict[str, Any]:
     """Analyst tables, metrics.json and the report, committed together."""
-    from recdist.infer.outputs import RunModels, ranking_settings, write_outputs
+    from recdist.infer.outputs import ranking_settings, write_outputs
     from recdist.models.io import load_model
     from recdist.report import write_report
 
@@ -536,7 +536,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
         shown = cfg.pipeline.outputs
         OutputsManifest(
             stage_hash=run.hashes["outputs"],
-            models=_relative_models(models, run.out),
+            models=models.relative_to(run.out),
             top_n=shown.top_n,
             candidates=shown.candidates,
             recommend_min_ratings=shown.recommend_min_ratings,
@@ -639,22 +639,6 @@ def _commit_stage(run: _Run, name: str, model: str, scoring: dict[str, Any], **e
         **result,
     ).write(where)
     return result
-
-
-def _relative_models(models: Any, out: str) -> dict[str, Any]:
-    """RunModels as JSON, paths inside the run directory relative to it (the run can be moved or copied)."""
-    root = str(out).rstrip("/") + ("/" if "://" in str(out) else os.sep)
-    root = root if "://" in root else storage.absolute(root) + os.sep
-
-    def rel(uri: str | None) -> str | None:
-        if uri is None:
-            return None
-        full = storage.absolute(uri)
-        return full[len(root) :] if full.startswith(root) else uri
-
-    fields = dataclasses.asdict(models)
-    fields["histories"] = {k: rel(v) for k, v in fields["histories"].items()}
-    return {k: (rel(v) if isinstance(v, str) or v is None else v) for k, v in fields.items()}
 
 
 def _check_single_model(config: Config) -> None:

@@ -150,6 +150,23 @@ def test_typed_manifests_list_their_files_and_read_old_ones(tmp_path):
     assert relative("s3://other/data", "s3://b/run") == "s3://other/data"
 
 
+def test_run_models_are_stored_relative_to_the_run_and_read_back_where_it_now_is(tmp_path):
+    from recdist.manifest import RunModels
+
+    run, elsewhere = str(tmp_path / "run"), str(tmp_path / "shared" / "data")
+    models = RunModels(
+        data=elsewhere, scored=f"{run}/rating/scored", final=f"{run}/rating/model", mf=f"{run}/mf/model",
+        histories={"mf": f"{run}/mf/model"},
+    )  # fmt: skip
+    stored = models.relative_to(run)
+    assert (stored.data, stored.scored, stored.mf, stored.reliability) == (elsewhere, "rating/scored", "mf/model", None)
+    assert stored.histories == {"mf": "mf/model"}
+    moved = str(tmp_path / "moved")  # a copied run resolves inside its new place; the outside dataset stays put
+    back = RunModels.model_validate(json.loads(stored.model_dump_json())).resolved(moved)
+    assert (back.data, back.final, back.histories["mf"]) == (elsewhere, f"{moved}/rating/model", f"{moved}/mf/model")
+    assert RunModels(data="s3://b/d", scored="s3://b/run/s", final="s3://b/run/f").relative_to("s3://b/run").scored == "s"
+
+
 def test_a_runs_plans_come_from_one_read_of_the_dataset(tmp_path):
     from recdist.infer.plan import known_mask, plan_for, trained_on
 

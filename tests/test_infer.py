@@ -15,6 +15,7 @@ from recdist.config import Section
 from recdist.infer import metrics, topn
 from recdist.infer.plan import known_mask
 from recdist.infer.scoring import Predictor, ScoringPlan, role_of
+from recdist.manifest import RunModels
 from recdist.models.base import MFTables, Model
 from recdist.models.batch import Batch, Dims
 from recdist.schema import SPLIT_TYPE
@@ -35,7 +36,7 @@ class TinyMF(Model):
 
     def mf_tables(self) -> MFTables:
         p, q, bu, bi = (t.detach() for t in (self.p, self.q, self.bu, self.bi))
-        return MFTables(p, q, bu, bi, mu=self.mean, link="identity", biased=True, reg=0.0, reg_bias=0.0)
+        return MFTables(p, q, bu, bi, mu=self.mean, link="identity", biased=True, reg=0.0, reg_bias=0.0, init_std=0.1)
 
 
 class Constant(Model):
@@ -415,7 +416,7 @@ def test_a_ranker_reads_the_dataset_once_and_loads_each_model_once(monkeypatch):
     monkeypatch.setattr(io, "load_model", load_model)
     monkeypatch.setattr(outputs, "trained_on", trained_on)
     monkeypatch.setattr("recdist.data.dataset.read_items", lambda data: pl.DataFrame({"n_train": [5] * 20}))
-    models = outputs.RunModels(data="/d", scored="/s", final="/rating_mlp", mf="/mf", reliability="/reliability_mlp")
+    models = RunModels(data="/d", scored="/s", final="/rating_mlp", mf="/mf", reliability="/reliability_mlp")
     ranker = outputs.ranker_for(models)
     assert reads == ["/d"] and sorted(loads) == ["mf", "rating_mlp", "reliability_mlp"]
     assert ranker.stages[0].models[0] is mf and all(len(s.biases[0][0]) == 30 for s in ranker.stages)

@@ -8,7 +8,7 @@ ML-20M; the evaluation uses the test split only for measuring, never for choosin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -24,6 +24,7 @@ from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.scoring import one_thread
 from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
+from recdist.manifest import RunModels
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
 from recdist.schema import (
     EXPECTED_ABS_ERROR,
@@ -37,24 +38,6 @@ from recdist.schema import (
 from recdist.tables import Stamp
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunModels:
-    """What the outputs are built from: the prepared data, the final scored table and the models."""
-
-    data: str
-    """The prepared dataset (users.parquet / items.parquet hold the original ids and titles)."""
-    scored: str
-    """The final scored table: every rating with all prediction columns."""
-    final: str
-    """The model whose pred_rating is final: stage 3, or the single model."""
-    mf: str | None = None
-    """The stage-1 MF (RNCF), or the single model when it has factors (candidates, item factors, fold-in)."""
-    reliability: str | None = None
-    """Stage 2 (RNCF only)."""
-    histories: dict[str, str] = field(default_factory=dict)
-    """Stage name -> trained model directory (history.parquet, learning_curve.png)."""
 
 
 def ranker_for(

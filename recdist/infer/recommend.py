@@ -17,9 +17,10 @@ import torch
 
 from recdist import integrity, storage, tables
 from recdist.errors import DataError, RecdistError, StorageError
-from recdist.infer.outputs import RunModels, analyst_recommendations, ranker_for
+from recdist.infer.outputs import analyst_recommendations, ranker_for
 from recdist.infer.ranker import recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, fold_in, mf_scores, top_k_of
+from recdist.manifest import RunModels
 
 COLUMNS = ["rank", "movie_id", "title", "score", "expected_abs_error", "rank_score", "candidate_score"]
 
@@ -119,16 +120,8 @@ def _outputs(run: str) -> tuple[str, dict[str, Any]]:
 
 
 def run_models(run: str, manifest: dict[str, Any]) -> RunModels:
-    """The RunModels recorded in the outputs manifest; relative paths are relative to the run directory."""
-    paths = dict(manifest["models"])
-
-    def resolve(p: str | None) -> str | None:
-        return None if p is None or "://" in p or p.startswith("/") else storage.join(run, p)
-
-    for key in ("data", "scored", "final", "mf", "reliability"):
-        paths[key] = resolve(paths.get(key)) or paths.get(key)
-    paths["histories"] = {k: resolve(v) or v for k, v in paths.get("histories", {}).items()}
-    return RunModels(**paths)
+    """The RunModels recorded in the outputs manifest, relative paths resolved under the run directory."""
+    return RunModels.model_validate(manifest["models"]).resolved(run)
 
 
 def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, n: int) -> pl.DataFrame:

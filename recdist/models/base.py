@@ -41,6 +41,7 @@ class MFTables:
     biased: bool  # False: plain MF, whose zero bias tables are frozen (training leaves them alone)
     reg: float  # L2 on the factor rows of each rating
     reg_bias: float  # L2 on the biases of each rating
+    init_std: float  # std of the normal initial factors: a solver that starts afresh (Gibbs) draws the same
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The four tables by name (user_factors, item_factors, user_bias, item_bias)."""

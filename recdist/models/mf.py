@@ -161,6 +161,7 @@ class MFBase(Model):
             biased=self.use_bias,
             reg=float(self.config.reg),
             reg_bias=float(self.config.reg_bias) if self.use_bias else 0.0,
+            init_std=float(self.config.init_std),
         )
 
 

@@ -58,9 +58,8 @@ class GibbsSolver:
         # the current sample (float64 rows: factors, then the bias), alpha, and how many samples the model averages;
         # the start: N(0, init_std^2) factors and zero biases, drawn from train.seed (as a model's initial weights)
         gen = torch.Generator().manual_seed(p.cfg.seed)
-        std = float(getattr(p.model.config, "init_std", 0.1))
         self.user, self.item = (
-            torch.cat([torch.randn(n, self.k, generator=gen, dtype=torch.float64) * std,
+            torch.cat([torch.randn(n, self.k, generator=gen, dtype=torch.float64) * t.init_std,
                        torch.zeros(n, self.dim - self.k, dtype=torch.float64)], 1).to(self.device)
             for n in (n_users, n_items)
         )  # fmt: skip

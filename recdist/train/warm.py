@@ -118,10 +118,13 @@ def _default_lr(stage: StageConfig) -> float | None:
     return default_lr(registry.get(stage.model).module, stage.train.solver)
 
 
-def _rank(model: str, params: dict[str, Any]) -> Any:
+def _rank(model: str, params: dict[str, Any]) -> int | None:
+    """The factor width of a stage-1 model (an MF-family config's rank; None for another model)."""
     from recdist.models import registry
+    from recdist.models.mf import MFConfig
 
-    return getattr(registry.validate(model, params), "rank", None)
+    config = registry.validate(model, params)
+    return config.rank if isinstance(config, MFConfig) else None
 
 
 def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | None = None) -> StageConfig:
