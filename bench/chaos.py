@@ -752,8 +752,9 @@ def _kill_at(
     from recdist.train.run import FAIL_AT_EPOCH_ENV, FAIL_KIND_ENV
 
     full = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if worker:
+    if worker:  # a Ray Train worker to kill (a one-node cluster trains in the driver's process by default)
         full |= {FAIL_AT_EPOCH_ENV: "1", FAIL_KIND_ENV: "hang", STOP_AFTER_ENV: "mf"}
+        args = (*args, "--set", "cluster.in_process=false")
     older = set((out / "logs").glob("*.log")) if (out / "logs").exists() else set()
     proc = subprocess.Popen([sys.executable, "-m", "recdist", "pipeline", *SMALL_RUN, "--out", str(out), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full)  # fmt: skip

@@ -164,7 +164,8 @@ def test_run_models_are_stored_relative_to_the_run_and_read_back_where_it_now_is
     moved = str(tmp_path / "moved")  # a copied run resolves inside its new place; the outside dataset stays put
     back = RunModels.model_validate(json.loads(stored.model_dump_json())).resolved(moved)
     assert (back.data, back.final, back.histories["mf"]) == (elsewhere, f"{moved}/rating/model", f"{moved}/mf/model")
-    assert RunModels(data="s3://b/d", scored="s3://b/run/s", final="s3://b/run/f").relative_to("s3://b/run").scored == "s"
+    on_s3 = RunModels(data="s3://b/d", scored="s3://b/run/s", final="s3://b/run/f").relative_to("s3://b/run")
+    assert (on_s3.data, on_s3.scored) == ("s3://b/d", "s")
 
 
 def test_a_runs_plans_come_from_one_read_of_the_dataset(tmp_path):

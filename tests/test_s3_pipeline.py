@@ -78,8 +78,11 @@ def test_pipeline_on_s3_end_to_end_without_leaking_credentials(
     # Input: synthetic ratings and movies written into the bucket; the config file read from the bucket too.
     assert cli("synth", "--out", f"{s3_bucket}/raw", "--users", "200", "--items", "120", "--ratings", "6000", "-q") == 0
     config = {**TINY, "source": {"path": f"{s3_bucket}/raw"}}
-    # Ray Train checkpoints in the bucket, one after every epoch (the default policy checkpoints every 30 s)
-    config["cluster"] = {"workers": 1, "storage_path": f"{s3_bucket}/ray", "checkpoint_every_epochs": 1}
+    # Ray Train workers (not this process), checkpoints in the bucket, one after every epoch (the default policy
+    # checkpoints every 30 s)
+    config["cluster"] = {
+        "workers": 1, "in_process": False, "storage_path": f"{s3_bucket}/ray", "checkpoint_every_epochs": 1
+    }  # fmt: skip
     s3_server.client().put_object(Bucket=s3_bucket[5:], Key="configs/tiny.yaml", Body=yaml.safe_dump(config).encode())
     # Stage 1's first attempt fails after its second epoch: it must resume from its checkpoint in the bucket.
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "1")

@@ -41,14 +41,18 @@ def history_of(out) -> pl.DataFrame:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_one_and_two_workers_agree_and_commit_the_output(ray_cluster, dataset, tmp_path) -> None:
-    one, two = tmp_path / "one" / "mf", tmp_path / "two" / "mf"
-    m1 = train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(one))
+    one, two, here = tmp_path / "one" / "mf", tmp_path / "two" / "mf", tmp_path / "here" / "mf"
+    m1 = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, in_process=False), str(one))
     m2 = train_stage(dataset, mf_stage(), ClusterConfig(workers=2), str(two))
+    local = train_stage(dataset, mf_stage(), ClusterConfig(workers=1), str(here))  # a one-node cluster: in process
 
     assert m1["workers"] == 1 and m2["workers"] == 2 and m1["device"] == "cpu"
     assert m1["val"]["rmse"] < 0.6 and m2["val"]["rmse"] < 0.6  # learnt (the mean predictor: ~0.78)
     assert m2["val"]["rmse"] == pytest.approx(m1["val"]["rmse"], abs=0.03)
-    for out, metrics in ((one, m1), (two, m2)):
+    for split in ("train", "val", "test"):  # the same loop, seeds and threads: the same numbers
+        assert local[split] == pytest.approx(m1[split], abs=1e-6)
+    assert local["overhead"]["start_s"] < m1["overhead"]["start_s"]  # no worker process to start
+    for out, metrics in ((one, m1), (two, m2), (here, local)):
         names = set(storage.listdir(str(out)))
         assert {"model.safetensors", "model.json", "history.parquet", "learning_curve.png", "metrics.json"} < names
         assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -75,15 +79,16 @@ def test_failed_runs_resume_from_their_checkpoint(ray_cluster, dataset, tmp_path
     # a worker dies after epoch 3 (0-based) in the first attempt: epoch 2 was trained but not checkpointed, so
     # Ray Train restarts the group from the checkpoint after epoch 1 and trains epochs 2-4 again
     out = tmp_path / "restart" / "mf"
-    metrics = train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=1, **EVERY_2), str(out))
+    ray_train = ClusterConfig(workers=1, in_process=False, max_failures=1, **EVERY_2)
+    metrics = train_stage(dataset, mf_stage(), ray_train, str(out))
     hist = history_of(out)
     assert hist["epoch"].to_list() == list(range(EPOCHS))
     assert hist["attempt"].to_list() == [0, 0] + [1] * (EPOCHS - 2)  # resumed at epoch 2, not restarted at 0
     assert metrics["attempts"] == 2
     assert whole["overhead"]["checkpoints"] == 3  # after epochs 2 and 4 (1-based), then the final state
 
-    # no restarts allowed (the driver's run is lost): the run fails, nothing is committed, its checkpoints stay;
-    # the next call resumes from them
+    # in this process (no restarts in place: the driver's run is lost): the run fails, nothing is committed, its
+    # checkpoints stay; the next call resumes from them
     out = tmp_path / "driver" / "mf"
     with pytest.raises(Exception, match="injected failure"):
         train_stage(dataset, mf_stage(), ClusterConfig(workers=1, max_failures=0, **EVERY_2), str(out))
@@ -137,11 +142,19 @@ def _registered(root: Path, n: int) -> bool:
     return written[-1] in json.dumps(latest)
 
 
+def _saved_in_process(root: Path, n: int) -> bool:
+    """n checkpoints committed by an in-process fit under `root` (recdist.train.sessions.InProcessSession)."""
+    return len([d for d in root.glob("*/in-process/checkpoint-*") if ".staging-" not in d.name]) >= n
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(ray_cluster, dataset, tmp_path) -> None:
-    """A driver process SIGKILLed mid-run (its worker stuck in epoch 3, a checkpoint registered): the next
-    train_stage resumes the same Ray Train run from the latest checkpoint and ends where an unbroken run ends."""
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray-train", "in-process"])
+def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(
+    ray_cluster, dataset, tmp_path, in_process
+) -> None:
+    """A driver process SIGKILLed mid-run (its worker, or itself, stuck in epoch 3 after a checkpoint): the next
+    train_stage resumes the same run from the latest checkpoint and ends where an unbroken run ends."""
     import os
     import signal
     import subprocess
@@ -152,7 +165,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(ray_clu
 
     from recdist.train.run import FAIL_KIND_ENV
 
-    cluster = ClusterConfig(workers=1, **EVERY_2)
+    cluster = ClusterConfig(workers=1, in_process=in_process, **EVERY_2)
     stage = mf_stage(epochs=6)
     whole = train_stage(dataset, stage, cluster, str(tmp_path / "whole" / "mf"))
     out = tmp_path / "killed" / "mf"
@@ -167,7 +180,8 @@ def test_a_killed_driver_resumes_from_its_checkpoint_to_the_same_metrics(ray_clu
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 900
-        while not _registered(tmp_path / "killed" / "_ray", 1):
+        saved = _saved_in_process if in_process else _registered
+        while not saved(tmp_path / "killed" / "_ray", 1):
             assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before its checkpoints"
             time.sleep(0.5)
     finally:
@@ -219,7 +233,7 @@ def test_a_workers_data_error_surfaces_as_itself(ray_cluster, tmp_path) -> None:
         train_stage(
             scored,
             stage,
-            ClusterConfig(max_failures=0),
+            ClusterConfig(max_failures=0, in_process=False),  # raised in a Ray Train worker, unwrapped here
             str(tmp_path / "reliability"),
             upstream=str(tmp_path / "mf"),
         )
@@ -235,7 +249,7 @@ def test_paths_relative_to_the_callers_directory_reach_the_workers(ray_cluster, 
 
     shutil.copytree(dataset, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1), "runs/mf")
+    train_stage("data", mf_stage(epochs=1), ClusterConfig(workers=1, in_process=False), "runs/mf")
     assert storage.is_committed(str(tmp_path / "runs" / "mf"))
     result = score("runs/mf", "data", "runs/scored", ScoreOptions(role="mf", actors=1))
     assert storage.is_committed(str(tmp_path / "runs" / "scored"))

@@ -80,17 +80,20 @@ def test_the_watchdog_starts_only_with_a_local_cluster(monkeypatch) -> None:
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: inits.append(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     monkeypatch.setattr(cluster, "local_resources", lambda: {"CPU": 8.0, "GPU": 0.0})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
-    cluster.connect(ClusterConfig(address="10.0.0.1:6379"))
+    remote = cluster.connect(ClusterConfig(address="10.0.0.1:6379"))
     assert inits[-1]["address"] == "10.0.0.1:6379" and not started
+    assert not remote.in_process  # two live nodes: Ray Train places the worker
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    cluster.connect(ClusterConfig())
+    assert cluster.connect(ClusterConfig(in_process=True)).in_process  # asked for
     assert not started
     monkeypatch.delenv("RAY_ADDRESS")
-    cluster.connect(ClusterConfig())
+    local = cluster.connect(ClusterConfig())
     assert "address" not in inits[-1] and started
+    assert local.in_process and not cluster.connect(ClusterConfig(workers=2)).in_process
 
 
 @pytest.mark.ray

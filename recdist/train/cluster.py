@@ -35,6 +35,8 @@ class WorkerPlan:
     workers: int
     cpus_per_worker: int
     gpu: bool
+    in_process: bool = False
+    """Rank 0 of 1 runs in this process (ClusterConfig.in_process), not in a Ray Train worker."""
 
     def resources_per_worker(self) -> dict[str, float]:
         resources = {"CPU": float(self.cpus_per_worker)}
@@ -54,11 +56,11 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     import ray
 
     if ray.is_initialized():
-        return plan(cluster, ray.cluster_resources())
+        return plan(cluster, ray.cluster_resources(), nodes=_alive_nodes())
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **logs.ray_init_options())
-        return plan(cluster, ray.cluster_resources())
+        return plan(cluster, ray.cluster_resources(), nodes=_alive_nodes())
     here = local_resources()
     fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
     for key, value in LOCAL_TRAIN_ENV.items():
@@ -80,6 +82,12 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     return fit
 
 
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def local_resources() -> dict[str, float]:
     """What a local Ray cluster started here would have: every CPU and every visible CUDA device."""
     import torch
@@ -90,11 +98,19 @@ def local_resources() -> dict[str, float]:
     }
 
 
-def plan(cluster: ClusterConfig, resources: dict[str, float], where: str = "the Ray cluster") -> WorkerPlan:
-    """The workers' resources on a cluster with these totals, or a ConfigError saying how to fix the request."""
+def plan(
+    cluster: ClusterConfig, resources: dict[str, float], where: str = "the Ray cluster", *, nodes: int = 1
+) -> WorkerPlan:
+    """The workers' resources on a cluster of `nodes` nodes with these totals, or a ConfigError saying how to fix
+    the request."""
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cluster.workers < 1:
         raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
+    if cluster.in_process and cluster.workers > 1:
+        raise ConfigError(
+            f"cluster.in_process trains one rank in this process but cluster.workers is {cluster.workers}",
+            fix="set cluster.workers to 1, or leave cluster.in_process empty (Ray Train workers for several ranks)",
+        )
     if cluster.gpu and gpus == 0:
         raise ConfigError(
             f"cluster.gpu is set but {where} has no GPUs",
@@ -112,4 +128,5 @@ def plan(cluster: ClusterConfig, resources: dict[str, float], where: str = "the 
             fix="lower cluster.workers or cluster.cpus_per_worker (or leave cpus_per_worker empty to share "
             "the CPUs out)",
         )
-    return WorkerPlan(workers=cluster.workers, cpus_per_worker=per_worker, gpu=cluster.gpu)
+    in_process = cluster.in_process if cluster.in_process is not None else cluster.workers == 1 and nodes == 1
+    return WorkerPlan(workers=cluster.workers, cpus_per_worker=per_worker, gpu=cluster.gpu, in_process=in_process)

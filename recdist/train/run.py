@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import posixpath
+import queue
 import random
 import tempfile
 import threading
@@ -42,6 +43,7 @@ from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, connect
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
+from recdist.train.sessions import CHECKPOINTS_KEPT, InProcessSession, WorkerSession
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ log = logging.getLogger(__name__)
 FAIL_AT_EPOCH_ENV = "RECDIST_INJECT_FAILURE_AT_EPOCH"
 #: With FAIL_AT_EPOCH_ENV: `raise` (default) or `hang` (the worker stops there: a test kills the driver meanwhile).
 FAIL_KIND_ENV = "RECDIST_INJECT_FAILURE_KIND"
-#: Ray Train checkpoints kept per run (the latest ones; enough to survive a failure during an upload).
-CHECKPOINTS_KEPT = 2
 
 
 def build_model(stage: StageConfig, dims: Dims) -> Model:
@@ -69,38 +69,6 @@ def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Te
 
 
 # --------------------------------------------------------------------------------------------------- worker
-
-
-class WorkerSession:
-    """What the worker loop asks of whatever runs it: its rank and world size, its device, the checkpoint to
-    resume from, where reports go. This one is Ray Train's worker context (a TorchTrainer's worker);
-    recdist.tune.trial.TrialSession runs the same loop in a Ray Tune trial's own process (one rank)."""
-
-    #: True: every epoch reports its metrics (a Tune scheduler's clock), with a checkpoint only when the policy
-    #: says so. False (Ray Train: each report waits for the controller's next poll): reports only with checkpoints.
-    reports_every_epoch = False
-
-    def __init__(self) -> None:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def device(self, gpu: bool) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device() if gpu else torch.device("cpu")
-
-    def latest_checkpoint(self) -> Any:
-        import ray.train
-
-        return ray.train.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
-        """Report `metrics`, with the checkpoint written in `directory` when there is one."""
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -367,17 +335,35 @@ class _StageFit:
             "warm_start": warm_start,
         }
         started, fit_started = time.perf_counter(), time.time()
-        with EpochProgress(stage.train.epochs, f"{stage.model} on {plan.workers} worker(s)") as bar:
+        where = "in this process" if plan.in_process else f"on {plan.workers} worker(s)"
+        with EpochProgress(stage.train.epochs, f"{stage.model} {where}", local=plan.in_process) as bar:
             loop_config["progress_queue"] = bar.queue
-            result = _fit(make_trainer(loop_config, plan, self.storage_uri, name, cluster.max_failures))
+            if plan.in_process:
+                saved = _fit_in_process(loop_config, storage.join(run_dir, IN_PROCESS))
+            else:
+                saved = _fit(make_trainer(loop_config, plan, self.storage_uri, name, cluster.max_failures)).checkpoint
         fit_ended = time.time()
-        if result.checkpoint is None:
+        if saved is None:
             raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
-        with result.checkpoint.as_directory() as directory:
+        with saved.as_directory() as directory:
             state = checkpoint.load_state(directory)
         metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
         metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
         return state, metrics
+
+
+IN_PROCESS = "in-process"
+"""Where an in-process fit (ClusterConfig.in_process) keeps its checkpoints inside its Ray Train run directory."""
+
+
+def _fit_in_process(loop_config: dict[str, Any], root: str) -> Any:
+    """The worker loop as rank 0 of 1 in this process (torch's thread count restored after); its last checkpoint."""
+    session, threads = InProcessSession(root), torch.get_num_threads()
+    try:
+        run_worker(loop_config, session)
+    finally:
+        torch.set_num_threads(threads)
+    return session.last
 
 
 def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
@@ -579,18 +565,18 @@ def _progress_queue() -> Any:
 
 class EpochProgress:
     """One log line per epoch on the driver (and a bar on a terminal: recdist.logs.Progress), fed by rank 0
-    through a Ray queue shared by the session's stages; no queue when nothing would show the lines (INFO
-    disabled)."""
+    through a Ray queue shared by the session's stages (`local`: a plain queue, rank 0 runs in this process); no
+    queue when nothing would show the lines (INFO disabled)."""
 
-    def __init__(self, epochs: int, label: str):
-        self.epochs, self.label = epochs, label
-        self.queue = None
+    def __init__(self, epochs: int, label: str, *, local: bool = False):
+        self.epochs, self.label, self.local = epochs, label, local
+        self.queue: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> EpochProgress:
         if log.isEnabledFor(logging.INFO):
-            self.queue = _progress_queue()
+            self.queue = queue.Queue() if self.local else _progress_queue()
             self._thread = threading.Thread(target=self._pump, daemon=True)
             self._thread.start()
         return self
@@ -601,13 +587,11 @@ class EpochProgress:
             self._thread.join(timeout=10)  # the pump stops once the queue is empty: the next stage starts clean
 
     def _pump(self) -> None:
-        from ray.util.queue import Empty
-
         with logs.Progress(log, self.label, self.epochs) as progress:
             while True:
                 try:
                     row = self.queue.get(timeout=0.5)
-                except Empty:
+                except queue.Empty:  # Ray's Empty is one
                     if self._stop.is_set():
                         return
                     continue
