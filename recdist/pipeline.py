@@ -48,6 +48,7 @@ from recdist.manifest import (
     resolve,
 )
 from recdist.train import warm as warm_rules
+from recdist.train.cluster import WorkerPlan
 from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train.warm import WarmStart
 
@@ -143,6 +144,8 @@ class _Run:
     """The stages being rebuilt beside their committed directory (RUN/<stage>.next) in this run."""
     run_id: str = ""
     """RUN/manifest.json's run_id: kept across resumes, stamped into every output file."""
+    plan: WorkerPlan | None = None
+    """Where the stages train and score (recdist.train.cluster.worker_plan); set before the first model stage."""
     _trained: TrainedOn | None = None
 
     def dir(self, stage: str) -> str:
@@ -215,7 +218,7 @@ def _locked_run(
     config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool, warm_start: str | None = None
 ) -> dict[str, Any]:
     """run_pipeline, holding the run directory's lock."""
-    from recdist.train.cluster import connect
+    from recdist.train.cluster import worker_plan
 
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite, warm_start)
     _remove_leftovers(run, names[:first])
@@ -239,7 +242,7 @@ def _locked_run(
         for name in run.stale:
             log.info("%s: stale (made from an upstream stage redone since), redone", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
-            connect(config.cluster)
+            run.plan = worker_plan(config.cluster)  # Ray joined or started here, unless the run needs none
         started = time.perf_counter()
         for name in names[first:]:
             runlock.check(run.out)  # an s3:// lease taken over by another run: commit nothing more
@@ -597,17 +600,19 @@ def _train(
 
 
 def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: Any) -> dict[str, Any]:
-    """One Ray Data inference pass into RUN/<stage>/scored unless already committed (a resumed stage), with the
-    run's view of the training rows (read once) and its inference settings; options: more ScoreOptions."""
+    """One inference pass into RUN/<stage>/scored unless already committed (a resumed stage), with the run's view
+    of the training rows (read once) and its inference settings; options: more ScoreOptions. Ray Data scores it,
+    or this process where the stages train in it (a one-node run: cluster.in_process)."""
     from recdist.infer.ray_data import score
-    from recdist.infer.scored import ScoreOptions
+    from recdist.infer.scored import ScoreOptions, score_local
 
     out = storage.join(run.dir(stage), "scored")
     if storage.is_committed(out):
         integrity.verify(out, fix=run.fix(stage))
         return ScoredManifest.read(out).scoring
     inference, cfg = run.config.pipeline.inference, run.config
-    log.info("%s: scoring every rating with Ray Data", stage)
+    local = run.plan is not None and run.plan.in_process
+    log.info("%s: scoring every rating %s", stage, "in this process" if local else "with Ray Data")
     opts = ScoreOptions(
         role=role,
         fold_seed=cfg.stages.mf.train.seed,
@@ -616,9 +621,10 @@ def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: A
         actors=inference.actors,
         gpu=cfg.cluster.gpu,
         cluster=cfg.cluster,
+        workers=run.plan.cpus_per_worker if local and run.plan else 1,
         **options,
     )
-    result = score(model, data, out, opts)
+    result = (score_local if local else score)(model, data, out, opts)
     log.info("%s: scored %s rows in %.1f s", stage, f"{result['rows']:,}", result["seconds"])
     return result
 

@@ -100,17 +100,19 @@ def score_shard(
 
 
 def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | None = None) -> dict[str, Any]:
-    """The same pass as ray_data.score without Ray: score_shard over the shards in this process.
+    """The same pass as ray_data.score without Ray: score_shard over the shards in this process (the same table,
+    byte for byte). The pipeline's engine where its stages train in this process (a one-node run:
+    cluster.in_process), and the bench's baseline for Ray Data's overhead.
 
     `options.workers` shards at a time in threads (Polars, Arrow, PyTorch and the MF kernel release the GIL),
-    each with one PyTorch thread; memory: `workers` shards. The bench's baseline for Ray Data's overhead.
+    each with one PyTorch thread; memory: `workers` shards; on a GPU with `options.gpu`.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from recdist.data.dataset import shard_files
 
     opts = options or ScoreOptions()
-    plan = opts.plan(model_uri, data)
+    plan = opts.plan(model_uri, data, device="cuda" if opts.gpu else "cpu")
     predictor = Predictor(plan)
     t0 = time.perf_counter()
     with one_thread(), storage.staged_output(out, overwrite=opts.overwrite) as tmp:

@@ -1,4 +1,5 @@
-"""Connect to (or start) the Ray cluster a stage trains on, and check it can host the workers asked for.
+"""Connect to (or start) the Ray cluster a stage trains on, and check it can host the workers asked for (or,
+`worker_plan`, see that a one-node run needs no cluster: its stages train and score in this process).
 
 Checks run before any work, so a run asking for GPUs on a CPU-only cluster fails in seconds with the fix,
 not after data loading.
@@ -80,6 +81,18 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
         **logs.ray_init_options(),
     )
     return fit
+
+
+def worker_plan(cluster: ClusterConfig) -> WorkerPlan:
+    """The plan of a run on `cluster`, joining or starting Ray only when it needs Ray: a local one-node run whose
+    stages train and score in this process (ClusterConfig.in_process) starts no cluster at all."""
+    import ray
+
+    if not ray.is_initialized() and not (cluster.address or os.environ.get("RAY_ADDRESS")):
+        fit = plan(cluster, local_resources(), where="this machine (for a local Ray cluster)")
+        if fit.in_process:
+            return fit
+    return connect(cluster)
 
 
 def _alive_nodes() -> int:

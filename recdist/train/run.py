@@ -40,7 +40,7 @@ from recdist.models.base import Model
 from recdist.models.batch import Dims
 from recdist.schema import SCHEMA_VERSION
 from recdist.train import checkpoint, dist, history
-from recdist.train.cluster import WorkerPlan, connect
+from recdist.train.cluster import WorkerPlan, worker_plan
 from recdist.train.data import check_columns, load_rank_data, table_columns
 from recdist.train.loop import Trainer
 from recdist.train.sessions import CHECKPOINTS_KEPT, InProcessSession, WorkerSession
@@ -253,7 +253,7 @@ def train_stage(
         )
     manifest = check_inputs(data, model_cls, upstream)
     _say_without_validation(data, manifest, stage.train.epochs)
-    plan = connect(cluster)
+    plan = worker_plan(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed)
     if warm_start:
