@@ -80,7 +80,7 @@ def main() -> None:
     from recdist.infer.scored import ScoreOptions, score_local
     from recdist.infer.session import SessionStep
     from recdist.pipeline import run_pipeline
-    from recdist.train.cluster import connect
+    from recdist.train.cluster import worker_plan
 
     overrides: dict = {"source.dataset": "synthetic"}
     if args.ratings:
@@ -100,7 +100,7 @@ def main() -> None:
 
     with PeakMemory() as memory:
         t0 = time.perf_counter()
-        connect(cfg.cluster)
+        plan = worker_plan(cfg.cluster)  # as the pipeline: no Ray at all where every stage runs in this process
         ray_start = time.perf_counter() - t0
         summary = run_pipeline(cfg, str(out))
         total = time.perf_counter() - t0
@@ -113,7 +113,8 @@ def main() -> None:
     ray.shutdown()
 
     stages = summary["stages"]
-    rows = [("ray start", ray_start)] + [(name, float(stages[name]["seconds"])) for name in stages]
+    first = "cluster (none: stages in this process)" if plan.in_process else "ray start"
+    rows = [(first, ray_start)] + [(name, float(stages[name]["seconds"])) for name in stages]
     n = int(json.loads((out / "data" / "manifest.json").read_text())["n_ratings"])
     in_pipeline = stages["mf"]["scoring"]
     ratio = ray_pass["seconds"] / local_pass["seconds"]
@@ -139,7 +140,8 @@ def main() -> None:
     print(f"\nSynthetic ML-20M-shaped pipeline: {n:,} ratings, {cpus} CPUs, config {args.config}")
     after = os.getloadavg()[0]
     print(f"load average {load_before:.1f} before, {after:.1f} after (other work on the machine slows this)")
-    print("\n| stage | seconds | of which training (Ray Train) | of which inference (Ray Data) |\n|---|---|---|---|")
+    where = "in this process" if plan.in_process else "Ray Train / Ray Data"
+    print(f"\n| stage | seconds | of which training ({where}) | of which inference |\n|---|---|---|---|")
     for name, seconds in rows:
         part = stages.get(name, {})
         fit, inf = ((part.get(k) or {}).get("seconds") for k in ("train", "scoring"))
@@ -154,7 +156,7 @@ def main() -> None:
     print("\nStage-1 batch inference, Parquet in -> Parquet out (mf_pred, error, cold added), same data and model:\n")
     print("| engine | seconds | M ratings/s | notes |\n|---|---|---|---|")
     for label, r in (
-        ("Ray Data, in the pipeline", in_pipeline),
+        (f"{'in this process' if plan.in_process else 'Ray Data'}, in the pipeline", in_pipeline),
         ("Ray Data, again", ray_pass),
         (f"Polars + PyTorch, {cpus} threads, no Ray", local_pass),
     ):

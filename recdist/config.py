@@ -151,10 +151,12 @@ class ClusterConfig(Section):
     """Number of Ray Train workers (data-parallel ranks)."""
     in_process: bool | None = None
     """Train a one-worker stage in this process instead of a Ray Train worker (no controller, worker process,
-    imports or process group to start: 15-20 s per stage on 2 cores). Empty: so on a one-node cluster (a local one,
-    a laptop, one machine) with cluster.workers 1; a cluster of several nodes keeps Ray Train, which places the
-    worker where its resources are. Checkpoints persist as Ray Train's do (a killed run resumes from the latest),
-    but a failure is not retried in place (max_failures applies to Ray Train workers)."""
+    imports or process group to start: 15-20 s per stage on 2 cores), and let the pipeline score in it too (no
+    Ray Data), so a run that needs no Ray starts none. Empty: so with cluster.workers 1 on this one machine (the
+    local cluster recdist starts, or a one-node Ray this process joined itself); a cluster at an address
+    (KubeRay, `ray job submit`) keeps Ray Train, which places the worker where its resources are. Checkpoints
+    persist as Ray Train's do (a killed run resumes from the latest); a failure is not retried in place
+    (max_failures restarts Ray Train workers)."""
     gpu: bool = False
     """One GPU per worker (CUDA + NCCL); fails early where the cluster has none."""
     cpus_per_worker: int | None = Field(None, ge=1)

@@ -602,7 +602,7 @@ def _train(
 def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: Any) -> dict[str, Any]:
     """One inference pass into RUN/<stage>/scored unless already committed (a resumed stage), with the run's view
     of the training rows (read once) and its inference settings; options: more ScoreOptions. Ray Data scores it,
-    or this process where the stages train in it (a one-node run: cluster.in_process)."""
+    or this process where the stages train in it (one worker on this machine: cluster.in_process)."""
     from recdist.infer.ray_data import score
     from recdist.infer.scored import ScoreOptions, score_local
 

@@ -251,10 +251,11 @@ def test_cluster_plan_checks_before_work() -> None:
         "CPU": 4.0,
         "GPU": 1.0,
     }
-    # one rank on one node trains in this process unless told otherwise; several nodes keep Ray Train's placement
-    assert plan(ClusterConfig(), {"CPU": 4}).in_process and not plan(ClusterConfig(), {"CPU": 4}, nodes=3).in_process
+    # one rank on this machine trains in this process unless told otherwise; a cluster keeps Ray Train's placement
+    assert plan(ClusterConfig(), {"CPU": 4}).in_process
+    assert not plan(ClusterConfig(), {"CPU": 4}, local=False).in_process
     assert not plan(ClusterConfig(in_process=False), {"CPU": 4}).in_process
-    assert plan(ClusterConfig(in_process=True), {"CPU": 4}, nodes=3).in_process
+    assert plan(ClusterConfig(in_process=True), {"CPU": 4}, local=False).in_process
     with pytest.raises(ConfigError, match="in_process trains one rank"):
         plan(ClusterConfig(workers=2, in_process=True), {"CPU": 4})
 

@@ -101,7 +101,7 @@ def score_shard(
 
 def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | None = None) -> dict[str, Any]:
     """The same pass as ray_data.score without Ray: score_shard over the shards in this process (the same table,
-    byte for byte). The pipeline's engine where its stages train in this process (a one-node run:
+    byte for byte). The pipeline's engine where its stages train in this process (one worker on this machine:
     cluster.in_process), and the bench's baseline for Ray Data's overhead.
 
     `options.workers` shards at a time in threads (Polars, Arrow, PyTorch and the MF kernel release the GIL),

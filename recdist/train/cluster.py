@@ -1,5 +1,6 @@
 """Connect to (or start) the Ray cluster a stage trains on, and check it can host the workers asked for (or,
-`worker_plan`, see that a one-node run needs no cluster: its stages train and score in this process).
+`worker_plan`, see that a run on this machine with one worker needs no cluster: its stages train and score in this
+process).
 
 Checks run before any work, so a run asking for GPUs on a CPU-only cluster fails in seconds with the fix,
 not after data loading.
@@ -56,12 +57,12 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
     """
     import ray
 
-    if ray.is_initialized():
-        return plan(cluster, ray.cluster_resources(), nodes=_alive_nodes())
+    if ray.is_initialized():  # the caller's own Ray (a test session, a notebook): one machine when it has one node
+        return plan(cluster, ray.cluster_resources(), local=_alive_nodes() == 1)
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **logs.ray_init_options())
-        return plan(cluster, ray.cluster_resources(), nodes=_alive_nodes())
+    if address:  # a cluster of its own (KubeRay, `ray start`): Ray Train places the workers, even while it has
+        ray.init(address=address, **logs.ray_init_options())  # one node (worker pods may not have joined yet)
+        return plan(cluster, ray.cluster_resources(), local=False)
     here = local_resources()
     fit = plan(cluster, here, where="this machine (for a local Ray cluster)")
     for key, value in LOCAL_TRAIN_ENV.items():
@@ -84,7 +85,7 @@ def connect(cluster: ClusterConfig) -> WorkerPlan:
 
 
 def worker_plan(cluster: ClusterConfig) -> WorkerPlan:
-    """The plan of a run on `cluster`, joining or starting Ray only when it needs Ray: a local one-node run whose
+    """The plan of a run on `cluster`, joining or starting Ray only when it needs Ray: a local one-worker run whose
     stages train and score in this process (ClusterConfig.in_process) starts no cluster at all."""
     import ray
 
@@ -112,10 +113,10 @@ def local_resources() -> dict[str, float]:
 
 
 def plan(
-    cluster: ClusterConfig, resources: dict[str, float], where: str = "the Ray cluster", *, nodes: int = 1
+    cluster: ClusterConfig, resources: dict[str, float], where: str = "the Ray cluster", *, local: bool = True
 ) -> WorkerPlan:
-    """The workers' resources on a cluster of `nodes` nodes with these totals, or a ConfigError saying how to fix
-    the request."""
+    """The workers' resources on a cluster with these totals (`local`: this one machine), or a ConfigError saying
+    how to fix the request."""
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cluster.workers < 1:
         raise ConfigError(f"cluster.workers is {cluster.workers}", fix="set cluster.workers to 1 or more")
@@ -141,5 +142,5 @@ def plan(
             fix="lower cluster.workers or cluster.cpus_per_worker (or leave cpus_per_worker empty to share "
             "the CPUs out)",
         )
-    in_process = cluster.in_process if cluster.in_process is not None else cluster.workers == 1 and nodes == 1
+    in_process = cluster.in_process if cluster.in_process is not None else cluster.workers == 1 and local
     return WorkerPlan(workers=cluster.workers, cpus_per_worker=per_worker, gpu=cluster.gpu, in_process=in_process)
