@@ -439,7 +439,7 @@ def test_the_driver_log_is_kept_in_the_run_one_file_per_invocation(stopped_run):
     assert "ERROR recdist: stopped: stopped after stage reliability" in stopped and "rating: running" not in stopped
     assert "recdist.pipeline: mf: committed with the same config, skipped" in resumed
     assert "recdist.pipeline: rating: committed in" in resumed and "recdist.pipeline: outputs: committed in" in resumed
-    assert re.search(r"INFO recdist\.train\.run: \w+ on \d+ worker\(s\): epoch 1/\d+ train loss", resumed)
+    assert re.search(r"INFO recdist\.train\.run: \w+ in this process: epoch 1/\d+ train loss", resumed)
     assert summary["log"] == str(second)
 
 

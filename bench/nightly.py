@@ -1,0 +1,110 @@
+"""The whole nightly run, warm against cold, on two days of a synthetic set: wall seconds per stage and in total.
+
+    .venv/bin/python bench/nightly.py                      # 20,000,263 synthetic ratings (the ML-20M shape)
+    .venv/bin/python bench/nightly.py --ratings 1000000    # a quicker look
+
+Day 1 = the synthetic set (recdist.data.synth) minus its latest 2% of ratings by timestamp (new users and movies
+among them); day 2 = all of it. Each day is prepared as a nightly job prepares it (`recdist prepare`, day 2 with
+`--previous` day 1), then `recdist pipeline --data DAY` runs with configs/ml20m-cpu.yaml's stages: day 1 cold, day
+2 cold, and day 2 warm from day 1's run (`--warm-start`). Every command runs in a fresh process, timed from spawn
+to exit (interpreter, imports, every stage). The nightly job's time is day 2's prepare plus its pipeline. Goal
+(issue 16): the warm nightly run takes <= 50% of a cold one's time on the 20M set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+GOAL = 0.5
+CONFIG = ROOT / "configs" / "ml20m-cpu.yaml"
+STAGES = ("mf", "reliability", "rating", "outputs")
+
+
+def recdist(*args: str) -> float:
+    """`python -m recdist ARGS --quiet` in a fresh process; its wall seconds (exits on failure)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "recdist", *args, "--quiet"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"recdist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratings", type=int, help="synthetic ratings (default: the synth section's, 20,000,263)")
+    ap.add_argument("--latest", type=float, default=0.02, help="share of the latest ratings day 1 lacks")
+    ap.add_argument("--workdir", default="/tmp/recdist-bench/nightly", help="working directory (replaced)")
+    args = ap.parse_args()
+
+    import polars as pl
+
+    from recdist.config import SynthConfig
+    from recdist.data.synth import generate
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    synth = SynthConfig() if args.ratings is None else SynthConfig(
+        n_ratings=args.ratings,
+        n_users=max(100, int(138_493 * args.ratings / 20_000_263)),
+        n_items=max(100, int(26_744 * args.ratings / 20_000_263)),
+    )  # fmt: skip
+    ratings, _ = generate(synth)
+    cut = ratings["timestamp"].sort()[int(ratings.height * (1 - args.latest))]
+    ratings.filter(pl.col("timestamp") < cut).write_parquet(work / "day1.parquet")
+    ratings.write_parquet(work / "day2.parquet")
+    del ratings
+    load_before = os.getloadavg()[0]
+
+    def prepare(day: str, *extra: str) -> float:
+        out = str(work / f"{day}-data")
+        return recdist("prepare", "--config", str(CONFIG), "--path", str(work / f"{day}.parquet"), "--out", out, *extra)
+
+    def pipeline(name: str, day: str, *extra: str) -> float:
+        return recdist("pipeline", "--config", str(CONFIG), "--data", str(work / f"{day}-data"),
+                       "--out", str(work / name), *extra)  # fmt: skip
+
+    prepare("day1")
+    pipeline("day1", "day1")
+    prepared = prepare("day2", "--previous", str(work / "day1-data"))
+    cold = pipeline("day2-cold", "day2")
+    warm = pipeline("day2-warm", "day2", "--warm-start", str(work / "day1"))
+
+    runs = {name: json.loads((work / name / "manifest.json").read_text()) for name in ("day2-cold", "day2-warm")}
+    metrics = {name: json.loads((work / name / "outputs" / "metrics.json").read_text()) for name in runs}
+    n = json.loads((work / "day2-data" / "manifest.json").read_text())["n_ratings"]
+    print(f"\nNightly run on day 2: {n:,} ratings ({args.latest:.0%} newer than day 1), {os.cpu_count()} CPUs, "
+          f"config {CONFIG.name}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    print("\n| seconds | cold | warm | warm / cold |\n|---|---:|---:|---:|")
+    print(f"| prepare (`--previous` day 1; the same for both) | {prepared:.1f} | {prepared:.1f} | 1.00 |")
+    for stage in STAGES:
+        c, w = (float(runs[name]["stages"][stage]["seconds"]) for name in runs)
+        print(f"| {stage} | {c:.1f} | {w:.1f} | {w / c:.2f} |")
+    print(f"| pipeline command, wall | {cold:.1f} | {warm:.1f} | {warm / cold:.2f} |")
+    ratio = (prepared + warm) / (prepared + cold)
+    print(f"| **nightly job** (prepare + pipeline) | **{prepared + cold:.1f}** | **{prepared + warm:.1f}** | "
+          f"**{ratio:.2f}** |")  # fmt: skip
+    epochs = [json.loads((work / name / "mf" / "model" / "metrics.json").read_text())["epochs"] for name in runs]
+    print(f"\nstage-1 epochs: cold {epochs[0]}, warm {epochs[1]}")
+    for name, m in metrics.items():
+        ndcg = m["ranking"]
+        print(f"{name}: test RMSE stage 1 {m['mf']['test']['rmse']:.4f}, stage 3 {m['rating']['test']['rmse']:.4f}; "
+              f"NDCG@10 {ndcg['rating']['ndcg@10']:.4f} (popularity {ndcg['popularity']['ndcg@10']:.4f})")  # fmt: skip
+    verdict = "met" if ratio <= GOAL else "NOT MET"
+    print(f"\nwarm / cold, the whole nightly job: {ratio:.2f} (goal <= {GOAL}): {verdict}")
+
+
+if __name__ == "__main__":
+    main()
