@@ -277,12 +277,11 @@ def _fit_warm(
     from recdist.train import warm as warm_rules
 
     warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
+    rate = warm_rules.new_row_rate(stage, warm_stage)
     log.info(
         "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d",
-        warm_start["model"], warm_stage.train.lr, warm_rules.new_row_rate(stage, warm_stage), warm_stage.train.epochs,
-        warm_stage.train.patience,
+        warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
     )  # fmt: skip
-    rate = warm_rules.new_row_rate(stage, warm_stage)
     state, metrics = fit(warm_stage, {**warm_start, "new_row_rate": rate} if rate != 1.0 else warm_start)
     worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
     if worse is None:
