@@ -367,6 +367,30 @@ def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path
         )
 
 
+def test_the_predictions_pass_gives_the_same_table_and_figures_on_one_thread_as_on_several(full_run, tmp_path,
+                                                                                           monkeypatch):
+    from recdist.data.dataset import read_items, read_users
+    from recdist.infer import outputs
+    from recdist.manifest import OutputsManifest
+
+    out, _ = full_run
+    models = OutputsManifest.model_validate_json((out / "outputs" / "manifest.json").read_text()).models
+    models = models.resolved(str(out))
+    users = read_users(models.data).select("user_idx", "user_id", "n_train")
+    items = read_items(models.data).select("item_idx", "item_id", "title", "genres", "n_train")
+    stamp = tables.Stamp("0", "run", "hash")
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(outputs, "_threads", lambda tasks, n=threads: n)
+        results[threads] = outputs._prediction_tables(models, str(tmp_path / str(threads)), stamp, users, items)
+    (one, test_1, seen_1, cold_1), (three, test_3, seen_3, cold_3) = results[1], results[3]
+    assert one == three and cold_1 == cold_3 and test_1.equals(test_3) and seen_1.equals(seen_3)
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*.parquet"))
+    assert len(files) >= 3 and files == sorted(p.relative_to(tmp_path / "3") for p in (tmp_path / "3").rglob("*.parquet"))
+    for rel in files:
+        assert pq.read_table(tmp_path / "1" / rel).equals(pq.read_table(tmp_path / "3" / rel))
+
+
 def test_reliability_finds_the_planted_noisy_users(full_run):
     out, _ = full_run
     predictions = table(out / "outputs", "predictions")

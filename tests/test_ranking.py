@@ -94,6 +94,17 @@ def test_ease_is_the_closed_form() -> None:
     np.testing.assert_allclose(scores.numpy(), x @ b, atol=1e-5)
 
 
+def test_ease_scores_a_block_of_columns_at_a_time_with_the_same_sums(monkeypatch) -> None:
+    from recdist.models import implicit
+
+    users, items, x = _pairs()
+    whole = fit_ease(users, items, *x.shape, reg=0.5).column_scores(torch.arange(x.shape[0]))
+    monkeypatch.setattr(implicit, "BLOCK_COLUMNS", 3)  # uneven blocks: the last one is narrower
+    model = fit_ease(users, items, *x.shape, reg=0.5)
+    assert len(model._weight_blocks) == -(-x.shape[1] // 3) > 1
+    assert torch.equal(model.column_scores(torch.arange(x.shape[0])), whole)
+
+
 def test_ease_scores_only_the_modelled_movies() -> None:
     users, items, x = _pairs()
     modelled = torch.zeros(x.shape[1], dtype=torch.bool)

@@ -57,6 +57,28 @@ def test_a_partitioned_table_is_one_file_per_split_sorted_stamped_and_read_alike
     assert set(reader_counts(folder).values()) == {24}, reader_counts(folder)
     assert set(reader_counts(folder, where="test").values()) == {8}
 
+def test_float_columns_are_byte_stream_split_and_read_back_exactly_by_every_reader(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    table = predictions(24)
+    table = table.set_column(table.column_names.index("pred_rating"), "pred_rating", pa.array(
+        [1.0 + i / 7 for i in range(24)], pa.float32()))
+    tables.write_table(table, str(tmp_path), "predictions", STAMP)
+    f = tmp_path / "predictions" / "split=test" / "part-00000.parquet"
+    group = pq.ParquetFile(f).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    for name in ("rating", "pred_rating", "expected_abs_error", "mf_pred"):
+        assert "BYTE_STREAM_SPLIT" in encodings[name], encodings[name]
+    assert any("DICTIONARY" in e for e in encodings["title"]), encodings["title"]  # ids and titles keep theirs
+    expected = pq.read_table(f)["pred_rating"].to_pylist()
+    assert sorted(expected) == sorted(pa.array([1.0 + i / 7 for i in range(1, 24, 3)], pa.float32()).to_pylist())
+    assert duckdb.sql(f"select pred_rating from read_parquet('{f}')").fetchnumpy()["pred_rating"].tolist() == expected
+    assert pl.read_parquet(f)["pred_rating"].to_list() == expected
+    assert pd.read_parquet(f)["pred_rating"].tolist() == expected
+
+
 def test_the_stamp_leaves_out_an_unknown_git_commit():
     meta = tables.Stamp("1", "r", "c").metadata("recommendations")
     assert set(meta) == {b"recdist.version", b"recdist.run_id", b"recdist.config_hash", b"recdist.table"}

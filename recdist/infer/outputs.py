@@ -22,7 +22,6 @@ from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
-from recdist.infer.scoring import one_thread
 from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
 from recdist.manifest import RunModels
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
@@ -127,13 +126,6 @@ def write_outputs(
     """Write every analyst table under `out` (a staging directory), each file stamped with `stamp`; return
     metrics.json's content (`rows`: the rows of every table written). trained: the run's view of the dataset's
     training rows (read here when not given)."""
-    with one_thread():
-        return _write_outputs(models, out, cfg, stamp, seed, trained)
-
-
-def _write_outputs(
-    models: RunModels, out: str, cfg: PipelineConfig, stamp: Stamp, seed: int, trained: TrainedOn | None
-) -> dict[str, Any]:
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
@@ -186,41 +178,80 @@ def expected_abs_error(pred_error: pl.Expr) -> pl.Expr:
 def _prediction_tables(
     models: RunModels, out: str, stamp: Stamp, users: pl.DataFrame, items: pl.DataFrame
 ) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame, dict[str, Any]]:
-    """One pass over the final scored table, shard by shard: the predictions table and the accuracy of each stage.
+    """One pass over the final scored table: the predictions table and the accuracy of each stage, shards in
+    threads (Polars and Parquet's writer release the GIL; memory: one shard per thread).
 
     Returns the metrics by stage (and `baselines`: m.mean_baselines), the test rows, every (user, item, is_test)
     pair and the cold-start counts.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from recdist.data.dataset import shard_files
 
-    sums: dict[str, list[pl.DataFrame]] = {"mf": [], "reliability": [], "rating": []}
-    tests, seen, colds, item_sums = [], [], [], []
     shards = shard_files(models.scored)
-    with logs.Progress(log, "predictions", len(shards)) as progress:
-        for n, uri in enumerate(shards):
-            frame = pl.from_arrow(storage.read_parquet(uri))
-            assert isinstance(frame, pl.DataFrame)
-            tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)
-            by_split = frame.group_by(split=pl.col("split").cast(pl.String))
-            colds.append(by_split.agg(n=pl.len(), cold=pl.col("cold").sum()))
-            if "mf_pred" in frame.columns:
-                sums["mf"].append(m.error_sums(frame, "mf_pred"))
-            if "pred_error" in frame.columns and "error" in frame.columns:
-                sums["reliability"].append(m.error_sums(frame, "pred_error", target="error"))
-            sums["rating"].append(m.error_sums(frame, "pred_rating"))
-            item_sums.append(m.item_sums(frame))
-            keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
-            tests.append(frame.filter(pl.col("split").cast(pl.String) == "test").select(keep))
-            seen.append(frame.select("user_idx", "item_idx", is_test=pl.col("split").cast(pl.String) == "test"))
-            progress.update(n + 1)
+    parts: list[_ShardSums] = []
+    one = partial(_prediction_shard, out=out, stamp=stamp, users=users, items=items)
+    with logs.Progress(log, "predictions", len(shards)) as progress, ThreadPoolExecutor(_threads(len(shards))) as pool:
+        for part in pool.map(one, enumerate(shards)):  # in shard order: the same sums whatever the timing
+            parts.append(part)
+            progress.update(len(parts))
+    sums = {name: [p.errors[name] for p in parts if name in p.errors] for name in ("mf", "reliability", "rating")}
     if models.reliability is not None:
         result = {name: m.split_metrics(pl.concat(sums[name])) for name in ("mf", "reliability", "rating")}
     else:
         result = {"single": m.split_metrics(pl.concat(sums["rating"]))}
-    result["baselines"] = m.mean_baselines(pl.concat(item_sums), pl.concat(tests))
-    cold = pl.concat(colds).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
+    tests = pl.concat([p.test for p in parts])
+    result["baselines"] = m.mean_baselines(pl.concat([p.items for p in parts]), tests)
+    cold = pl.concat([p.cold for p in parts]).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
     counts = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
-    return result, pl.concat(tests), pl.concat(seen), counts
+    return result, tests, pl.concat([p.seen for p in parts]), counts
+
+
+def _threads(tasks: int) -> int:
+    """Threads for `tasks` independent shards: this machine's cores (at most 8: memory is a shard per thread)."""
+    import os
+
+    return max(1, min(tasks, os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True)
+class _ShardSums:
+    """What the accuracy figures need from one scored shard (partial sums, added over shards)."""
+
+    errors: dict[str, pl.DataFrame]
+    """m.error_sums by stage (mf, reliability, rating) where the shard has the stage's prediction."""
+    items: pl.DataFrame
+    """m.item_sums: count and sum of each movie's training ratings."""
+    cold: pl.DataFrame
+    """Rows and cold rows per split."""
+    test: pl.DataFrame
+    """The test rows (ids, rating, predictions)."""
+    seen: pl.DataFrame
+    """Every rated (user_idx, item_idx, is_test)."""
+
+
+def _prediction_shard(
+    job: tuple[int, str], *, out: str, stamp: Stamp, users: pl.DataFrame, items: pl.DataFrame
+) -> _ShardSums:
+    """Write scored shard `job` = (n, uri) as part n of the predictions table; its partial sums."""
+    n, uri = job
+    frame = pl.from_arrow(storage.read_parquet(uri))
+    assert isinstance(frame, pl.DataFrame)
+    tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)
+    errors = {"rating": m.error_sums(frame, "pred_rating")}
+    if "mf_pred" in frame.columns:
+        errors["mf"] = m.error_sums(frame, "mf_pred")
+    if "pred_error" in frame.columns and "error" in frame.columns:
+        errors["reliability"] = m.error_sums(frame, "pred_error", target="error")
+    is_test = pl.col("split").cast(pl.String) == "test"
+    keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
+    return _ShardSums(
+        errors=errors,
+        items=m.item_sums(frame),
+        cold=frame.group_by(split=pl.col("split").cast(pl.String)).agg(n=pl.len(), cold=pl.col("cold").sum()),
+        test=frame.filter(is_test).select(keep),
+        seen=frame.select("user_idx", "item_idx", is_test=is_test),
+    )
 
 
 def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:

@@ -66,9 +66,8 @@ def role_of(model: Model | type[Model]) -> str:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """PyTorch on one intra-op thread inside the block (restored after). Scoring runs many small ops on chunks
-    of rows, which lose more to thread hand-offs than they gain: on a busy 2-core machine the outputs stage ran
-    2.5x faster on one thread than on two."""
+    """PyTorch on one intra-op thread inside the block (restored after), for work that runs shards in threads
+    of its own (score_local): a thread per shard, each on one core, beats every shard's ops spread over all."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -14,6 +14,7 @@ training split does not. Rows without a timestamp have no context and are no one
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,20 +62,28 @@ class SessionStep:
 
     def __call__(self, folder: str, share: TrainShare | None) -> None:
         """Add SESSION_COLUMNS to every shard of a written scored table (and to its sample/): one read of the
-        columns they need over all shards (a user's ratings sit in every shard), then each shard rewritten."""
+        columns they need over all shards (a user's ratings sit in every shard), then the shards rewritten in
+        threads (Arrow's reader and writer release the GIL; memory: a shard per thread)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         ratings = storage.join(folder, "ratings")
         names = [p for p in storage.listdir(ratings) if p.endswith(".parquet")]
         needed = ["user_idx", "timestamp", "split", "rating", "mf_pred"]
         frames = [pl.from_arrow(storage.read_parquet(storage.join(ratings, n), columns=needed)) for n in names]
         context = session_columns(pl.concat(frames), self.spec)
-        start = 0
-        for name, rows in zip(names, (f.height for f in frames), strict=True):
-            table = _with_session(storage.read_parquet(storage.join(ratings, name)), context.slice(start, rows))
-            start += rows
+        starts = np.cumsum([0, *(f.height for f in frames)])
+
+        def rewrite(n: int) -> None:
+            name = names[n]
+            part = context.slice(int(starts[n]), int(starts[n + 1] - starts[n]))
+            table = _with_session(storage.read_parquet(storage.join(ratings, name)), part)
             storage.write_parquet(table, storage.join(ratings, name), **SCORED_PARQUET)
             if share is not None:
                 sample = storage.join(folder, SAMPLE, "ratings", name)
                 storage.write_parquet(table.filter(share.keep(table)), sample, **SCORED_PARQUET)
+
+        with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:
+            list(pool.map(rewrite, range(len(names))))
 
 
 def _with_session(table: pa.Table, part: pl.DataFrame) -> pa.Table:
@@ -96,15 +105,22 @@ def empty_session(n: int) -> dict[str, np.ndarray]:
 def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     """SESSION_COLUMNS for every row of `frame` (user_idx, timestamp, split, rating, mf_pred), in its order.
 
-    All rows sorted once by (user, time), then one compiled pass per window with running sums over the
-    training rows inside it (two pointers): O(n) after the sort, no per-row Python.
+    All rows sorted once by (user, time), then one compiled pass per window (the two in threads) with running
+    sums over the training rows inside it (two pointers): O(n) after the sort, no per-row Python.
     """
-    timed = frame["timestamp"].is_not_null().to_numpy()
+    from concurrent.futures import ThreadPoolExecutor
+
     out = empty_session(frame.height)
-    train = timed & (frame["split"].cast(pl.String) == "train").to_numpy()
+    columns = frame.select(
+        timed=pl.col("timestamp").is_not_null(),
+        time=pl.col("timestamp").fill_null(0).cast(pl.Int64),
+        train=(pl.col("split") == "train") & pl.col("timestamp").is_not_null(),
+        resid=pl.col("rating").cast(pl.Float64) - pl.col("mf_pred").cast(pl.Float64),
+    )
+    timed, train = columns["timed"].to_numpy(), columns["train"].to_numpy()
     if not train.any():
         return pl.DataFrame(out)
-    time = frame["timestamp"].fill_null(0).to_numpy().astype(np.int64)
+    time = columns["time"].to_numpy()
     time = time - time[timed].min()
     if time.max() + max(spec.windows) >= 1 << _TIME_BITS:
         raise DataError(  # `recdist prepare` converts milliseconds etc. to seconds; an older dataset may not have
@@ -113,12 +129,16 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
             fix="prepare the dataset again with this recdist: it converts millisecond timestamps to seconds",
         )
     key = (frame["user_idx"].to_numpy().astype(np.int64) << _TIME_BITS) + time
-    resid = (frame["rating"].cast(pl.Float64) - frame["mf_pred"].cast(pl.Float64)).to_numpy()
     order = np.argsort(key, kind="stable")
-    key, resid, train, timed = key[order], resid[order], train[order], timed[order]
-    for name, w in zip(("short", "long"), spec.windows, strict=True):
+    key, resid = key[order], columns["resid"].to_numpy()[order]
+    train, timed = train[order], timed[order]
+
+    def window(name: str, w: int) -> None:
         columns = [out[f"sess_{name}_{c}"] for c in ("sum", "sq", "n")]
         _window_sums(key, resid, train, timed, w, w if spec.future else 0, order, *columns)
+
+    with ThreadPoolExecutor(2) as pool:  # the kernel releases the GIL; each window writes its own columns
+        list(pool.map(window, ("short", "long"), spec.windows))
     return pl.DataFrame(out)
 
 
