@@ -21,7 +21,6 @@ import torch
 
 from recdist.infer.topn import Csr
 
-
 BLOCK_COLUMNS = 512
 """Columns of EASE's weights summed at a time: a (m x 512) float32 block (8 MB at 4,000 modelled items) stays
 in cache over a whole chunk of users, where the whole matrix (64 MB) streamed from memory for every user: the
