@@ -385,10 +385,9 @@ def test_the_predictions_pass_gives_the_same_table_and_figures_on_one_thread_as_
         results[threads] = outputs._prediction_tables(models, str(tmp_path / str(threads)), stamp, users, items)
     (one, test_1, seen_1, cold_1), (three, test_3, seen_3, cold_3) = results[1], results[3]
     assert one == three and cold_1 == cold_3 and test_1.equals(test_3) and seen_1.equals(seen_3)
-    files = {n: sorted(p.relative_to(tmp_path / n) for p in (tmp_path / n).rglob("*.parquet")) for n in "13"}
-    assert len(files["1"]) >= 3 and files["1"] == files["3"]
-    files = files["1"]
-    for rel in files:
+    written = {n: sorted(p.relative_to(tmp_path / n) for p in (tmp_path / n).rglob("*.parquet")) for n in "13"}
+    assert len(written["1"]) >= 3 and written["1"] == written["3"]
+    for rel in written["1"]:
         assert pq.read_table(tmp_path / "1" / rel).equals(pq.read_table(tmp_path / "3" / rel))
 
 
