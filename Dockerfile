@@ -32,8 +32,11 @@ WORKDIR /home/ray/recdist
 
 # No data and no credentials in the image: ml-20m's licence forbids redistribution, so jobs download it
 # (checksum-verified) into RECDIST_CACHE or read it from the user's bucket; S3 keys come from the pod's Secret.
+# ARROW_DEFAULT_MEMORY_POOL: every process of the pod (Ray's workers too) takes Arrow's buffers from jemalloc, as
+# `recdist` does for itself (recdist.storage.prefer_jemalloc).
 ENV RECDIST_CACHE=/home/ray/.cache/recdist \
     RAY_TRAIN_V2_ENABLED=1 \
+    ARROW_DEFAULT_MEMORY_POOL=jemalloc \
     PYTHONDONTWRITEBYTECODE=1
 
 # The commit the image was built from, stamped into every output file (recdist.git_commit; the image has no .git):

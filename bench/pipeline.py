@@ -80,8 +80,10 @@ def main() -> None:
     from recdist.infer.scored import ScoreOptions, score_local
     from recdist.infer.session import SessionStep
     from recdist.pipeline import run_pipeline
+    from recdist.storage import prefer_jemalloc
     from recdist.train.cluster import worker_plan
 
+    prefer_jemalloc()  # as the recdist command does for itself
     overrides: dict = {"source.dataset": "synthetic"}
     if args.ratings:
         scale = args.ratings / 20_000_263

@@ -719,6 +719,9 @@ def _switches(command: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user-facing errors print what/where/fix and exit 2, with no traceback."""
+    from recdist.storage import prefer_jemalloc
+
+    prefer_jemalloc()
     try:
         _switches(typer.main.get_command(app))(args=argv, prog_name="recdist")
     except RecdistError as e:

@@ -27,6 +27,23 @@ from recdist.errors import StorageError
 MANIFEST = "manifest.json"
 
 
+ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def prefer_jemalloc() -> None:
+    """Arrow's buffers from jemalloc, in this process and the ones it starts (a local Ray cluster's workers), unless
+    $ARROW_DEFAULT_MEMORY_POOL already names a pool. Arrow's default, mimalloc, hands memory back and faults it in
+    again at every shard when threads read and write Parquet side by side: the outputs stage's predictions pass
+    took 23 s with it on 2 cores and 16 s with jemalloc (and 2.2x the system time)."""
+    if os.environ.get(ARROW_POOL_ENV):
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow built without jemalloc: keep its default
+        return
+    os.environ[ARROW_POOL_ENV] = "jemalloc"
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

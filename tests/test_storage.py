@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -354,3 +355,17 @@ def test_ray_workers_reach_the_test_s3_server(ray_cluster, s3_bucket):
 
     ray_cluster.get(write.remote(s3_bucket + "/from-worker.json"))
     assert storage.read_json(s3_bucket + "/from-worker.json") == {"from": "worker"}
+
+
+@pytest.mark.parametrize("given", [None, "system"])
+def test_recdist_takes_arrows_buffers_from_jemalloc_unless_a_pool_is_named(given):
+    env = {k: v for k, v in os.environ.items() if k != storage.ARROW_POOL_ENV}
+    if given:
+        env[storage.ARROW_POOL_ENV] = given
+    code = (
+        "import os, pyarrow as pa; from recdist.storage import prefer_jemalloc; prefer_jemalloc(); "
+        "print(pa.default_memory_pool().backend_name, os.environ.get('ARROW_DEFAULT_MEMORY_POOL'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    expected = given or "jemalloc"
+    assert out.stdout.split() == [expected, expected]  # and the processes it starts inherit the choice
