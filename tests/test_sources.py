@@ -431,6 +431,23 @@ def test_float_id_and_timestamp_columns_take_whole_numbers_and_name_the_row_of_a
         assert err.value.where == f"{path}, row 2", (column, values)
 
 
+def test_typed_integer_and_float_columns_are_checked_for_missing_values_only(tmp_path):
+    ints = {"userId": pa.array([1, 1, 2], pa.int32()), "rating": pa.array([4, 3, 5], pa.int8())}
+    small = _parquet(tmp_path / "i.parquet", **ints)
+    assert _ratings(small).equals(EXPECTED.with_columns(rating=pl.Series([4.0, 3.0, 5.0], dtype=pl.Float32)))
+    stamps = _ratings(_parquet(tmp_path / "t.parquet", timestamp=pa.array([100, None, 300], pa.int64())))
+    assert stamps["timestamp"].to_list() == [100, None, 300]  # a missing timestamp is allowed
+    for column, values, words in [
+        ("rating", pa.array([4.0, None, 5.0], pa.float64()), "rating is missing"),
+        ("movieId", pa.array([10, None, 10], pa.int16()), "item id is missing"),
+        ("userId", pa.array([1, 2**63 + 5, 2], pa.uint64()), "user id '9223372036854775813' is not an integer"),
+    ]:
+        path = _parquet(tmp_path / "bad.parquet", **{column: values})
+        with pytest.raises(DataError, match=words) as err:
+            read_ratings(str(path))
+        assert err.value.where == f"{path}, row 2", (column, values)
+
+
 def test_parquet_movies_files_are_checked_like_ratings_and_take_list_genres(tmp_path):
     movies = {"movieId": [10, 20], "title": ["Ten", "Twenty"], "genres": [["Drama"], ["Comedy", "Drama"]]}
     pq.write_table(pa.table(movies), tmp_path / "movies.parquet")

@@ -401,9 +401,15 @@ def _column_problem(frame: pl.DataFrame, name: str, role: str) -> tuple[int, str
     whole numbers are taken; NaN is a missing value; a fraction, an infinity or a number beyond 2^53 is refused.
     """
     values = frame.get_column(name)
-    if not (values.dtype.is_float() and _ROLES[role][2] == pl.Int64):
+    label, _, dtype = _ROLES[role]
+    if (values.dtype.is_integer() and values.dtype != pl.UInt64) or (values.dtype.is_float() and dtype == pl.Float32):
+        # A typed number the role's type holds: only a missing value can be wrong (no text to parse; casting 20M
+        # values to strings to check them took a quarter of `prepare --previous` on a Parquet file).
+        if role == "timestamp" or not values.has_nulls():
+            return None
+        return int(values.is_null().arg_true()[0]), f"{label} is missing"
+    if not (values.dtype.is_float() and dtype == pl.Int64):
         return _first_problem(values.cast(pl.String), role)
-    label = _ROLES[role][0]
     missing = values.is_null() | values.is_nan()
     fine = missing | ((values.abs() < _EXACT_FLOAT) & (values == values.floor()))
     problem = ~fine if role == "timestamp" else missing | ~fine  # timestamps may be missing
