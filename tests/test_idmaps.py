@@ -10,7 +10,7 @@ import pytest
 
 from recdist.config import load_config
 from recdist.data import dataset
-from recdist.data.idmaps import stable_ids
+from recdist.data.idmaps import keep_splits, stable_ids
 from recdist.data.prepare import prepare
 
 HEADER = "userId,movieId,rating,timestamp\n"
@@ -43,6 +43,22 @@ def test_stable_ids_keep_known_append_new_in_id_order():
     every, idx = stable_ids(pl.Series([30, 10, 20]), pl.Series("user_id", [5, 10, 30, 40]))
     assert every.to_list() == [30, 10, 20, 5, 40]  # 20 is gone: it keeps its index
     assert idx.tolist() == [3, 1, 0, 4]
+
+
+@pytest.mark.parametrize("far", [4, -(2**40), 2**62])  # a user id of yesterday's; 2^62: too wide to pack in 63 bits
+def test_keep_splits_takes_the_previous_split_of_every_pair_it_held(far):
+    from recdist.data.idmaps import _pair_key
+
+    today = pl.DataFrame({"user_id": [1, 1, 2, 3, 2], "item_id": [10, 20, 10, 30, 99]}).with_columns(
+        split=pl.Series(["train", "test", "val", "train", "test"])
+    )
+    yesterday = pl.DataFrame({"user_id": [2, 1, 3, far], "item_id": [10, 20, 10, 10]}).with_columns(
+        split=pl.Series(["test", "test", "val", "val"])
+    )
+    kept, changed = keep_splits(today, yesterday)
+    assert kept["split"].to_list() == ["train", "test", "test", "train", "test"]  # (2, 10) keeps its test split
+    assert kept.select("user_id", "item_id").equals(today.select("user_id", "item_id")) and changed == 1
+    assert (_pair_key(today, yesterday) is None) == (far == 2**62)
 
 
 @pytest.mark.parametrize("split", ["random", "user", "time"])

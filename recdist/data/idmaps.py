@@ -57,13 +57,33 @@ def stable_ids(previous: pl.Series, present: pl.Series) -> tuple[pl.Series, np.n
 def keep_splits(df: pl.DataFrame, previous: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """`df` (user_id, item_id, split, ...) with the previous split of every rating the previous dataset held;
     also how many ratings kept a split that differs from the one just assigned."""
-    joined = df.join(
-        previous.rename({"split": "_prev"}).select("user_id", "item_id", "_prev"),
-        on=["user_id", "item_id"], how="left", maintain_order="left",
-    )  # fmt: skip
+    previous = previous.select("user_id", "item_id", _prev="split")
+    key = _pair_key(df, previous)
+    if key is None:
+        joined = df.join(previous, on=["user_id", "item_id"], how="left", maintain_order="left")
+    else:  # one int64 key: the 20M-row join at ML-20M size in half the time of the two-column one
+        previous = previous.select(key, "_prev")
+        joined = df.with_columns(key).join(previous, on="_pair", how="left", maintain_order="left").drop("_pair")
     changed = int((joined["_prev"].is_not_null() & (joined["_prev"] != joined["split"])).sum())
     out = joined.with_columns(pl.coalesce("_prev", "split").alias("split")).drop("_prev")
     return out, changed
+
+
+def _pair_key(*frames: pl.DataFrame) -> pl.Expr | None:
+    """(user_id, item_id) as one int64 expression `_pair`, the same pair the same number in every frame, or None
+    when the ids' ranges are too wide to pack into 63 bits."""
+    if not all(f.height for f in frames):
+        return None
+    lows, spans = [], []
+    for column in ("user_id", "item_id"):
+        low = min(int(f[column].min()) for f in frames)  # type: ignore[arg-type]
+        high = max(int(f[column].max()) for f in frames)  # type: ignore[arg-type]
+        lows.append(low)
+        spans.append(high - low + 1)
+    if spans[0] * spans[1] >= 1 << 63:
+        return None
+    user, item = (pl.col(c).cast(pl.Int64) - low for c, low in zip(("user_id", "item_id"), lows, strict=True))
+    return (user * spans[1] + item).alias("_pair")
 
 
 def restable(
