@@ -1,13 +1,14 @@
 """The analyst tables of a run (RUN/outputs/<table>/, recdist.tables): predictions, recommendations, item and
 user factors, similar movies, reliability deciles, and metrics.json, all with original ids and titles.
 
-Reads the final scored table shard by shard (memory: one shard plus the index columns), so it scales to
+Reads the final scored table a shard per thread (memory: a shard per thread plus the index columns), so it scales to
 ML-20M; the evaluation uses the test split only for measuring, never for choosing anything.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -209,8 +210,6 @@ def _prediction_tables(
 
 def _threads(tasks: int) -> int:
     """Threads for `tasks` independent shards: this machine's cores (at most 8: memory is a shard per thread)."""
-    import os
-
     return max(1, min(tasks, os.cpu_count() or 1, 8))
 
 
