@@ -8,7 +8,6 @@ ML-20M; the evaluation uses the test split only for measuring, never for choosin
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +22,7 @@ from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
+from recdist.infer.scoring import shard_threads
 from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
 from recdist.manifest import RunModels
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
@@ -192,7 +192,8 @@ def _prediction_tables(
     shards = shard_files(models.scored)
     parts: list[_ShardSums] = []
     one = partial(_prediction_shard, out=out, stamp=stamp, users=users, items=items)
-    with logs.Progress(log, "predictions", len(shards)) as progress, ThreadPoolExecutor(_threads(len(shards))) as pool:
+    pool = ThreadPoolExecutor(shard_threads(len(shards)))
+    with logs.Progress(log, "predictions", len(shards)) as progress, pool:
         for part in pool.map(one, enumerate(shards)):  # in shard order: the same sums whatever the timing
             parts.append(part)
             progress.update(len(parts))
@@ -206,11 +207,6 @@ def _prediction_tables(
     cold = pl.concat([p.cold for p in parts]).group_by("split").agg(pl.col("n", "cold").sum()).sort("split")
     counts = {r["split"]: {"rows": int(r["n"]), "cold": int(r["cold"])} for r in cold.iter_rows(named=True)}
     return result, tests, pl.concat([p.seen for p in parts]), counts
-
-
-def _threads(tasks: int) -> int:
-    """Threads for `tasks` independent shards: this machine's cores (at most 8: memory is a shard per thread)."""
-    return max(1, min(tasks, os.cpu_count() or 1, 8))
 
 
 @dataclass(frozen=True)

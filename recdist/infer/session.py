@@ -14,7 +14,6 @@ training split does not. Rows without a timestamp have no context and are no one
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ from numba import njit
 from recdist import storage
 from recdist.config import SessionConfig
 from recdist.errors import DataError
+from recdist.infer.scoring import shard_threads
 from recdist.schema import SCORED_PARQUET, SESSION_COLUMNS  # what stages 2 and 3 read
 from recdist.train.sampling import SAMPLE, TrainShare
 
@@ -82,7 +82,7 @@ class SessionStep:
                 sample = storage.join(folder, SAMPLE, "ratings", name)
                 storage.write_parquet(table.filter(share.keep(table)), sample, **SCORED_PARQUET)
 
-        with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:
+        with ThreadPoolExecutor(shard_threads(len(names))) as pool:
             list(pool.map(rewrite, range(len(names))))
 
 
