@@ -134,8 +134,8 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     train, timed = train[order], timed[order]
 
     def window(name: str, w: int) -> None:
-        columns = [out[f"sess_{name}_{c}"] for c in ("sum", "sq", "n")]
-        _window_sums(key, resid, train, timed, w, w if spec.future else 0, order, *columns)
+        sums = [out[f"sess_{name}_{c}"] for c in ("sum", "sq", "n")]
+        _window_sums(key, resid, train, timed, w, w if spec.future else 0, order, *sums)
 
     with ThreadPoolExecutor(2) as pool:  # the kernel releases the GIL; each window writes its own columns
         list(pool.map(window, ("short", "long"), spec.windows))
