@@ -19,17 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from numba import njit
+from numba import njit, prange
 
 from recdist import storage
 from recdist.config import SessionConfig
-from recdist.errors import DataError
 from recdist.infer.scoring import shard_threads
 from recdist.schema import SCORED_PARQUET, SESSION_COLUMNS  # what stages 2 and 3 read
 from recdist.train.sampling import SAMPLE, TrainShare
-
-#: Bits of a (user, time) key below the user: time spans up to 2^34 s (544 years) per dataset.
-_TIME_BITS = 34
+from recdist.train.sgd import counting_sort
 
 
 @dataclass(frozen=True)
@@ -105,71 +102,66 @@ def empty_session(n: int) -> dict[str, np.ndarray]:
 def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     """SESSION_COLUMNS for every row of `frame` (user_idx, timestamp, split, rating, mf_pred), in its order.
 
-    All rows sorted once by (user, time), then one compiled pass per window (the two in threads) with running
-    sums over the training rows inside it (two pointers): O(n) after the sort, no per-row Python.
+    One counting sort groups the rows by user (stable: O(n), no comparison sort of all rows), then one compiled
+    pass per user in parallel sorts the user's rows by time and sweeps both windows with running sums over the
+    training rows inside them (two pointers): no per-row Python.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    out = empty_session(frame.height)
     columns = frame.select(
-        timed=pl.col("timestamp").is_not_null(),
         time=pl.col("timestamp").fill_null(0).cast(pl.Int64),
+        timed=pl.col("timestamp").is_not_null(),
         train=(pl.col("split") == "train") & pl.col("timestamp").is_not_null(),
         resid=pl.col("rating").cast(pl.Float64) - pl.col("mf_pred").cast(pl.Float64),
     )
-    timed, train = columns["timed"].to_numpy(), columns["train"].to_numpy()
-    if not train.any():
-        return pl.DataFrame(out)
-    time = columns["time"].to_numpy()
-    time = time - time[timed].min()
-    if time.max() + max(spec.windows) >= 1 << _TIME_BITS:
-        raise DataError(  # `recdist prepare` converts milliseconds etc. to seconds; an older dataset may not have
-            "timestamps span more than 2^34 seconds (544 years): not seconds since the epoch?",
-            where="the dataset's timestamp column",
-            fix="prepare the dataset again with this recdist: it converts millisecond timestamps to seconds",
-        )
-    key = (frame["user_idx"].to_numpy().astype(np.int64) << _TIME_BITS) + time
-    order = np.argsort(key, kind="stable")
-    key, resid = key[order], columns["resid"].to_numpy()[order]
-    train, timed = train[order], timed[order]
-
-    def window(name: str, w: int) -> None:
-        sums = [out[f"sess_{name}_{c}"] for c in ("sum", "sq", "n")]
-        _window_sums(key, resid, train, timed, w, w if spec.future else 0, order, *sums)
-
-    with ThreadPoolExecutor(2) as pool:  # the kernel releases the GIL; each window writes its own columns
-        list(pool.map(window, ("short", "long"), spec.windows))
-    return pl.DataFrame(out)
+    out = np.zeros((len(SESSION_COLUMNS), frame.height), dtype=np.float32)
+    train = columns["train"].to_numpy()
+    if train.any():
+        user = frame["user_idx"].to_numpy()
+        n_users = int(user.max()) + 1
+        order = counting_sort(user, n_users, np.arange(frame.height, dtype=np.int64))
+        starts = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(user, minlength=n_users), out=starts[1:])
+        timed, time, resid = (columns[c].to_numpy() for c in ("timed", "time", "resid"))
+        windows = np.array(spec.windows, dtype=np.int64)
+        _user_windows(order, starts, time, train, timed, resid, windows, spec.future, out)
+    return pl.DataFrame({name: out[k] for k, name in enumerate(SESSION_COLUMNS)})
 
 
-@njit(cache=True, nogil=True)
-def _window_sums(key, resid, train, timed, before, after, order, total_out, squares_out, n_out):  # pragma: no cover
-    """Over rows sorted by key: for each timed row r, the training rows j != r with key[r] - before <= key[j]
-    <= key[r] + after: their sum of resid, sum of squares and count, written at the row's place order[r]
-    (left zero when there are none)."""
-    n = key.shape[0]
-    lo = 0
-    hi = 0
-    total = 0.0
-    squares = 0.0
-    count = 0
-    for r in range(n):
-        while hi < n and key[hi] <= key[r] + after:
-            if train[hi]:
-                total += resid[hi]
-                squares += resid[hi] * resid[hi]
-                count += 1
-            hi += 1
-        while key[lo] < key[r] - before:
-            if train[lo]:
-                total -= resid[lo]
-                squares -= resid[lo] * resid[lo]
-                count -= 1
-            lo += 1
-        own = 1 if train[r] else 0
-        k = count - own
-        if timed[r] and k > 0:
-            at = order[r]
-            total_out[at] = total - own * resid[r]
-            squares_out[at] = max(squares - own * resid[r] * resid[r], 0.0)
-            n_out[at] = k
+@njit(cache=True, nogil=True, parallel=True)
+def _user_windows(order, starts, time, train, timed, resid, windows, future, out):  # pragma: no cover (compiled)
+    """For each timed row r of each user (rows order[starts[u]:starts[u + 1]]) and window w: the user's training
+    rows j != r with time[r] - windows[w] <= time[j] <= time[r] (+ windows[w] with `future`): their sum of resid,
+    sum of squares and count, written at out[3w:3w + 3, r] (left zero when there are none)."""
+    for u in prange(starts.shape[0] - 1):
+        rows = order[starts[u] : starts[u + 1]]
+        rows = rows[np.argsort(time[rows], kind="mergesort")]  # stable: ties keep the frame's order
+        n = rows.shape[0]
+        for w in range(windows.shape[0]):
+            before = windows[w]
+            after = windows[w] if future else 0
+            lo = 0
+            hi = 0
+            total = 0.0
+            squares = 0.0
+            count = 0
+            for r in range(n):
+                at = rows[r]
+                while hi < n and time[rows[hi]] <= time[at] + after:
+                    j = rows[hi]
+                    if train[j]:
+                        total += resid[j]
+                        squares += resid[j] * resid[j]
+                        count += 1
+                    hi += 1
+                while time[rows[lo]] < time[at] - before:
+                    j = rows[lo]
+                    if train[j]:
+                        total -= resid[j]
+                        squares -= resid[j] * resid[j]
+                        count -= 1
+                    lo += 1
+                own = 1 if train[at] else 0
+                k = count - own
+                if timed[at] and k > 0:
+                    out[3 * w, at] = total - own * resid[at]
+                    out[3 * w + 1, at] = max(squares - own * resid[at] * resid[at], 0.0)
+                    out[3 * w + 2, at] = k

@@ -1,7 +1,7 @@
 """The model contract: every hook train/ and infer/ use, declared with its default on Model; seeded building blocks.
 
-Every layer here is created without PyTorch's default init (skip_init) and initialised from the caller's
-torch.Generator, so the same seed builds the same weights whatever else used the global RNG.
+Every layer here is created without PyTorch's default init and initialised from the caller's torch.Generator,
+so the same seed builds the same weights whatever else used the global RNG.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Model(nn.Module):
 
 def embedding(n: int, dim: int, std: float, generator: torch.Generator, *, frozen: bool = False) -> nn.Embedding:
     """An (n, dim) table drawn from N(0, std^2) (zeros when std == 0); `frozen` turns its gradient off."""
-    table = skip_init(nn.Embedding, n, dim)
+    table = nn.Embedding(n, dim, _weight=torch.empty(n, dim))  # not skip_init: its meta-device init imports dynamo
     with torch.no_grad():
         if std > 0:
             table.weight.normal_(0.0, std, generator=generator)

@@ -197,11 +197,14 @@ class OnMF(Model):
             raise RuntimeError(f"{self.registry_name}: call attach(mf_model) before using the model")
         user, item = batch.user, batch.item
         if torch.is_grad_enabled():
-            x = torch.cat([self.frozen.user_inputs[user], self.frozen.item_inputs[item], row], dim=-1)
+            x = torch.cat(
+                [self.frozen.user_inputs.index_select(0, user), self.frozen.item_inputs.index_select(0, item), row], -1
+            )
             return self.net(x).squeeze(-1)
         first = self.net[0]
         per_user, per_item = self._projections()
-        h = torch.addmm(per_user[user] + per_item[item], row, first.weight[:, self.frozen.width :].T)
+        h = per_user.index_select(0, user).add_(per_item.index_select(0, item))  # index_select: 3-4x [] on CPU
+        h = torch.addmm(h, row, first.weight[:, self.frozen.width :].T)
         return self.net[1:](h).squeeze(-1)
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, 
 
 
 @njit(cache=True, nogil=True)
-def _counting_sort(keys, n_keys, order):
+def counting_sort(keys, n_keys, order):
     """`order` stably re-sorted by keys[order] (keys in [0, n_keys)): one counting sort, O(n + n_keys)."""
     start = np.zeros(n_keys + 1, np.int64)
     for j in range(order.shape[0]):
@@ -114,12 +114,12 @@ def _bucket(users, items, ratings, ugroup, igroup, S, n_users, n_items):
     """
     n = users.shape[0]
     order = np.arange(n)
-    order = _counting_sort(items, n_items, order)
-    order = _counting_sort(users, n_users, order)
+    order = counting_sort(items, n_items, order)
+    order = counting_sort(users, n_users, order)
     block = np.empty(n, np.int32)
     for j in range(n):
         block[j] = ugroup[users[j]] * S + igroup[items[j]]
-    order = _counting_sort(block, S * S, order)
+    order = counting_sort(block, S * S, order)
     offsets = np.zeros(S * S + 1, np.int64)
     for j in range(n):
         offsets[block[j] + 1] += 1
