@@ -372,6 +372,39 @@ def test_the_session_context_is_blind_to_validation_and_test_ratings_and_keeps_r
     assert shuffled.equals(session_columns(frame, spec)[order])
 
 
+def test_the_session_context_equals_a_brute_force_count_on_random_ratings() -> None:
+    """Many users, ties in time, untimed rows, every split: each row's sums against a direct scan of its user."""
+    from recdist.infer.session import SESSION_COLUMNS, SessionSpec, session_columns
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    time = rng.integers(0, 400, n).astype(float)  # many ties within a user
+    time[rng.random(n) < 0.05] = np.nan
+    frame = pl.DataFrame(
+        {
+            "user_idx": rng.integers(0, 40, n).astype(np.int32),
+            "timestamp": pl.Series(time, nan_to_null=True).cast(pl.Int64),
+            "split": rng.choice(["train", "val", "test"], n, p=[0.7, 0.1, 0.2]),
+            "rating": rng.integers(1, 11, n) / 2,
+            "mf_pred": rng.uniform(1, 5, n),
+        }
+    )
+    for spec in (SessionSpec((30, 120)), SessionSpec((30, 120), future=True)):
+        got = session_columns(frame, spec).to_numpy()
+        user, t, split = frame["user_idx"].to_numpy(), frame["timestamp"].to_numpy(), frame["split"].to_numpy()
+        resid = frame["rating"].to_numpy() - frame["mf_pred"].to_numpy()
+        timed = ~np.isnan(t.astype(float))
+        expect = np.zeros((n, len(SESSION_COLUMNS)))
+        for r in np.flatnonzero(timed):
+            for w, window in enumerate(spec.windows):
+                after = window if spec.future else 0
+                near = (user == user[r]) & timed & (split == "train") & (np.arange(n) != r)
+                near &= (t >= t[r] - window) & (t <= t[r] + after)
+                if near.any():
+                    expect[r, 3 * w : 3 * w + 3] = resid[near].sum(), (resid[near] ** 2).sum(), near.sum()
+        np.testing.assert_allclose(got, expect, atol=1e-4)
+
+
 def test_equal_final_scores_keep_the_candidates_order() -> None:
     from recdist.infer.ranker import top_stable
 

@@ -53,6 +53,21 @@ def test_trainer_recovers_planted_ratings(planted: RankData) -> None:
     assert [r["epoch"] for r in rows] == list(range(len(rows)))
 
 
+@pytest.mark.parametrize("model", ["biased_mf", "sigmoid_mf"])
+def test_the_fused_kernel_evaluates_like_the_models_forward(planted: RankData, model: str, monkeypatch) -> None:
+    """Trainer.evaluate scores MF-family models with the fused kernel on a CPU: the same figures as forward()."""
+    from recdist.train import loop
+
+    trainer = make_trainer(planted, model, epochs=2)
+    trainer.fit()
+    assert loop.kernel_for(trainer.model) is not None
+    fused = trainer.final_metrics()
+    monkeypatch.setattr(loop, "kernel_for", lambda model: None)
+    plain = trainer.final_metrics()
+    for split in ("train", "val", "test"):
+        assert fused[split] == pytest.approx(plain[split], rel=1e-6)
+
+
 def test_early_stopping_restores_best_epoch(planted: RankData) -> None:
     # no regularisation, a wide rank and a high learning rate: overfits after a few epochs
     trainer = make_trainer(planted, params={"rank": 48, "reg": 0.0, "reg_bias": 0.0}, lr=0.1, epochs=40, patience=2)
