@@ -101,9 +101,7 @@ def fit_candidates(
     """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data`."""
     from recdist.data.dataset import read_rank
 
-    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(
-        pl.col("split").cast(pl.String) == "train"
-    )
+    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
     users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     if kind == "ease":
         reg, cap, sample = (
@@ -238,12 +236,14 @@ def _prediction_shard(
         errors["mf"] = m.error_sums(frame, "mf_pred")
     if "pred_error" in frame.columns and "error" in frame.columns:
         errors["reliability"] = m.error_sums(frame, "pred_error", target="error")
-    is_test = pl.col("split").cast(pl.String) == "test"
+    is_test = pl.col("split") == "test"  # no cast: a Categorical compares its codes
     keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
     return _ShardSums(
         errors=errors,
         items=m.item_sums(frame),
-        cold=frame.group_by(split=pl.col("split").cast(pl.String)).agg(n=pl.len(), cold=pl.col("cold").sum()),
+        cold=frame.group_by("split")
+        .agg(n=pl.len(), cold=pl.col("cold").sum())
+        .with_columns(pl.col("split").cast(pl.String)),
         test=frame.filter(is_test).select(keep),
         seen=frame.select("user_idx", "item_idx", is_test=is_test),
     )
@@ -428,9 +428,13 @@ def analyst_recommendations(ranked: pl.DataFrame) -> pl.DataFrame:
 def _user_factors(factors: dict[str, torch.Tensor], users: pl.DataFrame) -> pa.Table:
     """Users with training ratings: stage 1's bias and factors (cold users have none)."""
     known = users["n_train"].to_numpy() > 0
-    frame = users.filter(pl.Series(known)).select("user_id", "n_train").with_columns(
-        bias=pl.Series(factors["user_bias"].reshape(-1).numpy()[known]),
-        factors=pl.Series(list(factors["user_factors"].numpy()[known]), dtype=pl.List(pl.Float32)),
+    frame = (
+        users.filter(pl.Series(known))
+        .select("user_id", "n_train")
+        .with_columns(
+            bias=pl.Series(factors["user_bias"].reshape(-1).numpy()[known]),
+            factors=pl.Series(list(factors["user_factors"].numpy()[known]), dtype=pl.List(pl.Float32)),
+        )
     )
     return _to_schema(frame, USER_FACTORS)
 
@@ -490,7 +494,7 @@ def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pipelin
 
 def _csr(pairs: pl.DataFrame, n_users: int) -> Csr:
     """user -> rated items, from a frame of (user_idx, item_idx)."""
-    user, item = (torch.from_numpy(pairs[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
+    user, item = (torch.from_numpy(pairs[c].to_numpy()) for c in ("user_idx", "item_idx"))
     return Csr.build(user, item, n_users)
 
 

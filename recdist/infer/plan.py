@@ -50,9 +50,7 @@ def trained_on(data: str, folds: int = 0, fold_seed: int = 0) -> TrainedOn:
     n_users, n_items = int(manifest["n_users"]), int(manifest["n_items"])
     mean = float(manifest["global_mean"])
     if folds or not _has_counts(data):
-        train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(
-            pl.col("split").cast(pl.String) == "train"
-        )
+        train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
         user, item = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
         known_users, known_items = [known_mask(user, n_users)], [known_mask(item, n_items)]
         if folds:

@@ -25,8 +25,8 @@ from recdist import storage
 from recdist.config import SessionConfig
 from recdist.infer.scoring import shard_threads
 from recdist.schema import SCORED_PARQUET, SESSION_COLUMNS  # what stages 2 and 3 read
+from recdist.sorting import counting_sort
 from recdist.train.sampling import SAMPLE, TrainShare
-from recdist.train.sgd import counting_sort
 
 
 @dataclass(frozen=True)

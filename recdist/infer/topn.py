@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from recdist.sorting import counting_sort
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class Csr:
     @staticmethod
     def build(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> Csr:
         rows, cols = rows.long(), cols.long()
-        order = torch.argsort(rows, stable=True)
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < n_rows):
+            raise ValueError(f"Csr.build: row indices must lie in [0, {n_rows})")
+        order = torch.from_numpy(counting_sort(rows.numpy(), n_rows, np.arange(len(rows))))  # stable, O(n)
         counts = torch.bincount(rows, minlength=n_rows)
         indptr = torch.zeros(n_rows + 1, dtype=torch.long)
         indptr[1:] = torch.cumsum(counts, 0)
@@ -100,8 +105,9 @@ def popularity_top(
     order = torch.argsort(-n_train.double(), stable=True)
     position = torch.empty(len(n_train))
     position[order] = -torch.arange(len(n_train), dtype=torch.float32)  # exact in float32 below 2^24 items
-    scores, items = top_k_of(lambda block: position.expand(len(block), -1).clone(), users, n, exclude=exclude,
-                             allowed=allowed)
+    scores, items = top_k_of(
+        lambda block: position.expand(len(block), -1).clone(), users, n, exclude=exclude, allowed=allowed
+    )
     counts = n_train.float()[items]
     return torch.where(torch.isfinite(scores), counts, -torch.inf), items
 

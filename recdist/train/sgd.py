@@ -31,6 +31,7 @@ from numba import njit, prange
 
 from recdist.errors import ConfigError
 from recdist.models.batch import Batch
+from recdist.sorting import counting_sort
 from recdist.train import dist
 from recdist.train.solvers import Problem, Schedule, default_lr, epoch_generator, rank_counts, trained_tables
 
@@ -85,24 +86,24 @@ def _sweep(users, items, ratings, offsets, blocks, seeds, P, Q, bu, bi, mu, lr, 
     for b in prange(blocks.shape[0]):
         blk = blocks[b]
         sse[blk] = _block_pass(
-            users, items, ratings, offsets[blk], offsets[blk + 1], seeds[blk], P, Q, bu, bi, mu, lr, ru, ri, reg, reg_b,
+            users,
+            items,
+            ratings,
+            offsets[blk],
+            offsets[blk + 1],
+            seeds[blk],
+            P,
+            Q,
+            bu,
+            bi,
+            mu,
+            lr,
+            ru,
+            ri,
+            reg,
+            reg_b,
             biased,
         )
-
-
-@njit(cache=True, nogil=True)
-def counting_sort(keys, n_keys, order):
-    """`order` stably re-sorted by keys[order] (keys in [0, n_keys)): one counting sort, O(n + n_keys)."""
-    start = np.zeros(n_keys + 1, np.int64)
-    for j in range(order.shape[0]):
-        start[keys[order[j]] + 1] += 1
-    start = np.cumsum(start)
-    out = np.empty_like(order)
-    for j in range(order.shape[0]):
-        k = keys[order[j]]
-        out[start[k]] = order[j]
-        start[k] += 1
-    return out
 
 
 @njit(cache=True, nogil=True)
