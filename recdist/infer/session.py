@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from numba import njit, prange
+from numba import njit
 
 from recdist import storage
 from recdist.config import SessionConfig
@@ -102,10 +102,13 @@ def empty_session(n: int) -> dict[str, np.ndarray]:
 def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
     """SESSION_COLUMNS for every row of `frame` (user_idx, timestamp, split, rating, mf_pred), in its order.
 
-    One counting sort groups the rows by user (stable: O(n), no comparison sort of all rows), then one compiled
-    pass per user in parallel sorts the user's rows by time and sweeps both windows with running sums over the
-    training rows inside them (two pointers): no per-row Python.
+    One counting sort groups the rows by user (stable: O(n), no comparison sort of all rows), then a compiled
+    pass sorts each user's rows by time and sweeps both windows with running sums over the training rows inside
+    them (two pointers): no per-row Python. Users are split into ranges of equal rows, one thread each (the
+    kernel releases the GIL; numba's own parallel loops cost seconds of compiling in every fresh container).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     columns = frame.select(
         time=pl.col("timestamp").fill_null(0).cast(pl.Int64),
         timed=pl.col("timestamp").is_not_null(),
@@ -122,16 +125,24 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
         np.cumsum(np.bincount(user, minlength=n_users), out=starts[1:])
         timed, time, resid = (columns[c].to_numpy() for c in ("timed", "time", "resid"))
         windows = np.array(spec.windows, dtype=np.int64)
-        _user_windows(order, starts, time, train, timed, resid, windows, spec.future, out)
+        threads = shard_threads(8)
+        bounds = np.searchsorted(starts, np.linspace(0, frame.height, threads + 1)).clip(0, n_users)
+        bounds[-1] = n_users
+
+        def users(k: int) -> None:
+            _user_windows(order, starts, bounds[k], bounds[k + 1], time, train, timed, resid, windows, spec.future, out)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(users, range(threads)))
     return pl.DataFrame({name: out[k] for k, name in enumerate(SESSION_COLUMNS)})
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _user_windows(order, starts, time, train, timed, resid, windows, future, out):  # pragma: no cover (compiled)
-    """For each timed row r of each user (rows order[starts[u]:starts[u + 1]]) and window w: the user's training
+@njit(cache=True, nogil=True)
+def _user_windows(order, starts, first, last, time, train, timed, resid, windows, future, out):  # pragma: no cover
+    """For each timed row r of users first..last-1 (rows order[starts[u]:starts[u + 1]]) and window w: the training
     rows j != r with time[r] - windows[w] <= time[j] <= time[r] (+ windows[w] with `future`): their sum of resid,
     sum of squares and count, written at out[3w:3w + 3, r] (left zero when there are none)."""
-    for u in prange(starts.shape[0] - 1):
+    for u in range(first, last):
         rows = order[starts[u] : starts[u + 1]]
         rows = rows[np.argsort(time[rows], kind="mergesort")]  # stable: ties keep the frame's order
         n = rows.shape[0]
