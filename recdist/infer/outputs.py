@@ -32,6 +32,7 @@ from recdist.schema import (
     PREDICTIONS,
     RECOMMENDATIONS,
     RELIABILITY_DECILES,
+    SESSION_COLUMNS,
     SIMILAR_ITEMS,
     USER_FACTORS,
 )
@@ -228,7 +229,10 @@ def _prediction_shard(
 ) -> _ShardSums:
     """Write scored shard `job` = (n, uri) as part n of the predictions table; its partial sums."""
     n, uri = job
-    frame = pl.from_arrow(storage.read_parquet(uri))
+    from recdist.train.data import table_columns
+
+    wanted = [c for c in table_columns(uri) if c not in SESSION_COLUMNS]  # stages 2-3's inputs: not needed here
+    frame = pl.from_arrow(storage.read_parquet(uri, columns=wanted))
     assert isinstance(frame, pl.DataFrame)
     tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)
     errors = {"rating": m.error_sums(frame, "pred_rating")}

@@ -86,7 +86,7 @@ def split_batches(
     frame: pl.DataFrame, target: str, inputs: tuple[str, ...], device: torch.device
 ) -> dict[str, Batch | None]:
     """train/val/test Batches of a frame with a `split` column (None for an empty val/test split)."""
-    split = frame["split"].cast(pl.String)
+    split = frame["split"]  # no cast: a Categorical compares its codes
     out: dict[str, Batch | None] = {}
     for name in ("train", "val", "test"):
         part = frame.filter(split == name)
@@ -128,7 +128,7 @@ def load_rank_data(
         ctx = parts["train"]
         if world > 1:
             full = dataset.read_rank(uri, 0, 1, columns=columns)
-            ctx = frame_to_batch(full.filter(pl.col("split").cast(pl.String) == "train"), target, inputs, device)
+            ctx = frame_to_batch(full.filter(pl.col("split") == "train"), target, inputs, device)
     return RankData(parts["train"], parts["val"], parts["test"], dataset.dims(manifest), ctx)
 
 

@@ -61,7 +61,7 @@ def drop_fold(ratings: pl.DataFrame, fold: int, folds: int, seed: int = 0) -> pl
     Validation and test rows stay (early stopping and test metrics as for the full model).
     """
     k = fold_of(ratings["user_idx"].to_numpy(), ratings["item_idx"].to_numpy(), folds, seed)
-    held_out = pl.Series(k == fold) & (ratings["split"].cast(pl.String) == "train")
+    held_out = pl.Series(k == fold) & (ratings["split"] == "train")
     return ratings.filter(~held_out)
 
 
@@ -81,7 +81,7 @@ def write_fold_dataset(data: str, out: str, fold: int, folds: int, seed: int = 0
     shards = max(1, int(source.get("shards", 1)))
     splits = {s: 0 for s in ("train", "val", "test")}
     splits.update(dict(kept.group_by(pl.col("split").cast(pl.String)).len().iter_rows()))
-    train_mean = kept.filter(pl.col("split").cast(pl.String) == "train")["rating"].mean()
+    train_mean = kept.filter(pl.col("split") == "train")["rating"].mean()
     with storage.staged_output(out, overwrite=True) as tmp:
         for s in range(shards):
             lo, hi = s * table.num_rows // shards, (s + 1) * table.num_rows // shards
