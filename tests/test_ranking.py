@@ -105,6 +105,15 @@ def test_ease_scores_a_block_of_columns_at_a_time_with_the_same_sums(monkeypatch
     assert torch.equal(model.column_scores(torch.arange(x.shape[0])), whole)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 50])  # 50: more threads than users, empty blocks dropped
+def test_the_gram_matrix_from_blocks_of_users_in_threads_is_exact(threads: int) -> None:
+    from recdist.models.implicit import _gram, _matrix
+
+    users, items, x = _pairs()
+    matrix = _matrix(users.numpy(), items.numpy(), *x.shape)
+    assert np.array_equal(_gram(matrix, threads), (x.T @ x).astype(np.float32))
+
+
 def test_ease_scores_only_the_modelled_movies() -> None:
     users, items, x = _pairs()
     modelled = torch.zeros(x.shape[1], dtype=torch.bool)

@@ -498,7 +498,7 @@ def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pipelin
 
 def _csr(pairs: pl.DataFrame, n_users: int) -> Csr:
     """user -> rated items, from a frame of (user_idx, item_idx)."""
-    user, item = (torch.from_numpy(pairs[c].to_numpy()) for c in ("user_idx", "item_idx"))
+    user, item = (torch.from_numpy(pairs[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     return Csr.build(user, item, n_users)
 
 

@@ -13,6 +13,7 @@ no Ray, no files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -93,6 +94,19 @@ def _matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):  
     return x
 
 
+def _gram(x, threads: int = 0):  # x: scipy.sparse.csr_matrix -> np.ndarray
+    """X^T X as a dense array, from blocks of rows in threads (SciPy's sparse product releases the GIL: 2 threads
+    take 55% of one's time at ML-20M). Counts of co-rated pairs: exact in float32, whatever the blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    bounds = np.linspace(0, x.shape[0], threads + 1).astype(np.int64)
+    blocks = [x[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    with ThreadPoolExecutor(len(blocks) or 1) as pool:
+        parts = list(pool.map(lambda b: (b.T @ b).toarray(), blocks))
+    return sum(parts[1:], parts[0]) if parts else np.zeros((x.shape[1], x.shape[1]), np.float32)
+
+
 def fit_ease(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -127,7 +141,7 @@ def fit_ease(
         sampled[np.random.default_rng(seed).choice(n_users, max_users, replace=False)] = True
         inside &= sampled[u]
     x = _matrix(u[inside], column[i[inside]], n_users, len(cols))
-    gram = torch.from_numpy((x.T @ x).toarray()).double()
+    gram = torch.from_numpy(_gram(x)).double()
     lam = reg * float(gram.diagonal().mean()) if len(cols) else reg
     gram.diagonal().add_(lam)
     p = torch.cholesky_inverse(torch.linalg.cholesky(gram))
