@@ -128,7 +128,7 @@ def main() -> None:
         clock = time.perf_counter()
         write_synthetic(cfg.synth, str(source), overwrite=True)
         generated = time.perf_counter() - clock
-        cfg = load_config(args.config, {**overrides, "source.dataset": None, "source.path": str(source)})
+        cfg = load_config(args.config, {**overrides, "source.path": str(source)}, nulls=("source.dataset",))
     cpus = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
 
