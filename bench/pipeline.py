@@ -128,7 +128,8 @@ def main() -> None:
         clock = time.perf_counter()
         write_synthetic(cfg.synth, str(source), overwrite=True)
         generated = time.perf_counter() - clock
-        cfg = load_config(args.config, {**overrides, "source.path": str(source)}, nulls=("source.dataset",))
+        sized = {k: v for k, v in overrides.items() if k != "source.dataset"}
+        cfg = load_config(args.config, {**sized, "source.path": str(source)}, nulls=("source.dataset",))
     cpus = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
 
