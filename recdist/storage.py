@@ -224,6 +224,15 @@ def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
     fs.pipe_file(path, sink.getvalue().to_pybytes())
 
 
+def parquet_schema(uri: str) -> pa.Schema:
+    """The schema of one Parquet file, from its footer only."""
+    afs, path = arrow_filesystem(uri)
+    try:
+        return pq.read_schema(path, filesystem=afs)
+    except FileNotFoundError as e:
+        raise StorageError(f"Parquet file not found: {uri}", fix="check the path") from e
+
+
 def read_parquet(uri: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
     afs, path = arrow_filesystem(uri)
     try:

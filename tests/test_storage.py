@@ -369,3 +369,12 @@ def test_recdist_takes_arrows_buffers_from_jemalloc_unless_a_pool_is_named(given
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     expected = given or "jemalloc"
     assert out.stdout.split() == [expected, expected]  # and the processes it starts inherit the choice
+
+
+def test_parquet_schema_reads_the_footer_and_names_a_missing_file(tmp_path) -> None:
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"user_idx": pa.array([1], pa.int32()), "rating": [4.0]}), path)
+    schema = storage.parquet_schema(str(path))
+    assert schema.names == ["user_idx", "rating"] and schema.field("user_idx").type == pa.int32()
+    with pytest.raises(StorageError, match="not found"):
+        storage.parquet_schema(str(tmp_path / "gone.parquet"))

@@ -229,9 +229,7 @@ def _prediction_shard(
 ) -> _ShardSums:
     """Write scored shard `job` = (n, uri) as part n of the predictions table; its partial sums."""
     n, uri = job
-    from recdist.train.data import table_columns
-
-    wanted = [c for c in table_columns(uri) if c not in SESSION_COLUMNS]  # stages 2-3's inputs: not needed here
+    wanted = [c for c in storage.parquet_schema(uri).names if c not in SESSION_COLUMNS]  # stages 2-3 read those
     frame = pl.from_arrow(storage.read_parquet(uri, columns=wanted))
     assert isinstance(frame, pl.DataFrame)
     tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)

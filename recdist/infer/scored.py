@@ -86,7 +86,7 @@ def score_shard(
     OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
     `share`); returns the rows written. The work of one Ray Data task."""
     table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
-    schema = _scored_schema(_file_schema(source), predictor.plan.role)
+    schema = _scored_schema(storage.parquet_schema(source), predictor.plan.role)
     parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
         predictor(table)
     ]
@@ -262,10 +262,3 @@ def _polars_storage(uri: str) -> dict[str, str] | None:
         "AWS_DEFAULT_REGION": "aws_region",
     }
     return {v: os.environ[k] for k, v in keys.items() if k in os.environ}
-
-
-def _file_schema(uri: str) -> pa.Schema:
-    import pyarrow.parquet as pq
-
-    afs, path = storage.arrow_filesystem(uri)
-    return pq.read_schema(path, filesystem=afs)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 import torch
 
 from recdist import storage
@@ -113,7 +112,7 @@ def load_rank_data(
     device = torch.device(device)
     columns = [*INDEX_COLUMNS, target, *inputs, "split"]
     manifest = dataset.read_manifest(uri)
-    check_columns(uri, columns, table_columns(dataset.shard_files(uri)[0]))
+    check_columns(uri, columns, storage.parquet_schema(dataset.shard_files(uri)[0]).names)
     frame = dataset.read_rank(uri, rank, world, columns=columns)
     check_values(frame, [target, *inputs], where=uri)
     parts = split_batches(frame, target, inputs, device)
@@ -130,9 +129,3 @@ def load_rank_data(
             full = dataset.read_rank(uri, 0, 1, columns=columns)
             ctx = frame_to_batch(full.filter(pl.col("split") == "train"), target, inputs, device)
     return RankData(parts["train"], parts["val"], parts["test"], dataset.dims(manifest), ctx)
-
-
-def table_columns(uri: str) -> list[str]:
-    """Column names of one Parquet file, from its footer only."""
-    fs, path = storage.arrow_filesystem(uri)
-    return pq.read_schema(path, filesystem=fs).names

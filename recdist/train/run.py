@@ -41,7 +41,7 @@ from recdist.models.batch import Dims
 from recdist.schema import SCHEMA_VERSION
 from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, worker_plan
-from recdist.train.data import check_columns, load_rank_data, table_columns
+from recdist.train.data import check_columns, load_rank_data
 from recdist.train.loop import Trainer
 from recdist.train.sessions import CHECKPOINTS_KEPT, InProcessSession, WorkerSession
 
@@ -384,7 +384,7 @@ def check_inputs(data: str, model_cls: type[Model], upstream: str | None) -> dic
     if not shards:
         raise DataError("the dataset has no ratings shards", where=data, fix="run `recdist prepare` again")
     columns = ["user_idx", "item_idx", model_cls.target, *model_cls.inputs, "split"]
-    check_columns(data, columns, table_columns(shards[0]))
+    check_columns(data, columns, storage.parquet_schema(shards[0]).names)
     if model_cls.upstream:
         if not upstream:
             raise ConfigError(
