@@ -29,10 +29,15 @@ from recdist.train.sampling import SAMPLE, TrainShare
 
 
 class FeatureStep(Protocol):
-    """A pass over a whole written scored table before its commit that adds row features (session.SessionStep)."""
+    """A pass over a whole scored table before its commit that adds row features (session.SessionStep): over
+    the shards in memory (score_local) or over the written table (Ray Data's tasks write their shards)."""
 
     name: str
     columns: tuple[str, ...]
+
+    def add(self, tables: list[pa.Table]) -> list[pa.Table]:
+        """Every shard (in shard order) with `columns` added."""
+        ...
 
     def __call__(self, folder: str, share: TrainShare | None) -> None:
         """Add `columns` to every shard under FOLDER/ratings (and to FOLDER/sample/ratings with `share`)."""
@@ -85,12 +90,21 @@ def score_shard(
     """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
     OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
     `share`); returns the rows written. The work of one Ray Data task."""
+    return write_shard(scored_shard(predictor, source, batch_size), out, shard, share)
+
+
+def scored_shard(predictor: Predictor, source: str, batch_size: int) -> pa.Table:
+    """Input shard `source` with the role's columns added, in memory."""
     table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
     schema = _scored_schema(storage.parquet_schema(source), predictor.plan.role)
     parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
         predictor(table)
     ]
-    scored = pa.concat_tables(parts).select(schema.names).cast(schema)
+    return pa.concat_tables(parts).select(schema.names).cast(schema)
+
+
+def write_shard(scored: pa.Table, out: str, shard: int, share: TrainShare | None = None) -> int:
+    """Write a scored shard as OUT/ratings/part-<shard>.parquet (and its share as OUT/sample/ratings/...)."""
     name = f"part-{shard:05d}.parquet"
     storage.write_parquet(scored, storage.join(out, "ratings", name), **SCORED_PARQUET)
     if share is not None:
@@ -105,7 +119,10 @@ def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | Non
     cluster.in_process), and the bench's baseline for Ray Data's overhead.
 
     `options.workers` shards at a time in threads (Polars, Arrow, PyTorch and the MF kernel release the GIL),
-    each with one PyTorch thread; memory: `workers` shards; on a GPU with `options.gpu`.
+    each with one PyTorch thread; memory: `workers` shards; on a GPU with `options.gpu`. With feature steps
+    (stage 1's session context) every scored shard stays in memory until the steps have added their columns,
+    then each is written once (memory: the whole scored table, ~1 GB at 20M ratings), where Ray Data's pass
+    writes its shards and the steps read them back and rewrite them.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,21 +133,44 @@ def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | Non
     predictor = Predictor(plan)
     t0 = time.perf_counter()
     with one_thread(), storage.staged_output(out, overwrite=opts.overwrite) as tmp:
-
-        def one(n: int, source: str) -> int:
-            return score_shard(predictor, source, tmp, n, opts.batch_size, opts.share)
-
+        files = shard_files(data)
+        steps: dict[str, float] = {}
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-            list(pool.map(one, *zip(*enumerate(shard_files(data)), strict=True)))
-        result = commit(tmp, out, data, plan, model_uri, opts, seconds=time.perf_counter() - t0, engine="local")
+            if opts.features:
+                tables = list(pool.map(lambda source: scored_shard(predictor, source, opts.batch_size), files))
+                seconds = time.perf_counter() - t0
+                for step in opts.features:
+                    clock = time.perf_counter()
+                    tables = step.add(tables)
+                    steps[step.name] = time.perf_counter() - clock
+                list(pool.map(lambda n: write_shard(tables[n], tmp, n, opts.share), range(len(tables))))
+                del tables
+            else:
+                list(
+                    pool.map(
+                        lambda n: score_shard(predictor, files[n], tmp, n, opts.batch_size, opts.share),
+                        range(len(files)),
+                    )
+                )
+                seconds = time.perf_counter() - t0
+        result = commit(tmp, out, data, plan, model_uri, opts, seconds=seconds, engine="local", steps=steps)
     return {**result, "out": out}
 
 
 def commit(
-    tmp: str, out: str, data: str, plan: ScoringPlan, model_uri: str, opts: ScoreOptions, **figures: Any
+    tmp: str,
+    out: str,
+    data: str,
+    plan: ScoringPlan,
+    model_uri: str,
+    opts: ScoreOptions,
+    *,
+    steps: dict[str, float] | None = None,
+    **figures: Any,
 ) -> dict[str, Any]:
-    """Finish a written pass in its staging directory `tmp` (committed to `out`): run the feature steps, copy
-    users/items, check the rows, and write the sample's manifest and then the scored table's, last.
+    """Finish a written pass in its staging directory `tmp` (committed to `out`): run the feature steps over the
+    written table (unless `steps` gives their seconds: they ran in memory), copy users/items, check the rows,
+    and write the sample's manifest and then the scored table's, last.
 
     figures: seconds and engine of the scoring pass, plus the engine's own (actors, ...). Returns the pass's
     figures: rows, seconds, rows_per_s, files, role, columns, engine, ...
@@ -139,6 +179,9 @@ def commit(
 
     extra: dict[str, Any] = {}
     for step in opts.features:
+        if steps:
+            extra[f"{step.name}_seconds"] = round(steps[step.name], 3)
+            continue
         t0 = time.perf_counter()
         step(tmp, opts.share)
         extra[f"{step.name}_seconds"] = round(time.perf_counter() - t0, 3)

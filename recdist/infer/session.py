@@ -57,6 +57,12 @@ class SessionStep:
     name: str = "session"
     columns: tuple[str, ...] = SESSION_COLUMNS
 
+    def add(self, tables: list[pa.Table]) -> list[pa.Table]:
+        """The shards of a scored table in memory (in shard order) with SESSION_COLUMNS added: what
+        score_local writes once, where the written table's pass (__call__) reads it back and rewrites it."""
+        parts = self._context([pl.from_arrow(t.select(list(_NEEDED))) for t in tables])
+        return [_with_session(table, part) for table, part in zip(tables, parts, strict=True)]
+
     def __call__(self, folder: str, share: TrainShare | None) -> None:
         """Add SESSION_COLUMNS to every shard of a written scored table (and to its sample/): one read of the
         columns they need over all shards (a user's ratings sit in every shard), then the shards rewritten in
@@ -65,15 +71,13 @@ class SessionStep:
 
         ratings = storage.join(folder, "ratings")
         names = [p for p in storage.listdir(ratings) if p.endswith(".parquet")]
-        needed = ["user_idx", "timestamp", "split", "rating", "mf_pred"]
-        frames = [pl.from_arrow(storage.read_parquet(storage.join(ratings, n), columns=needed)) for n in names]
-        context = session_columns(pl.concat(frames), self.spec)
-        starts = np.cumsum([0, *(f.height for f in frames)])
+        parts = self._context(
+            [pl.from_arrow(storage.read_parquet(storage.join(ratings, n), columns=list(_NEEDED))) for n in names]
+        )
 
         def rewrite(n: int) -> None:
             name = names[n]
-            part = context.slice(int(starts[n]), int(starts[n + 1] - starts[n]))
-            table = _with_session(storage.read_parquet(storage.join(ratings, name)), part)
+            table = _with_session(storage.read_parquet(storage.join(ratings, name)), parts[n])
             storage.write_parquet(table, storage.join(ratings, name), **SCORED_PARQUET)
             if share is not None:
                 sample = storage.join(folder, SAMPLE, "ratings", name)
@@ -81,6 +85,17 @@ class SessionStep:
 
         with ThreadPoolExecutor(shard_threads(len(names))) as pool:
             list(pool.map(rewrite, range(len(names))))
+
+    def _context(self, frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
+        """Every shard's session columns, from the _NEEDED columns of all shards (one user's ratings sit in
+        every shard)."""
+        context = session_columns(pl.concat(frames), self.spec)
+        starts = np.cumsum([0, *(f.height for f in frames)])
+        return [context.slice(int(lo), int(hi - lo)) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+
+
+_NEEDED = ("user_idx", "timestamp", "split", "rating", "mf_pred")
+"""The scored columns the session context is computed from."""
 
 
 def _with_session(table: pa.Table, part: pl.DataFrame) -> pa.Table:
