@@ -138,13 +138,13 @@ def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | Non
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
             if opts.features:
                 tables = list(pool.map(lambda source: scored_shard(predictor, source, opts.batch_size), files))
-                seconds = time.perf_counter() - t0
                 for step in opts.features:
                     clock = time.perf_counter()
                     tables = step.add(tables)
                     steps[step.name] = time.perf_counter() - clock
                 list(pool.map(lambda n: write_shard(tables[n], tmp, n, opts.share), range(len(tables))))
                 del tables
+                seconds = time.perf_counter() - t0 - sum(steps.values())  # scoring and writing, as Ray Data's
             else:
                 list(
                     pool.map(
