@@ -93,9 +93,12 @@ def _partitions(table: pa.Table, spec: OutputTable) -> list[tuple[list[str], pa.
     if not spec.partition_by:
         return [([], table)]
     (column,) = spec.partition_by  # one level is all the tables need
+    present = sorted(v for v in pc.unique(table[column]).to_pylist() if v is not None)
+    if len(present) == 1 and table[column].null_count == 0:  # already one partition: no filtering copy
+        return [([f"{column}={present[0]}"], table.drop_columns([column]))]
     values = table[column].cast(pa.string())
     out = []
-    for value in sorted(v for v in pc.unique(values).to_pylist() if v is not None):
+    for value in present:
         rows = table.filter(pc.equal(values, value)).drop_columns([column])
         out.append(([f"{column}={value}"], rows))
     return out

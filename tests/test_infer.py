@@ -234,6 +234,21 @@ def test_cosine_neighbours_find_the_planted_twin():
     assert cos[0, 0] == pytest.approx(float(torch.nn.functional.cosine_similarity(q[0], q[2], dim=0)))
 
 
+def test_cosine_neighbours_among_allowed_movies_equal_a_scan():
+    """Only the allowed movies are scored (a query may be outside them); the answer is a brute-force scan's."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(30, 4, generator=g)
+    allowed = torch.rand(30, generator=g) < 0.5
+    queries = torch.arange(30)
+    cos, idx = topn.cosine_neighbours(q, queries, 3, allowed=allowed)
+    unit = torch.nn.functional.normalize(q, dim=1)
+    for row, item in enumerate(queries.tolist()):
+        full = unit[item] @ unit.T
+        ranked = sorted((j for j in range(30) if allowed[j] and j != item), key=lambda j: -float(full[j]))[:3]
+        assert idx[row].tolist() == ranked
+        assert cos[row].tolist() == pytest.approx([float(full[j]) for j in ranked], abs=1e-6)
+
+
 def test_fold_in_recovers_a_users_planted_factors():
     g = torch.Generator().manual_seed(0)
     q, bi = torch.randn(200, 4, generator=g), torch.randn(200, generator=g) * 0.3

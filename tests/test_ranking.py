@@ -67,6 +67,26 @@ def test_popularity_baseline_by_hand() -> None:
     assert ratio == {"rating": pytest.approx(2.0)}
 
 
+def test_popularity_top_scores_few_columns_but_equals_a_scan_of_every_movie() -> None:
+    """popularity_top looks at the n + (most seen) most-rated movies only; a brute-force scan agrees, ties in
+    movie order, users with too few unseen movies padded with empty (-inf) slots."""
+    rng = np.random.default_rng(3)
+    n_users, n_items, n = 40, 60, 5
+    n_train = torch.from_numpy(rng.integers(0, 8, n_items))  # many ties
+    allowed = torch.from_numpy(rng.random(n_items) < 0.8)
+    seen = [rng.choice(n_items, size=int(rng.integers(0, 55)), replace=False) for _ in range(n_users)]
+    rows = torch.from_numpy(np.concatenate([np.full(len(s), u) for u, s in enumerate(seen)]))
+    exclude = Csr.build(rows, torch.from_numpy(np.concatenate(seen)), n_users)
+    users = torch.arange(n_users)
+    counts, items = popularity_top(n_train, users, n, exclude=exclude, allowed=allowed)
+    assert counts.shape == items.shape == (n_users, n)
+    for u in range(n_users):
+        ranked = sorted((-int(n_train[i]), i) for i in range(n_items) if allowed[i] and i not in set(seen[u]))
+        want = [i for _, i in ranked[:n]]
+        got = [int(i) for i, c in zip(items[u], counts[u], strict=True) if c > -math.inf]
+        assert got == want
+
+
 def test_empty_slots_never_count_as_hits() -> None:
     from recdist.infer.metrics import ranking_metrics
 

@@ -7,22 +7,41 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import torch
 
 
-def error_sums(frame: pl.DataFrame, pred: str, target: str = "rating") -> pl.DataFrame:
-    """Per split: n, sum of squared and of absolute errors (partial sums: add them over shards).
+def split_codes(split: pl.Series) -> tuple[np.ndarray, list[str]]:
+    """(code of each row, 0..k-1; the split name of each code) of a split column (String, Categorical or Enum):
+    per-split sums count rows by code (np.bincount), never by text."""
+    if split.dtype == pl.String:
+        split = split.cast(pl.Categorical)
+    present = split.unique()
+    physical = present.to_physical().to_numpy()
+    order = np.argsort(physical)
+    names = present.cast(pl.String).to_list()
+    return np.searchsorted(physical[order], split.to_physical().to_numpy()), [names[i] for i in order]
 
-    Grouped by the split column as stored (a Categorical groups by its codes, 3x faster than by text), the
-    three result rows cast to text."""
-    diff = pl.col(target).cast(pl.Float64) - pl.col(pred).cast(pl.Float64)
-    return (
-        frame.filter(pl.col(pred).is_not_null())
-        .group_by("split")
-        .agg(n=pl.len(), sse=(diff**2).sum(), sae=diff.abs().sum())
-        .with_columns(pl.col("split").cast(pl.String))
-    )
+
+def error_sums(
+    frame: pl.DataFrame, pred: str, target: str = "rating", codes: tuple[np.ndarray, list[str]] | None = None
+) -> pl.DataFrame:
+    """Per split: n, sum of squared and of absolute errors over the rows with both values (partial sums: add them
+    over shards). `codes`: split_codes(frame["split"]) when the caller has it already."""
+    code, names = codes if codes is not None else split_codes(frame["split"])
+    valid = (frame[pred].is_not_null() & frame[target].is_not_null()).to_numpy()
+    diff = frame[target].cast(pl.Float64).to_numpy()[valid] - frame[pred].cast(pl.Float64).to_numpy()[valid]
+    code, k = code[valid], len(names)
+    return pl.DataFrame(
+        {
+            "split": names,
+            "n": np.bincount(code, minlength=k),
+            "sse": np.bincount(code, weights=diff * diff, minlength=k),
+            "sae": np.bincount(code, weights=np.abs(diff), minlength=k),
+        },
+        schema={"split": pl.String, "n": pl.Int64, "sse": pl.Float64, "sae": pl.Float64},
+    ).filter(pl.col("n") > 0)
 
 
 def split_metrics(sums: pl.DataFrame) -> dict[str, dict[str, float]]:
@@ -39,13 +58,19 @@ def split_metrics(sums: pl.DataFrame) -> dict[str, dict[str, float]]:
     }
 
 
-def item_sums(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per movie: count and sum of its training ratings (partial sums: add them over shards, mean_baselines)."""
-    return (
-        frame.filter(pl.col("split") == "train")
-        .group_by("item_idx")
-        .agg(n=pl.len(), total=pl.col("rating").cast(pl.Float64).sum())
-    )
+def item_sums(frame: pl.DataFrame, codes: tuple[np.ndarray, list[str]] | None = None) -> pl.DataFrame:
+    """Per movie: count and sum of its training ratings (partial sums: add them over shards, mean_baselines).
+    `codes`: split_codes(frame["split"]) when the caller has it already."""
+    code, names = codes if codes is not None else split_codes(frame["split"])
+    schema = {"item_idx": frame.schema["item_idx"], "n": pl.Int64, "total": pl.Float64}
+    if "train" not in names:
+        return pl.DataFrame(schema=schema)
+    train = code == names.index("train")
+    items = frame["item_idx"].to_numpy()[train]
+    n = np.bincount(items)
+    total = np.bincount(items, weights=frame["rating"].cast(pl.Float64).to_numpy()[train], minlength=len(n))
+    rated = np.flatnonzero(n)
+    return pl.DataFrame({"item_idx": rated, "n": n[rated], "total": total[rated]}, schema=schema)
 
 
 def mean_baselines(sums: pl.DataFrame, test: pl.DataFrame) -> dict[str, dict[str, float]]:

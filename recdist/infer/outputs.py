@@ -190,7 +190,7 @@ def _prediction_tables(
 
     shards = shard_files(models.scored)
     parts: list[_ShardSums] = []
-    one = partial(_prediction_shard, out=out, stamp=stamp, users=users, items=items)
+    one = partial(_prediction_shard, out=out, stamp=stamp, names=_Names.of(users, items))
     pool = ThreadPoolExecutor(shard_threads(len(shards)))
     with logs.Progress(log, "predictions", len(shards)) as progress, pool:
         for part in pool.map(one, enumerate(shards)):  # in shard order: the same sums whatever the timing
@@ -209,6 +209,28 @@ def _prediction_tables(
 
 
 @dataclass(frozen=True)
+class _Names:
+    """Original ids and titles by index position (user_idx, item_idx): a gather per row instead of a join."""
+
+    user_id: np.ndarray
+    movie_id: np.ndarray
+    title: pl.Series
+
+    @staticmethod
+    def of(users: pl.DataFrame, items: pl.DataFrame) -> _Names:
+        def by_index(frame: pl.DataFrame, index: str, column: str) -> pl.Series:
+            n = int(frame[index].max()) + 1 if frame.height else 0
+            full = pl.DataFrame({index: np.arange(n, dtype=np.int64)})
+            return full.join(frame.select(pl.col(index).cast(pl.Int64), column), on=index, how="left")[column]
+
+        return _Names(
+            user_id=by_index(users, "user_idx", "user_id").to_numpy(),
+            movie_id=by_index(items, "item_idx", "item_id").to_numpy(),
+            title=by_index(items, "item_idx", "title"),
+        )
+
+
+@dataclass(frozen=True)
 class _ShardSums:
     """What the accuracy figures need from one scored shard (partial sums, added over shards)."""
 
@@ -224,52 +246,57 @@ class _ShardSums:
     """Every rated (user_idx, item_idx, is_test)."""
 
 
-def _prediction_shard(
-    job: tuple[int, str], *, out: str, stamp: Stamp, users: pl.DataFrame, items: pl.DataFrame
-) -> _ShardSums:
-    """Write scored shard `job` = (n, uri) as part n of the predictions table; its partial sums."""
+def _prediction_shard(job: tuple[int, str], *, out: str, stamp: Stamp, names: _Names) -> _ShardSums:
+    """Write scored shard `job` = (n, uri) as part n of the predictions table (a file per split); its partial
+    sums."""
     n, uri = job
     wanted = [c for c in storage.parquet_schema(uri).names if c not in SESSION_COLUMNS]  # stages 2-3 read those
     frame = pl.from_arrow(storage.read_parquet(uri, columns=wanted))
     assert isinstance(frame, pl.DataFrame)
-    tables.write_table(_predictions(frame, users, items), out, "predictions", stamp, part=n)
-    errors = {"rating": m.error_sums(frame, "pred_rating")}
+    for part in frame.partition_by("split", maintain_order=True):  # a file per split: no filter of the titles
+        tables.write_table(_predictions(part, names), out, "predictions", stamp, part=n)
+    codes = m.split_codes(frame["split"])
+    errors = {"rating": m.error_sums(frame, "pred_rating", codes=codes)}
     if "mf_pred" in frame.columns:
-        errors["mf"] = m.error_sums(frame, "mf_pred")
+        errors["mf"] = m.error_sums(frame, "mf_pred", codes=codes)
     if "pred_error" in frame.columns and "error" in frame.columns:
-        errors["reliability"] = m.error_sums(frame, "pred_error", target="error")
-    is_test = pl.col("split") == "test"  # no cast: a Categorical compares its codes
+        errors["reliability"] = m.error_sums(frame, "pred_error", target="error", codes=codes)
+    code, splits = codes
+    is_test = pl.Series(code == splits.index("test")) if "test" in splits else pl.Series(np.zeros(len(code), bool))
+    cold = frame["cold"].to_numpy() if "cold" in frame.columns else np.zeros(len(code), bool)
     keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
     return _ShardSums(
         errors=errors,
-        items=m.item_sums(frame),
-        cold=frame.group_by("split")
-        .agg(n=pl.len(), cold=pl.col("cold").sum())
-        .with_columns(pl.col("split").cast(pl.String)),
+        items=m.item_sums(frame, codes=codes),
+        cold=pl.DataFrame(
+            {
+                "split": splits,
+                "n": np.bincount(code, minlength=len(splits)),
+                "cold": np.bincount(code, weights=cold, minlength=len(splits)).astype(np.int64),
+            }
+        ),
         test=frame.filter(is_test).select(keep),
-        seen=frame.select("user_idx", "item_idx", is_test=is_test),
+        seen=frame.select("user_idx", "item_idx").with_columns(is_test=is_test),
     )
 
 
-def _predictions(frame: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
-    """One scored shard as the analyst table: original ids, title, split, rating time, rating and the
-    predictions (stage 2's as the expected absolute error)."""
+def _predictions(frame: pl.DataFrame, names: _Names) -> pa.Table:
+    """Scored rows as the analyst table: original ids, title, split, rating time, rating and the predictions
+    (stage 2's as the expected absolute error)."""
     for name in ("pred_error", "mf_pred"):
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, pl.Float32).alias(name))
     if "cold" not in frame.columns:
         frame = frame.with_columns(cold=pl.lit(False))
-    joined = (
-        frame.join(users.select("user_idx", "user_id"), on="user_idx", how="left")
-        .join(items.select("item_idx", "item_id", "title"), on="item_idx", how="left")
-        .with_columns(
-            expected_abs_error(pl.col("pred_error")).alias(EXPECTED_ABS_ERROR),
-            rated_at=pl.from_epoch(pl.col("timestamp"), time_unit="s"),
-        )
-        .rename({"item_id": "movie_id"})
-        .select(PREDICTIONS.names)
+    user, item = frame["user_idx"].to_numpy(), frame["item_idx"].to_numpy()
+    named = frame.with_columns(
+        user_id=pl.Series(names.user_id[user]),
+        movie_id=pl.Series(names.movie_id[item]),
+        title=names.title.gather(item),
+        rated_at=pl.from_epoch(pl.col("timestamp"), time_unit="s"),
+        **{EXPECTED_ABS_ERROR: expected_abs_error(pl.col("pred_error"))},
     )
-    return _to_schema(joined, PREDICTIONS)
+    return _to_schema(named, PREDICTIONS)
 
 
 def _ranking(

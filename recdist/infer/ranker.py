@@ -89,7 +89,7 @@ class Ranker:
         if self.retrieval is not None:
             columns = self.retrieval.columns
             tie = 1e-6 * self.popularity[columns] / self.popularity.max().clamp(min=1)  # cold users: most-rated first
-            scores_of = lambda u: self.retrieval.column_scores(u) + tie  # noqa: E731
+            scores_of = lambda u: self.retrieval.column_scores(u).add_(tie)  # noqa: E731
             return top_k_of(scores_of, users, k, exclude=exclude, allowed=self.allowed, columns=columns)
         if self.factors is None:
             counts, items = popularity_top(self.popularity, users, k, exclude=exclude, allowed=self.allowed)

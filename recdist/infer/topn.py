@@ -72,6 +72,8 @@ def top_k_of(
         position = torch.full((int(columns.max()) + 1 if len(columns) else 0,), -1, dtype=torch.long)
         position[columns] = torch.arange(len(columns))
         allowed = allowed[columns] if allowed is not None else None
+    if allowed is not None and bool(allowed.all()):
+        allowed = None  # nothing to mask
     out_s, out_i = torch.empty(len(rows), k), torch.empty(len(rows), k, dtype=torch.long)
     for lo in range(0, len(rows), chunk):
         block = rows[lo : lo + chunk].long()
@@ -101,13 +103,25 @@ def popularity_top(
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The popularity baseline: the n most-rated items (training ratings) per user, skipping `exclude`d (seen)
-    and not `allowed` items; equal counts in item order. Returns (training ratings, items) as top_k_of does."""
+    and not `allowed` items; equal counts in item order. Returns (training ratings, items) as top_k_of does.
+
+    Only the n + s most-rated allowed items are scored, s the most items any of the users has seen: each user
+    has at least n unseen ones among them, so the answer is the same as over every item."""
     order = torch.argsort(-n_train.double(), stable=True)
-    position = torch.empty(len(n_train))
-    position[order] = -torch.arange(len(n_train), dtype=torch.float32)  # exact in float32 below 2^24 items
+    if allowed is not None:
+        order = order[allowed[order]]
+    seen = 0
+    if exclude is not None and len(users):
+        seen = int((exclude.indptr[users.long() + 1] - exclude.indptr[users.long()]).max())
+    columns = order[: n + seen]
+    position = -torch.arange(len(columns), dtype=torch.float32)  # exact in float32 below 2^24 items
     scores, items = top_k_of(
-        lambda block: position.expand(len(block), -1).clone(), users, n, exclude=exclude, allowed=allowed
+        lambda block: position.expand(len(block), -1).clone(), users, n, exclude=exclude, columns=columns
     )
+    if scores.shape[1] < n:  # fewer allowed items than n: pad as empty slots
+        pad = n - scores.shape[1]
+        scores = torch.cat([scores, torch.full((len(users), pad), -torch.inf)], dim=1)
+        items = torch.cat([items, torch.zeros((len(users), pad), dtype=torch.long)], dim=1)
     counts = n_train.float()[items]
     return torch.where(torch.isfinite(scores), counts, -torch.inf), items
 
@@ -120,15 +134,22 @@ def cosine_neighbours(
     allowed: torch.Tensor | None = None,
     chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k items nearest to each query item by cosine of factors (the item itself excluded)."""
+    """The k items nearest to each query item by cosine of factors, among the `allowed` ones (only those are
+    scored), the item itself excluded."""
     unit = torch.nn.functional.normalize(item_factors.float(), dim=1)
+    columns = torch.nonzero(allowed).squeeze(1) if allowed is not None else torch.arange(unit.shape[0])
+    candidates = unit[columns]
+    position = torch.full((unit.shape[0],), -1, dtype=torch.long)
+    position[columns] = torch.arange(len(columns))
 
     def cosines(q: torch.Tensor) -> torch.Tensor:
-        cos = unit[q] @ unit.T
-        cos[torch.arange(len(q)), q] = -torch.inf  # not its own neighbour
+        cos = unit[q] @ candidates.T
+        own = position[q]
+        mine = own >= 0
+        cos[torch.arange(len(q))[mine], own[mine]] = -torch.inf  # not its own neighbour
         return cos
 
-    return top_k_of(cosines, queries, min(k, unit.shape[0] - 1), allowed=allowed, chunk=chunk)
+    return top_k_of(cosines, queries, min(k, unit.shape[0] - 1), chunk=chunk, columns=columns)
 
 
 def fold_in(

@@ -2,8 +2,8 @@
 
 A rating model answers "how much would this user like this movie", but a top-N list is judged on movies the
 user goes on to rate (and like); these answer the first half, "which movies will this user rate", and propose
-the candidates that the rating stages then score. Pure PyTorch (and SciPy's sparse product) on index arrays:
-no Ray, no files.
+the candidates that the rating stages then score. Pure PyTorch (SciPy's sparse matrix, a numba pass) on index
+arrays: no Ray, no files.
 
 - `fit_ease`: EASE (Steck, WWW 2019), an item-item linear model with a zero diagonal, in closed form:
   B = I - P diag(1 / diag(P)) with P = (X^T X + reg I)^-1. One (items x items) inverse: fine to ~20k items.
@@ -19,6 +19,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from numba import njit
 
 from recdist.infer.topn import Csr
 
@@ -95,16 +96,39 @@ def _matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):  
 
 
 def _gram(x, threads: int = 0):  # x: scipy.sparse.csr_matrix -> np.ndarray
-    """X^T X as a dense array, from blocks of rows in threads (SciPy's sparse product releases the GIL: 2 threads
-    take 55% of one's time at ML-20M). Counts of co-rated pairs: exact in float32, whatever the blocks."""
+    """X^T X as a dense float32 array: every user adds 1 to the count of each pair of their items, a compiled
+    pass per block of users in threads (blocks balanced on the pairs, sum of squared row lengths), each pair
+    counted once (p <= q) and mirrored at the end. At ML-20M's EASE sample 1.8x faster than SciPy's sparse
+    product, which builds a sparse result of 16M entries before densifying it. Exact: counts in float32."""
     from concurrent.futures import ThreadPoolExecutor
 
+    m = x.shape[1]
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
-    bounds = np.linspace(0, x.shape[0], threads + 1).astype(np.int64)
-    blocks = [x[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    with ThreadPoolExecutor(len(blocks) or 1) as pool:
-        parts = list(pool.map(lambda b: (b.T @ b).toarray(), blocks))
-    return sum(parts[1:], parts[0]) if parts else np.zeros((x.shape[1], x.shape[1]), np.float32)
+    pairs = np.cumsum(np.diff(x.indptr).astype(np.int64) ** 2)
+    bounds = np.searchsorted(pairs, np.linspace(0, pairs[-1] if len(pairs) else 0, threads + 1)[1:-1])
+    bounds = np.unique(np.concatenate([[0], bounds, [x.shape[0]]]))
+    indptr, indices = x.indptr.astype(np.int64), x.indices.astype(np.int64)
+    with ThreadPoolExecutor(max(1, len(bounds) - 1)) as pool:
+        parts = list(
+            pool.map(lambda k: _pair_counts(indptr, indices, bounds[k], bounds[k + 1], m), range(len(bounds) - 1))
+        )
+    half = sum(parts[1:], parts[0]) if parts else np.zeros((m, m), np.float32)
+    gram = half + half.T
+    np.fill_diagonal(gram, np.diagonal(half))
+    return gram
+
+
+@njit(cache=True, nogil=True)
+def _pair_counts(indptr, indices, lo, hi, m):
+    """(m, m) counts of the item pairs (a, b) at positions p <= q of rows lo..hi-1 (each unordered pair once)."""
+    g = np.zeros((m, m), np.float32)
+    for r in range(lo, hi):
+        start, end = indptr[r], indptr[r + 1]
+        for p in range(start, end):
+            row = indices[p]
+            for q in range(p, end):
+                g[row, indices[q]] += 1.0
+    return g
 
 
 def fit_ease(
