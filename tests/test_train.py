@@ -162,6 +162,47 @@ def test_torch_sgd_kernel_learns_the_planted_ratings(planted: RankData) -> None:
     assert trainer.final_metrics()["val"]["rmse"] < 0.8 * mean_rmse
 
 
+def test_sgd_sub_blocks_fit_the_cache_and_learn_the_same(planted: RankData, monkeypatch) -> None:
+    """Where a block's factor rows outgrow CACHE_BYTES the numba kernel runs each block as T x T sub-blocks: every
+    sub-block holds only its users' and items' ratings, all ratings are visited once an epoch, the planted ratings
+    are learnt as well as with whole blocks, and a fit is reproducible."""
+    import numpy as np
+
+    from recdist.train import sgd
+
+    assert sgd.tiles_for(138_493, 26_744, 32, 8) == 6  # ML-20M, rank 32: 21.8 MB of rows over 8 x 8 blocks
+    assert sgd.tiles_for(610, 9_742, 32, 8) == 1  # ml-latest-small: a block's rows fit already
+    stage = StageConfig(model="biased_mf", params={"rank": 8}, train=TrainConfig(epochs=12, lr=0.05))
+
+    def fit(cache: int) -> tuple[sgd.SGDSolver, float, torch.Tensor]:
+        monkeypatch.setattr(sgd, "CACHE_BYTES", cache)
+        torch.manual_seed(0)
+        model = build_model(stage, planted.dims)
+        solver = sgd.SGDSolver(Problem(model, stage.train, planted))
+        trainer = Trainer(model, stage.train, planted, solver=solver)
+        trainer.fit()
+        return solver, trainer.final_metrics()["val"]["rmse"], model.state_dict()["user_factors.weight"].clone()
+
+    whole, whole_rmse, _ = fit(1 << 30)
+    tiled, tiled_rmse, factors = fit(64)
+    assert whole.tiles == 1 and tiled.tiles > 2
+    T2, S = tiled.tiles**2, tiled.strata
+    assert len(tiled.offsets) == S * S * T2 + 1 and tiled.offsets[-1] == len(planted.train.user)
+    rows = {tuple(t) for t in np.stack([tiled.users, tiled.items], 1).tolist()}
+    assert len(rows) == len(planted.train.user)  # every training rating once
+    T = tiled.tiles
+    for block in range(S * S):  # within a block, sub-blocks of different user (item) tiles share no user (item)
+        users, items = {}, {}
+        for sub in range(T2):
+            lo, hi = tiled.offsets[block * T2 + sub], tiled.offsets[block * T2 + sub + 1]
+            for tile, seen, ids in ((sub // T, users, tiled.users), (sub % T, items, tiled.items)):
+                for x in ids[lo:hi].tolist():
+                    assert seen.setdefault(x, tile) == tile
+    mean_rmse = float((planted.val.target - planted.train.target.mean()).square().mean().sqrt())
+    assert tiled_rmse < 0.8 * mean_rmse and abs(tiled_rmse - whole_rmse) < 0.05 * whole_rmse
+    assert torch.equal(fit(64)[2], factors)  # reproducible
+
+
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
 def test_sgd_per_row_rates_move_new_rows_alone_faster(planted: RankData, kernel: str) -> None:
     """warm_rows: rows at rate 0 stay where they are, rows at rate 1 move as without it, and a higher rate moves
