@@ -7,7 +7,11 @@ batch inference Parquet -> Parquet through Ray Data beside the same work in plai
 
 Then Spark ALS fits one rank-16 MF on the same prepared training rows (bench/train_speed.py's child, local[2];
 `--no-spark` skips it) and issue 15's goals are printed with this run's figures: the whole pipeline <= 1.2x that
-fit, the outputs stage <= 20 s, peak memory <= 6 GiB, Ray Data's stage-1 pass <= 1.5x the plain one.
+fit, the outputs stage <= 20 s, peak memory <= 6 GiB, Ray Data's stage-1 pass <= 1.5x the plain one. Ray Data's
+pass runs twice after the pipeline, timed apart from Ray's start: first in the cluster as it is (a new one when the
+pipeline ran in this process: its worker processes start and import PyTorch during that pass), then again in the
+warm cluster, the pass the goal is read against (a pipeline on Ray scores in the cluster its stages trained on);
+both are printed.
 
 The synthetic ratings are written first, untimed, as ml-20m's own files (ratings.csv, movies.csv: what the
 real job downloads), and the pipeline's prepare stage reads them like the real ml-20m (counted in the total; the
@@ -104,7 +108,7 @@ def main() -> None:
     from recdist.infer.session import SessionStep
     from recdist.pipeline import run_pipeline
     from recdist.storage import prefer_jemalloc
-    from recdist.train.cluster import worker_plan
+    from recdist.train.cluster import connect, worker_plan
 
     prefer_jemalloc()  # as the recdist command does for itself
     overrides: dict = {"source.dataset": "synthetic"}
@@ -142,8 +146,16 @@ def main() -> None:
         pipeline_peak = memory.peak
 
         data, model = str(out / "data"), str(out / "mf" / "model")
-        options = ScoreOptions(role="mf", features=(SessionStep(),))  # as before: stage 1 with its session context
-        ray_pass = score(model, data, str(out / "bench-ray"), replace(options, cluster=cfg.cluster))
+        options = replace(ScoreOptions(role="mf", features=(SessionStep(),)), cluster=cfg.cluster)  # stage 1's
+        # Ray Data's pass twice, timed apart from Ray's start: first in the cluster as it is (a new one, started
+        # here, when the pipeline ran in this process: its worker processes start and import PyTorch during
+        # the pass), then again (warm processes, as every pass of a pipeline that runs on Ray after its first)
+        new_cluster = not ray.is_initialized()
+        clock = time.perf_counter()
+        connect(cfg.cluster)
+        bench_ray_start = time.perf_counter() - clock
+        first_pass = score(model, data, str(out / "bench-ray-first"), options)
+        ray_pass = score(model, data, str(out / "bench-ray"), options)
         local_pass = score_local(model, data, str(out / "bench-local"), replace(options, workers=cpus))
     ray.shutdown()
     spark = run_spark(str(out / "data")) if args.spark else None
@@ -154,6 +166,7 @@ def main() -> None:
     n = int(json.loads((out / "data" / "manifest.json").read_text())["n_ratings"])
     in_pipeline = stages["mf"]["scoring"]
     ratio = ray_pass["seconds"] / local_pass["seconds"]
+    first_ratio = first_pass["seconds"] / local_pass["seconds"]
     figures = {
         "ratings": n,
         "cpus": cpus,
@@ -166,9 +179,12 @@ def main() -> None:
         "peak_gib": round(memory.peak / 2**30, 2),
         "stage1_inference": {
             "pipeline_ray_data": in_pipeline,
+            "ray_start_s": round(bench_ray_start, 2) if new_cluster else None,
+            "ray_data_first": first_pass,
             "ray_data": ray_pass,
             "local_polars_pytorch": local_pass,
             "ray_vs_local": round(ratio, 2),
+            "ray_first_vs_local": round(first_ratio, 2),
         },
         "metrics": json.loads((out / "outputs" / "metrics.json").read_text()),
     }
@@ -194,21 +210,29 @@ def main() -> None:
     )
     print("\nStage-1 batch inference, Parquet in -> Parquet out (mf_pred, error, cold added), same data and model:\n")
     print("| engine | seconds | M ratings/s | notes |\n|---|---|---|---|")
+    first_label = (
+        f"Ray Data, first pass in a new cluster (Ray's start, {bench_ray_start:.1f} s, not counted)"
+        if new_cluster
+        else "Ray Data, first pass of the bench (the cluster the pipeline ran on)"
+    )
     for label, r in (
         (f"{'in this process' if plan.in_process else 'Ray Data'}, in the pipeline", in_pipeline),
-        ("Ray Data, again", ray_pass),
+        (first_label, first_pass),
+        ("Ray Data, again: a pass in a warm cluster", ray_pass),
         (f"Polars + PyTorch, {cpus} threads, no Ray", local_pass),
     ):
         note = (
-            f"{r['actors']} actors, {r['actor_seconds']:.1f} s from first shard start to last shard end "
-            f"({r['rows'] / r['actor_seconds'] / 1e6:.1f} M/s); the rest is actor start-up"
+            f"{r['actors']} tasks at a time, {r['actor_seconds']:.1f} s from first shard start to last shard end "
+            f"({r['rows'] / r['actor_seconds'] / 1e6:.1f} M/s); before it {r['startup_seconds']:.1f} s of start-up "
+            "(worker processes, imports, models, Ray Data's plan)"
             if "actor_seconds" in r
             else ""
         )
         print(f"| {label} | {r['seconds']:.2f} | {r['rows_per_s'] / 1e6:.2f} | {note} |")
     print(
-        f"\nRay Data / plain: {ratio:.2f}x the time (goal <= {GOALS['ray_vs_local']}x); "
-        f"Ray Data {ray_pass['rows_per_s'] / 1e6:.2f} M ratings/s (goal >= {GOALS['ray_rows_per_s'] / 1e6:.0f} M)"
+        f"\nRay Data / plain: {ratio:.2f}x the time in a warm cluster, {first_ratio:.2f}x for the first pass "
+        f"{'in a new cluster' if new_cluster else 'of the bench'} (goal <= {GOALS['ray_vs_local']}x); Ray Data "
+        f"{ray_pass['rows_per_s'] / 1e6:.2f} M ratings/s warm (goal >= {GOALS['ray_rows_per_s'] / 1e6:.0f} M)"
     )
     m = figures["metrics"]
     print(
@@ -258,8 +282,13 @@ def print_fixed_cost_goals(figures: dict, outputs_s: float, spark: dict | None) 
         )
     lines.append(f"outputs stage {outputs_s:.1f} s (goal <= {goals['outputs_s']} s)")
     lines.append(f"peak memory {figures['peak_gib_pipeline']:.2f} GiB in the pipeline (goal <= {goals['peak_gib']})")
-    ratio = figures["stage1_inference"]["ray_vs_local"]
-    lines.append(f"Ray Data's stage-1 pass / plain: {ratio:.2f}x (goal <= {goals['ray_vs_local']}x)")
+    inference = figures["stage1_inference"]
+    first = "in a new cluster" if inference["ray_start_s"] is not None else "of the bench"
+    lines.append(
+        f"Ray Data's stage-1 pass / plain: {inference['ray_vs_local']:.2f}x in a warm cluster, compared to the goal "
+        f"(goal <= {goals['ray_vs_local']}x); its first pass {first}: {inference['ray_first_vs_local']:.2f}x "
+        "(worker processes starting and importing PyTorch during the pass)"
+    )
     print("\nIssue 15's goals:")
     for line in lines:
         print(f"- {line}")

@@ -470,3 +470,17 @@ def test_a_ranker_reads_the_dataset_once_and_loads_each_model_once(monkeypatch):
     assert ranker.stages[0].models[0] is mf and all(len(s.biases[0][0]) == 30 for s in ranker.stages)
     ranked = ranker.rank(torch.arange(3), 2, candidates=5)
     assert ranked.height == 6 and ranked["reliability"].null_count() == 0
+
+
+def test_a_ray_data_pass_drops_the_operator_reservation_in_its_own_context_only():
+    """Ray Data's per-operator reservation read an empty budget for the first second of every pass after the
+    cluster's first (one task started, the rest a second later); the pass runs in a copy without it."""
+    import ray.data
+
+    from recdist.infer.ray_data import _context
+
+    current = ray.data.DataContext.get_current()
+    before = current.op_resource_reservation_enabled
+    context = _context()
+    assert context is not current and not context.op_resource_reservation_enabled
+    assert current.op_resource_reservation_enabled == before

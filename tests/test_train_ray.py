@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -260,3 +261,27 @@ def _dims(uri: str):
     from recdist.data import dataset
 
     return dataset.dims(dataset.read_manifest(uri))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_data_tasks_scoring_several_shards_each_write_what_the_plain_scorer_writes(
+    ray_cluster, dataset, tmp_path
+) -> None:
+    """One Ray Data task per slot scores its run of shards one after the other: shard n is still written as
+    part-n, byte for byte what score_local writes, however many shards each task gets."""
+    from recdist.infer.ray_data import score
+    from recdist.infer.scored import ScoreOptions, score_local
+
+    train_stage(dataset, mf_stage(epochs=1), ClusterConfig(workers=1), str(tmp_path / "mf"))
+    model, options = str(tmp_path / "mf"), ScoreOptions(role="mf")
+    score_local(model, dataset, str(tmp_path / "local"), options)
+    names = sorted(p.name for p in (Path(dataset) / "ratings").iterdir())
+    for tasks in (1, 3):  # 4 shards: all in one task; 2 + 1 + 1
+        result = score(model, dataset, str(tmp_path / f"ray{tasks}"), replace(options, actors=tasks))
+        assert result["actors"] == tasks and result["files"] == len(names) == 4
+        assert sorted(p.name for p in (tmp_path / f"ray{tasks}" / "ratings").iterdir()) == names
+        for name in names:
+            assert pq.read_table(tmp_path / f"ray{tasks}" / "ratings" / name).equals(
+                pq.read_table(tmp_path / "local" / "ratings" / name)
+            )
