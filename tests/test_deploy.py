@@ -370,6 +370,29 @@ def test_image_installs_the_lock_then_recdist_without_touching_it():
     assert f"ray=={base.split(':')[1].split('-')[0]}" in (ROOT / "requirements" / "lock.txt").read_text().split()
 
 
+@pytest.mark.slow
+def test_image_build_compiles_every_cached_numba_kernel(tmp_path):
+    """The image's warm-up RUN (the offline quickstart) calls every `cache=True` kernel of recdist, so each has a
+    compiled entry on disk afterwards and a new container loads instead of compiling (~10 s). Run here as the
+    Dockerfile runs it, from its WORKDIR's sources, into an empty numba cache."""
+    warm = next(a for i, a in dockerfile_instructions() if i == "RUN" and "quickstart" in a)
+    command = warm.split("&&")[0].split()
+    assert command[:2] == ["recdist", "pipeline"]
+    out = tmp_path / "warm-kernels"
+    command = [str(VENV_BIN / "recdist"), *command[1:-1], str(out)]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = set()
+    for source in (ROOT / "recdist").rglob("*.py"):
+        text = source.read_text()
+        for match in re.finditer(r"@njit\([^)]*cache=True[^)]*\)\s*\ndef (\w+)", text):
+            kernels.add(f"{source.stem}.{match.group(1)}")
+    assert len(kernels) >= 8
+    cached = {p.name.split("-")[0] for p in (tmp_path / "numba").rglob("*.nbi")}
+    assert kernels <= cached, f"not compiled by the warm-up: {sorted(kernels - cached)}"
+
+
 def lock_tools():
     sys.path.insert(0, str(ROOT / "requirements"))
     import make_lock

@@ -67,7 +67,8 @@ class ScoreOptions:
     """Passes over the whole written table before the commit (the pipeline's stage 1: the session context),
     each timed apart (<name>_seconds; `seconds` and `rows_per_s` are the scoring pass's)."""
     actors: int | None = None
-    """Ray Data: shards scored at a time, one task each (default one per GPU, else one per CPU)."""
+    """Ray Data: tasks at a time, each scoring its run of consecutive shards (default one per GPU, else one per
+    CPU)."""
     gpu: bool | None = None
     """Ray Data: score on GPUs (default: when the cluster has some)."""
     cluster: ClusterConfig | None = None
