@@ -15,7 +15,7 @@ the same block order).
 Kernels: on CPU (`numba`) a compiled per-rating pass over each block in a fresh random order (a Fisher-Yates
 shuffle fused into the pass), the blocks of a diagonal in parallel threads. Where a block's factor rows would not
 fit in a core's cache, the block is cut into T x T sub-blocks (tiles_for) run one after another in a fresh random
-order, each shuffled as a block is: random accesses then hit cache (1.4-1.5x the ratings per second at ML-20M), and
+order, each shuffled as a block is: random accesses then hit cache (1.6-1.7x the ratings per second at ML-20M), and
 the strata, so what the ranks exchange, are unchanged. Elsewhere (`torch`, the CUDA
 default) the rank's ratings of a diagonal in shuffled whole-batch steps of batch_size / W rows, each row moving
 by its gradients summed over the batch divided by its count there (a damped per-row step: summed gradients of
@@ -151,8 +151,8 @@ def _bucket(users, items, ratings, ugroup, igroup, S, n_users, n_items, utile, i
 CACHE_BYTES = 512 * 1024
 """What a sub-block's factor rows (its users' and items' factors and biases, float32) may take: a core's L2 cache
 on this machine's and today's server CPUs. The kernel visits a block's ratings in random order, so rows that
-spill out of cache cost a memory access each: at ML-20M, rank 32, one thread ran 6.0M ratings/s over 8 x 8
-blocks and 8.1-9.2M ratings/s over 32 x 32 or 64 x 64."""
+spill out of cache cost a memory access each: at ML-20M, rank 32, one thread ran 7.7M ratings/s over whole blocks
+of the 8 x 8 grid and 13.3M over their 6 x 6 sub-blocks (best of 7)."""
 
 
 def tiles_for(n_users: int, n_items: int, rank: int, strata: int) -> int:
