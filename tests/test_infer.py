@@ -198,6 +198,39 @@ def test_reliability_deciles_are_equal_sized_and_ordered_on_a_planted_signal():
     assert metrics.spearman(frame["pred_error"], (frame["rating"] - 3.0) ** 2) > 0.3
 
 
+@pytest.mark.parametrize("n", [7, 1_003])
+def test_reliability_deciles_and_spearman_match_polars_ranks_with_ties(n):
+    """One stable sort gives what Polars' ordinal ranks, group-by and Spearman give, ties and tiny tables too."""
+    rng = np.random.default_rng(n)
+    frame = pl.DataFrame(
+        {
+            "rating": rng.integers(1, 6, n).astype(np.float32),
+            "pred_rating": rng.normal(3.5, 1.0, n).astype(np.float32),
+            "pred_error": rng.integers(0, 5, n).astype(np.float32) / 4,  # heavy ties
+        }
+    )
+    diff = pl.col("rating").cast(pl.Float64) - pl.col("pred_rating").cast(pl.Float64)
+    value = pl.col("pred_error").cast(pl.Float64)
+    expected = (
+        frame.with_columns(decile=((pl.col("pred_error").rank("ordinal").cast(pl.Int64) - 1) * 10 // n + 1))
+        .group_by("decile")
+        .agg(
+            n=pl.len(), lo=value.min(), hi=value.max(), mean=value.mean(), mse=(diff**2).mean(), mae=diff.abs().mean()
+        )
+        .sort("decile")
+    )
+    got = metrics.reliability_deciles(frame)
+    assert got["decile"].to_list() == expected["decile"].to_list()
+    assert got["n"].to_list() == expected["n"].to_list()
+    for ours, theirs in (("pred_error_min", "lo"), ("pred_error_max", "hi"), ("mean_pred_error", "mean")):
+        np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy())
+    np.testing.assert_allclose(got["mse"].to_numpy(), expected["mse"].to_numpy())
+    np.testing.assert_allclose(got["mae"].to_numpy(), expected["mae"].to_numpy())
+    observed = (frame["rating"] - frame["pred_rating"]) ** 2
+    reference = pl.DataFrame({"a": frame["pred_error"], "b": observed}).select(pl.corr("a", "b", method="spearman"))
+    assert metrics.spearman(frame["pred_error"], observed) == pytest.approx(reference.item(), abs=1e-6)
+
+
 def test_ranking_metrics_on_a_hand_counted_case():
     top = torch.tensor([[5, 1, 2], [0, 3, 4], [7, 8, 9]])
     rel_users, rel_items = torch.tensor([0, 0, 1]), torch.tensor([1, 6, 4])  # user 2 has none: not counted

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from recdist.infer.outputs import RankingProtocol, vs_popularity
+from recdist.infer.outputs import RankingProtocol, Rated, vs_popularity
 from recdist.infer.ranker import rank_score, recommendable
 from recdist.infer.topn import Csr, popularity_top, top_k_of
 from recdist.models.implicit import fit_ease, fit_ials
@@ -23,9 +23,9 @@ N_USERS, N_ITEMS = 5, 6
 
 
 def fixture() -> tuple[pl.DataFrame, pl.DataFrame, torch.Tensor]:
-    rows = [(u, i, False) for split in (TRAIN, VAL) for u, items in split.items() for i in items]
-    rows += [(u, i, True) for u, rated in TEST.items() for i in rated]
-    pairs = pl.DataFrame(rows, schema=["user_idx", "item_idx", "is_test"], orient="row")
+    rows = [(u, i, False, split is TRAIN) for split in (TRAIN, VAL) for u, items in split.items() for i in items]
+    rows += [(u, i, True, False) for u, rated in TEST.items() for i in rated]
+    pairs = pl.DataFrame(rows, schema=["user_idx", "item_idx", "is_test", "is_train"], orient="row")
     test = pl.DataFrame(
         [(u, i, r) for u, rated in TEST.items() for i, r in rated.items()],
         schema=["user_idx", "item_idx", "rating"],
@@ -35,11 +35,31 @@ def fixture() -> tuple[pl.DataFrame, pl.DataFrame, torch.Tensor]:
     return pairs, test, n_train
 
 
+def test_one_sort_of_every_rating_gives_each_split_list_by_hand() -> None:
+    """Rated: all rated, train + validation (the evaluation masks them) and train (EASE's rows), per user."""
+    pairs, _, _ = fixture()
+    rated = Rated.of(pairs.sample(fraction=1.0, shuffle=True, seed=3), N_USERS)  # any input order
+
+    def lists(csr: Csr) -> dict[int, list[int]]:
+        return {u: sorted(csr.indices[csr.indptr[u] : csr.indptr[u + 1]].tolist()) for u in range(N_USERS)}
+
+    def expected(*splits: dict) -> dict[int, list[int]]:
+        return {u: sorted(i for split in splits for i in split.get(u, [])) for u in range(N_USERS)}
+
+    assert lists(rated.train()) == expected(TRAIN)
+    assert lists(rated.known()) == expected(TRAIN, VAL)
+    assert lists(rated.all) == expected(TRAIN, VAL, {u: list(r) for u, r in TEST.items()})
+    train = rated.train()
+    assert sorted(zip(train.rows().tolist(), train.indices.tolist(), strict=True)) == sorted(
+        (u, i) for u, items in TRAIN.items() for i in items
+    )
+
+
 def test_popularity_baseline_by_hand() -> None:
     pairs, test, n_train = fixture()
     assert n_train.tolist() == [4, 3, 3, 2, 1, 0]
     allowed = recommendable(n_train.numpy(), min_ratings=2)  # movies 0-3; 1 and 2 tie: movie order
-    protocol = RankingProtocol.build(pairs, test, N_USERS, k=2, threshold=4.0)
+    protocol = RankingProtocol.build(Rated.of(pairs, N_USERS).known(), test, N_USERS, k=2, threshold=4.0)
     assert protocol is not None
     # users with a relevant test rating: 0, 1, 2, 4 (user 3's only test rating is 2.0)
     assert protocol.users.tolist() == [0, 1, 2, 4]

@@ -57,7 +57,9 @@ def test_a_partitioned_table_is_one_file_per_split_sorted_stamped_and_read_alike
     assert set(reader_counts(folder).values()) == {24}, reader_counts(folder)
     assert set(reader_counts(folder, where="test").values()) == {8}
 
-def test_float_columns_are_byte_stream_split_and_read_back_exactly_by_every_reader(tmp_path):
+def test_floats_are_byte_stream_split_sort_keys_and_times_delta_encoded_and_read_back_exactly_by_every_reader(
+    tmp_path,
+):
     import duckdb
     import pandas as pd
     import polars as pl
@@ -71,12 +73,19 @@ def test_float_columns_are_byte_stream_split_and_read_back_exactly_by_every_read
     encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
     for name in ("rating", "pred_rating", "expected_abs_error", "mf_pred"):
         assert "BYTE_STREAM_SPLIT" in encodings[name], encodings[name]
-    assert any("DICTIONARY" in e for e in encodings["title"]), encodings["title"]  # ids and titles keep theirs
+    for name in ("user_id", "rated_at"):  # the leading sort key and times: rising values
+        assert "DELTA_BINARY_PACKED" in encodings[name], encodings[name]
+    for name in ("title", "movie_id"):
+        assert any("DICTIONARY" in e for e in encodings[name]), encodings[name]
     expected = pq.read_table(f)["pred_rating"].to_pylist()
     assert sorted(expected) == sorted(pa.array([1.0 + i / 7 for i in range(1, 24, 3)], pa.float32()).to_pylist())
     assert duckdb.sql(f"select pred_rating from read_parquet('{f}')").fetchnumpy()["pred_rating"].tolist() == expected
     assert pl.read_parquet(f)["pred_rating"].to_list() == expected
     assert pd.read_parquet(f)["pred_rating"].tolist() == expected
+    ids = pq.read_table(f).select(["user_id", "rated_at"]).to_pylist()
+    assert duckdb.sql(f"select user_id, rated_at from read_parquet('{f}')").to_arrow_table().to_pylist() == ids
+    assert pl.read_parquet(f, columns=["user_id", "rated_at"]).to_arrow().to_pylist() == ids
+    assert sorted(r["user_id"] for r in ids) == [1, 1, 3, 3, 5, 5, 9, 9]
 
 
 def test_the_stamp_leaves_out_an_unknown_git_commit():

@@ -42,12 +42,17 @@ log = logging.getLogger(__name__)
 
 
 def ranker_for(
-    models: RunModels, min_ratings: int = 1, trained: TrainedOn | None = None, ranking: dict[str, Any] | None = None
+    models: RunModels,
+    min_ratings: int = 1,
+    trained: TrainedOn | None = None,
+    ranking: dict[str, Any] | None = None,
+    train: Csr | None = None,
 ) -> Ranker:
     """The run's ranker: candidates from `ranking['rank_candidates']` (default stage 1's MF), scored by stages 1-3
     in turn (or the single model) and ordered by `ranking['rank_order']` (default the predicted rating), among
     movies with at least `min_ratings` training ratings (pipeline.outputs.recommend_min_ratings). `ranking` holds
-    the pipeline's ranking keys (ranking_settings()).
+    the pipeline's ranking keys (ranking_settings()); `train`: user -> training movies when the caller has them
+    (else read from the dataset).
 
     The dataset is read once (`trained`, else read here) and the stage-1 model loaded once: its predictor, the
     later stages' cold-start fallback and the candidates share it.
@@ -73,7 +78,8 @@ def ranker_for(
         manifest = read_manifest(models.data)
         allowed = recommendable(n_train, min_ratings)
         with logs.timed(log, f"candidate model {kind}"):
-            retrieval = fit_candidates(models.data, kind, int(manifest["n_users"]), len(n_train), allowed, ranking)
+            n_users = int(manifest["n_users"])
+            retrieval = fit_candidates(models.data, kind, n_users, len(n_train), allowed, ranking, train=train)
     order = ranking.get("rank_order", "rating")
     threshold = float(ranking.get("relevance_threshold", 4.0))
     if order == "blend":  # a rating reaches the threshold when its unrounded value is half a step below it
@@ -97,20 +103,31 @@ def ranking_settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def fit_candidates(
-    data: str, kind: str, n_users: int, n_items: int, allowed: torch.Tensor, ranking: dict[str, Any]
+    data: str,
+    kind: str,
+    n_users: int,
+    n_items: int,
+    allowed: torch.Tensor,
+    ranking: dict[str, Any],
+    train: Csr | None = None,
 ) -> Implicit:
-    """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data`."""
+    """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data` (`train`:
+    them as user -> movies, when the caller has them)."""
     from recdist.data.dataset import read_rank
 
-    train = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
-    users, items = (torch.from_numpy(train[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
+    if train is None:
+        rows = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
+        train = rated_csr(rows, n_users)
+    users, items = train.rows(), train.indices
     if kind == "ease":
         reg, cap, sample = (
             float(ranking.get("ease_reg", 4.0)),
             ranking.get("ease_max_items"),
             ranking.get("ease_max_users"),
         )
-        return fit_ease(users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap, max_users=sample)
+        return fit_ease(
+            users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap, max_users=sample, history=train
+        )
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 
 
@@ -135,10 +152,14 @@ def write_outputs(
     with logs.timed(log, "predictions and accuracy"):
         result, test, pairs, cold = _prediction_tables(models, out, stamp, users, items)
     rows["predictions"] = int(pairs.height)
+    rated = Rated.of(pairs, n_users)
+    del pairs
     final_name = "rating" if models.reliability is not None else "single"
     with logs.timed(log, "ranking metrics"):
-        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking_settings(cfg))
-        result["ranking"] = _ranking(ranker, pairs, test, cfg, n_users, final_name, seed=seed)
+        ranking = ranking_settings(cfg)
+        train = rated.train() if ranking["rank_candidates"] != "mf" else None  # an implicit model's rows
+        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking, train)
+        result["ranking"] = _ranking(ranker, rated.known(), test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
         deciles = _to_schema(_deciles(test), RELIABILITY_DECILES)
         rows["reliability_deciles"] = _write(deciles, out, "reliability_deciles", stamp)
@@ -147,9 +168,7 @@ def write_outputs(
 
     with logs.timed(log, "recommendations"):
         shown = cfg.outputs
-        recs = ranker.rank(
-            torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=_csr(pairs, n_users)
-        )
+        recs = ranker.rank(torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=rated.all)
         rows["recommendations"] = _write(_recommendations(recs, users, items), out, "recommendations", stamp)
 
     if ranker.factors is not None:
@@ -181,8 +200,8 @@ def _prediction_tables(
     """One pass over the final scored table: the predictions table and the accuracy of each stage, shards in
     threads (Polars and Parquet's writer release the GIL; memory: one shard per thread).
 
-    Returns the metrics by stage (and `baselines`: m.mean_baselines), the test rows, every (user, item, is_test)
-    pair and the cold-start counts.
+    Returns the metrics by stage (and `baselines`: m.mean_baselines), the test rows, every (user, item, is_test,
+    is_train) pair and the cold-start counts.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -243,7 +262,7 @@ class _ShardSums:
     test: pl.DataFrame
     """The test rows (ids, rating, predictions)."""
     seen: pl.DataFrame
-    """Every rated (user_idx, item_idx, is_test)."""
+    """Every rated (user_idx, item_idx, is_test, is_train)."""
 
 
 def _prediction_shard(job: tuple[int, str], *, out: str, stamp: Stamp, names: _Names) -> _ShardSums:
@@ -262,7 +281,9 @@ def _prediction_shard(job: tuple[int, str], *, out: str, stamp: Stamp, names: _N
     if "pred_error" in frame.columns and "error" in frame.columns:
         errors["reliability"] = m.error_sums(frame, "pred_error", target="error", codes=codes)
     code, splits = codes
-    is_test = pl.Series(code == splits.index("test")) if "test" in splits else pl.Series(np.zeros(len(code), bool))
+    is_test, is_train = (
+        pl.Series(code == splits.index(s) if s in splits else np.zeros(len(code), bool)) for s in ("test", "train")
+    )
     cold = frame["cold"].to_numpy() if "cold" in frame.columns else np.zeros(len(code), bool)
     keep = [c for c in ("user_idx", "item_idx", "rating", "mf_pred", "pred_rating", "pred_error") if c in frame]
     return _ShardSums(
@@ -276,7 +297,7 @@ def _prediction_shard(job: tuple[int, str], *, out: str, stamp: Stamp, names: _N
             }
         ),
         test=frame.filter(is_test).select(keep),
-        seen=frame.select("user_idx", "item_idx").with_columns(is_test=is_test),
+        seen=frame.select("user_idx", "item_idx").with_columns(is_test=is_test, is_train=is_train),
     )
 
 
@@ -300,7 +321,7 @@ def _predictions(frame: pl.DataFrame, names: _Names) -> pa.Table:
 
 
 def _ranking(
-    ranker: Ranker, pairs: pl.DataFrame, test: pl.DataFrame, cfg: PipelineConfig, n_users: int, name: str, *, seed: int
+    ranker: Ranker, known: Csr, test: pl.DataFrame, cfg: PipelineConfig, n_users: int, name: str, *, seed: int
 ) -> dict[str, Any]:
     """Precision/Recall/NDCG@k on test for the popularity baseline, MF's own ranking and the final ranking.
 
@@ -310,7 +331,7 @@ def _ranking(
     """
     k, ev, shown = cfg.evaluation.ranking_k, cfg.evaluation, cfg.outputs
     protocol = RankingProtocol.build(
-        pairs, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed
+        known, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed
     )
     if protocol is None:
         return {"users": 0}
@@ -347,6 +368,33 @@ def vs_popularity(ranking: dict[str, Any], k: int) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class Rated:
+    """Every rated (user, movie) of a run as one user -> movies Csr with each entry's split: the three lists a run
+    masks (recommendations: all; the evaluation: train and validation; EASE: train) from one sort."""
+
+    all: Csr
+    is_test: torch.Tensor
+    is_train: torch.Tensor
+    """bool, one per entry of `all`."""
+
+    @staticmethod
+    def of(pairs: pl.DataFrame, n_users: int) -> Rated:
+        """pairs: (user_idx, item_idx, is_test, is_train), a row per rating."""
+        user, item = (torch.from_numpy(pairs[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
+        csr, order = Csr.build_ordered(user, item, n_users)
+        flags = (torch.from_numpy(pairs[c].to_numpy())[order] for c in ("is_test", "is_train"))
+        return Rated(csr, *flags)
+
+    def known(self) -> Csr:
+        """user -> movies rated in train or validation."""
+        return self.all.subset(~self.is_test)
+
+    def train(self) -> Csr:
+        """user -> movies rated in train."""
+        return self.all.subset(self.is_train)
+
+
+@dataclass(frozen=True)
 class RankingProtocol:
     """Who is ranked and what counts as a hit: the same for every ranking compared (models and popularity)."""
 
@@ -363,7 +411,7 @@ class RankingProtocol:
 
     @staticmethod
     def build(
-        pairs: pl.DataFrame,
+        known: Csr,
         test: pl.DataFrame,
         n_users: int,
         k: int,
@@ -372,7 +420,8 @@ class RankingProtocol:
         sample: int = 0,
         seed: int = 0,
     ) -> RankingProtocol | None:
-        """pairs: every rated (user_idx, item_idx, is_test); test: the test rows (user_idx, item_idx, rating)."""
+        """known: user -> movies rated in train or validation (Rated.known); test: the test rows (user_idx,
+        item_idx, rating)."""
         relevant = test.filter(pl.col("rating") >= threshold).select("user_idx", "item_idx")
         users = np.unique(relevant["user_idx"].to_numpy())
         if sample and len(users) > sample:
@@ -385,7 +434,7 @@ class RankingProtocol:
         return RankingProtocol(
             users=torch.from_numpy(users.astype(np.int64)),
             row_of=row_of,
-            exclude=_csr(pairs.filter(~pl.col("is_test")), n_users),
+            exclude=known,
             rel_rows=torch.from_numpy(row_of[rel["user_idx"].to_numpy()]),
             rel_items=torch.from_numpy(rel["item_idx"].to_numpy().astype(np.int64)),
             k=k,
@@ -414,9 +463,11 @@ def _deciles(test: pl.DataFrame) -> pl.DataFrame:
     """The calibration table: by decile of stage 2's predicted error, the expected absolute error (range and
     mean) against the observed errors of the final and of the MF prediction on test."""
     test = test.with_columns(expected_abs_error(pl.col("pred_error")).alias(EXPECTED_ABS_ERROR))
-    final = m.reliability_deciles(test, pred="pred_rating", reliability=EXPECTED_ABS_ERROR)
+    test = test.filter(pl.col(EXPECTED_ABS_ERROR).is_not_null())
+    order = m.ordinal_order(test[EXPECTED_ABS_ERROR].to_numpy())  # both predictions binned by one sort
+    final = m.reliability_deciles(test, pred="pred_rating", reliability=EXPECTED_ABS_ERROR, order=order)
     if "mf_pred" in test.columns:
-        mf = m.reliability_deciles(test, pred="mf_pred", reliability=EXPECTED_ABS_ERROR)
+        mf = m.reliability_deciles(test, pred="mf_pred", reliability=EXPECTED_ABS_ERROR, order=order)
         return final.join(mf.select("decile", mf_mae="mae", mf_rmse="rmse"), on="decile")
     return final.with_columns(mf_mae=pl.lit(None, pl.Float64), mf_rmse=pl.lit(None, pl.Float64))
 
@@ -521,7 +572,7 @@ def _similar(factors: dict[str, torch.Tensor], items: pl.DataFrame, cfg: Pipelin
     return _to_schema(frame, SIMILAR_ITEMS)
 
 
-def _csr(pairs: pl.DataFrame, n_users: int) -> Csr:
+def rated_csr(pairs: pl.DataFrame, n_users: int) -> Csr:
     """user -> rated items, from a frame of (user_idx, item_idx)."""
     user, item = (torch.from_numpy(pairs[c].to_numpy().astype(np.int64)) for c in ("user_idx", "item_idx"))
     return Csr.build(user, item, n_users)

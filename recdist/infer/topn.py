@@ -23,6 +23,12 @@ class Csr:
 
     @staticmethod
     def build(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> Csr:
+        return Csr.build_ordered(rows, cols, n_rows)[0]
+
+    @staticmethod
+    def build_ordered(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[Csr, torch.Tensor]:
+        """The Csr and where each stored entry came from (int64 positions in `rows`), to carry per-entry values
+        (a split, a flag) into the stored order."""
         rows, cols = rows.long(), cols.long()
         if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < n_rows):
             raise ValueError(f"Csr.build: row indices must lie in [0, {n_rows})")
@@ -30,7 +36,18 @@ class Csr:
         counts = torch.bincount(rows, minlength=n_rows)
         indptr = torch.zeros(n_rows + 1, dtype=torch.long)
         indptr[1:] = torch.cumsum(counts, 0)
-        return Csr(indptr, cols[order])
+        return Csr(indptr, cols[order]), order
+
+    def subset(self, keep: torch.Tensor) -> Csr:
+        """The entries where `keep` (bool, one per stored entry) is set, rows and order unchanged: O(nnz), no sort
+        (e.g. a user's training movies out of every movie they rated)."""
+        kept = torch.zeros(len(keep) + 1, dtype=torch.long)
+        torch.cumsum(keep.long(), 0, out=kept[1:])
+        return Csr(kept[self.indptr], self.indices[keep])
+
+    def rows(self) -> torch.Tensor:
+        """int64 (nnz,): the row of every stored entry."""
+        return torch.repeat_interleave(torch.arange(len(self.indptr) - 1), self.indptr.diff())
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(position of the row in `rows`, column) for every stored entry of the given rows."""

@@ -142,13 +142,15 @@ def fit_ease(
     max_items: int | None = None,
     max_users: int | None = None,
     seed: int = 0,
+    history: Csr | None = None,
 ) -> Implicit:
     """EASE on the (user, item) pairs given. `modelled` (bool, n_items): the items it scores and reads (default
     every item with a pair). `reg` is relative: the L2 weight is reg x the mean pair count of the modelled items,
     so one value carries across data sizes better than an absolute weight (bench/ranking.py). `max_items`: model
     only that many of them, the most-paired (the inverse costs items^3: ~10k items is minutes on 2 cores);
     `max_users`: estimate X^T X from a seeded sample of that many users (its cost grows with the sum of the
-    squared pairs per user); every user is still scored from their own row."""
+    squared pairs per user); every user is still scored from their own row. `history`: the same pairs as a
+    Csr, when the caller has one (saves a sort)."""
     u, i = users.long().numpy(), items.long().numpy()
     counts = np.bincount(i, minlength=n_items)
     keep = counts > 0 if modelled is None else modelled.numpy() & (counts > 0)
@@ -172,7 +174,8 @@ def fit_ease(
     b = -p / p.diagonal().unsqueeze(0)
     b.diagonal().zero_()
     weights = b.float().contiguous()  # row-major: column_scores reads whole rows
-    return Implicit("ease", n_items, Csr.build(users, items, n_users), items=torch.from_numpy(cols), weights=weights)
+    history = history if history is not None else Csr.build(users, items, n_users)
+    return Implicit("ease", n_items, history, items=torch.from_numpy(cols), weights=weights)
 
 
 def fit_ials(
