@@ -90,9 +90,13 @@ def _context() -> Any:
     executor has read an empty reservation that it keeps for a second (ResourceManager's refresh interval), so
     in every pass after the cluster's first only one task started, the others a second later (~1 s of a 3 s
     pass on two cores). Ray still reserves each task's CPU (or GPU)."""
+    import warnings
+
     import ray
 
-    context = ray.data.DataContext.get_current().copy()
+    with warnings.catch_warnings():  # the copy sets every field again; Ray warns at each of its deprecated ones
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = ray.data.DataContext.get_current().copy()
     if hasattr(context, "op_resource_reservation_enabled"):
         context.op_resource_reservation_enabled = False
     return context
