@@ -85,6 +85,10 @@ def test_floats_are_byte_stream_split_sort_keys_and_times_delta_encoded_and_read
     ids = pq.read_table(f).select(["user_id", "rated_at"]).to_pylist()
     assert duckdb.sql(f"select user_id, rated_at from read_parquet('{f}')").to_arrow_table().to_pylist() == ids
     assert pl.read_parquet(f, columns=["user_id", "rated_at"]).to_arrow().to_pylist() == ids
+    from_pandas = pd.read_parquet(f, columns=["user_id", "rated_at"])
+    assert [(r.user_id, r.rated_at.to_pydatetime()) for r in from_pandas.itertuples()] == [
+        (r["user_id"], r["rated_at"]) for r in ids
+    ]
     assert sorted(r["user_id"] for r in ids) == [1, 1, 3, 3, 5, 5, 9, 9]
 
 
