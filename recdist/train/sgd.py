@@ -41,6 +41,15 @@ from recdist.train.solvers import Problem, Schedule, default_lr, epoch_generator
 # ---------------------------------------------------------------------------------------------- numba kernel
 
 
+@njit(inline="always")
+def _xorshift(state):  # pragma: no cover
+    """One xorshift64 step of the kernels' random stream (inlined into them by numba)."""
+    state ^= state << np.uint64(13)
+    state ^= state >> np.uint64(7)
+    state ^= state << np.uint64(17)
+    return state
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, ru, ri, reg, reg_b, biased):
     """SGD over ratings[lo:hi] in a fresh random order (Fisher-Yates fused in); returns the sum of squared errors.
@@ -50,9 +59,7 @@ def _block_pass(users, items, ratings, lo, hi, seed, P, Q, bu, bi, mu, lr, ru, r
     sse = 0.0
     for j in range(lo, hi):
         # xorshift64, then Lemire's multiply-shift to pick m uniformly in [j, hi)
-        state ^= state << np.uint64(13)
-        state ^= state >> np.uint64(7)
-        state ^= state << np.uint64(17)
+        state = _xorshift(state)
         m = j + np.int64(((state >> np.uint64(32)) * np.uint64(hi - j)) >> np.uint64(32))
         u = users[m]
         i = items[m]
@@ -90,17 +97,13 @@ def _tiled_pass(users, items, ratings, offsets, blk, tiles, seed, P, Q, bu, bi, 
     order = np.arange(tiles)
     state = np.uint64(seed) | np.uint64(1)
     for j in range(tiles - 1):
-        state ^= state << np.uint64(13)
-        state ^= state >> np.uint64(7)
-        state ^= state << np.uint64(17)
+        state = _xorshift(state)
         m = j + np.int64(((state >> np.uint64(32)) * np.uint64(tiles - j)) >> np.uint64(32))
         order[j], order[m] = order[m], order[j]
     sse = 0.0
     for t in range(tiles):
         sub = blk * tiles + order[t]
-        state ^= state << np.uint64(13)
-        state ^= state >> np.uint64(7)
-        state ^= state << np.uint64(17)
+        state = _xorshift(state)
         tile_seed = seed if tiles == 1 else np.int64(state >> np.uint64(1))
         sse += _block_pass(
             users, items, ratings, offsets[sub], offsets[sub + 1], tile_seed, P, Q, bu, bi, mu, lr, ru, ri, reg,
