@@ -20,6 +20,7 @@ from helpers import N_ITEMS, N_USERS, planted_frame, write_dataset
 
 from recdist.config import StageConfig, TrainConfig
 from recdist.models import registry
+from recdist.models.base import Dropout, dropout, mlp
 from recdist.models.batch import Batch
 from recdist.models.io import load_model, save_model
 from recdist.models.losses import data_loss
@@ -442,3 +443,37 @@ def test_autoencoder_never_reads_rows_outside_its_context(autoencoder) -> None:
     torch.testing.assert_close(before, after, rtol=0, atol=0)
     key = data.val.item * N_USERS + data.val.user
     assert not torch.isin(key, model.ctx_key).any()
+
+
+def test_cpu_dropout_drops_at_its_rate_keeps_the_mean_and_follows_the_seed() -> None:
+    """base.dropout (every MLP's Dropout, the autoencoder's code): rate p, survivors scaled by 1/(1 - p), the mask
+    from the seeded global generator, gradients through the same mask; identity in eval and at p = 0."""
+    x = torch.ones(1000, 1000, requires_grad=True)
+    for p in (0.1, 0.5):
+        torch.manual_seed(3)
+        y = dropout(x, p, True)
+        dropped = float((y == 0).float().mean())
+        assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5
+        assert torch.unique(y.detach()).tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-4)]
+        assert abs(float(y.detach().mean()) - 1.0) < 0.01
+        torch.manual_seed(3)
+        assert torch.equal(dropout(x, p, True), y)
+        assert not torch.equal(dropout(x, p, True), y)  # the generator moved on
+        y.sum().backward()
+        assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask x scale = y where x = 1
+        x.grad = None
+    assert dropout(x, 0.1, False) is x and torch.equal(dropout(x, 0.0, True), x)
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    layer = Dropout(0.1)
+    assert torch.equal(layer.eval()(x), x) and float((layer.train()(x) == 0).float().mean()) > 0.09
+
+
+def test_building_an_mlp_leaves_the_global_generator_alone() -> None:
+    """Layers start from the caller's generator only: building a model does not move the global one (the
+    stream dropout and shuffles draw from), so the same seed gives the same training whatever was built."""
+    before = torch.get_rng_state()
+    net = mlp(12, [8, 4], 1, 0.1, torch.Generator().manual_seed(0), last_std=0.01)
+    again = mlp(12, [8, 4], 1, 0.1, torch.Generator().manual_seed(0), last_std=0.01)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
+    assert [type(m).__name__ for m in net] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]

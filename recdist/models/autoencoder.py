@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from recdist.config import Section
-from recdist.models.base import Model, embedding, row_l2
+from recdist.models.base import Model, dropout, embedding, row_l2
 from recdist.models.batch import Batch, Dims
 from recdist.models.registry import register
 from recdist.models.space import Knob, choice, integer, loguniform, uniform
@@ -147,7 +147,7 @@ class Autoencoder(Model):
             sparse=self.encoder.sparse,  # the trainer may switch the tables to sparse gradients
         )
         code = ACTIVATIONS[self.config.activation](code + self.encoder_bias)
-        code = F.dropout(code, self.config.dropout, self.training)
+        code = dropout(code, self.config.dropout, self.training)
         out = (self.decoder(user) * code[inv]).sum(-1) + self.decoder_bias(user).squeeze(-1)
         return self.global_mean + self.user_offset[user] + self.item_offset[item] + out
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from recdist.config import Section
 from recdist.models.batch import Batch, Dims
@@ -129,7 +129,8 @@ def embedding(n: int, dim: int, std: float, generator: torch.Generator, *, froze
 
 def linear(n_in: int, n_out: int, generator: torch.Generator, *, std: float | None = None) -> nn.Linear:
     """A linear layer with He-uniform weights (ReLU fan-in) and zero bias; `std` draws N(0, std^2) instead."""
-    layer = skip_init(nn.Linear, n_in, n_out)
+    layer = nn.Linear(n_in, n_out, device="meta")  # no init; not skip_init: moving off "meta" imports sympy (0.8 s)
+    layer.weight, layer.bias = nn.Parameter(torch.empty(n_out, n_in)), nn.Parameter(torch.empty(n_out))
     with torch.no_grad():
         if std is None:
             bound = math.sqrt(6.0 / n_in)
@@ -140,6 +141,31 @@ def linear(n_in: int, n_out: int, generator: torch.Generator, *, std: float | No
             layer.weight.zero_()
         layer.bias.zero_()
     return layer
+
+
+DROPOUT_LEVELS = 1 << 16
+"""A CPU dropout mask compares 16-bit random integers with round(p x 65,536): p to within 1/131,072."""
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, with the mask drawn four entries per 64-bit random word on a CPU from the same (seeded) global
+    generator: 3x faster than PyTorch's CPU dropout, one draw per entry, which took 60% of stages 2 and 3's
+    training at ML-20M. On other devices (CUDA's fused kernel) F.dropout itself."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    if p >= 1:
+        return x * 0.0
+    dropped = round(p * DROPOUT_LEVELS)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - DROPOUT_LEVELS // 2
+    return x * keep * (DROPOUT_LEVELS / (DROPOUT_LEVELS - dropped))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout by dropout() above (the same module otherwise: no state, `p`, train/eval)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 def mlp(
@@ -155,7 +181,7 @@ def mlp(
     for size in hidden:
         layers += [linear(width, size, generator), nn.ReLU()]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         width = size
     layers.append(linear(width, n_out, generator, std=last_std))
     return nn.Sequential(*layers)
