@@ -153,9 +153,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     training epochs at ML-20M. On other devices (CUDA's fused kernel) F.dropout itself."""
     if not training or p == 0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    if p >= 1:
-        return x * 0.0
     dropped = round(p * DROPOUT_LEVELS)
+    if dropped >= DROPOUT_LEVELS:  # p within 1/131,072 of 1: every entry dropped
+        return x * 0.0
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits
     keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - DROPOUT_LEVELS // 2
     return x * keep * (DROPOUT_LEVELS / (DROPOUT_LEVELS - dropped))
