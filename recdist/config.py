@@ -194,8 +194,9 @@ class GibbsConfig(Section):
 class TrainConfig(Section):
     """How one model is trained."""
 
-    epochs: int = Field(20, ge=1)
-    """Maximum passes over the training ratings."""
+    epochs: int = Field(20, ge=0)
+    """Maximum passes over the training ratings (0: none, the starting weights are evaluated and kept: a warm stage
+    2 or 3 keeping yesterday's, pipeline.warm.mlp_epochs)."""
     batch_size: int = Field(8192, ge=1)
     """Ratings per optimiser step over all workers together (each rank takes its share), so 1 and N workers
     take the same steps per epoch on the same effective batch (autograd and torch-SGD solvers)."""
@@ -429,8 +430,13 @@ class WarmConfig(Section):
     have to learn. Empty: the rate the previous model ended at (too low after a fully annealed previous run:
     the new rows barely move)."""
     epochs: int | None = Field(5, ge=1)
-    """Most epochs of a warm stage (its train.epochs, the learning-rate schedule spanning them), never more than
+    """Most epochs of a warm stage 1 (its train.epochs, the learning-rate schedule spanning them), never more than
     the stage's own train.epochs; empty: the stage's own."""
+    mlp_epochs: int | None = Field(0, ge=0)
+    """Most epochs of a warm stage 2 or 3 (models on stage 1's frozen tables, with no weights of their own per user
+    or movie: a day's new ratings barely move them), never more than the stage's own. 0: the previous weights as
+    they are, on today's tables and standardisations, kept when their validation RMSE is within `tolerance` of the
+    previous run's (refit cold otherwise, as any warm stage); empty: as `epochs`."""
     patience: int = Field(1, ge=0)
     """Early stopping of a warm stage (its train.patience): the previous weights start near a minimum, so the
     first epoch without a validation improvement ends it; a cold run's patience waits through the plateaus of a

@@ -68,6 +68,17 @@ def test_the_fused_kernel_evaluates_like_the_models_forward(planted: RankData, m
         assert fused[split] == pytest.approx(plain[split], rel=1e-6)
 
 
+def test_zero_epochs_keep_the_starting_weights_and_evaluate_them(planted: RankData) -> None:
+    """epochs = 0 (a warm stage 2 or 3 keeping yesterday's weights): no step, the final metrics are the start's."""
+    trainer = make_trainer(planted, epochs=0)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit() == [] and trainer.best_epoch == -1
+    assert all(torch.equal(v, start[k]) for k, v in trainer.model.state_dict().items())
+    mean_rmse = float((planted.val.target - planted.train.target.mean()).square().mean().sqrt())
+    assert trainer.final_metrics()["val"]["rmse"] == pytest.approx(trainer.evaluate("val")["rmse"])
+    assert trainer.final_metrics()["val"]["rmse"] > 0.9 * mean_rmse  # untrained: nothing learnt
+
+
 def test_early_stopping_restores_best_epoch(planted: RankData) -> None:
     # no regularisation, a wide rank and a high learning rate: overfits after a few epochs
     trainer = make_trainer(planted, params={"rank": 48, "reg": 0.0, "reg_bias": 0.0}, lr=0.1, epochs=40, patience=2)

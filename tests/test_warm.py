@@ -103,7 +103,10 @@ def test_a_warm_stage_restarts_shorter_at_a_share_of_the_stages_peak(tmp_path):
     sgd_default = StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}})
     assert warm.warm_train(sgd_default, str(tmp_path)).train.lr == pytest.approx(0.01)  # 0.25 x SGD_LR
     one_epoch = StageConfig.model_validate({"model": "reliability_mlp", "train": {"epochs": 1, "lr": 0.004}})
-    assert warm.warm_train(one_epoch, str(tmp_path)).train.epochs == 1  # never more than the stage's own
+    assert warm.warm_train(one_epoch, str(tmp_path)).train.epochs == 0  # stages 2-3: yesterday's weights as they are
+    assert warm.warm_train(one_epoch, str(tmp_path), WarmConfig(mlp_epochs=None)).train.epochs == 1  # as `epochs`,
+    assert warm.warm_train(one_epoch, str(tmp_path), WarmConfig(mlp_epochs=3)).train.epochs == 1  # never more
+    assert warm.warm_train(stage, str(tmp_path), WarmConfig(mlp_epochs=0)).train.epochs == 5  # stage 1: `epochs`
     # new users and movies train at the stage's own peak: 4x the warm rate (0.25 x peak), 1x without a rate
     assert warm.new_row_rate(stage, warm.warm_train(stage, str(tmp_path))) == pytest.approx(4.0)
     assert warm.new_row_rate(sgd_default, warm.warm_train(sgd_default, str(tmp_path))) == pytest.approx(4.0)

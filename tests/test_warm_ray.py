@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import SMALL_RUN
 
 from recdist.config import WarmConfig, load_config
+from recdist.models.io import load_model
 from recdist.pipeline import run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -54,6 +56,12 @@ def test_a_nightly_run_warm_starts_stage_1_from_the_last_complete_run(ray_cluste
         assert stage["warm_start"]["model"] == str(day1 / name / "model") and stage.get("warm_fallback") is None
         assert stage["warm_start"]["stage_hash"] == before["stage_hash"]
         assert _json(day2 / name / "model" / "manifest.json")["warm_start"]["run"] == str(day1)
+        # pipeline.warm.mlp_epochs = 0: yesterday's weights as they were, on today's stage-1 tables
+        assert _json(day2 / name / "model" / "metrics.json")["epochs"] == 0
+        today, yesterday = (load_model(str(run / name / "model")) for run in (day2, day1))
+        for (key, p), (_, q) in zip(today.named_parameters(), yesterday.named_parameters(), strict=True):
+            assert torch.equal(p, q), key
+        assert not torch.equal(today.frozen.user_factors, yesterday.frozen.user_factors)
 
     # day 3 must beat day 2 by a full RMSE point (tolerance -1): every warm fit falls back to a cold one
     strict = _config()

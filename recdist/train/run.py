@@ -278,14 +278,19 @@ def _fit_warm(
 
     warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
     rate = warm_rules.new_row_rate(stage, warm_stage)
-    log.info(
-        "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d",
-        warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
-    )  # fmt: skip
+    if warm_stage.train.epochs == 0:
+        log.info("warm start from %s: its weights as they are, kept if they validate (no epochs)", warm_start["model"])
+    else:
+        log.info(
+            "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d",
+            warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
+        )  # fmt: skip
     state, metrics = fit(warm_stage, {**warm_start, "new_row_rate": rate} if rate != 1.0 else warm_start)
     worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
     if worse is None:
         stage = warm_stage
+        if warm_stage.train.epochs == 0:
+            log.info("warm start: the previous weights kept, validation RMSE %s", (metrics.get("val") or {}).get("rmse"))
     else:
         log.warning(
             "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "

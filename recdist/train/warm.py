@@ -129,13 +129,16 @@ def _rank(model: str, params: dict[str, Any]) -> int | None:
 
 def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | None = None) -> StageConfig:
     """`stage` as a warm stage trains it (recdist.config.WarmConfig `settings`, default its defaults): at most
-    settings.epochs, patience settings.patience, its peak learning rate settings.lr_share of the stage's own, or
+    settings.epochs (settings.mlp_epochs for a model on stage 1's frozen tables; 0: none, the previous weights
+    as they are), patience settings.patience, its peak learning rate settings.lr_share of the stage's own, or
     (lr_share empty) the rate the previous model last trained at (its history's last epoch). A stage without a
     learning rate (ALS) keeps none."""
     from recdist.config import WarmConfig
+    from recdist.models import registry
 
     settings = settings or WarmConfig()
-    epochs = min(settings.epochs or stage.train.epochs, stage.train.epochs)
+    most = settings.mlp_epochs if registry.get(stage.model).module.upstream else settings.epochs
+    epochs = min(stage.train.epochs if most is None else most, stage.train.epochs)
     update: dict[str, Any] = {"patience": settings.patience, "epochs": epochs}
     history_uri = storage.join(previous_model, "history.parquet")
     if settings.lr_share is not None:
