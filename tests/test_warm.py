@@ -186,3 +186,13 @@ def test_a_warm_stage_2_model_starts_equal_to_yesterdays_weights_on_todays_froze
     wider = reliability(mf_seed=2, seed=2)
     wider.attach(build_model(StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 8}}), dims))
     assert warm.apply(wider, {"model": str(tmp_path / "reliability")}, data="unused") == {"parameters": 0}
+
+
+def test_a_cold_stage_of_zero_epochs_is_refused_before_anything_runs(tmp_path):
+    from recdist.config import ClusterConfig
+    from recdist.train.run import train_stage
+
+    stage = StageConfig.model_validate({"model": "biased_mf", "train": {"epochs": 0}})
+    with pytest.raises(ConfigError, match="train.epochs is 0") as refused:
+        train_stage(str(tmp_path / "data"), stage, ClusterConfig(), str(tmp_path / "out"))
+    assert "pipeline.warm.mlp_epochs" in refused.value.fix and not (tmp_path / "out").exists()

@@ -244,6 +244,13 @@ def train_stage(
     worker's RecdistError is raised as it was."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
+    if stage.train.epochs == 0 and not warm_start:
+        raise ConfigError(
+            f"train.epochs is 0: nothing would train {stage.model}, and its untrained weights would be committed",
+            where="train.epochs",
+            fix="set train.epochs >= 1 (0 is for a warm stage 2 or 3 keeping yesterday's weights: "
+            "pipeline.warm.mlp_epochs)",
+        )
     data, out = storage.absolute(data), storage.absolute(out)  # the workers' working directory is not ours
     upstream = storage.absolute(upstream) if upstream else None
     committed = storage.is_committed(out)
