@@ -356,8 +356,8 @@ class OutputsConfig(Section):
     top_n: int = Field(10, ge=1)
     """Recommendations per user."""
     candidates: int = Field(100, ge=1)
-    """Movies per user that stage 1's MF proposes and the final stage re-ranks (recommendations, ranking
-    metrics): an MLP cannot score every (user, movie) pair of ML-20M."""
+    """Movies per user that the candidate model (`rank_candidates`) proposes and the final stages re-rank
+    (recommendations, ranking metrics): an MLP cannot score every (user, movie) pair of ML-20M."""
     rank_candidates: Literal["ease", "ials", "mf"] = "ease"
     """The model whose best unseen movies are the `candidates` (recommendations, the final ranking metrics):
     `ease` and `ials` model which movies a user rates (recdist/models/implicit.py, fitted on the training
