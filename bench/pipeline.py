@@ -100,6 +100,10 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    from recdist import logs
+
+    logs.setup(quiet=True)  # as `recdist ... --quiet`: warnings only, Ray Data's plan and progress lines off
+
     import ray
 
     from recdist.config import load_config
