@@ -62,6 +62,7 @@ def test_a_nightly_run_warm_starts_stage_1_from_the_last_complete_run(ray_cluste
         for (key, p), (_, q) in zip(today.named_parameters(), yesterday.named_parameters(), strict=True):
             assert torch.equal(p, q), key
         assert not torch.equal(today.frozen.user_factors, yesterday.frozen.user_factors)
+    assert "the previous weights kept, validation RMSE" in "".join(p.read_text() for p in (day2 / "logs").iterdir())
 
     # day 3 must beat day 2 by a full RMSE point (tolerance -1): every warm fit falls back to a cold one
     strict = _config()

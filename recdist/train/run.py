@@ -297,7 +297,9 @@ def _fit_warm(
     if worse is None:
         stage = warm_stage
         if warm_stage.train.epochs == 0:
-            log.info("warm start: the previous weights kept, validation RMSE %s", (metrics.get("val") or {}).get("rmse"))
+            kept = (metrics.get("val") or {}).get("rmse")
+            kept = "none" if kept is None else f"{kept:.4f}"
+            log.info("warm start: the previous weights kept, validation RMSE %s", kept)
     else:
         log.warning(
             "warm start: validation RMSE %.4f is worse than the previous model's %.4f by more than %g of it "
