@@ -3,9 +3,12 @@ reproducibility, checkpoint round trips, the rank's data loader, history files a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
+import warnings
+from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -77,6 +80,33 @@ def test_zero_epochs_keep_the_starting_weights_and_evaluate_them(planted: RankDa
     mean_rmse = float((planted.val.target - planted.train.target.mean()).square().mean().sqrt())
     assert trainer.final_metrics()["val"]["rmse"] == pytest.approx(trainer.evaluate("val")["rmse"])
     assert trainer.final_metrics()["val"]["rmse"] > 0.9 * mean_rmse  # untrained: nothing learnt
+
+
+def test_a_trainer_without_epochs_builds_no_optimiser(planted: RankData, tmp_path) -> None:
+    """The optimisers are built at the first step: a zero-epoch fit, its evaluation and its checkpoint never
+    import torch._dynamo (1.6 s per process, which torch.optim's first call costs); a state saved before any
+    step resumes into a run that trains as a fresh one does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from test_train import make_trainer, planted_frame, rank_data\n"
+        "trainer = make_trainer(rank_data(planted_frame()), epochs=0)\n"
+        "trainer.fit(); trainer.final_metrics(); trainer.state_dict()\n"
+        "assert trainer.solver.state_dict()['optimizers'] == []\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    tests = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests, check=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+    checkpoint.save_state(make_trainer(planted, epochs=0).state_dict(), str(tmp_path), attempt=0)
+    resumed = make_trainer(planted, epochs=2)
+    resumed.load_state_dict(checkpoint.load_state(str(tmp_path)))
+    drop = ("seconds", "rows_per_s")
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in resumed.fit()]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in make_trainer(planted, epochs=2).fit()]
 
 
 def test_early_stopping_restores_best_epoch(planted: RankData) -> None:
@@ -380,11 +410,53 @@ def _ddp_rank(rank: int, world: int, init: str, out: str, solver: str) -> None:
     full = rank_data(frame)
     part = rank_data(mine)
     data = RankData(part.train, part.val, part.test, full.dims)
-    trainer = make_trainer(data, epochs=3, batch_size=128, patience=0, **TWO_RANKS[solver])
-    rows = trainer.fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(data, epochs=3, batch_size=128, patience=0, **TWO_RANKS[solver])
+        rows = trainer.fit()
+    said = [str(w.message) for w in caught]
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rows": rows, "digest": _digest(trainer.model), "n": len(data.train)}, f)
+        json.dump({"rows": rows, "digest": _digest(trainer.model), "n": len(data.train), "warnings": said}, f)
+    del trainer  # as run_worker does: DDP (in a reference cycle) goes before the process group, or exit may abort
+    gc.collect()
     tdist.destroy_process_group()
+
+
+def _worker_rank(rank: int, world: int, init: str, data: str, root: str) -> None:
+    """One gloo rank through run_worker (automatic collection off: only run_worker's own frees a cycle)."""
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from recdist.train.run import run_worker
+    from recdist.train.sessions import InProcessSession
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    session = InProcessSession(f"{root}/rank-{rank}")
+    session.rank, session.world = rank, world
+    stage = StageConfig(model="biased_mf", params={"rank": 4}, train=TrainConfig(solver="autograd", epochs=2))
+    config = {"data": data, "stage": stage.model_dump(mode="json"), "upstream": None, "cpus_per_worker": 1,
+              "gpu": False, "warm_start": None}  # fmt: skip
+    gc.disable()
+    run_worker(config, session)
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
+        warnings.simplefilter("ignore", FutureWarning)
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    with open(f"{root}/alive.{rank}", "w") as f:
+        json.dump({"ddp_alive": alive, "checkpoint": session.last is not None}, f)
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_worker_frees_its_ddp_before_the_process_group_goes(tmp_path) -> None:
+    """run_worker leaves no DistributedDataParallel behind: one destroyed after its process group (Ray Train
+    destroys the group once the loop returns) aborted the rank's process at exit."""
+    import torch.multiprocessing as mp
+
+    data = write_dataset(tmp_path / "data", planted_frame())
+    mp.spawn(_worker_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", data, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # only rank 0 writes checkpoints
+        assert json.loads((tmp_path / f"alive.{rank}").read_text()) == {"ddp_alive": 0, "checkpoint": rank == 0}
 
 
 @pytest.mark.slow
@@ -396,6 +468,7 @@ def test_two_gloo_ranks_with_uneven_shards_stay_in_step(tmp_path, solver: str) -
     mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", out, solver), nprocs=2, join=True)
     a, b = (json.loads(open(f"{out}.{r}").read()) for r in range(2))
     assert a["n"] != b["n"]  # uneven shards: the same number of steps anyway, or DDP would hang
+    assert not [w for w in a["warnings"] + b["warnings"] if "broadcast_buffers" in w]  # quiet workers' logs
     drop = ("seconds", "rows_per_s")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in a["rows"]]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in b["rows"]]

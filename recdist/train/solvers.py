@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,18 +149,31 @@ class AutogradSolver:
             raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
         self.schedule = Schedule(cfg, default_lr(model, "autograd"))
         tables = sparse_tables(model, cfg, self.device)  # before DDP, which buckets sparse gradients apart
-        sparse = [t.weight for t in tables]
-        dense = [p for p in self.params if all(p is not q for q in sparse)]
-        self.optimizers = [make_optimizer(dense, cfg, self.schedule.peak)] if dense else []
-        if sparse:
-            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=self.schedule.peak))
+        self._sparse = [t.weight for t in tables]
+        self._optimizers: list[torch.optim.Optimizer] | None = None
         self.net: nn.Module = model
         if dist.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # buffers (frozen upstream factors) are identical on every rank: do not re-broadcast them each step
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # buffers (frozen upstream factors) are identical on every rank: broadcast neither at start nor each
+            # step. PyTorch 2.13 deprecates the flag for forward_sync_buffers, which would still broadcast them at
+            # start, and itself advises keeping the flag until an init_sync_buffers exists: its warning is muted
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+                self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         self.steps = max(1, math.ceil(sum(rank_counts(len(data.train), self.device)) / cfg.batch_size))
         self.amp = cfg.amp and self.device.type == "cuda"
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Built at first use: a torch.optim optimiser's first call imports torch._dynamo (1.6 s per process),
+        which a stage that trains no epoch (a warm start keeping its weights) never needs."""
+        if self._optimizers is None:
+            sparse = self._sparse
+            dense = [p for p in self.params if all(p is not q for q in sparse)]
+            self._optimizers = [make_optimizer(dense, self.cfg, self.schedule.peak)] if dense else []
+            if sparse:
+                self._optimizers.append(torch.optim.SparseAdam(sparse, lr=self.schedule.peak))
+        return self._optimizers
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -209,11 +223,14 @@ class AutogradSolver:
         self.schedule.observe(val_rmse)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.optimizers], "schedule": self.schedule.state_dict()}
+        """The optimisers' state (none before they are first used: nothing to resume) and the schedule's."""
+        saved = [o.state_dict() for o in self._optimizers] if self._optimizers is not None else []
+        return {"optimizers": saved, "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        if state["optimizers"]:
+            for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
         self.schedule.load_state_dict(state["schedule"])
 
     def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
@@ -221,14 +238,17 @@ class AutogradSolver:
 
 
 def sparse_tables(model: Model, cfg: TrainConfig, device: torch.device) -> list[nn.Embedding]:
-    """The trainable embedding tables, switched to sparse gradients, when training on CPU with Adam.
+    """The trainable embedding tables, switched to sparse gradients, when training on one CPU rank with Adam.
 
     A dense Adam step reads and writes every row of every table (all 138k users of ml-20m for a batch that
     touches a few thousand), which dominates CPU training; with sparse gradients SparseAdam moves only the
     batch's rows (lazy moments). On CUDA the dense step is cheap and NCCL needs dense gradients: tables stay
-    dense there. Models must look their tables up through the module (or pass its `sparse` flag on).
+    dense there. With several CPU ranks too: DistributedDataParallel's sparse all-reduce over gloo corrupts the
+    heap now and then (PyTorch 2.13: "malloc(): unaligned tcache chunk detected", or a segfault in backward, in
+    2 of 25 two-rank runs of 40 epochs here; none in 25 with dense tables). Models must look their tables up
+    through the module (or pass its `sparse` flag on).
     """
-    if device.type != "cpu" or cfg.optimizer != "adam" or cfg.weight_decay:
+    if device.type != "cpu" or cfg.optimizer != "adam" or cfg.weight_decay or dist.is_distributed():
         return []
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
     for table in tables:
