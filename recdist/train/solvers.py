@@ -245,7 +245,7 @@ def sparse_tables(model: Model, cfg: TrainConfig, device: torch.device) -> list[
     batch's rows (lazy moments). On CUDA the dense step is cheap and NCCL needs dense gradients: tables stay
     dense there. With several CPU ranks too: DistributedDataParallel's sparse all-reduce over gloo corrupts the
     heap now and then (PyTorch 2.13: "malloc(): unaligned tcache chunk detected", or a segfault in backward, in
-    2 of 25 two-rank runs of 40 epochs here; none in 25 with dense tables). Models must look their tables up
+    2 of 31 two-rank runs of 40 epochs here; never in 66 with dense tables). Models must look their tables up
     through the module (or pass its `sparse` flag on).
     """
     if device.type != "cpu" or cfg.optimizer != "adam" or cfg.weight_decay or dist.is_distributed():
