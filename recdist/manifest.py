@@ -239,9 +239,13 @@ class RunManifest(Manifest):
 def file_entries(folder: str, names: list[str] | None = None) -> list[FileEntry]:
     """The FileEntry of each file under `folder` (recursively; or of `names`, relative to it), with its sha256;
     manifest.json left out, and a sub-directory committed on its own (holding a manifest.json) listed by its
-    manifest alone (recdist.integrity verifies it through that entry)."""
+    manifest alone (recdist.integrity verifies it through that entry). Files are hashed a few at a time, in
+    threads (hashlib and the reads release the GIL): a scored table's 670 MB at 20M ratings, 1.6 GB/s per core."""
+    from concurrent.futures import ThreadPoolExecutor
+
     names = sorted(_walk(folder, "")) if names is None else names
-    return [_entry(folder, name) for name in names]
+    with ThreadPoolExecutor(storage.shard_threads(len(names))) as pool:
+        return list(pool.map(lambda name: _entry(folder, name), names))
 
 
 def relative(uri: str, base: str) -> str:

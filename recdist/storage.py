@@ -209,6 +209,12 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def shard_threads(shards: int) -> int:
+    """Threads for `shards` independent shards or files (Polars, Arrow, hashlib and the kernels release the GIL):
+    this machine's cores, at most 8 (memory: a shard per thread)."""
+    return max(1, min(shards, os.cpu_count() or 1, 8))
+
+
 def write_parquet(table: pa.Table, uri: str, **kwargs: Any) -> None:
     """Write one Parquet file (zstd unless `compression` is given, with page checksums) atomically."""
     kwargs.setdefault("compression", "zstd")

@@ -381,7 +381,7 @@ def test_the_predictions_pass_gives_the_same_table_and_figures_on_one_thread_as_
     stamp = tables.Stamp("0", "run", "hash")
     results = {}
     for threads in (1, 3):
-        monkeypatch.setattr(outputs, "shard_threads", lambda shards, n=threads: n)
+        monkeypatch.setattr(outputs.storage, "shard_threads", lambda shards, n=threads: n)
         results[threads] = outputs._prediction_tables(models, str(tmp_path / str(threads)), stamp, users, items)
     (one, test_1, seen_1, cold_1), (three, test_3, seen_3, cold_3) = results[1], results[3]
     assert one == three and cold_1 == cold_3 and test_1.equals(test_3) and seen_1.equals(seen_3)

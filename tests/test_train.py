@@ -482,3 +482,34 @@ def test_two_gloo_ranks_with_uneven_shards_stay_in_step(tmp_path, solver: str) -
         for one, two in zip(rows, strip, strict=True):  # evaluation sums rank by rank in float32: equal up to rounding
             assert one["train_loss"] == two["train_loss"]
             assert one["val_rmse"] == pytest.approx(two["val_rmse"], rel=1e-6)
+
+
+def test_epoch_lines_of_stages_sharing_a_queue_all_show_and_each_pump_stops_at_its_end(monkeypatch, caplog) -> None:
+    """Stages of a Ray session share one progress queue: every row a stage put shows in its own lines, and its
+    pump stops on the end marker its exit puts behind them, without waiting for an empty poll (a get that would
+    block forever still returns)."""
+    import logging
+    import queue
+    import threading
+
+    from recdist.train import run
+
+    class Blocking(queue.Queue):  # a poll that never times out: only a row or the end marker returns
+        def get(self, block: bool = True, timeout: float | None = None):
+            return super().get(block=True)
+
+    shared = Blocking()
+    monkeypatch.setattr(run, "_progress_queue", lambda: shared)
+    row = {"train_loss": 0.5, "val_rmse": 0.9, "val_mae": 0.7, "rows_per_s": 1000.0, "lr": 0.01}
+    caplog.set_level(logging.INFO, logger=run.log.name)
+    for label, epochs in (("first", 3), ("second", 2)):
+        with run.EpochProgress(epochs, label) as progress:
+            for epoch in range(epochs):
+                shared.put({**row, "epoch": epoch})
+            pump = progress._thread
+        assert isinstance(pump, threading.Thread) and not pump.is_alive()
+    lines = [r.getMessage() for r in caplog.records if "epoch " in r.getMessage()]
+    assert [line.split(" train")[0] for line in lines] == [
+        "first: epoch 1/3", "first: epoch 2/3", "first: epoch 3/3", "second: epoch 1/2", "second: epoch 2/2",
+    ]  # fmt: skip
+    assert shared.empty()

@@ -22,7 +22,6 @@ from recdist.config import PipelineConfig
 from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
-from recdist.infer.scoring import shard_threads
 from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
 from recdist.manifest import RunModels
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
@@ -210,7 +209,7 @@ def _prediction_tables(
     shards = shard_files(models.scored)
     parts: list[_ShardSums] = []
     one = partial(_prediction_shard, out=out, stamp=stamp, names=_Names.of(users, items))
-    pool = ThreadPoolExecutor(shard_threads(len(shards)))
+    pool = ThreadPoolExecutor(storage.shard_threads(len(shards)))
     with logs.Progress(log, "predictions", len(shards)) as progress, pool:
         for part in pool.map(one, enumerate(shards)):  # in shard order: the same sums whatever the timing
             parts.append(part)

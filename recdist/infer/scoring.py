@@ -8,7 +8,6 @@ are flagged in the `cold` column instead of being pushed through untrained embed
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,12 +62,6 @@ def role_of(model: Model | type[Model]) -> str:
     if model.target == "error":
         return "reliability"
     return "rating" if model.upstream else "mf"
-
-
-def shard_threads(shards: int) -> int:
-    """Threads for `shards` independent shards (Polars, Arrow and the kernels release the GIL): this machine's
-    cores, at most 8 (memory: a shard per thread)."""
-    return max(1, min(shards, os.cpu_count() or 1, 8))
 
 
 @contextmanager

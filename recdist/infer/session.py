@@ -23,7 +23,6 @@ from numba import njit
 
 from recdist import storage
 from recdist.config import SessionConfig
-from recdist.infer.scoring import shard_threads
 from recdist.schema import SCORED_PARQUET, SESSION_COLUMNS  # what stages 2 and 3 read
 from recdist.sorting import counting_sort
 from recdist.train.sampling import SAMPLE, TrainShare
@@ -83,7 +82,7 @@ class SessionStep:
                 sample = storage.join(folder, SAMPLE, "ratings", name)
                 storage.write_parquet(table.filter(share.keep(table)), sample, **SCORED_PARQUET)
 
-        with ThreadPoolExecutor(shard_threads(len(names))) as pool:
+        with ThreadPoolExecutor(storage.shard_threads(len(names))) as pool:
             list(pool.map(rewrite, range(len(names))))
 
     def _context(self, frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
@@ -140,7 +139,7 @@ def session_columns(frame: pl.DataFrame, spec: SessionSpec) -> pl.DataFrame:
         np.cumsum(np.bincount(user, minlength=n_users), out=starts[1:])
         timed, time, resid = (columns[c].to_numpy() for c in ("timed", "time", "resid"))
         windows = np.array(spec.windows, dtype=np.int64)
-        threads = shard_threads(8)
+        threads = storage.shard_threads(8)
         bounds = np.searchsorted(starts, np.linspace(0, frame.height, threads + 1)).clip(0, n_users)
         bounds[-1] = n_users
 

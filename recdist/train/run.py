@@ -601,9 +601,13 @@ class EpochProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._thread is not None:
+        if self._thread is None:
+            return
+        try:  # the end, behind every row rank 0 put (its puts returned before the stage did): the pump drains the
+            self.queue.put(None)  # queue and stops at once, and the next stage's pump starts on an empty one
+        except Exception:  # noqa: BLE001 - the queue's actor gone with its session: stop at the next empty poll
             self._stop.set()
-            self._thread.join(timeout=10)  # the pump stops once the queue is empty: the next stage starts clean
+        self._thread.join(timeout=10)
 
     def _pump(self) -> None:
         with logs.Progress(log, self.label, self.epochs) as progress:
@@ -614,6 +618,8 @@ class EpochProgress:
                     if self._stop.is_set():
                         return
                     continue
+                if row is None:
+                    return
                 epoch = int(row["epoch"]) + 1
                 fields = {k: row[k] for k in ("train_loss", "val_rmse", "val_mae", "rows_per_s", "lr") if k in row}
                 progress.update(epoch, epoch_line(row, epoch, self.epochs), epoch=epoch, **fields)
