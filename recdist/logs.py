@@ -47,6 +47,14 @@ class Settings:
 
 _settings = Settings()
 _RAY_ENV: dict[str, str] = {}
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Where Ray (2.5x+) announces, as a WARNING at every local cluster's start, that it turned token authentication
+on by default: news, not a problem, so not shown unless verbose. Its warning that authentication is *off* is."""
+
+
+def _not_rays_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
 """Ray environment variables `setup` set (and so may take back)."""
 
 
@@ -121,6 +129,8 @@ def setup(*, quiet: bool = False, verbose: bool = False, fmt: str = "text") -> N
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False  # Ray's LoggingConfig puts its own handler on the root logger
     _quiet_ray_data(quiet, verbose)
+    if not verbose:
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_not_rays_auth_notice)
 
 
 def reset() -> None:
@@ -130,6 +140,7 @@ def reset() -> None:
         log.removeHandler(handler)
     log.setLevel(logging.NOTSET)
     log.propagate = True
+    logging.getLogger(RAY_AUTH_LOGGER).removeFilter(_not_rays_auth_notice)
     for key, value in _RAY_ENV.items():
         if os.environ.get(key) == value:
             del os.environ[key]

@@ -82,6 +82,31 @@ def test_verbose_brings_back_rays_internals_and_default_keeps_ray_at_warning(mon
     assert os.environ["RAY_DATA_LOG_LEVEL"] == "ERROR"
 
 
+def test_rays_token_auth_notice_is_not_shown_but_its_auth_off_warning_is():
+    """Ray's own functions, so a change of Ray's wording fails here: the default-on notice dropped unless verbose,
+    the warning that authentication is off always shown."""
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    ray_logger = logging.getLogger(logs.RAY_AUTH_LOGGER)
+    assert ray_auth.logger is ray_logger
+    ray_logger.addHandler(handler)
+    try:
+        for verbose in (False, True):
+            logs.setup(verbose=verbose)
+            ray_auth._warn_token_auth_enabled()
+            ray_auth._warn_token_auth_disabled()
+        logs.reset()
+        ray_auth._warn_token_auth_enabled()
+    finally:
+        ray_logger.removeHandler(handler)
+    enabled = [m for m in seen if m.startswith("Token authentication is enabled")]
+    disabled = [m for m in seen if m.startswith("Token authentication is disabled")]
+    assert len(enabled) == 2 and len(disabled) == 2  # verbose, and after reset; the off warning both times
+
+
 def test_progress_without_a_terminal_is_lines_one_per_message_and_throttled_otherwise(capsys):
     logs.setup()
     log = logging.getLogger("recdist.test")
