@@ -47,6 +47,7 @@ class Settings:
 
 _settings = Settings()
 _RAY_ENV: dict[str, str] = {}
+"""Ray environment variables `setup` set (and so may take back)."""
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 """Where Ray (2.5x+) announces, as a WARNING at every local cluster's start, that it turned token authentication
@@ -55,7 +56,6 @@ on by default: news, not a problem, so not shown unless verbose. Its warning tha
 
 def _not_rays_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled")
-"""Ray environment variables `setup` set (and so may take back)."""
 
 
 # ------------------------------------------------------------------------------------------- formatting
