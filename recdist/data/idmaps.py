@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from recdist.data.dataset import read_items, read_rank, read_users
+from recdist.data.splits import from_codes
 
 
 @dataclass(frozen=True)
@@ -24,23 +25,16 @@ class PreviousMaps:
     item_ids: pl.Series
     """Original item ids (int64), position = item_idx."""
     splits: pl.DataFrame
-    """user_id, item_id, split (the SPLIT Enum) of every rating of the previous dataset."""
+    """user_idx, item_idx, split (the SPLIT Enum) of every rating of the previous dataset: in its index space,
+    which the new dataset keeps (restable)."""
 
 
 def read_previous(uri: str) -> PreviousMaps:
     """The id maps and rating splits of the committed dataset at `uri`."""
     users = read_users(uri).sort("user_idx")
     items = read_items(uri).sort("item_idx")
-    ratings = read_rank(uri, columns=["user_idx", "item_idx", "split"])
-    user_ids, item_ids = users["user_id"].cast(pl.Int64), items["item_id"].cast(pl.Int64)
-    splits = pl.DataFrame(
-        {
-            "user_id": user_ids.gather(ratings["user_idx"]),
-            "item_id": item_ids.gather(ratings["item_idx"]),
-            "split": ratings["split"],
-        }
-    )
-    return PreviousMaps(user_ids=user_ids, item_ids=item_ids, splits=splits)
+    splits = read_rank(uri, columns=["user_idx", "item_idx", "split"])
+    return PreviousMaps(users["user_id"].cast(pl.Int64), items["item_id"].cast(pl.Int64), splits)
 
 
 def stable_ids(previous: pl.Series, present: pl.Series) -> tuple[pl.Series, np.ndarray]:
@@ -55,35 +49,30 @@ def stable_ids(previous: pl.Series, present: pl.Series) -> tuple[pl.Series, np.n
 
 
 def keep_splits(df: pl.DataFrame, previous: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """`df` (user_id, item_id, split, ...) with the previous split of every rating the previous dataset held;
-    also how many ratings kept a split that differs from the one just assigned."""
-    previous = previous.select("user_id", "item_id", _prev="split")
-    key = _pair_key(df, previous)
-    if key is None:
-        joined = df.join(previous, on=["user_id", "item_id"], how="left", maintain_order="left")
-    else:  # one int64 key: the 20M-row join at ML-20M size in half the time of the two-column one
-        previous = previous.select(key, "_prev")
-        joined = df.with_columns(key).join(previous, on="_pair", how="left", maintain_order="left").drop("_pair")
-    changed = int((joined["_prev"].is_not_null() & (joined["_prev"] != joined["split"])).sum())
-    out = joined.with_columns(pl.coalesce("_prev", "split").alias("split")).drop("_prev")
-    return out, changed
+    """`df` (user_idx, item_idx, split, ...: indices of the previous dataset's space, after `restable`) with the
+    previous split of every rating the previous dataset held; also how many ratings kept a split that differs from
+    the one just assigned.
 
-
-def _pair_key(*frames: pl.DataFrame) -> pl.Expr | None:
-    """(user_id, item_id) as one int64 expression `_pair`, the same pair the same number in every frame, or None
-    when the ids' ranges are too wide to pack into 63 bits."""
-    if not all(f.height for f in frames):
-        return None
-    lows, spans = [], []
-    for column in ("user_id", "item_id"):
-        low = min(int(f[column].min()) for f in frames)  # type: ignore[arg-type]
-        high = max(int(f[column].max()) for f in frames)  # type: ignore[arg-type]
-        lows.append(low)
-        spans.append(high - low + 1)
-    if spans[0] * spans[1] >= 1 << 63:
-        return None
-    user, item = (pl.col(c).cast(pl.Int64) - low for c, low in zip(("user_id", "item_id"), lows, strict=True))
-    return (user * spans[1] + item).alias("_pair")
+    One int64 key per (user_idx, item_idx); each previous rating is looked up by binary search among today's keys,
+    sorted already when `df` comes from `restable` (sorted here otherwise): 1 s at ML-20M size where a hash join of
+    the two frames took 3.6 s.
+    """
+    if not df.height or not previous.height:
+        return df, 0
+    n_items = int(max(df["item_idx"].max(), previous["item_idx"].max())) + 1  # type: ignore[call-overload]
+    keys = df["user_idx"].to_numpy().astype(np.int64) * n_items + df["item_idx"].to_numpy()
+    order = None if bool((keys[1:] >= keys[:-1]).all()) else np.argsort(keys, kind="stable")
+    if order is not None:
+        keys = keys[order]
+    known = previous["user_idx"].to_numpy().astype(np.int64) * n_items + previous["item_idx"].to_numpy()
+    at = np.searchsorted(keys, known).clip(max=len(keys) - 1)
+    held = keys[at] == known
+    rows = at[held] if order is None else order[at[held]]  # today's row of each rating held yesterday
+    before = previous["split"].to_physical().to_numpy()[held]
+    codes = df["split"].to_physical().to_numpy().copy()
+    changed = int((codes[rows] != before).sum())
+    codes[rows] = before
+    return df.with_columns(from_codes(codes)), changed
 
 
 def restable(

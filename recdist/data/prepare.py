@@ -53,9 +53,9 @@ def _keep_previous(
     df: pl.DataFrame, user_ids: pl.Series, item_ids: pl.Series, previous: PreviousMaps
 ) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
     """The previous dataset's splits and indices kept (recdist.data.idmaps), with a log line of what changed."""
-    df, changed = keep_splits(df, previous.splits)
     n_before = len(user_ids), len(item_ids)
     df, user_ids, item_ids = restable(df, user_ids, item_ids, previous)
+    df, changed = keep_splits(df, previous.splits)
     log.info(
         "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; "
         "%s ratings kept a previous split other than today's", f"{len(previous.user_ids):,}",
