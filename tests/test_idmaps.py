@@ -59,6 +59,9 @@ def test_keep_splits_takes_the_previous_split_of_every_pair_it_held():
     assert kept["split"].to_list() == ["train", "test", "test", "test", "train"]  # (2, 10) keeps its test split
     assert kept.drop("split").equals(today.drop("split")) and kept.schema == today.schema and changed == 1
     assert keep_splits(today, yesterday.clear())[0].equals(today)
+    shuffled = today[[3, 0, 4, 2, 1]]  # not sorted by (user_idx, item_idx): sorted for the lookup, rows kept in place
+    again, changed = keep_splits(shuffled, yesterday)
+    assert again.equals(kept[[3, 0, 4, 2, 1]]) and changed == 1
 
 
 @pytest.mark.parametrize("split", ["random", "user", "time"])
