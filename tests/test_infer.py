@@ -181,6 +181,38 @@ def test_split_metrics_sum_over_shards():
     assert m["test"]["mae"] == pytest.approx(1.0)
 
 
+def test_error_sums_equal_a_group_by_skip_nulls_and_show_nans():
+    """Per-split sums against Polars' own group-by on random rows with nulls in both columns (skipped); a NaN
+    prediction (a value, not a null) makes its split's sums NaN instead of vanishing."""
+    g = np.random.default_rng(3)
+    n = 1_000
+    frame = pl.DataFrame(
+        {
+            "split": g.choice(["train", "val", "test"], n),
+            "rating": pl.Series(g.integers(1, 6, n), dtype=pl.Int64),
+            "p": pl.Series(g.uniform(1, 5, n), dtype=pl.Float32),
+        }
+    ).with_columns(
+        rating=pl.when(pl.Series(g.random(n) < 0.1)).then(None).otherwise(pl.col("rating")),
+        p=pl.when(pl.Series(g.random(n) < 0.1)).then(None).otherwise(pl.col("p")),
+    )
+    got = metrics.error_sums(frame, "p").sort("split")
+    d = pl.col("rating").cast(pl.Float64) - pl.col("p").cast(pl.Float64)
+    want = (
+        frame.drop_nulls()
+        .group_by("split")
+        .agg(n=pl.len().cast(pl.Int64), sse=(d**2).sum(), sae=d.abs().sum())
+        .sort("split")
+    )
+    assert got["split"].to_list() == want["split"].to_list() and got["n"].to_list() == want["n"].to_list()
+    assert np.allclose(got["sse"].to_numpy(), want["sse"].to_numpy(), rtol=1e-12)
+    assert np.allclose(got["sae"].to_numpy(), want["sae"].to_numpy(), rtol=1e-12)
+    assert got["n"].sum() < n  # nulls were there to skip
+    nan = frame.drop_nulls().with_columns(p=pl.when(pl.col("split") == "val").then(float("nan")).otherwise("p"))
+    sums = metrics.error_sums(nan, "p").sort("split")
+    assert [math.isnan(v) for v in sums["sse"]] == [False, False, True]  # test, train, val
+
+
 def test_reliability_deciles_are_equal_sized_and_ordered_on_a_planted_signal():
     rng = np.random.default_rng(0)
     noise_sd = rng.uniform(0.1, 2.0, 5_000)

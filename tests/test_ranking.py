@@ -175,13 +175,56 @@ def test_top_k_over_the_modelled_columns_equals_the_full_width_ranking() -> None
     rows = torch.arange(x.shape[0])
     full_s, full_i = top_k_of(model.scores, rows, 4, exclude=seen, allowed=allowed, chunk=7)
     s, i = top_k_of(model.column_scores, rows, 4, exclude=seen, allowed=allowed, chunk=7, columns=model.columns)
-    assert torch.allclose(s, full_s)  # the same best scores; among equal ones either item may come first
     finite = torch.isfinite(s)
+    assert torch.equal(s, full_s) and torch.equal(i[finite], full_i[finite])  # equal scores in item order
     assert finite.sum() > 30 and torch.allclose(model.scores(rows).gather(1, i)[finite], s[finite])
     assert not seen_pairs(seen, i, finite)
     unmasked = top_k_of(model.column_scores, rows, 4, columns=model.columns)[1]
     assert seen_pairs(seen, unmasked, torch.ones_like(finite))  # the check above can fail
     assert not torch.isin(i[finite], torch.tensor([0, 2, 3, 5, 7])).any()
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_top_k_equals_a_sort_by_score_then_column(k: int, mapped: bool) -> None:
+    """The compiled selection against a plain sort: many ties (in column order), NaN and -inf never chosen,
+    -0.0 equal to 0.0, seen and not-allowed items skipped, rows with fewer than k left, rising rows (the
+    selection's buffer refills most often), more rows than one block per thread."""
+    g = np.random.default_rng(k)
+    n_rows, n_items = 23, 300
+    scores = g.integers(-20, 20, size=(n_rows, n_items)).astype(np.float32) / 4
+    scores[g.random(scores.shape) < 0.05] = np.nan
+    scores[g.random(scores.shape) < 0.05] = -np.inf
+    scores[g.random(scores.shape) < 0.05] = -0.0
+    scores[3] = np.arange(n_items)  # rising
+    scores[4, 10:] = np.nan  # fewer than k left
+    columns = torch.from_numpy(np.sort(g.choice(400, n_items, replace=False))) if mapped else None
+    items = columns.numpy() if mapped else np.arange(n_items)
+    seen_rows = torch.from_numpy(g.integers(0, n_rows, 600))
+    seen = Csr.build(seen_rows, torch.from_numpy(g.integers(0, 400 if mapped else n_items, 600)), n_rows)
+    allowed = torch.from_numpy(g.random(400 if mapped else n_items) < 0.9)
+    block = torch.from_numpy(scores)
+    got_s, got_i = top_k_of(
+        lambda rows: block[rows].clone(),
+        torch.arange(n_rows),
+        k,
+        exclude=seen,
+        allowed=allowed,
+        chunk=6,
+        columns=columns,
+    )
+    which, banned = seen.gather(torch.arange(n_rows))
+    skip = set(zip(which.tolist(), banned.tolist(), strict=True))
+    for r in range(n_rows):
+        ok = [
+            (float(scores[r, c]), int(items[c]))
+            for c in range(n_items)
+            if allowed[items[c]] and (r, int(items[c])) not in skip and scores[r, c] > -np.inf
+        ]
+        best = sorted(ok, key=lambda pair: (-pair[0], pair[1]))[:k]
+        assert got_i[r, : len(best)].tolist() == [item for _, item in best]
+        assert got_s[r, : len(best)].tolist() == [score for score, _ in best]
+        assert torch.isneginf(got_s[r, len(best) :]).all()
 
 
 def seen_pairs(seen: Csr, items: torch.Tensor, finite: torch.Tensor) -> set[tuple[int, int]]:
