@@ -134,6 +134,27 @@ def test_ease_is_the_closed_form() -> None:
     np.testing.assert_allclose(scores.numpy(), x @ b, atol=1e-5)
 
 
+@pytest.mark.parametrize("condition", [1e2, 1e9])
+def test_spd_inverse_in_float32_only_where_it_is_accurate(condition: float, monkeypatch) -> None:
+    """EASE's inverse: float32 for a well-conditioned matrix (as accurate as the float32 weights need), float64
+    when float32's residual is too large (a weakly regularised Gram) -- the float64 answer either way, to the
+    accuracy each precision allows."""
+    from recdist.models import implicit
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, np.log10(condition), 300, dtype=torch.float64)) @ q.T
+    exact = torch.linalg.inv(a)
+    calls = []
+    monkeypatch.setattr(
+        implicit.torch.linalg, "cholesky", lambda m: calls.append(m.dtype) or torch.linalg.cholesky_ex(m)[0]
+    )
+    p = implicit.spd_inverse(a)
+    assert p.dtype == torch.float64
+    assert float(torch.linalg.norm(p - exact) / torch.linalg.norm(exact)) < (1e-5 if condition < 1e3 else 1e-6)
+    assert calls == ([] if condition < 1e3 else [torch.float64])  # the float64 redo only where needed
+
+
 def test_ease_scores_a_block_of_columns_at_a_time_with_the_same_sums(monkeypatch) -> None:
     from recdist.models import implicit
 
