@@ -283,6 +283,29 @@ class OnStage1(ModelContract):
     def upstream(cls, stage1) -> torch.nn.Module:
         return stage1["mf"]
 
+    def test_inference_is_the_plain_mlp_on_the_documented_inputs(self, fitted: Trainer, data: RankData) -> None:
+        """Inference (the first layer in per-user, per-item and per-row parts, the row inputs computed as an
+        (inputs x rows) block) equals the whole MLP on [user inputs, item inputs, row inputs] built by hand: stage
+        1's prediction less the mean, each session window's sum and squares over (n + prior) and log1p(n)
+        standardised, and stage 3's log1p of the predicted error standardised."""
+        model, batch = fitted.model.eval(), data.test
+        f = {name: batch.feature(name).float() for name in batch.feature_names}
+        row = [f["mf_pred"] - model.dims.global_mean]
+        session = []
+        for window in ("short", "long"):
+            n = f[f"sess_{window}_n"].clamp_min(0)
+            prior = n + model.config.session_prior
+            session += [f[f"sess_{window}_sum"] / prior, f[f"sess_{window}_sq"] / prior, n.log1p()]
+        mean, std = model.session_stats
+        row += [(x - mean[j]) / std[j] for j, x in enumerate(session)]
+        if "pred_error" in f:
+            row.append((f["pred_error"].clamp_min(0).log1p() - model.error_stats[0]) / model.error_stats[1])
+        inputs = [model.frozen.user_inputs[batch.user], model.frozen.item_inputs[batch.item], torch.stack(row, 1)]
+        with torch.no_grad():
+            out = model.net(torch.cat(inputs, 1)).squeeze(1)
+            want = torch.nn.functional.softplus(out) if model.target == "error" else f["mf_pred"] + out
+            assert torch.allclose(model(batch), want, atol=1e-5)
+
 
 class TestReliabilityMLP(OnStage1):
     """Stage 2 fits the squared error of stage 1: it must find the items' planted error levels."""

@@ -231,23 +231,36 @@ class OnMF(Model):
             )
         return batch.feature(MF_PRED).float()
 
-    def _row(self, batch: Batch) -> torch.Tensor:
-        """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean), then
-        the standardised session features."""
-        cols = [(self._mf_pred(batch) - self.dims.global_mean).unsqueeze(-1)] if self.config.use_mf_pred else []
-        if self.config.use_session:
-            cols.append((self._session(batch) - self.session_stats[0]) / self.session_stats[1])
-        return torch.cat(cols, dim=-1) if cols else batch.user.new_zeros((len(batch), 0), dtype=torch.float32)
+    def _row(self, batch: Batch, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """The row's own inputs after the user's and the item's: (stage 1's prediction - global mean), the
+        standardised session features, then the `extra` (B,) columns. (B, E), a transposed view of an (E, B) block:
+        each input is computed as a contiguous vector (2x the speed of a (B, E) block's strided columns on a CPU),
+        and the first layer's product reads the view as it is."""
+        session = len(SESSION_COLUMNS) if self.config.use_session else 0
+        out = torch.empty((self.config.use_mf_pred + session + len(extra), len(batch)), device=batch.user.device)
+        if self.config.use_mf_pred:
+            torch.sub(self._mf_pred(batch), self.dims.global_mean, out=out[0])
+        if session:
+            block = out[self.config.use_mf_pred : self.config.use_mf_pred + session]
+            self._session(batch, out=block)
+            block.sub_(self.session_stats[0].unsqueeze(1)).div_(self.session_stats[1].unsqueeze(1))
+        for at, column in enumerate(extra, start=len(out) - len(extra)):
+            out[at] = column
+        return out.T
 
-    def _session(self, batch: Batch) -> torch.Tensor:
-        """(B, 6): per window, sum / (n + prior), sum of squares / (n + prior), log1p(n) (before standardising)."""
+    def _session(self, batch: Batch, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 6): per window, sum / (n + prior), sum of squares / (n + prior), log1p(n) (before standardising);
+        the transposed view of a (6, B) block, `out` when given."""
         self._mf_pred(batch)  # checks the feature columns
-        f = batch.feature_block(SESSION_COLUMNS).float()
-        out = []
+        f = batch.feature_block(SESSION_COLUMNS).float().T.contiguous()
+        out = torch.empty_like(f) if out is None else out
         for w in range(0, len(SESSION_COLUMNS), 3):
-            total, squares, n = f[:, w], f[:, w + 1], f[:, w + 2].clamp_min(0)
-            out += [total / (n + self.config.session_prior), squares / (n + self.config.session_prior), n.log1p()]
-        return torch.stack(out, dim=-1)
+            n = f[w + 2].clamp_min(0)
+            denom = n + self.config.session_prior
+            torch.div(f[w], denom, out=out[w])
+            torch.div(f[w + 1], denom, out=out[w + 1])
+            torch.log1p(n, out=out[w + 2])
+        return out.T
 
     def set_context(self, train: Batch) -> None:
         """Freeze the session features' training mean and spread (standardisation)."""
@@ -309,7 +322,7 @@ class RatingMLP(OnMF):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         err = (self._error_feature(batch) - self.error_stats[0]) / self.error_stats[1]
-        correction = self._mlp(batch, torch.cat([self._row(batch), err], dim=-1))
+        correction = self._mlp(batch, self._row(batch, extra=(err.squeeze(1),)))
         if self.config.skip:
             return self._mf_pred(batch) + correction
         return correction + self.dims.global_mean
