@@ -66,8 +66,9 @@ def role_of(model: Model | type[Model]) -> str:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """PyTorch on one intra-op thread inside the block (restored after), for work that runs shards in threads
-    of its own (score_local): a thread per shard, each on one core, beats every shard's ops spread over all."""
+    """PyTorch on one intra-op thread inside the block (restored after), for work that runs shards or blocks in
+    threads of its own (score_local, topn.top_k_of): a thread per shard, each on one core, beats every shard's ops
+    spread over all."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

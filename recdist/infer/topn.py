@@ -5,8 +5,7 @@ Pure PyTorch on (users x items) score blocks, chunked over users so memory stays
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +92,8 @@ def top_k_of(
     k-th best so far: about one read of the row (torch.topk plus the masking took 2x as long at ML-20M size)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from recdist.infer.scoring import one_thread
+
     position = np.zeros(0, dtype=np.int64)
     if columns is not None:
         position = np.full(int(columns.max()) + 1 if len(columns) else 0, -1, dtype=np.int64)
@@ -114,20 +115,9 @@ def top_k_of(
     threads = max(1, torch.get_num_threads())
     step = max(1, -(-chunk // threads))
     if k:
-        with _torch_threads(1), ThreadPoolExecutor(threads) as pool:
+        with one_thread(), ThreadPoolExecutor(threads) as pool:
             list(pool.map(select, range(0, len(rows), step)))
     return out_s, (columns[out_i] if columns is not None else out_i)
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """PyTorch's intra-op threads set to n for the block (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @njit(inline="always")
