@@ -109,6 +109,25 @@ def test_a_trainer_without_epochs_builds_no_optimiser(planted: RankData, tmp_pat
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in make_trainer(planted, epochs=2).fit()]
 
 
+def test_the_optimiser_imports_load_in_the_background() -> None:
+    """A rank that will train with torch.optim imports torch._dynamo in a thread while it loads its data (the
+    optimiser's first use waits for it instead of importing it then)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from recdist.train.solvers import prefetch_optimiser_imports\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "prefetch_optimiser_imports()\n"
+        "threads = [t for t in threading.enumerate() if t.name == 'recdist-imports']\n"
+        "[t.join() for t in threads]\n"
+        "print(len(threads), 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "True"], done.stderr[-2000:]
+
+
 def test_early_stopping_restores_best_epoch(planted: RankData) -> None:
     # no regularisation, a wide rank and a high learning rate: overfits after a few epochs
     trainer = make_trainer(planted, params={"rank": 48, "reg": 0.0, "reg_bias": 0.0}, lr=0.1, epochs=40, patience=2)

@@ -45,6 +45,7 @@ from recdist.train.cluster import WorkerPlan, worker_plan
 from recdist.train.data import check_columns, load_rank_data
 from recdist.train.loop import Trainer
 from recdist.train.sessions import CHECKPOINTS_KEPT, InProcessSession, WorkerSession
+from recdist.train.solvers import prefetch_optimiser_imports, solver_name
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def run_worker(config: dict[str, Any], session: Any) -> None:
     rank, world = session.rank, session.world
     stage = StageConfig.model_validate(config["stage"])
     _seed_rank(stage.train.seed + rank, config["cpus_per_worker"])
+    if stage.train.epochs and solver_name(registry.get(stage.model).module, stage.train.solver) == "autograd":
+        prefetch_optimiser_imports()
     device = session.device(config["gpu"])
     trainer, timings = _rank_trainer(config, stage, rank, world, device)
     clock = time.perf_counter()
