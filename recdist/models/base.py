@@ -158,7 +158,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x * 0.0
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits
     keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - DROPOUT_LEVELS // 2
-    return x * keep * (DROPOUT_LEVELS / (DROPOUT_LEVELS - dropped))
+    return x * keep.to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - dropped))  # one product for autograd
 
 
 class Dropout(nn.Dropout):
