@@ -86,10 +86,11 @@ def top_k_of(
     (len(rows), k) each, best first, equal scores in column order; -inf scores mark slots with no candidate left
     (a NaN score is no candidate either). MF's top-N: `top_k_of(partial(mf_scores, factors, mean), ...)`.
 
-    Blocks of chunk / threads rows are scored and selected in threads, PyTorch at one thread in each: scoring and
-    selecting a block run in the same thread, so no thread pool idles or spins while another works. The
-    selection is a compiled pass per row (`_select_rows`) that applies the masks and keeps only scores above the
-    k-th best so far: about one read of the row (torch.topk plus the masking took 2x as long at ML-20M size)."""
+    Blocks of chunk / threads rows are scored and selected in threads (scores_of is called from several threads
+    at once: a pure function of the rows), PyTorch at one thread in each: scoring and selecting a block run in the
+    same thread, so no thread pool idles or spins while another works. The selection is a compiled pass per row
+    (`_select_rows`) that applies the masks and keeps only scores above the k-th best so far: about one read of
+    the row (torch.topk plus the masking took 2x as long at ML-20M size)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from recdist.infer.scoring import one_thread
@@ -105,6 +106,8 @@ def top_k_of(
     if len(rows):  # a row's width (k is cut to it); also builds any state scores_of makes on first use
         k = min(k, scores_of(rows[:1]).shape[1])
     out_s, out_i = torch.empty(len(rows), k), torch.empty(len(rows), k, dtype=torch.long)
+    threads = max(1, torch.get_num_threads())
+    step = max(1, -(-chunk // threads))
 
     def select(lo: int) -> None:
         block = rows[lo : lo + step]
@@ -112,8 +115,6 @@ def top_k_of(
         args = (block.numpy(), indptr, indices, position, banned)
         _select_rows(scores.numpy(), k, *args, out_s[lo : lo + step].numpy(), out_i[lo : lo + step].numpy())
 
-    threads = max(1, torch.get_num_threads())
-    step = max(1, -(-chunk // threads))
     if k:
         with one_thread(), ThreadPoolExecutor(threads) as pool:
             list(pool.map(select, range(0, len(rows), step)))
