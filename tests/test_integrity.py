@@ -278,12 +278,18 @@ def test_a_run_whose_lease_is_taken_over_stops_naming_the_new_holder(s3_bucket, 
     Now the holder's main thread is interrupted at once, and `check` (between stages) refuses as well."""
     run = f"{s3_bucket}/runs/lost"
     other = {"pid": 4242, "host": "elsewhere", "started_at": "now", "expires_at": time.time() + 600}
-    with pytest.raises(StorageError, match=r"lost its lease .* \(pid 4242 on elsewhere") as caught:
-        with runlock.locked(run, lease_s=0.6):
-            storage.write_json(f"{run}/{runlock.LOCK}", other)  # taken over while this run could not renew
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # a stage at work: interrupted at the next renewal (0.2 s)
-                time.sleep(0.05)
+    # Python's own SIGINT handler, as in a run started from a terminal (a process started in the background by
+    # a shell ignores SIGINT, and interrupt_main then does nothing: that case is check()'s, below)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(StorageError, match=r"lost its lease .* \(pid 4242 on elsewhere") as caught:
+            with runlock.locked(run, lease_s=0.6):
+                storage.write_json(f"{run}/{runlock.LOCK}", other)  # taken over while this run could not renew
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # a stage at work: interrupted at the next renewal (0.2 s)
+                    time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert "fix:" in str(caught.value)
     assert storage.read_json(f"{run}/{runlock.LOCK}")["pid"] == 4242  # the new holder's lease is left alone
     with runlock.locked(f"{s3_bucket}/runs/kept", lease_s=0.6):
