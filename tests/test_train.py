@@ -109,23 +109,24 @@ def test_a_trainer_without_epochs_builds_no_optimiser(planted: RankData, tmp_pat
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in make_trainer(planted, epochs=2).fit()]
 
 
-def test_the_optimiser_imports_load_in_the_background() -> None:
-    """A rank that will train with torch.optim imports torch._dynamo in a thread while it loads its data (the
-    optimiser's first use waits for it instead of importing it then)."""
+def test_imports_load_in_the_background() -> None:
+    """imports.prefetch imports what is missing in one thread (a rank about to build a torch.optim optimiser:
+    torch._dynamo, while it loads its data); a module that fails to import is left to the foreground's import."""
     import subprocess
     import sys
 
     code = (
         "import sys, threading\n"
-        "from recdist.train.solvers import prefetch_optimiser_imports\n"
+        "from recdist import imports\n"
         "assert 'torch._dynamo' not in sys.modules\n"
-        "prefetch_optimiser_imports()\n"
+        "imports.prefetch('no_such_module_here', 'torch._dynamo')\n"
         "threads = [t for t in threading.enumerate() if t.name == 'recdist-imports']\n"
         "[t.join() for t in threads]\n"
-        "print(len(threads), 'torch._dynamo' in sys.modules)\n"
+        "imports.prefetch('torch._dynamo', 'json')\n"
+        "print(len(threads), 'torch._dynamo' in sys.modules, threading.active_count())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["1", "True"], done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "True", "1"] and not done.stderr, done.stderr[-2000:]
 
 
 def test_early_stopping_restores_best_epoch(planted: RankData) -> None:

@@ -7,10 +7,7 @@ and returns each epoch's metrics. With several ranks the autograd solver wraps t
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -92,14 +89,6 @@ def rank_counts(n_local: int, device: torch.device) -> list[int]:
     counts = torch.zeros(dist.world_size(), dtype=torch.int64, device=device)
     counts[dist.rank()] = n_local
     return [int(c) for c in dist.all_reduce_sum_(counts).tolist()]
-
-
-def prefetch_optimiser_imports() -> None:
-    """Import torch._dynamo in a background thread, for a rank about to load its data and then build a torch.optim
-    optimiser: the optimiser's first use imports it (1.2 s of a process's time, the same for every stage's first
-    fit in a process), and here the import overlaps the data load (Parquet and Polars, which release the GIL)."""
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="recdist-imports").start()
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
