@@ -64,6 +64,23 @@ def test_keep_splits_takes_the_previous_split_of_every_pair_it_held():
     assert again.equals(kept[[3, 0, 4, 2, 1]]) and changed == 1
 
 
+@pytest.mark.parametrize("runs", [1, 3, 8])
+def test_find_sorted_agrees_with_a_binary_search_over_runs_of_queries(runs):
+    """Queries in ascending runs (a dataset's sorted shards), present and absent, before, between and after the
+    keys, repeated ones: each gets its key's position or -1, as numpy's searchsorted finds it."""
+    from recdist.sorting import find_sorted
+
+    rng = np.random.default_rng(runs)
+    keys = np.unique(rng.integers(10, 5_000, 1_500))
+    queries = np.sort(np.concatenate([rng.choice(keys, 900), rng.integers(0, 5_100, 300), [0, 9, 5_099]]))
+    queries = np.concatenate([queries[s::runs] for s in range(runs)])  # each run ascending, the next from below
+    at = np.searchsorted(keys, queries).clip(max=len(keys) - 1)
+    expected = np.where(keys[at] == queries, at, -1)
+    assert np.array_equal(find_sorted(keys, queries), expected)
+    assert (expected == -1).any() and (expected >= 0).any()
+    assert np.array_equal(find_sorted(keys[:0], queries[:5]), np.full(5, -1))
+
+
 @pytest.mark.parametrize("split", ["random", "user", "time"])
 def test_id_maps_and_splits_stable_across_two_days(tmp_path, split):
     # day 1: users 1..40, items 100..129; day 2: users 1-5 and items 100-102 gone, users 41..50 and
