@@ -145,3 +145,19 @@ def test_from_codes_round_trips():
     s = splits.from_codes(codes)
     assert s.dtype == splits.SPLIT and s.cast(pl.String).to_list() == ["test", "train", "val", "train"]
     assert s.to_physical().to_numpy().tolist() == codes.tolist()
+
+
+def test_split_is_reads_dictionary_codes_and_plain_strings_alike():
+    """Chunks with different dictionaries (as Parquet shards give), a null, and a plain string column."""
+    import pyarrow as pa
+
+    from recdist.data.splits import split_is
+
+    a = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, None], pa.int8()), ["train", "val", "test"])
+    b = pa.DictionaryArray.from_arrays(pa.array([1, 0, 0], pa.int8()), ["test", "train"])
+    column = pa.chunked_array([a, b])
+    assert split_is(column, "train").tolist() == [True, False, False, False, True, False, False]
+    assert split_is(column, "val", "test").tolist() == [False, True, True, False, False, True, True]
+    plain = pa.array(["test", None, "train"])
+    assert split_is(plain, "train").tolist() == [False, False, True]
+    assert split_is(pa.chunked_array([], pa.string()), "train").tolist() == []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recdist.config import PrepareConfig
 from recdist.errors import DataError
@@ -69,6 +71,21 @@ def from_codes(codes: np.ndarray, name: str = "split") -> pl.Series:
     """The split Enum from codes 0 = train, 1 = val, 2 = test (Polars cannot cast integers to an Enum)."""
     c = pl.Series(name, codes)
     return pl.select(_label(pl.lit(c) == 2, pl.lit(c) == 1).alias(name)).to_series()
+
+
+def split_is(column: pa.ChunkedArray | pa.Array, *names: str) -> np.ndarray:
+    """bool per row of an Arrow split column: its split is one of `names` (a null is none). A dictionary column's
+    codes are read, never its text: casting a 20M-row column to strings took 0.3-0.6 s."""
+    parts = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if pa.types.is_dictionary(chunk.type):
+            wanted = np.array([v in names for v in chunk.dictionary.to_pylist()] + [False])
+            codes = pc.fill_null(chunk.indices, len(wanted) - 1).to_numpy(zero_copy_only=False)
+            parts.append(wanted[codes])
+        else:
+            found = pc.fill_null(pc.is_in(chunk, pa.array(names, chunk.type)), False)
+            parts.append(found.to_numpy(zero_copy_only=False))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 def _count(n: pl.Expr, fraction: float) -> pl.Expr:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from recdist import storage
+from recdist.data.splits import split_is
 from recdist.infer.scoring import ROLES, ScoringPlan, role_of
 from recdist.train.sampling import fold_of
 
@@ -129,7 +128,6 @@ def _train_spread(data: str, mean: float) -> float:
     total, n = 0.0, 0
     for uri in shard_files(data):
         t = storage.read_parquet(uri, columns=["rating", "split"])
-        is_train = pc.equal(t["split"].cast(pa.string()), "train")
-        rating = pc.filter(t["rating"], is_train).to_numpy().astype(np.float64)
+        rating = t["rating"].to_numpy()[split_is(t["split"], "train")].astype(np.float64)
         total, n = total + float(((rating - mean) ** 2).sum()), n + len(rating)
     return total / n if n else 1.0

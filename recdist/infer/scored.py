@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from recdist import storage
 from recdist.config import INFER_BATCH_SIZE, ClusterConfig
+from recdist.data.splits import split_is
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.scoring import Predictor, ScoringPlan, one_thread
 from recdist.manifest import SampleInfo, SampleManifest, ScoredManifest, file_entries, relative
@@ -280,8 +280,8 @@ def _split_counts(folder: str) -> dict[str, int]:
     folder_ratings = storage.join(folder, "ratings")
     for name in storage.listdir(folder_ratings):
         split = storage.read_parquet(storage.join(folder_ratings, name), columns=["split"])["split"]
-        for row in pc.value_counts(split.cast(pa.string())).to_pylist():
-            counts[row["values"]] = counts.get(row["values"], 0) + int(row["counts"])
+        for value in counts:
+            counts[value] += int(split_is(split, value).sum())
     return counts
 
 

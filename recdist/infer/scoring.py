@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from recdist.data.splits import split_is
 from recdist.infer.kernels import kernel_for
 from recdist.models.base import Model
 from recdist.models.batch import Batch
@@ -163,7 +164,7 @@ class Predictor:
         folds = len(self.models) - 1
         if folds == 0:
             return None
-        is_train = pc.equal(table["split"].cast(pa.string()), "train").to_numpy(zero_copy_only=False)
+        is_train = split_is(table["split"], "train")
         fold = fold_of(user.numpy(), item.numpy(), folds, self.plan.fold_seed).astype(np.int64)
         return torch.from_numpy(np.where(is_train, fold + 1, 0))
 

@@ -272,6 +272,7 @@ def train_stage(
     plan = worker_plan(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed)
+    imports.prefetch("matplotlib.figure", "matplotlib.backends.backend_agg")  # write_output's learning curve
     if warm_start:
         stage, state, metrics = _fit_warm(fit, stage, warm_start, warm or WarmConfig())
     else:

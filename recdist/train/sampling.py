@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from recdist.data.splits import pair_hash
+from recdist.data.splits import pair_hash, split_is
 
 SAMPLE = "sample"
 """Sub-directory of a scored table holding the TrainShare dataset, when one was asked for."""
@@ -49,9 +48,7 @@ class TrainShare:
 
     def keep(self, table: pa.Table) -> pa.Array:
         user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
-        split = table["split"].cast(pa.string())
-        is_val = pc.equal(split, "val").to_numpy(zero_copy_only=False)
-        is_train = pc.equal(split, "train").to_numpy(zero_copy_only=False)
+        is_val, is_train = (split_is(table["split"], name) for name in ("val", "train"))
         return pa.array(is_val | (is_train & in_share(user, item, self.share, self.seed)))
 
 
