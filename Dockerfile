@@ -31,9 +31,12 @@ COPY --chown=1000:100 configs/ recdist/configs/
 WORKDIR /home/ray/recdist
 
 # numba's compiled kernels, cached in the image beside the installed modules: the offline quickstart (synthetic data,
-# CPU, under a minute) calls every one with the pipeline's own argument types, where each new container (every
-# nightly run) spent ~10 s compiling them. A node whose CPU model differs from the build machine's compiles anew.
-RUN recdist pipeline --config configs/quickstart.yaml --out /tmp/warm-kernels && rm -rf /tmp/warm-kernels
+# CPU, under a minute) and a nightly's `prepare --previous` of its data call every one with the pipeline's own
+# argument types, where each new container (every nightly run) spent ~10 s compiling them. A node whose CPU model
+# differs from the build machine's compiles anew.
+RUN recdist pipeline --config configs/quickstart.yaml --out /tmp/warm-kernels \
+    && recdist prepare --config configs/quickstart.yaml --out /tmp/warm-kernels/day2 --previous /tmp/warm-kernels/data \
+    && rm -rf /tmp/warm-kernels
 
 # No data and no credentials in the image: ml-20m's licence forbids redistribution, so jobs download it
 # (checksum-verified) into RECDIST_CACHE or read it from the user's bucket; S3 keys come from the pod's Secret.
