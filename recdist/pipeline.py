@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import drift, imports, integrity, logs, runlock, storage, tables
+from recdist import drift, figures, integrity, logs, runlock, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import (
@@ -530,7 +530,7 @@ def _outputs(run: _Run) -> dict[str, Any]:
             histories={"single": final},
         )
     stamp = run.stamp()
-    imports.prefetch("matplotlib.figure", "matplotlib.backends.backend_agg")  # the report's, during the tables
+    figures.prefetch()  # the report's, during the tables
     with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
         metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
         metrics = drift.attach(tmp, metrics, run.out, cfg.pipeline.drift)  # pipeline.drift.against: unset = none

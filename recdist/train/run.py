@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recdist import imports, logs, storage
+from recdist import figures, imports, logs, storage
 from recdist.config import ClusterConfig, StageConfig, WarmConfig
 from recdist.errors import ConfigError, DataError, RecdistError, StorageError
 from recdist.models import registry
@@ -272,7 +272,7 @@ def train_stage(
     plan = worker_plan(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
     fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed)
-    imports.prefetch("matplotlib.figure", "matplotlib.backends.backend_agg")  # write_output's learning curve
+    figures.prefetch()  # write_output's learning curve
     if warm_start:
         stage, state, metrics = _fit_warm(fit, stage, warm_start, warm or WarmConfig())
     else:
