@@ -243,9 +243,13 @@ def _locked_run(
             log.info("%s: stale (made from an upstream stage redone since), redone", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
             run.plan = worker_plan(config.cluster)  # Ray joined or started here, unless the run needs none
+        warm_pending = run.plan is not None and not run.plan.in_process
         started = time.perf_counter()
         for name in names[first:]:
             runlock.check(run.out)  # an s3:// lease taken over by another run: commit nothing more
+            if warm_pending and name not in ("prepare", "outputs"):  # Ray Data's passes follow this training
+                _warm_scoring(config)
+                warm_pending = False
             _run_stage(run, name, summary)
             run_log.sync()
         runlock.check(run.out)
@@ -255,6 +259,16 @@ def _locked_run(
         summary.write(run.out)
         log.info("complete in %.1f s: %s", summary.seconds, storage.join(run.out, summary.report))
     return _absolute(summary.model_dump(mode="json"), run.out)
+
+
+def _warm_scoring(config: Config) -> None:
+    """Start the worker processes the run's Ray Data passes will score in, while stage 1 trains
+    (ray_data.warm_workers), and import Ray Data in this process meanwhile."""
+    from recdist.imports import prefetch
+    from recdist.infer.ray_data import warm_workers
+
+    warm_workers(config.pipeline.inference.actors, config.cluster.gpu)
+    prefetch("ray.data")
 
 
 def _inside(uri: str, out: str) -> str:

@@ -26,7 +26,10 @@ def ray_cluster():
     """A real local Ray cluster shared by every test marked `ray` (started once: start-up costs seconds)."""
     import ray
 
+    from recdist.train.cluster import IDLE_WORKERS_KEPT
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(4 + IDLE_WORKERS_KEPT))  # as recdist's local cluster
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

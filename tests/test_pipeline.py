@@ -367,6 +367,19 @@ def test_ray_data_scoring_writes_what_the_plain_scorer_writes(full_run, tmp_path
         )
 
 
+def test_a_pass_scores_in_the_worker_processes_warmed_before_it(full_run, tmp_path):
+    import ray
+
+    from recdist.infer.ray_data import score, warm_workers
+    from recdist.infer.scored import ScoreOptions
+
+    out, _ = full_run
+    processes = ray.get(warm_workers(actors=2))  # what a pipeline on Ray starts before stage 1 trains
+    assert len(set(processes)) == 2
+    result = score(str(out / "mf" / "model"), str(out / "data"), str(tmp_path / "ray"), ScoreOptions(actors=2))
+    assert result["actors"] == 2 and result["warmed_tasks"] == 2  # both tasks ran in warmed processes
+
+
 def test_the_predictions_pass_gives_the_same_table_and_figures_on_one_thread_as_on_several(full_run, tmp_path,
                                                                                            monkeypatch):
     from recdist.data.dataset import read_items, read_users

@@ -106,6 +106,8 @@ def test_pipeline_on_s3_end_to_end_without_leaking_credentials(
     # Checkpoints lived in the bucket: stage 1 restarted from one (attempt 2), and they were removed once committed.
     mf_metrics = json.loads(objects[run + "mf/model/metrics.json"])
     assert mf_metrics["attempts"] == 2 and mf_metrics["epochs"] == 2
+    scoring = json.loads(objects[run + "mf/manifest.json"])["scoring"]  # Ray Data's first pass of the run: its
+    assert scoring["engine"] == "ray-data" and scoring["warmed_tasks"] == scoring["actors"]  # processes were warm
     assert not [k for k in objects if k.startswith("ray/") and "checkpoint" in k]
     assert not [k for k in objects if ".staging-" in k or ".recdist-write-probe" in k]  # nothing half-written
     assert not list(Path(tmp_path).rglob("checkpoint*"))  # and nothing of the run on local disk

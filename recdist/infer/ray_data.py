@@ -6,8 +6,10 @@ then scored.commit writes the manifest, as score_local does.
 
 Why tasks and not an actor pool: an actor is a new process per pass (start-up, PyTorch import, model load: 7-9 s
 of each quickstart stage), while Ray hands tasks to the job's idle worker processes, prestarted by the cluster
-and kept between passes, so the three stages' passes share warm processes (PyTorch imported once). Each process
-builds a pass's Predictor once (cached under the pass's key), as an actor's constructor did.
+and kept between passes, so the three stages' passes share warm processes (PyTorch imported once). A pipeline
+starts those of its first pass while stage 1 trains (`warm_workers`: tasks that need no CPU and do the imports),
+so no pass of a run waits for them. Each process builds a pass's Predictor once (cached under the pass's key), as
+an actor's constructor did.
 
 Why one task per slot (CPU, or GPU), each scoring its run of consecutive shards, and not one task per shard:
 between two tasks in the same process Ray Data spent 0.15-0.25 s (the task's result back to the executor, the
@@ -22,6 +24,7 @@ trainers read by rank and make runs reproducible.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any
@@ -47,11 +50,9 @@ def score(model_uri: str, data: str, out: str, options: ScoreOptions | None = No
     opts = options or ScoreOptions()
     data, out = storage.absolute(data), storage.absolute(out)  # the actors' working directory is not ours
     connect(opts.cluster or ClusterConfig())
-    resources = ray.cluster_resources()
-    use_gpu = bool(resources.get("GPU", 0)) if opts.gpu is None else opts.gpu
+    use_gpu, slots = _slots(opts.gpu)
     plan = opts.plan(model_uri, data, device="cuda" if use_gpu else "cpu")
     files = shard_files(data)
-    slots = int(resources.get("GPU", 1)) if use_gpu else int(resources.get("CPU", 1))
     n_actors = max(1, min(opts.actors or slots, len(files)))
     t0, wall0 = time.perf_counter(), time.time()
     with ray.data.DataContext.current(_context()), storage.staged_output(out, overwrite=opts.overwrite) as tmp:
@@ -77,9 +78,59 @@ def score(model_uri: str, data: str, out: str, options: ScoreOptions | None = No
             "actors": n_actors,
             "actor_seconds": round(last - first, 3),
             "startup_seconds": round(first - wall0, 3),
+            "warmed_tasks": len({w["process"] for w in written if w["warmed"]}),  # ran in a warm_workers process
         }
         result = commit(tmp, out, data, plan, model_uri, opts, **figures)
     return {**result, "out": out}
+
+
+def _slots(gpu: bool | None) -> tuple[bool, int]:
+    """(score on GPUs, tasks at a time by default): one task per GPU when the pass uses them, else per CPU."""
+    import ray
+
+    resources = ray.cluster_resources()
+    use_gpu = bool(resources.get("GPU", 0)) if gpu is None else gpu
+    return use_gpu, int(resources.get("GPU", 1)) if use_gpu else int(resources.get("CPU", 1))
+
+
+WARM_MODULES = ("ray.data", "recdist.infer.ray_data", "recdist.infer.kernels")
+"""What a scoring task imports before its first shard (PyTorch, Polars, Arrow and numba among them)."""
+
+_WARMED = False
+"""Whether this worker process ran a warm-up task (a pass counts its tasks that began in such a process)."""
+
+
+def warm_workers(actors: int | None = None, gpu: bool | None = None) -> list[Any]:
+    """Start the worker processes a later pass will score in, with its imports done: as many as the pass runs
+    tasks at a time (`actors`, or one per GPU or CPU as `score` counts them), on the nodes that have those GPUs
+    or CPUs, each a task that needs no CPU, so that they run beside a stage that holds every CPU. A pipeline on
+    Ray calls it before stage 1 trains: the processes start and import during the training (3-6 s of the first
+    pass on two cores), and Ray hands the pass's tasks to them once idle. Returns the tasks' refs (each the
+    process id it ran in)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    use_gpu, slots = _slots(gpu)
+    wanted, unit = max(1, actors or slots), "GPU" if use_gpu else "CPU"
+    warm = ray.remote(num_cpus=0, max_retries=0)(_import_for_scoring)
+    refs: list[Any] = []
+    for node in (n for n in ray.nodes() if n.get("Alive")):
+        here = min(int(node.get("Resources", {}).get(unit, 0)), wanted - len(refs))
+        where = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+        refs += [warm.options(scheduling_strategy=where).remote() for _ in range(here)]
+    return refs
+
+
+def _import_for_scoring() -> int:
+    """A warm-up task: import WARM_MODULES in this worker process; its process id."""
+    import importlib
+
+    global _WARMED
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    _WARMED = True
+    time.sleep(0.5)  # busy a moment: the other warm-up tasks go to other processes even where imports were done
+    return os.getpid()
 
 
 def _context() -> Any:
@@ -129,4 +180,5 @@ def score_shards(
         torch.set_num_threads(threads)
     n, end = len(rows), time.time()
     rows_written = pa.array(rows, pa.int64())
-    return pa.table({"shard": batch["shard"], "rows": rows_written, "start": [start] * n, "end": [end] * n})
+    task = {"start": [start] * n, "end": [end] * n, "process": [os.getpid()] * n, "warmed": [_WARMED] * n}
+    return pa.table({"shard": batch["shard"], "rows": rows_written, **task})
