@@ -8,10 +8,11 @@ batch inference Parquet -> Parquet through Ray Data beside the same work in plai
 Then Spark ALS fits one rank-16 MF on the same prepared training rows (bench/train_speed.py's child, local[2];
 `--no-spark` skips it) and issue 15's goals are printed with this run's figures: the whole pipeline <= 1.2x that
 fit, the outputs stage <= 20 s, peak memory <= 6 GiB, Ray Data's stage-1 pass <= 1.5x the plain one. Ray Data's
-pass runs twice after the pipeline, timed apart from Ray's start: first in the cluster as it is (a new one when the
-pipeline ran in this process: its worker processes start and import PyTorch during that pass), then again in the
-warm cluster, the pass the goal is read against (a pipeline on Ray scores in the cluster its stages trained on);
-both are printed.
+pass runs three times after the pipeline, timed apart from Ray's start: first in the cluster as it is (a new one
+when the pipeline ran in this process: its worker processes start and import PyTorch during that pass), then
+again in the warm cluster; then, in another new cluster, as a pipeline on Ray runs it: warm_workers, stage 1
+trained on Ray Train, then the pass (its processes started and imported during the training). The goal is read
+against that last pass; all three are printed.
 
 The synthetic ratings are written first, untimed, as ml-20m's own files (ratings.csv, movies.csv: what the
 real job downloads), and the pipeline's prepare stage reads them like the real ml-20m (counted in the total; the

