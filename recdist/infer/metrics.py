@@ -165,8 +165,8 @@ def spearman(a: pl.Series, b: pl.Series) -> float:
     frame = pl.DataFrame({"a": a, "b": b}).drop_nulls()
     if frame.height < 2:
         return float("nan")
-    # ties share their mean rank (scipy.stats.rankdata's default); Polars' rank, multithreaded: 4x a numpy sort
-    # and scatter at ML-20M's 4M test rows
+    # ties share their mean rank (scipy.stats.rankdata's default); Polars' rank, multithreaded: 0.64 s where a
+    # numpy sort and scatter took 0.83 s on 4M rows (ML-20M's test split)
     ra, rb = (frame[c].cast(pl.Float64).rank("average").to_numpy().astype(np.float64) for c in ("a", "b"))
     ra -= ra.mean()
     rb -= rb.mean()
