@@ -50,6 +50,15 @@ class MFKernel:
         return pred
 
 
+def load_kernels() -> None:
+    """Load the compiled kernel into this process by scoring one row with the types batch inference passes: numba's
+    first compiled call in a process (from its cache) also loads numba's compiler registries, ~2 s that a warm
+    scoring process (ray_data.warm_workers) pays before its pass instead of during it."""
+    table, index = np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
+    bias = np.zeros(1, np.float32)
+    _mf_scores(index, index, table, table, bias, bias, np.float32(0), np.empty(1, np.float32))
+
+
 #: The fused scoring path of each Model.scoring_kernel.
 KERNELS = {"mf": MFKernel}
 

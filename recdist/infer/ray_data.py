@@ -93,7 +93,7 @@ def _slots(gpu: bool | None) -> tuple[bool, int]:
     return use_gpu, int(resources.get("GPU", 1)) if use_gpu else int(resources.get("CPU", 1))
 
 
-WARM_MODULES = ("ray.data", "recdist.infer.ray_data", "recdist.infer.kernels")
+WARM_MODULES = ("ray.data", "recdist.infer.ray_data")
 """What a scoring task imports before its first shard (PyTorch, Polars, Arrow and numba among them)."""
 
 _WARMED = False
@@ -122,12 +122,16 @@ def warm_workers(actors: int | None = None, gpu: bool | None = None) -> list[Any
 
 
 def _import_for_scoring() -> int:
-    """A warm-up task: import WARM_MODULES in this worker process; its process id."""
+    """A warm-up task: import WARM_MODULES in this worker process and load the compiled scoring kernel; its process
+    id."""
     import importlib
+
+    from recdist.infer.kernels import load_kernels
 
     global _WARMED
     for name in WARM_MODULES:
         importlib.import_module(name)
+    load_kernels()
     _WARMED = True
     time.sleep(0.5)  # busy a moment: the other warm-up tasks go to other processes even where imports were done
     return os.getpid()
