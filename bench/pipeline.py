@@ -109,6 +109,7 @@ def main() -> None:
     import ray
 
     from recdist.config import load_config
+    from recdist.data.dataset import shard_files
     from recdist.infer.ray_data import score, warm_workers
     from recdist.infer.scored import ScoreOptions, score_local
     from recdist.infer.session import SessionStep
@@ -170,7 +171,7 @@ def main() -> None:
         on_ray = cfg.cluster.model_copy(update={"in_process": False})
         clock = time.perf_counter()
         connect(on_ray)
-        warm_workers(cfg.pipeline.inference.actors, cfg.cluster.gpu)
+        warm_workers(cfg.pipeline.inference.actors, cfg.cluster.gpu, len(shard_files(data)))
         train_stage(data, cfg.stages.slot("mf"), on_ray, str(out / "bench-ray-mf"))
         ray_trained = time.perf_counter() - clock
         pipeline_pass = score(str(out / "bench-ray-mf"), data, str(out / "bench-ray-pipeline"), options)

@@ -248,7 +248,7 @@ def _locked_run(
         for name in names[first:]:
             runlock.check(run.out)  # an s3:// lease taken over by another run: commit nothing more
             if warm_pending and name not in ("prepare", "outputs"):  # Ray Data's passes follow this training
-                _warm_scoring(config)
+                _warm_scoring(run)
                 warm_pending = False
             _run_stage(run, name, summary)
             run_log.sync()
@@ -261,13 +261,15 @@ def _locked_run(
     return _absolute(summary.model_dump(mode="json"), run.out)
 
 
-def _warm_scoring(config: Config) -> None:
+def _warm_scoring(run: _Run) -> None:
     """Start the worker processes the run's Ray Data passes will score in, while stage 1 trains
-    (ray_data.warm_workers), and import Ray Data in this process meanwhile."""
+    (ray_data.warm_workers: one per task a pass runs), and import Ray Data in this process meanwhile."""
+    from recdist.data.dataset import read_manifest
     from recdist.imports import prefetch
     from recdist.infer.ray_data import warm_workers
 
-    warm_workers(config.pipeline.inference.actors, config.cluster.gpu)
+    shards = int(read_manifest(run.data)["shards"])
+    warm_workers(run.config.pipeline.inference.actors, run.config.cluster.gpu, shards)
     prefetch("ray.data")
 
 

@@ -164,10 +164,10 @@ FIRST_RELEASE = SynthConfig(n_users=300, n_items=400, n_ratings=20000, seed=3)
 FIRST_RATINGS_SHA256 = "77b7a312a1deb45e42f3d14953acd2f00b494c233ea76ad6eb8b6858175cff69"
 FIRST_MOVIES_SHA256 = "82e8cd94d2b96fd27254083237b3055475e94ba3198b48d399d16b3465236a87"
 DIGESTS = """
-import hashlib
+import hashlib, sys
 from recdist.config import SynthConfig
 from recdist.data import synth
-s = synth.simulate(SynthConfig(n_users=300, n_items=400, n_ratings=20000, seed=3))
+s = synth.simulate(SynthConfig.model_validate_json(sys.argv[1]))
 print(*(hashlib.sha256(f.write_csv().encode()).hexdigest() for f in (s.ratings, s.movies)))
 """
 
@@ -184,7 +184,10 @@ def test_defaults_give_the_first_releases_bytes():
     import sys
 
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(_avx512_kernels())}
-    child = subprocess.run([sys.executable, "-c", DIGESTS], env=env, capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", DIGESTS, FIRST_RELEASE.model_dump_json()],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
     assert child.stdout.split() == [FIRST_RATINGS_SHA256, FIRST_MOVIES_SHA256]
     s = synth.simulate(FIRST_RELEASE)
     assert set(s.summary["config"]) == {"n_users", "n_items", "n_ratings", "min_user_ratings", "rank", "noise", "seed"}

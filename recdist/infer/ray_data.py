@@ -100,9 +100,10 @@ _WARMED = False
 """Whether this worker process ran a warm-up task (a pass counts its tasks that began in such a process)."""
 
 
-def warm_workers(actors: int | None = None, gpu: bool | None = None) -> list[Any]:
+def warm_workers(actors: int | None = None, gpu: bool | None = None, shards: int | None = None) -> list[Any]:
     """Start the worker processes a later pass will score in, with its imports done: as many as the pass runs
-    tasks at a time (`actors`, or one per GPU or CPU as `score` counts them), on the nodes that have those GPUs
+    tasks at a time (`actors`, or one per GPU or CPU as `score` counts them, at most one per shard of its input,
+    `shards`), on the nodes that have those GPUs
     or CPUs, each a task that needs no CPU, so that they run beside a stage that holds every CPU. A pipeline on
     Ray calls it before stage 1 trains: the processes start and import during the training (3-6 s of the first
     pass on two cores), and Ray hands the pass's tasks to them once idle. Returns the tasks' refs (each the
@@ -111,7 +112,7 @@ def warm_workers(actors: int | None = None, gpu: bool | None = None) -> list[Any
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     use_gpu, slots = _slots(gpu)
-    wanted, unit = max(1, actors or slots), "GPU" if use_gpu else "CPU"
+    wanted, unit = max(1, min(actors or slots, shards or slots)), "GPU" if use_gpu else "CPU"
     warm = ray.remote(num_cpus=0, max_retries=0)(_import_for_scoring)
     refs: list[Any] = []
     for node in (n for n in ray.nodes() if n.get("Alive")):
