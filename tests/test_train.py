@@ -64,11 +64,26 @@ def test_the_fused_kernel_evaluates_like_the_models_forward(planted: RankData, m
     trainer = make_trainer(planted, model, epochs=2)
     trainer.fit()
     assert loop.kernel_for(trainer.model) is not None
-    fused = trainer.final_metrics()
+    splits = ("train", "val", "test")
+    fused = {split: trainer.evaluate(split) for split in splits}
     monkeypatch.setattr(loop, "kernel_for", lambda model: None)
-    plain = trainer.final_metrics()
-    for split in ("train", "val", "test"):
+    plain = {split: trainer.evaluate(split) for split in splits}
+    for split in splits:
         assert fused[split] == pytest.approx(plain[split], rel=1e-6)
+
+
+def test_the_final_validation_figures_are_the_best_epochs(planted: RankData) -> None:
+    """After fit() the weights are the best epoch's again: final_metrics reports the validation figures taken when
+    that epoch was chosen (not a second pass over the split), and they are what the restored weights score."""
+    trainer = make_trainer(planted, epochs=8, lr=0.3)
+    rows = trainer.fit()
+    assert trainer.best_epoch < len(rows) - 1  # later epochs were worse: fit() put the best one's weights back
+    best = rows[trainer.best_epoch]
+    val = trainer.final_metrics()["val"]
+    assert val == {"rmse": best["val_rmse"], "mae": best["val_mae"]}
+    assert trainer.evaluate("val") == val  # the restored weights score exactly that
+    trainer.train_epoch()  # the weights moved on: validation is scored again
+    assert trainer.final_metrics()["val"] == trainer.evaluate("val") != val
 
 
 def test_zero_epochs_keep_the_starting_weights_and_evaluate_them(planted: RankData) -> None:
@@ -465,6 +480,41 @@ def _worker_rank(rank: int, world: int, init: str, data: str, root: str) -> None
     with open(f"{root}/alive.{rank}", "w") as f:
         json.dump({"ddp_alive": alive, "checkpoint": session.last is not None}, f)
     tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cycle", [False, True], ids=["freed-by-refcount", "held-by-a-cycle"])
+def test_a_single_rank_frees_its_trainer_when_its_loop_returns(tmp_path, monkeypatch, cycle: bool) -> None:
+    """run_worker in this process (one rank, automatic collection off): no Trainer outlives the loop, whether
+    reference counting frees it or a reference cycle holds it (as a traceback caught inside PyTorch's first
+    optimiser can): then run_worker collects, and only then."""
+    from recdist.train import run
+    from recdist.train.sessions import InProcessSession
+
+    if cycle:
+        init = Trainer.__init__
+
+        def cyclic(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.cycle = self
+
+        monkeypatch.setattr(Trainer, "__init__", cyclic)
+    collections, collect = [], gc.collect
+    monkeypatch.setattr(run.gc, "collect", lambda: collections.append(1) or collect())
+    data = write_dataset(tmp_path / "data", planted_frame())
+    stage = StageConfig(model="biased_mf", params={"rank": 4}, train=TrainConfig(solver="autograd", epochs=2))
+    config = {"data": data, "stage": stage.model_dump(mode="json"), "upstream": None, "cpus_per_worker": 1,
+              "gpu": False, "warm_start": None}  # fmt: skip
+    collect()
+    gc.disable()
+    try:
+        run.run_worker(config, session := InProcessSession(str(tmp_path / "run")))
+        assert session.last is not None
+        with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
+            warnings.simplefilter("ignore", FutureWarning)
+            assert not [o for o in gc.get_objects() if isinstance(o, Trainer)]
+        assert len(collections) == cycle
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow

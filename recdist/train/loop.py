@@ -59,6 +59,7 @@ class Trainer:
         self.stopped = False
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+        self._best_val: dict[str, float] | None = None  # the best epoch's validation figures, once finish() restored it
 
     @property
     def done(self) -> bool:
@@ -67,6 +68,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         """One epoch of the solver, then validation, early-stopping bookkeeping and the history row."""
         start = time.perf_counter()
+        self._best_val = None
         stats = self.solver.train_epoch(self.epoch)
         val = self.evaluate("val")
         if not math.isnan(val["rmse"]):
@@ -108,6 +110,8 @@ class Trainer:
         if self.best_state is not None:
             self.model.resize_for(self.best_state)  # a Gibbs average grows wider with each sample
             self.model.load_state_dict(self.best_state)
+        best = [row for row in self.history if row["epoch"] == self.best_epoch]
+        self._best_val = {"rmse": best[0]["val_rmse"], "mae": best[0]["val_mae"]} if best else None
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -137,8 +141,10 @@ class Trainer:
         return {"rmse": math.sqrt(float(sums[0]) / n), "mae": float(sums[1]) / n}
 
     def final_metrics(self) -> dict[str, dict[str, float]]:
-        """train/val/test RMSE and MAE of the current weights; the test split is only ever read here."""
-        return {split: self.evaluate(split) for split in ("train", "val", "test")}
+        """train/val/test RMSE and MAE of the current weights; the test split is only ever read here. After
+        finish(), validation's are the best epoch's, measured on these weights when it was chosen."""
+        val = self._best_val or self.evaluate("val")
+        return {"train": self.evaluate("train"), "val": dict(val), "test": self.evaluate("test")}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this trainer is (tensors and plain values)."""
@@ -165,3 +171,4 @@ class Trainer:
         self.epoch, self.best_rmse, self.best_epoch = int(p["epoch"]), float(p["best_rmse"]), int(p["best_epoch"])
         self.bad_epochs, self.stopped = int(p["bad_epochs"]), bool(p["stopped"])
         self.history = [dict(row) for row in p["history"]]
+        self._best_val = None
