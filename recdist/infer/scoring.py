@@ -47,9 +47,10 @@ class ScoringPlan:
     """pred_error written for cold rows (reliability role): the error of the fallback, i.e. unreliable."""
     fold_seed: int = 0
     device: str = "cpu"
-    forward_rows: int = 8192
+    forward_rows: int = 16384
     """Rows per model forward call: small enough that gathered factor rows and activations stay in the CPU
-    cache (3x faster than 128k-row calls), big enough for efficient matrix products."""
+    cache (3x faster than 128k-row calls), big enough for efficient matrix products and few Python calls (stage
+    2's 20M-row pass, two threads: 5.0-5.6 s against 5.2-6.5 s at 8,192 rows, alternated)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -27,6 +27,7 @@ un-centred rating.
 from __future__ import annotations
 
 import math
+from itertools import islice
 from typing import ClassVar
 
 import torch
@@ -205,7 +206,9 @@ class OnMF(Model):
         per_user, per_item = self._projections()
         h = per_user.index_select(0, user).add_(per_item.index_select(0, item))  # index_select: 3-4x [] on CPU
         h = torch.addmm(h, row, first.weight[:, self.frozen.width :].T)
-        return self.net[1:](h).squeeze(-1)
+        for layer in islice(self.net, 1, None):  # not net[1:], which builds a new Sequential on every call
+            h = layer(h)
+        return h.squeeze(-1)
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(user_inputs @ W_u^T + bias, item_inputs @ W_i^T): the first layer's part of every user and item,
