@@ -75,7 +75,7 @@ def test_the_fused_kernel_evaluates_like_the_models_forward(planted: RankData, m
 def test_the_final_validation_figures_are_the_best_epochs(planted: RankData) -> None:
     """After fit() the weights are the best epoch's again: final_metrics reports the validation figures taken when
     that epoch was chosen (not a second pass over the split), and they are what the restored weights score."""
-    trainer = make_trainer(planted, epochs=8, lr=0.3)
+    trainer = make_trainer(planted, epochs=6, lr=0.3)  # validation: ... 0.5469, 0.4194 (best), 0.4242
     rows = trainer.fit()
     assert trainer.best_epoch < len(rows) - 1  # later epochs were worse: fit() put the best one's weights back
     best = rows[trainer.best_epoch]
