@@ -33,9 +33,12 @@ WORKDIR /home/ray/recdist
 # numba's compiled kernels, cached in the image beside the installed modules: the offline quickstart (synthetic data,
 # CPU, under a minute) and a nightly's `prepare --previous` of its data call every one with the pipeline's own
 # argument types, where each new container (every nightly run) spent ~10 s compiling them. A node whose CPU model
-# differs from the build machine's compiles anew.
+# differs from the build machine's compiles anew. The `prepare --previous` splits by another rule (user) than
+# its previous dataset (random), so it looks up the previous splits as such a nightly does (one split by the
+# same rule skips that).
 RUN recdist pipeline --config configs/quickstart.yaml --out /tmp/warm-kernels \
-    && recdist prepare --config configs/quickstart.yaml --out /tmp/warm-kernels/day2 --previous /tmp/warm-kernels/data \
+    && recdist prepare --config configs/quickstart.yaml --split user --out /tmp/warm-kernels/day2 \
+        --previous /tmp/warm-kernels/data \
     && rm -rf /tmp/warm-kernels
 
 # No data and no credentials in the image: ml-20m's licence forbids redistribution, so jobs download it

@@ -10,6 +10,10 @@ among them); day 2 = all of it. Each day is prepared as a nightly job prepares i
 to exit (interpreter, imports, every stage). The nightly job's time is day 2's prepare plus its pipeline. Goal
 (issue 16): the warm nightly run takes <= 50% of a cold one's time on the 20M set.
 
+`--one-command` times the night as the Kubernetes manifests run it instead: one `recdist pipeline --path DAY
+--out PARENT/date=...` per night, its own prepare stage included, day 2 cold and day 2 `--warm-start auto` (whose
+prepare keeps day 1's dataset's indices and splits, as `--previous` does); the job is that one command.
+
 This VM's speed drifts by 20-40% within an hour, enough to move one bench's ratio by 0.1. `--repeat N` runs day 2's
 prepare, cold and warm runs N times, alternating which of cold and warm goes first, and prints each repeat's ratio
 and the medians (the verdict is the median's).
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--latest", type=float, default=0.02, help="share of the latest ratings day 1 lacks")
     ap.add_argument("--workdir", default="/tmp/recdist-bench/nightly", help="working directory (replaced)")
     ap.add_argument("--repeat", type=int, default=1, help="day 2's prepare, cold and warm runs this many times")
+    ap.add_argument("--one-command", action="store_true", help="each night one pipeline command with its own prepare")
     args = ap.parse_args()
 
     import polars as pl
@@ -82,44 +87,60 @@ def main() -> None:
         return recdist("pipeline", "--config", str(CONFIG), "--data", str(work / f"{day}-data"),
                        "--out", str(work / name), *extra)  # fmt: skip
 
-    prepare("day1")
-    pipeline("day1", "day1")
-    names = ("day2-cold", "day2-warm")
+    def night(name: str, day: str, *extra: str) -> float:  # the manifests' one command, prepare inside
+        return recdist("pipeline", "--config", str(CONFIG), "--path", str(work / f"{day}.parquet"),
+                       "--out", str(work / name), *extra)  # fmt: skip
+
+    if args.one_command:  # day 1 beside the warm day 2 (what `auto` finds), the cold day 2 apart
+        night("warm/date=2026-12-01", "day1")
+        names, stages_shown = ("cold/date=2026-12-02", "warm/date=2026-12-02"), ("prepare", *STAGES)
+    else:
+        prepare("day1")
+        pipeline("day1", "day1")
+        names, stages_shown = ("day2-cold", "day2-warm"), STAGES
     repeats: list[dict[str, float]] = []  # per repeat: prepare, the two commands' wall and every stage's seconds
     for i in range(max(1, args.repeat)):
         for name in names:
             shutil.rmtree(work / name, ignore_errors=True)
-        figures = {"prepare": prepare("day2", "--previous", str(work / "day1-data"), "--overwrite")}
+        figures = {"prepare": 0.0}  # --one-command: inside each command
+        if not args.one_command:
+            figures["prepare"] = prepare("day2", "--previous", str(work / "day1-data"), "--overwrite")
         for name in names if i % 2 == 0 else names[::-1]:  # alternate which goes first: drift hits both alike
-            warm = ("--warm-start", str(work / "day1")) if name == "day2-warm" else ()
-            figures[name] = pipeline(name, "day2", *warm)
+            warm = name.startswith("warm") or name == "day2-warm"
+            if args.one_command:
+                figures[name] = night(name, "day2", *(("--warm-start", "auto") if warm else ()))
+            else:
+                figures[name] = pipeline(name, "day2", *(("--warm-start", str(work / "day1")) if warm else ()))
             stages = json.loads((work / name / "manifest.json").read_text())["stages"]
-            figures.update({f"{name}:{stage}": float(stages[stage]["seconds"]) for stage in STAGES})
+            figures.update({f"{name}:{stage}": float(stages[stage]["seconds"]) for stage in stages_shown})
         repeats.append(figures)
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in repeats)
 
     def ratio(r: dict[str, float]) -> float:
-        return (r["prepare"] + r["day2-warm"]) / (r["prepare"] + r["day2-cold"])
+        return (r["prepare"] + r[names[1]]) / (r["prepare"] + r[names[0]])
 
     metrics = {name: json.loads((work / name / "outputs" / "metrics.json").read_text()) for name in names}
-    n = json.loads((work / "day2-data" / "manifest.json").read_text())["n_ratings"]
+    day2_data = work / names[0] / "data" if args.one_command else work / "day2-data"
+    n = json.loads((day2_data / "manifest.json").read_text())["n_ratings"]
     print(f"\nNightly run on day 2: {n:,} ratings ({args.latest:.0%} newer than day 1), {os.cpu_count()} CPUs, "
           f"config {CONFIG.name}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
     if len(repeats) > 1:
         print(f"{len(repeats)} repeats, cold and warm alternating which runs first; seconds are medians over them")
     prepared = median("prepare")
     print("\n| seconds | cold | warm | warm / cold |\n|---|---:|---:|---:|")
-    print(f"| prepare (`--previous` day 1; the same for both) | {prepared:.1f} | {prepared:.1f} | 1.00 |")
-    for stage in STAGES:
+    if not args.one_command:
+        print(f"| prepare (`--previous` day 1; the same for both) | {prepared:.1f} | {prepared:.1f} | 1.00 |")
+    for stage in stages_shown:
         c, w = (median(f"{name}:{stage}") for name in names)
         print(f"| {stage} | {c:.1f} | {w:.1f} | {w / c:.2f} |")
-    cold, warm = median("day2-cold"), median("day2-warm")
+    cold, warm = median(names[0]), median(names[1])
     print(f"| pipeline command, wall | {cold:.1f} | {warm:.1f} | {warm / cold:.2f} |")
     ratios = [ratio(r) for r in repeats]
     job = statistics.median(ratios)
-    print(f"| **nightly job** (prepare + pipeline) | **{prepared + cold:.1f}** | **{prepared + warm:.1f}** | "
+    job_name = "one pipeline command" if args.one_command else "prepare + pipeline"
+    print(f"| **nightly job** ({job_name}) | **{prepared + cold:.1f}** | **{prepared + warm:.1f}** | "
           f"**{job:.2f}** |")  # fmt: skip
     if len(repeats) > 1:
         print(f"\nthe nightly job's warm / cold in each repeat: {', '.join(f'{x:.2f}' for x in ratios)}")

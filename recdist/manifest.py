@@ -105,6 +105,11 @@ class DatasetManifest(Manifest):
     """Rows of each shard, in shard order."""
     split_method: str | None = None
     """prepare.split: random, user, time, user_time or given."""
+    split_rule: dict[str, Any] | None = None
+    """The rule every rating's split follows from its original ids alone (recdist.data.splits.split_rule: a random
+    split's method, seed and fractions), None when some split does not (another method, or a split kept from a
+    previous dataset that today's rule would not give). A `--previous` of this dataset with the same rule reads
+    none of its splits."""
     previous: str | None = None
     """The dataset whose id maps and splits this one kept (prepare --previous), if any."""
     n_raw: int | None = None

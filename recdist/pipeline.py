@@ -221,6 +221,7 @@ def _locked_run(
     from recdist.train.cluster import worker_plan
 
     run, names, first, previous = _plan(config, out, data, from_stage, overwrite, warm_start)
+    config = run.config  # with the warm start's dataset as prepare.previous (_keeping_ids_of)
     _remove_leftovers(run, names[:first])
     storage.write_bytes(storage.join(run.out, "config.yaml"), to_yaml(config).encode())
     run.run_id = previous.get("run_id") or new_run_id()
@@ -288,6 +289,18 @@ def _absolute(summary: dict[str, Any], out: str) -> dict[str, Any]:
     return summary
 
 
+def _keeping_ids_of(config: Config, warm: WarmStart | None) -> Config:
+    """The config of a run that prepares its own dataset: starting warm, it keeps the user and movie indices and
+    the splits of the dataset the warm start's stage 1 trained on (prepare.previous, in the dataset's hash), so
+    yesterday's factors line up with today's rows; a prepare.previous of the config's own wins."""
+    if warm is None or config.prepare.previous:
+        return config
+    log.info("prepare: keeps the indices and splits of %s (the warm start's dataset, prepare.previous)", warm.data)
+    kept = config.model_copy(deep=True)
+    kept.prepare.previous = warm.data
+    return kept
+
+
 def _plan(
     config: Config, out: str, data: str | None, from_stage: str | None, overwrite: bool, warm_start: str | None = None
 ) -> tuple[_Run, list[str], int, dict[str, Any]]:
@@ -297,15 +310,16 @@ def _plan(
     out, data = storage.absolute(out), storage.absolute(data) if data else None
     storage.check_writable(out)
     previous = _check_run_dir(out, overwrite)
+    warm = warm_rules.resolve(warm_start, beside=out) if warm_start else None
     if data is not None:
         data_id, data_uri = data_identity(read_manifest(data)), data
     else:
+        config = _keeping_ids_of(config, warm)
         data_id, data_uri = config.dataset_hash(), storage.join(out, "data")
     names = stage_names(config, prepared=data is None)
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"unknown stage {from_stage!r} for --from", fix=f"choose one of: {', '.join(names)}")
     _check_single_model(config)
-    warm = warm_rules.resolve(warm_start, beside=out) if warm_start else None
     sources = warm_sources(config, warm)
     run = _Run(config, out, data_uri, stage_hashes(config, data_id, sources), overwrite, names=names, warm=warm)
     run.warm_stages = sources

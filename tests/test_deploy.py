@@ -665,14 +665,16 @@ def test_rayjob_runs_the_gpu_config_from_the_configmap_with_its_lifecycle_limits
             assert limits["nvidia.com/gpu"] == "1" and config["cluster"]["gpu"] is True
 
 
-def test_nightly_runs_report_drift_and_keep_the_last_runs():
-    """Every pipeline manifest compares with the previous run and keeps the last runs (README, "Nightly runs")."""
+def test_nightly_runs_start_warm_report_drift_and_keep_the_last_runs():
+    """Every pipeline manifest starts from the previous run, compares with it and keeps the last runs (README,
+    "Nightly runs")."""
     for spec in rayjob_specs():
         command = spec["entrypoint"].split()
+        assert command[command.index("--warm-start") + 1] == "auto"
         assert command[command.index("--drift-against") + 1] == "auto"
         assert int(command[command.index("--keep-last") + 1]) >= 2  # yesterday's run, a warm start's source, stays
     cli = subprocess.run([VENV_BIN / "recdist", "pipeline", "--help"], capture_output=True, text=True)
-    assert "--drift-against" in cli.stdout and "--keep-last" in cli.stdout
+    assert all(flag in cli.stdout for flag in ("--warm-start", "--drift-against", "--keep-last"))
 
 
 def all_containers() -> list[tuple[str, dict]]:

@@ -122,3 +122,51 @@ def test_without_previous_the_random_split_already_hashes_original_ids(tmp_path)
     r1, r2 = _ratings(_day(tmp_path, "d1", day1)), _ratings(_day(tmp_path, "d2", day2))
     both = r1.join(r2, on=["user_id", "item_id"], suffix="_2")
     assert both.height > 0 and (both["split"] == both["split_2"]).all()
+
+
+def test_a_previous_dataset_split_by_todays_rule_is_not_read_and_gives_the_same_dataset(tmp_path, caplog):
+    """A random split is a function of (seed, user id, movie id): when yesterday's dataset says every one of its
+    ratings follows today's rule (split_rule), today's prepare skips reading and looking up its 20M splits, and
+    the dataset is the one the lookup gives."""
+    from recdist.data.idmaps import read_previous
+    from recdist.data.prepare import prepare_frame
+    from recdist.data.sources import load_source
+
+    day1 = _lines(range(1, 41), range(100, 130), seed=1)
+    day2 = [r for r in day1 if r[0] > 5] + _lines(range(41, 51), range(100, 135), seed=2)
+    d1 = _day(tmp_path, "d1", day1)
+    rule = {"method": "random", "seed": 42, "val_fraction": 0.1, "test_fraction": 0.1}
+    assert dataset.read_manifest(d1)["split_rule"] == rule
+    with caplog.at_level("INFO", logger="recdist.data.prepare"):
+        d2 = _day(tmp_path, "d2", day2, **{"prepare.previous": d1})
+    assert "split by today's rule" in caplog.text and dataset.read_manifest(d2)["split_rule"] == rule
+
+    (tmp_path / "d2.csv").write_text(HEADER + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in day2))
+    cfg = load_config(None, {"source.path": str(tmp_path / "d2.csv"), "prepare.previous": d1})
+    skipped, looked_up = (
+        prepare_frame(load_source(cfg.source, cfg.synth), cfg.prepare, (0.5, 5.0), read_previous(d1, splits=read))
+        for read in (False, True)
+    )
+    for name in ("ratings", "users", "items"):
+        assert getattr(skipped, name).equals(getattr(looked_up, name)), name
+
+
+def test_splits_kept_from_another_rule_are_read_and_kept_down_the_chain(tmp_path):
+    """Day 1 split per user, day 2 at random keeping day 1's splits (so not all by its own rule: no split_rule),
+    day 3 at random from day 2: day 2's splits are read, and day 1's still hold on day 3; a seed of its own
+    also makes day 2 read day 1's."""
+    day1 = _lines(range(1, 41), range(100, 130), seed=1)
+    day2 = day1 + _lines(range(41, 46), range(100, 130), seed=2)
+    day3 = day2 + _lines(range(46, 51), range(100, 130), seed=3)
+    d1 = _day(tmp_path, "d1", day1, **{"prepare.split": "user"})
+    d2 = _day(tmp_path, "d2", day2, **{"prepare.previous": d1})
+    d3 = _day(tmp_path, "d3", day3, **{"prepare.previous": d2})
+    assert dataset.read_manifest(d1)["split_rule"] is None and dataset.read_manifest(d2)["split_rule"] is None
+    r1, r3 = _ratings(d1), _ratings(d3)
+    both = r1.join(r3, on=["user_id", "item_id"], suffix="_3")
+    assert both.height == len(day1) and (both["split"] == both["split_3"]).all()
+
+    r = _ratings(_day(tmp_path, "r", day1))  # random, seed 42
+    other = _day(tmp_path, "s", day2, **{"prepare.seed": 7, "prepare.previous": str(tmp_path / "r")})
+    kept = r.join(_ratings(other), on=["user_id", "item_id"], suffix="_2")
+    assert (kept["split"] == kept["split_2"]).all() and dataset.read_manifest(other)["split_rule"] is None

@@ -196,3 +196,71 @@ def test_a_cold_stage_of_zero_epochs_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="train.epochs is 0") as refused:
         train_stage(str(tmp_path / "data"), stage, ClusterConfig(), str(tmp_path / "out"))
     assert "pipeline.warm.mlp_epochs" in refused.value.fix and not (tmp_path / "out").exists()
+
+
+def _rows(users: range, items: range, seed: int) -> list[tuple[int, int, int, int]]:
+    """About 60% of the (user, movie) pairs given, as (user, movie, rating, timestamp)."""
+    rng = np.random.default_rng(seed)
+    return [(u, i, int(rng.integers(1, 6)), 1000 + 7 * u + i) for u in users for i in items if rng.random() < 0.6]
+
+
+def _write_csv(path, rows: list[tuple[int, int, int, int]]) -> None:
+    path.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+
+
+@pytest.mark.slow
+def test_a_warm_run_that_prepares_its_own_data_keeps_the_warm_starts_ids_and_splits(tmp_path):
+    """The nightly manifests' one command (`pipeline --warm-start auto` with its own prepare stage): today's
+    dataset keeps yesterday's indices and splits (the warm start's dataset as prepare.previous), so a known
+    user's factors line up with their rows; new users and movies are appended. In process, no Ray."""
+    from helpers import SMALL_RUN
+
+    from recdist.config import load_config
+    from recdist.data import dataset
+    from recdist.pipeline import _keeping_ids_of, run_pipeline
+
+    day1_csv, day2_csv = tmp_path / "day1.csv", tmp_path / "day2.csv"
+    yesterday = _rows(range(1, 41), range(100, 130), seed=1)
+    _write_csv(day1_csv, yesterday)
+    _write_csv(day2_csv, yesterday + _rows(range(1, 46), range(130, 133), 2) + _rows(range(41, 46), range(100, 130), 3))
+
+    def config(source):
+        return load_config(
+            None,
+            {
+                "source.path": str(source),
+                **SMALL_RUN,
+                "pipeline.outputs.recommend_min_ratings": 1,
+                "pipeline.warm.tolerance": 1.0,  # tiny data: keep every warm fit
+                "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 3, "solver": "sgd"}},
+                "stages.reliability.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+                "stages.rating.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+            },
+        )
+
+    day1, day2 = tmp_path / "runs" / "date=2026-12-01", tmp_path / "runs" / "date=2026-12-02"
+    run_pipeline(config(day1_csv), str(day1))
+    assert dataset.read_manifest(str(day1 / "data")).get("previous") is None  # a cold run: nothing to keep
+    run_pipeline(config(day2_csv), str(day2), warm_start="auto")
+
+    assert dataset.read_manifest(str(day2 / "data"))["previous"] == str(day1 / "data")
+    stage1 = json.loads((day2 / "mf" / "model" / "metrics.json").read_text())
+    assert stage1["warm_start"]["data"] == str(day1 / "data")
+    u1, u2 = (dataset.read_users(str(d / "data")) for d in (day1, day2))
+    i1, i2 = (dataset.read_items(str(d / "data")) for d in (day1, day2))
+    assert u2["user_id"].to_list() == u1["user_id"].to_list() + [41, 42, 43, 44, 45]  # kept, then appended
+    assert i2["item_id"].to_list() == i1["item_id"].to_list() + [130, 131, 132]
+    assert u2["user_idx"].to_list() == list(range(45))
+
+    def splits(run):
+        frame = dataset.read_rank(str(run / "data"), columns=["user_idx", "item_idx", "split"])
+        return {(u, i): s for u, i, s in frame.iter_rows()}
+
+    before, after = splits(day1), splits(day2)
+    assert all(after[pair] == split for pair, split in before.items())  # same indices, same split
+
+    explicit = config(day2_csv)
+    explicit.prepare.previous = str(tmp_path / "elsewhere")
+    assert _keeping_ids_of(explicit, None) is explicit  # no warm start: nothing to keep
+    warm_source = warm.resolve(str(day1))
+    assert _keeping_ids_of(explicit, warm_source).prepare.previous == str(tmp_path / "elsewhere")  # the config's wins

@@ -25,17 +25,18 @@ class PreviousMaps:
     """Original user ids (int64), position = user_idx."""
     item_ids: pl.Series
     """Original item ids (int64), position = item_idx."""
-    splits: pl.DataFrame
+    splits: pl.DataFrame | None
     """user_idx, item_idx, split (the SPLIT Enum) of every rating of the previous dataset: in its index space,
-    which the new dataset keeps (restable)."""
+    which the new dataset keeps (restable). None: not read, as today's split gives each of them its split again
+    (both datasets split by one splits.split_rule)."""
 
 
-def read_previous(uri: str) -> PreviousMaps:
-    """The id maps and rating splits of the committed dataset at `uri`."""
+def read_previous(uri: str, *, splits: bool = True) -> PreviousMaps:
+    """The id maps and (with `splits`) the rating splits of the committed dataset at `uri`."""
     users = read_users(uri).sort("user_idx")
     items = read_items(uri).sort("item_idx")
-    splits = read_rank(uri, columns=["user_idx", "item_idx", "split"])
-    return PreviousMaps(users["user_id"].cast(pl.Int64), items["item_id"].cast(pl.Int64), splits)
+    kept = read_rank(uri, columns=["user_idx", "item_idx", "split"]) if splits else None
+    return PreviousMaps(users["user_id"].cast(pl.Int64), items["item_id"].cast(pl.Int64), kept)
 
 
 def stable_ids(previous: pl.Series, present: pl.Series) -> tuple[pl.Series, np.ndarray]:

@@ -24,7 +24,7 @@ from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
 from recdist.data.idmaps import PreviousMaps, keep_splits, read_previous, restable
 from recdist.data.sources import RawSource
-from recdist.data.splits import assign_split
+from recdist.data.splits import assign_split, split_rule
 from recdist.errors import ConfigError, DataError, StorageError
 from recdist.manifest import DatasetManifest, file_entries
 from recdist.schema import ITEMS, RATINGS, SPLITS, USERS
@@ -51,19 +51,35 @@ class PreparedFrames:
 
 def _keep_previous(
     df: pl.DataFrame, user_ids: pl.Series, item_ids: pl.Series, previous: PreviousMaps
-) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
-    """The previous dataset's splits and indices kept (recdist.data.idmaps), with a log line of what changed."""
+) -> tuple[pl.DataFrame, pl.Series, pl.Series, int]:
+    """The previous dataset's splits and indices kept (recdist.data.idmaps), with a log line of what changed; also
+    how many ratings kept a previous split other than today's."""
     n_before = len(user_ids), len(item_ids)
     df, user_ids, item_ids = restable(df, user_ids, item_ids, previous)
-    df, changed = keep_splits(df, previous.splits)
+    if previous.splits is None:
+        changed, splits = 0, "its ratings were split by today's rule (the same split_rule), so each keeps its split"
+    else:
+        df, changed = keep_splits(df, previous.splits)
+        splits = f"{changed:,} ratings kept a previous split other than today's"
     log.info(
-        "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; "
-        "%s ratings kept a previous split other than today's", f"{len(previous.user_ids):,}",
-        f"{len(previous.item_ids):,}", f"{len(user_ids) - len(previous.user_ids):,}",
+        "previous dataset: %s users and %s items kept their indices, %s and %s new, %s and %s gone; %s",
+        f"{len(previous.user_ids):,}", f"{len(previous.item_ids):,}", f"{len(user_ids) - len(previous.user_ids):,}",
         f"{len(item_ids) - len(previous.item_ids):,}", f"{len(user_ids) - n_before[0]:,}",
-        f"{len(item_ids) - n_before[1]:,}", f"{changed:,}",
+        f"{len(item_ids) - n_before[1]:,}", splits,
     )  # fmt: skip
-    return df, user_ids, item_ids
+    return df, user_ids, item_ids, changed
+
+
+def _read_previous(cfg: PrepareConfig) -> PreviousMaps:
+    """The id maps of the dataset prepare.previous, and its ratings' splits unless it was split by today's rule
+    (splits.split_rule: today's split gives each of its ratings the split it has there; 20M ratings not read
+    and not looked up)."""
+    from recdist.data.dataset import read_manifest
+
+    assert cfg.previous is not None
+    rule = split_rule(cfg)
+    same = rule is not None and read_manifest(cfg.previous).get("split_rule") == rule
+    return read_previous(cfg.previous, splits=not same)
 
 
 def prepare_frame(
@@ -97,9 +113,10 @@ def prepare_frame(
         filtered["users"], filtered["items"] = n_before[0] - len(user_ids), n_before[1] - len(item_ids)
     with logs.timed(log, "split"):
         df = assign_split(df, cfg)
+    changed = 0
     if previous is not None:
         with logs.timed(log, "stable ids"):
-            df, user_ids, item_ids = _keep_previous(df, user_ids, item_ids, previous)
+            df, user_ids, item_ids, changed = _keep_previous(df, user_ids, item_ids, previous)
     if cfg.split == "given":
         _log_given(df, cfg, carved)
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
@@ -120,6 +137,7 @@ def prepare_frame(
         "global_mean": None if mean is None else float(mean),
         "timestamp_unit": unit,
         "val_carved_from_train": cfg.val_fraction if carved else None,
+        "split_rule": split_rule(cfg) if changed == 0 else None,  # every rating split by today's rule
     }
     return PreparedFrames(ratings=ratings, users=users, items=items, stats=stats)
 
@@ -507,7 +525,7 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
         with logs.timed(log, "load source"):
             raw = load_source(config.source, config.synth)
         scale = tuple(float(x) for x in (config.source.rating_scale or raw.rating_scale))
-        previous = read_previous(cfg.previous) if cfg.previous else None
+        previous = _read_previous(cfg) if cfg.previous else None
         frames = prepare_frame(raw, cfg, scale, previous)
         with logs.timed(log, "write"):
             shard_sizes = write_dataset(frames, stage, cfg.shards, cfg.seed)
@@ -527,6 +545,7 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
             shards=cfg.shards,
             shard_rows=shard_sizes,
             split_method=cfg.split,
+            split_rule=stats["split_rule"],
             previous=cfg.previous,
             n_raw=stats["n_raw"],
             duplicates_resolved=stats["duplicates_resolved"],

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -194,6 +196,15 @@ def given_split(df: pl.DataFrame, *, val_fraction: float = 0.0, seed: int = 0) -
         carve = (pl.col("_h") < _threshold(val_fraction)) & (pl.col("split") == "train")
         col = pairs.select(pl.when(carve).then(pl.lit("val")).otherwise(pl.col("split"))).to_series()
     return df.with_columns(col.cast(SPLIT).alias("split"))
+
+
+def split_rule(cfg: PrepareConfig) -> dict[str, Any] | None:
+    """What decides a rating's split from its own original ids alone: a random split's seed and fractions. None
+    where a split depends on the other ratings or on the files (user, time, user_time, given). Two datasets split
+    by the same rule give every rating they share the same split."""
+    if cfg.split != "random":
+        return None
+    return {"method": "random", "seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction}
 
 
 def assign_split(df: pl.DataFrame, cfg: PrepareConfig) -> pl.DataFrame:
