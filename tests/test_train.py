@@ -279,6 +279,31 @@ def test_sgd_sub_blocks_fit_the_cache_and_learn_the_same(planted: RankData, monk
     assert torch.equal(fit(64)[2], factors)  # reproducible
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sgd_bucketing_is_a_stable_sort_by_sub_block_user_and_item(threads: int) -> None:
+    """The solver's ratings, whatever the threads that place and sort them: by sub-block, then user, then item,
+    a repeated (user, item) pair in input order (a stable lexicographic sort), with each sub-block's offsets."""
+    import numpy as np
+
+    from recdist.train import sgd
+
+    rng = np.random.default_rng(threads)
+    n_users, n_items, S, T, n = 70, 40, 3, 2, 5_000
+    users, items = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    users[:50], items[:50] = users[50:100], items[50:100]  # repeated pairs
+    ratings = np.arange(n, dtype=np.float32)  # each row's input position
+    ugroup, igroup = rng.integers(0, S, n_users).astype(np.int32), rng.integers(0, S, n_items).astype(np.int32)
+    utile, itile = rng.integers(0, T, n_users).astype(np.int32), rng.integers(0, T, n_items).astype(np.int32)
+    got = sgd._bucket(users, items, ratings, ugroup, igroup, S, n_items, utile, itile, T, threads)
+    got_u, got_i, got_r, offsets = got
+
+    sub = ((ugroup[users] * S + igroup[items]) * T + utile[users]) * T + itile[items]
+    order = np.lexsort((np.arange(n), items, users, sub))
+    assert np.array_equal(got_u, users[order]) and np.array_equal(got_i, items[order])
+    assert np.array_equal(got_r, ratings[order])  # ties in input order
+    assert np.array_equal(offsets, np.concatenate([[0], np.cumsum(np.bincount(sub, minlength=S * S * T * T))]))
+
+
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
 def test_sgd_per_row_rates_move_new_rows_alone_faster(planted: RankData, kernel: str) -> None:
     """warm_rows: rows at rate 0 stay where they are, rows at rate 1 move as without it, and a higher rate moves
