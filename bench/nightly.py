@@ -106,7 +106,7 @@ def main() -> None:
         if not args.one_command:
             figures["prepare"] = prepare("day2", "--previous", str(work / "day1-data"), "--overwrite")
         for name in names if i % 2 == 0 else names[::-1]:  # alternate which goes first: drift hits both alike
-            warm = name.startswith("warm") or name == "day2-warm"
+            warm = name == names[1]
             if args.one_command:
                 figures[name] = night(name, "day2", *(("--warm-start", "auto") if warm else ()))
             else:

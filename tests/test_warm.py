@@ -64,6 +64,17 @@ def test_warm_start_needs_a_committed_stage_1(tmp_path):
     assert warm.resolve("auto", beside=str(tmp_path / "date=2026-12-02")) is None  # none beside it: cold
 
 
+def test_a_warm_start_whose_dataset_is_gone_is_refused_before_anything_runs(tmp_path):
+    """Stage 1 committed, but the dataset it trained on deleted: its id maps are gone with it."""
+    model = tmp_path / "run" / "mf" / "model"
+    model.mkdir(parents=True)
+    (model / "manifest.json").write_text(json.dumps({"data": str(tmp_path / "run" / "data")}))
+    (tmp_path / "run" / "mf" / "manifest.json").write_text(json.dumps({"stage_hash": "h", "model": "model"}))
+    with pytest.raises(ConfigError, match="is gone") as refused:
+        warm.resolve(str(tmp_path / "run"))
+    assert refused.value.where == "--warm-start" and "cold run" in refused.value.fix
+
+
 def test_a_warm_start_is_part_of_stage_1s_hash_and_so_of_every_later_one():
     from recdist.config import load_config
     from recdist.pipeline import stage_hashes

@@ -74,6 +74,13 @@ def resolve(spec: str, beside: str | None = None) -> WarmStart | None:
             where="--warm-start",
             fix="point at a pipeline run directory whose mf stage finished, or drop --warm-start for a cold run",
         )
+    if not storage.is_committed(found.data):  # its id maps map the previous factors (and a prepare keeps them)
+        raise ConfigError(
+            f"the dataset {found.data}, which {found.run}'s stage 1 trained on, is gone: its id maps are what "
+            "carries that model's factors over",
+            where="--warm-start",
+            fix="restore that dataset, point --warm-start at another run, or drop --warm-start for a cold run",
+        )
     return found
 
 
