@@ -160,10 +160,20 @@ def test_ease_scores_a_block_of_columns_at_a_time_with_the_same_sums(monkeypatch
 
     users, items, x = _pairs()
     whole = fit_ease(users, items, *x.shape, reg=0.5).column_scores(torch.arange(x.shape[0]))
-    monkeypatch.setattr(implicit, "BLOCK_COLUMNS", 3)  # uneven blocks: the last one is narrower
+    monkeypatch.setattr(implicit, "block_columns", lambda m: 3)  # uneven blocks: the last one is narrower
     model = fit_ease(users, items, *x.shape, reg=0.5)
     assert len(model._weight_blocks) == -(-x.shape[1] // 3) > 1
     assert torch.equal(model.column_scores(torch.arange(x.shape[0])), whole)
+
+
+def test_an_ease_weight_block_fits_a_cores_l2_cache() -> None:
+    from recdist.models.implicit import BLOCK_BYTES, block_columns
+
+    assert block_columns(4_000) == 64  # ML-20M's 4,000 modelled movies: 1 MB blocks
+    for m in (1, 10, 700, 2_000, 4_000, 13_000, 100_000):
+        width = block_columns(m)
+        assert width % 16 == 0 and 16 <= width <= 512
+        assert m * width * 4 <= BLOCK_BYTES or width == 16  # the narrowest block may exceed it for huge m
 
 
 @pytest.mark.parametrize("threads", [1, 3, 50])  # 50: more threads than users, empty blocks dropped
