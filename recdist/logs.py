@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 ROOT = "recdist"
@@ -302,13 +302,23 @@ class RunLog:
         self.handler.handle(record)
 
 
+def _new_log(directory: str, command: str) -> str:
+    """DIRECTORY/<command>-<UTC time to the millisecond>.log, a name no earlier run used (two runs within one second
+    each get a file; the names sort in time order)."""
+    from recdist import storage
+
+    at = datetime.now(timezone.utc)
+    while True:
+        uri = storage.join(directory, f"{command}-{at:%Y%m%dT%H%M%S}.{at.microsecond // 1000:03d}Z.log")
+        if not storage.exists(uri):
+            return uri
+        at += timedelta(milliseconds=1)
+
+
 @contextmanager
 def run_log(directory: str, command: str) -> Iterator[RunLog]:
     """Within the block, recdist's log lines also go to DIRECTORY/<command>-<UTC time>.log (a new file per run)."""
-    from recdist import storage
-
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run = RunLog(storage.join(directory, f"{command}-{stamp}.log"))
+    run = RunLog(_new_log(directory, command))
     level = log.level
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)

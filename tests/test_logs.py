@@ -128,10 +128,32 @@ def test_run_log_keeps_info_lines_whatever_the_console_and_the_error_that_stoppe
             log.info("mf: running")
             raise RuntimeError("boom")
     (path,) = (tmp_path / "logs").iterdir()
-    assert run.uri == str(path) and re.fullmatch(r"pipeline-\d{8}T\d{6}Z\.log", path.name)
+    assert run.uri == str(path) and re.fullmatch(r"pipeline-\d{8}T\d{6}\.\d{3}Z\.log", path.name)
     text = path.read_text()
     assert "INFO recdist.test: mf: running" in text and "ERROR recdist: stopped: boom" in text
     assert "Traceback" in text and capsys.readouterr().err == ""  # quiet console: neither line there
+
+
+def test_runs_within_one_millisecond_each_get_their_own_log_in_time_order(tmp_path, monkeypatch) -> None:
+    """Two runs started in the same second (a fast resume) kept one file between them; the names now have
+    milliseconds, and a name already taken moves on by one."""
+    from datetime import datetime, timezone
+
+    at = datetime(2026, 12, 3, 21, 15, 16, 123456, tzinfo=timezone.utc)
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return at
+
+    monkeypatch.setattr(logs, "datetime", Frozen)
+    log = logging.getLogger("recdist.test")
+    for n in range(3):
+        with logs.run_log(str(tmp_path / "logs"), "pipeline"):
+            log.info("run %d", n)
+    names = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert names == [f"pipeline-20261203T211516.{ms}Z.log" for ms in (123, 124, 125)]
+    assert [(tmp_path / "logs" / n).read_text().strip().endswith(f"run {k}") for k, n in enumerate(names)] == [True] * 3
 
 
 @pytest.mark.s3
