@@ -292,6 +292,28 @@ def test_mf_top_n_matches_brute_force_and_skips_seen_and_disallowed_items(mf):
         assert got == best[: len(got)] and len(got) == min(2, len(ok))
 
 
+def test_top_k_in_cache_sized_blocks_equals_one_block(monkeypatch) -> None:
+    """The default blocks (SCORE_BLOCK_BYTES of scores per thread, at least 16 rows) cut 100 rows into 7 blocks: the
+    same scores and items as one block of every row, masks and ties included."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (100, 50), generator=g).float()  # many ties: the lower column first
+    seen = topn.Csr.build(torch.randint(0, 100, (300,), generator=g), torch.randint(0, 50, (300,), generator=g), 100)
+    allowed = torch.rand(50, generator=g) > 0.2
+    rows = torch.randperm(100, generator=g)
+    calls: list[int] = []
+
+    def score(block: torch.Tensor) -> torch.Tensor:
+        calls.append(len(block))
+        return scores[block]
+
+    whole = topn.top_k_of(score, rows, 5, exclude=seen, allowed=allowed, chunk=100 * torch.get_num_threads())
+    monkeypatch.setattr(topn, "SCORE_BLOCK_BYTES", 4 * 50 * 16)
+    calls.clear()
+    blocked = topn.top_k_of(score, rows, 5, exclude=seen, allowed=allowed)
+    assert max(calls) == 16 and sum(calls) == 1 + 100  # the width probe, then blocks of 16 rows
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+
+
 def test_cosine_neighbours_find_the_planted_twin():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.1], [0.1, -3.0]])
     cos, idx = topn.cosine_neighbours(q, torch.tensor([0, 1]), 1)
