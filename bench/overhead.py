@@ -82,6 +82,10 @@ def split(run: Path, name: str, wall: float) -> dict:
     return row
 
 
+def _verdict(value: float, limit: float) -> str:
+    return "met" if round(value, 1) <= limit else "NOT MET"
+
+
 def print_run(figures: dict, title: str) -> None:
     print(
         f"\n{title}: {figures['end_to_end_s']:.1f} s end to end (load average {figures['load_before']:.1f} "
@@ -121,13 +125,16 @@ def main() -> None:
     walls = [r["end_to_end_s"] for r in runs]
     worst = max(row["overhead"] for r in runs for row in r["stages"].values())
     best_runs_worst = min(max(row["overhead"] for row in r["stages"].values()) for r in runs)
+    median = statistics.median(walls)
     print(
-        f"\nend to end: median {statistics.median(walls):.1f} s, min {min(walls):.1f} s over {len(walls)} run(s) "
-        f"(goal <= {GOALS['end_to_end_s']:.0f} s)"
+        f"\nend to end: median {median:.1f} s, min {min(walls):.1f} s over {len(walls)} run(s) "
+        f"(goal <= {GOALS['end_to_end_s']:.0f} s): {_verdict(median, GOALS['end_to_end_s'])}"
     )
+    limit = GOALS["stage_overhead_s"]
+    verdict = _verdict(worst, limit) if worst <= limit or best_runs_worst > limit else "NOT MET in the worst run"
     print(
         f"largest per-stage overhead: {best_runs_worst:.1f} s in the best run, {worst:.1f} s in the worst "
-        f"(goal <= {GOALS['stage_overhead_s']:.0f} s)"
+        f"(goal <= {limit:.0f} s): {verdict}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "set": args.set, "runs": runs}, indent=2))

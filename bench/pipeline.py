@@ -337,5 +337,6 @@ def print_fixed_cost_goals(figures: dict, outputs_s: float, spark: dict | None) 
     for line in lines:
         print(f"- {line}")
 
+
 if __name__ == "__main__":
     main()
