@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from recdist import drift, figures, integrity, logs, runlock, storage, tables
+from recdist import drift, figures, imports, integrity, logs, runlock, storage, tables
 from recdist.config import Config, to_yaml
 from recdist.errors import ConfigError, StorageError
 from recdist.manifest import (
@@ -244,6 +244,8 @@ def _locked_run(
             log.info("%s: stale (made from an upstream stage redone since), redone", name)
         if any(name not in ("prepare", "outputs") for name in names[first:]):
             run.plan = worker_plan(config.cluster)  # Ray joined or started here, unless the run needs none
+            if run.plan.in_process:  # Ray Train's local mode (0.7 s of imports): meanwhile, beside prepare
+                imports.prefetch("ray.train.torch")
         warm_pending = run.plan is not None and not run.plan.in_process
         started = time.perf_counter()
         for name in names[first:]:
@@ -266,12 +268,11 @@ def _warm_scoring(run: _Run) -> None:
     """Start the worker processes the run's Ray Data passes will score in, while stage 1 trains
     (ray_data.warm_workers: one per task a pass runs), and import Ray Data in this process meanwhile."""
     from recdist.data.dataset import read_manifest
-    from recdist.imports import prefetch
     from recdist.infer.ray_data import warm_workers
 
     shards = int(read_manifest(run.data)["shards"])
     warm_workers(run.config.pipeline.inference.actors, run.config.cluster.gpu, shards)
-    prefetch("ray.data")
+    imports.prefetch("ray.data")
 
 
 def _inside(uri: str, out: str) -> str:

@@ -417,6 +417,45 @@ def test_cluster_plan_checks_before_work() -> None:
         plan(ClusterConfig(workers=2, in_process=True), {"CPU": 4})
 
 
+def test_an_in_process_stage_trains_in_ray_trains_local_mode_and_starts_no_ray(tmp_path, monkeypatch) -> None:
+    """One worker on this machine: train_stage runs a TorchTrainer of no workers (Ray Train's local mode), whose
+    train_worker is rank 0 of 1 in this process (Ray Train's context says so) and hands the driver the checkpoint
+    it persisted; no Ray cluster starts."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from recdist.train import run
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session of this test process is running (this checks that none starts)")
+    seen, workers, original = {}, [], run.run_worker
+
+    def spy(config, session):
+        ctx = ray.train.get_context()
+        seen.update(rank=ctx.get_world_rank(), world=ctx.get_world_size(), context=type(ctx).__name__)
+        seen.update(session=type(session).__name__, root=config["in_process"])
+        original(config, session)
+
+    built = TorchTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        workers.append(kwargs["scaling_config"].num_workers)
+        built(self, *args, **kwargs)
+
+    monkeypatch.setattr(run, "run_worker", spy)
+    monkeypatch.setattr(TorchTrainer, "__init__", init)
+    data = write_dataset(tmp_path / "data", planted_frame())
+    stage = StageConfig(model="biased_mf", params={"rank": 4}, train=TrainConfig(epochs=2))
+    metrics = run.train_stage(data, stage, ClusterConfig(workers=1), str(tmp_path / "mf"))
+    assert workers == [0] and not ray.is_initialized()
+    assert seen == {"rank": 0, "world": 1, "context": "LocalTrainContext", "session": "InProcessSession",
+                    "root": seen["root"]}  # fmt: skip
+    assert seen["root"].startswith(str(tmp_path / "_ray")) and seen["root"].endswith("/in-process")
+    assert metrics["epochs"] == 2 and metrics["workers"] == 1
+    assert (tmp_path / "mf" / "model.safetensors").exists() and (tmp_path / "mf" / "manifest.json").exists()
+
+
 # ------------------------------------------------------------------------------------------- rank loading
 
 

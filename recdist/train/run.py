@@ -74,9 +74,20 @@ def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Te
 # --------------------------------------------------------------------------------------------------- worker
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: one rank's whole training run."""
-    run_worker(config, WorkerSession())
+def train_worker(config: dict[str, Any]) -> Any:
+    """Ray Train's train_loop_per_worker: one rank's whole training run. In local mode (a TorchTrainer of no
+    workers: the one rank in the driver's process; config["in_process"] = where its checkpoints persist) it
+    returns the last checkpoint, torch's thread count restored."""
+    root = config.get("in_process")
+    if root is None:
+        run_worker(config, WorkerSession())
+        return None
+    session, threads = InProcessSession(root), torch.get_num_threads()
+    try:
+        run_worker(config, session)
+    finally:
+        torch.set_num_threads(threads)
+    return session.last
 
 
 def run_worker(config: dict[str, Any], session: Any) -> None:
@@ -365,12 +376,12 @@ class _StageFit:
         }
         started, fit_started = time.perf_counter(), time.time()
         where = "in this process" if plan.in_process else f"on {plan.workers} worker(s)"
+        if plan.in_process:
+            loop_config["in_process"] = storage.join(run_dir, IN_PROCESS)
         with EpochProgress(stage.train.epochs, f"{stage.model} {where}", local=plan.in_process) as bar:
             loop_config["progress_queue"] = bar.queue
-            if plan.in_process:
-                saved = _fit_in_process(loop_config, storage.join(run_dir, IN_PROCESS))
-            else:
-                saved = _fit(make_trainer(loop_config, plan, self.storage_uri, name, cluster.max_failures)).checkpoint
+            result = _fit(make_trainer(loop_config, plan, self.storage_uri, name, cluster.max_failures))
+        saved = result.return_value if plan.in_process else result.checkpoint
         fit_ended = time.time()
         if saved is None:
             raise RecdistError(f"training of {stage.model} reported no checkpoint", where=run_dir)
@@ -383,16 +394,6 @@ class _StageFit:
 
 IN_PROCESS = "in-process"
 """Where an in-process fit (ClusterConfig.in_process) keeps its checkpoints inside its Ray Train run directory."""
-
-
-def _fit_in_process(loop_config: dict[str, Any], root: str) -> Any:
-    """The worker loop as rank 0 of 1 in this process (torch's thread count restored after); its last checkpoint."""
-    session, threads = InProcessSession(root), torch.get_num_threads()
-    try:
-        run_worker(loop_config, session)
-    finally:
-        torch.set_num_threads(threads)
-    return session.last
 
 
 def _say_without_validation(data: str, manifest: dict[str, Any], epochs: int) -> None:
@@ -449,17 +450,26 @@ def make_trainer(
     loop_config: dict[str, Any], plan: WorkerPlan, storage_uri: str, name: str, max_failures: int, callbacks=None
 ):
     """The TorchTrainer: gloo on CPU, NCCL with GPUs; checkpoints and run state under storage_uri/name.
-    callbacks: Ray Train callbacks (`recdist tune` passes its reports on to Ray Tune)."""
+    callbacks: Ray Train callbacks (`recdist tune` passes its reports on to Ray Tune).
+
+    An in-process plan gets Ray Train's local mode (no workers: train_worker runs in this process, no cluster);
+    its checkpoints persist under loop_config["in_process"] (sessions.InProcessSession), not Ray Train's storage.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    logging.getLogger("ray.train").setLevel(logs.train_log_level())  # local mode's INFO line, in this process
+    if plan.in_process:
+        scaling = ScalingConfig(num_workers=0, use_gpu=plan.gpu)
+    else:
+        scaling = ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpu, resources_per_worker=plan.resources_per_worker()
+        )
     fs, path = storage.arrow_filesystem(storage_uri)
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=plan.workers, use_gpu=plan.gpu, resources_per_worker=plan.resources_per_worker()
-        ),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=name,
             storage_path=path,

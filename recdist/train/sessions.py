@@ -2,17 +2,14 @@
 from and where its reports go.
 
 `WorkerSession` is a Ray Train worker's (a TorchTrainer rank); `InProcessSession` runs the one rank in the caller's
-process (ClusterConfig.in_process), its checkpoints persisted beside the stage's Ray Train runs so that a killed run
+process (ClusterConfig.in_process: Ray Train's local mode, a TorchTrainer of no workers, whose reports stay in
+memory), its checkpoints persisted beside the stage's Ray Train runs so that a killed run
 resumes the same way; recdist.tune.trial.TrialSession runs it in a Ray Tune trial.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,23 +51,12 @@ class WorkerSession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
 
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """A persisted checkpoint directory (local or s3://), read as Ray Train's Checkpoint is."""
+def persisted(uri: str) -> Any:
+    """Ray Train's Checkpoint of a checkpoint directory at `uri` (local or s3://; `as_directory` downloads it)."""
+    import ray.train
 
-    uri: str
-
-    @contextmanager
-    def as_directory(self) -> Iterator[str]:
-        """A local directory holding the checkpoint's files (a download for s3://)."""
-        if not storage.is_s3(self.uri):
-            yield self.uri
-            return
-        with tempfile.TemporaryDirectory(prefix="recdist-ckpt-") as local:
-            for name in storage.listdir(self.uri):
-                with open(os.path.join(local, name), "wb") as f:
-                    f.write(storage.read_bytes(storage.join(self.uri, name)))
-            yield local
+    fs, path = storage.arrow_filesystem(uri)
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 class InProcessSession:
@@ -82,7 +68,8 @@ class InProcessSession:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.last: SavedCheckpoint | None = None
+        self.last: Any = None
+        """The latest checkpoint this session persisted (`persisted`), None before its first."""
 
     def device(self, gpu: bool) -> torch.device:
         return torch.device("cuda", 0) if gpu else torch.device("cpu")
@@ -92,9 +79,9 @@ class InProcessSession:
             tag in n for tag in storage.LEFTOVER_TAGS
         )]  # fmt: skip
 
-    def latest_checkpoint(self) -> SavedCheckpoint | None:
+    def latest_checkpoint(self) -> Any:
         saved = self._saved()
-        return SavedCheckpoint(storage.join(self.root, saved[-1])) if saved else None
+        return persisted(storage.join(self.root, saved[-1])) if saved else None
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
         """Persist the checkpoint written in `directory` (metrics travel inside it: progress.json)."""
@@ -108,6 +95,6 @@ class InProcessSession:
             for name in names:
                 with open(os.path.join(directory, name), "rb") as f:
                     storage.write_bytes(storage.join(staging, name), f.read())
-        self.last = SavedCheckpoint(uri)
+        self.last = persisted(uri)
         for old in [*saved, uri.rsplit("/", 1)[-1]][:-CHECKPOINTS_KEPT]:
             storage.remove(storage.join(self.root, old))
