@@ -135,13 +135,16 @@ def _final(metrics: dict[str, Any]) -> str:
 
 
 def _compare(new: float, old: float, lower_is_better: bool) -> tuple[str, str]:
-    """'better than' / 'worse than' / 'no different from', and the relative change."""
+    """'better than' / 'worse than' / 'no different from', and the change: relative (+25.00%), or as a factor
+    (22.4x) where one is at least twice the other, which a percentage makes hard to read (+2140%)."""
     rel = (new - old) / old if old else float("nan")
     if not math.isfinite(rel) or abs(rel) < SAME:
         word = "no different from"
     else:
         word = "better than" if (rel < 0) == lower_is_better else "worse than"
-    return word, (f"{rel:+.2%}" if math.isfinite(rel) else "n/a")
+    if not math.isfinite(rel):
+        return word, "n/a"
+    return word, (f"{new / old:.1f}x" if new / old >= 2 or new / old <= 0.5 else f"{rel:+.2%}")
 
 
 def _stage_verdicts(metrics: dict[str, Any]) -> list[str]:

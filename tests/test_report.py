@@ -76,6 +76,17 @@ def test_worse_stage_3_weak_reliability_and_below_popularity_are_said_so():
     assert any("falls below the popularity baseline" in line and "(0.80x)" in line for line in lines)
 
 
+def test_a_change_of_twice_or_more_is_given_as_a_factor_not_a_percentage():
+    far = copy.deepcopy(METRICS)
+    far["ranking"]["mf"]["ndcg@10"] = 0.0051
+    far["ranking"]["rating"]["ndcg@10"] = 0.1144
+    lines = verdicts(far)
+    assert any("final ranking is better than stage 1 MF's" in line and "0.1144 vs 0.0051 (22.4x)." in line
+               for line in lines)  # fmt: skip
+    far["ranking"]["rating"]["ndcg@10"] = 0.0020
+    assert any("final ranking is worse than stage 1 MF's" in line and "(0.4x)" in line for line in verdicts(far))
+
+
 def test_a_tiny_difference_is_no_difference_and_shuffled_deciles_are_weak():
     same = copy.deepcopy(METRICS)
     same["rating"]["test"]["rmse"] = 0.85001
