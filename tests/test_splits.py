@@ -43,6 +43,21 @@ def test_row_hash_is_pinned():
     assert h.tolist() == [4115121265575818634, 3472629243983776235, 15280004746802387286]
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+def test_the_compiled_pair_hash_is_splitmix64_over_whole_arrays_for_every_index_type(dtype):
+    """pair_hash's compiled loop against its definition in numpy's whole-array uint64 arithmetic (which wraps),
+    on random indices of each dtype the callers pass, with salts at the edges of uint64 (negatives wrap alike)."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, np.iinfo(np.int32).max, 10_000).astype(dtype)
+    items = rng.integers(0, np.iinfo(np.int32).max, 10_000).astype(dtype)
+    for salt in (0, 1, 2**63, 2**64 - 1, 0xBF58476D1CE4E5B9 * 7):
+        x = users.astype(np.uint64) * splits._GOLDEN + items.astype(np.uint64) + np.uint64(salt % 2**64)
+        assert np.array_equal(splits.pair_hash(users, items, salt), splits.mix64(x))
+    negative = np.array([-1, -7], np.int64)
+    expected = splits.mix64(negative.astype(np.uint64) * splits._GOLDEN + np.array([3, 4], np.uint64))
+    assert np.array_equal(splits.pair_hash(negative, np.array([3, 4], np.int32), 0), expected)
+
+
 def test_random_split_fractions_and_stability(ratings):
     out = splits.random_split(ratings, val_fraction=0.1, test_fraction=0.2, seed=3)
     _check_complete(ratings, out)

