@@ -125,8 +125,8 @@ class Predictor:
         features = torch.stack([_tensor(table[c]).float() for c in self.inputs], 1) if self.inputs else None
         which = self._route(table, user, item)
         pred = torch.empty(len(user), dtype=torch.float32)
-        fallback = torch.empty(len(user), dtype=torch.float32)
         cold = torch.zeros(len(user), dtype=torch.bool)
+        fallbacks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, the fallback prediction of each)
         for m, model in enumerate(self.models):
             rows = None if which is None else torch.nonzero(which == m).squeeze(1)
             u, i = (user, item) if rows is None else (user[rows], item[rows])
@@ -139,17 +139,23 @@ class Predictor:
                 p = kernel(safe_u.numpy(), safe_i.numpy())
             else:
                 p = forward(model, safe_u, safe_i, f, plan.forward_rows)
-            fb = self._fallback(m, u, i, known_u, known_i)
+            lost = torch.nonzero(~known).squeeze(1)  # usually none: the fallback is built for these rows alone
+            if plan.role != "reliability" and len(lost):
+                fb = self._fallback(m, u[lost], i[lost], known_u[lost], known_i[lost])
+                fallbacks.append((lost if rows is None else rows[lost], fb))
             if rows is None:
-                pred, fallback, cold = p, fb, ~known
+                pred, cold = p, ~known
             else:
-                pred[rows], fallback[rows], cold[rows] = p, fb, ~known
+                pred[rows], cold[rows] = p, ~known
         lo, hi = plan.rating_scale
         columns: dict[str, torch.Tensor] = {}
         if plan.role == "reliability":
             columns["pred_error"] = torch.where(cold, plan.cold_error, pred.clamp(min=0.0))
         else:
-            final = torch.where(cold, fallback, pred).clamp(lo, hi)
+            final = pred.clone() if fallbacks else pred
+            for at, fb in fallbacks:
+                final[at] = fb
+            final = final.clamp(lo, hi)
             if plan.role == "mf":
                 rating = _tensor(table["rating"]).float()
                 columns["mf_pred"] = final
