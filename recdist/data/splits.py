@@ -34,7 +34,7 @@ def pair_hash(users: np.ndarray, items: np.ndarray, salt: int) -> np.ndarray:
     Pure integer arithmetic (wrapping at 2**64), so it is the same on every machine and library version
     (Polars' own hash is not promised stable across versions). The one pair hash of recdist: the splits here,
     and the cross-fitting folds and training share (recdist.train.sampling), each with its own salt. One compiled
-    pass (`_pair_hash`): 20M pairs in 0.03 s where numpy's eight whole-array steps took 0.6-0.9 s, the same bits.
+    pass (`_pair_hash`): 20M pairs in 0.04-0.1 s where numpy's eight whole-array steps took 0.26-0.67 s; same bits.
     """
     users, items = _as_int64(users), _as_int64(items)  # one compiled signature, cached once (the image's too)
     return _pair_hash(users, items, np.uint64(salt % 2**64), np.empty(len(users), np.uint64))
