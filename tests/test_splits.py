@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from recdist.config import PrepareConfig
@@ -53,6 +54,10 @@ def test_the_compiled_pair_hash_is_splitmix64_over_whole_arrays_for_every_index_
     for salt in (0, 1, 2**63, 2**64 - 1, 0xBF58476D1CE4E5B9 * 7):
         x = users.astype(np.uint64) * splits._GOLDEN + items.astype(np.uint64) + np.uint64(salt % 2**64)
         assert np.array_equal(splits.pair_hash(users, items, salt), splits.mix64(x))
+    view = pa.array(users).to_numpy()  # Arrow's zero-copy view: read-only
+    assert not view.flags.writeable
+    assert np.array_equal(splits.pair_hash(view, items, 5), splits.pair_hash(users.copy(), items, 5))
+    assert len(splits._pair_hash.signatures) == 1  # one compiled variant, whatever the callers pass
     negative = np.array([-1, -7], np.int64)
     expected = splits.mix64(negative.astype(np.uint64) * splits._GOLDEN + np.array([3, 4], np.uint64))
     assert np.array_equal(splits.pair_hash(negative, np.array([3, 4], np.int32), 0), expected)
