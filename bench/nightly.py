@@ -10,7 +10,8 @@ among them); day 2 = all of it. Each day is prepared as a nightly job prepares i
 to exit (interpreter, imports, every stage). The nightly job's time is day 2's prepare plus its pipeline. Goal
 (issue 16): the warm nightly run takes <= 50% of a cold one's time on the 20M set.
 
-`--one-command` times the night as the Kubernetes manifests run it instead: one `recdist pipeline --path DAY
+`--fold-in` makes the warm run a fold-in (`--set pipeline.warm.fold_in=true`: only new and changed users and new
+movies train, over their rows). `--one-command` times the night as the Kubernetes manifests run it instead: one `recdist pipeline --path DAY
 --out PARENT/date=...` per night, its own prepare stage included, day 2 cold and day 2 `--warm-start auto` (whose
 prepare keeps day 1's dataset's indices and splits, as `--previous` does); the job is that one command.
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/recdist-bench/nightly", help="working directory (replaced)")
     ap.add_argument("--repeat", type=int, default=1, help="day 2's prepare, cold and warm runs this many times")
     ap.add_argument("--one-command", action="store_true", help="each night one pipeline command with its own prepare")
+    ap.add_argument("--fold-in", action="store_true", help="the warm run a fold-in (pipeline.warm.fold_in: true)")
     args = ap.parse_args()
 
     import polars as pl
@@ -108,10 +110,11 @@ def main() -> None:
             figures["prepare"] = prepare("day2", "--previous", str(work / "day1-data"), "--overwrite")
         for name in names if i % 2 == 0 else names[::-1]:  # alternate which goes first: drift hits both alike
             warm = name == names[1]
+            fold_in = ("--set", "pipeline.warm.fold_in=true") if args.fold_in else ()
             if args.one_command:
-                figures[name] = night(name, "day2", *(("--warm-start", "auto") if warm else ()))
+                figures[name] = night(name, "day2", *(("--warm-start", "auto", *fold_in) if warm else ()))
             else:
-                figures[name] = pipeline(name, "day2", *(("--warm-start", str(work / "day1")) if warm else ()))
+                figures[name] = pipeline(name, "day2", *(("--warm-start", str(work / "day1"), *fold_in) if warm else ()))
             stages = json.loads((work / name / "manifest.json").read_text())["stages"]
             figures.update({f"{name}:{stage}": float(stages[stage]["seconds"]) for stage in stages_shown})
         repeats.append(figures)
@@ -152,7 +155,7 @@ def main() -> None:
         "would touch"
     )
     epochs = [json.loads((work / name / "mf" / "model" / "metrics.json").read_text())["epochs"] for name in names]
-    print(f"\nstage-1 epochs: cold {epochs[0]}, warm {epochs[1]}")
+    print(f"\nstage-1 epochs: cold {epochs[0]}, warm {epochs[1]}{' (a fold-in)' if args.fold_in else ''}")
     for name, m in metrics.items():
         ndcg = m["ranking"]
         print(f"{name}: test RMSE stage 1 {m['mf']['test']['rmse']:.4f}, stage 3 {m['rating']['test']['rmse']:.4f}; "

@@ -441,6 +441,13 @@ class WarmConfig(Section):
     """Early stopping of a warm stage (its train.patience): the previous weights start near a minimum, so the
     first epoch without a validation improvement ends it; a cold run's patience waits through the plateaus of a
     descent a warm run does not have (0 = never stop early)."""
+    fold_in: bool = False
+    """A warm stage 1 that trains only what changed (a fold-in): new users, users whose training ratings differ from
+    the previous dataset's, and new movies, over their rows alone (2% of the rows on a 2% day); every other user's
+    and movie's factors and bias stay the previous run's, and so does the global mean, so a rating of theirs is
+    predicted exactly as the night before. Known movies then learn nothing from new ratings until a cold or plain
+    warm run: what a fold-in trades for training a fiftieth of the rows (bench/foldin.py, README). Needs stage 1's
+    solver sgd (per-row rates freeze the rest). false: every row of a warm stage 1 trains."""
     tolerance: float = 0.005
     """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this share of
     the previous one (0.005: 0.5%; a share, as the stages' targets differ in scale: ratings, squared errors) is

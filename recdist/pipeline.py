@@ -110,6 +110,7 @@ def warm_sources(config: Config, warm: WarmStart | None) -> dict[str, WarmStart]
     models where their inputs still fit (recdist.train.warm.misfit); the others cold, said in the log."""
     if warm is None:
         return {}
+    warm_rules.folds_in(config.stages.mf, config.pipeline.warm)  # a fold-in stage 1 can freeze rows, or says why
     sources = {"mf": warm}
     for name in RNCF_STAGES[1:] if config.pipeline.kind == "rncf" else ():
         source = warm_rules.stage_source(warm.run, name)

@@ -10,6 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -320,7 +321,7 @@ def test_sgd_per_row_rates_move_new_rows_alone_faster(planted: RankData, kernel:
         users, items = torch.zeros(N_USERS, dtype=torch.bool), torch.zeros(N_ITEMS, dtype=torch.bool)
         users[:5] = True
         if rates:
-            solver.warm_rows(users.numpy(), items.numpy(), rates["new"])
+            solver.warm_rows(np.where(users.numpy(), rates["new"], 1.0), np.ones(N_ITEMS, np.float32))
         solver.train_epoch(0)
         return {k: (v - before[k]).abs().sum(-1) if v.dim() > 1 else (v - before[k]).abs() for k, v in
                 model.state_dict().items()}

@@ -189,14 +189,14 @@ def test_a_warm_stage_2_model_starts_equal_to_yesterdays_weights_on_todays_froze
     save_model(yesterday, str(tmp_path / "reliability"))
     today = reliability(mf_seed=2, seed=2)
     todays_tables = today.frozen.user_factors.clone()
-    counts = warm.apply(today, {"model": str(tmp_path / "reliability")}, data="unused")
+    counts = warm.apply(today, {"model": str(tmp_path / "reliability")})
     assert counts == {"parameters": len(list(today.parameters()))} and counts["parameters"] > 0
     for (name, p), (_, q) in zip(today.named_parameters(), yesterday.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     assert torch.equal(today.frozen.user_factors, todays_tables)  # today's stage 1, not yesterday's
     wider = reliability(mf_seed=2, seed=2)
     wider.attach(build_model(StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 8}}), dims))
-    assert warm.apply(wider, {"model": str(tmp_path / "reliability")}, data="unused") == {"parameters": 0}
+    assert warm.apply(wider, {"model": str(tmp_path / "reliability")}) == {"parameters": 0}
 
 
 def test_a_cold_stage_of_zero_epochs_is_refused_before_anything_runs(tmp_path):
@@ -275,3 +275,88 @@ def test_a_warm_run_that_prepares_its_own_data_keeps_the_warm_starts_ids_and_spl
     assert _keeping_ids_of(explicit, None) is explicit  # no warm start: nothing to keep
     warm_source = warm.resolve(str(day1))
     assert _keeping_ids_of(explicit, warm_source).prepare.previous == str(tmp_path / "elsewhere")  # the config's wins
+
+
+def test_a_fold_in_trains_only_what_changed_and_leaves_every_other_row_as_yesterdays(tmp_path, caplog):
+    """pipeline.warm.fold_in: day 2 adds new users, new movies, and new or re-rated ratings of a few known users.
+    Every known user whose training ratings are the same on both days keeps yesterday's factors and bias to the
+    bit, so does every known movie, and the global mean stays yesterday's, so their ratings predict as yesterday;
+    the users whose training ratings changed (one only re-rated a movie: the same count) and the new rows train,
+    over their rows alone. Stage 1 in this process (Ray Train's local mode), no Ray cluster."""
+    import polars as pl
+
+    from recdist.config import ClusterConfig, load_config
+    from recdist.data import dataset
+    from recdist.data.prepare import prepare
+    from recdist.models.io import load_model
+    from recdist.train.run import train_stage
+
+    stage = StageConfig.model_validate({"model": "biased_mf", "params": {"rank": 4},
+                                        "train": {"epochs": 3, "solver": "sgd", "lr": 0.02}})  # fmt: skip
+    days: dict[str, str] = {}
+
+    def prepared(day: str, rows: list) -> None:
+        _write_csv(tmp_path / f"{day}.csv", rows)
+        cfg = load_config(None, {"source.path": str(tmp_path / f"{day}.csv"), "prepare.shards": 2})
+        cfg.prepare.previous = days.get("day1")
+        days[day] = str(tmp_path / day / "data")
+        prepare(cfg, days[day])
+
+    yesterday = _rows(range(1, 41), range(100, 130), seed=1)
+    prepared("day1", yesterday)
+    ninth = dataset.read_users(days["day1"]).filter(pl.col("user_id") == 9)["user_idx"].item()
+    first = dataset.read_rank(days["day1"]).filter((pl.col("user_idx") == ninth) & (pl.col("split") == "train"))
+    movie = dataset.read_items(days["day1"]).filter(pl.col("item_idx") == first["item_idx"][0])["item_id"].item()
+    rerated = next(r for r in yesterday if r[:2] == (9, movie))  # a training rating of user 9's, re-rated today
+    today = [r for r in yesterday if r is not rerated] + [(9, movie, rerated[2] % 5 + 1, rerated[3] + 1)]
+    today += _rows(range(3, 7), range(130, 133), seed=2) + _rows(range(41, 46), range(100, 130), seed=3)
+    prepared("day2", today)
+    train_stage(days["day1"], stage, ClusterConfig(workers=1), str(tmp_path / "day1" / "mf"))
+    source = {"run": str(tmp_path / "day1"), "model": str(tmp_path / "day1" / "mf"), "data": days["day1"],
+              "stage_hash": "h"}  # fmt: skip
+    with caplog.at_level("INFO", logger="recdist.train.run"):
+        metrics = train_stage(days["day2"], stage, ClusterConfig(workers=1), str(tmp_path / "day2" / "mf"),
+                              warm_start=source, warm=WarmConfig(fold_in=True, tolerance=1.0))  # fmt: skip
+    assert metrics["warm_start"]["fold_in"] is True and not metrics.get("warm_fallback")
+
+    def trained(day: str) -> dict[int, set]:  # each user id's training ratings, by original ids
+        frame = dataset.read_rank(days[day]).filter(pl.col("split") == "train")
+        users = dataset.read_users(days[day]).sort("user_idx")["user_id"].to_numpy()
+        items = dataset.read_items(days[day]).sort("item_idx")["item_id"].to_numpy()
+        out: dict[int, set] = {}
+        for u, i, r in frame.select("user_idx", "item_idx", "rating").iter_rows():
+            out.setdefault(int(users[u]), set()).add((int(items[i]), r))
+        return out
+
+    before, after = trained("day1"), trained("day2")
+    changed = {u for u in after if before.get(u) != after[u]}
+    assert 9 in changed and {41, 42, 43, 44, 45} <= changed and len(changed) < 15  # most known users: nothing new
+    models = {day: load_model(str(tmp_path / day / "mf")).state_dict() for day in days}
+    index = {day: {side: {int(i): n for n, i in enumerate(
+        getattr(dataset, f"read_{side}s")(days[day]).sort(f"{side}_idx")[f"{side}_id"].to_numpy())}
+        for side in ("user", "item")} for day in days}  # fmt: skip
+    for side, ids in (("user", [u for u in index["day1"]["user"] if u not in changed]), ("item", index["day1"]["item"])):
+        for table in (f"{side}_factors.weight", f"{side}_bias.weight"):
+            rows1 = models["day1"][table][[index["day1"][side][i] for i in ids]]
+            rows2 = models["day2"][table][[index["day2"][side][i] for i in ids]]
+            assert torch.equal(rows1, rows2), table  # frozen: yesterday's to the bit
+    assert torch.equal(models["day1"]["global_mean"], models["day2"]["global_mean"])
+    moved = [u for u in changed if u in index["day1"]["user"]]
+    rows1 = models["day1"]["user_factors.weight"][[index["day1"]["user"][u] for u in moved]]
+    rows2 = models["day2"]["user_factors.weight"][[index["day2"]["user"][u] for u in moved]]
+    assert (rows1 != rows2).any(1).all()  # every changed known user trained
+    said = next(r.getMessage() for r in caplog.records if "'changed_users'" in r.getMessage())
+    assert f"'changed_users': {len(moved)}" in said and "'training_rows'" in said
+    n_rows = int(said.split("'training_rows': ")[1].split("}")[0])
+    assert 0 < n_rows < sum(len(v) for v in after.values()) / 2  # the rows that can move, not every rating
+
+
+def test_a_fold_in_needs_per_rating_sgd():
+    als = StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "als"}})
+    with pytest.raises(ConfigError, match="fold_in") as refused:
+        warm.folds_in(als, WarmConfig(fold_in=True))
+    assert "solver: sgd" in refused.value.fix
+    assert not warm.folds_in(als, WarmConfig())  # no fold-in asked
+    assert not warm.folds_in(StageConfig(model="reliability_mlp"), WarmConfig(fold_in=True))  # stages 2-3 keep weights
+    assert warm.folds_in(StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}}),
+                         WarmConfig(fold_in=True))  # fmt: skip

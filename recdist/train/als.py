@@ -113,7 +113,7 @@ class ALSSolver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
-    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+    def warm_rows(self, user_rates: np.ndarray, item_rates: np.ndarray) -> None:
         """No per-row learning rates here: new rows train as the others do."""
 
     @torch.no_grad()

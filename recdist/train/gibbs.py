@@ -102,7 +102,7 @@ class GibbsSolver:
         self.item = state["item"].to(self.device, torch.float64)
         self.alpha, self.kept = float(state["alpha"]), int(state["kept"])
 
-    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+    def warm_rows(self, user_rates: np.ndarray, item_rates: np.ndarray) -> None:
         """No per-row learning rates here: new rows train as the others do."""
 
     @torch.no_grad()

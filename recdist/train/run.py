@@ -184,13 +184,25 @@ def _rank_trainer(
     model = build_model(stage, data.dims).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
-    trainer = Trainer(model, stage.train, data, device)
-    if config.get("warm_start"):  # after the model's data-dependent set-up; before _resume: a checkpoint wins
+    warm_start, counts = config.get("warm_start"), None  # either way before _resume: a checkpoint wins
+    if warm_start and model.mf_tables() is not None:  # tables by original ids, before the solver sees the rows
         from recdist.train import warm
 
-        counts = warm.apply(model, config["warm_start"], config["data"], trainer.solver)
-        if rank == 0:
-            log.info("warm start from %s: %s", config["warm_start"]["model"], counts)
+        carried = warm.carry_tables(model, warm_start, config["data"])
+        data = carried.rows_of(data)  # a fold-in trains over the rows that can move only
+        trainer = Trainer(model, stage.train, data, device)
+        trainer.solver.warm_rows(carried.user_rates, carried.item_rates)
+        counts = carried.counts
+        if warm_start.get("fold_in") and world == 1:
+            counts = {**counts, "training_rows": len(data.train)}
+    else:
+        trainer = Trainer(model, stage.train, data, device)
+        if warm_start:  # weights after the model's data-dependent set-up
+            from recdist.train import warm
+
+            counts = warm.apply(model, warm_start)
+    if counts is not None and rank == 0:
+        log.info("warm start from %s: %s", warm_start["model"], counts)
     timings["setup_s"] = time.perf_counter() - clock
     return trainer, timings
 
@@ -312,14 +324,17 @@ def _fit_warm(
 
     warm_stage = warm_rules.warm_train(stage, warm_start["model"], settings)
     rate = warm_rules.new_row_rate(stage, warm_stage)
+    fold_in = warm_rules.folds_in(stage, settings)
     if warm_stage.train.epochs == 0:
         log.info("warm start from %s: its weights as they are, kept if they validate (no epochs)", warm_start["model"])
     else:
         log.info(
-            "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d",
+            "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d%s",
             warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
+            "; a fold-in: only new and changed users and new movies train" if fold_in else "",
         )  # fmt: skip
-    state, metrics = fit(warm_stage, {**warm_start, "new_row_rate": rate} if rate != 1.0 else warm_start)
+    told = {**warm_start, **({"new_row_rate": rate} if rate != 1.0 else {}), **({"fold_in": True} if fold_in else {})}
+    state, metrics = fit(warm_stage, told)
     worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
     if worse is None:
         stage = warm_stage
@@ -336,7 +351,7 @@ def _fit_warm(
         worse["warm_seconds"] = metrics["seconds"]
         state, metrics = fit(stage, None)
         metrics["warm_fallback"] = worse
-    metrics["warm_start"] = warm_start
+    metrics["warm_start"] = {**warm_start, "fold_in": True} if fold_in and worse is None else warm_start
     return stage, state, metrics
 
 

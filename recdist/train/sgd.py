@@ -288,11 +288,12 @@ class SGDSolver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
 
-    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
-        """A warm fit's new users and items (bool masks) train at `rate` x the schedule's rate: they start as a
-        cold fit's rows do, so they take its rate where the known rows take the warm one's lower rate."""
-        for table, new in zip(self.row_rate, (new_users, new_items), strict=True):
-            table[torch.from_numpy(np.asarray(new, dtype=bool)).to(self.device)] = rate
+    def warm_rows(self, user_rates: np.ndarray, item_rates: np.ndarray) -> None:
+        """A warm fit's per-row rates (multiples of the schedule's): its new users and items start as a cold fit's
+        rows do, so they take its rate where the known rows take the warm one's lower rate; a fold-in's frozen
+        rows 0, so they never move (their ratings still train the other side)."""
+        for table, rates in zip(self.row_rate, (user_rates, item_rates), strict=True):
+            table.copy_(torch.from_numpy(np.asarray(rates, dtype=np.float32)))
 
     # -------------------------------------------------------------------------------------------- kernels
 

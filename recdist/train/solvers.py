@@ -68,9 +68,10 @@ class Solver(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
-        """A warm fit's new users and items (bool masks, which start as a cold fit's rows) train at `rate` x the
-        schedule's learning rate; solvers without per-row learning rates ignore it."""
+    def warm_rows(self, user_rates: np.ndarray, item_rates: np.ndarray) -> None:
+        """A warm fit's per-row learning rates, multiples of the schedule's, one per user and per item: its new
+        users and items (which start as a cold fit's rows) at a higher one, a fold-in's frozen rows at 0 (only
+        per-rating SGD freezes them: recdist.train.warm.folds_in); solvers without per-row rates ignore them."""
         ...
 
 
@@ -233,7 +234,7 @@ class AutogradSolver:
                 optimizer.load_state_dict(saved)
         self.schedule.load_state_dict(state["schedule"])
 
-    def warm_rows(self, new_users: np.ndarray, new_items: np.ndarray, rate: float) -> None:
+    def warm_rows(self, user_rates: np.ndarray, item_rates: np.ndarray) -> None:
         """No per-row learning rates here: new rows train as the others do."""
 
 
