@@ -357,6 +357,66 @@ def test_a_fold_in_needs_per_rating_sgd():
         warm.folds_in(als, WarmConfig(fold_in=True))
     assert "solver: sgd" in refused.value.fix
     assert not warm.folds_in(als, WarmConfig())  # no fold-in asked
-    assert not warm.folds_in(StageConfig(model="reliability_mlp"), WarmConfig(fold_in=True))  # stages 2-3 keep weights
+    stage_2 = StageConfig(model="reliability_mlp")  # keeps yesterday's weights and statistics when it trains none
+    assert warm.folds_in(stage_2, WarmConfig(fold_in=True)) and not warm.folds_in(stage_2, WarmConfig(fold_in=True,
+                                                                                                  mlp_epochs=None))
     assert warm.folds_in(StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}}),
                          WarmConfig(fold_in=True))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_every_stage(tmp_path):
+    """`pipeline --warm-start auto` with pipeline.warm.fold_in: stage 1 trains only what changed, and stages 2 and 3
+    keep yesterday's weights, input statistics and global mean, so a rating of a user with nothing new of a movie
+    that is not new gets yesterday's mf_pred (to the bit), pred_error and pred_rating (to float32 rounding), and
+    the users with new ratings get new ones. In process, no Ray."""
+    import polars as pl
+    from helpers import SMALL_RUN
+
+    from recdist.config import load_config
+    from recdist.pipeline import run_pipeline
+
+    yesterday = _rows(range(1, 61), range(100, 140), seed=1)
+    today = yesterday + _rows(range(3, 9), range(140, 143), seed=2) + _rows(range(61, 66), range(100, 140), seed=3)
+    _write_csv(tmp_path / "day1.csv", yesterday)
+    _write_csv(tmp_path / "day2.csv", today)
+
+    def config(source):
+        return load_config(
+            None,
+            {
+                "source.path": str(source),
+                **SMALL_RUN,
+                "pipeline.outputs.recommend_min_ratings": 1,
+                "pipeline.warm.tolerance": 1.0,  # tiny data: keep every warm fit
+                "pipeline.warm.fold_in": True,
+                "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 3, "solver": "sgd"}},
+                "stages.reliability.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+                "stages.rating.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+            },
+        )
+
+    day1, day2 = tmp_path / "runs" / "date=2026-12-01", tmp_path / "runs" / "date=2026-12-02"
+    run_pipeline(config(tmp_path / "day1.csv"), str(day1))
+    run_pipeline(config(tmp_path / "day2.csv"), str(day2), warm_start="auto")
+    for stage in ("mf", "reliability", "rating"):
+        metrics = json.loads((day2 / stage / "model" / "metrics.json").read_text())
+        assert metrics["warm_start"]["fold_in"] is True and not metrics.get("warm_fallback"), stage
+
+    def scored(run, stage):  # by original ids, as the run's dataset names them
+        users = pl.read_parquet(run / "data" / "users.parquet").select("user_idx", "user_id")
+        items = pl.read_parquet(run / "data" / "items.parquet").select("item_idx", "item_id")
+        frame = pl.read_parquet(run / stage / "scored" / "ratings" / "*.parquet")
+        return frame.join(users, on="user_idx").join(items, on="item_idx").drop("user_idx", "item_idx")
+
+    new_raters = {r[0] for r in today[len(yesterday):]}  # new users, and known ones with a new rating
+    for stage, column in (("mf", "mf_pred"), ("reliability", "pred_error"), ("rating", "pred_rating")):
+        both = scored(day1, stage).join(scored(day2, stage), on=["user_id", "item_id"], suffix="_2")
+        same = both.filter(~pl.col("user_id").is_in(list(new_raters)))
+        assert same.height > 0.8 * both.height
+        if stage == "mf":
+            assert (same[column] == same[f"{column}_2"]).all()  # the night before's, to the bit
+        else:  # the MLPs' matrix products round by how many users, items and rows they run over: a few units
+            assert (same[column] - same[f"{column}_2"]).abs().max() < 1e-6, stage  # in the last place of a float32
+        moved = both.filter(pl.col("user_id").is_in(list(new_raters)))
+        assert (moved[column] != moved[f"{column}_2"]).mean() > 0.5, stage

@@ -110,6 +110,11 @@ class Model(nn.Module):
     def resize_for(self, state: dict[str, torch.Tensor]) -> None:
         """Size the tensors that attach()/set_context() size like a saved state, before load_state_dict; no-op."""
 
+    def use_statistics(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Standardise with the statistics set_context()/attach() froze in a saved state `state` instead of its
+        own; the names taken (none here: a model without such statistics)."""
+        return []
+
     def mf_tables(self) -> MFTables | None:
         """The matrix factorisation inside it (candidates, cold-start biases, fast solvers), or None."""
         return None

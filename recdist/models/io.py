@@ -50,6 +50,11 @@ def model_class(uri: str) -> type[Model]:
     return registry.get(_meta(uri)[0]).module
 
 
+def model_dims(uri: str) -> Dims:
+    """The Dims the model at `uri` was built from (sizes, global mean, rating scale), from its model.json alone."""
+    return _meta(uri)[2]
+
+
 def _meta(uri: str) -> tuple[str, dict[str, Any], Dims]:
     """(registry name, params, dims) from URI/model.json; StorageError when it is not a model description."""
     meta_uri = storage.join(uri, META)

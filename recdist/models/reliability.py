@@ -65,14 +65,18 @@ class FrozenMF(nn.Module):
         return int(self.user_factors.shape[1]) if self.user_factors.dim() == 2 else 0
 
     def load(self, tables: dict[str, torch.Tensor], cfg: OnMFConfig) -> None:
-        """Copy the four tables, freeze their statistics and derive the per-user and per-item input rows."""
+        """Copy the four tables, freeze their statistics and derive the per-user and per-item input rows. Where
+        `tables` holds user_stats / item_stats too (a saved state, or a fold-in keeping the previous run's), those
+        standardise the rows instead of the tables' own."""
         for name in TABLES:
             setattr(self, name, tables[name].detach().float().clone())
         k = self.rank
         columns = list(range(k)) * cfg.use_factors + [k] * cfg.use_bias + [k + 1] * cfg.use_norms
         for side in ("user", "item"):
             full = self._side(getattr(self, f"{side}_factors"), getattr(self, f"{side}_bias"))
-            stats = _column_stats(full)
+            given = tables.get(f"{side}_stats")
+            stats = given.detach().float().clone() if given is not None and given.shape == (2, full.shape[1]) else None
+            stats = _column_stats(full) if stats is None else stats
             setattr(self, f"{side}_stats", stats)
             setattr(self, f"{side}_inputs", ((full - stats[0]) / stats[1])[:, columns].contiguous())
 
@@ -176,6 +180,20 @@ class OnMF(Model):
     def resize_for(self, state: dict[str, torch.Tensor]) -> None:
         """Shape the frozen tables and the MLP like a saved state, before load_state_dict."""
         self._attach_tables({k.removeprefix("frozen."): v for k, v in state.items() if k.startswith("frozen.")})
+
+    def use_statistics(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Standardise every input with the statistics of `state` (a previous model's: its frozen tables' column
+        means and spreads, its session and error features'), on this model's own frozen tables; the names taken.
+        A fold-in keeps them with the weights, so a row whose inputs did not change predicts as it did."""
+        own = dict(self.named_buffers())
+        taken = [n for n in own if n.endswith("_stats") and n in state and state[n].shape == own[n].shape]
+        tables = {name: getattr(self.frozen, name) for name in TABLES}
+        self.frozen.load(tables | {n.removeprefix("frozen."): state[n] for n in taken if n.startswith("frozen.")},
+                         self.config)  # fmt: skip
+        for name in taken:
+            if not name.startswith("frozen."):
+                setattr(self, name, state[name].detach().clone().to(own[name]))
+        return taken
 
     def _attach_tables(self, tables: dict[str, torch.Tensor]) -> None:
         device = tables["user_factors"].device

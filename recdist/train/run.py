@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from datetime import datetime, timezone
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from recdist.errors import ConfigError, DataError, RecdistError, StorageError
 from recdist.models import registry
 from recdist.models.base import Model
 from recdist.models.batch import Dims
+from recdist.models.io import model_dims
 from recdist.schema import SCHEMA_VERSION
 from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, worker_plan
@@ -61,6 +63,13 @@ def build_model(stage: StageConfig, dims: Dims) -> Model:
     entry = registry.get(stage.model)
     config = registry.validate(stage.model, stage.params)
     return entry.module(config, dims, torch.Generator().manual_seed(stage.train.seed))
+
+
+def built_with(dims: Dims, warm_start: dict[str, Any] | None) -> Dims:
+    """The Dims a stage's model is built from: its data's, with a fold-in's previous global mean (recdist.train.warm:
+    a fold-in night keeps it, so an unchanged row's centring is the previous run's)."""
+    mean = (warm_start or {}).get("global_mean")
+    return dims if mean is None else replace(dims, global_mean=mean)
 
 
 def model_from_state(stage: StageConfig, dims: Dims, tensors: dict[str, torch.Tensor]) -> Model:
@@ -181,7 +190,7 @@ def _rank_trainer(
     )
     timings = {"data_load_s": time.perf_counter() - clock}
     clock = time.perf_counter()
-    model = build_model(stage, data.dims).to(device)
+    model = build_model(stage, built_with(data.dims, config.get("warm_start"))).to(device)
     if model_cls.upstream:
         model.attach(load_model(config["upstream"], device=device))
     warm_start, counts = config.get("warm_start"), None  # either way before _resume: a checkpoint wins
@@ -326,14 +335,17 @@ def _fit_warm(
     rate = warm_rules.new_row_rate(stage, warm_stage)
     fold_in = warm_rules.folds_in(stage, settings)
     if warm_stage.train.epochs == 0:
-        log.info("warm start from %s: its weights as they are, kept if they validate (no epochs)", warm_start["model"])
+        log.info("warm start from %s: its weights%s as they are, kept if they validate (no epochs)", warm_start["model"],
+                 " and input statistics (a fold-in night)" if fold_in else "")  # fmt: skip
     else:
         log.info(
             "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d%s",
             warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
             "; a fold-in: only new and changed users and new movies train" if fold_in else "",
         )  # fmt: skip
-    told = {**warm_start, **({"new_row_rate": rate} if rate != 1.0 else {}), **({"fold_in": True} if fold_in else {})}
+    told = {**warm_start, **({"new_row_rate": rate} if rate != 1.0 else {})}
+    if fold_in:  # the previous run's global mean too, in every model of the night: its rows predict as they did
+        told.update(fold_in=True, global_mean=model_dims(warm_start["model"]).global_mean)
     state, metrics = fit(warm_stage, told)
     worse = warm_rules.fallback(metrics, warm_start["model"], settings.tolerance)
     if worse is None:
@@ -351,7 +363,9 @@ def _fit_warm(
         worse["warm_seconds"] = metrics["seconds"]
         state, metrics = fit(stage, None)
         metrics["warm_fallback"] = worse
-    metrics["warm_start"] = {**warm_start, "fold_in": True} if fold_in and worse is None else warm_start
+    metrics["warm_start"] = warm_start
+    if fold_in and worse is None:
+        metrics["warm_start"] = {**warm_start, "fold_in": True, "global_mean": told["global_mean"]}
     return stage, state, metrics
 
 
@@ -572,7 +586,7 @@ def write_output(
     from recdist.models.io import save_model
 
     clock = time.perf_counter()
-    model = model_from_state(stage, dataset.dims(manifest), state["model"])
+    model = model_from_state(stage, built_with(dataset.dims(manifest), metrics.get("warm_start")), state["model"])
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = state["progress"]["history"]
     with storage.staged_output(out, overwrite=overwrite) as staging:

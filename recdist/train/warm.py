@@ -135,6 +135,15 @@ def _rank(model: str, params: dict[str, Any]) -> int | None:
     return config.rank if isinstance(config, MFConfig) else None
 
 
+def warm_epochs(stage: StageConfig, settings: WarmConfig) -> int:
+    """The most epochs a warm `stage` trains (settings.epochs, or settings.mlp_epochs for a model on stage 1's frozen
+    tables; never more than its own train.epochs); 0: the previous weights as they are."""
+    from recdist.models import registry
+
+    most = settings.mlp_epochs if registry.get(stage.model).module.upstream else settings.epochs
+    return min(stage.train.epochs if most is None else most, stage.train.epochs)
+
+
 def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | None = None) -> StageConfig:
     """`stage` as a warm stage trains it (recdist.config.WarmConfig `settings`, default its defaults): at most
     settings.epochs (settings.mlp_epochs for a model on stage 1's frozen tables; 0: none, the previous weights
@@ -142,12 +151,9 @@ def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | N
     (lr_share empty) the rate the previous model last trained at (its history's last epoch). A stage without a
     learning rate (ALS) keeps none."""
     from recdist.config import WarmConfig
-    from recdist.models import registry
 
     settings = settings or WarmConfig()
-    most = settings.mlp_epochs if registry.get(stage.model).module.upstream else settings.epochs
-    epochs = min(stage.train.epochs if most is None else most, stage.train.epochs)
-    update: dict[str, Any] = {"patience": settings.patience, "epochs": epochs}
+    update: dict[str, Any] = {"patience": settings.patience, "epochs": warm_epochs(stage, settings)}
     history_uri = storage.join(previous_model, "history.parquet")
     if settings.lr_share is not None:
         peak = stage.train.lr if stage.train.lr is not None else _default_lr(stage)
@@ -162,14 +168,17 @@ def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | N
 
 
 def folds_in(stage: StageConfig, settings: WarmConfig) -> bool:
-    """Whether a warm `stage` is a fold-in (settings.fold_in, for a stage-1 model of the MF family); ConfigError
-    when its solver has no per-row rates to freeze rows with (only per-rating SGD has)."""
+    """Whether a warm `stage` is part of a fold-in (settings.fold_in): stage 1 trains only what changed, and a stage
+    2 or 3 that keeps yesterday's weights as they are (no epochs) keeps yesterday's input statistics with them.
+    ConfigError when stage 1's solver has no per-row rates to freeze rows with (only per-rating SGD has)."""
     from recdist.models import registry
     from recdist.train.solvers import solver_name
 
     module = registry.get(stage.model).module
-    if not settings.fold_in or module.upstream:
+    if not settings.fold_in:
         return False
+    if module.upstream:  # stages 2 and 3 of a fold-in night: yesterday's weights and statistics, when kept as they are
+        return warm_epochs(stage, settings) == 0
     if solver_name(module, stage.train.solver) != "sgd":
         raise ConfigError(
             f"pipeline.warm.fold_in freezes rows through per-rating SGD's per-row rates; stage 1 trains "
@@ -250,7 +259,9 @@ def new_row_rate(stage: StageConfig, warm_stage: StageConfig) -> float:
 def apply(model: Model, warm: dict[str, Any]) -> dict[str, Any]:
     """Load the weights of the previous model named by `warm` (WarmStart.to_json) into `model` (stages 2 and 3:
     not of the MF family), after its data-dependent set-up (Trainer's prepare_model): the parameters taken (0
-    and a warning when they do not fit: a cold start)."""
+    and a warning when they do not fit: a cold start). With warm['fold_in'] (the run's stage 1 a fold-in, these
+    weights kept as they are) the previous model's input statistics too (Model.use_statistics), so a row whose
+    inputs did not change since then predicts as it did."""
     from recdist.models.io import load_model
 
     previous = load_model(warm["model"]).state_dict()
@@ -260,7 +271,10 @@ def apply(model: Model, warm: dict[str, Any]) -> dict[str, Any]:
         log.warning("warm start: %s do not fit the previous model, trained cold", ", ".join(misfits[:4]))
         return {"parameters": 0}
     model.load_state_dict(state)
-    return {"parameters": len(names)}
+    counts = {"parameters": len(names)}
+    if warm.get("fold_in"):
+        counts["statistics"] = len(model.use_statistics(previous))
+    return counts
 
 
 @dataclass(frozen=True)
@@ -289,8 +303,8 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     original ids (warm_state), before a solver sees the rows. New users and items train at warm['new_row_rate']
     x the rate. With warm['fold_in'] (recdist.config.WarmConfig.fold_in) only what changed trains: new users,
     users whose training ratings differ from the previous dataset's (changed_users) and new items; every other
-    row is frozen (rate 0) and the global mean stays the previous one, so a frozen user's rating of a frozen
-    item predicts exactly as before. A fold-in whose tables differ in width is a plain warm start (said)."""
+    row is frozen (rate 0) and, as `model` was built with the previous global mean (recdist.train.run.built_with),
+    a frozen user's rating of a frozen item predicts exactly as before. A fold-in whose tables differ in width is a plain warm start (said)."""
     from recdist.data.dataset import read_items, read_users
     from recdist.models.io import load_model
 
@@ -316,8 +330,6 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
         moved = changed_users(warm["data"], data, users, *ids["item"])
         user_rates[(users >= 0) & ~moved] = 0.0
         item_rates[items >= 0] = 0.0
-        if "global_mean" in previous:
-            state["global_mean"] = previous["global_mean"].to(state["global_mean"])
         counts["changed_users"] = int(((users >= 0) & moved).sum())
     model.load_state_dict(state)
     return Carried(user_rates, item_rates, counts)
