@@ -59,8 +59,8 @@ def main() -> None:
     same = unchanged_share(day1, day2, runs["fold-in"][-1]["out"])
     print(f"\nstage 1 on day 2 from day 1's model, {args.repeat} fit(s) of each, medians (this process, 2 CPUs)")
     print("\n| stage 1 on day 2 | seconds | epochs | test RMSE | against cold |\n|---|---:|---:|---:|---:|")
-    print(f"| cold (the nightly's run) | | {json.loads((cold / 'mf' / 'model' / 'metrics.json').read_text())['epochs']} "
-          f"| {cold_rmse:.4f} | |")  # fmt: skip
+    cold_epochs = json.loads((cold / "mf" / "model" / "metrics.json").read_text())["epochs"]
+    print(f"| cold (the nightly's run) | | {cold_epochs} | {cold_rmse:.4f} | |")
     for kind, fits in runs.items():
         m = fits[-1]["metrics"]
         seconds = statistics.median(f["seconds"] for f in fits)
@@ -75,7 +75,6 @@ def main() -> None:
 def unchanged_share(day1: Path, day2: Path, model: Path) -> float:
     """The share of day 2's ratings whose user and movie rows (factors, bias) and the global mean are day 1's, so
     whose prediction is: both models' tables compared row by row, by original id."""
-    import numpy as np
     import torch
 
     from recdist.data import dataset

@@ -11,7 +11,8 @@ to exit (interpreter, imports, every stage). The nightly job's time is day 2's p
 (issue 16): the warm nightly run takes <= 50% of a cold one's time on the 20M set.
 
 `--fold-in` makes the warm run a fold-in (`--set pipeline.warm.fold_in=true`: only new and changed users and new
-movies train, over their rows). `--one-command` times the night as the Kubernetes manifests run it instead: one `recdist pipeline --path DAY
+movies train, over their rows). `--one-command` times the night as the Kubernetes manifests run it instead: one
+`recdist pipeline --path DAY
 --out PARENT/date=...` per night, its own prepare stage included, day 2 cold and day 2 `--warm-start auto` (whose
 prepare keeps day 1's dataset's indices and splits, as `--previous` does); the job is that one command.
 
@@ -114,7 +115,8 @@ def main() -> None:
             if args.one_command:
                 figures[name] = night(name, "day2", *(("--warm-start", "auto", *fold_in) if warm else ()))
             else:
-                figures[name] = pipeline(name, "day2", *(("--warm-start", str(work / "day1"), *fold_in) if warm else ()))
+                start = ("--warm-start", str(work / "day1"), *fold_in) if warm else ()
+                figures[name] = pipeline(name, "day2", *start)
             stages = json.loads((work / name / "manifest.json").read_text())["stages"]
             figures.update({f"{name}:{stage}": float(stages[stage]["seconds"]) for stage in stages_shown})
         repeats.append(figures)

@@ -59,33 +59,20 @@ def compare(previous: str, current: str, *, max_top10_change: float | None = Non
         storage.read_json(storage.join(current, "metrics.json")),
     )
     section: dict[str, Any] = {"metrics": metric_changes(old, new)}
-    old_recs, new_recs = _table(previous, "recommendations"), _table(current, "recommendations")
+    old_recs, new_recs = (tables.read_table(run, "recommendations") for run in (previous, current))
     if old_recs is not None and new_recs is not None:
         section["top10"] = top10_overlap(old_recs, new_recs)
         section["top_lists"] = top_list_changes(old_recs, new_recs)
-    old_dec, new_dec = _table(previous, "reliability_deciles"), _table(current, "reliability_deciles")
+    old_dec, new_dec = (tables.read_table(run, "reliability_deciles") for run in (previous, current))
     if old_dec is not None and new_dec is not None:
         section["reliability"] = calibration_shift(old_dec, new_dec)
     for key, name, column in (("users", "user_factors", "user_id"), ("movies", "item_factors", "movie_id")):
-        before, now = _table(previous, name, [column]), _table(current, name, [column])
+        before, now = tables.read_table(previous, name, [column]), tables.read_table(current, name, [column])
         if before is not None and now is not None:
             section[key] = id_changes(before[column], now[column])
     section["warnings"] = warnings(section, max_top10_change)
     section["exceeded"] = bool(section["warnings"])
     return section
-
-
-def _table(outputs: str, name: str, columns: list[str] | None = None) -> pl.DataFrame | None:
-    """A whole analyst table, None when the run has none (a single-model run has no reliability deciles)."""
-    where = tables.table_dir(outputs, name)
-    if not storage.exists(where):
-        return None
-    import pyarrow.dataset as ds
-
-    afs, path = storage.arrow_filesystem(where)
-    frame = pl.from_arrow(ds.dataset(path, filesystem=afs, format="parquet", partitioning="hive").to_table(columns))
-    assert isinstance(frame, pl.DataFrame)
-    return frame
 
 
 def _change(old: float | None, new: float | None) -> dict[str, float | None]:

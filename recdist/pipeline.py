@@ -53,6 +53,7 @@ from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train.warm import WarmStart
 
 if TYPE_CHECKING:
+    from recdist.infer.outputs import Carry
     from recdist.infer.plan import TrainedOn
 
 log = logging.getLogger(__name__)
@@ -564,7 +565,9 @@ def _outputs(run: _Run) -> dict[str, Any]:
     stamp = run.stamp()
     figures.prefetch()  # the report's, during the tables
     with storage.staged_output(run.dir("outputs"), overwrite=True, marker=tables.SUCCESS) as tmp:
-        metrics = write_outputs(models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained())
+        metrics = write_outputs(
+            models, tmp, cfg.pipeline, stamp, seed=cfg.prepare.seed, trained=run.trained(), carry=_carry(run)
+        )
         metrics = drift.attach(tmp, metrics, run.out, cfg.pipeline.drift)  # pipeline.drift.against: unset = none
         with logs.timed(log, "outputs: report"):
             report = write_report(tmp, metrics, models, cfg, stamp)
@@ -585,6 +588,42 @@ def _outputs(run: _Run) -> dict[str, Any]:
         ).write(tmp)
         storage.write_bytes(storage.join(tmp, tables.SUCCESS), b"")  # last: the outputs are whole
     return {"metrics": "outputs/metrics.json", "report": f"outputs/{report}"}
+
+
+def _carry(run: _Run) -> Carry | None:
+    """What a fold-in night's outputs take over from the warm start's run (recdist.infer.outputs.Carry), or None:
+    a cold or plain warm run, a stage that was not part of the fold-in (trained, or refit cold), another output or
+    ranking setting, or a dataset that did not keep the previous run's indices (each said in the log)."""
+    from recdist.data.dataset import read_manifest
+    from recdist.infer.outputs import CANDIDATE_MODEL, Carry, ranking_settings
+
+    cfg = run.config
+    if run.warm is None or not cfg.pipeline.warm.fold_in or cfg.pipeline.kind != "rncf":
+        return None
+    why = None
+    for name in RNCF_STAGES:
+        trained = storage.read_json(storage.join(run.dir(name), "model", "metrics.json"))
+        if not (trained.get("warm_start") or {}).get("fold_in") or trained.get("warm_fallback"):
+            why = why or f"{name} was not part of the fold-in"
+    previous = drift.outputs_of(run.warm.run)
+    if previous is None:
+        why = why or "it has no committed outputs"
+    else:
+        before, shown = storage.read_json(storage.join(previous, storage.MANIFEST)), cfg.pipeline.outputs
+        keys = ("top_n", "candidates", "recommend_min_ratings")
+        now = (*(getattr(shown, k) for k in keys), ranking_settings(cfg.pipeline))
+        if (*(before.get(k) for k in keys), before.get("ranking")) != now:
+            why = why or "its output settings differ"
+    if read_manifest(run.data).get("previous") != run.warm.data:
+        why = why or "this dataset did not keep its user and movie indices"
+    if why:
+        log.info("outputs: every user's recommendations ranked, none kept from %s: %s", run.warm.run, why)
+        return None
+    unchanged = ~warm_rules.changed_users(run.warm.data, run.data, every_split=True)
+    kept = storage.join(previous, CANDIDATE_MODEL)
+    log.info("outputs: a fold-in night: %s users with nothing new keep %s's recommendations", f"{unchanged.sum():,}",
+             run.warm.run)  # fmt: skip
+    return Carry(previous, unchanged, kept if storage.exists(kept) else None)
 
 
 _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {

@@ -14,12 +14,16 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from recdist import storage
 from recdist.schema import DESCRIPTION, OUTPUT_TABLES, OutputTable
+
+if TYPE_CHECKING:
+    import polars as pl
 
 SUCCESS = "_SUCCESS"
 """Written last into outputs/: the run finished (a run stopped before its outputs leaves none)."""
@@ -72,6 +76,21 @@ def table_dir(outputs: str, name: str) -> str:
     if name not in OUTPUT_TABLES:
         raise KeyError(f"not an output table: {name}")
     return storage.join(outputs, name)
+
+
+def read_table(outputs: str, name: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+    """A whole analyst table of an outputs directory (its partitions' columns included), None when the run has
+    none (a single-model run has no reliability deciles)."""
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    where = table_dir(outputs, name)
+    if not storage.exists(where):
+        return None
+    afs, path = storage.arrow_filesystem(where)
+    frame = pl.from_arrow(ds.dataset(path, filesystem=afs, format="parquet", partitioning="hive").to_table(columns))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def write_table(table: pa.Table, outputs: str, name: str, stamp: Stamp, *, part: int = 0) -> dict[str, int]:

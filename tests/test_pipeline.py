@@ -544,6 +544,11 @@ def test_recommend_and_similar_from_the_command_line(full_run, tmp_path):
     assert result.returncode == 0, result.stderr
     for movie in stored.sort("rank")["movie_id"].head(3).to_list():
         assert str(movie) in result.stdout
+    more = recdist("recommend", str(out), "--user", str(user_id(1)), "-n", "7")  # more than stored: ranked again,
+    assert more.returncode == 0, more.stderr  # with the run's saved candidate model, so it begins as the stored list
+    cells = [[c.strip() for c in line.split("│")] for line in more.stdout.splitlines()]
+    shown = [int(row[2]) for row in cells if len(row) > 2 and row[1].isdigit()]  # rank │ movie_id │ ...
+    assert shown[:5] == stored.sort("rank")["movie_id"].to_list() and len(shown) == 7
 
     liked = [movie_id(i) for i in range(6)]
     ratings = tmp_path / "me.csv"

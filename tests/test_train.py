@@ -318,7 +318,7 @@ def test_sgd_per_row_rates_move_new_rows_alone_faster(planted: RankData, kernel:
         model = build_model(stage, planted.dims)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         solver = SGDSolver(Problem(model, stage.train, planted), kernel=kernel)
-        users, items = torch.zeros(N_USERS, dtype=torch.bool), torch.zeros(N_ITEMS, dtype=torch.bool)
+        users = torch.zeros(N_USERS, dtype=torch.bool)
         users[:5] = True
         if rates:
             solver.warm_rows(np.where(users.numpy(), rates["new"], 1.0), np.ones(N_ITEMS, np.float32))

@@ -335,7 +335,8 @@ def test_a_fold_in_trains_only_what_changed_and_leaves_every_other_row_as_yester
     index = {day: {side: {int(i): n for n, i in enumerate(
         getattr(dataset, f"read_{side}s")(days[day]).sort(f"{side}_idx")[f"{side}_id"].to_numpy())}
         for side in ("user", "item")} for day in days}  # fmt: skip
-    for side, ids in (("user", [u for u in index["day1"]["user"] if u not in changed]), ("item", index["day1"]["item"])):
+    kept_users = [u for u in index["day1"]["user"] if u not in changed]
+    for side, ids in (("user", kept_users), ("item", index["day1"]["item"])):
         for table in (f"{side}_factors.weight", f"{side}_bias.weight"):
             rows1 = models["day1"][table][[index["day1"][side][i] for i in ids]]
             rows2 = models["day2"][table][[index["day2"][side][i] for i in ids]]
@@ -358,8 +359,9 @@ def test_a_fold_in_needs_per_rating_sgd():
     assert "solver: sgd" in refused.value.fix
     assert not warm.folds_in(als, WarmConfig())  # no fold-in asked
     stage_2 = StageConfig(model="reliability_mlp")  # keeps yesterday's weights and statistics when it trains none
-    assert warm.folds_in(stage_2, WarmConfig(fold_in=True)) and not warm.folds_in(stage_2, WarmConfig(fold_in=True,
-                                                                                                  mlp_epochs=None))
+    assert warm.folds_in(stage_2, WarmConfig(fold_in=True)) and not warm.folds_in(
+        stage_2, WarmConfig(fold_in=True, mlp_epochs=None)
+    )
     assert warm.folds_in(StageConfig.model_validate({"model": "biased_mf", "train": {"solver": "sgd"}}),
                          WarmConfig(fold_in=True))  # fmt: skip
 
@@ -409,7 +411,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
         frame = pl.read_parquet(run / stage / "scored" / "ratings" / "*.parquet")
         return frame.join(users, on="user_idx").join(items, on="item_idx").drop("user_idx", "item_idx")
 
-    new_raters = {r[0] for r in today[len(yesterday):]}  # new users, and known ones with a new rating
+    new_raters = {r[0] for r in today[len(yesterday) :]}  # new users, and known ones with a new rating
     for stage, column in (("mf", "mf_pred"), ("reliability", "pred_error"), ("rating", "pred_rating")):
         both = scored(day1, stage).join(scored(day2, stage), on=["user_id", "item_id"], suffix="_2")
         same = both.filter(~pl.col("user_id").is_in(list(new_raters)))
@@ -420,3 +422,18 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
             assert (same[column] - same[f"{column}_2"]).abs().max() < 1e-6, stage  # in the last place of a float32
         moved = both.filter(pl.col("user_id").is_in(list(new_raters)))
         assert (moved[column] != moved[f"{column}_2"]).mean() > 0.5, stage
+
+    # the outputs: the users with nothing new keep yesterday's recommendations, row for row; the others are ranked
+    # again (never a movie they rated since), with yesterday's EASE candidate model, which is not refitted
+    recs = [pl.read_parquet(run / "outputs" / "recommendations" / "*.parquet") for run in (day1, day2)]
+    kept = [r.filter(~pl.col("user_id").is_in(list(new_raters))) for r in recs]
+    assert kept[0].height > 0 and kept[0].equals(kept[1])
+    metrics = json.loads((day2 / "outputs" / "metrics.json").read_text())
+    assert metrics["recommendations_kept"] == {"users": 60 - len(new_raters & set(range(1, 61))),
+                                               "ranked": len(new_raters)}  # fmt: skip
+    rated_today = {(u, i) for u, i, _, _ in today}
+    for user, movie in recs[1].filter(pl.col("user_id").is_in(list(new_raters))).select("user_id", "movie_id").rows():
+        assert (user, movie) not in rated_today
+    assert (day2 / "outputs" / "candidate_model.safetensors").read_bytes() == (
+        day1 / "outputs" / "candidate_model.safetensors"
+    ).read_bytes()

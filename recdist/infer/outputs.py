@@ -39,6 +39,24 @@ from recdist.tables import Stamp
 
 log = logging.getLogger(__name__)
 
+CANDIDATE_MODEL = "candidate_model.safetensors"
+"""outputs/: the EASE candidate model the recommendations were ranked with (the movies it models and their
+item-item weights): what a fold-in night ranks with again, and `recdist recommend` for more rows than stored."""
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What a fold-in night's outputs take over from the previous run's (recdist.pipeline decides when: stage 1 a
+    fold-in and stages 2 and 3 on the previous weights, the previous run's user and movie indices, the same
+    output settings): the users with nothing new keep their recommendations, and the candidate model is kept."""
+
+    outputs: str
+    """The previous run's committed outputs folder."""
+    unchanged: np.ndarray
+    """bool per user index: no rating added, gone or changed since the previous run (any split)."""
+    candidate_model: str | None = None
+    """The previous run's CANDIDATE_MODEL, when it has one."""
+
 
 def ranker_for(
     models: RunModels,
@@ -46,12 +64,13 @@ def ranker_for(
     trained: TrainedOn | None = None,
     ranking: dict[str, Any] | None = None,
     train: Csr | None = None,
+    candidate_model: str | None = None,
 ) -> Ranker:
     """The run's ranker: candidates from `ranking['rank_candidates']` (default stage 1's MF), scored by stages 1-3
     in turn (or the single model) and ordered by `ranking['rank_order']` (default the predicted rating), among
     movies with at least `min_ratings` training ratings (pipeline.outputs.recommend_min_ratings). `ranking` holds
     the pipeline's ranking keys (ranking_settings()); `train`: user -> training movies when the caller has them
-    (else read from the dataset).
+    (else read from the dataset). candidate_model: a saved EASE model (CANDIDATE_MODEL) to rank with, not refitted.
 
     The dataset is read once (`trained`, else read here) and the stage-1 model loaded once: its predictor, the
     later stages' cold-start fallback and the candidates share it.
@@ -76,9 +95,12 @@ def ranker_for(
     if kind != "mf":
         manifest = read_manifest(models.data)
         allowed = recommendable(n_train, min_ratings)
-        with logs.timed(log, f"candidate model {kind}"):
-            n_users = int(manifest["n_users"])
-            retrieval = fit_candidates(models.data, kind, n_users, len(n_train), allowed, ranking, train=train)
+        n_users = int(manifest["n_users"])
+        if kind == "ease" and candidate_model is not None:
+            retrieval = load_candidates(candidate_model, models.data, n_users, len(n_train), train)
+        else:
+            with logs.timed(log, f"candidate model {kind}"):
+                retrieval = fit_candidates(models.data, kind, n_users, len(n_train), allowed, ranking, train=train)
     order = ranking.get("rank_order", "rating")
     threshold = float(ranking.get("relevance_threshold", 4.0))
     if order == "blend":  # a rating reaches the threshold when its unrounded value is half a step below it
@@ -130,6 +152,30 @@ def fit_candidates(
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
 
 
+def save_candidates(model: Implicit, out: str) -> None:
+    """Write an EASE candidate model's movies and weights as out/CANDIDATE_MODEL (tensors, no pickle)."""
+    from safetensors.torch import save
+
+    assert model.items is not None and model.weights is not None
+    tensors = {"items": model.items.contiguous(), "weights": model.weights.contiguous()}
+    storage.write_bytes(storage.join(out, CANDIDATE_MODEL), save(tensors, metadata={"kind": model.kind}))
+
+
+def load_candidates(uri: str, data: str, n_users: int, n_items: int, history: Csr | None = None) -> Implicit:
+    """The EASE model saved at `uri` (save_candidates), scoring each user of the dataset `data` from `history`
+    (user -> training movies; read from `data` when not given): the same movie indices as when it was saved."""
+    from safetensors.torch import load
+
+    if history is None:
+        from recdist.data.dataset import read_rank
+
+        rows = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
+        history = rated_csr(rows, n_users)
+    tensors = load(storage.read_bytes(uri))
+    log.info("candidate model ease: %s (%d movies), not refitted", uri, len(tensors["items"]))
+    return Implicit(kind="ease", n_items=n_items, history=history, items=tensors["items"], weights=tensors["weights"])
+
+
 def write_outputs(
     models: RunModels,
     out: str,
@@ -138,10 +184,12 @@ def write_outputs(
     *,
     seed: int = 0,
     trained: TrainedOn | None = None,
+    carry: Carry | None = None,
 ) -> dict[str, Any]:
     """Write every analyst table under `out` (a staging directory), each file stamped with `stamp`; return
     metrics.json's content (`rows`: the rows of every table written). trained: the run's view of the dataset's
-    training rows (read here when not given)."""
+    training rows (read here when not given). carry: a fold-in night's (Carry): the previous candidate model, and
+    the previous recommendations of the users with nothing new (the others' are ranked)."""
     from recdist.data.dataset import read_items, read_manifest, read_users
 
     n_users = int(read_manifest(models.scored)["n_users"])
@@ -157,7 +205,10 @@ def write_outputs(
     with logs.timed(log, "ranking metrics"):
         ranking = ranking_settings(cfg)
         train = rated.train() if ranking["rank_candidates"] != "mf" else None  # an implicit model's rows
-        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking, train)
+        kept = carry.candidate_model if carry is not None else None
+        ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking, train, candidate_model=kept)
+        if ranker.retrieval is not None and ranker.retrieval.kind == "ease":
+            save_candidates(ranker.retrieval, out)
         result["ranking"] = _ranking(ranker, rated.known(), test, cfg, n_users, final_name, seed=seed)
     if models.reliability is not None:
         deciles = _to_schema(_deciles(test), RELIABILITY_DECILES)
@@ -167,8 +218,13 @@ def write_outputs(
 
     with logs.timed(log, "recommendations"):
         shown = cfg.outputs
-        recs = ranker.rank(torch.arange(n_users), shown.top_n, candidates=shown.candidates, exclude=rated.all)
-        rows["recommendations"] = _write(_recommendations(recs, users, items), out, "recommendations", stamp)
+        ranked = torch.arange(n_users) if carry is None else torch.from_numpy(np.flatnonzero(~carry.unchanged))
+        recs = _recommendations(ranker.rank(ranked, shown.top_n, candidates=shown.candidates, exclude=rated.all),
+                                users, items)  # fmt: skip
+        if carry is not None:
+            recs = _with_kept(recs, carry, users, items)
+            result["recommendations_kept"] = {"users": int(carry.unchanged.sum()), "ranked": len(ranked)}
+        rows["recommendations"] = _write(recs, out, "recommendations", stamp)
 
     if ranker.factors is not None:
         with logs.timed(log, "item and user factors, similar movies"):
@@ -495,6 +551,20 @@ def _recommendations(recs: pl.DataFrame, users: pl.DataFrame, items: pl.DataFram
         .select(RECOMMENDATIONS.names)
     )
     return _to_schema(joined, RECOMMENDATIONS)
+
+
+def _with_kept(ranked: pa.Table, carry: Carry, users: pl.DataFrame, items: pl.DataFrame) -> pa.Table:
+    """`ranked` (the recommendations of the users with something new) and the previous run's recommendations of
+    the users with nothing new, under today's titles, in the table's order."""
+    previous = tables.read_table(carry.outputs, "recommendations")
+    if previous is None:
+        return ranked
+    same = users.filter(pl.Series(carry.unchanged[users["user_idx"].to_numpy()]))["user_id"]
+    titles = items.select(pl.col("item_id").alias("movie_id"), "title")
+    kept = previous.filter(pl.col("user_id").is_in(same.implode())).drop("title")
+    kept = kept.join(titles, on="movie_id", how="left")
+    merged = pl.concat([pl.from_arrow(ranked), kept.select(RECOMMENDATIONS.names)], how="vertical_relaxed")
+    return _to_schema(merged.sort("user_id", "rank"), RECOMMENDATIONS)
 
 
 def analyst_recommendations(ranked: pl.DataFrame) -> pl.DataFrame:

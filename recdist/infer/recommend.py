@@ -17,7 +17,7 @@ import torch
 
 from recdist import integrity, storage, tables
 from recdist.errors import DataError, RecdistError, StorageError
-from recdist.infer.outputs import analyst_recommendations, ranker_for
+from recdist.infer.outputs import CANDIDATE_MODEL, analyst_recommendations, ranker_for
 from recdist.infer.ranker import recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, fold_in, mf_scores, top_k_of
 from recdist.manifest import RunModels
@@ -141,7 +141,9 @@ def _known_user(run: str, outputs: str, manifest: dict[str, Any], user_id: int, 
     user_idx = int(users["user_idx"][0])
     seen = _user_items(models.scored, user_idx)
     exclude = Csr.build(torch.zeros(len(seen), dtype=torch.long), torch.from_numpy(seen), 1)
-    ranker = ranker_for(models, _min_ratings(manifest), ranking=manifest.get("ranking"))
+    saved = storage.join(outputs, CANDIDATE_MODEL)  # the candidate model the stored lists were ranked with
+    ranker = ranker_for(models, _min_ratings(manifest), ranking=manifest.get("ranking"),
+                        candidate_model=saved if storage.exists(saved) else None)  # fmt: skip
     frame = ranker.rank(
         torch.tensor([user_idx]),
         n,

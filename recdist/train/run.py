@@ -28,8 +28,8 @@ import tempfile
 import threading
 import time
 import weakref
-from datetime import datetime, timezone
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -335,11 +335,14 @@ def _fit_warm(
     rate = warm_rules.new_row_rate(stage, warm_stage)
     fold_in = warm_rules.folds_in(stage, settings)
     if warm_stage.train.epochs == 0:
-        log.info("warm start from %s: its weights%s as they are, kept if they validate (no epochs)", warm_start["model"],
-                 " and input statistics (a fold-in night)" if fold_in else "")  # fmt: skip
+        log.info(
+            "warm start from %s: its weights%s as they are, kept if they validate (no epochs)", warm_start["model"],
+            " and input statistics (a fold-in night)" if fold_in else "",
+        )  # fmt: skip
     else:
         log.info(
-            "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, patience %d%s",
+            "warm start from %s: peak learning rate %s (new users and movies: x %.3g), at most %d epochs, "
+            "patience %d%s",
             warm_start["model"], warm_stage.train.lr, rate, warm_stage.train.epochs, warm_stage.train.patience,
             "; a fold-in: only new and changed users and new movies train" if fold_in else "",
         )  # fmt: skip

@@ -304,7 +304,8 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     x the rate. With warm['fold_in'] (recdist.config.WarmConfig.fold_in) only what changed trains: new users,
     users whose training ratings differ from the previous dataset's (changed_users) and new items; every other
     row is frozen (rate 0) and, as `model` was built with the previous global mean (recdist.train.run.built_with),
-    a frozen user's rating of a frozen item predicts exactly as before. A fold-in whose tables differ in width is a plain warm start (said)."""
+    a frozen user's rating of a frozen item predicts exactly as before. A fold-in whose tables differ in width is a
+    plain warm start (said)."""
     from recdist.data.dataset import read_items, read_users
     from recdist.models.io import load_model
 
@@ -327,7 +328,7 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     if warm.get("fold_in") and skipped:
         log.warning("fold-in: the previous tables do not fit, so every row trains (a plain warm start)")
     elif warm.get("fold_in"):
-        moved = changed_users(warm["data"], data, users, *ids["item"])
+        moved = changed_users(warm["data"], data)
         user_rates[(users >= 0) & ~moved] = 0.0
         item_rates[items >= 0] = 0.0
         counts["changed_users"] = int(((users >= 0) & moved).sum())
@@ -335,14 +336,18 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     return Carried(user_rates, item_rates, counts)
 
 
-def changed_users(previous_data: str, data: str, user_rows: np.ndarray, previous_items: np.ndarray,
-                  items: np.ndarray) -> np.ndarray:  # fmt: skip
-    """For each user of the dataset `data`, whether their training ratings differ from the previous dataset's:
-    new users (user_rows -1, previous_rows), and known ones whose count or fingerprint (a wrapping sum of a hash
-    of each rating's original item id and value) differ. previous_items / items: the original item id of each
-    item index of the two datasets. Two reads of (user, item, rating, split): 0.1 s per million ratings."""
-    count, prints = _fingerprints(data, items, len(user_rows))
-    before_count, before_prints = _fingerprints(previous_data, previous_items, int(user_rows.max(initial=-1)) + 1)
+def changed_users(previous_data: str, data: str, *, every_split: bool = False) -> np.ndarray:
+    """For each user index of the dataset `data`, whether their training ratings (every_split: all their ratings)
+    differ from the previous dataset's: new users, and known ones whose count or fingerprint (a wrapping sum of a
+    hash of each rating's original item id and value) differ. Two reads of (user, item, rating, split): 0.1 s per
+    million ratings."""
+    from recdist.data.dataset import read_items, read_users
+
+    ids = {side: [read(uri).sort(f"{side}_idx")[f"{side}_id"].to_numpy() for uri in (previous_data, data)]
+           for side, read in (("user", read_users), ("item", read_items))}  # fmt: skip
+    user_rows = previous_rows(*ids["user"])
+    count, prints = _fingerprints(data, ids["item"][1], len(user_rows), every_split)
+    before_count, before_prints = _fingerprints(previous_data, ids["item"][0], len(ids["user"][0]), every_split)
     known = user_rows >= 0
     rows = user_rows[known]
     same = np.zeros(len(user_rows), bool)
@@ -350,13 +355,16 @@ def changed_users(previous_data: str, data: str, user_rows: np.ndarray, previous
     return ~same
 
 
-def _fingerprints(uri: str, item_ids: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per user index of the dataset `uri`: the count of training ratings and a wrapping uint64 sum of
-    pair_hash(original item id, rating bits) over them: equal sums mean the same ratings, but for a 2**-64 chance."""
+def _fingerprints(uri: str, item_ids: np.ndarray, n_users: int, every_split: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per user index of the dataset `uri`: the count of training ratings (every_split: of all ratings) and a
+    wrapping uint64 sum of pair_hash(original item id, rating bits) over them: equal sums mean the same ratings,
+    but for a 2**-64 chance."""
     from recdist.data.dataset import read_rank
     from recdist.data.splits import pair_hash
 
-    train = read_rank(uri, columns=["user_idx", "item_idx", "rating", "split"]).filter(pl.col("split") == "train")
+    train = read_rank(uri, columns=["user_idx", "item_idx", "rating", "split"])
+    if not every_split:
+        train = train.filter(pl.col("split") == "train")
     user = train["user_idx"].to_numpy()
     n_users = max(n_users, int(user.max(initial=-1)) + 1)
     rating = np.ascontiguousarray(train["rating"].to_numpy(), dtype=np.float32).view(np.int32)
