@@ -53,6 +53,9 @@ USERS = pa.schema(
         pa.field("user_idx", pa.int32(), nullable=False),
         pa.field("user_id", pa.int64(), nullable=False),
         pa.field("n_train", pa.int32(), nullable=False),  # ratings in the train split
+        pa.field("n_ratings", pa.int32()),  # ratings in every split
+        pa.field("fingerprint", pa.uint64()),  # of every rating (recdist.data.idmaps.fingerprints)
+        pa.field("train_fingerprint", pa.uint64()),  # of the training ratings
     ]
 )
 

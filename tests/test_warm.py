@@ -437,3 +437,53 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     assert (day2 / "outputs" / "candidate_model.safetensors").read_bytes() == (
         day1 / "outputs" / "candidate_model.safetensors"
     ).read_bytes()
+
+
+def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_path):
+    """changed_users tells whose ratings differ between two prepared datasets, by users.parquet's counts and
+    fingerprints (every rating, or the training ones), or, for a dataset prepared before those columns, from its
+    ratings: the same answer, checked against sets of (movie, rating) per user."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from recdist.config import load_config
+    from recdist.data import dataset
+    from recdist.data.prepare import prepare
+
+    yesterday = _rows(range(1, 31), range(100, 120), seed=4)
+    today = [r if r[0] != 7 else (r[0], r[1], r[2] % 5 + 1, r[3]) for r in yesterday]  # user 7 re-rates them all
+    today += _rows(range(10, 16), range(120, 122), seed=5) + _rows(range(31, 34), range(100, 120), seed=6)
+    days = {}
+    for day, rows in (("day1", yesterday), ("day2", today)):
+        _write_csv(tmp_path / f"{day}.csv", rows)
+        cfg = load_config(None, {"source.path": str(tmp_path / f"{day}.csv"), "prepare.shards": 2})
+        cfg.prepare.previous = days.get("day1")
+        days[day] = str(tmp_path / day)
+        prepare(cfg, days[day])
+
+    def by_hand(every_split: bool) -> set[int]:
+        def ratings(day: str) -> dict[int, set]:
+            frame = dataset.read_rank(days[day])
+            if not every_split:
+                frame = frame.filter(pl.col("split") == "train")
+            users = dataset.read_users(days[day]).sort("user_idx")["user_id"].to_numpy()
+            items = dataset.read_items(days[day]).sort("item_idx")["item_id"].to_numpy()
+            out: dict[int, set] = {}
+            for u, i, r in frame.select("user_idx", "item_idx", "rating").iter_rows():
+                out.setdefault(int(users[u]), set()).add((int(items[i]), r))
+            return out
+
+        before, after = ratings("day1"), ratings("day2")
+        return {u for u in dataset.read_users(days["day2"])["user_id"].to_list() if before.get(u) != after.get(u)}
+
+    def found(every_split: bool) -> set[int]:
+        changed = warm.changed_users(days["day1"], days["day2"], every_split=every_split)
+        ids = dataset.read_users(days["day2"]).sort("user_idx")["user_id"].to_numpy()
+        return {int(u) for u in ids[changed]}
+
+    assert {7, 31, 32, 33} <= by_hand(True) and by_hand(False) <= by_hand(True) and len(by_hand(True)) < 20
+    assert (found(True), found(False)) == (by_hand(True), by_hand(False))
+    for day in days.values():  # datasets prepared before the fingerprint columns: computed from the ratings
+        users = pq.read_table(f"{day}/users.parquet")
+        pq.write_table(users.select(["user_idx", "user_id", "n_train"]), f"{day}/users.parquet")
+    assert (found(True), found(False)) == (by_hand(True), by_hand(False))

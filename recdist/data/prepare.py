@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
-from recdist.data.idmaps import PreviousMaps, keep_splits, read_previous, restable
+from recdist.data.idmaps import PreviousMaps, fingerprints, keep_splits, read_previous, restable
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split, split_rule
 from recdist.errors import ConfigError, DataError, StorageError
@@ -122,7 +122,8 @@ def prepare_frame(
     ratings = df.select("user_idx", "item_idx", "rating", "timestamp", "split")
     code = ratings["split"].to_physical().to_numpy()
     train = code == 0
-    users = _id_table(user_ids, "user", ratings["user_idx"].to_numpy(), train)
+    users = _with_fingerprints(_id_table(user_ids, "user", ratings["user_idx"].to_numpy(), train), ratings, item_ids,
+                               train)  # fmt: skip
     items = _id_table(item_ids, "item", ratings["item_idx"].to_numpy(), train)
     items = _with_titles(items, raw.items)
     counts = np.bincount(code, minlength=len(SPLITS))
@@ -440,6 +441,20 @@ def _id_table(ids: pl.Series, kind: str, idx: np.ndarray, train: np.ndarray) -> 
             f"{kind}_id": ids.cast(pl.Int64),
             "n_train": np.bincount(idx[train], minlength=len(ids)).astype(np.int32),
         }
+    )
+
+
+def _with_fingerprints(
+    users: pl.DataFrame, ratings: pl.DataFrame, item_ids: pl.Series, train: np.ndarray
+) -> pl.DataFrame:
+    """USERS' n_ratings and the fingerprints of each user's ratings and training ratings (idmaps.fingerprints)."""
+    user = ratings["user_idx"].to_numpy()
+    item = item_ids.to_numpy()[ratings["item_idx"].to_numpy()]
+    rating, n = ratings["rating"].to_numpy(), users.height
+    return users.with_columns(
+        pl.Series("n_ratings", np.bincount(user, minlength=n).astype(np.int32)),
+        pl.Series("fingerprint", fingerprints(user, item, rating, n)),
+        pl.Series("train_fingerprint", fingerprints(user[train], item[train], rating[train], n)),
     )
 
 

@@ -338,16 +338,12 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
 
 def changed_users(previous_data: str, data: str, *, every_split: bool = False) -> np.ndarray:
     """For each user index of the dataset `data`, whether their training ratings (every_split: all their ratings)
-    differ from the previous dataset's: new users, and known ones whose count or fingerprint (a wrapping sum of a
-    hash of each rating's original item id and value) differ. Two reads of (user, item, rating, split): 0.1 s per
-    million ratings."""
-    from recdist.data.dataset import read_items, read_users
-
-    ids = {side: [read(uri).sort(f"{side}_idx")[f"{side}_id"].to_numpy() for uri in (previous_data, data)]
-           for side, read in (("user", read_users), ("item", read_items))}  # fmt: skip
-    user_rows = previous_rows(*ids["user"])
-    count, prints = _fingerprints(data, ids["item"][1], len(user_rows), every_split)
-    before_count, before_prints = _fingerprints(previous_data, ids["item"][0], len(ids["user"][0]), every_split)
+    differ from the previous dataset's: new users, and known ones whose count or fingerprint differ (the datasets'
+    users.parquet; recdist.data.idmaps.fingerprints, computed from the ratings for a dataset prepared before them)."""
+    users = [_fingerprinted(uri, every_split) for uri in (previous_data, data)]
+    user_rows = previous_rows(*(u["user_id"].to_numpy() for u in users))
+    count, prints = (users[1][c].to_numpy() for c in ("count", "print"))
+    before_count, before_prints = (users[0][c].to_numpy() for c in ("count", "print"))
     known = user_rows >= 0
     rows = user_rows[known]
     same = np.zeros(len(user_rows), bool)
@@ -355,23 +351,22 @@ def changed_users(previous_data: str, data: str, *, every_split: bool = False) -
     return ~same
 
 
-def _fingerprints(uri: str, item_ids: np.ndarray, n_users: int, every_split: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per user index of the dataset `uri`: the count of training ratings (every_split: of all ratings) and a
-    wrapping uint64 sum of pair_hash(original item id, rating bits) over them: equal sums mean the same ratings,
-    but for a 2**-64 chance."""
-    from recdist.data.dataset import read_rank
-    from recdist.data.splits import pair_hash
+def _fingerprinted(uri: str, every_split: bool) -> pl.DataFrame:
+    """user_id, count, print per user index of the dataset `uri`: its users.parquet's counts and fingerprints of
+    every rating (every_split) or of the training ones; for a dataset prepared without them, computed from its
+    ratings (a read of every rating: 0.1 s per million)."""
+    from recdist.data.dataset import read_items, read_rank, read_users
+    from recdist.data.idmaps import fingerprints
 
-    train = read_rank(uri, columns=["user_idx", "item_idx", "rating", "split"])
+    users = read_users(uri).sort("user_idx")
+    count, fingerprint = ("n_ratings", "fingerprint") if every_split else ("n_train", "train_fingerprint")
+    if fingerprint in users.columns and users[fingerprint].null_count() == 0:
+        return users.select("user_id", pl.col(count).alias("count"), pl.col(fingerprint).alias("print"))
+    rows = read_rank(uri, columns=["user_idx", "item_idx", "rating", "split"])
     if not every_split:
-        train = train.filter(pl.col("split") == "train")
-    user = train["user_idx"].to_numpy()
-    n_users = max(n_users, int(user.max(initial=-1)) + 1)
-    rating = np.ascontiguousarray(train["rating"].to_numpy(), dtype=np.float32).view(np.int32)
-    hashes = pair_hash(item_ids[train["item_idx"].to_numpy()], rating, _FINGERPRINT_SALT)
-    fingerprint = np.zeros(n_users, np.uint64)
-    np.add.at(fingerprint, user, hashes)
-    return np.bincount(user, minlength=n_users), fingerprint
-
-
-_FINGERPRINT_SALT = 0x466F6C64  # "Fold": pair_hash's salt for the fingerprints, apart from the splits' salts
+        rows = rows.filter(pl.col("split") == "train")
+    user, item_ids = rows["user_idx"].to_numpy(), read_items(uri).sort("item_idx")["item_id"].to_numpy()
+    prints = fingerprints(user, item_ids[rows["item_idx"].to_numpy()], rows["rating"].to_numpy(), users.height)
+    return users.select("user_id").with_columns(
+        pl.Series("count", np.bincount(user, minlength=users.height)), pl.Series("print", prints)
+    )
