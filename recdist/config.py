@@ -448,6 +448,11 @@ class WarmConfig(Section):
     predicted exactly as the night before. Known movies then learn nothing from new ratings until a cold or plain
     warm run: what a fold-in trades for training a fiftieth of the rows (bench/foldin.py, README). Needs stage 1's
     solver sgd (per-row rates freeze the rest). false: every row of a warm stage 1 trains."""
+    refresh_every: int | None = Field(7, ge=1)
+    """With fold_in: every refresh_every-th night of a run of fold-ins starts warm without folding in (every row of
+    stage 1 trains, the candidate model is refitted, every user's recommendations are ranked), so known movies
+    catch up with their new ratings; counted back along the warm starts (each run's stage 1 says whether it
+    folded in). 7: weekly for a nightly batch. Empty: fold in every night."""
     tolerance: float = 0.005
     """A warm stage whose validation RMSE is worse than the previous run's same stage by more than this share of
     the previous one (0.005: 0.5%; a share, as the stages' targets differ in scale: ratings, squared errors) is

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +292,25 @@ def _absolute(summary: dict[str, Any], out: str) -> dict[str, Any]:
     return summary
 
 
+def _refreshing(config: Config, warm: WarmStart | None) -> tuple[Config, WarmStart | None]:
+    """Tonight's config and stage-1 warm start: a fold-in (pipeline.warm.fold_in) counts its nights in a row in
+    the warm start (WarmStart.folded), and the refresh_every-th starts warm without folding in (every row trains,
+    every user is ranked: recdist.config.WarmConfig.refresh_every), said in the log and in its config.yaml."""
+    settings = config.pipeline.warm
+    if warm is None or not settings.fold_in:
+        return config, warm
+    before = warm_rules.nights_folded_in(warm.run)
+    if settings.refresh_every is None or before + 1 < settings.refresh_every:
+        return config, replace(warm, folded=before + 1)
+    log.info(
+        "warm start without a fold-in tonight: the last %d runs folded in (pipeline.warm.refresh_every %d): every "
+        "row trains and every user is ranked", before, settings.refresh_every,
+    )  # fmt: skip
+    refreshed = config.model_copy(deep=True)
+    refreshed.pipeline.warm.fold_in = False
+    return refreshed, warm
+
+
 def _keeping_ids_of(config: Config, warm: WarmStart | None) -> Config:
     """The config of a run that prepares its own dataset: starting warm, it keeps the user and movie indices and
     the splits of the dataset the warm start's stage 1 trained on (prepare.previous, in the dataset's hash), so
@@ -314,6 +333,7 @@ def _plan(
     storage.check_writable(out)
     previous = _check_run_dir(out, overwrite)
     warm = warm_rules.resolve(warm_start, beside=out) if warm_start else None
+    config, warm = _refreshing(config, warm)
     if data is not None:
         data_id, data_uri = data_identity(read_manifest(data)), data
     else:

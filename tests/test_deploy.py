@@ -666,13 +666,18 @@ def test_rayjob_runs_the_gpu_config_from_the_configmap_with_its_lifecycle_limits
 
 
 def test_nightly_runs_start_warm_report_drift_and_keep_the_last_runs():
-    """Every pipeline manifest starts from the previous run, compares with it and keeps the last runs (README,
-    "Nightly runs")."""
+    """Every pipeline manifest starts from the previous run (a fold-in, a plain warm start once a week), compares
+    with it and keeps the last runs (README, "Nightly runs"), the fold-in's source among them."""
+    from recdist.config import load_config
+
+    warm = load_config(str(ROOT / "configs" / "ml20m-gpu.yaml")).pipeline.warm
+    assert warm.fold_in and warm.refresh_every == 7
     for spec in rayjob_specs():
         command = spec["entrypoint"].split()
         assert command[command.index("--warm-start") + 1] == "auto"
         assert command[command.index("--drift-against") + 1] == "auto"
         assert int(command[command.index("--keep-last") + 1]) >= 2  # yesterday's run, a warm start's source, stays
+        assert "--config" in command and command[command.index("--config") + 1].endswith("/ml20m-gpu.yaml")
     cli = subprocess.run([VENV_BIN / "recdist", "pipeline", "--help"], capture_output=True, text=True)
     assert all(flag in cli.stdout for flag in ("--warm-start", "--drift-against", "--keep-last"))
 

@@ -438,6 +438,17 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
         day1 / "outputs" / "candidate_model.safetensors"
     ).read_bytes()
 
+    # pipeline.warm.refresh_every 2: the night after a fold-in starts warm without folding in, said in its config
+    refresh = config(tmp_path / "day2.csv")
+    refresh.pipeline.warm.refresh_every = 2
+    day3 = tmp_path / "runs" / "date=2026-12-03"
+    run_pipeline(refresh, str(day3), warm_start="auto")
+    stage1 = json.loads((day3 / "mf" / "model" / "metrics.json").read_text())
+    assert stage1["warm_start"]["run"] == str(day2) and "fold_in" not in stage1["warm_start"]
+    assert "fold_in: false" in (day3 / "config.yaml").read_text()
+    assert "recommendations_kept" not in json.loads((day3 / "outputs" / "metrics.json").read_text())
+    assert warm.nights_folded_in(str(day2)) == 1 and warm.nights_folded_in(str(day3)) == 0
+
 
 def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_path):
     """changed_users tells whose ratings differ between two prepared datasets, by users.parquet's counts and
@@ -487,3 +498,30 @@ def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_
         users = pq.read_table(f"{day}/users.parquet")
         pq.write_table(users.select(["user_idx", "user_id", "n_train"]), f"{day}/users.parquet")
     assert (found(True), found(False)) == (by_hand(True), by_hand(False))
+
+
+def test_a_fold_in_counts_its_nights_in_a_row_and_every_refresh_every_th_starts_warm_without_folding_in(tmp_path):
+    """recdist.pipeline._refreshing: tonight's fold-in continues the previous run's count (its stage 1's
+    warm_start.folded), and the refresh_every-th night in a row is a plain warm start (fold_in false), whose count
+    the next night starts again from; without fold_in nothing changes."""
+    from recdist.config import load_config
+    from recdist.pipeline import _refreshing
+
+    def night(name: str, start: dict | None) -> warm.WarmStart:
+        where = tmp_path / name / "mf" / "model"
+        where.mkdir(parents=True)
+        (where / "metrics.json").write_text(json.dumps({"warm_start": start} if start else {}))
+        return warm.WarmStart(run=str(tmp_path / name), model=str(where), data="d", stage_hash="h")
+
+    cfg = load_config(None, {"pipeline.warm.fold_in": True, "pipeline.warm.refresh_every": 3})
+    plain = night("d1", None)
+    one = night("d2", {"run": plain.run, "fold_in": True, "folded": 1})
+    two = night("d3", {"run": one.run, "fold_in": True, "folded": 2})
+    older = night("d4", {"run": plain.run, "fold_in": True})  # a fold-in of before the count: one night
+    assert [warm.nights_folded_in(n.run) for n in (plain, one, two, older)] == [0, 1, 2, 1]
+    tonight = {n.run: _refreshing(cfg, n) for n in (plain, one, two)}
+    assert [(c.pipeline.warm.fold_in, w.folded) for c, w in tonight.values()] == [(True, 1), (True, 2), (False, 0)]
+    assert "folded" not in tonight[two.run][1].to_json() and tonight[plain.run][1].to_json()["folded"] == 1
+    unfolded = load_config(None, {"pipeline.warm.refresh_every": 3})
+    assert _refreshing(unfolded, two) == (unfolded, two)  # no fold-in asked: as it was
+    assert _refreshing(cfg, None) == (cfg, None)

@@ -48,9 +48,14 @@ class WarmStart:
     """What that model was trained on (stage 1: the dataset, whose id maps say which row is which original id)."""
     stage_hash: str
     """The previous stage's hash: a previous run redone under the same path is another warm start."""
+    folded: int = 0
+    """Stage 1 of a fold-in: the fold-in nights in a row this one makes (recdist.pipeline._refreshing); 0: none."""
 
-    def to_json(self) -> dict[str, str]:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.folded:  # a warm start that is no fold-in hashes as before there were any
+            del out["folded"]
+        return out
 
 
 def resolve(spec: str, beside: str | None = None) -> WarmStart | None:
@@ -165,6 +170,14 @@ def warm_train(stage: StageConfig, previous_model: str, settings: WarmConfig | N
         if len(at) and at[0] and at[0] == at[0]:  # ALS: no learning rate (null or NaN)
             update["lr"] = float(at[0])
     return stage.model_copy(update={"train": stage.train.model_copy(update=update)})
+
+
+def nights_folded_in(run: str) -> int:
+    """How many fold-in nights in a row the pipeline run `run` ended (its stage 1's metrics.json: warm_start.folded;
+    1 for a fold-in that did not count, 0 when stage 1 did not fold in)."""
+    trained = storage.join(run, "mf", "model", "metrics.json")
+    start = (storage.read_json(trained).get("warm_start") or {}) if storage.exists(trained) else {}
+    return int(start.get("folded") or 1) if start.get("fold_in") else 0
 
 
 def folds_in(stage: StageConfig, settings: WarmConfig) -> bool:
