@@ -525,3 +525,10 @@ def test_a_fold_in_counts_its_nights_in_a_row_and_every_refresh_every_th_starts_
     unfolded = load_config(None, {"pipeline.warm.refresh_every": 3})
     assert _refreshing(unfolded, two) == (unfolded, two)  # no fold-in asked: as it was
     assert _refreshing(cfg, None) == (cfg, None)
+
+
+def test_rows_without_training_ratings_then_train_as_new_ones():
+    """trained_rows: a known user or movie whose previous row had no training rating (its cold initialisation) is
+    not frozen by a fold-in and trains at the new rows' rate, as a new one does."""
+    rows = np.array([0, -1, 2, 1])  # today's rows -> previous rows (-1: new)
+    assert warm.trained_rows(rows, np.array([5, 0, 3])).tolist() == [True, False, True, False]

@@ -314,8 +314,9 @@ class Carried:
 def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     """Load the previous MF-family model named by `warm` into `model`, which trains on the dataset `data`, by
     original ids (warm_state), before a solver sees the rows. New users and items train at warm['new_row_rate']
-    x the rate. With warm['fold_in'] (recdist.config.WarmConfig.fold_in) only what changed trains: new users,
-    users whose training ratings differ from the previous dataset's (changed_users) and new items; every other
+    x the rate (so do known ones that had no training rating then: trained_rows). With warm['fold_in']
+    (recdist.config.WarmConfig.fold_in) only what changed trains: new users, users whose training ratings differ
+    from the previous dataset's (changed_users) and new items; every other
     row is frozen (rate 0) and, as `model` was built with the previous global mean (recdist.train.run.built_with),
     a frozen user's rating of a frozen item predicts exactly as before. A fold-in whose tables differ in width is a
     plain warm start (said)."""
@@ -323,15 +324,17 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
     from recdist.models.io import load_model
 
     previous = load_model(warm["model"]).state_dict()
-    ids = {side: [read(uri).sort(f"{side}_idx")[f"{side}_id"].to_numpy() for uri in (warm["data"], data)]
-           for side, read in (("user", read_users), ("item", read_items))}  # fmt: skip
-    users, items = previous_rows(*ids["user"]), previous_rows(*ids["item"])
+    sides = {side: [read(uri).sort(f"{side}_idx") for uri in (warm["data"], data)]
+             for side, read in (("user", read_users), ("item", read_items))}  # fmt: skip
+    users, items = (previous_rows(*(t[f"{side}_id"].to_numpy() for t in sides[side])) for side in ("user", "item"))
     state, skipped = warm_state(model.state_dict(), previous, users, items)
     if skipped:
         log.warning("warm start: %s differ in width from the previous model, initialised cold", ", ".join(skipped))
     rate = float(warm.get("new_row_rate", 1.0))
-    user_rates = np.where(users < 0, rate, 1.0).astype(np.float32)
-    item_rates = np.where(items < 0, rate, 1.0).astype(np.float32)
+    trained = {side: trained_rows(rows, sides[side][0]["n_train"].to_numpy()) for side, rows in
+               (("user", users), ("item", items))}  # fmt: skip
+    user_rates = np.where(trained["user"], 1.0, rate).astype(np.float32)
+    item_rates = np.where(trained["item"], 1.0, rate).astype(np.float32)
     counts = {
         "known_users": int((users >= 0).sum()),
         "new_users": int((users < 0).sum()),
@@ -342,11 +345,21 @@ def carry_tables(model: Model, warm: dict[str, Any], data: str) -> Carried:
         log.warning("fold-in: the previous tables do not fit, so every row trains (a plain warm start)")
     elif warm.get("fold_in"):
         moved = changed_users(warm["data"], data)
-        user_rates[(users >= 0) & ~moved] = 0.0
-        item_rates[items >= 0] = 0.0
+        user_rates[trained["user"] & ~moved] = 0.0
+        item_rates[trained["item"]] = 0.0
         counts["changed_users"] = int(((users >= 0) & moved).sum())
     model.load_state_dict(state)
     return Carried(user_rates, item_rates, counts)
+
+
+def trained_rows(rows: np.ndarray, n_train_before: np.ndarray) -> np.ndarray:
+    """bool per row of today's table: its previous row (previous_rows; -1 new) had training ratings, so its factors
+    were trained. The others (new, or known without a training rating then: their cold initialisation) train as a
+    cold run's rows do: at the new-row rate, never frozen by a fold-in."""
+    known = rows >= 0
+    out = np.zeros(len(rows), bool)
+    out[known] = n_train_before[rows[known]] > 0
+    return out
 
 
 def changed_users(previous_data: str, data: str, *, every_split: bool = False) -> np.ndarray:
