@@ -103,6 +103,9 @@ class DatasetManifest(Manifest):
     """Number of ratings/part-NNNNN.parquet files."""
     shard_rows: list[int] | None = None
     """Rows of each shard, in shard order."""
+    shard_seed: int | None = None
+    """The seed of the shards' rotation (recdist.data.prepare.shard_rows): with n_ratings and shards, which shard
+    row is which row of the dataset's order (user, movie). None: a dataset prepared before it was recorded."""
     split_method: str | None = None
     """prepare.split: random, user, time, user_time or given."""
     split_rule: dict[str, Any] | None = None

@@ -53,8 +53,11 @@ from recdist.train.sampling import SAMPLE, TrainShare
 from recdist.train.warm import WarmStart
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from recdist.infer.outputs import Carry
     from recdist.infer.plan import TrainedOn
+    from recdist.infer.scored import KeptRows
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,29 @@ class _Run:
     plan: WorkerPlan | None = None
     """Where the stages train and score (recdist.train.cluster.worker_plan); set before the first model stage."""
     _trained: TrainedOn | None = None
+    _unchanged: Any = None
+
+    def unchanged(self) -> np.ndarray:
+        """bool per user index: the users with nothing new since the warm start's dataset, any split (read once:
+        recdist.train.warm.changed_users)."""
+        if self._unchanged is None:
+            assert self.warm is not None
+            self._unchanged = ~warm_rules.changed_users(self.warm.data, self.data, every_split=True)
+        return self._unchanged
+
+    def folded_in(self, stage: str) -> str | None:
+        """Why `stage`'s outputs cannot be taken over from the warm start's run in a fold-in night, or None when
+        they can: its model folded in (no epochs, no refit), and this dataset kept that run's indices."""
+        from recdist.data.dataset import read_manifest
+
+        if self.warm is None or not self.config.pipeline.warm.fold_in:
+            return "no fold-in"
+        trained = storage.read_json(storage.join(self.dir(stage), "model", "metrics.json"))
+        if not (trained.get("warm_start") or {}).get("fold_in") or trained.get("warm_fallback"):
+            return f"{stage} was not part of the fold-in"
+        if read_manifest(self.data).get("previous") != self.warm.data:
+            return "this dataset did not keep its user and movie indices"
+        return None
 
     def dir(self, stage: str) -> str:
         """Where the stage is (or is being built, for a committed stage this run rebuilds)."""
@@ -522,7 +548,8 @@ def _mlp_stage(run: _Run, name: str, *, upstream_stage: str, share: TrainShare |
     out = storage.join(run.dir(name), "model")
     warm = _warm_after(run, name)
     model = _train(run, name, _training_rows(run, upstream), out, upstream=mf_model, warm=warm)
-    scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share)
+    kept = _kept(run, name) if run.plan is not None and run.plan.in_process else None  # Ray Data's pass: every row
+    scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share, kept=kept)
     return _commit_stage(run, name, model, scoring)
 
 
@@ -614,17 +641,12 @@ def _carry(run: _Run) -> Carry | None:
     """What a fold-in night's outputs take over from the warm start's run (recdist.infer.outputs.Carry), or None:
     a cold or plain warm run, a stage that was not part of the fold-in (trained, or refit cold), another output or
     ranking setting, or a dataset that did not keep the previous run's indices (each said in the log)."""
-    from recdist.data.dataset import read_manifest
     from recdist.infer.outputs import CANDIDATE_MODEL, Carry, ranking_settings
 
     cfg = run.config
     if run.warm is None or not cfg.pipeline.warm.fold_in or cfg.pipeline.kind != "rncf":
         return None
-    why = None
-    for name in RNCF_STAGES:
-        trained = storage.read_json(storage.join(run.dir(name), "model", "metrics.json"))
-        if not (trained.get("warm_start") or {}).get("fold_in") or trained.get("warm_fallback"):
-            why = why or f"{name} was not part of the fold-in"
+    why = next((w for w in (run.folded_in(name) for name in RNCF_STAGES) if w), None)
     previous = drift.outputs_of(run.warm.run)
     if previous is None:
         why = why or "it has no committed outputs"
@@ -634,16 +656,33 @@ def _carry(run: _Run) -> Carry | None:
         now = (*(getattr(shown, k) for k in keys), ranking_settings(cfg.pipeline))
         if (*(before.get(k) for k in keys), before.get("ranking")) != now:
             why = why or "its output settings differ"
-    if read_manifest(run.data).get("previous") != run.warm.data:
-        why = why or "this dataset did not keep its user and movie indices"
     if why:
         log.info("outputs: every user's recommendations ranked, none kept from %s: %s", run.warm.run, why)
         return None
-    unchanged = ~warm_rules.changed_users(run.warm.data, run.data, every_split=True)
+    unchanged = run.unchanged()
     kept = storage.join(previous, CANDIDATE_MODEL)
     log.info("outputs: a fold-in night: %s users with nothing new keep %s's recommendations", f"{unchanged.sum():,}",
              run.warm.run)  # fmt: skip
     return Carry(previous, unchanged, kept if storage.exists(kept) else None)
+
+
+def _kept(run: _Run, name: str) -> KeptRows | None:
+    """The rows of stage `name`'s scoring pass that a fold-in night takes from the warm start's run's scored table
+    of the same stage (recdist.infer.scored.KeptRows), or None (every row computed; why said in the log)."""
+    from recdist.infer.scored import kept_rows
+
+    if run.warm is None or not run.config.pipeline.warm.fold_in:
+        return None
+    previous = storage.join(run.warm.run, name, "scored")
+    why = run.folded_in(name) or (None if storage.is_committed(previous) else "it has no committed scored table")
+    kept = None if why else kept_rows(previous, run.warm.data, run.data, run.unchanged())
+    if kept is None:
+        log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run,
+                 why or "a dataset without the positions (prepared by an older recdist)")  # fmt: skip
+        return None
+    log.info("%s: the ratings of %s users with nothing new taken from %s's scores", name, f"{kept.users.sum():,}",
+             run.warm.run)  # fmt: skip
+    return kept
 
 
 _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {

@@ -367,7 +367,7 @@ def test_a_fold_in_needs_per_rating_sgd():
 
 
 @pytest.mark.slow
-def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_every_stage(tmp_path):
+def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_every_stage(tmp_path, caplog):
     """`pipeline --warm-start auto` with pipeline.warm.fold_in: stage 1 trains only what changed, and stages 2 and 3
     keep yesterday's weights, input statistics and global mean, so a rating of a user with nothing new of a movie
     that is not new gets yesterday's mf_pred (to the bit), pred_error and pred_rating (to float32 rounding), and
@@ -376,8 +376,10 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     from helpers import SMALL_RUN
 
     from recdist.config import load_config
+    from recdist.infer.scored import ScoreOptions, score_local
     from recdist.pipeline import run_pipeline
 
+    caplog.set_level("INFO", logger="recdist.pipeline")
     yesterday = _rows(range(1, 61), range(100, 140), seed=1)
     today = yesterday + _rows(range(3, 9), range(140, 143), seed=2) + _rows(range(61, 66), range(100, 140), seed=3)
     _write_csv(tmp_path / "day1.csv", yesterday)
@@ -416,12 +418,21 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
         both = scored(day1, stage).join(scored(day2, stage), on=["user_id", "item_id"], suffix="_2")
         same = both.filter(~pl.col("user_id").is_in(list(new_raters)))
         assert same.height > 0.8 * both.height
-        if stage == "mf":
-            assert (same[column] == same[f"{column}_2"]).all()  # the night before's, to the bit
-        else:  # the MLPs' matrix products round by how many users, items and rows they run over: a few units
-            assert (same[column] - same[f"{column}_2"]).abs().max() < 1e-6, stage  # in the last place of a float32
+        assert (same[column] == same[f"{column}_2"]).all(), stage  # the night before's, to the bit
         moved = both.filter(pl.col("user_id").is_in(list(new_raters)))
         assert (moved[column] != moved[f"{column}_2"]).mean() > 0.5, stage
+        if stage != "mf":  # taken from the night before (KeptRows): what scoring every row gives, row for row
+            again = tmp_path / f"again-{stage}"
+            upstream = {"reliability": "mf", "rating": "reliability"}[stage]
+            options = ScoreOptions(role=stage, fallback_model=str(day2 / "mf" / "model"))
+            score_local(str(day2 / stage / "model"), str(day2 / upstream / "scored"), str(again), options)
+            kept = pl.read_parquet(day2 / stage / "scored" / "ratings" / "*.parquet")
+            full = pl.read_parquet(again / "ratings" / "*.parquet")
+            assert kept.select("user_idx", "item_idx", "cold").equals(full.select("user_idx", "item_idx", "cold"))
+            # the MLP's matrix products round by how many users, items and rows they run over: a float32's last place
+            assert (kept[column] - full[column]).abs().max() < 1e-6, stage
+    taken = [r for r in caplog.records if "users with nothing new taken from" in r.getMessage()]
+    assert [r.getMessage().split(":")[0] for r in taken] == ["reliability", "rating"]
 
     # the outputs: the users with nothing new keep yesterday's recommendations, row for row; the others are ranked
     # again (never a movie they rated since), with yesterday's EASE candidate model, which is not refitted

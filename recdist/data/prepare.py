@@ -559,6 +559,7 @@ def prepare(config: Config, out: str, *, overwrite: bool = False) -> dict[str, A
             config_hash=config.dataset_hash(),
             shards=cfg.shards,
             shard_rows=shard_sizes,
+            shard_seed=cfg.seed,
             split_method=cfg.split,
             split_rule=stats["split_rule"],
             previous=cfg.previous,

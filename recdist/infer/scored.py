@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -42,6 +44,80 @@ class FeatureStep(Protocol):
     def __call__(self, folder: str, share: TrainShare | None) -> None:
         """Add `columns` to every shard under FOLDER/ratings (and to FOLDER/sample/ratings with `share`)."""
         ...
+
+
+@dataclass(frozen=True)
+class KeptRows:
+    """A fold-in night's rows that its stage predicts as the night before (every rating of a user with nothing
+    new, of a movie trained, or not, on both days alike): the pass reads their role columns from the previous run's
+    scored table of the same stage instead of computing them. A row is found by position: both datasets are
+    sorted by (user, movie) and sharded by recdist.data.prepare.shard_rows, and such a user's ratings are the same
+    on both days, so their previous position is today's plus the user's `offset`."""
+
+    previous: str
+    """The previous run's scored table of the same stage."""
+    users: np.ndarray
+    """bool per user index: the users whose rows are taken."""
+    items: np.ndarray
+    """bool per item index: the movies whose rows may be taken."""
+    offset: np.ndarray
+    """int64 per user index: the previous position of the user's first rating minus today's."""
+    layout: tuple[int, int, int]
+    """Today's dataset: n_ratings, shards, shard_seed."""
+    previous_layout: tuple[int, int, int]
+    _columns: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def rows(self, table: pa.Table, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bool per row of today's shard `shard`: taken; the previous position of each taken row)."""
+        from recdist.data.prepare import shard_rows
+
+        user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
+        take = self.users[user] & self.items[item]
+        positions = shard_rows(*self.layout)[shard]
+        return take, positions[take] + self.offset[user[take]]
+
+    def columns(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The previous table's columns `names` in its dataset order (read once per process: every shard, the
+        columns alone)."""
+        from recdist.data.prepare import shard_rows
+
+        with self._lock:
+            missing = [n for n in names if n not in self._columns]
+            if missing:
+                folder = storage.join(self.previous, "ratings")
+                parts = sorted(n for n in storage.listdir(folder) if n.endswith(".parquet"))
+                where = shard_rows(*self.previous_layout)
+                for shard, name in enumerate(parts):
+                    read = storage.read_parquet(storage.join(self.previous, "ratings", name), columns=missing)
+                    for column in missing:
+                        values = read[column].to_numpy(zero_copy_only=False)
+                        if column not in self._columns:
+                            self._columns[column] = np.empty(self.previous_layout[0], values.dtype)
+                        self._columns[column][where[shard]] = values
+            return {n: self._columns[n] for n in names}
+
+
+def kept_rows(previous: str, previous_data: str, data: str, users: np.ndarray) -> KeptRows | None:
+    """The KeptRows of a pass over the dataset `data` whose previous run's scored table of the same stage is
+    `previous` (made from `previous_data`), for the users `users` (bool per user index, with nothing new); None when
+    a dataset does not record what finding rows by position needs (shard_seed, users' n_ratings)."""
+    from recdist.data.dataset import read_items, read_manifest, read_users
+    from recdist.train.warm import previous_rows
+
+    manifests = [read_manifest(uri) for uri in (previous_data, data)]
+    sides = [(read_users(uri).sort("user_idx"), read_items(uri).sort("item_idx")) for uri in (previous_data, data)]
+    if any(m.get("shard_seed") is None for m in manifests) or any("n_ratings" not in u.columns for u, _ in sides):
+        return None
+    rows = previous_rows(*(u["user_id"].to_numpy() for u, _ in sides))
+    starts = [np.cumsum(u["n_ratings"].to_numpy().astype(np.int64)) - u["n_ratings"].to_numpy() for u, _ in sides]
+    offset = np.where(rows >= 0, starts[0][np.maximum(rows, 0)] - starts[1], 0)
+    movies = previous_rows(*(i["item_id"].to_numpy() for _, i in sides))
+    trained = [i["n_train"].to_numpy() > 0 for _, i in sides]
+    items = np.zeros(len(movies), bool)
+    items[movies >= 0] = trained[0][movies[movies >= 0]] == trained[1][movies >= 0]
+    layouts = [(int(m["n_ratings"]), int(m["shards"]), int(m["shard_seed"])) for m in manifests]
+    return KeptRows(previous, users & (rows >= 0), items, offset, layouts[1], layouts[0])
 
 
 @dataclass(frozen=True)
@@ -75,6 +151,8 @@ class ScoreOptions:
     """Ray Data: where to run (default $RAY_ADDRESS or a local cluster)."""
     workers: int = 1
     """score_local: shards scored at a time, in threads."""
+    kept: KeptRows | None = None
+    """A fold-in night's rows taken from the previous run's table (score_local; Ray Data's pass computes all)."""
 
     def plan(self, model_uri: str, data: str, device: str = "cpu") -> ScoringPlan:
         """The pass's scoring plan (reads `data` only when `trained` was not given)."""
@@ -86,22 +164,43 @@ class ScoreOptions:
 
 
 def score_shard(
-    predictor: Predictor, source: str, out: str, shard: int, batch_size: int, share: TrainShare | None = None
+    predictor: Predictor,
+    source: str,
+    out: str,
+    shard: int,
+    batch_size: int,
+    share: TrainShare | None = None,
+    kept: KeptRows | None = None,
 ) -> int:
     """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
     OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
     `share`); returns the rows written. The work of one Ray Data task."""
-    return write_shard(scored_shard(predictor, source, batch_size), out, shard, share)
+    return write_shard(scored_shard(predictor, source, batch_size, kept, shard), out, shard, share)
 
 
-def scored_shard(predictor: Predictor, source: str, batch_size: int) -> pa.Table:
-    """Input shard `source` with the role's columns added, in memory."""
+def scored_shard(
+    predictor: Predictor, source: str, batch_size: int, kept: KeptRows | None = None, shard: int = 0
+) -> pa.Table:
+    """Input shard `source` (shard number `shard`) with the role's columns added, in memory; with `kept`, the
+    kept rows' from the previous run's table and the others' computed."""
     table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
     schema = _scored_schema(storage.parquet_schema(source), predictor.plan.role)
-    parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)] or [
-        predictor(table)
-    ]
-    return pa.concat_tables(parts).select(schema.names).cast(schema)
+    take, before = kept.rows(table, shard) if kept is not None else (None, None)
+    rest = table if take is None else table.filter(pa.array(~take))
+    parts = [predictor(rest.slice(lo, batch_size)) for lo in range(0, rest.num_rows, batch_size)] or [predictor(rest)]
+    scored = pa.concat_tables(parts)
+    if kept is not None and take is not None and take.any():
+        added = [*ROLE_COLUMNS[predictor.plan.role], "cold"]  # what the predictor adds, or updates (cold)
+        taken = kept.columns(added)
+        for name in added:
+            computed = scored[name].to_numpy(zero_copy_only=False)
+            values = np.empty(table.num_rows, computed.dtype)
+            values[take], values[~take] = taken[name][before], computed
+            at = table.column_names.index(name) if name in table.column_names else None
+            column = pa.array(values)
+            table = table.append_column(name, column) if at is None else table.set_column(at, name, column)
+        scored = table
+    return scored.select(schema.names).cast(schema)
 
 
 def write_shard(scored: pa.Table, out: str, shard: int, share: TrainShare | None = None) -> int:
@@ -149,7 +248,7 @@ def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | Non
             else:
                 list(
                     pool.map(
-                        lambda n: score_shard(predictor, files[n], tmp, n, opts.batch_size, opts.share),
+                        lambda n: score_shard(predictor, files[n], tmp, n, opts.batch_size, opts.share, opts.kept),
                         range(len(files)),
                     )
                 )
