@@ -66,28 +66,33 @@ class KeptRows:
     """Today's dataset: n_ratings, shards, shard_seed."""
     previous_layout: tuple[int, int, int]
     _columns: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    _shards: dict[tuple[int, int, int], list[np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def rows(self, table: pa.Table, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(bool per row of today's shard `shard`: taken; the previous position of each taken row)."""
-        from recdist.data.prepare import shard_rows
-
         user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
         take = self.users[user] & self.items[item]
-        positions = shard_rows(*self.layout)[shard]
-        return take, positions[take] + self.offset[user[take]]
+        return take, self._positions(self.layout)[shard][take] + self.offset[user[take]]
+
+    def _positions(self, layout: tuple[int, int, int]) -> list[np.ndarray]:
+        """Each shard's rows in its dataset's order (recdist.data.prepare.shard_rows), computed once per layout."""
+        from recdist.data.prepare import shard_rows
+
+        with self._lock:
+            if layout not in self._shards:
+                self._shards[layout] = shard_rows(*layout)
+            return self._shards[layout]
 
     def columns(self, names: list[str]) -> dict[str, np.ndarray]:
         """The previous table's columns `names` in its dataset order (read once per process: every shard, the
         columns alone)."""
-        from recdist.data.prepare import shard_rows
-
+        where = self._positions(self.previous_layout)
         with self._lock:
             missing = [n for n in names if n not in self._columns]
             if missing:
                 folder = storage.join(self.previous, "ratings")
                 parts = sorted(n for n in storage.listdir(folder) if n.endswith(".parquet"))
-                where = shard_rows(*self.previous_layout)
                 for shard, name in enumerate(parts):
                     read = storage.read_parquet(storage.join(self.previous, "ratings", name), columns=missing)
                     for column in missing:
