@@ -16,6 +16,10 @@ movies train, over their rows). `--one-command` times the night as the Kubernete
 --out PARENT/date=...` per night, its own prepare stage included, day 2 cold and day 2 `--warm-start auto` (whose
 prepare keeps day 1's dataset's indices and splits, as `--previous` does); the job is that one command.
 
+`--ratings-file PATH --config CONFIG` runs it on real ratings instead (e.g. ../shared/data/ml-latest-small/ratings.csv
+with configs/ml-latest-small.yaml). With `--one-command` it also prints how much of each user's top-10 each day-2
+run changed against day 1's (recdist.drift).
+
 This VM's speed drifts by 20-40% within an hour, enough to move one bench's ratio by 0.1. `--repeat N` runs day 2's
 prepare, cold and warm runs N times, alternating which of cold and warm goes first, and prints each repeat's ratio
 and the medians (the verdict is the median's).
@@ -60,7 +64,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="day 2's prepare, cold and warm runs this many times")
     ap.add_argument("--one-command", action="store_true", help="each night one pipeline command with its own prepare")
     ap.add_argument("--fold-in", action="store_true", help="the warm run a fold-in (pipeline.warm.fold_in: true)")
+    ap.add_argument("--ratings-file", help="real ratings instead (a ratings.csv: userId,movieId,rating,timestamp)")
+    ap.add_argument("--config", default=str(CONFIG), help="the runs' config (default configs/ml20m-cpu.yaml)")
     args = ap.parse_args()
+    config = Path(args.config)
 
     import polars as pl
 
@@ -75,7 +82,7 @@ def main() -> None:
         n_users=max(100, int(138_493 * args.ratings / 20_000_263)),
         n_items=max(100, int(26_744 * args.ratings / 20_000_263)),
     )  # fmt: skip
-    ratings, _ = generate(synth)
+    ratings = pl.read_csv(args.ratings_file) if args.ratings_file else generate(synth)[0]
     cut = ratings["timestamp"].sort()[int(ratings.height * (1 - args.latest))]
     ratings.filter(pl.col("timestamp") < cut).write_parquet(work / "day1.parquet")
     ratings.write_parquet(work / "day2.parquet")
@@ -85,14 +92,14 @@ def main() -> None:
 
     def prepare(day: str, *extra: str) -> float:
         out = str(work / f"{day}-data")
-        return recdist("prepare", "--config", str(CONFIG), "--path", str(work / f"{day}.parquet"), "--out", out, *extra)
+        return recdist("prepare", "--config", str(config), "--path", str(work / f"{day}.parquet"), "--out", out, *extra)
 
     def pipeline(name: str, day: str, *extra: str) -> float:
-        return recdist("pipeline", "--config", str(CONFIG), "--data", str(work / f"{day}-data"),
+        return recdist("pipeline", "--config", str(config), "--data", str(work / f"{day}-data"),
                        "--out", str(work / name), *extra)  # fmt: skip
 
     def night(name: str, day: str, *extra: str) -> float:  # the manifests' one command, prepare inside
-        return recdist("pipeline", "--config", str(CONFIG), "--path", str(work / f"{day}.parquet"),
+        return recdist("pipeline", "--config", str(config), "--path", str(work / f"{day}.parquet"),
                        "--out", str(work / name), *extra)  # fmt: skip
 
     if args.one_command:  # day 1 beside the warm day 2 (what `auto` finds), the cold day 2 apart
@@ -131,7 +138,7 @@ def main() -> None:
     day2_data = work / names[0] / "data" if args.one_command else work / "day2-data"
     n = json.loads((day2_data / "manifest.json").read_text())["n_ratings"]
     print(f"\nNightly run on day 2: {n:,} ratings ({args.latest:.0%} newer than day 1), {os.cpu_count()} CPUs, "
-          f"config {CONFIG.name}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
+          f"config {config.name}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")  # fmt: skip
     if len(repeats) > 1:
         print(f"{len(repeats)} repeats, cold and warm alternating which runs first; seconds are medians over them")
     prepared = median("prepare")
@@ -162,6 +169,13 @@ def main() -> None:
         ndcg = m["ranking"]
         print(f"{name}: test RMSE stage 1 {m['mf']['test']['rmse']:.4f}, stage 3 {m['rating']['test']['rmse']:.4f}; "
               f"NDCG@10 {ndcg['rating']['ndcg@10']:.4f} (popularity {ndcg['popularity']['ndcg@10']:.4f})")  # fmt: skip
+    if args.one_command:  # how much of each user's top-10 each day-2 run changed (recdist.drift, against day 1)
+        from recdist.drift import compare
+
+        for name in names:
+            top = compare(str(work / "warm/date=2026-12-01/outputs"), str(work / name / "outputs"))["top10"]
+            print(f"{name}: each user's top-10 against day 1's: mean overlap@10 {top['mean']:.4f}, "
+                  f"{top['unchanged_share']:.1%} of the lists unchanged")  # fmt: skip
     verdict = "met" if job <= GOAL else "NOT MET"
     what = "the median of the repeats" if len(repeats) > 1 else "one run each"
     print(f"\nwarm / cold, the whole nightly job: {job:.2f}, {what} (goal <= {GOAL}): {verdict}")

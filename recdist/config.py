@@ -435,8 +435,9 @@ class WarmConfig(Section):
     mlp_epochs: int | None = Field(0, ge=0)
     """Most epochs of a warm stage 2 or 3 (models on stage 1's frozen tables, with no weights of their own per user
     or movie: a day's new ratings barely move them), never more than the stage's own. 0: the previous weights as
-    they are, on today's tables and standardisations, kept when their validation RMSE is within `tolerance` of the
-    previous run's (refit cold otherwise, as any warm stage); empty: as `epochs`."""
+    they are, on today's tables and standardisations (a fold-in: yesterday's standardisations), kept when their
+    validation RMSE is within `tolerance` of the previous run's (refit cold otherwise, as any warm stage); empty: as
+    `epochs`."""
     patience: int = Field(1, ge=0)
     """Early stopping of a warm stage (its train.patience): the previous weights start near a minimum, so the
     first epoch without a validation improvement ends it; a cold run's patience waits through the plateaus of a

@@ -675,6 +675,8 @@ def _kept(run: _Run, name: str) -> KeptRows | None:
         return None
     previous = storage.join(run.warm.run, name, "scored")
     why = run.folded_in(name) or (None if storage.is_committed(previous) else "it has no committed scored table")
+    if run.config.pipeline.crossfit.folds and not why:  # the fold models' scores of training rows are new each night
+        why = "stage 1's cross-fitted scores (its fold models train every night)"
     kept = None if why else kept_rows(previous, run.warm.data, run.data, run.unchanged())
     if kept is None:
         log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run,

@@ -5,7 +5,9 @@ tensors in, tensors out): known users and items keep the previous rows, new ones
 rows a cold run draws), gone ones are dropped; `carry_tables` loads them before the solver sees the rows, with
 per-row rates (a fold-in, WarmConfig.fold_in: only new and changed users and new items train). Stages 2 and 3
 (MLPs on the frozen stage-1 tables): the trained weights as they were, when the model, its params and its input
-width are the same (`same_weights`, `apply`); their frozen tables and standardisations stay today's. `resolve` and
+width are the same (`same_weights`, `apply`); their frozen tables are today's, and so are their standardisations
+but in a fold-in night, which keeps yesterday's (Model.use_statistics). `nights_folded_in` counts a run of fold-ins
+(WarmStart.folded); `changed_users` tells whose ratings changed between two datasets. `resolve` and
 `stage_source` read a previous pipeline run (local or s3://); `warm_train` is the warm stage's training settings
 (recdist.config.WarmConfig); `fallback` tells when a warm stage came out worse than the previous run's.
 """
