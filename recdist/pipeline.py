@@ -648,8 +648,8 @@ def _carry(run: _Run) -> Carry | None:
         return None
     why = next((w for w in (run.folded_in(name) for name in RNCF_STAGES) if w), None)
     previous = drift.outputs_of(run.warm.run)
-    if previous is None:
-        why = why or "it has no committed outputs"
+    if previous is None or not storage.exists(tables.table_dir(previous, "recommendations")):
+        why = why or "it has no committed outputs with recommendations"
     else:
         before, shown = storage.read_json(storage.join(previous, storage.MANIFEST)), cfg.pipeline.outputs
         keys = ("top_n", "candidates", "recommend_min_ratings")

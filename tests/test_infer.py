@@ -557,6 +557,8 @@ def test_a_ranker_reads_the_dataset_once_and_loads_each_model_once(monkeypatch):
     assert ranker.stages[0].models[0] is mf and all(len(s.biases[0][0]) == 30 for s in ranker.stages)
     ranked = ranker.rank(torch.arange(3), 2, candidates=5)
     assert ranked.height == 6 and ranked["reliability"].null_count() == 0
+    none = ranker.rank(torch.arange(0), 2, candidates=5)  # a fold-in night where nobody has anything new
+    assert none.height == 0 and none.schema == ranked.schema
 
 
 def test_a_ray_data_pass_drops_the_operator_reservation_in_its_own_context_only():

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from recdist import schema, storage, tables
 from recdist.config import Config, load_config
 from recdist.errors import ConfigError, IntegrityError, StorageError
+from recdist.infer.outputs import CANDIDATE_MODEL
 from recdist.pipeline import STOP_AFTER_ENV, run_pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -305,8 +306,9 @@ def test_every_output_file_is_stamped_with_the_run_and_describes_its_columns(ful
     success = (out / "outputs" / tables.SUCCESS).stat().st_mtime_ns
     assert all(f.stat().st_mtime_ns <= success for f in (out / "outputs").rglob("*") if f.is_file())
     assert {p.name for p in (out / "outputs").iterdir() if p.is_file()} == {
-        "metrics.json", "report.md", "SCHEMA.md", "manifest.json", tables.SUCCESS
-    }
+        "metrics.json", "report.md", "SCHEMA.md", "manifest.json", tables.SUCCESS, CANDIDATE_MODEL
+    }  # the EASE candidate model the recommendations were ranked with (a fold-in night ranks with it again)
+    assert CANDIDATE_MODEL in listed
     assert sorted(p.name for p in (out / "outputs" / "figures").iterdir()) == [
         "learning_curves.png", "movie_map.png", "reliability_deciles.png"
     ]

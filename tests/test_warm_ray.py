@@ -87,8 +87,8 @@ def test_a_warm_start_through_s3(ray_cluster, s3_server, s3_bucket):
 
     day1, day2 = f"{s3_bucket}/runs/date=2026-12-01", f"{s3_bucket}/runs/date=2026-12-02"
     run_pipeline(_config(), day1)
-    loose = _config()  # keep every warm fit (tiny data)
-    loose.pipeline.warm = WarmConfig(tolerance=1.0)
+    loose = _config()  # keep every warm fit (tiny data); a fold-in night, on the same ratings: nothing changed
+    loose.pipeline.warm = WarmConfig(tolerance=1.0, fold_in=True)
     run_pipeline(loose, day2, warm_start="auto")  # found by listing the bucket's runs/ prefix
 
     run = storage.read_json(f"{day2}/manifest.json")
@@ -98,3 +98,12 @@ def test_a_warm_start_through_s3(ray_cluster, s3_server, s3_bucket):
         assert stage["warm_start"]["model"] == f"{day1}/{name}/model" and stage.get("warm_fallback") is None
     metrics = storage.read_json(f"{day2}/mf/model/metrics.json")
     assert metrics["warm_start"]["data"] == f"{day1}/data"  # yesterday's id maps, read from the bucket
+    assert metrics["warm_start"]["fold_in"] is True and metrics["warm_start"]["folded"] == 1
+    # every user had nothing new: each one's scores and recommendations are taken from the bucket's day 1
+    outputs = storage.read_json(f"{day2}/outputs/metrics.json")
+    n_users = storage.read_json(f"{day2}/data/manifest.json")["n_users"]
+    assert outputs["recommendations_kept"] == {"users": n_users, "ranked": 0}
+    for name, column in (("reliability", "pred_error"), ("rating", "pred_rating")):
+        before, now = (storage.read_parquet(f"{day}/{name}/scored/ratings/part-00000.parquet", columns=[column])
+                       for day in (day1, day2))  # fmt: skip
+        assert before.equals(now), name

@@ -557,8 +557,7 @@ def _with_kept(ranked: pa.Table, carry: Carry, users: pl.DataFrame, items: pl.Da
     """`ranked` (the recommendations of the users with something new) and the previous run's recommendations of
     the users with nothing new, under today's titles, in the table's order."""
     previous = tables.read_table(carry.outputs, "recommendations")
-    if previous is None:
-        return ranked
+    assert previous is not None, "recdist.pipeline._carry keeps recommendations only from outputs that have them"
     same = users.filter(pl.Series(carry.unchanged[users["user_idx"].to_numpy()]))["user_id"]
     titles = items.select(pl.col("item_id").alias("movie_id"), "title")
     kept = previous.filter(pl.col("user_id").is_in(same.implode())).drop("title")

@@ -26,6 +26,10 @@ from recdist.models.base import Model
 from recdist.models.implicit import Implicit
 from recdist.schema import SPLIT_TYPE
 
+RANKED = {"user_idx": pl.Int32, "rank": pl.Int16, "item_idx": pl.Int32, "score": pl.Float32,
+          "rank_score": pl.Float32, "reliability": pl.Float32, "mf_score": pl.Float32}  # fmt: skip
+"""The columns of Ranker.rank()'s frame."""
+
 
 @dataclass
 class Ranker:
@@ -129,7 +133,9 @@ class Ranker:
                     }
                 ).filter(pl.Series(keep.numpy()))
             )
-        frame = pl.concat(parts) if parts else pl.DataFrame()
+        if not parts:  # no users (a fold-in night where nobody has anything new): the columns, no rows
+            return pl.DataFrame(schema=RANKED)
+        frame = pl.concat(parts)
         return frame.with_columns(pl.col("reliability").fill_nan(None), pl.col("mf_score").fill_nan(None))
 
 
