@@ -96,12 +96,16 @@ FINGERPRINT_SALT = 0x466F6C64
 """pair_hash's salt for the rating fingerprints ("Fold"), apart from the splits' and samples' salts."""
 
 
-def fingerprints(user_idx: np.ndarray, item_id: np.ndarray, rating: np.ndarray, n_users: int) -> np.ndarray:
-    """Per user index: a wrapping uint64 sum of pair_hash(original movie id, rating bits) over the user's rows, an
-    order-free fingerprint of their ratings. With the count of rows, equal fingerprints of two datasets mean the
-    same ratings but for a 2**-64 chance: how a fold-in night tells whose ratings changed (recdist.train.warm)."""
-    bits = np.ascontiguousarray(rating, dtype=np.float32).view(np.int32)
+def rating_hashes(item_id: np.ndarray, rating: np.ndarray) -> np.ndarray:
+    """A uint64 per rating: pair_hash(original movie id, the rating's float32 bits)."""
+    return pair_hash(item_id, np.ascontiguousarray(rating, dtype=np.float32).view(np.int32), FINGERPRINT_SALT)
+
+
+def fingerprints(user_idx: np.ndarray, hashes: np.ndarray, n_users: int) -> np.ndarray:
+    """Per user index: the wrapping uint64 sum of the rating_hashes of the user's rows, an order-free fingerprint
+    of their ratings. With the count of rows, equal fingerprints of two datasets mean the same ratings but for a
+    2**-64 chance: how a fold-in night tells whose ratings changed (recdist.train.warm)."""
     out = np.zeros(n_users, np.uint64)
-    np.add.at(out, user_idx, pair_hash(item_id, bits, FINGERPRINT_SALT))
+    np.add.at(out, user_idx, hashes)
     return out
 

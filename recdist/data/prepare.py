@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from recdist import logs, storage
 from recdist.config import Config, PrepareConfig
-from recdist.data.idmaps import PreviousMaps, fingerprints, keep_splits, read_previous, restable
+from recdist.data.idmaps import PreviousMaps, fingerprints, keep_splits, rating_hashes, read_previous, restable
 from recdist.data.sources import RawSource
 from recdist.data.splits import assign_split, split_rule
 from recdist.errors import ConfigError, DataError, StorageError
@@ -448,13 +448,12 @@ def _with_fingerprints(
     users: pl.DataFrame, ratings: pl.DataFrame, item_ids: pl.Series, train: np.ndarray
 ) -> pl.DataFrame:
     """USERS' n_ratings and the fingerprints of each user's ratings and training ratings (idmaps.fingerprints)."""
-    user = ratings["user_idx"].to_numpy()
-    item = item_ids.to_numpy()[ratings["item_idx"].to_numpy()]
-    rating, n = ratings["rating"].to_numpy(), users.height
+    user, n = ratings["user_idx"].to_numpy(), users.height
+    hashes = rating_hashes(item_ids.to_numpy()[ratings["item_idx"].to_numpy()], ratings["rating"].to_numpy())
     return users.with_columns(
         pl.Series("n_ratings", np.bincount(user, minlength=n).astype(np.int32)),
-        pl.Series("fingerprint", fingerprints(user, item, rating, n)),
-        pl.Series("train_fingerprint", fingerprints(user[train], item[train], rating[train], n)),
+        pl.Series("fingerprint", fingerprints(user, hashes, n)),
+        pl.Series("train_fingerprint", fingerprints(user[train], hashes[train], n)),
     )
 
 

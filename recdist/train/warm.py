@@ -384,7 +384,7 @@ def _fingerprinted(uri: str, every_split: bool) -> pl.DataFrame:
     every rating (every_split) or of the training ones; for a dataset prepared without them, computed from its
     ratings (a read of every rating: 0.1 s per million)."""
     from recdist.data.dataset import read_items, read_rank, read_users
-    from recdist.data.idmaps import fingerprints
+    from recdist.data.idmaps import fingerprints, rating_hashes
 
     users = read_users(uri).sort("user_idx")
     count, fingerprint = ("n_ratings", "fingerprint") if every_split else ("n_train", "train_fingerprint")
@@ -394,7 +394,8 @@ def _fingerprinted(uri: str, every_split: bool) -> pl.DataFrame:
     if not every_split:
         rows = rows.filter(pl.col("split") == "train")
     user, item_ids = rows["user_idx"].to_numpy(), read_items(uri).sort("item_idx")["item_id"].to_numpy()
-    prints = fingerprints(user, item_ids[rows["item_idx"].to_numpy()], rows["rating"].to_numpy(), users.height)
+    hashes = rating_hashes(item_ids[rows["item_idx"].to_numpy()], rows["rating"].to_numpy())
+    prints = fingerprints(user, hashes, users.height)
     return users.select("user_id").with_columns(
         pl.Series("count", np.bincount(user, minlength=users.height)), pl.Series("print", prints)
     )
