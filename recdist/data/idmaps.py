@@ -96,15 +96,19 @@ FINGERPRINT_SALT = 0x466F6C64
 """pair_hash's salt for the rating fingerprints ("Fold"), apart from the splits' and samples' salts."""
 
 
-def rating_hashes(item_id: np.ndarray, rating: np.ndarray) -> np.ndarray:
-    """A uint64 per rating: pair_hash(original movie id, the rating's float32 bits)."""
-    return pair_hash(item_id, np.ascontiguousarray(rating, dtype=np.float32).view(np.int32), FINGERPRINT_SALT)
+def rating_hashes(item_id: np.ndarray, rating: np.ndarray, timestamp: np.ndarray | None = None) -> np.ndarray:
+    """A uint64 per rating: pair_hash(original movie id, the rating's float32 bits), and with `timestamp` (null: 0)
+    that hash paired with it too: a rating re-rated at the same value moves a user's session context."""
+    out = pair_hash(item_id, np.ascontiguousarray(rating, dtype=np.float32).view(np.int32), FINGERPRINT_SALT)
+    return out if timestamp is None else pair_hash(out, np.nan_to_num(timestamp).astype(np.int64), FINGERPRINT_SALT)
 
 
 def fingerprints(user_idx: np.ndarray, hashes: np.ndarray, n_users: int) -> np.ndarray:
     """Per user index: the wrapping uint64 sum of the rating_hashes of the user's rows, an order-free fingerprint
     of their ratings. With the count of rows, equal fingerprints of two datasets mean the same ratings but for a
-    2**-64 chance: how a fold-in night tells whose ratings changed (recdist.train.warm)."""
+    2**-64 chance: how a fold-in night tells whose ratings changed (recdist.train.warm). users.parquet's
+    `fingerprint` hashes every rating with its time (what the session context reads), `train_fingerprint` the
+    training ones without it (what stage 1's factors learn from)."""
     out = np.zeros(n_users, np.uint64)
     np.add.at(out, user_idx, hashes)
     return out

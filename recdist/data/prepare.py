@@ -449,10 +449,12 @@ def _with_fingerprints(
 ) -> pl.DataFrame:
     """USERS' n_ratings and the fingerprints of each user's ratings and training ratings (idmaps.fingerprints)."""
     user, n = ratings["user_idx"].to_numpy(), users.height
-    hashes = rating_hashes(item_ids.to_numpy()[ratings["item_idx"].to_numpy()], ratings["rating"].to_numpy())
+    item, rating = item_ids.to_numpy()[ratings["item_idx"].to_numpy()], ratings["rating"].to_numpy()
+    hashes = rating_hashes(item, rating)
+    timed = rating_hashes(item, rating, ratings["timestamp"].fill_null(0).to_numpy())
     return users.with_columns(
         pl.Series("n_ratings", np.bincount(user, minlength=n).astype(np.int32)),
-        pl.Series("fingerprint", fingerprints(user, hashes, n)),
+        pl.Series("fingerprint", fingerprints(user, timed, n)),
         pl.Series("train_fingerprint", fingerprints(user[train], hashes[train], n)),
     )
 

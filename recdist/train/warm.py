@@ -365,9 +365,10 @@ def trained_rows(rows: np.ndarray, n_train_before: np.ndarray) -> np.ndarray:
 
 
 def changed_users(previous_data: str, data: str, *, every_split: bool = False) -> np.ndarray:
-    """For each user index of the dataset `data`, whether their training ratings (every_split: all their ratings)
-    differ from the previous dataset's: new users, and known ones whose count or fingerprint differ (the datasets'
-    users.parquet; recdist.data.idmaps.fingerprints, computed from the ratings for a dataset prepared before them)."""
+    """For each user index of the dataset `data`, whether their training ratings (every_split: all their ratings,
+    a rating's time included) differ from the previous dataset's: new users, and known ones whose count or
+    fingerprint differ (the datasets' users.parquet; recdist.data.idmaps.fingerprints, computed from the ratings
+    for a dataset prepared before them)."""
     users = [_fingerprinted(uri, every_split) for uri in (previous_data, data)]
     user_rows = previous_rows(*(u["user_id"].to_numpy() for u in users))
     count, prints = (users[1][c].to_numpy() for c in ("count", "print"))
@@ -381,8 +382,8 @@ def changed_users(previous_data: str, data: str, *, every_split: bool = False) -
 
 def _fingerprinted(uri: str, every_split: bool) -> pl.DataFrame:
     """user_id, count, print per user index of the dataset `uri`: its users.parquet's counts and fingerprints of
-    every rating (every_split) or of the training ones; for a dataset prepared without them, computed from its
-    ratings (a read of every rating: 0.1 s per million)."""
+    every rating with its time (every_split) or of the training ones; for a dataset prepared without them,
+    computed from its ratings (a read of every rating: 0.1 s per million)."""
     from recdist.data.dataset import read_items, read_rank, read_users
     from recdist.data.idmaps import fingerprints, rating_hashes
 
@@ -390,11 +391,12 @@ def _fingerprinted(uri: str, every_split: bool) -> pl.DataFrame:
     count, fingerprint = ("n_ratings", "fingerprint") if every_split else ("n_train", "train_fingerprint")
     if fingerprint in users.columns and users[fingerprint].null_count() == 0:
         return users.select("user_id", pl.col(count).alias("count"), pl.col(fingerprint).alias("print"))
-    rows = read_rank(uri, columns=["user_idx", "item_idx", "rating", "split"])
+    rows = read_rank(uri, columns=["user_idx", "item_idx", "rating", "timestamp", "split"])
     if not every_split:
         rows = rows.filter(pl.col("split") == "train")
     user, item_ids = rows["user_idx"].to_numpy(), read_items(uri).sort("item_idx")["item_id"].to_numpy()
-    hashes = rating_hashes(item_ids[rows["item_idx"].to_numpy()], rows["rating"].to_numpy())
+    when = rows["timestamp"].fill_null(0).to_numpy() if every_split else None  # as prepare's `fingerprint`
+    hashes = rating_hashes(item_ids[rows["item_idx"].to_numpy()], rows["rating"].to_numpy(), when)
     prints = fingerprints(user, hashes, users.height)
     return users.select("user_id").with_columns(
         pl.Series("count", np.bincount(user, minlength=users.height)), pl.Series("print", prints)
