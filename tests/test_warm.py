@@ -219,14 +219,51 @@ def _write_csv(path, rows: list[tuple[int, int, int, int]]) -> None:
     path.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
 
 
+def _night(source, *, fold_in: bool = False):
+    """A nightly run's config on a ratings CSV, sized for tiny data (every warm fit kept)."""
+    from helpers import SMALL_RUN
+
+    from recdist.config import load_config
+
+    return load_config(
+        None,
+        {
+            "source.path": str(source),
+            **SMALL_RUN,
+            "pipeline.outputs.recommend_min_ratings": 1,
+            "pipeline.warm.tolerance": 1.0,  # tiny data: keep every warm fit
+            "pipeline.warm.fold_in": fold_in,
+            "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 3, "solver": "sgd"}},
+            "stages.reliability.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+            "stages.rating.train": {"epochs": 1, "batch_size": 256, "patience": 0},
+        },
+    )
+
+
+def _ratings_by_user(data: str, every_split: bool) -> dict[int, set]:
+    """Each user id's ratings as a set of (movie id, rating, time) by original ids: every rating with its time, or
+    (every_split false) the training ones without it: what changed_users' fingerprints stand for."""
+    import polars as pl
+
+    from recdist.data import dataset
+
+    frame = dataset.read_rank(data)
+    if not every_split:
+        frame = frame.filter(pl.col("split") == "train").with_columns(timestamp=pl.lit(0))
+    users = dataset.read_users(data).sort("user_idx")["user_id"].to_numpy()
+    items = dataset.read_items(data).sort("item_idx")["item_id"].to_numpy()
+    out: dict[int, set] = {}
+    for u, i, r, t in frame.select("user_idx", "item_idx", "rating", "timestamp").iter_rows():
+        out.setdefault(int(users[u]), set()).add((int(items[i]), r, t))
+    return out
+
+
 @pytest.mark.slow
 def test_a_warm_run_that_prepares_its_own_data_keeps_the_warm_starts_ids_and_splits(tmp_path):
     """The nightly manifests' one command (`pipeline --warm-start auto` with its own prepare stage): today's
     dataset keeps yesterday's indices and splits (the warm start's dataset as prepare.previous), so a known
     user's factors line up with their rows; new users and movies are appended. In process, no Ray."""
-    from helpers import SMALL_RUN
 
-    from recdist.config import load_config
     from recdist.data import dataset
     from recdist.pipeline import _keeping_ids_of, run_pipeline
 
@@ -235,24 +272,10 @@ def test_a_warm_run_that_prepares_its_own_data_keeps_the_warm_starts_ids_and_spl
     _write_csv(day1_csv, yesterday)
     _write_csv(day2_csv, yesterday + _rows(range(1, 46), range(130, 133), 2) + _rows(range(41, 46), range(100, 130), 3))
 
-    def config(source):
-        return load_config(
-            None,
-            {
-                "source.path": str(source),
-                **SMALL_RUN,
-                "pipeline.outputs.recommend_min_ratings": 1,
-                "pipeline.warm.tolerance": 1.0,  # tiny data: keep every warm fit
-                "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 3, "solver": "sgd"}},
-                "stages.reliability.train": {"epochs": 1, "batch_size": 256, "patience": 0},
-                "stages.rating.train": {"epochs": 1, "batch_size": 256, "patience": 0},
-            },
-        )
-
     day1, day2 = tmp_path / "runs" / "date=2026-12-01", tmp_path / "runs" / "date=2026-12-02"
-    run_pipeline(config(day1_csv), str(day1))
+    run_pipeline(_night(day1_csv), str(day1))
     assert dataset.read_manifest(str(day1 / "data")).get("previous") is None  # a cold run: nothing to keep
-    run_pipeline(config(day2_csv), str(day2), warm_start="auto")
+    run_pipeline(_night(day2_csv), str(day2), warm_start="auto")
 
     assert dataset.read_manifest(str(day2 / "data"))["previous"] == str(day1 / "data")
     stage1 = json.loads((day2 / "mf" / "model" / "metrics.json").read_text())
@@ -270,7 +293,7 @@ def test_a_warm_run_that_prepares_its_own_data_keeps_the_warm_starts_ids_and_spl
     before, after = splits(day1), splits(day2)
     assert all(after[pair] == split for pair, split in before.items())  # same indices, same split
 
-    explicit = config(day2_csv)
+    explicit = _night(day2_csv)
     explicit.prepare.previous = str(tmp_path / "elsewhere")
     assert _keeping_ids_of(explicit, None) is explicit  # no warm start: nothing to keep
     warm_source = warm.resolve(str(day1))
@@ -319,16 +342,7 @@ def test_a_fold_in_trains_only_what_changed_and_leaves_every_other_row_as_yester
                               warm_start=source, warm=WarmConfig(fold_in=True, tolerance=1.0))  # fmt: skip
     assert metrics["warm_start"]["fold_in"] is True and not metrics.get("warm_fallback")
 
-    def trained(day: str) -> dict[int, set]:  # each user id's training ratings, by original ids
-        frame = dataset.read_rank(days[day]).filter(pl.col("split") == "train")
-        users = dataset.read_users(days[day]).sort("user_idx")["user_id"].to_numpy()
-        items = dataset.read_items(days[day]).sort("item_idx")["item_id"].to_numpy()
-        out: dict[int, set] = {}
-        for u, i, r in frame.select("user_idx", "item_idx", "rating").iter_rows():
-            out.setdefault(int(users[u]), set()).add((int(items[i]), r))
-        return out
-
-    before, after = trained("day1"), trained("day2")
+    before, after = (_ratings_by_user(days[day], every_split=False) for day in ("day1", "day2"))
     changed = {u for u in after if before.get(u) != after[u]}
     assert 9 in changed and {41, 42, 43, 44, 45} <= changed and len(changed) < 15  # most known users: nothing new
     models = {day: load_model(str(tmp_path / day / "mf")).state_dict() for day in days}
@@ -373,9 +387,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     that is not new gets yesterday's mf_pred (to the bit), pred_error and pred_rating (to float32 rounding), and
     the users with new ratings get new ones. In process, no Ray."""
     import polars as pl
-    from helpers import SMALL_RUN
 
-    from recdist.config import load_config
     from recdist.infer.scored import ScoreOptions, score_local
     from recdist.pipeline import run_pipeline
 
@@ -385,24 +397,9 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     _write_csv(tmp_path / "day1.csv", yesterday)
     _write_csv(tmp_path / "day2.csv", today)
 
-    def config(source):
-        return load_config(
-            None,
-            {
-                "source.path": str(source),
-                **SMALL_RUN,
-                "pipeline.outputs.recommend_min_ratings": 1,
-                "pipeline.warm.tolerance": 1.0,  # tiny data: keep every warm fit
-                "pipeline.warm.fold_in": True,
-                "stages.mf": {"model": "biased_mf", "params": {"rank": 4}, "train": {"epochs": 3, "solver": "sgd"}},
-                "stages.reliability.train": {"epochs": 1, "batch_size": 256, "patience": 0},
-                "stages.rating.train": {"epochs": 1, "batch_size": 256, "patience": 0},
-            },
-        )
-
     day1, day2 = tmp_path / "runs" / "date=2026-12-01", tmp_path / "runs" / "date=2026-12-02"
-    run_pipeline(config(tmp_path / "day1.csv"), str(day1))
-    run_pipeline(config(tmp_path / "day2.csv"), str(day2), warm_start="auto")
+    run_pipeline(_night(tmp_path / "day1.csv", fold_in=True), str(day1))
+    run_pipeline(_night(tmp_path / "day2.csv", fold_in=True), str(day2), warm_start="auto")
     for stage in ("mf", "reliability", "rating"):
         metrics = json.loads((day2 / stage / "model" / "metrics.json").read_text())
         assert metrics["warm_start"]["fold_in"] is True and not metrics.get("warm_fallback"), stage
@@ -450,7 +447,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     ).read_bytes()
 
     # pipeline.warm.refresh_every 2: the night after a fold-in starts warm without folding in, said in its config
-    refresh = config(tmp_path / "day2.csv")
+    refresh = _night(tmp_path / "day2.csv", fold_in=True)
     refresh.pipeline.warm.refresh_every = 2
     day3 = tmp_path / "runs" / "date=2026-12-03"
     run_pipeline(refresh, str(day3), warm_start="auto")
@@ -465,7 +462,6 @@ def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_
     """changed_users tells whose ratings differ between two prepared datasets, by users.parquet's counts and
     fingerprints (every rating, or the training ones), or, for a dataset prepared before those columns, from its
     ratings: the same answer, checked against sets of (movie, rating) per user."""
-    import polars as pl
     import pyarrow.parquet as pq
 
     from recdist.config import load_config
@@ -485,18 +481,7 @@ def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_
         prepare(cfg, days[day])
 
     def by_hand(every_split: bool) -> set[int]:
-        def ratings(day: str) -> dict[int, set]:  # every rating with its time, the training ones without
-            frame = dataset.read_rank(days[day])
-            if not every_split:
-                frame = frame.filter(pl.col("split") == "train").with_columns(timestamp=pl.lit(0))
-            users = dataset.read_users(days[day]).sort("user_idx")["user_id"].to_numpy()
-            items = dataset.read_items(days[day]).sort("item_idx")["item_id"].to_numpy()
-            out: dict[int, set] = {}
-            for u, i, r, t in frame.select("user_idx", "item_idx", "rating", "timestamp").iter_rows():
-                out.setdefault(int(users[u]), set()).add((int(items[i]), r, t))
-            return out
-
-        before, after = ratings("day1"), ratings("day2")
+        before, after = (_ratings_by_user(days[day], every_split) for day in ("day1", "day2"))
         return {u for u in dataset.read_users(days["day2"])["user_id"].to_list() if before.get(u) != after.get(u)}
 
     def found(every_split: bool) -> set[int]:

@@ -134,11 +134,7 @@ def fit_candidates(
 ) -> Implicit:
     """Fit the implicit model `kind` (ease, ials) on the training ratings of the prepared dataset `data` (`train`:
     them as user -> movies, when the caller has them)."""
-    from recdist.data.dataset import read_rank
-
-    if train is None:
-        rows = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
-        train = rated_csr(rows, n_users)
+    train = train if train is not None else _training_history(data, n_users)
     users, items = train.rows(), train.indices
     if kind == "ease":
         reg, cap, sample = (
@@ -150,6 +146,14 @@ def fit_candidates(
             users, items, n_users, n_items, reg=reg, modelled=allowed, max_items=cap, max_users=sample, history=train
         )
     return fit_ials(users, items, n_users, n_items, rank=32, alpha=10.0, reg=0.1)
+
+
+def _training_history(data: str, n_users: int) -> Csr:
+    """user -> training movies of the prepared dataset `data` (what a candidate model scores each user from)."""
+    from recdist.data.dataset import read_rank
+
+    rows = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
+    return rated_csr(rows, n_users)
 
 
 def save_candidates(model: Implicit, out: str) -> None:
@@ -166,11 +170,7 @@ def load_candidates(uri: str, data: str, n_users: int, n_items: int, history: Cs
     (user -> training movies; read from `data` when not given): the same movie indices as when it was saved."""
     from safetensors.torch import load
 
-    if history is None:
-        from recdist.data.dataset import read_rank
-
-        rows = read_rank(data, columns=["user_idx", "item_idx", "split"]).filter(pl.col("split") == "train")
-        history = rated_csr(rows, n_users)
+    history = history if history is not None else _training_history(data, n_users)
     tensors = load(storage.read_bytes(uri))
     log.info("candidate model ease: %s (%d movies), not refitted", uri, len(tensors["items"]))
     return Implicit(kind="ease", n_items=n_items, history=history, items=tensors["items"], weights=tensors["weights"])
