@@ -395,7 +395,8 @@ class EvaluationConfig(Section):
     relevance_threshold: float = 4.0
     """A test rating at or above this counts as relevant for the ranking metrics."""
     ranking_users: int = Field(0, ge=0)
-    """Users sampled (seeded) for the ranking metrics; 0 = every user with a relevant test rating."""
+    """Users sampled for the ranking metrics, those whose original ids hash lowest under the run's seed (the same
+    people in every run and on every day); 0 = every user with a relevant test rating."""
 
 
 class DriftConfig(Section):

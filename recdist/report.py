@@ -420,10 +420,15 @@ def _movies_section(factors: pl.DataFrame | None, figures: dict[str, str], min_r
             "| movie | bias | ratings |",
             "|---|---|---|",
         ]
-        lines += [f"| {r['title']} | {r['bias']:+.3f} | {r['n_train']} |" for r in frame.head(10).iter_rows(named=True)]
+        lines += [f"| {_movie(r)} | {r['bias']:+.3f} | {r['n_train']} |" for r in frame.head(10).iter_rows(named=True)]
         lines.append("")
     return lines
 
+
+
+def _movie(row: dict) -> str:
+    """A movie as the report names it: its title, else (a source without a movies file) its id."""
+    return row["title"] or f"movie {row['movie_id']}"
 
 def _num(value: Any) -> str:
     return "" if value is None else f"{value:.3f}"
@@ -478,7 +483,7 @@ def movie_map_png(factors: pl.DataFrame, n: int, labels: int = 25) -> bytes:
     points = ax.scatter(top["pc1"], top["pc2"], c=top["bias"], cmap="coolwarm", s=14, alpha=0.8)
     fig.colorbar(points, ax=ax, label="movie bias")
     for row in top.head(labels).iter_rows(named=True):
-        name = (row["title"] or str(row["movie_id"]))[:28]
+        name = _movie(row)[:28]
         ax.annotate(name, (row["pc1"], row["pc2"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("principal component 1 of item factors")
     ax.set_ylabel("principal component 2")

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from recdist.infer.outputs import RankingProtocol, Rated, vs_popularity
+from recdist.infer.outputs import RankingProtocol, Rated, sampled_users, vs_popularity
 from recdist.infer.ranker import rank_score, recommendable
 from recdist.infer.topn import Csr, popularity_top, top_k_of
 from recdist.models.implicit import fit_ease, fit_ials
@@ -53,6 +53,23 @@ def test_one_sort_of_every_rating_gives_each_split_list_by_hand() -> None:
     assert sorted(zip(train.rows().tolist(), train.indices.tolist(), strict=True)) == sorted(
         (u, i) for u, items in TRAIN.items() for i in items
     )
+
+
+def test_ranking_sample_is_the_same_people_whatever_their_indices_and_keeps_them_as_users_come() -> None:
+    """The evaluated users are drawn by their original ids: two datasets indexing the same people differently
+    sample the same people, and a day with 2% more users keeps all but about 2% of yesterday's sample (a seeded
+    draw over indices shared nothing: the drift table's NDCG change compared two random groups)."""
+    rng = np.random.default_rng(0)
+    ids = rng.choice(10**9, 5000, replace=False)
+    first = ids[sampled_users(np.arange(5000), ids, 500, seed=7)]
+    order = rng.permutation(5000)  # another dataset's indices for the same people
+    assert np.array_equal(np.sort(ids[order][sampled_users(np.arange(5000), ids[order], 500, seed=7)]), np.sort(first))
+    grown = np.concatenate([ids, rng.choice(np.arange(10**9, 2 * 10**9), 100, replace=False)])
+    kept = np.isin(grown[sampled_users(np.arange(5100), grown, 500, seed=7)], first).mean()
+    assert 0.95 <= kept < 1.0
+    other = ids[sampled_users(np.arange(5000), ids, 500, seed=8)]
+    assert np.isin(other, first).mean() < 0.3  # the seed still draws another sample
+    assert len(first) == 500 and len(set(first.tolist())) == 500
 
 
 def test_popularity_baseline_by_hand() -> None:

@@ -151,3 +151,14 @@ def test_the_reliability_section_is_a_calibration_table_in_stars():
     header = "| decile | rows | expected_abs_error range | predicted abs error (mean) | observed abs error (MAE) "
     assert header in section
     assert "| 1 | 100 | 0.350-0.400 | 0.370 | 0.420 | 0.426 | 0.600 | 0.600 |" in section
+
+
+def test_movies_without_titles_are_named_by_their_ids():
+    """A source without a movies file (synthetic data, a bare ratings file): the bias tables name each movie by
+    its id, not 'None'."""
+    factors = pl.DataFrame({"movie_id": [7, 9, 11], "title": [None, "Heat (1995)", None], "bias": [0.9, 0.1, -1.2],
+                            "n_train": [40, 50, 60]}, schema_overrides={"title": pl.String})
+    text = render(METRICS, {}, factors, Config(), INFO)
+    section = text[text.index("## Movies"):]
+    assert "| movie 7 | +0.900 | 40 |" in section and "| Heat (1995) | +0.100 | 50 |" in section
+    assert "| movie 11 | -1.200 | 60 |" in section and "None" not in section

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 CANDIDATE_MODEL = "candidate_model.safetensors"
 """outputs/: the EASE candidate model the recommendations were ranked with (the movies it models and their
 item-item weights): what a fold-in night ranks with again, and `recdist recommend` for more rows than stored."""
+RANKING_SALT = 0x52616E6B
+"""pair_hash's salt for the ranking metrics' user sample ("Rank"), apart from the splits' and folds'."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,9 @@ def write_outputs(
         ranker = ranker_for(models, cfg.outputs.recommend_min_ratings, trained, ranking, train, candidate_model=kept)
         if ranker.retrieval is not None and ranker.retrieval.kind == "ease":
             save_candidates(ranker.retrieval, out)
-        result["ranking"] = _ranking(ranker, rated.known(), test, cfg, n_users, final_name, seed=seed)
+        ids = np.zeros(n_users, np.int64)
+        ids[users["user_idx"].to_numpy()] = users["user_id"].to_numpy()
+        result["ranking"] = _ranking(ranker, rated.known(), test, cfg, n_users, final_name, seed=seed, user_ids=ids)
     if models.reliability is not None:
         deciles = _to_schema(_deciles(test), RELIABILITY_DECILES)
         rows["reliability_deciles"] = _write(deciles, out, "reliability_deciles", stamp)
@@ -376,17 +380,26 @@ def _predictions(frame: pl.DataFrame, names: _Names) -> pa.Table:
 
 
 def _ranking(
-    ranker: Ranker, known: Csr, test: pl.DataFrame, cfg: PipelineConfig, n_users: int, name: str, *, seed: int
+    ranker: Ranker,
+    known: Csr,
+    test: pl.DataFrame,
+    cfg: PipelineConfig,
+    n_users: int,
+    name: str,
+    *,
+    seed: int,
+    user_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Precision/Recall/NDCG@k on test for the popularity baseline, MF's own ranking and the final ranking.
 
     Candidates: movies the user has no train or validation rating for; relevant: test ratings at or above
-    the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users (seeded).
+    the threshold. Users without a relevant test rating are skipped; `ranking_users` samples users by a seeded
+    hash of their original ids (`user_ids`, per user index: sampled_users).
     `vs_popularity` holds each ranking's NDCG@k over the popularity baseline's.
     """
     k, ev, shown = cfg.evaluation.ranking_k, cfg.evaluation, cfg.outputs
     protocol = RankingProtocol.build(
-        known, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed
+        known, test, n_users, k, ev.relevance_threshold, sample=ev.ranking_users, seed=seed, user_ids=user_ids
     )
     if protocol is None:
         return {"users": 0}
@@ -474,13 +487,15 @@ class RankingProtocol:
         *,
         sample: int = 0,
         seed: int = 0,
+        user_ids: np.ndarray | None = None,
     ) -> RankingProtocol | None:
         """known: user -> movies rated in train or validation (Rated.known); test: the test rows (user_idx,
-        item_idx, rating)."""
+        item_idx, rating); user_ids: each user index's original id, by which `sample` users are drawn (default:
+        the indices)."""
         relevant = test.filter(pl.col("rating") >= threshold).select("user_idx", "item_idx")
         users = np.unique(relevant["user_idx"].to_numpy())
         if sample and len(users) > sample:
-            users = np.sort(np.random.default_rng(seed).choice(users, sample, replace=False))
+            users = sampled_users(users, user_ids[users] if user_ids is not None else users, sample, seed)
         if len(users) == 0:
             return None
         row_of = np.full(n_users, -1, dtype=np.int64)
@@ -503,6 +518,17 @@ class RankingProtocol:
         """The baseline: the most-rated allowed movies in training that the user has not rated."""
         counts, items = popularity_top(n_train, self.users, self.k, exclude=self.exclude, allowed=allowed)
         return self.score(torch.where(counts > -torch.inf, items, -1))
+
+
+def sampled_users(users: np.ndarray, ids: np.ndarray, sample: int, seed: int) -> np.ndarray:
+    """The `sample` of `users` (indices) whose original `ids` hash lowest under `seed` (pair_hash with its own
+    salt), ascending: the same people in every run and on every day, whatever their indices, and a user set that
+    gains or loses a few users keeps all but those few of its sample. A figure compared across runs (the drift
+    table's NDCG change) then compares the same users, not two random draws."""
+    from recdist.data.splits import pair_hash
+
+    hashes = pair_hash(ids, np.full(len(ids), seed, np.int64), RANKING_SALT)
+    return np.sort(users[np.argsort(hashes, kind="stable")[:sample]])
 
 
 def _top_matrix(ranked: pl.DataFrame, row_of: np.ndarray, n_rows: int, k: int) -> torch.Tensor:
