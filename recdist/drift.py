@@ -72,6 +72,7 @@ def compare(previous: str, current: str, *, max_top10_change: float | None = Non
             section[key] = id_changes(before[column], now[column])
     section["warnings"] = warnings(section, max_top10_change)
     section["exceeded"] = bool(section["warnings"])
+    section["max_top10_change"] = max_top10_change
     return section
 
 
@@ -201,9 +202,8 @@ def markdown(section: dict[str, Any]) -> list[str]:
     lines = ["## Drift since the previous run", ""]
     if "note" in section:
         return lines + [f"No comparison: {section['note']}.", ""]
-    lines += [f"Against `{section['against']}`.", ""]
-    lines += [f"**Warning: {w}.**" for w in section.get("warnings", [])]
-    lines += ["", "| what | previous | current | change |", "|---|---|---|---|"]
+    lines += [f"Against `{section['against']}`.", "", *_verdict(section), "", "| what | previous | current | change |"]
+    lines.append("|---|---|---|---|")
     for stage, figures in section.get("metrics", {}).items():
         for key, c in figures.items():
             lines.append(f"| {stage} {key} | {_fmt(c['previous'])} | {_fmt(c['current'])} | {_fmt(c['change'], '+')} |")
@@ -231,6 +231,19 @@ def markdown(section: dict[str, Any]) -> list[str]:
                 f"+{c['new']:,} new, -{c['gone']:,} gone |"
             )
     return lines + [""]
+
+
+def _verdict(section: dict[str, Any]) -> list[str]:
+    """The drift judged: each threshold crossed, or how far below it the run stayed."""
+    if section.get("warnings"):
+        return [f"**Warning: {w}.**" for w in section["warnings"]]
+    change, limit = section.get("top10", {}).get("change"), section.get("max_top10_change")
+    if change is None:
+        return ["No top-10 lists to compare."]
+    if limit is None:
+        return [f"{change:.1%} of the users' top-10 changed (no threshold set: pipeline.drift.max_top10_change)."]
+    return [f"**Within the threshold**: {change:.1%} of the users' top-10 changed; a warning above {limit:.0%} "
+            "(pipeline.drift.max_top10_change)."]  # fmt: skip
 
 
 def _fmt(value: Any, sign: str = "") -> str:

@@ -711,7 +711,7 @@ def _train(
     warm: WarmStart | None = None,
 ) -> str:
     """train_stage into `out` unless it is already committed (a resumed stage); returns `out`."""
-    from recdist.train.run import train_stage
+    from recdist.train.run import train_stage, trained_line
 
     name = f"{stage} {label}" if label else stage
     if getattr(run.config.stages, stage).tune is not None and not label:  # re-tune first (kept once committed)
@@ -725,10 +725,12 @@ def _train(
         return out
     section = run.config.stages.slot(stage)
     log.info("%s: training %s", name, section.model)
-    train_stage(
+    metrics = train_stage(
         data, section, run.config.cluster, out, upstream=upstream, warm_start=warm.to_json() if warm else None,
-        warm=run.config.pipeline.warm,
+        warm=run.config.pipeline.warm, epoch_lines=not label,
     )  # fmt: skip
+    if metrics.get("epochs"):  # a warm stage that kept yesterday's weights has said so
+        log.info("%s: %s", name, trained_line(metrics))
     return out
 
 

@@ -246,6 +246,11 @@ def test_a_large_drift_is_a_warning_line_in_metrics_and_the_report(parent):
     assert "| users with training ratings | 4 | 5 | +2 new, -1 gone |" in text
     assert "| rating rmse | 0.8500 | 0.8600 | +0.0100 |" in text
     assert runs.after_run(tonight, None, fail_on_drift=True) == runs.DRIFT_EXIT
+    calm = attach(current, metrics, tonight, DriftConfig(against="auto", max_top10_change=0.5))["drift"]
+    assert not calm["exceeded"] and calm["max_top10_change"] == 0.5
+    text = "\n".join(markdown(calm))  # the report judges a calm night too: how far below the threshold
+    assert "**Within the threshold**: 30.0% of the users' top-10 changed; a warning above 50%" in text
+    assert "\n\n\n" not in text
 
 
 def test_no_previous_run_is_a_note_and_unset_is_no_section(tmp_path):

@@ -647,3 +647,21 @@ def test_epoch_lines_of_stages_sharing_a_queue_all_show_and_each_pump_stops_at_i
         "first: epoch 1/3", "first: epoch 2/3", "first: epoch 3/3", "second: epoch 1/2", "second: epoch 2/2",
     ]  # fmt: skip
     assert shared.empty()
+
+
+def test_a_fold_models_epochs_show_as_progress_and_one_trained_line(caplog) -> None:
+    """The cross-fitting fold models (five more fits of stage 1) log no line per epoch, only `done of total`
+    progress every few seconds on long fits, and the pipeline's one `trained:` line per model."""
+    import logging
+
+    from recdist.train import run
+
+    caplog.set_level(logging.INFO, logger=run.log.name)
+    row = {"train_loss": 0.5, "val_rmse": 0.9, "val_mae": 0.7, "rows_per_s": 1000.0, "lr": 0.01}
+    with run.EpochProgress(40, "fold", local=True, lines=False) as progress:
+        for epoch in range(40):
+            progress.queue.put({**row, "epoch": epoch})
+    assert not [r for r in caplog.records if "epoch " in r.getMessage()]
+    metrics = {"val": {"rmse": 0.85731}, "epochs": 40, "best_epoch": 37, "seconds": 0.21}
+    assert run.trained_line(metrics) == "trained: 40 epochs (best 38), val RMSE 0.8573, 0.2 s"
+    assert run.trained_line({**metrics, "val": {"rmse": None}}).endswith("no validation rows, 0.2 s")
