@@ -425,10 +425,10 @@ def _movies_section(factors: pl.DataFrame | None, figures: dict[str, str], min_r
     return lines
 
 
-
 def _movie(row: dict) -> str:
     """A movie as the report names it: its title, else (a source without a movies file) its id."""
     return row["title"] or f"movie {row['movie_id']}"
+
 
 def _num(value: Any) -> str:
     return "" if value is None else f"{value:.3f}"

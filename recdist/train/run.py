@@ -285,12 +285,12 @@ def train_stage(
     epoch_lines: bool = True,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`; return
-    metrics.json's content. epoch_lines: a log line per epoch (else progress every few seconds: the
-    cross-fitting fold models, five fits of the stage already shown). warm_start (recdist.train.warm.WarmStart.to_json()): start from that previous model
+    metrics.json's content. warm_start (recdist.train.warm.WarmStart.to_json()): start from that previous model
     (MF tables mapped by original ids, other models' weights as they were), trained as `warm` says (default
     WarmConfig()); a warm fit whose validation RMSE is worse than the previous model's by more than warm.tolerance
     is refit cold (`warm_fallback` in the metrics). Problems the driver can see raise before any worker starts; a
-    worker's RecdistError is raised as it was."""
+    worker's RecdistError is raised as it was. epoch_lines: a log line per epoch, else progress every few seconds
+    (the cross-fitting fold models: five more fits of the stage)."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
     if stage.train.epochs == 0 and not warm_start:
