@@ -88,6 +88,7 @@ def render(
     lines = ["# recdist run report", "", *_metadata(info), header, ""]
     lines += verdicts(metrics)
     lines += _cold_line(metrics.get("cold", {}))
+    lines += _start_section(metrics)
     lines += _accuracy_section(metrics)
     lines += drift_markdown(metrics.get("drift", {}))
     lines += _reliability_section(metrics, figures)
@@ -125,7 +126,8 @@ and the deciles between rise in order."""
 def verdicts(metrics: dict[str, Any]) -> list[str]:
     """One judged line per question a reader asks first: did stage 3 help on RMSE and on ranking, does the
     reliability mean something, does the final model beat the baselines and popularity."""
-    lines = [*_stage_verdicts(metrics), *_baseline_verdict(metrics), *_reliability_verdict(metrics)]
+    lines = [*_refit_verdicts(metrics.get("start", {}))]
+    lines += [*_stage_verdicts(metrics), *_baseline_verdict(metrics), *_reliability_verdict(metrics)]
     lines += _popularity_verdict(metrics.get("ranking", {}), _final(metrics))
     return ["## Verdict", "", *(f"- {line}" for line in lines), ""] if lines else []
 
@@ -423,6 +425,54 @@ def _movies_section(factors: pl.DataFrame | None, figures: dict[str, str], min_r
         lines += [f"| {_movie(r)} | {r['bias']:+.3f} | {r['n_train']} |" for r in frame.head(10).iter_rows(named=True)]
         lines.append("")
     return lines
+
+
+def _refit_verdicts(start: dict[str, Any]) -> list[str]:
+    """A warm stage refit cold: said first, since every figure after it is a cold fit's."""
+    return [
+        f"**Stage {name} was refit cold**: its warm start validated at RMSE {w['warm_val_rmse']:.4f} against the "
+        f"previous run's {w['previous_val_rmse']:.4f}, worse by more than {w['tolerance']:.1%} "
+        "(pipeline.warm.tolerance)."
+        for name, entry in start.items()
+        if (w := entry.get("fallback"))
+    ]
+
+
+_CARRIED = {
+    "known_items": "known movies",
+    "new_items": "new movies",
+    "parameters": "weight tensors",
+    "statistics": "input statistics",
+}
+"""The report's words for recdist.train.warm's counts (the others: their key with spaces)."""
+
+
+def _start_section(metrics: dict[str, Any]) -> list[str]:
+    """How each stage started (metrics.json `start`: recdist.train.warm.started): cold, or warm from which run
+    and what it carried over, and on a fold-in night the recommendations kept."""
+    start = metrics.get("start")
+    if not start:
+        return []
+    lines = ["## How this run started", ""]
+    sources = sorted({e["from"] for e in start.values() if e.get("from")})
+    if not sources:
+        return [*lines, "Cold: every stage trained from scratch (no warm start).", ""]
+    lines += [f"Warm start from `{', '.join(sources)}`.", "", "| stage | start | epochs | carried over |"]
+    lines.append("|---|---|---|---|")
+    for name, e in start.items():
+        how = e["start"]
+        if how == "warm" and e.get("fold_in"):
+            how += f", a fold-in (night {e['folded']} in a row)" if e.get("folded") else ", a fold-in"
+        if e["start"] == "warm" and not e.get("epochs"):
+            how += ": the previous weights kept"
+        counts = (e.get("counts") or {}).items()
+        carried = ", ".join(f"{v:,} {_CARRIED.get(k, k.replace('_', ' '))}" for k, v in counts)
+        lines.append(f"| {name} | {how} | {e.get('epochs', '')} | {carried} |")
+    kept = metrics.get("recommendations_kept")
+    if kept:
+        lines += ["", f"Recommendations: {kept['users']:,} users with nothing new kept the previous run's lists; "
+                      f"{kept['ranked']:,} were ranked tonight."]  # fmt: skip
+    return [*lines, ""]
 
 
 def _movie(row: dict) -> str:

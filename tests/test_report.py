@@ -162,3 +162,29 @@ def test_movies_without_titles_are_named_by_their_ids():
     section = text[text.index("## Movies"):]
     assert "| movie 7 | +0.900 | 40 |" in section and "| Heat (1995) | +0.100 | 50 |" in section
     assert "| movie 11 | -1.200 | 60 |" in section and "None" not in section
+
+
+def test_the_report_says_how_the_run_started_and_a_refit_comes_first():
+    """A warm run's report names its source, what each stage carried over and the kept recommendations; a stage
+    refit cold is the first verdict; a cold run says so in one line."""
+    start = {
+        "mf": {"start": "warm", "epochs": 4, "from": "runs/date=2026-12-01", "fold_in": True, "folded": 2,
+               "counts": {"new_users": 7, "new_items": 3, "training_rows": 5113}},
+        "reliability": {"start": "warm", "epochs": 0, "from": "runs/date=2026-12-01", "fold_in": True,
+                        "counts": {"parameters": 6, "statistics": 3}},
+        "rating": {"start": "refit cold", "epochs": 9, "from": "runs/date=2026-12-01",
+                   "fallback": {"warm_val_rmse": 0.84, "previous_val_rmse": 0.83, "tolerance": 0.005}},
+    }  # fmt: skip
+    text = report({**METRICS, "start": start, "recommendations_kept": {"users": 589, "ranked": 21}})
+    section = text[text.index("## How this run started") : text.index("## Accuracy")]
+    assert "Warm start from `runs/date=2026-12-01`." in section
+    assert "| mf | warm, a fold-in (night 2 in a row) | 4 | 7 new users, 3 new movies, 5,113 training rows |" in section
+    kept = "| reliability | warm, a fold-in: the previous weights kept | 0 | 6 weight tensors, 3 input statistics |"
+    assert kept in section
+    assert "| rating | refit cold | 9 |  |" in section
+    assert "589 users with nothing new kept the previous run's lists; 21 were ranked tonight." in section
+    verdict = text[text.index("## Verdict") : text.index("## How this run started")]
+    first = verdict.splitlines()[2]
+    assert first.startswith("- **Stage rating was refit cold**") and "0.8400 against the previous run's 0.8300" in first
+    cold = report({**METRICS, "start": {"mf": {"start": "cold", "epochs": 20}}})
+    assert "Cold: every stage trained from scratch (no warm start)." in cold

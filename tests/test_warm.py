@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from recdist import storage
 from recdist.config import StageConfig, WarmConfig
 from recdist.errors import ConfigError
 from recdist.models import Dims
@@ -140,6 +141,26 @@ def test_a_warm_stage_worse_than_the_previous_run_by_more_than_the_tolerance_fal
     assert warm.fallback({"val": {"rmse": 0.78}}, previous, -0.02) is None  # beat it by 2.5%
     assert warm.fallback({"val": {"rmse": None}}, previous, -1) is None  # no validation: nothing to compare
     assert warm.fallback({"val": {"rmse": 0.9}}, _metrics(tmp_path / "no-val", None), 0.0) is None
+
+
+def test_started_reads_back_each_stages_start_from_its_models_metrics(tmp_path):
+    """outputs/metrics.json's `start` (the report's "How this run started"): cold, warm with what it carried, or
+    refit cold with why."""
+    source = {"run": "runs/d1", "model": "runs/d1/mf/model", "fold_in": True, "folded": 2, "counts": {"new_users": 3}}
+    fallback = {"warm_val_rmse": 0.9, "previous_val_rmse": 0.8, "tolerance": 0.005, "warm_epochs": 1}
+    for name, metrics in (
+        ("cold", {"epochs": 5}),
+        ("warm", {"epochs": 2, "warm_start": source}),
+        ("refit", {"epochs": 4, "warm_start": {"run": "runs/d1", "model": "m"}, "warm_fallback": fallback}),
+    ):
+        storage.write_json(str(tmp_path / name / "metrics.json"), metrics)
+    got = warm.started({n: str(tmp_path / n) for n in ("cold", "warm", "refit")})
+    assert got == {
+        "cold": {"start": "cold", "epochs": 5},
+        "warm": {"start": "warm", "epochs": 2, "from": "runs/d1", "fold_in": True, "folded": 2,
+                 "counts": {"new_users": 3}},
+        "refit": {"start": "refit cold", "epochs": 4, "from": "runs/d1", "fallback": fallback},
+    }  # fmt: skip
 
 
 def test_stage_2_weights_carry_over_only_when_every_parameter_fits():
@@ -364,6 +385,8 @@ def test_a_fold_in_trains_only_what_changed_and_leaves_every_other_row_as_yester
     assert f"'changed_users': {len(moved)}" in said and "'training_rows'" in said
     n_rows = int(said.split("'training_rows': ")[1].split("}")[0])
     assert 0 < n_rows < sum(len(v) for v in after.values()) / 2  # the rows that can move, not every rating
+    counts = metrics["warm_start"]["counts"]  # what the log said, kept in the model's metrics.json (the report's)
+    assert counts["changed_users"] == len(moved) and counts["training_rows"] == n_rows and counts["new_users"] == 5
 
 
 def test_a_fold_in_needs_per_rating_sgd():
@@ -428,6 +451,12 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
             assert kept.select("user_idx", "item_idx", "cold").equals(full.select("user_idx", "item_idx", "cold"))
             # the MLP's matrix products round by how many users, items and rows they run over: a float32's last place
             assert (kept[column] - full[column]).abs().max() < 1e-6, stage
+    start = json.loads((day2 / "outputs" / "metrics.json").read_text())["start"]  # what the report's section shows
+    assert {n: (e["start"], e.get("fold_in"), e["from"]) for n, e in start.items()} == {
+        n: ("warm", True, str(day1)) for n in ("mf", "reliability", "rating")
+    }
+    assert start["mf"]["folded"] == 1 and start["mf"]["counts"]["new_users"] == 5 and start["rating"]["epochs"] == 0
+    assert json.loads((day1 / "outputs" / "metrics.json").read_text())["start"]["mf"] == {"start": "cold", "epochs": 3}
     taken = [r for r in caplog.records if "users with nothing new taken from" in r.getMessage()]
     assert [r.getMessage().split(":")[0] for r in taken] == ["reliability", "rating"]
 

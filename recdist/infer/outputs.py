@@ -36,6 +36,7 @@ from recdist.schema import (
     USER_FACTORS,
 )
 from recdist.tables import Stamp
+from recdist.train.warm import started
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def write_outputs(
             rows["similar_items"] = _write(_similar(ranker.factors, items, cfg), out, "similar_items", stamp)
     result["rows"] = rows
     result["cold"] = cold
+    result["start"] = started(models.histories)  # cold, warm or refit cold, per stage
     storage.write_json(storage.join(out, "metrics.json"), result)
     return result
 

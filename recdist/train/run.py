@@ -108,7 +108,7 @@ def run_worker(config: dict[str, Any], session: Any) -> None:
     if stage.train.epochs and solver_name(registry.get(stage.model).module, stage.train.solver) == "autograd":
         imports.prefetch("torch._dynamo")  # a torch.optim optimiser's first use imports it (1.2 s): now, meanwhile
     device = session.device(config["gpu"])
-    trainer, timings = _rank_trainer(config, stage, rank, world, device)
+    trainer, timings, carried = _rank_trainer(config, stage, rank, world, device)
     clock = time.perf_counter()
     attempt = _resume(trainer, config, session, device)
     timings["setup_s"] += time.perf_counter() - clock
@@ -149,7 +149,7 @@ def run_worker(config: dict[str, Any], session: Any) -> None:
     timings.update(entered=entered, left=time.time(), process_created=_process_created())
     _report(
         session, trainer, {"final": 1, **flat}, attempt=attempt, final=final, device=device.type, world=world,
-        timings=timings,
+        timings=timings, warm_counts=carried,
     )  # fmt: skip
     # DistributedDataParallel sits in a reference cycle: left to a later collection it is destroyed after Ray
     # Train has destroyed the process group, and its reducer then aborts the process ("terminate called without
@@ -173,8 +173,9 @@ def _seed_rank(seed: int, cpus: float) -> None:
 
 def _rank_trainer(
     config: dict[str, Any], stage: StageConfig, rank: int, world: int, device: torch.device
-) -> tuple[Trainer, dict[str, float]]:
-    """This rank's data, its model (the upstream model attached) and the Trainer; timings of load and setup."""
+) -> tuple[Trainer, dict[str, float], dict[str, int] | None]:
+    """This rank's data, its model (the upstream model attached) and the Trainer; timings of load and setup; what
+    a warm start carried over (None for a cold fit)."""
     from recdist.models.io import load_model
 
     model_cls = registry.get(stage.model).module
@@ -213,7 +214,7 @@ def _rank_trainer(
     if counts is not None and rank == 0:
         log.info("warm start from %s: %s", warm_start["model"], counts)
     timings["setup_s"] = time.perf_counter() - clock
-    return trainer, timings
+    return trainer, timings, counts
 
 
 def _resume(trainer: Trainer, config: dict[str, Any], session: Any, device: torch.device) -> int:
@@ -368,9 +369,10 @@ def _fit_warm(
         worse["warm_seconds"] = metrics["seconds"]
         state, metrics = fit(stage, None)
         metrics["warm_fallback"] = worse
-    metrics["warm_start"] = warm_start
+    counts = metrics.pop("warm_counts", None)  # what the warm fit carried over (a cold refit's has none)
+    metrics["warm_start"] = {**warm_start, **({"counts": counts} if counts and worse is None else {})}
     if fold_in and worse is None:
-        metrics["warm_start"] = {**warm_start, "fold_in": True, "global_mean": told["global_mean"]}
+        metrics["warm_start"].update(fold_in=True, global_mean=told["global_mean"])
     return stage, state, metrics
 
 
@@ -424,6 +426,8 @@ class _StageFit:
             state = checkpoint.load_state(directory)
         metrics = summarise(state["progress"], stage, model_cls, plan, time.perf_counter() - started)
         metrics["overhead"] = overhead(state["progress"].get("timings"), fit_started, fit_ended)
+        if state["progress"].get("warm_counts"):
+            metrics["warm_counts"] = state["progress"]["warm_counts"]
         return state, metrics
 
 

@@ -9,7 +9,8 @@ width are the same (`same_weights`, `apply`); their frozen tables are today's, a
 but in a fold-in night, which keeps yesterday's (Model.use_statistics). `nights_folded_in` counts a run of fold-ins
 (WarmStart.folded); `changed_users` tells whose ratings changed between two datasets. `resolve` and
 `stage_source` read a previous pipeline run (local or s3://); `warm_train` is the warm stage's training settings
-(recdist.config.WarmConfig); `fallback` tells when a warm stage came out worse than the previous run's.
+(recdist.config.WarmConfig); `fallback` tells when a warm stage came out worse than the previous run's; `started`
+reads back how each stage of a run started.
 """
 
 from __future__ import annotations
@@ -218,6 +219,26 @@ def fallback(metrics: dict[str, Any], previous_model: str, tolerance: float) -> 
         "tolerance": tolerance,
         "warm_epochs": metrics.get("epochs"),
     }
+
+
+def started(models: dict[str, str]) -> dict[str, Any]:
+    """How each stage of a run started, from its model's metrics.json (`models`: stage -> model directory): `cold`,
+    `warm` (from `from`, with `fold_in`, `folded`: the night's count in a run of fold-ins, and `counts`: what the warm
+    start carried over) or `refit cold` (`fallback`: the warm fit's and the previous validation RMSE); `epochs`
+    trained. outputs/metrics.json's `start` section, which the report shows."""
+    out: dict[str, Any] = {}
+    for stage, model in models.items():
+        metrics = storage.read_json(storage.join(model, "metrics.json"))
+        warm, worse = metrics.get("warm_start") or {}, metrics.get("warm_fallback")
+        entry: dict[str, Any] = {"start": "refit cold" if worse else "warm" if warm else "cold"}
+        entry["epochs"] = metrics.get("epochs")
+        if warm:
+            entry["from"] = warm.get("run")
+            entry.update({k: warm[k] for k in ("fold_in", "folded", "counts") if k in warm})
+        if worse:
+            entry["fallback"] = worse
+        out[stage] = entry
+    return out
 
 
 def previous_rows(previous_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
