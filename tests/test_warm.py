@@ -423,9 +423,13 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     day1, day2 = tmp_path / "runs" / "date=2026-12-01", tmp_path / "runs" / "date=2026-12-02"
     run_pipeline(_night(tmp_path / "day1.csv", fold_in=True), str(day1))
     run_pipeline(_night(tmp_path / "day2.csv", fold_in=True), str(day2), warm_start="auto")
+    outputs = json.loads((day2 / "outputs" / "metrics.json").read_text())
     for stage in ("mf", "reliability", "rating"):
         metrics = json.loads((day2 / stage / "model" / "metrics.json").read_text())
         assert metrics["warm_start"]["fold_in"] is True and not metrics.get("warm_fallback"), stage
+        # stages 2 and 3 measure validation only: every split of every stage is the outputs stage's (scored tables)
+        assert metrics["val"]["rmse"] > 0 and (metrics["test"] is None) == (stage != "mf"), stage
+        assert {"train", "val", "test"} <= set(outputs[stage]), stage
 
     def scored(run, stage):  # by original ids, as the run's dataset names them
         users = pl.read_parquet(run / "data" / "users.parquet").select("user_idx", "user_id")

@@ -16,6 +16,7 @@ import torch
 from recdist.config import TrainConfig
 from recdist.infer.kernels import kernel_for
 from recdist.models.base import Model
+from recdist.schema import SPLITS
 from recdist.train import dist
 from recdist.train.data import RankData
 from recdist.train.solvers import Problem, Solver, make_solver
@@ -140,11 +141,11 @@ class Trainer:
             return {"rmse": math.nan, "mae": math.nan}
         return {"rmse": math.sqrt(float(sums[0]) / n), "mae": float(sums[1]) / n}
 
-    def final_metrics(self) -> dict[str, dict[str, float]]:
-        """train/val/test RMSE and MAE of the current weights; the test split is only ever read here. After
-        finish(), validation's are the best epoch's, measured on these weights when it was chosen."""
+    def final_metrics(self, splits: tuple[str, ...] = SPLITS) -> dict[str, dict[str, float] | None]:
+        """RMSE and MAE of the current weights on `splits` (None for the others); the test split is only ever read
+        here. After finish(), validation's are the best epoch's, measured on these weights when it was chosen."""
         val = self._best_val or self.evaluate("val")
-        return {"train": self.evaluate("train"), "val": dict(val), "test": self.evaluate("test")}
+        return {s: (dict(val) if s == "val" else self.evaluate(s)) if s in splits else None for s in SPLITS}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this trainer is (tensors and plain values)."""

@@ -42,7 +42,7 @@ from recdist.models import registry
 from recdist.models.base import Model
 from recdist.models.batch import Dims
 from recdist.models.io import model_dims
-from recdist.schema import SCHEMA_VERSION
+from recdist.schema import SCHEMA_VERSION, SPLITS
 from recdist.train import checkpoint, dist, history
 from recdist.train.cluster import WorkerPlan, worker_plan
 from recdist.train.data import check_columns, load_rank_data
@@ -142,9 +142,9 @@ def run_worker(config: dict[str, Any], session: Any) -> None:
 
     clock = time.perf_counter()
     trainer.finish()
-    final = trainer.final_metrics()
+    final = trainer.final_metrics(tuple(config.get("splits") or SPLITS))
     compute += time.perf_counter() - clock
-    flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in figures.items()}
+    flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in (figures or {}).items()}
     timings.update(compute_s=compute, report_s=reporting, checkpoints=checkpoints + 1)
     timings.update(entered=entered, left=time.time(), process_created=_process_created())
     _report(
@@ -284,6 +284,7 @@ def train_stage(
     warm_start: dict[str, Any] | None = None,
     warm: WarmConfig | None = None,
     epoch_lines: bool = True,
+    splits: tuple[str, ...] = SPLITS,
 ) -> dict[str, Any]:
     """Train `stage` on the dataset or scored table at `data` with Ray Train; commit the model to `out`; return
     metrics.json's content. warm_start (recdist.train.warm.WarmStart.to_json()): start from that previous model
@@ -291,7 +292,8 @@ def train_stage(
     WarmConfig()); a warm fit whose validation RMSE is worse than the previous model's by more than warm.tolerance
     is refit cold (`warm_fallback` in the metrics). Problems the driver can see raise before any worker starts; a
     worker's RecdistError is raised as it was. epoch_lines: a log line per epoch, else progress every few seconds
-    (the cross-fitting fold models: five more fits of the stage)."""
+    (the cross-fitting fold models: five more fits of the stage). splits: the final figures measured (validation's
+    always: the warm start's check needs it); the others are null in metrics.json."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
     if stage.train.epochs == 0 and not warm_start:
@@ -312,7 +314,9 @@ def train_stage(
     _say_without_validation(data, manifest, stage.train.epochs)
     plan = worker_plan(cluster)
     storage_uri = storage.absolute(cluster.storage_path or storage.join(_parent(out), "_ray"))
-    fit = _StageFit(data, out, upstream, cluster, plan, storage_uri, fresh=committed, epoch_lines=epoch_lines)
+    fit = _StageFit(
+        data, out, upstream, cluster, plan, storage_uri, fresh=committed, epoch_lines=epoch_lines, splits=splits
+    )
     figures.prefetch()  # write_output's learning curve
     if warm_start:
         stage, state, metrics = _fit_warm(fit, stage, warm_start, warm or WarmConfig())
@@ -383,10 +387,10 @@ class _StageFit:
 
     def __init__(
         self, data: str, out: str, upstream: str | None, cluster: ClusterConfig, plan: WorkerPlan, storage_uri: str,
-        *, fresh: bool, epoch_lines: bool = True,
+        *, fresh: bool, epoch_lines: bool = True, splits: tuple[str, ...] = SPLITS,
     ) -> None:  # fmt: skip
         self.data, self.out, self.upstream, self.cluster, self.plan = data, out, upstream, cluster, plan
-        self.storage_uri, self.fresh, self.epoch_lines = storage_uri, fresh, epoch_lines
+        self.storage_uri, self.fresh, self.epoch_lines, self.splits = storage_uri, fresh, epoch_lines, splits
         self.run_dirs: list[str] = []
 
     def __call__(self, stage: StageConfig, warm_start: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -399,6 +403,7 @@ class _StageFit:
             storage.remove(run_dir)
         loop_config: dict[str, Any] = {
             "data": self.data,
+            "splits": list(self.splits),
             "stage": stage.model_dump(mode="json"),
             "upstream": self.upstream,
             "cpus_per_worker": plan.cpus_per_worker,
@@ -539,7 +544,7 @@ def summarise(progress: dict[str, Any], stage: StageConfig, model_cls: type, pla
     rows = progress["history"]
     speeds = [r["rows_per_s"] for r in rows]
     metrics = {
-        **{split: progress["final"][split] for split in ("train", "val", "test")},
+        **{split: progress["final"].get(split) for split in SPLITS},
         "best_epoch": progress["best_epoch"],
         "epochs": len(rows),
         "stopped_early": progress["stopped"],
