@@ -739,7 +739,7 @@ def _final_splits(stage: str) -> tuple[str, ...]:
     """The splits a stage's model measures when it is trained: stages 2 and 3 validation only, as the outputs stage
     measures every split of every stage from the scored tables (their train and test figures would be a second
     MLP pass over every rating, ~1.5 s each at 20M); stage 1's compiled kernel measures all three in a moment."""
-    return ("val",) if stage in ("reliability", "rating") else SPLITS
+    return () if stage in ("reliability", "rating") else SPLITS
 
 
 def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: Any) -> dict[str, Any]:

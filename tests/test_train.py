@@ -665,3 +665,17 @@ def test_a_fold_models_epochs_show_as_progress_and_one_trained_line(caplog) -> N
     metrics = {"val": {"rmse": 0.85731}, "epochs": 40, "best_epoch": 37, "seconds": 0.21}
     assert run.trained_line(metrics) == "trained: 40 epochs (best 38), val RMSE 0.8573, 0.2 s"
     assert run.trained_line({**metrics, "val": {"rmse": None}}).endswith("no validation rows, 0.2 s")
+
+
+def test_final_metrics_measure_validation_and_the_splits_asked_for_only() -> None:
+    """Trainer.final_metrics(splits): validation always (the warm start's check reads it), train and test only when
+    asked (the pipeline's stages 2 and 3 leave them to the outputs stage's scored tables)."""
+    from recdist.train.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    asked: list[str] = []
+    trainer._best_val = None
+    trainer.evaluate = lambda split: asked.append(split) or {"rmse": 1.0, "mae": 0.5}
+    assert trainer.final_metrics(()) == {"train": None, "val": {"rmse": 1.0, "mae": 0.5}, "test": None}
+    assert asked == ["val"]
+    assert set(trainer.final_metrics()) == {"train", "val", "test"} and asked[1:] == ["val", "train", "test"]

@@ -142,10 +142,11 @@ class Trainer:
         return {"rmse": math.sqrt(float(sums[0]) / n), "mae": float(sums[1]) / n}
 
     def final_metrics(self, splits: tuple[str, ...] = SPLITS) -> dict[str, dict[str, float] | None]:
-        """RMSE and MAE of the current weights on `splits` (None for the others); the test split is only ever read
-        here. After finish(), validation's are the best epoch's, measured on these weights when it was chosen."""
-        val = self._best_val or self.evaluate("val")
-        return {s: (dict(val) if s == "val" else self.evaluate(s)) if s in splits else None for s in SPLITS}
+        """RMSE and MAE of the current weights on validation and on the other `splits` (None for the rest); the test
+        split is only ever read here. After finish(), validation's are the best epoch's, measured on these weights
+        when it was chosen."""
+        val = dict(self._best_val or self.evaluate("val"))
+        return {s: val if s == "val" else self.evaluate(s) if s in splits else None for s in SPLITS}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where this trainer is (tensors and plain values)."""

@@ -292,8 +292,8 @@ def train_stage(
     WarmConfig()); a warm fit whose validation RMSE is worse than the previous model's by more than warm.tolerance
     is refit cold (`warm_fallback` in the metrics). Problems the driver can see raise before any worker starts; a
     worker's RecdistError is raised as it was. epoch_lines: a log line per epoch, else progress every few seconds
-    (the cross-fitting fold models: five more fits of the stage). splits: the final figures measured (validation's
-    always: the warm start's check needs it); the others are null in metrics.json."""
+    (the cross-fitting fold models: five more fits of the stage). splits: the final figures measured besides
+    validation's (always: early stopping and the warm start's check read it); the others are null in metrics.json."""
     model_cls = registry.get(stage.model).module
     registry.validate(stage.model, stage.params)
     if stage.train.epochs == 0 and not warm_start:
@@ -374,7 +374,7 @@ def _fit_warm(
         state, metrics = fit(stage, None)
         metrics["warm_fallback"] = worse
     counts = metrics.pop("warm_counts", None)  # what the warm fit carried over (a cold refit's has none)
-    metrics["warm_start"] = {**warm_start, **({"counts": counts} if counts and worse is None else {})}
+    metrics["warm_start"] = {**warm_start, **({"counts": counts} if counts else {})}
     if fold_in and worse is None:
         metrics["warm_start"].update(fold_in=True, global_mean=told["global_mean"])
     return stage, state, metrics
