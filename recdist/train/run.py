@@ -142,7 +142,7 @@ def run_worker(config: dict[str, Any], session: Any) -> None:
 
     clock = time.perf_counter()
     trainer.finish()
-    final = trainer.final_metrics(tuple(config.get("splits") or SPLITS))
+    final = trainer.final_metrics(tuple(config.get("splits", SPLITS)))  # () = validation only
     compute += time.perf_counter() - clock
     flat = {f"{split}_{name}": value for split, figures in final.items() for name, value in (figures or {}).items()}
     timings.update(compute_s=compute, report_s=reporting, checkpoints=checkpoints + 1)
