@@ -134,6 +134,17 @@ class SampleInfo(BaseModel):
     splits: dict[str, int]
 
 
+class Layer(BaseModel):
+    """Files of a layered scored table (recdist.data.dataset.shards) written by one pass: a fold-in night's pass
+    links the previous run's layers and adds one holding every rating of the users whose rows it computed."""
+
+    files: list[str]
+    """Names under ratings/ (and sample/ratings/)."""
+    users: str | None = None
+    """The layer's users (a user_idx column), relative to the table; None for the first layer (every user). A
+    user's rows in an older layer are superseded by a later layer listing the user."""
+
+
 class ScoredManifest(DatasetManifest):
     """A scored table: its input's rows and columns plus the prediction columns of one pass."""
 
@@ -146,6 +157,9 @@ class ScoredManifest(DatasetManifest):
     sample: SampleInfo | None = None
     scoring: dict[str, Any] = {}
     """The pass's figures: rows, seconds, rows_per_s, role, columns, engine, ..."""
+    layers: list[Layer] | None = None
+    """Set on a layered table (a fold-in night's): its files oldest first; unset, every file under ratings/ is
+    current. Read it through recdist.data.dataset.shards (or read_rank), which drops superseded rows."""
 
 
 class SampleManifest(ScoredManifest):
@@ -244,16 +258,19 @@ class RunManifest(Manifest):
     """Stage 1's warm start (recdist.train.warm.WarmStart), if any: retention never deletes its source run."""
 
 
-def file_entries(folder: str, names: list[str] | None = None) -> list[FileEntry]:
+def file_entries(
+    folder: str, names: list[str] | None = None, known: dict[str, FileEntry] | None = None
+) -> list[FileEntry]:
     """The FileEntry of each file under `folder` (recursively; or of `names`, relative to it), with its sha256;
     manifest.json left out, and a sub-directory committed on its own (holding a manifest.json) listed by its
     manifest alone (recdist.integrity verifies it through that entry). Files are hashed a few at a time, in
-    threads (hashlib and the reads release the GIL): a scored table's 670 MB at 20M ratings, 1.6 GB/s per core."""
+    threads (hashlib and the reads release the GIL): a scored table's 670 MB at 20M ratings, 1.6 GB/s per core.
+    `known`: entries by path of files linked unchanged from another committed directory, taken as they are."""
     from concurrent.futures import ThreadPoolExecutor
 
     names = sorted(_walk(folder, "")) if names is None else names
     with ThreadPoolExecutor(storage.shard_threads(len(names))) as pool:
-        return list(pool.map(lambda name: _entry(folder, name), names))
+        return list(pool.map(lambda name: (known or {}).get(name) or _entry(folder, name), names))
 
 
 def relative(uri: str, base: str) -> str:

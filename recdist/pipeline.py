@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from recdist.infer.outputs import Carry
     from recdist.infer.plan import TrainedOn
-    from recdist.infer.scored import KeptRows
+    from recdist.infer.scored import Delta
 
 log = logging.getLogger(__name__)
 
@@ -524,9 +524,10 @@ def _mf(run: _Run) -> dict[str, Any]:
         fold_out = storage.join(where, "folds", str(k), "model")
         fold_models.append(_train(run, "mf", fold_data, fold_out, label=f"fold {k}"))
     session = SessionStep(SessionSpec.of(cfg.pipeline.session))
-    scoring = _score(
-        run, "mf", model, run.data, "mf", fold_models=tuple(fold_models), features=(session,), share=_share(run)
-    )
+    share = _share(run)
+    delta = _delta(run, "mf", share) if run.plan is not None and run.plan.in_process else None  # Ray Data: all rows
+    scoring = _score(run, "mf", model, run.data, "mf", fold_models=tuple(fold_models), features=(session,),
+                     share=share, delta=delta)  # fmt: skip
     return _commit_stage(run, "mf", model, scoring, crossfit_folds=folds)
 
 
@@ -549,8 +550,8 @@ def _mlp_stage(run: _Run, name: str, *, upstream_stage: str, share: TrainShare |
     out = storage.join(run.dir(name), "model")
     warm = _warm_after(run, name)
     model = _train(run, name, _training_rows(run, upstream), out, upstream=mf_model, warm=warm)
-    kept = _kept(run, name) if run.plan is not None and run.plan.in_process else None  # Ray Data's pass: every row
-    scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share, kept=kept)
+    delta = _delta(run, name, share) if run.plan is not None and run.plan.in_process else None  # Ray Data: every row
+    scoring = _score(run, name, model, upstream, name, fallback_model=mf_model, share=share, delta=delta)
     return _commit_stage(run, name, model, scoring)
 
 
@@ -667,10 +668,12 @@ def _carry(run: _Run) -> Carry | None:
     return Carry(previous, unchanged, kept if storage.exists(kept) else None)
 
 
-def _kept(run: _Run, name: str) -> KeptRows | None:
-    """The rows of stage `name`'s scoring pass that a fold-in night takes from the warm start's run's scored table
-    of the same stage (recdist.infer.scored.KeptRows), or None (every row computed; why said in the log)."""
-    from recdist.infer.scored import kept_rows
+def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
+    """Stage `name`'s pass (writing the sample `share`) on a fold-in night: a layer of the users whose predictions
+    moved over the warm start's run's scored table of the same stage (recdist.infer.scored.Delta), or None (every
+    row scored; why said in the log)."""
+    from recdist.data.dataset import read_manifest
+    from recdist.infer.scored import MAX_LAYERS, Delta, delta_users
 
     if run.warm is None or not run.config.pipeline.warm.fold_in:
         return None
@@ -678,14 +681,21 @@ def _kept(run: _Run, name: str) -> KeptRows | None:
     why = run.folded_in(name) or (None if storage.is_committed(previous) else "it has no committed scored table")
     if run.config.pipeline.crossfit.folds and not why:  # the fold models' scores of training rows are new each night
         why = "stage 1's cross-fitted scores (its fold models train every night)"
-    kept = None if why else kept_rows(previous, run.warm.data, run.data, run.unchanged())
-    if kept is None:
-        log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run,
-                 why or "a dataset without the positions (prepared by an older recdist)")  # fmt: skip
+    if not why:
+        before = read_manifest(previous)
+        sample = before.get("sample") or {}
+        drawn = (sample.get("share"), sample.get("seed")) if sample else None
+        if len(before.get("layers") or ()) >= MAX_LAYERS:
+            why = f"its table has {MAX_LAYERS} layers: written whole tonight"
+        elif drawn != ((share.share, share.seed) if share is not None else None):
+            why = "its training sample was drawn with other settings"
+    if why:
+        log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run, why)
         return None
-    log.info("%s: the ratings of %s users with nothing new taken from %s's scores", name, f"{kept.users.sum():,}",
-             run.warm.run)  # fmt: skip
-    return kept
+    users = delta_users(run.warm.data, run.data, run.unchanged())
+    log.info("%s: the ratings of %s users scored, the other %s users' rows taken from %s's scores", name,
+             f"{users.sum():,}", f"{(~users).sum():,}", run.warm.run)  # fmt: skip
+    return Delta(previous, users)
 
 
 _STAGES: dict[str, Callable[[_Run], dict[str, Any]]] = {
@@ -755,7 +765,8 @@ def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: A
         return ScoredManifest.read(out).scoring
     inference, cfg = run.config.pipeline.inference, run.config
     local = run.plan is not None and run.plan.in_process
-    log.info("%s: scoring every rating %s", stage, "in this process" if local else "with Ray Data")
+    what = "the ratings of the users whose predictions moved" if options.get("delta") else "every rating"
+    log.info("%s: scoring %s %s", stage, what, "in this process" if local else "with Ray Data")
     opts = ScoreOptions(
         role=role,
         fold_seed=cfg.stages.mf.train.seed,
@@ -768,7 +779,8 @@ def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: A
         **options,
     )
     result = (score_local if local else score)(model, data, out, opts)
-    log.info("%s: scored %s rows in %.1f s", stage, f"{result['rows']:,}", result["seconds"])
+    computed = f" ({result['computed']:,} computed, the rest linked)" if "computed" in result else ""
+    log.info("%s: scored %s rows%s in %.1f s", stage, f"{result['rows']:,}", computed, result["seconds"])
     return result
 
 

@@ -411,7 +411,10 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     the users with new ratings get new ones. In process, no Ray."""
     import polars as pl
 
+    from recdist.data.dataset import read_manifest, read_rank
     from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.infer.session import DEFAULT_SESSION, SessionStep
+    from recdist.schema import SESSION_COLUMNS
     from recdist.pipeline import run_pipeline
 
     caplog.set_level("INFO", logger="recdist.pipeline")
@@ -434,7 +437,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     def scored(run, stage):  # by original ids, as the run's dataset names them
         users = pl.read_parquet(run / "data" / "users.parquet").select("user_idx", "user_id")
         items = pl.read_parquet(run / "data" / "items.parquet").select("item_idx", "item_id")
-        frame = pl.read_parquet(run / stage / "scored" / "ratings" / "*.parquet")
+        frame = read_rank(str(run / stage / "scored"))  # a layered table's current rows
         return frame.join(users, on="user_idx").join(items, on="item_idx").drop("user_idx", "item_idx")
 
     new_raters = {r[0] for r in today[len(yesterday) :]}  # new users, and known ones with a new rating
@@ -445,24 +448,31 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
         assert (same[column] == same[f"{column}_2"]).all(), stage  # the night before's, to the bit
         moved = both.filter(pl.col("user_id").is_in(list(new_raters)))
         assert (moved[column] != moved[f"{column}_2"]).mean() > 0.5, stage
-        if stage != "mf":  # taken from the night before (KeptRows): what scoring every row gives, row for row
-            again = tmp_path / f"again-{stage}"
-            upstream = {"reliability": "mf", "rating": "reliability"}[stage]
-            options = ScoreOptions(role=stage, fallback_model=str(day2 / "mf" / "model"))
-            score_local(str(day2 / stage / "model"), str(day2 / upstream / "scored"), str(again), options)
-            kept = pl.read_parquet(day2 / stage / "scored" / "ratings" / "*.parquet")
-            full = pl.read_parquet(again / "ratings" / "*.parquet")
-            assert kept.select("user_idx", "item_idx", "cold").equals(full.select("user_idx", "item_idx", "cold"))
-            # the MLP's matrix products round by how many users, items and rows they run over: a float32's last place
-            assert (kept[column] - full[column]).abs().max() < 1e-6, stage
+        # a layer of the moved users' rows over the night before's table: what scoring every row gives, row for row
+        layers = read_manifest(str(day2 / stage / "scored"))["layers"]
+        assert len(layers) == 2 and layers[0]["users"] is None and layers[1]["users"], stage
+        again = tmp_path / f"again-{stage}"
+        upstream = {"mf": "prepare", "reliability": "mf", "rating": "reliability"}[stage]
+        source = day2 / "data" if stage == "mf" else day2 / upstream / "scored"
+        fallback = None if stage == "mf" else str(day2 / "mf" / "model")
+        features = (SessionStep(DEFAULT_SESSION),) if stage == "mf" else ()
+        options = ScoreOptions(role=stage, fallback_model=fallback, features=features)
+        score_local(str(day2 / stage / "model"), str(source), str(again), options)
+        order = ["user_idx", "item_idx"]
+        layered = read_rank(str(day2 / stage / "scored")).sort(order)
+        full = read_rank(str(again)).sort(order)
+        assert layered.select(*order, "cold", "split").equals(full.select(*order, "cold", "split")), stage
+        # the MLP's matrix products round by how many users, items and rows they run over: a float32's last place
+        assert (layered[column] - full[column]).abs().max() < 1e-6, stage
+        assert layered.select(SESSION_COLUMNS).equals(full.select(SESSION_COLUMNS)), stage  # stage 1's, carried on
     start = json.loads((day2 / "outputs" / "metrics.json").read_text())["start"]  # what the report's section shows
     assert {n: (e["start"], e.get("fold_in"), e["from"]) for n, e in start.items()} == {
         n: ("warm", True, str(day1)) for n in ("mf", "reliability", "rating")
     }
     assert start["mf"]["folded"] == 1 and start["mf"]["counts"]["new_users"] == 5 and start["rating"]["epochs"] == 0
     assert json.loads((day1 / "outputs" / "metrics.json").read_text())["start"]["mf"] == {"start": "cold", "epochs": 3}
-    taken = [r for r in caplog.records if "users with nothing new taken from" in r.getMessage()]
-    assert [r.getMessage().split(":")[0] for r in taken] == ["reliability", "rating"]
+    taken = [r for r in caplog.records if "users' rows taken from" in r.getMessage()]
+    assert [r.getMessage().split(":")[0] for r in taken] == ["mf", "reliability", "rating"]
 
     # the outputs: the users with nothing new keep yesterday's recommendations, row for row; the others are ranked
     # again (never a movie they rated since), with yesterday's EASE candidate model, which is not refitted
@@ -489,6 +499,61 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     assert "fold_in: false" in (day3 / "config.yaml").read_text()
     assert "recommendations_kept" not in json.loads((day3 / "outputs" / "metrics.json").read_text())
     assert warm.nights_folded_in(str(day2)) == 1 and warm.nights_folded_in(str(day3)) == 0
+
+
+@pytest.mark.slow
+def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_compacted_at_the_limit(
+    tmp_path, monkeypatch
+):
+    """Three fold-in nights with a training sample (pipeline.train_share): each night's scored tables (and their
+    samples) are the night before's files plus a layer, read as what scoring every row gives; deleting the first
+    night (retention) leaves the third readable and verified; with the layer limit reached, a night writes whole."""
+    import shutil
+
+    import polars as pl
+
+    from recdist import integrity
+    from recdist.data.dataset import read_manifest, read_rank
+    from recdist.infer import scored
+    from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.pipeline import run_pipeline
+    from recdist.train.sampling import TrainShare
+
+    days = [_rows(range(1, 61), range(100, 140), seed=1)]
+    days.append(days[0] + _rows(range(3, 6), range(140, 142), seed=2) + _rows(range(61, 64), range(100, 140), seed=3))
+    days.append(days[1] + _rows(range(7, 9), range(142, 144), seed=4) + _rows(range(64, 66), range(100, 140), seed=5))
+    runs = [tmp_path / "runs" / f"date=2026-12-0{k + 1}" for k in range(3)]
+    for k, rows in enumerate(days):
+        _write_csv(tmp_path / f"day{k + 1}.csv", rows)
+        config = _night(tmp_path / f"day{k + 1}.csv", fold_in=True)
+        config.pipeline.train_share.fraction = 0.5
+        run_pipeline(config, str(runs[k]), warm_start="auto" if k else None)
+    shutil.rmtree(runs[0])  # what keep_last does to the oldest night: its files live on in the later nights' tables
+    order = ["user_idx", "item_idx"]
+    for stage, column, upstream in (("reliability", "pred_error", "mf"), ("rating", "pred_rating", "reliability")):
+        table = str(runs[2] / stage / "scored")
+        integrity.verify(table, fix="re-run the night")
+        assert [layer["users"] is None for layer in read_manifest(table)["layers"]] == [True, False, False]
+        again = tmp_path / f"again-{stage}"
+        share = TrainShare(0.5, config.prepare.seed) if stage == "reliability" else None  # stage 3 writes none
+        options = ScoreOptions(role=stage, fallback_model=str(runs[2] / "mf" / "model"), share=share)
+        score_local(str(runs[2] / stage / "model"), str(runs[2] / upstream / "scored"), str(again), options)
+        for sub in ("", "sample") if share else ("",):
+            layered = read_rank(f"{table}/{sub}" if sub else table).sort(order)
+            full = read_rank(str(again / sub) if sub else str(again)).sort(order)
+            assert layered.select(*order, "split").equals(full.select(*order, "split")), (stage, sub)
+            assert (layered[column] - full[column]).abs().max() < 1e-6, (stage, sub)
+    sample = str(runs[2] / "reliability" / "scored" / "sample")
+    assert read_manifest(str(runs[2] / "reliability" / "scored"))["sample"]["n_ratings"] == read_rank(sample).height
+
+    monkeypatch.setattr(scored, "MAX_LAYERS", 3)  # night 4 finds 3 layers: its tables are written whole
+    _write_csv(tmp_path / "day4.csv", days[2] + _rows(range(66, 68), range(100, 140), seed=6))
+    config = _night(tmp_path / "day4.csv", fold_in=True)
+    config.pipeline.train_share.fraction = 0.5
+    day4 = tmp_path / "runs" / "date=2026-12-04"
+    run_pipeline(config, str(day4), warm_start="auto")
+    assert all(read_manifest(str(day4 / s / "scored")).get("layers") is None for s in ("mf", "reliability", "rating"))
+    assert read_rank(str(day4 / "rating" / "scored")).height == pl.read_csv(tmp_path / "day4.csv").height
 
 
 def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_path):

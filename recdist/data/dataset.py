@@ -2,15 +2,21 @@
 
 A directory counts only once committed (manifest.json present); training rank r of W reads shards
 r, r+W, ...; with more ranks than shards, the rows of all shards are cut into W equal ranges instead.
+
+A layered scored table (a fold-in night's: manifest `layers`) holds the previous run's files plus a layer of the
+rows it computed; `shards` gives each file with the users whose rows in it a later layer supersedes, and every
+reader here drops them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recdist import storage
@@ -53,16 +59,62 @@ def shard_files(uri: str) -> list[str]:
     return [storage.join(folder, n) for n in names]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One ratings file of a table and the users whose rows in it are superseded (a later layer's)."""
+
+    uri: str
+    drop: np.ndarray | None = None
+    """Sorted user_idx whose rows here are stale; None: every row is current."""
+
+    def read(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+        """The file's current rows (`columns`, or all; Arrow `filters` as storage.read_parquet's)."""
+        if self.drop is None or not len(self.drop):
+            return storage.read_parquet(self.uri, columns=columns, filters=filters)
+        wanted = None if columns is None else [*columns, *(["user_idx"] if "user_idx" not in columns else [])]
+        table = storage.read_parquet(self.uri, columns=wanted, filters=filters)
+        table = table.filter(pc.invert(pc.is_in(table["user_idx"], value_set=pa.array(self.drop))))
+        return table if columns is None else table.select(columns)
+
+
+def shards(uri: str) -> list[Shard]:
+    """Every ratings file of the committed table at `uri` with what a reader drops from it: nothing, unless the
+    table is layered (its manifest's `layers`, oldest first: a user's rows in a layer are superseded by any later
+    layer listing the user)."""
+    layers = read_manifest(uri).get("layers")
+    return layer_shards(uri, layers) if layers else [Shard(f) for f in shard_files(uri)]
+
+
+def layer_shards(uri: str, layers: list[dict[str, Any]]) -> list[Shard]:
+    """The Shards of the table at `uri` (committed or not) whose layers are `layers` (manifest.Layer's fields)."""
+    users = [None if layer["users"] is None else layer_users(uri, layer["users"]) for layer in layers]
+    found: list[Shard] = []
+    for k, layer in enumerate(layers):
+        later = [u for u in users[k + 1 :] if u is not None]
+        drop = np.unique(np.concatenate(later)) if later else None
+        found += [Shard(storage.join(uri, "ratings", name), drop) for name in layer["files"]]
+    return found
+
+
+def layer_users(uri: str, name: str) -> np.ndarray:
+    """The user_idx a layer lists (its file `name` under the table `uri`)."""
+    return storage.read_parquet(storage.join(uri, name), columns=["user_idx"])["user_idx"].to_numpy()
+
+
 def read_rank(uri: str, rank: int = 0, world: int = 1, columns: list[str] | None = None) -> pl.DataFrame:
     """The ratings rank `rank` of `world` trains on: shards rank, rank+world, ...; with fewer shards than
     ranks, the rank's equal share of all rows by position (so every rank gets data)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
-    files = shard_files(uri)
-    if world <= len(files):
-        tables = [storage.read_parquet(f, columns=columns) for f in files[rank::world]]
+    parts = shards(uri)
+    if world <= len(parts):
+        tables = [p.read(columns) for p in parts[rank::world]]
+    elif any(p.drop is not None for p in parts):  # a layered table: its current rows end to end, then the range
+        every = pa.concat_tables([p.read(columns) for p in parts])
+        lo, hi = rank * every.num_rows // world, (rank + 1) * every.num_rows // world
+        tables = [every.slice(lo, hi - lo)]
     else:
-        tables = _row_range(files, rank, world, columns)
+        tables = _row_range([p.uri for p in parts], rank, world, columns)
     return _frame(pa.concat_tables(tables))
 
 

@@ -19,6 +19,7 @@ import torch
 
 from recdist import logs, storage, tables
 from recdist.config import PipelineConfig
+from recdist.data.dataset import Shard, shards
 from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
@@ -266,14 +267,12 @@ def _prediction_tables(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from recdist.data.dataset import shard_files
-
-    shards = shard_files(models.scored)
+    files = shards(models.scored)
     parts: list[_ShardSums] = []
     one = partial(_prediction_shard, out=out, stamp=stamp, names=_Names.of(users, items))
-    pool = ThreadPoolExecutor(storage.shard_threads(len(shards)))
-    with logs.Progress(log, "predictions", len(shards)) as progress, pool:
-        for part in pool.map(one, enumerate(shards)):  # in shard order: the same sums whatever the timing
+    pool = ThreadPoolExecutor(storage.shard_threads(len(files)))
+    with logs.Progress(log, "predictions", len(files)) as progress, pool:
+        for part in pool.map(one, enumerate(files)):  # in shard order: the same sums whatever the timing
             parts.append(part)
             progress.update(len(parts))
     sums = {name: [p.errors[name] for p in parts if name in p.errors] for name in ("mf", "reliability", "rating")}
@@ -326,12 +325,12 @@ class _ShardSums:
     """Every rated (user_idx, item_idx, is_test, is_train)."""
 
 
-def _prediction_shard(job: tuple[int, str], *, out: str, stamp: Stamp, names: _Names) -> _ShardSums:
-    """Write scored shard `job` = (n, uri) as part n of the predictions table (a file per split); its partial
+def _prediction_shard(job: tuple[int, Shard], *, out: str, stamp: Stamp, names: _Names) -> _ShardSums:
+    """Write scored shard `job` = (n, shard) as part n of the predictions table (a file per split); its partial
     sums."""
-    n, uri = job
-    wanted = [c for c in storage.parquet_schema(uri).names if c not in SESSION_COLUMNS]  # stages 2-3 read those
-    frame = pl.from_arrow(storage.read_parquet(uri, columns=wanted))
+    n, shard = job
+    wanted = [c for c in storage.parquet_schema(shard.uri).names if c not in SESSION_COLUMNS]  # stages 2-3 read
+    frame = pl.from_arrow(shard.read(wanted))
     assert isinstance(frame, pl.DataFrame)
     for part in frame.partition_by("split", maintain_order=True):  # a file per split: no filter of the titles
         tables.write_table(_predictions(part, names), out, "predictions", stamp, part=n)

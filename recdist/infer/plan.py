@@ -123,11 +123,11 @@ def _trained(data: str, side: str, size: int) -> np.ndarray:
 
 def _train_spread(data: str, mean: float) -> float:
     """Mean squared deviation of the training ratings from the global mean: the error of the mean predictor."""
-    from recdist.data.dataset import shard_files
+    from recdist.data.dataset import shards
 
     total, n = 0.0, 0
-    for uri in shard_files(data):
-        t = storage.read_parquet(uri, columns=["rating", "split"])
+    for shard in shards(data):
+        t = shard.read(["rating", "split"])
         rating = t["rating"].to_numpy()[split_is(t["split"], "train")].astype(np.float64)
         total, n = total + float(((rating - mean) ** 2).sum()), n + len(rating)
     return total / n if n else 1.0

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from recdist import storage
 from recdist.config import ClusterConfig
+from recdist.data.dataset import Shard
 from recdist.infer.scored import ScoreOptions, commit, score_shard
 from recdist.infer.scoring import Predictor, ScoringPlan
 from recdist.train.sampling import TrainShare
@@ -44,7 +45,7 @@ def score(model_uri: str, data: str, out: str, options: ScoreOptions | None = No
     actors, actor_seconds, startup_seconds, ...}."""
     import ray
 
-    from recdist.data.dataset import shard_files
+    from recdist.data.dataset import shards
     from recdist.train.cluster import connect
 
     opts = options or ScoreOptions()
@@ -52,17 +53,17 @@ def score(model_uri: str, data: str, out: str, options: ScoreOptions | None = No
     connect(opts.cluster or ClusterConfig())
     use_gpu, slots = _slots(opts.gpu)
     plan = opts.plan(model_uri, data, device="cuda" if use_gpu else "cpu")
-    files = shard_files(data)
+    files = shards(data)
     n_actors = max(1, min(opts.actors or slots, len(files)))
     t0, wall0 = time.perf_counter(), time.time()
     with ray.data.DataContext.current(_context()), storage.staged_output(out, overwrite=opts.overwrite) as tmp:
         # One block, so one task, per slot: each task scores its run of consecutive shards one after the other
-        shards = ray.data.from_items(
-            [{"shard": n, "source": f} for n, f in enumerate(files)], override_num_blocks=n_actors
+        jobs = ray.data.from_items(
+            [{"shard": n} for n in range(len(files))], override_num_blocks=n_actors
         )
-        written = shards.map_batches(
+        written = jobs.map_batches(
             score_shards,
-            fn_args=(uuid.uuid4().hex, plan, tmp, opts.batch_size, opts.share),
+            fn_args=(uuid.uuid4().hex, plan, tmp, opts.batch_size, files, opts.share),
             batch_size=None,  # the whole block
             batch_format="pyarrow",
             compute=ray.data.TaskPoolStrategy(size=n_actors),
@@ -163,9 +164,15 @@ _PREDICTOR: dict[str, Predictor] = {}
 
 
 def score_shards(
-    batch: pa.Table, key: str, plan: ScoringPlan, out: str, batch_size: int, share: TrainShare | None = None
+    batch: pa.Table,
+    key: str,
+    plan: ScoringPlan,
+    out: str,
+    batch_size: int,
+    sources: list[Shard],
+    share: TrainShare | None = None,
 ) -> pa.Table:
-    """Ray Data task: score whole shards (score_shard), one per input row (shard, source); output shard n is
+    """Ray Data task: score whole shards (score_shard), one per input row (shard n: sources[n]); output shard n is
     ratings/part-n.parquet, so a scored table has the shards, row order and balance of its input: the next
     stage's ranks read it exactly as they read the prepared data, and a run is reproducible."""
     import torch
@@ -177,10 +184,8 @@ def score_shards(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one CPU per task: the tasks, not PyTorch's threads, use the cores
     try:
-        rows = [
-            score_shard(predictor, source, out, int(shard), batch_size, share)
-            for shard, source in zip(batch["shard"].to_pylist(), batch["source"].to_pylist(), strict=True)
-        ]
+        shards = batch["shard"].to_pylist()
+        rows = [score_shard(predictor, sources[n], out, n, batch_size, share) for n in shards]
     finally:
         torch.set_num_threads(threads)
     n, end = len(rows), time.time()

@@ -234,12 +234,9 @@ def _read_ratings(uri: str) -> pl.DataFrame:
 
 def _user_items(scored: str, user_idx: int) -> np.ndarray:
     """Every movie the user rated in any split (excluded from recommendations)."""
-    from recdist.data.dataset import shard_files
+    from recdist.data.dataset import shards
 
-    parts = [
-        storage.read_parquet(f, columns=["item_idx"], filters=pc.field("user_idx") == user_idx)
-        for f in shard_files(scored)
-    ]
+    parts = [s.read(["item_idx"], filters=pc.field("user_idx") == user_idx) for s in shards(scored)]
     return np.concatenate([p["item_idx"].to_numpy() for p in parts]).astype(np.int64)
 
 

@@ -5,13 +5,16 @@ it over every shard in this process (the bench's baseline), `recdist.infer.ray_d
 Both then `commit`: the feature steps asked for (the pipeline's session context) run over the written table,
 users/items are copied, rows are counted, and the typed manifest is written last. The output is a "scored"
 dataset (manifest.json + ratings/part-*.parquet + users/items), so the next stage trains on it directly.
+
+A fold-in night's pass (`Delta`) writes a layered table instead: the previous run's table linked as it is, plus
+a layer holding every rating of the users whose predictions moved; readers drop the rows a later layer
+supersedes (recdist.data.dataset.shards). MAX_LAYERS bounds the chain: the pass after it writes a whole table.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,13 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recdist import storage
 from recdist.config import INFER_BATCH_SIZE, ClusterConfig
+from recdist.data.dataset import Shard
 from recdist.data.splits import split_is
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.scoring import Predictor, ScoringPlan, one_thread
-from recdist.manifest import SampleInfo, SampleManifest, ScoredManifest, file_entries, relative
+from recdist.manifest import FileEntry, SampleInfo, SampleManifest, ScoredManifest, file_entries, relative
 from recdist.schema import ROLE_COLUMNS, SCORED_EXTRA, SCORED_PARQUET
 from recdist.train.sampling import SAMPLE, TrainShare
 
@@ -46,83 +51,43 @@ class FeatureStep(Protocol):
         ...
 
 
+MAX_LAYERS = 8
+"""A layered table with this many layers is written whole by the next pass over it (compacted): every layer is one
+more file to read and a longer list of superseded users."""
+
+
 @dataclass(frozen=True)
-class KeptRows:
-    """A fold-in night's rows that its stage predicts as the night before (every rating of a user with nothing
-    new, of a movie trained, or not, on both days alike): the pass reads their role columns from the previous run's
-    scored table of the same stage instead of computing them. A row is found by position: both datasets are
-    sorted by (user, movie) and sharded by recdist.data.prepare.shard_rows, and such a user's ratings are the same
-    on both days, so their previous position is today's plus the user's `offset`."""
+class Delta:
+    """A fold-in night's pass over the users whose rows change: the previous run's scored table of the same stage
+    is taken as it is (its files linked into this one: a hard link on a local disk, a server-side copy on S3) and
+    every rating of `users` is computed into a new layer that supersedes their rows there
+    (recdist.data.dataset.shards). A user with nothing new keeps every prediction of the night before: on a
+    fold-in night the models' weights are those of the night before except the folded-in users' and movies'."""
 
     previous: str
-    """The previous run's scored table of the same stage."""
+    """The previous run's scored table of the same stage (committed, made from the dataset this one keeps the
+    indices of)."""
     users: np.ndarray
-    """bool per user index: the users whose rows are taken."""
-    items: np.ndarray
-    """bool per item index: the movies whose rows may be taken."""
-    offset: np.ndarray
-    """int64 per user index: the previous position of the user's first rating minus today's."""
-    layout: tuple[int, int, int]
-    """Today's dataset: n_ratings, shards, shard_seed."""
-    previous_layout: tuple[int, int, int]
-    _columns: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-    _shards: dict[tuple[int, int, int], list[np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
-
-    def rows(self, table: pa.Table, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bool per row of today's shard `shard`: taken; the previous position of each taken row)."""
-        user, item = (table[c].to_numpy() for c in ("user_idx", "item_idx"))
-        take = self.users[user] & self.items[item]
-        return take, self._positions(self.layout)[shard][take] + self.offset[user[take]]
-
-    def _positions(self, layout: tuple[int, int, int]) -> list[np.ndarray]:
-        """Each shard's rows in its dataset's order (recdist.data.prepare.shard_rows), computed once per layout."""
-        from recdist.data.prepare import shard_rows
-
-        with self._lock:
-            if layout not in self._shards:
-                self._shards[layout] = shard_rows(*layout)
-            return self._shards[layout]
-
-    def columns(self, names: list[str]) -> dict[str, np.ndarray]:
-        """The previous table's columns `names` in its dataset order (read once per process: every shard, the
-        columns alone)."""
-        where = self._positions(self.previous_layout)
-        with self._lock:
-            missing = [n for n in names if n not in self._columns]
-            if missing:
-                folder = storage.join(self.previous, "ratings")
-                parts = sorted(n for n in storage.listdir(folder) if n.endswith(".parquet"))
-                for shard, name in enumerate(parts):
-                    read = storage.read_parquet(storage.join(self.previous, "ratings", name), columns=missing)
-                    for column in missing:
-                        values = read[column].to_numpy(zero_copy_only=False)
-                        if column not in self._columns:
-                            self._columns[column] = np.empty(self.previous_layout[0], values.dtype)
-                        self._columns[column][where[shard]] = values
-            return {n: self._columns[n] for n in names}
+    """bool per user index: the users whose rows are computed."""
 
 
-def kept_rows(previous: str, previous_data: str, data: str, users: np.ndarray) -> KeptRows | None:
-    """The KeptRows of a pass over the dataset `data` whose previous run's scored table of the same stage is
-    `previous` (made from `previous_data`), for the users `users` (bool per user index, with nothing new); None when
-    a dataset does not record what finding rows by position needs (shard_seed, users' n_ratings)."""
-    from recdist.data.dataset import read_items, read_manifest, read_users
+def delta_users(previous_data: str, data: str, unchanged: np.ndarray) -> np.ndarray:
+    """bool per user index of the dataset `data`: the users a Delta pass computes: those not `unchanged` (anything
+    new, new users, gone users) and those who rated a movie trained on one day and not on the other (its
+    predictions moved: a fold-in trains new movies only). `data` keeps `previous_data`'s indices."""
+    from recdist.data.dataset import read_items, read_rank
     from recdist.train.warm import previous_rows
 
-    manifests = [read_manifest(uri) for uri in (previous_data, data)]
-    sides = [(read_users(uri).sort("user_idx"), read_items(uri).sort("item_idx")) for uri in (previous_data, data)]
-    if any(m.get("shard_seed") is None for m in manifests) or any("n_ratings" not in u.columns for u, _ in sides):
-        return None
-    rows = previous_rows(*(u["user_id"].to_numpy() for u, _ in sides))
-    starts = [np.cumsum(u["n_ratings"].to_numpy().astype(np.int64)) - u["n_ratings"].to_numpy() for u, _ in sides]
-    offset = np.where(rows >= 0, starts[0][np.maximum(rows, 0)] - starts[1], 0)
-    movies = previous_rows(*(i["item_id"].to_numpy() for _, i in sides))
-    trained = [i["n_train"].to_numpy() > 0 for _, i in sides]
-    items = np.zeros(len(movies), bool)
-    items[movies >= 0] = trained[0][movies[movies >= 0]] == trained[1][movies >= 0]
-    layouts = [(int(m["n_ratings"]), int(m["shards"]), int(m["shard_seed"])) for m in manifests]
-    return KeptRows(previous, users & (rows >= 0), items, offset, layouts[1], layouts[0])
+    sides = [read_items(uri).sort("item_idx") for uri in (previous_data, data)]
+    movies = previous_rows(*(i["item_id"].to_numpy() for i in sides))
+    trained = [i["n_train"].to_numpy() > 0 for i in sides]
+    moved = np.ones(len(movies), bool)
+    moved[movies >= 0] = trained[0][movies[movies >= 0]] != trained[1][movies >= 0]
+    users = ~unchanged
+    if moved.any():
+        rated = read_rank(data, columns=["user_idx", "item_idx"])
+        users[rated["user_idx"].to_numpy()[moved[rated["item_idx"].to_numpy()]]] = True
+    return users
 
 
 @dataclass(frozen=True)
@@ -156,8 +121,9 @@ class ScoreOptions:
     """Ray Data: where to run (default $RAY_ADDRESS or a local cluster)."""
     workers: int = 1
     """score_local: shards scored at a time, in threads."""
-    kept: KeptRows | None = None
-    """A fold-in night's rows taken from the previous run's table (score_local; Ray Data's pass computes all)."""
+    delta: Delta | None = None
+    """A fold-in night's pass: only its users' rows computed, as a layer over the previous run's table
+    (score_local; Ray Data's pass computes every row)."""
 
     def plan(self, model_uri: str, data: str, device: str = "cpu") -> ScoringPlan:
         """The pass's scoring plan (reads `data` only when `trained` was not given)."""
@@ -170,47 +136,39 @@ class ScoreOptions:
 
 def score_shard(
     predictor: Predictor,
-    source: str,
+    source: Shard,
     out: str,
     shard: int,
     batch_size: int,
     share: TrainShare | None = None,
-    kept: KeptRows | None = None,
 ) -> int:
-    """Input shard `shard` through the model: read it whole (Polars), score it in batches of Arrow rows, write
+    """Input shard `source` through the model: read it whole, score it in batches of Arrow rows, write
     OUT/ratings/part-<shard>.parquet with the input columns plus the role's (and OUT/sample/ratings/... with
     `share`); returns the rows written. The work of one Ray Data task."""
-    return write_shard(scored_shard(predictor, source, batch_size, kept, shard), out, shard, share)
+    return write_shard(scored_shard(predictor, source, batch_size), out, shard, share)
 
 
-def scored_shard(
-    predictor: Predictor, source: str, batch_size: int, kept: KeptRows | None = None, shard: int = 0
-) -> pa.Table:
-    """Input shard `source` (shard number `shard`) with the role's columns added, in memory; with `kept`, the
-    kept rows' from the previous run's table and the others' computed."""
-    table = pl.read_parquet(source, storage_options=_polars_storage(source)).to_arrow()
-    schema = _scored_schema(storage.parquet_schema(source), predictor.plan.role)
-    take, before = kept.rows(table, shard) if kept is not None else (None, None)
-    rest = table if take is None else table.filter(pa.array(~take))
-    parts = [predictor(rest.slice(lo, batch_size)) for lo in range(0, rest.num_rows, batch_size)] or [predictor(rest)]
-    scored = pa.concat_tables(parts)
-    if kept is not None and take is not None and take.any():
-        added = [*ROLE_COLUMNS[predictor.plan.role], "cold"]  # what the predictor adds, or updates (cold)
-        taken = kept.columns(added)
-        for name in added:
-            computed = scored[name].to_numpy(zero_copy_only=False)
-            values = np.empty(table.num_rows, computed.dtype)
-            values[take], values[~take] = taken[name][before], computed
-            at = table.column_names.index(name) if name in table.column_names else None
-            column = pa.array(values)
-            table = table.append_column(name, column) if at is None else table.set_column(at, name, column)
-        scored = table
-    return scored.select(schema.names).cast(schema)
+def scored_shard(predictor: Predictor, source: Shard, batch_size: int) -> pa.Table:
+    """Input shard `source` with the role's columns added, in memory."""
+    if source.drop is None:  # Polars' reader: the faster one for a whole file
+        table = pl.read_parquet(source.uri, storage_options=_polars_storage(source.uri)).to_arrow()
+    else:
+        table = source.read()
+    return scored_rows(predictor, table, storage.parquet_schema(source.uri), batch_size)
 
 
-def write_shard(scored: pa.Table, out: str, shard: int, share: TrainShare | None = None) -> int:
-    """Write a scored shard as OUT/ratings/part-<shard>.parquet (and its share as OUT/sample/ratings/...)."""
-    name = f"part-{shard:05d}.parquet"
+def scored_rows(predictor: Predictor, table: pa.Table, schema: pa.Schema, batch_size: int) -> pa.Table:
+    """Rows of an input table (schema `schema`) with the role's columns added, scored in batches."""
+    parts = [predictor(table.slice(lo, batch_size)) for lo in range(0, table.num_rows, batch_size)]
+    scored = pa.concat_tables(parts) if parts else predictor(table)
+    out = _scored_schema(schema, predictor.plan.role)
+    return scored.select(out.names).cast(out)
+
+
+def write_shard(scored: pa.Table, out: str, shard: int | str, share: TrainShare | None = None) -> int:
+    """Write a scored shard as OUT/ratings/part-<shard>.parquet, or OUT/ratings/<shard> given a name (and its share
+    as OUT/sample/ratings/...)."""
+    name = shard if isinstance(shard, str) else f"part-{shard:05d}.parquet"
     storage.write_parquet(scored, storage.join(out, "ratings", name), **SCORED_PARQUET)
     if share is not None:
         sampled = scored.filter(share.keep(scored))
@@ -228,38 +186,92 @@ def score_local(model_uri: str, data: str, out: str, options: ScoreOptions | Non
     (stage 1's session context) every scored shard stays in memory until the steps have added their columns,
     then each is written once (memory: the whole scored table, ~1 GB at 20M ratings), where Ray Data's pass
     writes its shards and the steps read them back and rewrite them.
+
+    With `options.delta` (a fold-in night): the previous table's files linked, and only the delta's users' rows
+    scored (and given the features), as one more layer.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from recdist.data.dataset import shard_files
+    from recdist.data.dataset import shards
 
     opts = options or ScoreOptions()
     plan = opts.plan(model_uri, data, device="cuda" if opts.gpu else "cpu")
     predictor = Predictor(plan)
     t0 = time.perf_counter()
     with one_thread(), storage.staged_output(out, overwrite=opts.overwrite) as tmp:
-        files = shard_files(data)
+        files = shards(data)
         steps: dict[str, float] = {}
+        layers: list[dict[str, Any]] | None = None
+        figures: dict[str, Any] = {"engine": "local"}
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-            if opts.features:
-                tables = list(pool.map(lambda source: scored_shard(predictor, source, opts.batch_size), files))
-                for step in opts.features:
+            if opts.delta is not None or opts.features:
+                if opts.delta is not None:
+                    layers = link_layers(opts.delta.previous, tmp, opts.share)
+                    users = np.flatnonzero(opts.delta.users)
+                    tables = [delta_rows(predictor, files, users, opts.batch_size)] if len(users) else []
+                    names = [f"part-L{len(layers):03d}-00000.parquet"]
+                else:
+                    tables = list(pool.map(lambda source: scored_shard(predictor, source, opts.batch_size), files))
+                    names = [f"part-{n:05d}.parquet" for n in range(len(tables))]
+                for step in opts.features if tables else ():
                     clock = time.perf_counter()
                     tables = step.add(tables)
                     steps[step.name] = time.perf_counter() - clock
-                list(pool.map(lambda n: write_shard(tables[n], tmp, n, opts.share), range(len(tables))))
+                list(pool.map(lambda n: write_shard(tables[n], tmp, names[n], opts.share), range(len(tables))))
+                if layers is not None:
+                    figures["computed"] = sum(t.num_rows for t in tables)
+                    if tables:
+                        layers.append(_write_layer_users(tmp, len(layers), users, opts.share) | {"files": names})
                 del tables
                 seconds = time.perf_counter() - t0 - sum(steps.values())  # scoring and writing, as Ray Data's
             else:
                 list(
                     pool.map(
-                        lambda n: score_shard(predictor, files[n], tmp, n, opts.batch_size, opts.share, opts.kept),
+                        lambda n: score_shard(predictor, files[n], tmp, n, opts.batch_size, opts.share),
                         range(len(files)),
                     )
                 )
                 seconds = time.perf_counter() - t0
-        result = commit(tmp, out, data, plan, model_uri, opts, seconds=seconds, engine="local", steps=steps)
+        result = commit(tmp, out, data, plan, model_uri, opts, seconds=seconds, steps=steps, layers=layers, **figures)
     return {**result, "out": out}
+
+
+def link_layers(previous: str, tmp: str, share: TrainShare | None) -> list[dict[str, Any]]:
+    """The previous scored table's files (and its sample's, with `share`) linked into the staging directory
+    `tmp`, and its layers (a whole table: one layer of every file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recdist.data.dataset import read_manifest
+
+    layers = read_manifest(previous).get("layers") or [{"files": _parts(previous), "users": None}]
+    paths = [f"ratings/{name}" for layer in layers for name in layer["files"]]
+    paths += [layer["users"] for layer in layers if layer["users"]]
+    paths += [f"{SAMPLE}/{p}" for p in paths] if share is not None else []
+    with ThreadPoolExecutor(storage.shard_threads(len(paths))) as pool:
+        list(pool.map(lambda p: storage.link(storage.join(previous, p), storage.join(tmp, p)), paths))
+    return [{"files": list(layer["files"]), "users": layer["users"]} for layer in layers]
+
+
+def delta_rows(predictor: Predictor, files: list[Shard], users: np.ndarray, batch_size: int) -> pa.Table:
+    """Every rating of `users` (sorted user indices) in the input `files`, scored: a file whose superseded users
+    include them all is not read (a layered input's older layers)."""
+    schema = storage.parquet_schema(files[0].uri)
+    wanted = pa.array(users, schema.field("user_idx").type)
+    read = [
+        s.read(filters=pc.field("user_idx").isin(wanted))
+        for s in files
+        if s.drop is None or not np.isin(users, s.drop, assume_unique=True).all()
+    ]
+    return scored_rows(predictor, pa.concat_tables(read), schema, batch_size)
+
+
+def _write_layer_users(tmp: str, layer: int, users: np.ndarray, share: TrainShare | None) -> dict[str, Any]:
+    """The users of layer `layer` written beside the table (and its sample); the layer's `users` entry."""
+    name = f"layers/L{layer:03d}.parquet"
+    table = pa.table({"user_idx": pa.array(users, pa.int32())})
+    for folder in (tmp, storage.join(tmp, SAMPLE)) if share is not None else (tmp,):
+        storage.write_parquet(table, storage.join(folder, name))
+    return {"users": name}
 
 
 def commit(
@@ -271,11 +283,13 @@ def commit(
     opts: ScoreOptions,
     *,
     steps: dict[str, float] | None = None,
+    layers: list[dict[str, Any]] | None = None,
     **figures: Any,
 ) -> dict[str, Any]:
     """Finish a written pass in its staging directory `tmp` (committed to `out`): run the feature steps over the
     written table (unless `steps` gives their seconds: they ran in memory), copy users/items, check the rows,
-    and write the sample's manifest and then the scored table's, last.
+    and write the sample's manifest and then the scored table's, last. `layers`: a layered table's (a Delta
+    pass's; the linked files' entries are taken from the previous table's manifests, not hashed again).
 
     figures: seconds and engine of the scoring pass, plus the engine's own (actors, ...). Returns the pass's
     figures: rows, seconds, rows_per_s, files, role, columns, engine, ...
@@ -292,7 +306,7 @@ def commit(
         extra[f"{step.name}_seconds"] = round(time.perf_counter() - t0, 3)
     _copy_sides(data, tmp, opts.share)
     source = read_manifest(data)
-    rows, parts = _count_rows(tmp), _parts(tmp)
+    rows, parts = _count_rows(tmp, layers), _parts(tmp)
     if rows != int(source["n_ratings"]):
         raise RuntimeError(f"scoring wrote {rows} rows for {source['n_ratings']} input rows; not committing {tmp}")
     added = [*ROLE_COLUMNS[plan.role], "cold", *(c for step in opts.features for c in step.columns)]
@@ -307,7 +321,8 @@ def commit(
         **figures,
         **extra,
     }
-    base = {k: v for k, v in source.items() if k not in ("files", "created_at", "sample", "scoring", "inputs")}
+    dropped = ("files", "created_at", "sample", "scoring", "inputs", "layers")
+    base = {k: v for k, v in source.items() if k not in dropped}
     links = {"scored_from": data, "model": model_uri, "fold_models": plan.models[1:]}
     scored = ScoredManifest.model_validate(
         {
@@ -316,14 +331,33 @@ def commit(
             "shards": len(parts),
             "scored_columns": sorted({*source.get("scored_columns", []), *added}),
             "scoring": result,
+            "layers": layers,
             **_linked(links, out),
         }
     )
+    known = _linked_entries(opts.delta.previous) if opts.delta is not None and layers else {}
     if opts.share is not None:
-        scored.sample = _write_sample(tmp, scored, opts.share, _linked(links, sample_dir(out)))
-    scored.files = file_entries(tmp)
+        links_sample = _linked(links, sample_dir(out))
+        scored.sample = _write_sample(tmp, scored, opts.share, links_sample, known.get(SAMPLE))
+    scored.files = file_entries(tmp, known=known.get(""))
     scored.write(tmp)
     return result
+
+
+def _linked_entries(previous: str) -> dict[str, dict[str, FileEntry]]:
+    """The file entries of a previous table's linked files (its layers' files and users), by path, for the table
+    ("") and its sample (SAMPLE)."""
+    found: dict[str, dict[str, FileEntry]] = {}
+    for sub in ("", SAMPLE):
+        folder = storage.join(previous, sub) if sub else previous
+        if storage.exists(storage.join(folder, storage.MANIFEST)):
+            entries = storage.read_json(storage.join(folder, storage.MANIFEST)).get("files") or []
+            found[sub] = {
+                e["path"]: FileEntry.model_validate(e)
+                for e in entries
+                if e["path"].startswith(("ratings/", "layers/")) and e.get("sha256")
+            }
+    return found
 
 
 def _linked(links: dict[str, Any], base: str) -> dict[str, Any]:
@@ -335,14 +369,21 @@ def _linked(links: dict[str, Any], base: str) -> dict[str, Any]:
     }
 
 
-def _write_sample(tmp: str, scored: ScoredManifest, share: TrainShare, links: dict[str, Any]) -> SampleInfo:
+def _write_sample(
+    tmp: str,
+    scored: ScoredManifest,
+    share: TrainShare,
+    links: dict[str, Any],
+    known: dict[str, FileEntry] | None = None,
+) -> SampleInfo:
     """The sample's manifest: the scored table's, with the sample's counts; returns what the scored one records."""
     folder = storage.join(tmp, SAMPLE)
-    counts = _split_counts(folder)
+    layers = [layer.model_dump() for layer in scored.layers] if scored.layers else None
+    counts = _split_counts(folder, layers)
     info = SampleInfo(share=share.share, seed=share.seed, n_ratings=sum(counts.values()), splits=counts)
     fields = scored.model_dump(exclude={"shard_rows", "files", "created_at", "kind"})
     sample = SampleManifest.model_validate({**fields, **info.model_dump(), **links})
-    sample.files = file_entries(folder)
+    sample.files = file_entries(folder, known=known)
     sample.write(folder)
     return info
 
@@ -366,10 +407,14 @@ def _parts(folder: str) -> list[str]:
     return [p for p in storage.listdir(storage.join(folder, "ratings")) if p.endswith(".parquet")]
 
 
-def _count_rows(folder: str) -> int:
-    """Rows of FOLDER/ratings/*.parquet, from the files' footers."""
+def _count_rows(folder: str, layers: list[dict[str, Any]] | None = None) -> int:
+    """Rows of FOLDER/ratings/*.parquet, from the files' footers; of a layered table, its current rows."""
     import pyarrow.parquet as pq
 
+    from recdist.data.dataset import layer_shards
+
+    if layers:
+        return sum(s.read(["user_idx"]).num_rows for s in layer_shards(folder, layers))
     rows = 0
     for p in _parts(folder):
         afs, path = storage.arrow_filesystem(storage.join(folder, "ratings", p))
@@ -378,12 +423,16 @@ def _count_rows(folder: str) -> int:
     return rows
 
 
-def _split_counts(folder: str) -> dict[str, int]:
-    """Rows per split of the ratings/part-*.parquet under `folder` (reads the split column only)."""
+def _split_counts(folder: str, layers: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    """Rows per split of the ratings/part-*.parquet under `folder` (reads the split column only; of a layered
+    table, its current rows)."""
+    from recdist.data.dataset import Shard, layer_shards
+
     counts = {"train": 0, "val": 0, "test": 0}
-    folder_ratings = storage.join(folder, "ratings")
-    for name in storage.listdir(folder_ratings):
-        split = storage.read_parquet(storage.join(folder_ratings, name), columns=["split"])["split"]
+    whole = [Shard(storage.join(folder, "ratings", n)) for n in _parts(folder)]
+    files = layer_shards(folder, layers) if layers else whole
+    for shard in files:
+        split = shard.read(["split"])["split"]
         for value in counts:
             counts[value] += int(split_is(split, value).sum())
     return counts
