@@ -154,6 +154,7 @@ class _Run:
     """Where the stages train and score (recdist.train.cluster.worker_plan); set before the first model stage."""
     _trained: TrainedOn | None = None
     _unchanged: Any = None
+    _moved: Any = None
 
     def unchanged(self) -> np.ndarray:
         """bool per user index: the users with nothing new since the warm start's dataset, any split (read once:
@@ -162,6 +163,16 @@ class _Run:
             assert self.warm is not None
             self._unchanged = ~warm_rules.changed_users(self.warm.data, self.data, every_split=True)
         return self._unchanged
+
+    def moved(self) -> np.ndarray:
+        """bool per user index: the users whose predictions a fold-in night computes (read once:
+        recdist.infer.scored.delta_users)."""
+        from recdist.infer.scored import delta_users
+
+        if self._moved is None:
+            assert self.warm is not None
+            self._moved = delta_users(self.warm.data, self.data, self.unchanged())
+        return self._moved
 
     def folded_in(self, stage: str) -> str | None:
         """Why `stage`'s outputs cannot be taken over from the warm start's run in a fold-in night, or None when
@@ -673,7 +684,7 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     moved over the warm start's run's scored table of the same stage (recdist.infer.scored.Delta), or None (every
     row scored; why said in the log)."""
     from recdist.data.dataset import read_manifest
-    from recdist.infer.scored import MAX_LAYERS, Delta, delta_users
+    from recdist.infer.scored import MAX_LAYERS, Delta
 
     if run.warm is None or not run.config.pipeline.warm.fold_in:
         return None
@@ -692,9 +703,9 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     if why:
         log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run, why)
         return None
-    users = delta_users(run.warm.data, run.data, run.unchanged())
-    log.info("%s: the ratings of %s users scored, the other %s users' rows taken from %s's scores", name,
-             f"{users.sum():,}", f"{(~users).sum():,}", run.warm.run)  # fmt: skip
+    users = run.moved()
+    log.info("%s: scoring the ratings of the %s users whose predictions moved in this process, the other %s users' "
+             "rows linked from %s's scores", name, f"{users.sum():,}", f"{(~users).sum():,}", run.warm.run)  # fmt: skip
     return Delta(previous, users)
 
 
@@ -765,8 +776,8 @@ def _score(run: _Run, stage: str, model: str, data: str, role: str, **options: A
         return ScoredManifest.read(out).scoring
     inference, cfg = run.config.pipeline.inference, run.config
     local = run.plan is not None and run.plan.in_process
-    what = "the ratings of the users whose predictions moved" if options.get("delta") else "every rating"
-    log.info("%s: scoring %s %s", stage, what, "in this process" if local else "with Ray Data")
+    if not options.get("delta"):  # a Delta pass has said what it scores
+        log.info("%s: scoring every rating %s", stage, "in this process" if local else "with Ray Data")
     opts = ScoreOptions(
         role=role,
         fold_seed=cfg.stages.mf.train.seed,

@@ -414,8 +414,8 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     from recdist.data.dataset import read_manifest, read_rank
     from recdist.infer.scored import ScoreOptions, score_local
     from recdist.infer.session import DEFAULT_SESSION, SessionStep
-    from recdist.schema import SESSION_COLUMNS
     from recdist.pipeline import run_pipeline
+    from recdist.schema import SESSION_COLUMNS
 
     caplog.set_level("INFO", logger="recdist.pipeline")
     yesterday = _rows(range(1, 61), range(100, 140), seed=1)
@@ -471,7 +471,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     }
     assert start["mf"]["folded"] == 1 and start["mf"]["counts"]["new_users"] == 5 and start["rating"]["epochs"] == 0
     assert json.loads((day1 / "outputs" / "metrics.json").read_text())["start"]["mf"] == {"start": "cold", "epochs": 3}
-    taken = [r for r in caplog.records if "users' rows taken from" in r.getMessage()]
+    taken = [r for r in caplog.records if "users' rows linked from" in r.getMessage()]
     assert [r.getMessage().split(":")[0] for r in taken] == ["mf", "reliability", "rating"]
 
     # the outputs: the users with nothing new keep yesterday's recommendations, row for row; the others are ranked

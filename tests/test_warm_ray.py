@@ -107,3 +107,5 @@ def test_a_warm_start_through_s3(ray_cluster, s3_server, s3_bucket):
         before, now = (storage.read_parquet(f"{day}/{name}/scored/ratings/part-00000.parquet", columns=[column])
                        for day in (day1, day2))  # fmt: skip
         assert before.equals(now), name
+        linked = storage.read_json(f"{day2}/{name}/scored/manifest.json")["layers"]  # server-side copies, no layer
+        assert [layer["users"] for layer in linked] == [None] and linked[0]["files"], name

@@ -73,7 +73,8 @@ class Shard:
             return storage.read_parquet(self.uri, columns=columns, filters=filters)
         wanted = None if columns is None else [*columns, *(["user_idx"] if "user_idx" not in columns else [])]
         table = storage.read_parquet(self.uri, columns=wanted, filters=filters)
-        table = table.filter(pc.invert(pc.is_in(table["user_idx"], value_set=pa.array(self.drop))))
+        stale = pa.array(self.drop, table.schema.field("user_idx").type)
+        table = table.filter(pc.invert(pc.is_in(table["user_idx"], value_set=stale)))
         return table if columns is None else table.select(columns)
 
 
