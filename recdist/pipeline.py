@@ -679,6 +679,24 @@ def _carry(run: _Run) -> Carry | None:
     return Carry(previous, unchanged, kept if storage.exists(kept) else None)
 
 
+def _scored_alike(run: _Run, name: str) -> str | None:
+    """Why the warm start's run's scored table of stage `name` holds other columns than tonight's pass would write
+    for a user with nothing new, or None: the config sections of that stage and every one before it
+    (STAGE_SECTIONS: e.g. pipeline.session, whose columns stage 1 computes) are the same in both runs."""
+    from recdist.config import load_config
+
+    assert run.warm is not None
+    config_file = storage.join(run.warm.run, "config.yaml")
+    if not storage.exists(config_file):
+        return "its config.yaml is missing"
+    before = load_config(config_file)
+    for stage in RNCF_STAGES[: RNCF_STAGES.index(name) + 1]:
+        for section in STAGE_SECTIONS[stage]:
+            if before.section_hash(section) != run.config.section_hash(section):
+                return f"{section} differs"
+    return None
+
+
 def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     """Stage `name`'s pass (writing the sample `share`) on a fold-in night: a layer of the users whose predictions
     moved over the warm start's run's scored table of the same stage (recdist.infer.scored.Delta), or None (every
@@ -692,6 +710,8 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     why = run.folded_in(name) or (None if storage.is_committed(previous) else "it has no committed scored table")
     if run.config.pipeline.crossfit.folds and not why:  # the fold models' scores of training rows are new each night
         why = "stage 1's cross-fitted scores (its fold models train every night)"
+    if not why:
+        why = _scored_alike(run, name)
     if not why:
         before = read_manifest(previous)
         sample = before.get("sample") or {}

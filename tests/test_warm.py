@@ -503,11 +503,12 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
 
 @pytest.mark.slow
 def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_compacted_at_the_limit(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     """Three fold-in nights with a training sample (pipeline.train_share): each night's scored tables (and their
     samples) are the night before's files plus a layer, read as what scoring every row gives; deleting the first
-    night (retention) leaves the third readable and verified; with the layer limit reached, a night writes whole."""
+    night (retention) leaves the third readable and verified; with the layer limit reached, a night writes whole,
+    and so does a night whose session context differs from the night before's (stage 1 computes those columns)."""
     import shutil
 
     import polars as pl
@@ -554,6 +555,14 @@ def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_
     run_pipeline(config, str(day4), warm_start="auto")
     assert all(read_manifest(str(day4 / s / "scored")).get("layers") is None for s in ("mf", "reliability", "rating"))
     assert read_rank(str(day4 / "rating" / "scored")).height == pl.read_csv(tmp_path / "day4.csv").height
+
+    caplog.set_level("INFO", logger="recdist.pipeline")
+    caplog.clear()
+    config.pipeline.session.windows = (30, 300)  # the carried rows' session columns would be the old windows'
+    run_pipeline(config, str(tmp_path / "runs" / "date=2026-12-05"), warm_start="auto")
+    whole = [r.getMessage() for r in caplog.records if "every row scored, none taken from" in r.getMessage()]
+    assert [m.split(":")[0] for m in whole] == ["mf", "reliability", "rating"]
+    assert all(m.endswith("pipeline.session differs") for m in whole)
 
 
 def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_path):
