@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -95,6 +95,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 inference goes (pipeline.inference) are in none: they do not change what a stage computes."""
 
 
+STAGE_INPUTS = ("pipeline.session", "pipeline.crossfit")
+"""Stage 1's sections that shape what stages 2 and 3 read beside the factors (the session context's windows, the
+cross-fitted residuals): yesterday's stage-2/3 weights fit only inputs made alike."""
+
+
 def stage_hashes(config: Config, data_id: str, warm: WarmStart | dict[str, WarmStart] | None = None) -> dict[str, str]:
     """Each stage's hash: its own config sections (STAGE_SECTIONS) plus its upstream stage's hash (a chain); a
     stage's warm start (its source run, model and that run's stage hash: a WarmStart per stage name, or stage
@@ -121,6 +126,7 @@ def warm_sources(config: Config, warm: WarmStart | None) -> dict[str, WarmStart]
         source = warm_rules.stage_source(warm.run, name)
         why = "no committed stage there" if source is None else None
         why = why or warm_rules.misfit(source.model, config.stages.slot(name), config.stages.mf, warm.model)
+        why = why or sections_differ(warm.run, config, STAGE_INPUTS)
         if why:
             log.info("%s: starts cold, not from %s: %s", name, warm.run, why)
         else:
@@ -679,22 +685,16 @@ def _carry(run: _Run) -> Carry | None:
     return Carry(previous, unchanged, kept if storage.exists(kept) else None)
 
 
-def _scored_alike(run: _Run, name: str) -> str | None:
-    """Why the warm start's run's scored table of stage `name` holds other columns than tonight's pass would write
-    for a user with nothing new, or None: the config sections of that stage and every one before it
-    (STAGE_SECTIONS: e.g. pipeline.session, whose columns stage 1 computes) are the same in both runs."""
+def sections_differ(previous_run: str, config: Config, sections: Iterable[str]) -> str | None:
+    """Which of the config `sections` the run `previous_run` was made with differ from `config`'s ("<section>
+    differs"), or None when all are the same."""
     from recdist.config import load_config
 
-    assert run.warm is not None
-    config_file = storage.join(run.warm.run, "config.yaml")
+    config_file = storage.join(previous_run, "config.yaml")
     if not storage.exists(config_file):
         return "its config.yaml is missing"
     before = load_config(config_file)
-    for stage in RNCF_STAGES[: RNCF_STAGES.index(name) + 1]:
-        for section in STAGE_SECTIONS[stage]:
-            if before.section_hash(section) != run.config.section_hash(section):
-                return f"{section} differs"
-    return None
+    return next((f"{s} differs" for s in sections if before.section_hash(s) != config.section_hash(s)), None)
 
 
 def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
@@ -710,8 +710,9 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     why = run.folded_in(name) or (None if storage.is_committed(previous) else "it has no committed scored table")
     if run.config.pipeline.crossfit.folds and not why:  # the fold models' scores of training rows are new each night
         why = "stage 1's cross-fitted scores (its fold models train every night)"
-    if not why:
-        why = _scored_alike(run, name)
+    if not why:  # the columns of a user with nothing new: the sections of this stage and every one before it
+        upto = RNCF_STAGES[: RNCF_STAGES.index(name) + 1]
+        why = sections_differ(run.warm.run, run.config, [s for stage in upto for s in STAGE_SECTIONS[stage]])
     if not why:
         before = read_manifest(previous)
         sample = before.get("sample") or {}

@@ -508,7 +508,8 @@ def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_
     """Three fold-in nights with a training sample (pipeline.train_share): each night's scored tables (and their
     samples) are the night before's files plus a layer, read as what scoring every row gives; deleting the first
     night (retention) leaves the third readable and verified; with the layer limit reached, a night writes whole,
-    and so does a night whose session context differs from the night before's (stage 1 computes those columns)."""
+    and so does a night whose session context differs from the night before's (stage 1 computes those columns;
+    stages 2 and 3, whose inputs they are, start cold)."""
     import shutil
 
     import polars as pl
@@ -562,7 +563,10 @@ def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_
     run_pipeline(config, str(tmp_path / "runs" / "date=2026-12-05"), warm_start="auto")
     whole = [r.getMessage() for r in caplog.records if "every row scored, none taken from" in r.getMessage()]
     assert [m.split(":")[0] for m in whole] == ["mf", "reliability", "rating"]
-    assert all(m.endswith("pipeline.session differs") for m in whole)
+    assert whole[0].endswith("pipeline.session differs")
+    cold = [r.getMessage() for r in caplog.records if "starts cold, not from" in r.getMessage()]  # other inputs
+    assert [m.split(":")[0] for m in cold] == ["reliability", "rating"]
+    assert all(m.endswith("pipeline.session differs") for m in cold)
 
 
 def test_changed_users_from_the_datasets_fingerprints_or_from_their_ratings(tmp_path):
