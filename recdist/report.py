@@ -16,6 +16,7 @@ from recdist import storage, tables
 from recdist.config import Config
 from recdist.drift import markdown as drift_markdown
 from recdist.figures import png_bytes
+from recdist.infer.scored import MAX_LAYERS
 
 REPORT = "report.md"
 FIGURES = {
@@ -468,6 +469,13 @@ def _start_section(metrics: dict[str, Any]) -> list[str]:
         counts = (e.get("counts") or {}).items()
         carried = ", ".join(f"{v:,} {_CARRIED.get(k, k.replace('_', ' '))}" for k, v in counts)
         lines.append(f"| {name} | {how} | {e.get('epochs', '')} | {carried} |")
+    scored = {name: e["scored"] for name, e in start.items() if e.get("scored")}
+    if scored:
+        each = ", ".join(f"{name} {s['computed']:,}" for name, s in scored.items())
+        first = next(iter(scored.values()))
+        lines += ["", f"Scores computed tonight, of {first['rows']:,} ratings: {each} (the ratings of the users whose "
+                      f"predictions moved); the rest are linked from the previous run's scored tables, now "
+                      f"{first['layers']} layers (written whole again after {MAX_LAYERS})."]  # fmt: skip
     kept = metrics.get("recommendations_kept")
     if kept:
         lines += ["", f"Recommendations: {kept['users']:,} users with nothing new kept the previous run's lists; "

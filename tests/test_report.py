@@ -171,7 +171,8 @@ def test_the_report_says_how_the_run_started_and_a_refit_comes_first():
         "mf": {"start": "warm", "epochs": 4, "from": "runs/date=2026-12-01", "fold_in": True, "folded": 2,
                "counts": {"new_users": 7, "new_items": 3, "training_rows": 5113}},
         "reliability": {"start": "warm", "epochs": 0, "from": "runs/date=2026-12-01", "fold_in": True,
-                        "counts": {"parameters": 6, "statistics": 3}},
+                        "counts": {"parameters": 6, "statistics": 3},
+                        "scored": {"computed": 16202, "rows": 100836, "layers": 3}},
         "rating": {"start": "refit cold", "epochs": 9, "from": "runs/date=2026-12-01",
                    "fallback": {"warm_val_rmse": 0.84, "previous_val_rmse": 0.83, "tolerance": 0.005}},
     }  # fmt: skip
@@ -183,6 +184,8 @@ def test_the_report_says_how_the_run_started_and_a_refit_comes_first():
     assert kept in section
     assert "| rating | refit cold | 9 |  |" in section
     assert "589 users with nothing new kept the previous run's lists; 21 were ranked tonight." in section
+    assert "Scores computed tonight, of 100,836 ratings: reliability 16,202 (the ratings of the users" in section
+    assert "linked from the previous run's scored tables, now 3 layers (written whole again after 8)" in section
     verdict = text[text.index("## Verdict") : text.index("## How this run started")]
     first = verdict.splitlines()[2]
     assert first.startswith("- **Stage rating was refit cold**") and "0.8400 against the previous run's 0.8300" in first

@@ -470,6 +470,10 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
         n: ("warm", True, str(day1)) for n in ("mf", "reliability", "rating")
     }
     assert start["mf"]["folded"] == 1 and start["mf"]["counts"]["new_users"] == 5 and start["rating"]["epochs"] == 0
+    for stage in ("mf", "reliability", "rating"):  # the layered tables' rows scored tonight, read back from them
+        scored_tonight = read_manifest(str(day2 / stage / "scored"))["scoring"]["computed"]
+        assert start[stage]["scored"] == {"computed": scored_tonight, "rows": len(today), "layers": 2}, stage
+        assert 0 < scored_tonight < len(today) / 2, stage
     assert json.loads((day1 / "outputs" / "metrics.json").read_text())["start"]["mf"] == {"start": "cold", "epochs": 3}
     taken = [r for r in caplog.records if "users' rows linked from" in r.getMessage()]
     assert [r.getMessage().split(":")[0] for r in taken] == ["mf", "reliability", "rating"]

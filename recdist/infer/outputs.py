@@ -24,7 +24,7 @@ from recdist.infer import metrics as m
 from recdist.infer.plan import TrainedOn, plan_for, trained_on
 from recdist.infer.ranker import Ranker, recommendable
 from recdist.infer.topn import Csr, cosine_neighbours, mf_scores, popularity_top, top_k_of
-from recdist.manifest import RunModels
+from recdist.manifest import RunModels, resolve
 from recdist.models.implicit import Implicit, fit_ease, fit_ials
 from recdist.schema import (
     EXPECTED_ABS_ERROR,
@@ -240,8 +240,31 @@ def write_outputs(
     result["rows"] = rows
     result["cold"] = cold
     result["start"] = started(models.histories)  # cold, warm or refit cold, per stage
+    for role, figures in layered_scores(models.scored).items():  # a fold-in night's: what was scored tonight
+        if role in result["start"]:
+            result["start"][role]["scored"] = figures
     storage.write_json(storage.join(out, "metrics.json"), result)
     return result
+
+
+def layered_scores(final: str) -> dict[str, dict[str, int]]:
+    """Of each layered scored table behind the final one (its `scored_from` chain), by role (mf, reliability,
+    rating): the rows scored tonight (`computed`), its rows and its layers."""
+    from recdist.data.dataset import read_manifest
+
+    found: dict[str, dict[str, int]] = {}
+    table: str | None = final
+    while table is not None and read_manifest(table).get("kind") == "scored":
+        manifest = read_manifest(table)
+        scoring = manifest.get("scoring") or {}
+        if manifest.get("layers") and "computed" in scoring:
+            found[scoring["role"]] = {
+                "computed": int(scoring["computed"]),
+                "rows": int(manifest["n_ratings"]),
+                "layers": len(manifest["layers"]),
+            }
+        table = resolve(manifest["scored_from"], table) if manifest.get("scored_from") else None
+    return found
 
 
 def _write(table: pa.Table, out: str, name: str, stamp: Stamp) -> int:
