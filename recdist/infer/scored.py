@@ -332,6 +332,7 @@ def commit(
             "scored_columns": sorted({*source.get("scored_columns", []), *added}),
             "scoring": result,
             "layers": layers,
+            "shard_rows": None if layers else base.get("shard_rows"),  # the input's shards, not a layered table's files
             **_linked(links, out),
         }
     )
