@@ -702,7 +702,7 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
     moved over the warm start's run's scored table of the same stage (recdist.infer.scored.Delta), or None (every
     row scored; why said in the log)."""
     from recdist.data.dataset import read_manifest
-    from recdist.infer.scored import MAX_LAYERS, Delta
+    from recdist.infer.scored import MAX_LAYERS, Delta, layer_files
 
     if run.warm is None or not run.config.pipeline.warm.fold_in:
         return None
@@ -721,6 +721,10 @@ def _delta(run: _Run, name: str, share: TrainShare | None) -> Delta | None:
             why = f"its table has {MAX_LAYERS} layers: written whole tonight"
         elif drawn != ((share.share, share.seed) if share is not None else None):
             why = "its training sample was drawn with other settings"
+        else:  # a file lost since (a damaged run): tonight's table cannot link it
+            paths = layer_files(previous, share)[1]
+            gone = next((p for p in paths if not storage.exists(storage.join(previous, p))), None)
+            why = f"its file {gone} is gone" if gone else None
     if why:
         log.info("%s: every row scored, none taken from %s: %s", name, run.warm.run, why)
         return None

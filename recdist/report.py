@@ -16,7 +16,6 @@ from recdist import storage, tables
 from recdist.config import Config
 from recdist.drift import markdown as drift_markdown
 from recdist.figures import png_bytes
-from recdist.infer.scored import MAX_LAYERS
 
 REPORT = "report.md"
 FIGURES = {
@@ -475,7 +474,7 @@ def _start_section(metrics: dict[str, Any]) -> list[str]:
         first = next(iter(scored.values()))
         lines += ["", f"Scores computed tonight, of {first['rows']:,} ratings: {each} (the ratings of the users whose "
                       f"predictions moved); the rest are linked from the previous run's scored tables, now "
-                      f"{first['layers']} layers (written whole again after {MAX_LAYERS})."]  # fmt: skip
+                      f"{first['layers']} layers (written whole again after {first['max_layers']})."]  # fmt: skip
     kept = metrics.get("recommendations_kept")
     if kept:
         lines += ["", f"Recommendations: {kept['users']:,} users with nothing new kept the previous run's lists; "

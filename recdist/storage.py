@@ -192,7 +192,10 @@ def link(src: str, dst: str) -> None:
     """`dst` as a copy of the file `src` that costs no writing where it can: a hard link on a local disk (a copy
     across devices), a server-side copy on S3 (no bytes through this process). A file is never changed in place
     here (every write replaces it), so a link is as safe as a copy."""
-    (fs, path), (_, source) = filesystem(dst), filesystem(src)
+    (fs, path), (source_fs, source) = filesystem(dst), filesystem(src)
+    if not source_fs.exists(source):
+        fix = "restore that run's files, or run this one without what reads them (a cold run)"
+        raise StorageError(f"cannot link {src}: it is gone", where=src, fix=fix)
     if is_s3(dst) != is_s3(src):
         write_bytes(dst, read_bytes(src))
         return

@@ -8,9 +8,11 @@ import os
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from recdist import storage
 from recdist.data import dataset
+from recdist.errors import StorageError
 
 
 def _part(path, users: list[int], tag: float) -> None:
@@ -73,3 +75,6 @@ def test_a_linked_file_is_the_same_bytes_and_survives_its_sources_deletion_and_r
     assert pq.read_table(dst).num_rows == 6
     src.unlink()  # retention deleting the older run
     assert pq.read_table(dst).num_rows == 6
+    with pytest.raises(StorageError, match="it is gone") as gone:  # a file of the older run lost: said, not linked
+        storage.link(str(src), str(tmp_path / "c" / "part.parquet"))
+    assert "restore" in gone.value.fix and not (tmp_path / "c").exists()

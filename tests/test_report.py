@@ -172,7 +172,7 @@ def test_the_report_says_how_the_run_started_and_a_refit_comes_first():
                "counts": {"new_users": 7, "new_items": 3, "training_rows": 5113}},
         "reliability": {"start": "warm", "epochs": 0, "from": "runs/date=2026-12-01", "fold_in": True,
                         "counts": {"parameters": 6, "statistics": 3},
-                        "scored": {"computed": 16202, "rows": 100836, "layers": 3}},
+                        "scored": {"computed": 16202, "rows": 100836, "layers": 3, "max_layers": 8}},
         "rating": {"start": "refit cold", "epochs": 9, "from": "runs/date=2026-12-01",
                    "fallback": {"warm_val_rmse": 0.84, "previous_val_rmse": 0.83, "tolerance": 0.005}},
     }  # fmt: skip

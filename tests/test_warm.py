@@ -412,7 +412,7 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     import polars as pl
 
     from recdist.data.dataset import read_manifest, read_rank
-    from recdist.infer.scored import ScoreOptions, score_local
+    from recdist.infer.scored import MAX_LAYERS, ScoreOptions, score_local
     from recdist.infer.session import DEFAULT_SESSION, SessionStep
     from recdist.pipeline import run_pipeline
     from recdist.schema import SESSION_COLUMNS
@@ -472,7 +472,8 @@ def test_a_fold_in_night_predicts_every_unchanged_rating_as_the_night_before_at_
     assert start["mf"]["folded"] == 1 and start["mf"]["counts"]["new_users"] == 5 and start["rating"]["epochs"] == 0
     for stage in ("mf", "reliability", "rating"):  # the layered tables' rows scored tonight, read back from them
         scored_tonight = read_manifest(str(day2 / stage / "scored"))["scoring"]["computed"]
-        assert start[stage]["scored"] == {"computed": scored_tonight, "rows": len(today), "layers": 2}, stage
+        expected = {"computed": scored_tonight, "rows": len(today), "layers": 2, "max_layers": MAX_LAYERS}
+        assert start[stage]["scored"] == expected, stage
         assert 0 < scored_tonight < len(today) / 2, stage
     assert json.loads((day1 / "outputs" / "metrics.json").read_text())["start"]["mf"] == {"start": "cold", "epochs": 3}
     taken = [r for r in caplog.records if "users' rows linked from" in r.getMessage()]
@@ -563,8 +564,15 @@ def test_fold_in_nights_stack_layers_over_a_table_that_outlives_its_run_and_are_
 
     caplog.set_level("INFO", logger="recdist.pipeline")
     caplog.clear()
+    (day4 / "rating" / "scored" / "ratings" / "part-00000.parquet").unlink()  # lost since: stage 3 scores every row
+    day5 = tmp_path / "runs" / "date=2026-12-05"
+    run_pipeline(config, str(day5), warm_start="auto")
+    whole = [r.getMessage() for r in caplog.records if "every row scored, none taken from" in r.getMessage()]
+    assert [m.split(":")[0] for m in whole] == ["rating"] and whole[0].endswith("ratings/part-00000.parquet is gone")
+    assert read_rank(str(day5 / "rating" / "scored")).height == pl.read_csv(tmp_path / "day4.csv").height
+    caplog.clear()
     config.pipeline.session.windows = (30, 300)  # the carried rows' session columns would be the old windows'
-    run_pipeline(config, str(tmp_path / "runs" / "date=2026-12-05"), warm_start="auto")
+    run_pipeline(config, str(tmp_path / "runs" / "date=2026-12-06"), warm_start="auto")
     whole = [r.getMessage() for r in caplog.records if "every row scored, none taken from" in r.getMessage()]
     assert [m.split(":")[0] for m in whole] == ["mf", "reliability", "rating"]
     assert whole[0].endswith("pipeline.session differs")

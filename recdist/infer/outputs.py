@@ -249,19 +249,23 @@ def write_outputs(
 
 def layered_scores(final: str) -> dict[str, dict[str, int]]:
     """Of each layered scored table behind the final one (its `scored_from` chain), by role (mf, reliability,
-    rating): the rows scored tonight (`computed`), its rows and its layers."""
+    rating): the rows scored tonight (`computed`), its rows, its layers and the most before it is written whole."""
     from recdist.data.dataset import read_manifest
+    from recdist.infer.scored import MAX_LAYERS
 
     found: dict[str, dict[str, int]] = {}
     table: str | None = final
-    while table is not None and read_manifest(table).get("kind") == "scored":
+    while table is not None:
         manifest = read_manifest(table)
+        if manifest.get("kind") != "scored":
+            break
         scoring = manifest.get("scoring") or {}
         if manifest.get("layers") and "computed" in scoring:
             found[scoring["role"]] = {
                 "computed": int(scoring["computed"]),
                 "rows": int(manifest["n_ratings"]),
                 "layers": len(manifest["layers"]),
+                "max_layers": MAX_LAYERS,
             }
         table = resolve(manifest["scored_from"], table) if manifest.get("scored_from") else None
     return found

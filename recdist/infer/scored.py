@@ -241,15 +241,27 @@ def link_layers(previous: str, tmp: str, share: TrainShare | None) -> list[dict[
     `tmp`, and its layers (a whole table: one layer of every file)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    layers, paths = layer_files(previous, share)
+    with ThreadPoolExecutor(storage.shard_threads(len(paths))) as pool:
+        list(pool.map(lambda p: storage.link(storage.join(previous, p), storage.join(tmp, p)), paths))
+    return layers
+
+
+def layer_files(table: str, share: TrainShare | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """A committed scored table's layers (a whole table: one layer of every file its manifest lists) and the paths
+    a Delta pass links from it: its layers' ratings files and users (and its sample's, with `share`), relative to
+    it."""
     from recdist.data.dataset import read_manifest
 
-    layers = read_manifest(previous).get("layers") or [{"files": _parts(previous), "users": None}]
+    manifest = read_manifest(table)
+    listed = [
+        e["path"].removeprefix("ratings/") for e in manifest.get("files") or () if e["path"].startswith("ratings/")
+    ]
+    layers = manifest.get("layers") or [{"files": listed or _parts(table), "users": None}]
     paths = [f"ratings/{name}" for layer in layers for name in layer["files"]]
     paths += [layer["users"] for layer in layers if layer["users"]]
     paths += [f"{SAMPLE}/{p}" for p in paths] if share is not None else []
-    with ThreadPoolExecutor(storage.shard_threads(len(paths))) as pool:
-        list(pool.map(lambda p: storage.link(storage.join(previous, p), storage.join(tmp, p)), paths))
-    return [{"files": list(layer["files"]), "users": layer["users"]} for layer in layers]
+    return [{"files": list(layer["files"]), "users": layer["users"]} for layer in layers], paths
 
 
 def delta_rows(predictor: Predictor, files: list[Shard], users: np.ndarray, batch_size: int) -> pa.Table:
